@@ -224,7 +224,7 @@ pub fn generate_anchors<F: Real>(
                 for d in 0..dim {
                     let mut acc = 0.0f64;
                     for k in k_start..k_rows {
-                        acc += helmert(c, k) * out[(k + 1) * dim + d].to_f64();
+                        acc += helmert(c, k) * out[(k + 1) * dim + d].as_f64();
                     }
                     out[c * dim + d] = F::from_f64(scale * acc);
                 }

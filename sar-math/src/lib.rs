@@ -20,6 +20,7 @@
 //! | [`longtail`] | §8 | CIFAR-LT per-class counts |
 //! | [`config`] | Eq. 9 | [`SarConfig`] with the paper's defaults and validation |
 //! | [`state`] | §4 order | [`SarState::step`]: L_aux → gate → EMA → L_p2a |
+//! | `backend` | | `SarBackend`, the narrow trait tensor-library adapters implement (feature `alloc`) |
 //!
 //! Every function checks its lengths and parameters first and returns [`SarError`] (naming the
 //! operation) instead of panicking.
@@ -58,6 +59,8 @@ extern crate std;
 
 pub mod anchor_ce;
 pub mod anchors;
+#[cfg(feature = "alloc")]
+pub mod backend;
 pub mod config;
 pub mod ema;
 pub mod error;

@@ -419,7 +419,7 @@ fn block_tiles<F: Real, L: Label, I: TileIndex>(
                 };
                 tile_channel(f, g, &cls[..n], outside, &mut t[..n], target, grad_scale)
             };
-            total += partial.to_f64();
+            total += partial.as_f64();
         }
         p0 += n;
     }
@@ -686,7 +686,7 @@ pub fn p2a_rows<F: Real, L: Label>(
                 emit(d, f[d] - (lam * ta[d] + one_minus * tb[d]), &mut g);
             }
         }
-        sum_sq += acc.to_f64();
+        sum_sq += acc.as_f64();
     }
     finish(sum_sq, valid, dim)
 }

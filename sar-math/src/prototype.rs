@@ -119,7 +119,7 @@ pub fn car_intra_class<F: Real, L: Label>(
         for k in 0..d {
             sum_abs += (features[off + k * hw] - targets.anchors[c * d + k])
                 .abs()
-                .to_f64();
+                .as_f64();
         }
     })?;
     let n = (geometry.batch * hw * d) as f64;

@@ -23,7 +23,7 @@ pub trait Real:
     /// Converts from `f64` with Rust's `as` rounding (round to nearest even).
     fn from_f64(v: f64) -> Self;
     /// Widens (or copies) to `f64`; exact for both types.
-    fn to_f64(self) -> f64;
+    fn as_f64(self) -> f64;
     /// Converts a count or an index to this type (rounded to nearest when not representable).
     fn from_usize(v: usize) -> Self;
     /// e^self through libm.
@@ -45,7 +45,7 @@ impl Real for f32 {
         v as f32
     }
     #[inline]
-    fn to_f64(self) -> f64 {
+    fn as_f64(self) -> f64 {
         self as f64
     }
     #[inline]
@@ -81,7 +81,7 @@ impl Real for f64 {
         v
     }
     #[inline]
-    fn to_f64(self) -> f64 {
+    fn as_f64(self) -> f64 {
         self
     }
     #[inline]

@@ -27,9 +27,9 @@ pub fn nearest_source_index(input: usize, output: usize, dst: usize) -> usize {
         dst >> 1
     } else {
         let scale = input as f32 / output as f32;
-        let src = libm::floorf(dst as f32 * scale);
-        // `as usize` saturates, so a huge product cannot wrap; the min keeps it in range.
-        (src as usize).min(input.saturating_sub(1))
+        // The product is ≥ 0, so truncation is floor; `as usize` also saturates, so a huge
+        // product cannot wrap, and the min keeps it in range.
+        ((dst as f32 * scale) as usize).min(input.saturating_sub(1))
     }
 }
 

@@ -1,0 +1,380 @@
+//! # sar-ndarray: SAR on ndarray (the CPU oracle)
+//!
+//! [`NdarrayBackend`] implements [`sar_math::backend::SarBackend`] over `ArrayD<F>` (`F` = f32
+//! or f64) with `ArrayD<i64>` labels. It has no autodiff: each loss carries the analytic
+//! gradient computed by `sar-math`'s fused kernels ([`NdLoss`]).
+//!
+//! The p2a kernel is parallel: labels are resampled once to the feature size, then each image's
+//! channel planes are split into blocks that run on rayon's pool ([`p2a_nchw_parallel`]). Block
+//! sums are added in block order, so results do not depend on the number of threads.
+//!
+//! Layouts: features NCHW `[B, D, H, W]` or `[N, D]`, labels `[B, H', W']` or `[N]`, anchors
+//! and anchor logits row-major `[C, D]` and `[C, C]`.
+
+use ndarray::{ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, IxDyn};
+use rayon::prelude::*;
+use sar_math::anchor_ce::{anchor_ce, AnchorCeBuffers};
+use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::p2a::{
+    p2a_nchw_block, p2a_rows, p2a_valid_count_nchw, FeatureGeometry, P2aTargets, RowLabels,
+};
+use sar_math::{Label, Real, SarError, WeightMode};
+use std::marker::PhantomData;
+
+/// Errors of the ndarray adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum NdError {
+    /// A `sar-math` kernel refused its input.
+    #[error(transparent)]
+    Sar(#[from] SarError),
+    /// An array has the wrong number of dimensions or an incompatible shape.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// A loss value with its gradient w.r.t. the loss's input (anchor logits or features).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NdLoss<F> {
+    /// The loss.
+    pub value: f64,
+    /// dLoss/dinput, the input's shape.
+    pub grad: ArrayD<F>,
+}
+
+/// The ndarray backend for element type `F`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NdarrayBackend<F>(PhantomData<F>);
+
+impl<F> NdarrayBackend<F> {
+    /// A backend (it holds no state).
+    pub fn new() -> Self {
+        NdarrayBackend(PhantomData)
+    }
+}
+
+fn contiguous<F: Clone>(a: &ArrayD<F>) -> std::borrow::Cow<'_, [F]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().cloned().collect()),
+    }
+}
+
+/// Fused, parallel L_p2a and dL_p2a/dF for NCHW features, writing the gradient into `grad`.
+/// Returns (L_p2a, |Ω|). The labels may be at another resolution; they are validated in full.
+pub fn p2a_nchw_parallel<F: Real, L: Label + Default>(
+    features: ArrayView4<'_, F>,
+    labels: ArrayView3<'_, L>,
+    targets: &P2aTargets<'_, F>,
+    mut grad: Option<ArrayViewMut4<'_, F>>,
+) -> Result<(F, usize), NdError> {
+    let (b, d, h, w) = features.dim();
+    let (lb, lh, lw) = labels.dim();
+    if lb != b {
+        return Err(NdError::Shape(format!(
+            "p2a: labels have batch {lb}, features {b}"
+        )));
+    }
+    if let Some(g) = &grad {
+        if g.dim() != features.dim() {
+            return Err(NdError::Shape(format!(
+                "p2a: gradient shape {:?} differs from features {:?}",
+                g.dim(),
+                features.dim()
+            )));
+        }
+    }
+    let geometry = FeatureGeometry {
+        batch: b,
+        channels: d,
+        height: h,
+        width: w,
+        label_height: lh,
+        label_width: lw,
+    };
+    let labels = labels.as_standard_layout();
+    let labels = labels.as_slice().expect("standard layout");
+    let valid = p2a_valid_count_nchw(labels, &geometry, targets)?;
+    // Resample once, so the blocks read labels at feature resolution (identity mapping).
+    let mut resampled = vec![L::default(); b * h * w];
+    sar_math::resample::resample_labels_nearest(labels, b, (lh, lw), (h, w), &mut resampled)?;
+    let at_feature = FeatureGeometry {
+        label_height: h,
+        label_width: w,
+        ..geometry
+    };
+    let scale = if valid == 0 {
+        F::zero()
+    } else {
+        F::from_f64(2.0 / (valid as f64 * d as f64))
+    };
+    let features = features.as_standard_layout();
+    let f = features.as_slice().expect("standard layout");
+    let hw = h * w;
+    if hw == 0 || b == 0 {
+        return Ok((F::zero(), valid));
+    }
+    // Blocks of channels: enough to keep every thread busy with a few blocks each.
+    let blocks_per_image = (2 * rayon::current_num_threads()).div_ceil(b).max(1);
+    let block_channels = d.div_ceil(blocks_per_image).max(1);
+    let block_len = block_channels * hw;
+    let run_block = |(i, (fb, gb)): (usize, (&[F], Option<&mut [F]>))| -> Result<f64, SarError> {
+        let per_image = d.div_ceil(block_channels);
+        let (img, j) = (i / per_image, i % per_image);
+        let lab = &resampled[img * hw..(img + 1) * hw];
+        p2a_nchw_block(fb, gb, lab, &at_feature, j * block_channels, targets, scale)
+    };
+    // Chunks never cross an image: split per image first.
+    let image_len = d * hw;
+    let f_blocks: Vec<&[F]> = f
+        .chunks(image_len)
+        .flat_map(|img| img.chunks(block_len))
+        .collect();
+    let sums: Vec<f64> = match grad.as_mut() {
+        Some(g) => {
+            let g = g
+                .as_slice_mut()
+                .ok_or_else(|| NdError::Shape("p2a: gradient must be contiguous".into()))?;
+            let g_blocks: Vec<&mut [F]> = g
+                .chunks_mut(image_len)
+                .flat_map(|img| img.chunks_mut(block_len))
+                .collect();
+            f_blocks
+                .into_par_iter()
+                .zip(g_blocks)
+                .map(|(fb, gb)| (fb, Some(gb)))
+                .enumerate()
+                .map(run_block)
+                .collect::<Result<_, _>>()?
+        }
+        None => f_blocks
+            .into_par_iter()
+            .map(|fb| (fb, None))
+            .enumerate()
+            .map(run_block)
+            .collect::<Result<_, _>>()?,
+    };
+    // Block order, not completion order: the same bits for any thread count.
+    let sum_sq: f64 = sums.iter().sum();
+    let loss = if valid == 0 {
+        0.0
+    } else {
+        sum_sq / (valid as f64 * d as f64)
+    };
+    let loss_f = F::from_f64(loss);
+    if !loss_f.is_finite() {
+        return Err(SarError::NonFinite {
+            op: sar_math::Op::P2a,
+            what: "L_p2a (features inside Ω)",
+        }
+        .into());
+    }
+    Ok((loss_f, valid))
+}
+
+impl<F: Real + Default> NdarrayBackend<F> {
+    fn anchors_view<'a>(&self, a: &'a ArrayD<F>) -> Result<ArrayView2<'a, F>, NdError> {
+        a.view()
+            .into_dimensionality()
+            .map_err(|_| NdError::Shape(format!("anchors must be [C, D], got {:?}", a.shape())))
+    }
+}
+
+impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
+    type Tensor = ArrayD<F>;
+    type Labels = ArrayD<i64>;
+    type Loss = NdLoss<F>;
+    type Error = NdError;
+
+    fn tensor(&self, shape: &[usize], data: &[f64]) -> Result<ArrayD<F>, NdError> {
+        ArrayD::from_shape_vec(IxDyn(shape), data.iter().map(|&v| F::from_f64(v)).collect())
+            .map_err(|e| NdError::Shape(e.to_string()))
+    }
+
+    fn labels(&self, shape: &[usize], data: &[i64]) -> Result<ArrayD<i64>, NdError> {
+        ArrayD::from_shape_vec(IxDyn(shape), data.to_vec())
+            .map_err(|e| NdError::Shape(e.to_string()))
+    }
+
+    fn to_host(&self, t: &ArrayD<F>) -> Result<Vec<f64>, NdError> {
+        Ok(t.iter().map(|v| v.as_f64()).collect())
+    }
+
+    fn loss_value(&self, loss: &NdLoss<F>) -> Result<f64, NdError> {
+        Ok(loss.value)
+    }
+
+    fn loss_gradient(&self, loss: &NdLoss<F>, wrt: &ArrayD<F>) -> Result<Vec<f64>, NdError> {
+        if loss.grad.shape() != wrt.shape() {
+            return Err(NdError::Shape(format!(
+                "gradient shape {:?} differs from the input {:?}",
+                loss.grad.shape(),
+                wrt.shape()
+            )));
+        }
+        self.to_host(&loss.grad)
+    }
+
+    fn detach(&self, t: &ArrayD<F>) -> ArrayD<F> {
+        t.clone()
+    }
+
+    fn anchor_ce(
+        &self,
+        logits: &ArrayD<F>,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<NdLoss<F>>, NdError> {
+        let c = match logits.shape() {
+            [c, c2] if c == c2 => *c,
+            s => {
+                return Err(NdError::Shape(format!(
+                    "anchor logits must be [C, C], got {s:?}"
+                )))
+            }
+        };
+        let z = contiguous(logits);
+        let (mut p, mut l, mut w) = (vec![F::zero(); c], vec![F::zero(); c], vec![F::zero(); c]);
+        let mut g = vec![F::zero(); c * c];
+        let v = anchor_ce(
+            &z,
+            c,
+            tau,
+            mode,
+            AnchorCeBuffers {
+                confidence: &mut p,
+                nll: &mut l,
+                weights: &mut w,
+                grad_logits: Some(&mut g),
+            },
+        )?;
+        let host = |x: &[F]| x.iter().map(|v| v.as_f64()).collect::<Vec<f64>>();
+        Ok(AnchorCeOutput {
+            loss: NdLoss {
+                value: v.loss.as_f64(),
+                grad: ArrayD::from_shape_vec(IxDyn(&[c, c]), g).expect("C×C"),
+            },
+            confidence: host(&p),
+            nll: host(&l),
+            weights: host(&w),
+            uncertain: v.uncertain,
+        })
+    }
+
+    fn ema_update(
+        &self,
+        semantic: &mut ArrayD<F>,
+        embedded: &ArrayD<F>,
+        alpha: f64,
+        rows: &[bool],
+        initialized: &mut [bool],
+    ) -> Result<usize, NdError> {
+        if semantic.shape() != embedded.shape() || semantic.ndim() != 2 {
+            return Err(NdError::Shape(format!(
+                "ema: semantic {:?} and embedded {:?} must both be [C, D]",
+                semantic.shape(),
+                embedded.shape()
+            )));
+        }
+        let (c, d) = (semantic.shape()[0], semantic.shape()[1]);
+        let e = contiguous(embedded).into_owned();
+        let s = semantic
+            .as_slice_mut()
+            .ok_or_else(|| NdError::Shape("ema: semantic anchors must be contiguous".into()))?;
+        Ok(sar_math::ema::ema_update_per_class(
+            s,
+            initialized,
+            &e,
+            c,
+            d,
+            alpha,
+            rows,
+        )?)
+    }
+
+    fn resample_labels(
+        &self,
+        labels: &ArrayD<i64>,
+        out_hw: (usize, usize),
+    ) -> Result<ArrayD<i64>, NdError> {
+        let [b, h, w] = labels.shape()[..] else {
+            return Err(NdError::Shape(format!(
+                "labels to resample must be [B, H, W], got {:?}",
+                labels.shape()
+            )));
+        };
+        let mut out = vec![0i64; b * out_hw.0 * out_hw.1];
+        sar_math::resample::resample_labels_nearest(
+            &contiguous(labels),
+            b,
+            (h, w),
+            out_hw,
+            &mut out,
+        )?;
+        Ok(ArrayD::from_shape_vec(IxDyn(&[b, out_hw.0, out_hw.1]), out).expect("shape"))
+    }
+
+    fn p2a(
+        &self,
+        features: &ArrayD<F>,
+        labels: &ArrayD<i64>,
+        anchors: &ArrayD<F>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+    ) -> Result<P2aOutput<NdLoss<F>>, NdError> {
+        let a = self.anchors_view(anchors)?;
+        let a = a.as_standard_layout();
+        let targets = P2aTargets {
+            anchors: a.as_slice().expect("standard"),
+            classes: a.nrows(),
+            ignore_index,
+            class_active,
+        };
+        match features.ndim() {
+            4 => {
+                let f4: ArrayView4<F> = features.view().into_dimensionality().expect("4-D");
+                let l3: ArrayView3<i64> = labels.view().into_dimensionality().map_err(|_| {
+                    NdError::Shape(format!(
+                        "p2a: labels must be [B, H', W'] for NCHW features, got {:?}",
+                        labels.shape()
+                    ))
+                })?;
+                let mut grad = ndarray::Array4::<F>::zeros(f4.dim());
+                let (loss, valid) = p2a_nchw_parallel(f4, l3, &targets, Some(grad.view_mut()))?;
+                Ok(P2aOutput {
+                    loss: NdLoss {
+                        value: loss.as_f64(),
+                        grad: grad.into_dyn(),
+                    },
+                    valid,
+                })
+            }
+            2 => {
+                if labels.ndim() != 1 {
+                    return Err(NdError::Shape(format!(
+                        "p2a: labels must be [N] for [N, D] features, got {:?}",
+                        labels.shape()
+                    )));
+                }
+                let f = contiguous(features);
+                let mut grad = vec![F::zero(); f.len()];
+                let v = p2a_rows(
+                    &f,
+                    RowLabels::Plain(&contiguous(labels)),
+                    features.shape()[1],
+                    &targets,
+                    Some(&mut grad),
+                )?;
+                Ok(P2aOutput {
+                    loss: NdLoss {
+                        value: v.loss.as_f64(),
+                        grad: ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"),
+                    },
+                    valid: v.valid,
+                })
+            }
+            n => Err(NdError::Shape(format!(
+                "p2a: features must be [B, D, H, W] or [N, D], got {n} dimensions"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The narrow trait a tensor library implements to run SAR, and the one generic step driver.
+//!
+//! SAR needs five operations: the re-weighted anchor CE, the gate, the EMA update, label
+//! resampling and the p2a loss (plus `detach`). [`SarBackend`] names exactly those, over the
+//! library's own tensor type, and leaves everything else (layers, optimisers) to the library.
+//! It is deliberately not a general tensor abstraction.
+//!
+//! Losses are the associated type [`SarBackend::Loss`]: an autodiff backend returns a scalar
+//! tensor in its graph (gradients come from its own backward pass); a backend without autodiff
+//! returns the value with the analytic gradient computed by the fused kernels. Either way
+//! [`SarBackend::loss_gradient`] reads the gradient w.r.t. the loss's differentiable input
+//! (anchor logits for L_aux, features for L_p2a), which is what the cross-backend conformance
+//! suite compares.
+//!
+//! Needs the `alloc` feature. [`BackendSarState::step`] runs one step in the spec's order on any backend:
+//! L_aux → gate → EMA → L_p2a toward the updated Â.
+
+use crate::config::{GateMode, WeightMode};
+use crate::error::SarError;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// L_aux with its per-anchor host values.
+#[derive(Debug, Clone)]
+pub struct AnchorCeOutput<L> {
+    /// L_aux (unweighted), differentiable w.r.t. the anchor logits.
+    pub loss: L,
+    /// p_c, on the host.
+    pub confidence: Vec<f64>,
+    /// ℓ_c, on the host.
+    pub nll: Vec<f64>,
+    /// w_c, on the host.
+    pub weights: Vec<f64>,
+    /// |U|.
+    pub uncertain: usize,
+}
+
+/// L_p2a and |Ω|.
+#[derive(Debug, Clone)]
+pub struct P2aOutput<L> {
+    /// L_p2a (unweighted), differentiable w.r.t. the features.
+    pub loss: L,
+    /// |Ω|.
+    pub valid: usize,
+}
+
+/// A tensor library that can run SAR. See the module docs.
+pub trait SarBackend {
+    /// The library's float tensor.
+    type Tensor: Clone;
+    /// The library's label tensor (integers).
+    type Labels;
+    /// A scalar loss from which the gradient w.r.t. its differentiable input can be read.
+    type Loss;
+    /// The adapter's error, which wraps [`SarError`].
+    type Error: From<SarError> + core::fmt::Debug + core::fmt::Display;
+
+    /// A float tensor from host values (row-major), as a differentiable leaf where the library
+    /// tracks gradients.
+    fn tensor(&self, shape: &[usize], data: &[f64]) -> Result<Self::Tensor, Self::Error>;
+    /// A label tensor from host values.
+    fn labels(&self, shape: &[usize], data: &[i64]) -> Result<Self::Labels, Self::Error>;
+    /// A tensor's values on the host, row-major, widened to f64.
+    fn to_host(&self, tensor: &Self::Tensor) -> Result<Vec<f64>, Self::Error>;
+    /// A loss's value.
+    fn loss_value(&self, loss: &Self::Loss) -> Result<f64, Self::Error>;
+    /// dLoss/d`wrt`, row-major, where `wrt` is the loss's differentiable input.
+    fn loss_gradient(&self, loss: &Self::Loss, wrt: &Self::Tensor)
+        -> Result<Vec<f64>, Self::Error>;
+    /// The tensor without gradient tracking.
+    fn detach(&self, tensor: &Self::Tensor) -> Self::Tensor;
+
+    /// Eq. 5–7 on anchor logits `[C, C]`.
+    fn anchor_ce(
+        &self,
+        logits: &Self::Tensor,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<Self::Loss>, Self::Error>;
+
+    /// The δ gate from the logits and ℓ (see [`crate::anchor_ce::gate`]). The default reads the
+    /// C×C logits to the host, where the decision is made anyway.
+    fn gate(
+        &self,
+        logits: &Self::Tensor,
+        nll: &[f64],
+        delta: f64,
+        mode: GateMode,
+        pass: &mut [bool],
+    ) -> Result<bool, Self::Error> {
+        let z = self.to_host(logits)?;
+        Ok(crate::anchor_ce::gate(
+            &z,
+            nll.len(),
+            nll,
+            delta,
+            mode,
+            pass,
+        )?)
+    }
+
+    /// Eq. 8 in place: rows with `rows[c]` become E_c the first time (`initialized[c]` false)
+    /// and αÂ_c + (1−α)E_c afterwards. E is detached. Returns the rows updated.
+    fn ema_update(
+        &self,
+        semantic: &mut Self::Tensor,
+        embedded: &Self::Tensor,
+        alpha: f64,
+        rows: &[bool],
+        initialized: &mut [bool],
+    ) -> Result<usize, Self::Error>;
+
+    /// Labels `[B, H', W']` resampled to `[B, H, W]` by PyTorch's legacy `nearest`.
+    fn resample_labels(
+        &self,
+        labels: &Self::Labels,
+        out_hw: (usize, usize),
+    ) -> Result<Self::Labels, Self::Error>;
+
+    /// Eq. 4: features `[B, D, H, W]` with labels `[B, H', W']`, or `[N, D]` with `[N]`,
+    /// toward `anchors` `[C, D]` (a constant). `class_active` restricts Ω (per-class gate).
+    fn p2a(
+        &self,
+        features: &Self::Tensor,
+        labels: &Self::Labels,
+        anchors: &Self::Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+    ) -> Result<P2aOutput<Self::Loss>, Self::Error>;
+}
+
+/// The losses of one step on a backend.
+#[derive(Debug)]
+pub struct BackendStep<L> {
+    /// L_aux and the per-anchor values.
+    pub aux: AnchorCeOutput<L>,
+    /// L_p2a, or `None` when the gate failed (p2a is not applied at all then).
+    pub p2a: Option<P2aOutput<L>>,
+    /// Gate decision (global), or whether any anchor passed (per-class).
+    pub gate_passed: bool,
+    /// The per-anchor gate test.
+    pub class_pass: Vec<bool>,
+    /// Rows of Â updated.
+    pub updated_classes: usize,
+}
+
+/// SAR state on a backend: Â as a backend tensor, and the per-class "initialised" flags.
+#[derive(Debug, Clone)]
+pub struct BackendSarState<T> {
+    /// Â, `[C, D]`, without gradient.
+    pub semantic: T,
+    /// Per-class flags (all equal under the global gate).
+    pub initialized: Vec<bool>,
+    /// The configuration.
+    pub config: crate::SarConfig,
+}
+
+impl<T: Clone> BackendSarState<T> {
+    /// A fresh state: Â = `zeros` (`[C, D]`), nothing initialised. Validates the config.
+    pub fn new(config: crate::SarConfig, classes: usize, zeros: T) -> Result<Self, SarError> {
+        config.validate()?;
+        Ok(BackendSarState {
+            semantic: zeros,
+            initialized: vec![false; classes],
+            config,
+        })
+    }
+
+    /// Whether every row of Â has been initialised.
+    pub fn fully_initialized(&self) -> bool {
+        self.initialized.iter().all(|&b| b)
+    }
+
+    /// One step in the spec's order on backend `b`: L_aux on `logits` (Z = g_θ(E)), the gate,
+    /// the EMA with `embedded` (E), then L_p2a of `features` toward the updated Â if the gate
+    /// passed.
+    pub fn step<B: SarBackend<Tensor = T>>(
+        &mut self,
+        b: &B,
+        logits: &T,
+        embedded: &T,
+        features: &T,
+        labels: &B::Labels,
+    ) -> Result<BackendStep<B::Loss>, B::Error> {
+        let cfg = self.config;
+        let aux = b.anchor_ce(logits, cfg.tau, cfg.weights)?;
+        let c = aux.nll.len();
+        if self.initialized.len() != c {
+            return Err(SarError::Length {
+                op: crate::Op::Step,
+                what: "initialized",
+                expected: c,
+                actual: self.initialized.len(),
+            }
+            .into());
+        }
+        let mut class_pass = vec![false; c];
+        let gate_passed = b.gate(logits, &aux.nll, cfg.delta, cfg.gate, &mut class_pass)?;
+        let rows: Vec<bool> = match cfg.gate {
+            GateMode::Global => vec![gate_passed; c],
+            GateMode::PerClass => class_pass.clone(),
+        };
+        let updated_classes = b.ema_update(
+            &mut self.semantic,
+            embedded,
+            cfg.alpha,
+            &rows,
+            &mut self.initialized,
+        )?;
+        let p2a = if gate_passed {
+            let active = match cfg.gate {
+                GateMode::Global => None,
+                GateMode::PerClass => Some(&class_pass[..]),
+            };
+            Some(b.p2a(features, labels, &self.semantic, cfg.ignore_index, active)?)
+        } else {
+            None
+        };
+        Ok(BackendStep {
+            aux,
+            p2a,
+            gate_passed,
+            class_pass,
+            updated_classes,
+        })
+    }
+}

@@ -3,8 +3,8 @@
 //! Input: anchor logits Z ∈ R^{C×C}, row-major; row c = the shared classifier applied to the
 //! embedded anchor E_c.
 //!
-//! - ℓ_c = −ln softmax(Z_c)\[c\], computed in log space (`lse = m + ln Σ_j e^{Z_cj − m}`,
-//!   m = max_j Z_cj), and p_c = e^{−ℓ_c}.
+//! - ℓ_c = −ln softmax(Z_c)\[c\], computed in log space as ℓ_c = (m − Z_cc) + ln Σ_j e^{Z_cj − m}
+//!   with m = max_j Z_cj, and p_c = e^{−ℓ_c}.
 //! - Eq. 6: q_c = 1 if p_c > τ, else p_c. Eq. 7: w_c = ln q_c / (Σ_i ln q_i + ε), ε = 1e-9.
 //! - L_aux = Σ_c w_c ℓ_c (a sum over classes). With U = {c : p_c ≤ τ} and S = Σ_{i∈U} ℓ_i this is
 //!   Σ_{c∈U} ℓ_c² / (S − ε).
@@ -53,12 +53,13 @@ pub struct AnchorCeValue<F> {
     pub nll_sum: F,
 }
 
-/// Row-wise log-sum-exp of one row (max-shifted).
+/// A row's maximum m and ln Σ_j e^{Z_j − m}, kept apart: ℓ_c = (m − Z_c) + ln s keeps the
+/// small NLL of a dominant logit that m + ln s would round away at |Z| ≈ 100 in f32.
 #[inline]
-fn log_sum_exp<F: Real>(row: &[F]) -> F {
+fn max_and_log_sum<F: Real>(row: &[F]) -> (F, F) {
     let m = row.iter().copied().fold(F::neg_infinity(), F::max);
     let s = row.iter().fold(F::zero(), |acc, &z| acc + (z - m).exp());
-    m + s.ln()
+    (m, s.ln())
 }
 
 fn check_logits<F: Real>(op: Op, logits: &[F], classes: usize) -> Result<()> {
@@ -119,8 +120,9 @@ pub fn anchor_ce<F: Real>(
     let mut uncertain = 0usize;
     for c in 0..classes {
         let row = &logits[c * classes..(c + 1) * classes];
-        // lse ≥ m ≥ Z_cc holds in floating point too (ln of a sum ≥ 1 is ≥ 0), so ℓ_c ≥ 0.
-        let nll = log_sum_exp(row) - row[c];
+        // m ≥ Z_cc and ln s ≥ 0 (s ≥ 1) hold in floating point too, so ℓ_c ≥ 0.
+        let (m, ln_s) = max_and_log_sum(row);
+        let nll = (m - row[c]) + ln_s;
         if !nll.is_finite() {
             return Err(SarError::NonFinite {
                 op,
@@ -175,9 +177,9 @@ pub fn anchor_ce<F: Real>(
                 grow.iter_mut().for_each(|g| *g = F::zero());
                 continue;
             }
-            let lse = log_sum_exp(row);
+            let (m, ln_s) = max_and_log_sum(row);
             for (j, (g, &z)) in grow.iter_mut().zip(row).enumerate() {
-                let sm = (z - lse).exp();
+                let sm = ((z - m) - ln_s).exp();
                 let onehot = if j == c { F::one() } else { F::zero() };
                 *g = g_c * (sm - onehot);
             }

@@ -35,11 +35,14 @@ pub struct AnchorCeOutput<L> {
     pub uncertain: usize,
 }
 
-/// L_p2a and |Ω|.
+/// weight·L_p2a as a loss, the unweighted value, and |Ω|.
 #[derive(Debug, Clone)]
 pub struct P2aOutput<L> {
-    /// L_p2a (unweighted), differentiable w.r.t. the features.
+    /// weight·L_p2a, differentiable w.r.t. the features. (The weight is folded in so that a
+    /// fused kernel can write the gradient of the weighted loss in its single pass.)
     pub loss: L,
+    /// L_p2a, unweighted.
+    pub value: f64,
     /// |Ω|.
     pub valid: usize,
 }
@@ -119,6 +122,7 @@ pub trait SarBackend {
 
     /// Eq. 4: features `[B, D, H, W]` with labels `[B, H', W']`, or `[N, D]` with `[N]`,
     /// toward `anchors` `[C, D]` (a constant). `class_active` restricts Ω (per-class gate).
+    /// The returned loss is `weight`·L_p2a.
     fn p2a(
         &self,
         features: &Self::Tensor,
@@ -126,15 +130,17 @@ pub trait SarBackend {
         anchors: &Self::Tensor,
         ignore_index: i64,
         class_active: Option<&[bool]>,
+        weight: f64,
     ) -> Result<P2aOutput<Self::Loss>, Self::Error>;
 }
 
 /// The losses of one step on a backend.
 #[derive(Debug)]
 pub struct BackendStep<L> {
-    /// L_aux and the per-anchor values.
+    /// L_aux (unweighted) and the per-anchor values.
     pub aux: AnchorCeOutput<L>,
-    /// L_p2a, or `None` when the gate failed (p2a is not applied at all then).
+    /// λ2·L_p2a (with the unweighted value), or `None` when the gate failed (p2a is not
+    /// applied at all then).
     pub p2a: Option<P2aOutput<L>>,
     /// Gate decision (global), or whether any anchor passed (per-class).
     pub gate_passed: bool,
@@ -172,8 +178,8 @@ impl<T: Clone> BackendSarState<T> {
     }
 
     /// One step in the spec's order on backend `b`: L_aux on `logits` (Z = g_θ(E)), the gate,
-    /// the EMA with `embedded` (E), then L_p2a of `features` toward the updated Â if the gate
-    /// passed.
+    /// the EMA with `embedded` (E), then λ2·L_p2a of `features` toward the updated Â if the gate
+    /// passed. The caller adds λ1·L_aux + λ2·L_p2a to its task loss.
     pub fn step<B: SarBackend<Tensor = T>>(
         &mut self,
         b: &B,
@@ -212,7 +218,14 @@ impl<T: Clone> BackendSarState<T> {
                 GateMode::Global => None,
                 GateMode::PerClass => Some(&class_pass[..]),
             };
-            Some(b.p2a(features, labels, &self.semantic, cfg.ignore_index, active)?)
+            Some(b.p2a(
+                features,
+                labels,
+                &self.semantic,
+                cfg.ignore_index,
+                active,
+                cfg.lambda_p2a,
+            )?)
         } else {
             None
         };

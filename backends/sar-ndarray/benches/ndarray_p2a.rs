@@ -52,6 +52,7 @@ fn bench(c: &mut Criterion) {
                 labels.view(),
                 &targets,
                 Some(grad.view_mut()),
+                1.0,
             )
             .unwrap()
         })

@@ -4,20 +4,18 @@
 //! or f64) with `ArrayD<i64>` labels. It has no autodiff: each loss carries the analytic
 //! gradient computed by `sar-math`'s fused kernels ([`NdLoss`]).
 //!
-//! The p2a kernel is parallel: labels are resampled once to the feature size, then each image's
-//! channel planes are split into blocks that run on rayon's pool ([`p2a_nchw_parallel`]). Block
-//! sums are added in block order, so results do not depend on the number of threads.
+//! The p2a kernel is parallel ([`p2a_nchw_parallel`], through `sar-cpu`): labels are resampled
+//! once to the feature size, then each image's channel planes are split into blocks that run on
+//! rayon's pool. Block sums are added in block order, so results do not depend on the number
+//! of threads.
 //!
 //! Layouts: features NCHW `[B, D, H, W]` or `[N, D]`, labels `[B, H', W']` or `[N]`, anchors
 //! and anchor logits row-major `[C, D]` and `[C, C]`.
 
 use ndarray::{ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, IxDyn};
-use rayon::prelude::*;
 use sar_math::anchor_ce::{anchor_ce, AnchorCeBuffers};
 use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
-use sar_math::p2a::{
-    p2a_nchw_block, p2a_rows, p2a_valid_count_nchw, FeatureGeometry, P2aTargets, RowLabels,
-};
+use sar_math::p2a::{p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::{Label, Real, SarError, WeightMode};
 use std::marker::PhantomData;
 
@@ -59,13 +57,15 @@ fn contiguous<F: Clone>(a: &ArrayD<F>) -> std::borrow::Cow<'_, [F]> {
     }
 }
 
-/// Fused, parallel L_p2a and dL_p2a/dF for NCHW features, writing the gradient into `grad`.
-/// Returns (L_p2a, |Ω|). The labels may be at another resolution; they are validated in full.
+/// Fused, parallel L_p2a and `grad_weight`·dL_p2a/dF for NCHW features (through [`sar_cpu`]),
+/// writing the gradient into `grad`. Returns (L_p2a, |Ω|). The labels may be at another resolution; they
+/// are validated in full.
 pub fn p2a_nchw_parallel<F: Real, L: Label + Default>(
     features: ArrayView4<'_, F>,
     labels: ArrayView3<'_, L>,
     targets: &P2aTargets<'_, F>,
     mut grad: Option<ArrayViewMut4<'_, F>>,
+    grad_weight: f64,
 ) -> Result<(F, usize), NdError> {
     let (b, d, h, w) = features.dim();
     let (lb, lh, lw) = labels.dim();
@@ -73,15 +73,6 @@ pub fn p2a_nchw_parallel<F: Real, L: Label + Default>(
         return Err(NdError::Shape(format!(
             "p2a: labels have batch {lb}, features {b}"
         )));
-    }
-    if let Some(g) = &grad {
-        if g.dim() != features.dim() {
-            return Err(NdError::Shape(format!(
-                "p2a: gradient shape {:?} differs from features {:?}",
-                g.dim(),
-                features.dim()
-            )));
-        }
     }
     let geometry = FeatureGeometry {
         batch: b,
@@ -92,83 +83,30 @@ pub fn p2a_nchw_parallel<F: Real, L: Label + Default>(
         label_width: lw,
     };
     let labels = labels.as_standard_layout();
-    let labels = labels.as_slice().expect("standard layout");
-    let valid = p2a_valid_count_nchw(labels, &geometry, targets)?;
-    // Resample once, so the blocks read labels at feature resolution (identity mapping).
-    let mut resampled = vec![L::default(); b * h * w];
-    sar_math::resample::resample_labels_nearest(labels, b, (lh, lw), (h, w), &mut resampled)?;
-    let at_feature = FeatureGeometry {
-        label_height: h,
-        label_width: w,
-        ..geometry
-    };
-    let scale = if valid == 0 {
-        F::zero()
-    } else {
-        F::from_f64(2.0 / (valid as f64 * d as f64))
-    };
     let features = features.as_standard_layout();
-    let f = features.as_slice().expect("standard layout");
-    let hw = h * w;
-    if hw == 0 || b == 0 {
-        return Ok((F::zero(), valid));
-    }
-    // Blocks of channels: enough to keep every thread busy with a few blocks each.
-    let blocks_per_image = (2 * rayon::current_num_threads()).div_ceil(b).max(1);
-    let block_channels = d.div_ceil(blocks_per_image).max(1);
-    let block_len = block_channels * hw;
-    let run_block = |(i, (fb, gb)): (usize, (&[F], Option<&mut [F]>))| -> Result<f64, SarError> {
-        let per_image = d.div_ceil(block_channels);
-        let (img, j) = (i / per_image, i % per_image);
-        let lab = &resampled[img * hw..(img + 1) * hw];
-        p2a_nchw_block(fb, gb, lab, &at_feature, j * block_channels, targets, scale)
-    };
-    // Chunks never cross an image: split per image first.
-    let image_len = d * hw;
-    let f_blocks: Vec<&[F]> = f
-        .chunks(image_len)
-        .flat_map(|img| img.chunks(block_len))
-        .collect();
-    let sums: Vec<f64> = match grad.as_mut() {
-        Some(g) => {
-            let g = g
-                .as_slice_mut()
-                .ok_or_else(|| NdError::Shape("p2a: gradient must be contiguous".into()))?;
-            let g_blocks: Vec<&mut [F]> = g
-                .chunks_mut(image_len)
-                .flat_map(|img| img.chunks_mut(block_len))
-                .collect();
-            f_blocks
-                .into_par_iter()
-                .zip(g_blocks)
-                .map(|(fb, gb)| (fb, Some(gb)))
-                .enumerate()
-                .map(run_block)
-                .collect::<Result<_, _>>()?
+    let g = match grad.as_mut() {
+        Some(g) if g.dim() != (b, d, h, w) => {
+            return Err(NdError::Shape(format!(
+                "p2a: gradient shape {:?} differs from features {:?}",
+                g.dim(),
+                (b, d, h, w)
+            )))
         }
-        None => f_blocks
-            .into_par_iter()
-            .map(|fb| (fb, None))
-            .enumerate()
-            .map(run_block)
-            .collect::<Result<_, _>>()?,
+        Some(g) => Some(
+            g.as_slice_mut()
+                .ok_or_else(|| NdError::Shape("p2a: gradient must be contiguous".into()))?,
+        ),
+        None => None,
     };
-    // Block order, not completion order: the same bits for any thread count.
-    let sum_sq: f64 = sums.iter().sum();
-    let loss = if valid == 0 {
-        0.0
-    } else {
-        sum_sq / (valid as f64 * d as f64)
-    };
-    let loss_f = F::from_f64(loss);
-    if !loss_f.is_finite() {
-        return Err(SarError::NonFinite {
-            op: sar_math::Op::P2a,
-            what: "L_p2a (features inside Ω)",
-        }
-        .into());
-    }
-    Ok((loss_f, valid))
+    let r = sar_cpu::p2a_nchw_parallel(
+        features.as_slice().expect("standard layout"),
+        labels.as_slice().expect("standard layout"),
+        &geometry,
+        targets,
+        g,
+        grad_weight,
+    )?;
+    Ok((r.loss, r.valid))
 }
 
 impl<F: Real + Default> NdarrayBackend<F> {
@@ -320,6 +258,7 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
         anchors: &ArrayD<F>,
         ignore_index: i64,
         class_active: Option<&[bool]>,
+        weight: f64,
     ) -> Result<P2aOutput<NdLoss<F>>, NdError> {
         let a = self.anchors_view(anchors)?;
         let a = a.as_standard_layout();
@@ -329,7 +268,7 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
             ignore_index,
             class_active,
         };
-        match features.ndim() {
+        let (value, valid, grad) = match features.ndim() {
             4 => {
                 let f4: ArrayView4<F> = features.view().into_dimensionality().expect("4-D");
                 let l3: ArrayView3<i64> = labels.view().into_dimensionality().map_err(|_| {
@@ -339,14 +278,9 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                     ))
                 })?;
                 let mut grad = ndarray::Array4::<F>::zeros(f4.dim());
-                let (loss, valid) = p2a_nchw_parallel(f4, l3, &targets, Some(grad.view_mut()))?;
-                Ok(P2aOutput {
-                    loss: NdLoss {
-                        value: loss.as_f64(),
-                        grad: grad.into_dyn(),
-                    },
-                    valid,
-                })
+                let (loss, valid) =
+                    p2a_nchw_parallel(f4, l3, &targets, Some(grad.view_mut()), weight)?;
+                (loss.as_f64(), valid, grad.into_dyn())
             }
             2 => {
                 if labels.ndim() != 1 {
@@ -364,17 +298,24 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                     &targets,
                     Some(&mut grad),
                 )?;
-                Ok(P2aOutput {
-                    loss: NdLoss {
-                        value: v.loss.as_f64(),
-                        grad: ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"),
-                    },
-                    valid: v.valid,
-                })
+                let w = F::from_f64(weight);
+                grad.iter_mut().for_each(|g| *g = w * *g);
+                let grad = ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape");
+                (v.loss.as_f64(), v.valid, grad)
             }
-            n => Err(NdError::Shape(format!(
-                "p2a: features must be [B, D, H, W] or [N, D], got {n} dimensions"
-            ))),
-        }
+            n => {
+                return Err(NdError::Shape(format!(
+                    "p2a: features must be [B, D, H, W] or [N, D], got {n} dimensions"
+                )))
+            }
+        };
+        Ok(P2aOutput {
+            loss: NdLoss {
+                value: weight * value,
+                grad,
+            },
+            value,
+            valid,
+        })
     }
 }

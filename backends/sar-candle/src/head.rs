@@ -1,0 +1,285 @@
+//! [`SarHead`]: SAR attached to a candle model.
+//!
+//! It owns the pre-defined anchors A `[C, D]` (a fixed buffer), the anchor embedding h_ψ and
+//! the EMA state Â. Per step, E = h_ψ(A) with BatchNorm in training mode over the C anchors
+//! (eps 1e-5, momentum 0.1), Z = g_θ(E) through the model's own classifier (passed in, so the
+//! classifier is shared and trained by L_aux too), then the spec's order via
+//! [`sar_math::backend::BackendSarState::step`]. The EMA is an explicit `&mut self` call.
+//!
+//! h_ψ (spec §2):
+//! - [`EmbeddingKind::Classification`]: [Linear(D,D) → BatchNorm → ReLU] ×2;
+//! - [`EmbeddingKind::Segmentation`]: the same, then a 1×1 conv without bias (a D×D matrix on
+//!   the C anchor rows) → BatchNorm → ReLU.
+//!
+//! Stable names: parameters `{prefix}.embed.fc{1,2}.{weight,bias}`, `{prefix}.embed.bn{1,2,3}.{weight,bias}`,
+//! `{prefix}.embed.conv.weight`; buffers ([`SarHead::buffers`]) `{prefix}.anchors`,
+//! `{prefix}.semantic_anchors`, `{prefix}.initialized`. The prefix is normally `sar`.
+//!
+//! Initialisation is reproducible from the seed: anchors by [`sar_math::anchors`], Linear and
+//! conv weights uniform in ±1/√D (PyTorch's default bound) from the same portable generator,
+//! BatchNorm weight 1 and bias 0.
+
+use crate::{CandleBackend, Result, SarCandleError};
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
+use sar_math::anchors::{generate_anchors, AnchorKind, AnchorRng};
+use sar_math::backend::BackendSarState;
+use sar_math::SarConfig;
+
+/// Which h_ψ (spec §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingKind {
+    /// [Linear → BN → ReLU] ×2.
+    Classification,
+    /// [Linear → BN → ReLU] ×2, then 1×1 conv (no bias) → BN → ReLU.
+    Segmentation,
+}
+
+struct Block {
+    linear: Linear,
+    bn: BatchNorm,
+}
+
+/// The result of one [`SarHead::step`].
+#[derive(Debug)]
+pub struct SarStepOutput {
+    /// λ1·L_aux + λ2·L_p2a (λ2 term only if the gate passed): add it to the task loss.
+    pub loss: Tensor,
+    /// L_aux, unweighted.
+    pub loss_aux: f64,
+    /// L_p2a, unweighted (0 when the gate failed).
+    pub loss_p2a: f64,
+    /// The gate's decision.
+    pub gate_passed: bool,
+    /// The per-anchor gate test.
+    pub class_pass: Vec<bool>,
+    /// |Ω| of L_p2a.
+    pub valid: usize,
+    /// Rows of Â updated by the EMA.
+    pub updated_classes: usize,
+}
+
+/// SAR's anchors, embedding and EMA state for one model. See the module docs.
+pub struct SarHead {
+    backend: CandleBackend,
+    prefix: String,
+    anchors: Tensor,
+    blocks: Vec<Block>,
+    state: BackendSarState<Tensor>,
+    classes: usize,
+    dim: usize,
+}
+
+/// Gets `name` from `varmap`, or creates it from `init` (so a loaded checkpoint wins).
+fn get_or_insert(
+    varmap: &VarMap,
+    name: &str,
+    init: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut data = varmap.data().lock().expect("varmap lock");
+    if let Some(v) = data.get(name) {
+        return Ok(v.as_tensor().clone());
+    }
+    let var = Var::from_tensor(&init()?)?;
+    let t = var.as_tensor().clone();
+    data.insert(name.to_string(), var);
+    Ok(t)
+}
+
+impl SarHead {
+    /// Builds the head, registering h_ψ's parameters in `varmap` under `{prefix}.embed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        varmap: &VarMap,
+        prefix: &str,
+        backend: CandleBackend,
+        config: SarConfig,
+        classes: usize,
+        dim: usize,
+        kind: EmbeddingKind,
+        anchor_kind: AnchorKind,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (dev, dtype) = (backend.device().clone(), backend.dtype());
+        let mut a = vec![0.0f64; classes * dim];
+        generate_anchors(anchor_kind, seed, classes, dim, &mut a)?;
+        let anchors = Tensor::from_vec(a, (classes, dim), &dev)?.to_dtype(dtype)?;
+        // A separate stream for the weights, so anchors do not shift with the layer count.
+        let mut rng = AnchorRng::new(seed ^ 0x5A52_5F45_4D42_4544);
+        let bound = 1.0 / (dim as f64).sqrt();
+        let mut uniform = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| bound * (2.0 * rng.next_f64() - 1.0))
+                .collect()
+        };
+        let make = |name: &str, shape: &[usize], values: Vec<f64>| -> Result<Tensor> {
+            get_or_insert(varmap, &format!("{prefix}.embed.{name}"), || {
+                Ok(Tensor::from_vec(values, shape, &dev)?.to_dtype(dtype)?)
+            })
+        };
+        let mut blocks = Vec::new();
+        let layers: &[(&str, &str, bool)] = match kind {
+            EmbeddingKind::Classification => &[("fc1", "bn1", true), ("fc2", "bn2", true)],
+            EmbeddingKind::Segmentation => &[
+                ("fc1", "bn1", true),
+                ("fc2", "bn2", true),
+                ("conv", "bn3", false),
+            ],
+        };
+        for &(lin, bn, bias) in layers {
+            let w = make(&format!("{lin}.weight"), &[dim, dim], uniform(dim * dim))?;
+            let b = if bias {
+                Some(make(&format!("{lin}.bias"), &[dim], uniform(dim))?)
+            } else {
+                None
+            };
+            let gamma = make(&format!("{bn}.weight"), &[dim], vec![1.0; dim])?;
+            let beta = make(&format!("{bn}.bias"), &[dim], vec![0.0; dim])?;
+            let bn = BatchNorm::new(
+                dim,
+                Tensor::zeros(dim, dtype, &dev)?,
+                Tensor::ones(dim, dtype, &dev)?,
+                gamma,
+                beta,
+                1e-5,
+            )?;
+            blocks.push(Block {
+                linear: Linear::new(w, b),
+                bn,
+            });
+        }
+        let state =
+            BackendSarState::new(config, classes, Tensor::zeros((classes, dim), dtype, &dev)?)?;
+        Ok(SarHead {
+            backend,
+            prefix: prefix.to_string(),
+            anchors,
+            blocks,
+            state,
+            classes,
+            dim,
+        })
+    }
+
+    /// C.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+    /// D.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// The configuration.
+    pub fn config(&self) -> &SarConfig {
+        &self.state.config
+    }
+    /// The backend the head computes with.
+    pub fn backend(&self) -> &CandleBackend {
+        &self.backend
+    }
+    /// Â, `[C, D]`.
+    pub fn semantic_anchors(&self) -> &Tensor {
+        &self.state.semantic
+    }
+    /// Whether every row of Â is initialised.
+    pub fn fully_initialized(&self) -> bool {
+        self.state.fully_initialized()
+    }
+
+    /// E = h_ψ(A), BatchNorm in training mode over the C anchors.
+    pub fn embed(&self) -> Result<Tensor> {
+        let mut x = self.anchors.clone();
+        for blk in &self.blocks {
+            x = blk.bn.forward_t(&blk.linear.forward(&x)?, true)?.relu()?;
+        }
+        Ok(x)
+    }
+
+    /// One SAR step: embed, classify with `classifier` (`[C, D]` → `[C, C]`, the model's own
+    /// classifier), then L_aux → gate → EMA → λ2·L_p2a of `features` (`[B, D, H, W]` with labels
+    /// `[B, H', W']`, or `[N, D]` with `[N]`).
+    pub fn step(
+        &mut self,
+        classifier: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+        features: &Tensor,
+        labels: &Tensor,
+    ) -> Result<SarStepOutput> {
+        let e = self.embed()?;
+        let z = classifier(&e)?;
+        if z.dims() != [self.classes, self.classes] {
+            return Err(SarCandleError::Shape(format!(
+                "the classifier maps the [{}, {}] anchors to {:?}, expected [{}, {}]",
+                self.classes,
+                self.dim,
+                z.dims(),
+                self.classes,
+                self.classes
+            )));
+        }
+        let step = self.state.step(&self.backend, &z, &e, features, labels)?;
+        let aux = (step.aux.loss.clone() * self.state.config.lambda_aux)?;
+        let loss_aux = step.aux.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (loss, loss_p2a, valid) = match &step.p2a {
+            Some(p) => ((aux + &p.loss)?, p.value, p.valid),
+            None => (aux, 0.0, 0),
+        };
+        Ok(SarStepOutput {
+            loss,
+            loss_aux,
+            loss_p2a,
+            gate_passed: step.gate_passed,
+            class_pass: step.class_pass,
+            valid,
+            updated_classes: step.updated_classes,
+        })
+    }
+
+    /// The buffers a checkpoint must hold: A, Â and the "initialised" flags (as 0/1 in the
+    /// head's dtype), under their stable names.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let flags: Vec<f64> = self
+            .state
+            .initialized
+            .iter()
+            .map(|&b| b as u8 as f64)
+            .collect();
+        let init = Tensor::from_vec(flags, self.classes, self.anchors.device())?
+            .to_dtype(self.anchors.dtype())?;
+        Ok(vec![
+            (format!("{}.anchors", self.prefix), self.anchors.clone()),
+            (
+                format!("{}.semantic_anchors", self.prefix),
+                self.state.semantic.clone(),
+            ),
+            (format!("{}.initialized", self.prefix), init),
+        ])
+    }
+
+    /// Restores the buffers written by [`SarHead::buffers`], checking their shapes.
+    pub fn load_buffers(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        let (c, d) = (self.classes, self.dim);
+        let fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor> {
+            let name = format!("{}.{suffix}", self.prefix);
+            let t = get(&name)
+                .ok_or_else(|| SarCandleError::Shape(format!("checkpoint lacks `{name}`")))?;
+            if t.dims() != shape {
+                return Err(SarCandleError::Shape(format!(
+                    "checkpoint `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(t.to_device(self.anchors.device())?
+                .to_dtype(self.anchors.dtype())?)
+        };
+        let anchors = fetch("anchors", &[c, d])?;
+        let semantic = fetch("semantic_anchors", &[c, d])?;
+        let init = fetch("initialized", &[c])?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        self.anchors = anchors;
+        self.state.semantic = semantic.detach();
+        self.state.initialized = init.iter().map(|&v| v != 0.0).collect();
+        Ok(())
+    }
+}

@@ -1,0 +1,431 @@
+//! # sar-candle: SAR on candle
+//!
+//! - [`CandleBackend`] implements [`sar_math::backend::SarBackend`] on candle tensors (f32 or
+//!   f64, any device). SAR's losses are differentiable candle operations: gradients reach the
+//!   features, the anchor embedding and the shared classifier through candle's autograd, with
+//!   the re-weighting w attached by default (spec §3).
+//! - Two kernel paths for L_p2a: a **fused CPU custom op** ([`fused`]) that runs `sar-math`'s
+//!   single-pass loss+gradient kernel on all cores and hands the precomputed gradient to
+//!   backward, and a **composite** path of plain candle ops (index_select / where_cond / sqr /
+//!   sum) that runs on any device, CUDA included. [`Kernels::Auto`] picks the fused op on CPU.
+//! - [`SarHead`] ([`head`]): the pre-defined anchors, the anchor embedding h_ψ, the EMA state, and
+//!   an explicit `&mut self` step that takes the model's classifier.
+//!
+//! Layouts: anchor logits `[C, C]`, anchors `[C, D]`, features NCHW `[B, D, H, W]` with labels
+//! `[B, H', W']` (I64, resampled on the fly like PyTorch's legacy `nearest`), or `[N, D]` with
+//! `[N]`.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use sar_candle::CandleBackend;
+//! use sar_math::backend::SarBackend;
+//! let b = CandleBackend::new(Device::Cpu, DType::F64)?;
+//! let z = b.tensor(&[2, 2], &[0.0, 0.0, 0.0, 0.0])?;
+//! let ce = b.anchor_ce(&z, 0.9, sar_math::WeightMode::Attached)?;
+//! // Two uniform anchors: L = 2(ln 2)²/(2 ln 2 − ε) ≈ ln 2.
+//! assert!((b.loss_value(&ce.loss)? - 2f64.ln()).abs() < 1e-8);
+//! # Ok::<(), sar_candle::SarCandleError>(())
+//! ```
+
+pub mod fused;
+pub mod head;
+
+pub use head::{EmbeddingKind, SarHead, SarStepOutput};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::resample::nearest_source_index;
+use sar_math::{SarError, WeightMode};
+
+/// Errors of the candle adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum SarCandleError {
+    /// A `sar-math` kernel refused its input.
+    #[error(transparent)]
+    Sar(#[from] SarError),
+    /// candle reported an error.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A tensor has the wrong rank, shape or dtype.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, SarCandleError>;
+
+/// Which implementation computes L_p2a.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused custom op on CPU, composite ops on other devices.
+    #[default]
+    Auto,
+    /// Composite candle ops everywhere (the path CUDA takes).
+    Composite,
+}
+
+/// The candle backend: a device, a float dtype (F32 or F64) and a kernel choice.
+#[derive(Debug, Clone)]
+pub struct CandleBackend {
+    device: Device,
+    dtype: DType,
+    kernels: Kernels,
+}
+
+fn shape_err<T>(msg: String) -> Result<T> {
+    Err(SarCandleError::Shape(msg))
+}
+
+impl CandleBackend {
+    /// A backend on `device` computing in `dtype` (F32 or F64).
+    pub fn new(device: Device, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return shape_err(format!("SAR computes in F32 or F64, not {dtype:?}"));
+        }
+        Ok(CandleBackend {
+            device,
+            dtype,
+            kernels: Kernels::Auto,
+        })
+    }
+
+    /// The same backend with another kernel choice.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The float dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn fused(&self) -> bool {
+        self.kernels == Kernels::Auto && self.device.is_cpu()
+    }
+
+    /// `v` rounded to this backend's dtype, as f64 (to compare host values the way the kernels do).
+    fn in_dtype(&self, v: f64) -> f64 {
+        if self.dtype == DType::F32 {
+            v as f32 as f64
+        } else {
+            v
+        }
+    }
+
+    /// Checks that every label is in `0..classes` or equals `ignore_index` (device reductions;
+    /// the host search for the first offender runs only when one exists).
+    fn validate_labels(&self, labels: &Tensor, classes: usize, ignore_index: i64) -> Result<()> {
+        let l = labels.flatten_all()?;
+        if l.elem_count() == 0 {
+            return Ok(());
+        }
+        let in_range = l.ge(0i64)?.minimum(&l.lt(classes as i64)?)?;
+        let ok = in_range.maximum(&l.eq(ignore_index)?)?;
+        if ok.min(0)?.to_scalar::<u8>()? == 1 {
+            return Ok(());
+        }
+        let host = l.to_vec1::<i64>()?;
+        let (index, &label) = host
+            .iter()
+            .enumerate()
+            .find(|&(_, &v)| v != ignore_index && !(0..classes as i64).contains(&v))
+            .expect("the device check found one");
+        Err(SarError::Label {
+            op: sar_math::Op::P2a,
+            index,
+            label,
+            classes,
+        }
+        .into())
+    }
+
+    /// Labels `[B, H', W']` gathered at the nearest source rows and columns for `[B, H, W]`.
+    fn resample(&self, labels: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+        let (_, lh, lw) = labels.dims3()?;
+        if (lh, lw) == (h, w) {
+            return Ok(labels.clone());
+        }
+        if lh * lw == 0 {
+            return shape_err(format!(
+                "labels {:?} are empty but the feature map is {h}×{w}",
+                labels.dims()
+            ));
+        }
+        let rows: Vec<u32> = (0..h)
+            .map(|i| nearest_source_index(lh, h, i) as u32)
+            .collect();
+        let cols: Vec<u32> = (0..w)
+            .map(|i| nearest_source_index(lw, w, i) as u32)
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), labels.device())?;
+        let cols = Tensor::new(cols.as_slice(), labels.device())?;
+        Ok(labels.index_select(&rows, 1)?.index_select(&cols, 2)?)
+    }
+
+    /// Composite p2a: `weight`·L_p2a from candle ops, any device. Returns (loss, value, |Ω|).
+    fn p2a_composite(
+        &self,
+        features: &Tensor,
+        labels: &Tensor,
+        anchors: &Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<(Tensor, f64, usize)> {
+        let (_, d) = anchors.dims2()?;
+        let anchors = anchors.detach().to_dtype(features.dtype())?;
+        let y = match features.rank() {
+            4 => self.resample(labels, (features.dim(2)?, features.dim(3)?))?,
+            _ => labels.clone(),
+        };
+        let mut valid = y.ne(ignore_index)?;
+        let zeros_i = y.zeros_like()?;
+        let yc = valid.where_cond(&y, &zeros_i)?.flatten_all()?;
+        if let Some(active) = class_active {
+            let act: Vec<u8> = active.iter().map(|&a| a as u8).collect();
+            let act = Tensor::new(act.as_slice(), y.device())?;
+            valid = valid.minimum(&act.index_select(&yc, 0)?.reshape(y.shape())?)?;
+        }
+        let n = valid.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+        let targets = anchors.index_select(&yc, 0)?; // [M, D]
+        let (targets, mask) = match features.rank() {
+            4 => {
+                let (b, _, h, w) = features.dims4()?;
+                let t = targets.reshape((b, h, w, d))?.permute((0, 3, 1, 2))?;
+                (t, valid.unsqueeze(1)?.broadcast_as((b, d, h, w))?)
+            }
+            _ => (targets, valid.unsqueeze(1)?.broadcast_as(features.shape())?),
+        };
+        // where_cond, not a 0/1 multiply: a NaN outside Ω must not reach the loss or gradient.
+        let diff = mask.where_cond(&(features - targets)?, &features.zeros_like()?)?;
+        let sum = diff.sqr()?.sum_all()?;
+        let scale = if n == 0 {
+            0.0
+        } else {
+            1.0 / (n as f64 * d as f64)
+        };
+        let value = sum.to_dtype(DType::F64)?.to_scalar::<f64>()? * scale;
+        Ok(((sum * (weight * scale))?, value, n))
+    }
+
+    fn check_p2a_shapes(&self, features: &Tensor, labels: &Tensor, anchors: &Tensor) -> Result<()> {
+        let (_, d) = anchors.dims2()?;
+        match (features.dims(), labels.dims()) {
+            ([b, fd, _, _], [lb, _, _]) if *fd == d && b == lb => Ok(()),
+            ([n, fd], [ln]) if *fd == d && n == ln => Ok(()),
+            (f, l) => shape_err(format!(
+                "p2a: features {f:?} and labels {l:?} must be [B, {d}, H, W] with [B, H', W'], or [N, {d}] with [N]"
+            )),
+        }
+    }
+}
+
+impl SarBackend for CandleBackend {
+    type Tensor = Tensor;
+    type Labels = Tensor;
+    type Loss = Tensor;
+    type Error = SarCandleError;
+
+    fn tensor(&self, shape: &[usize], data: &[f64]) -> Result<Tensor> {
+        let t = Tensor::from_slice(data, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok(Var::from_tensor(&t)?.as_tensor().clone())
+    }
+
+    fn labels(&self, shape: &[usize], data: &[i64]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(data, shape, &self.device)?)
+    }
+
+    fn to_host(&self, t: &Tensor) -> Result<Vec<f64>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    }
+
+    fn loss_value(&self, loss: &Tensor) -> Result<f64> {
+        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+
+    fn loss_gradient(&self, loss: &Tensor, wrt: &Tensor) -> Result<Vec<f64>> {
+        let grads = loss.backward()?;
+        match grads.get(wrt) {
+            Some(g) => self.to_host(g),
+            None => Ok(vec![0.0; wrt.elem_count()]),
+        }
+    }
+
+    fn detach(&self, t: &Tensor) -> Tensor {
+        t.detach()
+    }
+
+    fn anchor_ce(
+        &self,
+        logits: &Tensor,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<Tensor>> {
+        let (c, c2) = logits.dims2()?;
+        if c != c2 || c == 0 {
+            return shape_err(format!(
+                "anchor logits must be [C, C], got {:?}",
+                logits.dims()
+            ));
+        }
+        sar_math::config::SarConfig {
+            tau,
+            ..Default::default()
+        }
+        .validate()?;
+        let z_host = self.to_host(logits)?;
+        if z_host.iter().any(|v| !v.is_finite()) {
+            return Err(SarError::NonFinite {
+                op: sar_math::Op::AnchorCe,
+                what: "anchor logits",
+            }
+            .into());
+        }
+        // ℓ_c = −log_softmax(Z)_cc (max-shifted inside log_softmax), p_c = e^{−ℓ_c}.
+        let eye = Tensor::eye(c, logits.dtype(), logits.device())?;
+        let nll = candle_nn::ops::log_softmax(logits, D::Minus1)?
+            .mul(&eye)?
+            .sum(1)?
+            .neg()?;
+        let p = nll.neg()?.exp()?;
+        let (p_host, nll_host) = (self.to_host(&p)?, self.to_host(&nll)?);
+        // U = {c : p_c ≤ τ}, decided in the dtype's precision like the kernels.
+        let tau_d = self.in_dtype(tau);
+        let in_u: Vec<f64> = p_host
+            .iter()
+            .map(|&pc| if pc <= tau_d { 1.0 } else { 0.0 })
+            .collect();
+        let uncertain = in_u.iter().filter(|&&m| m == 1.0).count();
+        let mask = Tensor::from_slice(&in_u, c, logits.device())?.to_dtype(logits.dtype())?;
+        // ln q_c = −ℓ_c on U, 0 elsewhere; w = ln q / (Σ ln q + ε); L = Σ w ℓ.
+        let ln_q = nll.neg()?.mul(&mask)?;
+        let denom = (ln_q.sum_all()? + sar_math::anchor_ce::EPSILON)?;
+        let mut w = ln_q.broadcast_div(&denom)?;
+        if mode == WeightMode::Detached {
+            w = w.detach();
+        }
+        let loss = w.mul(&nll)?.sum_all()?;
+        let w_host = self.to_host(&w)?;
+        Ok(AnchorCeOutput {
+            loss,
+            confidence: p_host,
+            nll: nll_host,
+            weights: w_host,
+            uncertain,
+        })
+    }
+
+    fn ema_update(
+        &self,
+        semantic: &mut Tensor,
+        embedded: &Tensor,
+        alpha: f64,
+        rows: &[bool],
+        initialized: &mut [bool],
+    ) -> Result<usize> {
+        let (c, d) = semantic.dims2()?;
+        if embedded.dims() != [c, d] || rows.len() != c || initialized.len() != c {
+            return shape_err(format!(
+                "ema: semantic {:?}, embedded {:?}, rows {}, initialized {} disagree",
+                semantic.dims(),
+                embedded.dims(),
+                rows.len(),
+                initialized.len()
+            ));
+        }
+        sar_math::config::SarConfig {
+            alpha,
+            ..Default::default()
+        }
+        .validate()?;
+        if self.to_host(embedded)?.iter().any(|v| !v.is_finite()) {
+            return Err(SarError::NonFinite {
+                op: sar_math::Op::Ema,
+                what: "embedded anchors",
+            }
+            .into());
+        }
+        // Per row: keep (a=1, b=0), initialise (a=0, b=1) or average (a=α, b=1−α), with 1−α
+        // rounded in the dtype as sar-math does, so both agree to the bit.
+        let alpha_d = self.in_dtype(alpha);
+        let beta_d = if self.dtype == DType::F32 {
+            (1.0f32 - alpha as f32) as f64
+        } else {
+            1.0 - alpha
+        };
+        let (mut a, mut b) = (vec![1.0; c], vec![0.0; c]);
+        let mut updated = 0;
+        for r in 0..c {
+            if rows[r] {
+                (a[r], b[r]) = if initialized[r] {
+                    (alpha_d, beta_d)
+                } else {
+                    (0.0, 1.0)
+                };
+                initialized[r] = true;
+                updated += 1;
+            }
+        }
+        let col = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (c, 1), semantic.device())?.to_dtype(semantic.dtype())?)
+        };
+        let e = embedded.detach().to_dtype(semantic.dtype())?;
+        *semantic = semantic
+            .broadcast_mul(&col(a)?)?
+            .add(&e.broadcast_mul(&col(b)?)?)?
+            .detach();
+        Ok(updated)
+    }
+
+    fn resample_labels(&self, labels: &Tensor, out_hw: (usize, usize)) -> Result<Tensor> {
+        self.resample(labels, out_hw)
+    }
+
+    fn p2a(
+        &self,
+        features: &Tensor,
+        labels: &Tensor,
+        anchors: &Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<Tensor>> {
+        self.check_p2a_shapes(features, labels, anchors)?;
+        let (classes, _) = anchors.dims2()?;
+        if let Some(a) = class_active {
+            if a.len() != classes {
+                return shape_err(format!(
+                    "p2a: class_active has {} entries for {classes} classes",
+                    a.len()
+                ));
+            }
+        }
+        if self.fused() {
+            let out = fused::p2a_fused(
+                features,
+                labels,
+                anchors,
+                ignore_index,
+                class_active,
+                weight,
+            )?;
+            return Ok(out);
+        }
+        self.validate_labels(labels, classes, ignore_index)?;
+        let (loss, value, valid) = self.p2a_composite(
+            features,
+            labels,
+            anchors,
+            ignore_index,
+            class_active,
+            weight,
+        )?;
+        Ok(P2aOutput { loss, value, valid })
+    }
+}

@@ -18,6 +18,7 @@ use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
 use sar_math::p2a::{p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::{Label, Real, SarError, WeightMode};
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 
 /// Errors of the ndarray adapter.
 #[derive(Debug, thiserror::Error)]
@@ -35,18 +36,46 @@ pub enum NdError {
 pub struct NdLoss<F> {
     /// The loss.
     pub value: f64,
-    /// dLoss/dinput, the input's shape.
-    pub grad: ArrayD<F>,
+    /// dLoss/dinput, the input's shape. Shared with the backend so that the next p2a can
+    /// write into the same memory once this loss is dropped (see [`NdarrayBackend`]).
+    pub grad: Arc<ArrayD<F>>,
 }
 
 /// The ndarray backend for element type `F`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NdarrayBackend<F>(PhantomData<F>);
+///
+/// It keeps the last feature-gradient buffer it handed out: when the caller has dropped that
+/// loss, the next p2a of the same shape writes into the same memory instead of allocating
+/// (hundreds of MB at segmentation scale, where a fresh allocation costs a page fault and a
+/// kernel zero-fill per 4 KiB, more than the kernel itself). Clones of the backend share it.
+#[derive(Debug, Clone, Default)]
+pub struct NdarrayBackend<F> {
+    grad_buffer: Arc<Mutex<Option<Arc<ArrayD<F>>>>>,
+    _real: PhantomData<F>,
+}
 
-impl<F> NdarrayBackend<F> {
-    /// A backend (it holds no state).
+impl<F: Real + Default> NdarrayBackend<F> {
+    /// A backend with an empty buffer cache.
     pub fn new() -> Self {
-        NdarrayBackend(PhantomData)
+        NdarrayBackend {
+            grad_buffer: Arc::new(Mutex::new(None)),
+            _real: PhantomData,
+        }
+    }
+
+    /// A gradient buffer of `shape`: the cached one if nobody else holds it, else a new one.
+    /// Its contents are arbitrary; the fused kernel overwrites every element.
+    fn grad_buffer(&self, shape: &[usize]) -> Arc<ArrayD<F>> {
+        let mut cache = self.grad_buffer.lock().expect("buffer lock");
+        if let Some(buf) = cache.take() {
+            if Arc::strong_count(&buf) == 1 && buf.shape() == shape {
+                return buf;
+            }
+        }
+        Arc::new(ArrayD::zeros(IxDyn(shape)))
+    }
+
+    fn keep(&self, buf: &Arc<ArrayD<F>>) {
+        *self.grad_buffer.lock().expect("buffer lock") = Some(buf.clone());
     }
 }
 
@@ -189,7 +218,7 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
         Ok(AnchorCeOutput {
             loss: NdLoss {
                 value: v.loss.as_f64(),
-                grad: ArrayD::from_shape_vec(IxDyn(&[c, c]), g).expect("C×C"),
+                grad: Arc::new(ArrayD::from_shape_vec(IxDyn(&[c, c]), g).expect("C×C")),
             },
             confidence: host(&p),
             nll: host(&l),
@@ -277,10 +306,15 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                         labels.shape()
                     ))
                 })?;
-                let mut grad = ndarray::Array4::<F>::zeros(f4.dim());
-                let (loss, valid) =
-                    p2a_nchw_parallel(f4, l3, &targets, Some(grad.view_mut()), weight)?;
-                (loss.as_f64(), valid, grad.into_dyn())
+                let mut grad = self.grad_buffer(features.shape());
+                let view = Arc::get_mut(&mut grad)
+                    .expect("unshared buffer")
+                    .view_mut()
+                    .into_dimensionality()
+                    .expect("4-D");
+                let (loss, valid) = p2a_nchw_parallel(f4, l3, &targets, Some(view), weight)?;
+                self.keep(&grad);
+                (loss.as_f64(), valid, grad)
             }
             2 => {
                 if labels.ndim() != 1 {
@@ -300,7 +334,8 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                 )?;
                 let w = F::from_f64(weight);
                 grad.iter_mut().for_each(|g| *g = w * *g);
-                let grad = ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape");
+                let grad =
+                    Arc::new(ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"));
                 (v.loss.as_f64(), v.valid, grad)
             }
             n => {

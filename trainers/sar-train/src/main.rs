@@ -3,6 +3,21 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// Training allocates and frees feature-sized tensors (hundreds of MB) every step. glibc serves
+/// each with a fresh mmap, so every step pays a page fault and a kernel zero-fill per 4 KiB,
+/// which at segmentation scale costs more than the SAR kernels themselves; jemalloc keeps freed
+/// pages mapped for reuse (PyTorch's caching allocator avoids the same cost).
+/// Freed pages are never purged: a training process reuses its peak footprint every step, and
+/// a purged page costs a fault and a zero-fill on its next use (`_RJEM_MALLOC_CONF` overrides).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(feature = "jemalloc")]
+#[export_name = "_rjem_malloc_conf"]
+#[used]
+static JEMALLOC_CONF: &[u8; 36] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+
 /// Semantic Anchor Regularization (SAR): reference verifier, training and evaluation.
 #[derive(Parser)]
 #[command(name = "sar", version, about, long_about = None)]
@@ -30,6 +45,19 @@ enum Command {
         /// Print nothing on success.
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Time one SAR step (forward + backward) per backend beside a memory copy, at
+    /// Cityscapes/HRNet scale (seg) and CIFAR scale (cls).
+    Bench {
+        /// Which workloads: seg, cls, or all.
+        #[arg(long, default_value = "all")]
+        workload: String,
+        /// Timed repetitions per variant (median reported).
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Write the example reference case (the one in examples/reference/) to a file.
     ReferenceExample {
@@ -71,6 +99,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("L_p2a  = {:.10}  (|Omega| = {})", r.loss_p2a, r.valid);
                 println!("L_SAR  = {:.10}", r.loss_sar);
                 println!("wrote {}", output.display());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            workload,
+            reps,
+            json,
+        } => {
+            use sar_train::bench::{run_workload, table, Workload};
+            let workloads = match workload.as_str() {
+                "seg" => vec![Workload::seg()],
+                "cls" => vec![Workload::cls()],
+                "all" => vec![Workload::seg(), Workload::cls()],
+                other => anyhow::bail!("unknown workload `{other}` (seg, cls or all)"),
+            };
+            let mut rows = Vec::new();
+            for w in &workloads {
+                rows.extend(run_workload(w, reps.max(1))?);
+            }
+            print!("{}", table(&rows));
+            if let Some(path) = json {
+                let bytes = serde_json::to_vec_pretty(&rows)?;
+                sar_train::tensorio::write_atomic(&path, &bytes)?;
             }
             Ok(())
         }

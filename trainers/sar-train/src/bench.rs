@@ -1,0 +1,260 @@
+//! `sar bench`: one SAR step, forward and backward, per backend, beside a memory copy of the
+//! feature bytes measured in the same run.
+//!
+//! Workloads (the shapes of the PyTorch peer in the repository's shared bench notes):
+//! - **seg**: Cityscapes/HRNet scale, f32 features `[2, 720, 128, 256]`, labels `[2, 512, 1024]`
+//!   (random classes, the top 40 rows ignored), C = 19;
+//! - **cls**: CIFAR scale, f32 features `[128, 64]`, labels `[128]`, C = 100.
+//!
+//! A step is L_aux (with dL/dZ), the gate, the EMA, and λ2·L_p2a with dL/dF materialised:
+//! ndarray and the candle fused op get the gradient from the fused kernel, candle's composite
+//! path from autograd. Anchor logits are N(0,1) plus 12·I, so that the gate passes and p2a runs
+//! on every step (the peer adds 8·I and applies p2a whether or not its gate passes). The floor is reading the features and writing their gradient once,
+//! which is what the copy moves.
+
+use candle_core::{DType, Device, Tensor, Var};
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+use sar_candle::{CandleBackend, Kernels};
+use sar_math::anchors::AnchorRng;
+use sar_math::backend::{BackendSarState, SarBackend};
+use sar_math::SarConfig;
+use sar_ndarray::NdarrayBackend;
+use std::time::Instant;
+
+/// One workload's host data.
+pub struct Workload {
+    /// Name (`seg` or `cls`).
+    pub name: &'static str,
+    /// Feature shape.
+    pub feature_shape: Vec<usize>,
+    /// Label shape.
+    pub label_shape: Vec<usize>,
+    /// C.
+    pub classes: usize,
+    /// Features (f32 values held as f64 for the backends' host constructors).
+    pub features: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<i64>,
+    /// Z, `[C, C]`.
+    pub logits: Vec<f64>,
+    /// E, `[C, D]`.
+    pub embedded: Vec<f64>,
+}
+
+impl Workload {
+    /// The Cityscapes/HRNet-scale segmentation step.
+    pub fn seg() -> Self {
+        Self::build("seg", vec![2, 720, 128, 256], vec![2, 512, 1024], 19, 40)
+    }
+    /// The CIFAR-scale classification step.
+    pub fn cls() -> Self {
+        Self::build("cls", vec![128, 64], vec![128], 100, 0)
+    }
+    fn build(
+        name: &'static str,
+        feature_shape: Vec<usize>,
+        label_shape: Vec<usize>,
+        classes: usize,
+        ignored_rows: usize,
+    ) -> Self {
+        let mut rng = AnchorRng::new(7);
+        let d = feature_shape[1];
+        let n: usize = feature_shape.iter().product();
+        let features = (0..n).map(|_| rng.next_f64() as f32).collect();
+        let width = *label_shape.last().unwrap();
+        let rows_per_image = if label_shape.len() == 3 {
+            label_shape[1]
+        } else {
+            1
+        };
+        let labels = (0..label_shape.iter().product::<usize>())
+            .map(|i| {
+                if (i / width) % rows_per_image < ignored_rows {
+                    255
+                } else {
+                    (rng.next_u64() % classes as u64) as i64
+                }
+            })
+            .collect();
+        let mut logits: Vec<f64> = (0..classes * classes).map(|_| rng.next_normal()).collect();
+        for c in 0..classes {
+            logits[c * classes + c] += 12.0;
+        }
+        let embedded = (0..classes * d).map(|_| rng.next_f64()).collect();
+        Workload {
+            name,
+            feature_shape,
+            label_shape,
+            classes,
+            features,
+            labels,
+            logits,
+            embedded,
+        }
+    }
+    /// Bytes read and written by the floor (features in, gradient out).
+    pub fn floor_bytes(&self) -> usize {
+        2 * self.features.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Median seconds of `reps` runs of `f` after `warmup` runs.
+pub fn median_secs(
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// One measured line of the table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    /// Workload name.
+    pub workload: String,
+    /// What ran.
+    pub variant: String,
+    /// Median seconds.
+    pub seconds: f64,
+    /// Floor bytes / seconds, in GB/s.
+    pub gb_per_s: f64,
+}
+
+fn row(w: &Workload, variant: &str, seconds: f64) -> BenchRow {
+    BenchRow {
+        workload: w.name.into(),
+        variant: variant.into(),
+        seconds,
+        gb_per_s: w.floor_bytes() as f64 / seconds / 1e9,
+    }
+}
+
+/// SAR config of the benchmark: defaults, α as the paper, state initialised on the first step.
+fn config() -> SarConfig {
+    SarConfig::default()
+}
+
+fn ndarray_step(w: &Workload, reps: usize) -> anyhow::Result<f64> {
+    let b = NdarrayBackend::<f32>::new();
+    let features = ArrayD::from_shape_vec(IxDyn(&w.feature_shape), w.features.clone())?;
+    let labels = b.labels(&w.label_shape, &w.labels)?;
+    let z = b.tensor(&[w.classes, w.classes], &w.logits)?;
+    let d = w.feature_shape[1];
+    let e = b.tensor(&[w.classes, d], &w.embedded)?;
+    let mut state =
+        BackendSarState::new(config(), w.classes, ArrayD::zeros(IxDyn(&[w.classes, d])))?;
+    median_secs(2, reps, || {
+        let s = state.step(&b, &z, &e, &features, &labels)?;
+        anyhow::ensure!(
+            s.p2a.is_some(),
+            "the gate did not pass: no p2a was measured"
+        );
+        Ok(())
+    })
+}
+
+fn candle_step(w: &Workload, kernels: Kernels, reps: usize) -> anyhow::Result<f64> {
+    let b = CandleBackend::new(Device::Cpu, DType::F32)?.with_kernels(kernels);
+    let features = Var::from_tensor(&Tensor::from_slice(
+        &w.features,
+        w.feature_shape.as_slice(),
+        &Device::Cpu,
+    )?)?;
+    let features = features.as_tensor().clone();
+    let labels = b.labels(&w.label_shape, &w.labels)?;
+    let z = b.tensor(&[w.classes, w.classes], &w.logits)?;
+    let d = w.feature_shape[1];
+    let e = b.tensor(&[w.classes, d], &w.embedded)?;
+    let mut state = BackendSarState::new(
+        config(),
+        w.classes,
+        Tensor::zeros((w.classes, d), DType::F32, &Device::Cpu)?,
+    )?;
+    let lambda1 = state.config.lambda_aux;
+    median_secs(2, reps, || {
+        let s = state.step(&b, &z, &e, &features, &labels)?;
+        let p2a = s
+            .p2a
+            .ok_or_else(|| anyhow::anyhow!("the gate did not pass: no p2a was measured"))?;
+        let total = ((s.aux.loss * lambda1)? + p2a.loss)?;
+        let grads = total.backward()?;
+        anyhow::ensure!(grads.get(&features).is_some(), "no feature gradient");
+        Ok(())
+    })
+}
+
+/// Runs every variant on `w` and returns the rows.
+pub fn run_workload(w: &Workload, reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let src = &w.features;
+    let mut dst = vec![0f32; src.len()];
+    let threads = rayon::current_num_threads();
+    let chunk = src.len().div_ceil(threads).max(1);
+    let copy1 = median_secs(2, reps, || {
+        dst.copy_from_slice(std::hint::black_box(src));
+        Ok(())
+    })?;
+    let copy_all = median_secs(2, reps, || {
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })?;
+    Ok(vec![
+        row(w, "memcpy, 1 thread", copy1),
+        row(w, &format!("memcpy, {threads} threads"), copy_all),
+        row(w, "ndarray (fused kernel)", ndarray_step(w, reps)?),
+        row(
+            w,
+            "candle CPU, fused op",
+            candle_step(w, Kernels::Auto, reps)?,
+        ),
+        row(
+            w,
+            "candle CPU, composite ops",
+            candle_step(w, Kernels::Composite, reps)?,
+        ),
+    ])
+}
+
+/// Formats rows as a table with ratios to the all-thread copy (the floor) and to the fused
+/// ndarray step.
+pub fn table(rows: &[BenchRow]) -> String {
+    let mut out = format!(
+        "{:<5} {:<28} {:>11} {:>9} {:>9} {:>9}\n",
+        "work", "variant", "median ms", "GB/s", "x floor", "x fused"
+    );
+    for r in rows {
+        let floor = rows.iter().find(|x| {
+            x.workload == r.workload
+                && x.variant.starts_with("memcpy")
+                && !x.variant.contains("1 thread")
+        });
+        let fused = rows
+            .iter()
+            .find(|x| x.workload == r.workload && x.variant.starts_with("ndarray"));
+        let ratio = |o: Option<&BenchRow>| {
+            o.map_or("-".to_string(), |o| format!("{:.2}", r.seconds / o.seconds))
+        };
+        out += &format!(
+            "{:<5} {:<28} {:>11.3} {:>9.2} {:>9} {:>9}\n",
+            r.workload,
+            r.variant,
+            r.seconds * 1e3,
+            r.gb_per_s,
+            ratio(floor),
+            ratio(fused)
+        );
+    }
+    out
+}

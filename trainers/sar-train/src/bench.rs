@@ -145,7 +145,11 @@ fn config() -> SarConfig {
     SarConfig::default()
 }
 
-fn ndarray_step(w: &Workload, reps: usize) -> anyhow::Result<f64> {
+/// A prepared step: call it to run one SAR step (forward and backward).
+pub type Runner = Box<dyn FnMut() -> anyhow::Result<()>>;
+
+/// The ndarray step on `w` (fused kernel, analytic gradients).
+pub fn ndarray_runner(w: &Workload) -> anyhow::Result<Runner> {
     let b = NdarrayBackend::<f32>::new();
     let features = ArrayD::from_shape_vec(IxDyn(&w.feature_shape), w.features.clone())?;
     let labels = b.labels(&w.label_shape, &w.labels)?;
@@ -154,17 +158,18 @@ fn ndarray_step(w: &Workload, reps: usize) -> anyhow::Result<f64> {
     let e = b.tensor(&[w.classes, d], &w.embedded)?;
     let mut state =
         BackendSarState::new(config(), w.classes, ArrayD::zeros(IxDyn(&[w.classes, d])))?;
-    median_secs(2, reps, || {
+    Ok(Box::new(move || {
         let s = state.step(&b, &z, &e, &features, &labels)?;
         anyhow::ensure!(
             s.p2a.is_some(),
             "the gate did not pass: no p2a was measured"
         );
         Ok(())
-    })
+    }))
 }
 
-fn candle_step(w: &Workload, kernels: Kernels, reps: usize) -> anyhow::Result<f64> {
+/// The candle CPU step on `w` with `kernels`, gradients from candle's backward.
+pub fn candle_runner(w: &Workload, kernels: Kernels) -> anyhow::Result<Runner> {
     let b = CandleBackend::new(Device::Cpu, DType::F32)?.with_kernels(kernels);
     let features = Var::from_tensor(&Tensor::from_slice(
         &w.features,
@@ -182,7 +187,7 @@ fn candle_step(w: &Workload, kernels: Kernels, reps: usize) -> anyhow::Result<f6
         Tensor::zeros((w.classes, d), DType::F32, &Device::Cpu)?,
     )?;
     let lambda1 = state.config.lambda_aux;
-    median_secs(2, reps, || {
+    Ok(Box::new(move || {
         let s = state.step(&b, &z, &e, &features, &labels)?;
         let p2a = s
             .p2a
@@ -191,7 +196,7 @@ fn candle_step(w: &Workload, kernels: Kernels, reps: usize) -> anyhow::Result<f6
         let grads = total.backward()?;
         anyhow::ensure!(grads.get(&features).is_some(), "no feature gradient");
         Ok(())
-    })
+    }))
 }
 
 /// Runs every variant on `w` and returns the rows.
@@ -213,16 +218,20 @@ pub fn run_workload(w: &Workload, reps: usize) -> anyhow::Result<Vec<BenchRow>> 
     Ok(vec![
         row(w, "memcpy, 1 thread", copy1),
         row(w, &format!("memcpy, {threads} threads"), copy_all),
-        row(w, "ndarray (fused kernel)", ndarray_step(w, reps)?),
+        row(
+            w,
+            "ndarray (fused kernel)",
+            median_secs(2, reps, ndarray_runner(w)?)?,
+        ),
         row(
             w,
             "candle CPU, fused op",
-            candle_step(w, Kernels::Auto, reps)?,
+            median_secs(2, reps, candle_runner(w, Kernels::Auto)?)?,
         ),
         row(
             w,
             "candle CPU, composite ops",
-            candle_step(w, Kernels::Composite, reps)?,
+            median_secs(2, reps, candle_runner(w, Kernels::Composite)?)?,
         ),
     ])
 }

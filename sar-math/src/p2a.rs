@@ -157,6 +157,10 @@ pub fn p2a_valid_count_nchw<F: Real, L: Label>(
     for (i, &l) in labels.iter().enumerate() {
         targets.class_of(l.to_i64(), i)?;
     }
+    if geometry.height * geometry.width == 0 {
+        // No pixels; the label map may be empty too (found by fuzzing: H > 0, W = 0, H' = 0).
+        return Ok(0);
+    }
     let (lh, lw) = (geometry.label_height, geometry.label_width);
     let mut valid = 0usize;
     for b in 0..geometry.batch {
@@ -870,6 +874,17 @@ mod tests {
         // NaN inside Ω is an error, not a silent NaN loss.
         let e = p2a_nchw(&[f64::NAN; 4], &[0u8, 255], &g, &targets, Some(&mut grad)).unwrap_err();
         assert!(matches!(e, SarError::NonFinite { .. }));
+    }
+
+    /// Fuzzing regression: a feature map with no pixels (W = 0) and an empty label map.
+    #[test]
+    fn empty_feature_map_with_empty_labels() {
+        let g = FeatureGeometry { batch: 1, channels: 1, height: 2, width: 0, label_height: 0, label_width: 3 };
+        let targets = P2aTargets { anchors: &[0.0f64], classes: 1, ignore_index: 255, class_active: None };
+        let v = p2a_nchw::<f64, i64>(&[], &[], &g, &targets, Some(&mut [])).unwrap();
+        assert_eq!(v, P2aValue { loss: 0.0, valid: 0 });
+        let g = FeatureGeometry { height: 0, width: 4, label_height: 3, label_width: 0, ..g };
+        assert_eq!(p2a_nchw::<f64, i64>(&[], &[], &g, &targets, None).unwrap().valid, 0);
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub fn resample_labels_nearest<L: Copy>(
         out.len(),
         mul_dims(op, &[batch, out_h, out_w])?,
     )?;
+    if out.is_empty() {
+        // Nothing to write; the input rows may not exist (found by fuzzing: out W = 0, in H = 0).
+        return Ok(());
+    }
     for b in 0..batch {
         let src = &labels[b * in_h * in_w..(b + 1) * in_h * in_w];
         let dst = &mut out[b * out_h * out_w..(b + 1) * out_h * out_w];
@@ -111,6 +115,15 @@ mod tests {
         let mut out = [0u8; 4];
         resample_labels_nearest(&labels, 1, (4, 4), (2, 2), &mut out).unwrap();
         assert_eq!(out, [0, 2, 8, 10]);
+    }
+
+    /// Fuzzing regression: an empty output from an empty input must not index the input.
+    #[test]
+    fn empty_output_from_empty_input() {
+        let mut out: [u8; 0] = [];
+        resample_labels_nearest::<u8>(&[], 1, (0, 3), (2, 0), &mut out).unwrap();
+        resample_labels_nearest::<u8>(&[], 2, (3, 0), (0, 5), &mut out).unwrap();
+        assert!(resample_labels_nearest::<u8>(&[], 1, (0, 3), (2, 2), &mut [0u8; 4]).is_err());
     }
 
     #[test]

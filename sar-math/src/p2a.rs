@@ -879,12 +879,41 @@ mod tests {
     /// Fuzzing regression: a feature map with no pixels (W = 0) and an empty label map.
     #[test]
     fn empty_feature_map_with_empty_labels() {
-        let g = FeatureGeometry { batch: 1, channels: 1, height: 2, width: 0, label_height: 0, label_width: 3 };
-        let targets = P2aTargets { anchors: &[0.0f64], classes: 1, ignore_index: 255, class_active: None };
+        let g = FeatureGeometry {
+            batch: 1,
+            channels: 1,
+            height: 2,
+            width: 0,
+            label_height: 0,
+            label_width: 3,
+        };
+        let targets = P2aTargets {
+            anchors: &[0.0f64],
+            classes: 1,
+            ignore_index: 255,
+            class_active: None,
+        };
         let v = p2a_nchw::<f64, i64>(&[], &[], &g, &targets, Some(&mut [])).unwrap();
-        assert_eq!(v, P2aValue { loss: 0.0, valid: 0 });
-        let g = FeatureGeometry { height: 0, width: 4, label_height: 3, label_width: 0, ..g };
-        assert_eq!(p2a_nchw::<f64, i64>(&[], &[], &g, &targets, None).unwrap().valid, 0);
+        assert_eq!(
+            v,
+            P2aValue {
+                loss: 0.0,
+                valid: 0
+            }
+        );
+        let g = FeatureGeometry {
+            height: 0,
+            width: 4,
+            label_height: 3,
+            label_width: 0,
+            ..g
+        };
+        assert_eq!(
+            p2a_nchw::<f64, i64>(&[], &[], &g, &targets, None)
+                .unwrap()
+                .valid,
+            0
+        );
     }
 
     #[test]

@@ -459,7 +459,7 @@ pub fn p2a_nchw_block<F: Real, L: Label>(
     if hw == 0 {
         return Ok(0.0);
     }
-    if features.len() % hw != 0 {
+    if !features.len().is_multiple_of(hw) {
         return Err(SarError::Shape {
             op,
             what: "feature block is not a whole number of H×W planes",
@@ -619,7 +619,7 @@ pub fn p2a_rows<F: Real, L: Label>(
         });
     }
     targets.validate(dim)?;
-    if features.len() % dim != 0 {
+    if !features.len().is_multiple_of(dim) {
         return Err(SarError::Shape {
             op,
             what: "features length is not a multiple of D",

@@ -3,7 +3,11 @@
 //! - [`reference`](mod@reference): `sar reference`, one SAR step in f64 from a safetensors case, for checking
 //!   other SAR implementations against `sar-math`;
 //! - [`tensorio`]: named-tensor I/O over safetensors with atomic writes;
-//! - [`bench`](mod@bench): `sar bench`, SAR step timings per backend beside a memory copy.
+//! - [`bench`](mod@bench): `sar bench`, SAR step timings per backend beside a memory copy;
+//! - [`demo`]: `sar demo`, baseline against SAR on long-tailed digits over several seeds;
+//! - [`optim`]: SGD (momentum, Nesterov, weight decay) and learning-rate schedules.
 pub mod bench;
+pub mod demo;
+pub mod optim;
 pub mod reference;
 pub mod tensorio;

@@ -174,6 +174,38 @@ pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
     Ok(())
 }
 
+/// Every anchor confident (Z = 50·I): L_aux is exactly 0 with an exactly zero gradient, and the
+/// gate passes; on every backend.
+pub fn check_all_confident<B: SarBackend>(b: &B, _tol: Tol) -> Check {
+    for c in [1, 4, 19] {
+        let mut z = vec![0.0; c * c];
+        for i in 0..c {
+            z[i * c + i] = 50.0;
+        }
+        let zt = b.tensor(&[c, c], &z).map_err(e("tensor"))?;
+        let out = b
+            .anchor_ce(&zt, 0.9, WeightMode::Attached)
+            .map_err(e("anchor_ce"))?;
+        let loss = b.loss_value(&out.loss).map_err(e("value"))?;
+        let grad = b.loss_gradient(&out.loss, &zt).map_err(e("gradient"))?;
+        if loss != 0.0 || grad.iter().any(|&g| g != 0.0) || out.uncertain != 0 {
+            return Err(format!(
+                "C={c}: L_aux {loss}, |U| {}, max |grad| {:e}",
+                out.uncertain,
+                grad.iter().fold(0.0f64, |m, g| m.max(g.abs()))
+            ));
+        }
+        let mut pass = vec![false; c];
+        if !b
+            .gate(&zt, &out.nll, 0.8, GateMode::Global, &mut pass)
+            .map_err(e("gate"))?
+        {
+            return Err(format!("C={c}: the gate failed for confident anchors"));
+        }
+    }
+    Ok(())
+}
+
 /// The δ gate, global and per class, including rows with a wrong argmax.
 pub fn check_gate<B: SarBackend>(b: &B, tol: Tol) -> Check {
     let mut rng = AnchorRng::new(12);
@@ -618,6 +650,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@one $make, $tol, anchor_ce, check_anchor_ce);
+            $crate::conformance_tests!(@one $make, $tol, all_confident, check_all_confident);
             $crate::conformance_tests!(@one $make, $tol, gate, check_gate);
             $crate::conformance_tests!(@one $make, $tol, ema, check_ema);
             $crate::conformance_tests!(@one $make, $tol, p2a_nchw, check_p2a_nchw);

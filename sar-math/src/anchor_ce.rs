@@ -198,6 +198,60 @@ pub fn anchor_ce<F: Real>(
     })
 }
 
+/// [`anchor_ce`]'s outputs in vectors of their own (feature `alloc`).
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnchorCeOwned<F> {
+    /// L_aux, |U| and S.
+    pub value: AnchorCeValue<F>,
+    /// p_c, `[C]`.
+    pub confidence: alloc::vec::Vec<F>,
+    /// ℓ_c, `[C]`.
+    pub nll: alloc::vec::Vec<F>,
+    /// w_c, `[C]`.
+    pub weights: alloc::vec::Vec<F>,
+    /// dL_aux/dZ, `[C, C]`.
+    pub grad_logits: alloc::vec::Vec<F>,
+}
+
+/// [`anchor_ce`] with the gradient, allocating its outputs (after the logits are validated, so
+/// a wrong C cannot make it allocate).
+#[cfg(feature = "alloc")]
+pub fn anchor_ce_owned<F: Real>(
+    logits: &[F],
+    classes: usize,
+    tau: f64,
+    mode: WeightMode,
+) -> Result<AnchorCeOwned<F>> {
+    check_logits(Op::AnchorCe, logits, classes)?;
+    let zeros = |n: usize| alloc::vec![F::zero(); n];
+    let (mut confidence, mut nll, mut weights, mut grad_logits) = (
+        zeros(classes),
+        zeros(classes),
+        zeros(classes),
+        zeros(logits.len()),
+    );
+    let value = anchor_ce(
+        logits,
+        classes,
+        tau,
+        mode,
+        AnchorCeBuffers {
+            confidence: &mut confidence,
+            nll: &mut nll,
+            weights: &mut weights,
+            grad_logits: Some(&mut grad_logits),
+        },
+    )?;
+    Ok(AnchorCeOwned {
+        value,
+        confidence,
+        nll,
+        weights,
+        grad_logits,
+    })
+}
+
 /// The δ gate: writes the per-anchor test into `pass` and returns the decision of `mode`
 /// (global: every anchor passes; per-class: at least one anchor passes).
 ///

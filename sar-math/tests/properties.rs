@@ -2,7 +2,7 @@
 //! and f32 against f64.
 use approx::assert_relative_eq;
 use proptest::prelude::*;
-use sar_math::anchor_ce::{anchor_ce, AnchorCeBuffers, EPSILON};
+use sar_math::anchor_ce::{anchor_ce_owned, EPSILON};
 use sar_math::ema::ema_update;
 use sar_math::p2a::{p2a_nchw, p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::prototype::car_intra_class;
@@ -12,21 +12,8 @@ const IGNORE: i64 = 255;
 
 /// Runs anchor_ce in f64 and returns (loss, grad, confidence, weights).
 fn ce64(z: &[f64], c: usize, tau: f64, mode: WeightMode) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut p, mut l, mut w, mut g) = (vec![0.0; c], vec![0.0; c], vec![0.0; c], vec![0.0; c * c]);
-    let v = anchor_ce(
-        z,
-        c,
-        tau,
-        mode,
-        AnchorCeBuffers {
-            confidence: &mut p,
-            nll: &mut l,
-            weights: &mut w,
-            grad_logits: Some(&mut g),
-        },
-    )
-    .unwrap();
-    (v.loss, g, p, w)
+    let o = anchor_ce_owned(z, c, tau, mode).unwrap();
+    (o.value.loss, o.grad_logits, o.confidence, o.weights)
 }
 
 /// Square logit matrices, C in 1..=6, values in ±6 (plus a diagonal boost so some anchors are
@@ -322,8 +309,8 @@ proptest! {
         let tau = 0.9;
         let (l64, g64, _, _) = ce64(&z, c, tau, WeightMode::Attached);
         let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
-        let (mut pp, mut ll, mut ww, mut gg) = (vec![0f32; c], vec![0f32; c], vec![0f32; c], vec![0f32; c * c]);
-        let v32 = anchor_ce(&z32, c, tau, WeightMode::Attached, AnchorCeBuffers { confidence: &mut pp, nll: &mut ll, weights: &mut ww, grad_logits: Some(&mut gg) }).unwrap();
+        let o32 = anchor_ce_owned(&z32, c, tau, WeightMode::Attached).unwrap();
+        let (v32, gg) = (o32.value, o32.grad_logits);
         // Anchors within f32 rounding of τ may switch sides; skip those.
         let z32_as_64: Vec<f64> = z32.iter().map(|&v| v as f64).collect();
         let (_, _, p64, _) = ce64(&z32_as_64, c, tau, WeightMode::Attached);

@@ -13,7 +13,7 @@
 //! and anchor logits row-major `[C, D]` and `[C, C]`.
 
 use ndarray::{ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, IxDyn};
-use sar_math::anchor_ce::{anchor_ce, AnchorCeBuffers};
+use sar_math::anchor_ce::anchor_ce_owned;
 use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
 use sar_math::p2a::{p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::{Label, Real, SarError, WeightMode};
@@ -199,31 +199,19 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                 )))
             }
         };
-        let z = contiguous(logits);
-        let (mut p, mut l, mut w) = (vec![F::zero(); c], vec![F::zero(); c], vec![F::zero(); c]);
-        let mut g = vec![F::zero(); c * c];
-        let v = anchor_ce(
-            &z,
-            c,
-            tau,
-            mode,
-            AnchorCeBuffers {
-                confidence: &mut p,
-                nll: &mut l,
-                weights: &mut w,
-                grad_logits: Some(&mut g),
-            },
-        )?;
+        let out = anchor_ce_owned(&contiguous(logits), c, tau, mode)?;
         let host = |x: &[F]| x.iter().map(|v| v.as_f64()).collect::<Vec<f64>>();
         Ok(AnchorCeOutput {
             loss: NdLoss {
-                value: v.loss.as_f64(),
-                grad: Arc::new(ArrayD::from_shape_vec(IxDyn(&[c, c]), g).expect("C×C")),
+                value: out.value.loss.as_f64(),
+                grad: Arc::new(
+                    ArrayD::from_shape_vec(IxDyn(&[c, c]), out.grad_logits).expect("C×C"),
+                ),
             },
-            confidence: host(&p),
-            nll: host(&l),
-            weights: host(&w),
-            uncertain: v.uncertain,
+            confidence: host(&out.confidence),
+            nll: host(&out.nll),
+            weights: host(&out.weights),
+            uncertain: out.value.uncertain,
         })
     }
 

@@ -11,7 +11,7 @@
 //! Tolerances ([`Tol`]): f64 within 1e-10 relative; f32 within 2e-5 relative for values and
 //! 1e-4 for gradients, with small absolute floors (stated in the constants).
 
-use sar_math::anchor_ce::{anchor_ce, gate, AnchorCeBuffers};
+use sar_math::anchor_ce::{anchor_ce_owned, gate};
 use sar_math::anchors::AnchorRng;
 use sar_math::backend::{BackendSarState, SarBackend};
 use sar_math::p2a::{p2a_nchw, p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
@@ -114,21 +114,14 @@ pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
         for mode in [WeightMode::Attached, WeightMode::Detached] {
             for tau in [0.9, 0.5] {
                 let z = tol.round(&logits(&mut rng, c, scale, boost));
-                let (mut p, mut l, mut w, mut g) =
-                    (vec![0.0; c], vec![0.0; c], vec![0.0; c], vec![0.0; c * c]);
-                let want = anchor_ce(
-                    &z,
-                    c,
-                    tau,
-                    mode,
-                    AnchorCeBuffers {
-                        confidence: &mut p,
-                        nll: &mut l,
-                        weights: &mut w,
-                        grad_logits: Some(&mut g),
-                    },
-                )
-                .map_err(e("reference"))?;
+                let want = anchor_ce_owned(&z, c, tau, mode).map_err(e("reference"))?;
+                let (p, l, w, g) = (
+                    &want.confidence,
+                    &want.nll,
+                    &want.weights,
+                    &want.grad_logits,
+                );
+                let want = want.value;
                 let zt = b.tensor(&[c, c], &z).map_err(e("tensor"))?;
                 let got = b.anchor_ce(&zt, tau, mode).map_err(e("anchor_ce"))?;
                 let ctx = format!("C={c} scale={scale} {mode:?} tau={tau}");
@@ -148,23 +141,17 @@ pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
                 close(
                     &format!("{ctx} confidence"),
                     &got.confidence,
-                    &p,
+                    p,
                     tol.rel,
                     tol.abs,
                 )?;
-                close(&format!("{ctx} nll"), &got.nll, &l, tol.rel, tol.abs)?;
-                close(
-                    &format!("{ctx} weights"),
-                    &got.weights,
-                    &w,
-                    tol.rel,
-                    tol.abs,
-                )?;
+                close(&format!("{ctx} nll"), &got.nll, l, tol.rel, tol.abs)?;
+                close(&format!("{ctx} weights"), &got.weights, w, tol.rel, tol.abs)?;
                 let grad = b.loss_gradient(&got.loss, &zt).map_err(e("gradient"))?;
                 close(
                     &format!("{ctx} dL/dZ"),
                     &grad,
-                    &g,
+                    g,
                     tol.grad_rel,
                     tol.grad_abs,
                 )?;
@@ -212,20 +199,9 @@ pub fn check_gate<B: SarBackend>(b: &B, tol: Tol) -> Check {
     for case in 0..40 {
         let c = 1 + case % 6;
         let z = tol.round(&logits(&mut rng, c, 1.0, 8.0 * (case % 3) as f64));
-        let (mut p, mut l, mut w) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
-        anchor_ce(
-            &z,
-            c,
-            0.9,
-            WeightMode::Attached,
-            AnchorCeBuffers {
-                confidence: &mut p,
-                nll: &mut l,
-                weights: &mut w,
-                grad_logits: None,
-            },
-        )
-        .map_err(e("reference"))?;
+        let l = anchor_ce_owned(&z, c, 0.9, WeightMode::Attached)
+            .map_err(e("reference"))?
+            .nll;
         let zt = b.tensor(&[c, c], &z).map_err(e("tensor"))?;
         let got_ce = b
             .anchor_ce(&zt, 0.9, WeightMode::Attached)

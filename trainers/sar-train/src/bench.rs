@@ -140,11 +140,6 @@ fn row(w: &Workload, variant: &str, seconds: f64) -> BenchRow {
     }
 }
 
-/// SAR config of the benchmark: defaults, α as the paper, state initialised on the first step.
-fn config() -> SarConfig {
-    SarConfig::default()
-}
-
 /// A prepared step: call it to run one SAR step (forward and backward).
 pub type Runner = Box<dyn FnMut() -> anyhow::Result<()>>;
 
@@ -156,8 +151,11 @@ pub fn ndarray_runner(w: &Workload) -> anyhow::Result<Runner> {
     let z = b.tensor(&[w.classes, w.classes], &w.logits)?;
     let d = w.feature_shape[1];
     let e = b.tensor(&[w.classes, d], &w.embedded)?;
-    let mut state =
-        BackendSarState::new(config(), w.classes, ArrayD::zeros(IxDyn(&[w.classes, d])))?;
+    let mut state = BackendSarState::new(
+        SarConfig::default(),
+        w.classes,
+        ArrayD::zeros(IxDyn(&[w.classes, d])),
+    )?;
     Ok(Box::new(move || {
         let s = state.step(&b, &z, &e, &features, &labels)?;
         anyhow::ensure!(
@@ -182,7 +180,7 @@ pub fn candle_runner(w: &Workload, kernels: Kernels) -> anyhow::Result<Runner> {
     let d = w.feature_shape[1];
     let e = b.tensor(&[w.classes, d], &w.embedded)?;
     let mut state = BackendSarState::new(
-        config(),
+        SarConfig::default(),
         w.classes,
         Tensor::zeros((w.classes, d), DType::F32, &Device::Cpu)?,
     )?;

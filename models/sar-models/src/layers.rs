@@ -1,0 +1,200 @@
+//! The layers the models are built from, with their cost.
+//!
+//! Layout NCHW throughout. A [`Conv`] is `candle_nn::Conv2d` plus its geometry (for
+//! [`Conv::cost`]); a [`Bn`] is `candle_nn::BatchNorm` (eps 1e-5, momentum 0.1, PyTorch's
+//! unbiased running variance) whose running statistics are variables in the model's
+//! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
+
+use crate::params::{Init, ParamInit};
+use crate::{Cost, Result};
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
+
+/// How a conv weight is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvInit {
+    /// Kaiming normal, fan_out = out·k² (torchvision's ResNets).
+    KaimingFanOut,
+    /// Kaiming normal, fan_in = in·k² (the CIFAR ResNets of LDAM/MiSLAS).
+    KaimingFanIn,
+}
+
+/// A 2-D convolution without bias.
+pub struct Conv {
+    conv: Conv2d,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    /// `name.weight` of shape `[out, in, k, k]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        init: &mut ParamInit,
+        name: &str,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        how: ConvInit,
+    ) -> Result<Self> {
+        let fan = match how {
+            ConvInit::KaimingFanOut => out_channels * kernel * kernel,
+            ConvInit::KaimingFanIn => in_channels * kernel * kernel,
+        };
+        let w = init.tensor(
+            &format!("{name}.weight"),
+            &[out_channels, in_channels, kernel, kernel],
+            Init::Normal((2.0 / fan as f64).sqrt()),
+        )?;
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            dilation: 1,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        };
+        Ok(Conv {
+            conv: Conv2d::new(w, None, cfg),
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// Output size of an input of `h × w`.
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let o = |x: usize| (x + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1;
+        (o(h), o(w))
+    }
+
+    /// Cost on an `h × w` input, and the output size.
+    pub fn cost(&self, h: usize, w: usize) -> (Cost, usize, usize) {
+        let (oh, ow) = self.out_size(h, w);
+        let k2 = (self.kernel * self.kernel) as u64;
+        let params = self.out_channels as u64 * self.in_channels as u64 * k2;
+        (
+            Cost {
+                params,
+                macs: params * (oh * ow) as u64,
+            },
+            oh,
+            ow,
+        )
+    }
+
+    /// Applies the convolution.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv.forward(x)
+    }
+}
+
+/// BatchNorm over the channel axis.
+pub struct Bn {
+    bn: BatchNorm,
+    channels: usize,
+}
+
+impl Bn {
+    /// `name.{weight,bias,running_mean,running_var}`.
+    pub fn new(init: &mut ParamInit, name: &str, channels: usize) -> Result<Self> {
+        Self::with_weight(init, name, channels, 1.0)
+    }
+
+    /// As [`Bn::new`] with the weight initialised to `gamma` (0 for the last BN of a residual
+    /// branch when zero-init is wanted).
+    pub fn with_weight(
+        init: &mut ParamInit,
+        name: &str,
+        channels: usize,
+        gamma: f64,
+    ) -> Result<Self> {
+        let weight = init.tensor(&format!("{name}.weight"), &[channels], Init::Const(gamma))?;
+        let bias = init.tensor(&format!("{name}.bias"), &[channels], Init::Const(0.0))?;
+        let mean = init.tensor(
+            &format!("{name}.running_mean"),
+            &[channels],
+            Init::Const(0.0),
+        )?;
+        let var = init.tensor(
+            &format!("{name}.running_var"),
+            &[channels],
+            Init::Const(1.0),
+        )?;
+        Ok(Bn {
+            bn: BatchNorm::new(channels, mean, var, weight, bias, 1e-5)?,
+            channels,
+        })
+    }
+
+    /// Parameters (weight and bias).
+    pub fn cost(&self) -> Cost {
+        Cost {
+            params: 2 * self.channels as u64,
+            macs: 0,
+        }
+    }
+
+    /// Normalises with batch statistics (`train`) or running statistics.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.bn.forward_t(x, train)
+    }
+}
+
+/// A fully connected layer with bias.
+pub struct Fc {
+    linear: Linear,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Fc {
+    /// `name.weight` `[out, in]` and `name.bias` `[out]`, PyTorch's default initialisation
+    /// (or Kaiming normal fan_in for the weight when `kaiming`).
+    pub fn new(
+        init: &mut ParamInit,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+        kaiming: bool,
+    ) -> Result<Self> {
+        let bound = 1.0 / (inputs as f64).sqrt();
+        let w_init = if kaiming {
+            Init::Normal((2.0 / inputs as f64).sqrt())
+        } else {
+            Init::Uniform(bound)
+        };
+        let w = init.tensor(&format!("{name}.weight"), &[outputs, inputs], w_init)?;
+        let b = init.tensor(&format!("{name}.bias"), &[outputs], Init::Uniform(bound))?;
+        Ok(Fc {
+            linear: Linear::new(w, Some(b)),
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Parameters and multiply-adds per row.
+    pub fn cost(&self) -> Cost {
+        let w = (self.inputs * self.outputs) as u64;
+        Cost {
+            params: w + self.outputs as u64,
+            macs: w,
+        }
+    }
+
+    /// `x Wᵀ + b`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear.forward(x)
+    }
+}
+
+/// Global average pooling `[N, C, H, W] → [N, C]`.
+pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.mean((2, 3))
+}

@@ -1,0 +1,189 @@
+//! torchvision's ResNet-18 and ResNet-50 (v1.5: the stride of a Bottleneck is on its 3×3
+//! conv), with the same parameter names, so ImageNet-pretrained torchvision weights load
+//! directly ([`crate::pretrained`]).
+//!
+//! Stem [`Stem::Imagenet`]: `conv1` 7×7/2 (pad 3) → `bn1` → ReLU → max-pool 3×3/2 (pad 1);
+//! [`Stem::Cifar`]: `conv1` 3×3/1 (pad 1) → `bn1` → ReLU (the usual CIFAR variant). Then
+//! `layer1..4` with 64/128/256/512 base widths (stride 2 from `layer2` on), global average
+//! pooling to the feature (512-d for ResNet-18, 2048-d for ResNet-50), `fc`.
+//! Projection shortcuts are `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`.
+//! Weights: Kaiming normal fan_out for convs, BN 1/0, `fc` PyTorch's default.
+
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
+use crate::params::ParamInit;
+use crate::{Cost, ImageClassifier, Result, Stem};
+use candle_core::Tensor;
+
+/// Which ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// BasicBlocks [2, 2, 2, 2].
+    R18,
+    /// Bottlenecks [3, 4, 6, 3].
+    R50,
+}
+
+struct Block {
+    convs: Vec<(Conv, Bn)>,
+    downsample: Option<(Conv, Bn)>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut out = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            out = bn.forward(&conv.forward(&out)?, train)?;
+            if i < last {
+                out = out.relu()?;
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (out + shortcut)?.relu()
+    }
+
+    fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
+        let mut total = Cost { params: 0, macs: 0 };
+        let (h0, w0) = (h, w);
+        for (conv, bn) in &self.convs {
+            let (c, oh, ow) = conv.cost(h, w);
+            total = total + c + bn.cost();
+            (h, w) = (oh, ow);
+        }
+        if let Some((conv, bn)) = &self.downsample {
+            total = total + conv.cost(h0, w0).0 + bn.cost();
+        }
+        (total, h, w)
+    }
+}
+
+/// See the module docs.
+pub struct ResNet {
+    stem: Stem,
+    conv1: Conv,
+    bn1: Bn,
+    blocks: Vec<Block>,
+    fc: Fc,
+    feature_dim: usize,
+    classes: usize,
+}
+
+impl ResNet {
+    /// Builds the network under torchvision's names.
+    pub fn new(
+        init: &mut ParamInit,
+        depth: Depth,
+        stem: Stem,
+        in_channels: usize,
+        classes: usize,
+    ) -> Result<Self> {
+        let how = ConvInit::KaimingFanOut;
+        let conv1 = match stem {
+            Stem::Imagenet => Conv::new(init, "conv1", in_channels, 64, 7, 2, 3, how)?,
+            Stem::Cifar => Conv::new(init, "conv1", in_channels, 64, 3, 1, 1, how)?,
+        };
+        let bn1 = Bn::new(init, "bn1", 64)?;
+        let (counts, expansion): ([usize; 4], usize) = match depth {
+            Depth::R18 => ([2, 2, 2, 2], 1),
+            Depth::R50 => ([3, 4, 6, 3], 4),
+        };
+        let mut blocks = Vec::new();
+        let mut c = 64;
+        for (stage, (&count, width)) in counts.iter().zip([64usize, 128, 256, 512]).enumerate() {
+            for i in 0..count {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let name = format!("layer{}.{i}", stage + 1);
+                let out = width * expansion;
+                let mut convs = Vec::new();
+                let mut conv = |init: &mut ParamInit, j: usize, cin, cout, k, s, p| -> Result<()> {
+                    let conv =
+                        Conv::new(init, &format!("{name}.conv{j}"), cin, cout, k, s, p, how)?;
+                    let bn = Bn::new(init, &format!("{name}.bn{j}"), cout)?;
+                    convs.push((conv, bn));
+                    Ok(())
+                };
+                match depth {
+                    Depth::R18 => {
+                        conv(init, 1, c, width, 3, stride, 1)?;
+                        conv(init, 2, width, width, 3, 1, 1)?;
+                    }
+                    Depth::R50 => {
+                        conv(init, 1, c, width, 1, 1, 0)?;
+                        conv(init, 2, width, width, 3, stride, 1)?;
+                        conv(init, 3, width, out, 1, 1, 0)?;
+                    }
+                }
+                let downsample = if stride != 1 || c != out {
+                    let d = format!("{name}.downsample");
+                    Some((
+                        Conv::new(init, &format!("{d}.0"), c, out, 1, stride, 0, how)?,
+                        Bn::new(init, &format!("{d}.1"), out)?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+                c = out;
+            }
+        }
+        let fc = Fc::new(init, "fc", c, classes, false)?;
+        Ok(ResNet {
+            stem,
+            conv1,
+            bn1,
+            blocks,
+            fc,
+            feature_dim: c,
+            classes,
+        })
+    }
+}
+
+/// Max-pool 3×3, stride 2, padding 1 of a non-negative map (after ReLU, so zero padding acts
+/// as PyTorch's −∞ padding).
+fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?
+        .max_pool2d_with_stride(3, 2)
+}
+
+impl ImageClassifier for ResNet {
+    fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut x = self
+            .bn1
+            .forward(&self.conv1.forward(images)?, train)?
+            .relu()?;
+        if self.stem == Stem::Imagenet {
+            x = max_pool_3x3_s2_p1(&x)?;
+        }
+        for b in &self.blocks {
+            x = b.forward(&x, train)?;
+        }
+        global_avg_pool(&x)
+    }
+    fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc.forward(features)
+    }
+    fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+    fn classes(&self) -> usize {
+        self.classes
+    }
+    fn cost(&self, h: usize, w: usize) -> Cost {
+        let (mut total, mut h, mut w) = self.conv1.cost(h, w);
+        total = total + self.bn1.cost() + self.fc.cost();
+        if self.stem == Stem::Imagenet {
+            (h, w) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+        }
+        for b in &self.blocks {
+            let (c, oh, ow) = b.cost(h, w);
+            total = total + c;
+            (h, w) = (oh, ow);
+        }
+        total
+    }
+}

@@ -188,6 +188,21 @@ impl<T: Clone> BackendSarState<T> {
         features: &T,
         labels: &B::Labels,
     ) -> Result<BackendStep<B::Loss>, B::Error> {
+        let ignore = self.config.ignore_index;
+        self.step_with(b, logits, embedded, |semantic, active, weight| {
+            b.p2a(features, labels, semantic, ignore, active, weight)
+        })
+    }
+
+    /// [`BackendSarState::step`] with the p2a term supplied by the caller (e.g. MixUp targets):
+    /// `p2a(Â, class_active, λ2)` is called only when the gate passed, with Â already updated.
+    pub fn step_with<B: SarBackend<Tensor = T>>(
+        &mut self,
+        b: &B,
+        logits: &T,
+        embedded: &T,
+        p2a: impl FnOnce(&T, Option<&[bool]>, f64) -> Result<P2aOutput<B::Loss>, B::Error>,
+    ) -> Result<BackendStep<B::Loss>, B::Error> {
         let cfg = self.config;
         let aux = b.anchor_ce(logits, cfg.tau, cfg.weights)?;
         let c = aux.nll.len();
@@ -218,14 +233,7 @@ impl<T: Clone> BackendSarState<T> {
                 GateMode::Global => None,
                 GateMode::PerClass => Some(&class_pass[..]),
             };
-            Some(b.p2a(
-                features,
-                labels,
-                &self.semantic,
-                cfg.ignore_index,
-                active,
-                cfg.lambda_p2a,
-            )?)
+            Some(p2a(&self.semantic, active, cfg.lambda_p2a)?)
         } else {
             None
         };

@@ -166,3 +166,76 @@ fn initialisation_is_reproducible_and_buffers_round_trip() {
         "{err}"
     );
 }
+
+#[test]
+fn mixup_p2a_matches_sar_math_rows_in_value_and_gradient() {
+    use sar_math::p2a::{p2a_rows, P2aTargets, RowLabels};
+    let varmap = VarMap::new();
+    let mut sar = head(&varmap, EmbeddingKind::Classification, 5);
+    let ignore = sar.config().ignore_index;
+    // A classifier that is confident on every anchor, so the gate passes at once (Â = E).
+    let confident = (Tensor::eye(C, DType::F64, &Device::Cpu).unwrap() * 10.0).unwrap();
+    let classifier = |e: &Tensor| (e.sum_keepdim(1)? * 0.0)?.broadcast_add(&confident);
+    let values: Vec<f64> = (0..4 * D).map(|i| (i as f64 * 0.37).sin()).collect();
+    let features =
+        Var::from_tensor(&Tensor::from_vec(values.clone(), (4, D), &Device::Cpu).unwrap()).unwrap();
+    let (a, b, lambda) = ([0i64, 2, 1, ignore], [1i64, 2, 0, 0], 0.3);
+    let out = sar
+        .step_mixup(&classifier, features.as_tensor(), &a, &b, lambda)
+        .unwrap();
+    assert!(out.gate_passed);
+    assert_eq!(out.valid, 3, "the row with an ignored label is not in Ω");
+    let anchors: Vec<f64> = sar
+        .semantic_anchors()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let targets = P2aTargets {
+        anchors: &anchors,
+        classes: C,
+        ignore_index: ignore,
+        class_active: None,
+    };
+    let mut grad = vec![0.0; 4 * D];
+    let want = p2a_rows(
+        &values,
+        RowLabels::Mixup {
+            a: &a,
+            b: &b,
+            lambda,
+        },
+        D,
+        &targets,
+        Some(&mut grad),
+    )
+    .unwrap();
+    assert!(
+        (out.loss_p2a - want.loss).abs() < 1e-14,
+        "{} vs {}",
+        out.loss_p2a,
+        want.loss
+    );
+    let g: Vec<f64> = out
+        .loss
+        .backward()
+        .unwrap()
+        .get(features.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lambda2 = sar.config().lambda_p2a;
+    for (x, y) in g.iter().zip(&grad) {
+        assert!((x - lambda2 * y).abs() < 1e-14, "{x} vs {}", lambda2 * y);
+    }
+    // Bad input is an error, not a panic.
+    let e = sar
+        .step_mixup(&classifier, features.as_tensor(), &[0, 1, 2, 7], &b, lambda)
+        .unwrap_err();
+    assert!(e.to_string().contains("label 7"), "{e}");
+    assert!(sar
+        .step_mixup(&classifier, features.as_tensor(), &a, &b, 1.5)
+        .is_err());
+}

@@ -12,6 +12,7 @@
 //! - [`digits`]: the 1,797 UCI handwritten digits (8×8, 0..16), embedded in the crate;
 //! - [`split`]: long-tailed subsets by the CIFAR-LT rule and stratified splits, from a seed.
 
+pub mod augment;
 pub mod cifar;
 pub mod digits;
 pub mod idx;

@@ -12,6 +12,7 @@ use candle_core::{backprop::GradStore, Result, Tensor, Var};
 
 /// SGD over a set of variables.
 pub struct Sgd {
+    names: Vec<String>,
     vars: Vec<Var>,
     momentum_buffers: Vec<Option<Tensor>>,
     /// Learning rate of the next step.
@@ -27,8 +28,26 @@ pub struct Sgd {
 impl Sgd {
     /// An optimiser for `vars`.
     pub fn new(vars: Vec<Var>, lr: f64, momentum: f64, weight_decay: f64, nesterov: bool) -> Self {
+        let named = vars
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i.to_string(), v))
+            .collect();
+        Self::named(named, lr, momentum, weight_decay, nesterov)
+    }
+
+    /// An optimiser for named variables (the names key the momentum buffers in checkpoints).
+    pub fn named(
+        vars: Vec<(String, Var)>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    ) -> Self {
         let n = vars.len();
+        let (names, vars) = vars.into_iter().unzip();
         Sgd {
+            names,
             vars,
             momentum_buffers: vec![None; n],
             lr,
@@ -36,6 +55,39 @@ impl Sgd {
             weight_decay,
             nesterov,
         }
+    }
+
+    /// The momentum buffers that exist, by variable name.
+    pub fn momentum_state(&self) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .zip(&self.momentum_buffers)
+            .filter_map(|(n, b)| b.as_ref().map(|b| (n.clone(), b.clone())))
+            .collect()
+    }
+
+    /// Restores momentum buffers saved by [`Sgd::momentum_state`]; a variable without one
+    /// starts fresh, as on PyTorch's first step. A buffer of the wrong shape or an unknown
+    /// name is an error.
+    pub fn load_momentum_state(&mut self, state: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+        for b in self.momentum_buffers.iter_mut() {
+            *b = None;
+        }
+        for (name, t) in state {
+            let i = self
+                .names
+                .iter()
+                .position(|n| *n == name)
+                .ok_or_else(|| anyhow::anyhow!("momentum buffer for unknown variable {name}"))?;
+            anyhow::ensure!(
+                t.dims() == self.vars[i].dims(),
+                "momentum buffer {name} has shape {:?}, the variable {:?}",
+                t.dims(),
+                self.vars[i].dims()
+            );
+            self.momentum_buffers[i] = Some(t.to_dtype(self.vars[i].dtype())?);
+        }
+        Ok(())
     }
 
     /// One update from `grads`; variables without a gradient are left alone.
@@ -82,6 +134,13 @@ pub enum Schedule {
         /// γ.
         gamma: f64,
     },
+    /// (lr₀ − min)·(1 − t/T)^power + min (mmsegmentation's poly).
+    Poly {
+        /// The exponent (0.9 in mmsegmentation).
+        power: f64,
+        /// The floor.
+        min_lr: f64,
+    },
 }
 
 /// The rate at step `t` of `total`, with `warmup` linear warm-up steps.
@@ -96,6 +155,10 @@ pub fn learning_rate(schedule: &Schedule, base: f64, t: usize, total: usize, war
         }
         Schedule::Step { milestones, gamma } => {
             base * gamma.powi(milestones.iter().filter(|&&m| m <= t).count() as i32)
+        }
+        Schedule::Poly { power, min_lr } => {
+            let left = 1.0 - (t as f64 / total.max(1) as f64).min(1.0);
+            (base - min_lr) * left.powf(*power) + min_lr
         }
     }
 }
@@ -156,5 +219,36 @@ mod tests {
         // Warm-up: 5 steps from lr/5 to lr.
         assert!((learning_rate(&step, 0.1, 0, 200, 5) - 0.02).abs() < 1e-15);
         assert_eq!(learning_rate(&step, 0.1, 4, 200, 5), 0.1);
+        // Poly 0.9 to 1e-4 (mmseg): half-way (0.01 − 1e-4)·0.5^0.9 + 1e-4.
+        let poly = Schedule::Poly {
+            power: 0.9,
+            min_lr: 1e-4,
+        };
+        let want = (0.01 - 1e-4) * 0.5f64.powf(0.9) + 1e-4;
+        assert!((learning_rate(&poly, 0.01, 50, 100, 0) - want).abs() < 1e-15);
+        assert_eq!(learning_rate(&poly, 0.01, 100, 100, 0), 1e-4);
+    }
+
+    #[test]
+    fn momentum_state_round_trips_by_name() {
+        let w = Var::from_tensor(&Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::new(&[3.0f64], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), w.clone()), ("u".to_string(), u.clone())];
+        let mut opt = Sgd::named(vars.clone(), 0.1, 0.9, 0.0, false);
+        let grads = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step(&grads).unwrap();
+        let state = opt.momentum_state();
+        assert_eq!(state.len(), 1, "only w had a gradient");
+        assert_eq!(state[0].0, "w");
+        let mut fresh = Sgd::named(vars, 0.1, 0.9, 0.0, false);
+        fresh.load_momentum_state(state.clone()).unwrap();
+        assert_eq!(
+            fresh.momentum_state()[0].1.to_vec1::<f64>().unwrap(),
+            state[0].1.to_vec1::<f64>().unwrap()
+        );
+        let bad = vec![("nope".to_string(), state[0].1.clone())];
+        assert!(fresh.load_momentum_state(bad).is_err());
+        let bad = vec![("u".to_string(), state[0].1.clone())];
+        assert!(fresh.load_momentum_state(bad).unwrap_err().to_string().contains("shape"));
     }
 }

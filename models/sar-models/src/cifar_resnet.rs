@@ -71,7 +71,7 @@ impl CifarResNet {
         in_channels: usize,
         classes: usize,
     ) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(ModelError::Config(format!(
                 "a CIFAR ResNet has depth 6n+2 (20, 32, 44, …), got {depth}"
             )));

@@ -229,10 +229,17 @@ fn torchvision_weights_load_by_name_and_the_classifier_is_kept() {
     assert_eq!(m.forward(&x, false).unwrap().dims(), &[1, 10]);
 }
 
+/// An extra tensor to add, a tensor to drop, the expected error.
+type Case = (
+    Option<(&'static str, Vec<usize>)>,
+    Option<&'static str>,
+    &'static str,
+);
+
 #[test]
 fn mismatched_weight_files_are_rejected_by_name_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(Option<(&str, Vec<usize>)>, Option<&str>, &str); 3] = [
+    let cases: [Case; 3] = [
         (
             Some(("layer5.0.conv1.weight", vec![1])),
             None,

@@ -5,9 +5,14 @@
 //! - [`tensorio`]: named-tensor I/O over safetensors with atomic writes;
 //! - [`bench`](mod@bench): `sar bench`, SAR step timings per backend beside a memory copy;
 //! - [`demo`]: `sar demo`, baseline against SAR on long-tailed digits over several seeds;
+//! - [`config`], [`train`], [`checkpoint`]: `sar train` / `sar eval`, the classification
+//!   trainer with TOML configs, verified atomic checkpoints and exact resume;
 //! - [`optim`]: SGD (momentum, Nesterov, weight decay) and learning-rate schedules.
 pub mod bench;
+pub mod checkpoint;
+pub mod config;
 pub mod demo;
 pub mod optim;
 pub mod reference;
 pub mod tensorio;
+pub mod train;

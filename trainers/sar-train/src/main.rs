@@ -72,6 +72,36 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Train a classifier with or without SAR from a TOML config (see `configs/`).
+    Train {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value: `--set optim.lr=0.05` (repeatable; TOML values).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Output folder (same as `--set run.output=...`).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Continue from a checkpoint file, or from the newest checkpoint of a run folder.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Also write the final report (JSON) here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Evaluate a checkpoint on its configuration's test set.
+    Eval {
+        /// The checkpoint file (`.../checkpoints/step-*.safetensors`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Also write the evaluation (JSON) here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Write the example reference case (the one in examples/reference/) to a file.
     ReferenceExample {
         /// Output safetensors file.
@@ -112,6 +142,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("L_p2a  = {:.10}  (|Omega| = {})", r.loss_p2a, r.valid);
                 println!("L_SAR  = {:.10}", r.loss_sar);
                 println!("wrote {}", output.display());
+            }
+            Ok(())
+        }
+        Command::Train {
+            config,
+            overrides,
+            output,
+            resume,
+            report,
+            quiet,
+        } => {
+            let mut overrides = overrides;
+            if let Some(o) = output {
+                overrides.push(format!(
+                    "run.output={}",
+                    toml_string(&o.display().to_string())
+                ));
+            }
+            let cfg = sar_train::config::load(&config, &overrides)?;
+            let opts = sar_train::train::TrainOptions {
+                resume,
+                progress: !quiet,
+                verbose: !quiet,
+                ..Default::default()
+            };
+            let r = sar_train::train::train(&cfg, &opts)?;
+            println!(
+                "{}: top-1 {:.2}%  head {:.2}%  medium {:.2}%  tail {:.2}%  ({} steps, {:.1} s{})",
+                r.name,
+                100.0 * r.eval.top1,
+                100.0 * r.eval.head,
+                100.0 * r.eval.medium,
+                100.0 * r.eval.tail,
+                r.steps,
+                r.wall_seconds,
+                match r.gate_first_pass {
+                    Some(s) if r.sar => format!(
+                        ", SAR gate first passed at step {s}, then on {:.0}% of steps",
+                        100.0 * r.gate_pass_rate
+                    ),
+                    _ if r.sar => ", SAR gate never passed".into(),
+                    _ => String::new(),
+                }
+            );
+            println!("outputs in {}", cfg.run.output.display());
+            if let Some(p) = report {
+                sar_train::tensorio::write_atomic(
+                    &p,
+                    serde_json::to_string_pretty(&r)?.as_bytes(),
+                )?;
+            }
+            Ok(())
+        }
+        Command::Eval { checkpoint, report } => {
+            let (cfg, e) = sar_train::train::eval_checkpoint(&checkpoint)?;
+            println!(
+                "{} ({}): top-1 {:.2}%  head {:.2}%  medium {:.2}%  tail {:.2}%",
+                cfg.run.name,
+                checkpoint.display(),
+                100.0 * e.top1,
+                100.0 * e.head,
+                100.0 * e.medium,
+                100.0 * e.tail
+            );
+            if let Some(p) = report {
+                sar_train::tensorio::write_atomic(
+                    &p,
+                    serde_json::to_string_pretty(&e)?.as_bytes(),
+                )?;
             }
             Ok(())
         }
@@ -184,4 +283,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
 }

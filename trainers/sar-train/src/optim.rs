@@ -74,11 +74,10 @@ impl Sgd {
             *b = None;
         }
         for (name, t) in state {
-            let i = self
-                .names
-                .iter()
-                .position(|n| *n == name)
-                .ok_or_else(|| anyhow::anyhow!("momentum buffer for unknown variable {name}"))?;
+            let i =
+                self.names.iter().position(|n| *n == name).ok_or_else(|| {
+                    anyhow::anyhow!("momentum buffer for unknown variable {name}")
+                })?;
             anyhow::ensure!(
                 t.dims() == self.vars[i].dims(),
                 "momentum buffer {name} has shape {:?}, the variable {:?}",
@@ -235,7 +234,14 @@ mod tests {
         let u = Var::from_tensor(&Tensor::new(&[3.0f64], &Device::Cpu).unwrap()).unwrap();
         let vars = vec![("w".to_string(), w.clone()), ("u".to_string(), u.clone())];
         let mut opt = Sgd::named(vars.clone(), 0.1, 0.9, 0.0, false);
-        let grads = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = w
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         opt.step(&grads).unwrap();
         let state = opt.momentum_state();
         assert_eq!(state.len(), 1, "only w had a gradient");
@@ -249,6 +255,10 @@ mod tests {
         let bad = vec![("nope".to_string(), state[0].1.clone())];
         assert!(fresh.load_momentum_state(bad).is_err());
         let bad = vec![("u".to_string(), state[0].1.clone())];
-        assert!(fresh.load_momentum_state(bad).unwrap_err().to_string().contains("shape"));
+        assert!(fresh
+            .load_momentum_state(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
     }
 }

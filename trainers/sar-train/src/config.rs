@@ -1,0 +1,575 @@
+//! `sar train` configuration: a TOML file, validated, unknown keys rejected, every value
+//! overridable from the command line with `--set section.key=value`.
+//!
+//! ```toml
+//! [run]      # name, seed, output, device ("cpu" | "cuda")
+//! [data]     # dataset, root, imbalance, augment, pad, flip, mixup_alpha, test_fraction, split_seed
+//! [model]    # arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
+//! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
+//! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
+//! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps
+//! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
+//! ```
+//! Every key except `data.dataset` and `model.arch` has a default (see the field docs). Example
+//! configurations are in `configs/`.
+
+use anyhow::{bail, ensure, Context};
+use sar_math::anchors::AnchorKind;
+use sar_math::{GateMode, SarConfig, WeightMode};
+use sar_models::{Arch, Stem};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The whole configuration of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run identity and output.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// Data set and augmentation.
+    pub data: DataConfig,
+    /// Network.
+    pub model: ModelConfig,
+    /// Optimiser and learning-rate schedule.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// SAR.
+    #[serde(default)]
+    pub sar: SarSection,
+    /// The training loop.
+    #[serde(default)]
+    pub train: LoopConfig,
+    /// Evaluation and head/medium/tail grouping.
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// Where the computation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs the `cuda` feature).
+    Cuda,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Name shown in reports ("run").
+    pub name: String,
+    /// Seed of initial weights, anchors, data order and augmentation (0).
+    pub seed: u64,
+    /// Output folder: config, metrics log, checkpoints, report ("runs/run").
+    pub output: PathBuf,
+    /// Device ("cpu").
+    pub device: DeviceKind,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: "run".into(),
+            seed: 0,
+            output: PathBuf::from("runs/run"),
+            device: DeviceKind::Cpu,
+        }
+    }
+}
+
+/// Which data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The embedded UCI digits (8×8, 10 classes), split into train and test by `test_fraction`.
+    Digits,
+    /// MNIST-family IDX files in `root` (train-/t10k-images-idx3-ubyte[.gz], …).
+    MnistIdx,
+    /// CIFAR-10 binary version in `root`.
+    Cifar10,
+    /// CIFAR-100 binary version in `root` (fine labels).
+    Cifar100,
+}
+
+/// Training augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AugmentKind {
+    /// None.
+    None,
+    /// Random crop with `pad` zero padding and horizontal flip.
+    CropFlip,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The data set (required).
+    pub dataset: DatasetKind,
+    /// Folder of the data set files (required except for `digits`).
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// Long-tailed training subset by the CIFAR-LT rule with this imbalance factor (none).
+    #[serde(default)]
+    pub imbalance: Option<f64>,
+    /// Seed of the long-tailed subset and of the digits train/test split (0).
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Share of the digits held out as the balanced test set (1/3).
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// Training augmentation ("crop-flip").
+    #[serde(default = "default_augment")]
+    pub augment: AugmentKind,
+    /// Zero padding of the random crop (4).
+    #[serde(default = "default_pad")]
+    pub pad: usize,
+    /// Random horizontal flip with the crop (true).
+    #[serde(default = "default_flip")]
+    pub flip: bool,
+    /// MixUp α (0: off).
+    #[serde(default)]
+    pub mixup_alpha: f64,
+}
+
+fn default_test_fraction() -> f64 {
+    1.0 / 3.0
+}
+fn default_augment() -> AugmentKind {
+    AugmentKind::CropFlip
+}
+fn default_pad() -> usize {
+    4
+}
+fn default_flip() -> bool {
+    true
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The network (required).
+    pub arch: Arch,
+    /// Stem of ResNet-18/50 ("cifar").
+    #[serde(default = "default_stem")]
+    pub stem: Stem,
+    /// Pretrained weights (safetensors, torchvision names; `fc.` is not loaded).
+    #[serde(default)]
+    pub pretrained: Option<PathBuf>,
+}
+
+fn default_stem() -> Stem {
+    Stem::Cifar
+}
+
+/// Learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    /// Constant.
+    Constant,
+    /// Cosine to 0 over the run.
+    Cosine,
+    /// ×γ at each milestone epoch.
+    Step,
+    /// (lr − min_lr)(1 − t/T)^power + min_lr.
+    Poly,
+}
+
+/// `[optim]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate (0.1).
+    pub lr: f64,
+    /// Momentum (0.9).
+    pub momentum: f64,
+    /// Weight decay (5e-4).
+    pub weight_decay: f64,
+    /// Nesterov momentum (false).
+    pub nesterov: bool,
+    /// Schedule ("cosine").
+    pub schedule: ScheduleKind,
+    /// Linear warm-up epochs (0).
+    pub warmup_epochs: usize,
+    /// Epochs at which the step schedule multiplies the rate by `gamma`.
+    pub milestones: Vec<usize>,
+    /// Step schedule factor (0.1).
+    pub gamma: f64,
+    /// Poly exponent (0.9).
+    pub power: f64,
+    /// Poly floor (0).
+    pub min_lr: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+            schedule: ScheduleKind::Cosine,
+            warmup_epochs: 0,
+            milestones: Vec::new(),
+            gamma: 0.1,
+            power: 0.9,
+            min_lr: 0.0,
+        }
+    }
+}
+
+/// `[sar]`: on/off, the anchor kind and SAR's hyper-parameters (defaults: the spec's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SarSection {
+    /// SAR on (true) or the plain baseline.
+    pub enabled: bool,
+    /// Pre-defined anchors ("normal").
+    pub anchors: AnchorKind,
+    /// τ (0.9).
+    pub tau: f64,
+    /// δ (0.8).
+    pub delta: f64,
+    /// EMA α (0.999).
+    pub alpha: f64,
+    /// λ1 (1).
+    pub lambda_aux: f64,
+    /// λ2 (0.1).
+    pub lambda_p2a: f64,
+    /// Gate ("global").
+    pub gate: GateMode,
+    /// Re-weighting mode ("attached").
+    pub weights: WeightMode,
+}
+
+impl Default for SarSection {
+    fn default() -> Self {
+        let d = SarConfig::default();
+        SarSection {
+            enabled: true,
+            anchors: AnchorKind::Normal,
+            tau: d.tau,
+            delta: d.delta,
+            alpha: d.alpha,
+            lambda_aux: d.lambda_aux,
+            lambda_p2a: d.lambda_p2a,
+            gate: d.gate,
+            weights: d.weights,
+        }
+    }
+}
+
+impl SarSection {
+    /// The sar-math configuration.
+    pub fn params(&self) -> SarConfig {
+        SarConfig {
+            tau: self.tau,
+            delta: self.delta,
+            alpha: self.alpha,
+            lambda_aux: self.lambda_aux,
+            lambda_p2a: self.lambda_p2a,
+            gate: self.gate,
+            weights: self.weights,
+            ..SarConfig::default()
+        }
+    }
+}
+
+/// What to do when a loss part is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonFinitePolicy {
+    /// Stop with an error naming the step and the loss part (the last checkpoint stays).
+    Stop,
+    /// Skip the update of that step, log it, go on (at most 10 in a row, then stop).
+    Skip,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Epochs (200).
+    pub epochs: usize,
+    /// Batch size (128).
+    pub batch_size: usize,
+    /// Evaluate every this many epochs, and at the end (0: only at the end).
+    pub eval_every: usize,
+    /// Also checkpoint every this many steps (0: only at epoch ends).
+    pub checkpoint_every_steps: usize,
+    /// Checkpoints kept (2).
+    pub keep_checkpoints: usize,
+    /// Log training metrics every this many steps (50).
+    pub log_every: usize,
+    /// NaN/inf policy ("stop").
+    pub on_nonfinite: NonFinitePolicy,
+    /// Stop after this many steps (for smoke tests; none).
+    pub max_steps: Option<usize>,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            epochs: 200,
+            batch_size: 128,
+            eval_every: 0,
+            checkpoint_every_steps: 0,
+            keep_checkpoints: 2,
+            log_every: 50,
+            on_nonfinite: NonFinitePolicy::Stop,
+            max_steps: None,
+        }
+    }
+}
+
+/// How classes are grouped into head/medium/tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupBy {
+    /// By training images: many (> `many`), medium, few (< `few`), as in OLTR/LDAM.
+    Count,
+    /// By rank of the training count: first third, middle third, last third.
+    Rank,
+    /// By class index: [0, head_end), [head_end, medium_end), the rest (CIFAR-100-LT: 36, 71).
+    Index,
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Grouping ("count").
+    pub groups: GroupBy,
+    /// Many-shot threshold (100).
+    pub many: u64,
+    /// Few-shot threshold (20).
+    pub few: u64,
+    /// End of the head classes for index grouping (36).
+    pub head_end: usize,
+    /// End of the medium classes for index grouping (71).
+    pub medium_end: usize,
+    /// Evaluation batch size (256).
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            groups: GroupBy::Count,
+            many: 100,
+            few: 20,
+            head_end: 36,
+            medium_end: 71,
+            batch_size: 256,
+        }
+    }
+}
+
+/// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax; a bare word is
+/// taken as a string) and validates.
+pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse(&text, overrides).with_context(|| format!("config {}", path.display()))
+}
+
+/// [`load`] on TOML text.
+pub fn parse(text: &str, overrides: &[String]) -> anyhow::Result<TrainConfig> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    let cfg: TrainConfig = toml::Value::Table(table).try_into()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn apply_override(table: &mut toml::Table, item: &str) -> anyhow::Result<()> {
+    let (key, value) = item
+        .split_once('=')
+        .with_context(|| format!("override `{item}` is not of the form section.key=value"))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    ensure!(
+        path.len() == 2 && path.iter().all(|p| !p.is_empty()),
+        "override `{item}`: the key must be section.key (e.g. optim.lr=0.05)"
+    );
+    let value = value.trim();
+    let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let section = table
+        .entry(path[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(section) = section.as_table_mut() else {
+        bail!("override `{item}`: `{}` is not a section", path[0]);
+    };
+    section.insert(path[1].to_string(), parsed);
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let d = &self.data;
+        if d.dataset != DatasetKind::Digits {
+            ensure!(
+                d.root.is_some(),
+                "data.root is required for {:?}",
+                d.dataset
+            );
+        }
+        if let Some(f) = d.imbalance {
+            ensure!(
+                f.is_finite() && f >= 1.0,
+                "data.imbalance must be ≥ 1, got {f}"
+            );
+        }
+        ensure!(
+            d.test_fraction > 0.0 && d.test_fraction < 1.0,
+            "data.test_fraction must be in (0, 1), got {}",
+            d.test_fraction
+        );
+        ensure!(
+            d.mixup_alpha.is_finite() && d.mixup_alpha >= 0.0,
+            "data.mixup_alpha must be ≥ 0, got {}",
+            d.mixup_alpha
+        );
+        let o = &self.optim;
+        ensure!(
+            o.lr.is_finite() && o.lr > 0.0,
+            "optim.lr must be > 0, got {}",
+            o.lr
+        );
+        ensure!(
+            (0.0..1.0).contains(&o.momentum),
+            "optim.momentum must be in [0, 1), got {}",
+            o.momentum
+        );
+        ensure!(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "optim.weight_decay must be ≥ 0, got {}",
+            o.weight_decay
+        );
+        ensure!(
+            !o.nesterov || o.momentum > 0.0,
+            "optim.nesterov needs optim.momentum > 0"
+        );
+        ensure!(
+            o.gamma.is_finite() && o.gamma > 0.0,
+            "optim.gamma must be > 0, got {}",
+            o.gamma
+        );
+        ensure!(
+            o.power.is_finite() && o.power > 0.0,
+            "optim.power must be > 0, got {}",
+            o.power
+        );
+        ensure!(
+            o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr,
+            "optim.min_lr must be in [0, lr], got {}",
+            o.min_lr
+        );
+        let t = &self.train;
+        ensure!(t.epochs >= 1, "train.epochs must be ≥ 1");
+        ensure!(t.batch_size >= 1, "train.batch_size must be ≥ 1");
+        ensure!(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints must be ≥ 1"
+        );
+        ensure!(
+            o.warmup_epochs <= t.epochs,
+            "optim.warmup_epochs ({}) exceeds train.epochs ({})",
+            o.warmup_epochs,
+            t.epochs
+        );
+        ensure!(self.eval.batch_size >= 1, "eval.batch_size must be ≥ 1");
+        ensure!(
+            self.eval.head_end <= self.eval.medium_end,
+            "eval.head_end must be ≤ eval.medium_end"
+        );
+        ensure!(
+            self.eval.few <= self.eval.many,
+            "eval.few must be ≤ eval.many"
+        );
+        self.sar
+            .params()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[sar]: {e}"))?;
+        if self.run.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            bail!("run.device = \"cuda\" needs sar built with --features cuda");
+        }
+        Ok(())
+    }
+
+    /// The TOML text of this configuration (written next to the run's outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[data]\ndataset = \"digits\"\n[model]\narch = \"small-cnn\"\n";
+
+    #[test]
+    fn defaults_overrides_and_round_trip() {
+        let cfg = parse(MIN, &[]).unwrap();
+        assert_eq!(cfg.optim.lr, 0.1);
+        assert!(cfg.sar.enabled);
+        assert_eq!(cfg.sar.tau, 0.9);
+        let cfg = parse(
+            MIN,
+            &[
+                "optim.lr=0.05".into(),
+                "sar.enabled=false".into(),
+                "optim.schedule=step".into(),
+                "optim.milestones=[160, 180]".into(),
+                "run.name=my run".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.optim.lr, 0.05);
+        assert!(!cfg.sar.enabled);
+        assert_eq!(cfg.optim.schedule, ScheduleKind::Step);
+        assert_eq!(cfg.optim.milestones, vec![160, 180]);
+        assert_eq!(cfg.run.name, "my run");
+        assert_eq!(parse(&cfg.to_toml(), &[]).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        for (text, over, want) in [
+            (
+                MIN.to_string() + "[optim]\nlearning_rate = 0.1\n",
+                "",
+                "learning_rate",
+            ),
+            (MIN.to_string(), "optim.lr=-1", "optim.lr"),
+            (MIN.to_string(), "sar.tau=1.5", "tau"),
+            (MIN.to_string(), "data.imbalance=0.5", "data.imbalance"),
+            (MIN.to_string(), "model.arch=vgg", "vgg"),
+            (MIN.to_string(), "data.dataset=cifar100", "data.root"),
+            (MIN.to_string(), "lr=0.1", "section.key"),
+            (MIN.to_string(), "train.epochs=0", "train.epochs"),
+            ("[model]\narch = \"resnet32\"\n".to_string(), "", "data"),
+        ] {
+            let overrides: Vec<String> = if over.is_empty() {
+                vec![]
+            } else {
+                vec![over.into()]
+            };
+            let e = format!("{:#}", parse(&text, &overrides).unwrap_err());
+            assert!(e.contains(want), "expected `{want}` in: {e}");
+        }
+    }
+}

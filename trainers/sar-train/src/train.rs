@@ -1,0 +1,839 @@
+//! The classification trainer behind `sar train` and `sar eval`.
+//!
+//! One step: render the batch (parallel crop/flip, optional MixUp) → features F = f(x) `[B, D]`
+//! (BatchNorm in training mode) → logits g(F) → cross-entropy (MixUp: λ·CE(y_a) +
+//! (1−λ)·CE(y_b)) → with SAR, [`SarHead::step`] (or `step_mixup`) adds λ1·L_aux + λ2·L_p2a,
+//! the head classifying its embedded anchors with the same `g` → every loss part checked for
+//! NaN/inf → backward → SGD with the scheduled rate.
+//!
+//! Reproducibility: weights, anchors, data order and augmentation derive from `run.seed` and
+//! counters (epoch, position), so a run is a function of its config; a checkpoint holds every
+//! variable, the momentum buffers, the SAR buffers and the step, and `--resume` continues
+//! bit for bit on the CPU (tested).
+//!
+//! Outputs in `run.output`: `config.toml` (written before step 0), `metrics.jsonl` (one JSON
+//! object per line: `"kind": "train"` every `log_every` steps, `"eval"` after evaluations,
+//! `"resume"`, `"skip"`), `checkpoints/`, `report.json`.
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::config::{
+    AugmentKind, DatasetKind, DeviceKind, GroupBy, NonFinitePolicy, ScheduleKind, TrainConfig,
+};
+use crate::optim::{learning_rate, Schedule, Sgd};
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
+use sar_data::augment::{self, Augment, Normalize};
+use sar_data::{cifar, digits, idx, split, ImageSet};
+use sar_math::metrics::{
+    confusion_update, group_means, groups_by_count, groups_by_index, groups_by_rank,
+    overall_accuracy, per_class_accuracy, Group,
+};
+use sar_models::{ImageClassifier, ModelSpec};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The training and test sets of a config.
+pub struct Datasets {
+    /// Training set (long-tailed if `data.imbalance` is set).
+    pub train: ImageSet,
+    /// Test set (balanced).
+    pub test: ImageSet,
+}
+
+/// Loads the data sets named by `cfg.data`.
+pub fn load_data(cfg: &TrainConfig) -> anyhow::Result<Datasets> {
+    let d = &cfg.data;
+    let root = || d.root.clone().unwrap_or_default();
+    let (train, test) = match d.dataset {
+        DatasetKind::Digits => {
+            let all = digits::embedded()?;
+            let (tr, te) = split::stratified(&all.labels, 10, d.test_fraction, d.split_seed)?;
+            (
+                all.subset(&tr, "digits/train")?,
+                all.subset(&te, "digits/test")?,
+            )
+        }
+        DatasetKind::MnistIdx => (
+            idx::read_mnist_dir(&root(), true, 10)?,
+            idx::read_mnist_dir(&root(), false, 10)?,
+        ),
+        DatasetKind::Cifar10 => (
+            cifar::read_cifar10(&root(), true)?,
+            cifar::read_cifar10(&root(), false)?,
+        ),
+        DatasetKind::Cifar100 => (
+            cifar::read_cifar100(&root(), true, cifar::Cifar::HundredFine)?,
+            cifar::read_cifar100(&root(), false, cifar::Cifar::HundredFine)?,
+        ),
+    };
+    let train = match d.imbalance {
+        Some(f) => {
+            let keep = split::long_tailed(&train.labels, train.classes, f, None, d.split_seed)?;
+            let name = format!("{}-lt{f}", train.name);
+            train.subset(&keep, &name)?
+        }
+        None => train,
+    };
+    ensure!(!train.is_empty(), "the training set is empty");
+    ensure!(!test.is_empty(), "the test set is empty");
+    Ok(Datasets { train, test })
+}
+
+fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0"),
+    }
+}
+
+/// Evaluation of a model on a test set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// Top-1 accuracy.
+    pub top1: f64,
+    /// Accuracy per class.
+    pub per_class_accuracy: Vec<f64>,
+    /// Mean accuracy of the head (many-shot) classes.
+    pub head: f64,
+    /// Mean accuracy of the medium classes.
+    pub medium: f64,
+    /// Mean accuracy of the tail (few-shot) classes.
+    pub tail: f64,
+    /// Group of each class ("head", "medium", "tail").
+    pub groups: Vec<String>,
+}
+
+/// Classes grouped into head/medium/tail as `cfg.eval` says.
+pub fn class_groups(cfg: &TrainConfig, train_counts: &[u64]) -> anyhow::Result<Vec<Group>> {
+    let c = train_counts.len();
+    let mut g = vec![Group::Head; c];
+    let e = &cfg.eval;
+    match e.groups {
+        GroupBy::Count => groups_by_count(train_counts, e.many, e.few, &mut g)?,
+        GroupBy::Rank => groups_by_rank(train_counts, 1.0 / 3.0, 1.0 / 3.0, &mut g)?,
+        GroupBy::Index => groups_by_index(e.head_end.min(c), e.medium_end.min(c), &mut g)?,
+    }
+    Ok(g)
+}
+
+/// Top-1, per-class and group accuracies of `model` on `set` (BatchNorm in eval mode).
+pub fn evaluate(
+    model: &dyn ImageClassifier,
+    set: &ImageSet,
+    norm: &Normalize,
+    groups: &[Group],
+    batch_size: usize,
+    dev: &Device,
+) -> anyhow::Result<Evaluation> {
+    let c = set.classes;
+    let mut confusion = vec![0u64; c * c];
+    let all: Vec<usize> = (0..set.len()).collect();
+    for chunk in all.chunks(batch_size) {
+        let (x, y) = augment::render_batch(set, chunk, Augment::None, norm, 0, 0, 0);
+        let x = Tensor::from_vec(x, (chunk.len(), set.channels, set.height, set.width), dev)?;
+        let pred: Vec<u32> = model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?;
+        confusion_update(&mut confusion, c, &y, &pred, -1)?;
+    }
+    let mut acc = vec![0.0; c];
+    per_class_accuracy(&confusion, c, &mut acc)?;
+    let g = group_means(&acc, groups)?;
+    Ok(Evaluation {
+        top1: overall_accuracy(&confusion, c)?,
+        per_class_accuracy: acc,
+        head: g.head,
+        medium: g.medium,
+        tail: g.tail,
+        groups: groups
+            .iter()
+            .map(|g| match g {
+                Group::Head => "head",
+                Group::Medium => "medium",
+                Group::Tail => "tail",
+            })
+            .map(String::from)
+            .collect(),
+    })
+}
+
+/// Mean loss parts over a logging window.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LossParts {
+    /// Cross-entropy.
+    pub ce: f64,
+    /// L_aux (unweighted).
+    pub aux: f64,
+    /// L_p2a (unweighted; 0 on steps where the gate failed).
+    pub p2a: f64,
+    /// The total loss minimised.
+    pub total: f64,
+}
+
+/// The result of a training run (`report.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// `run.name`.
+    pub name: String,
+    /// Whether SAR was on.
+    pub sar: bool,
+    /// Final test evaluation.
+    #[serde(flatten)]
+    pub eval: Evaluation,
+    /// Training images per class.
+    pub train_counts: Vec<u64>,
+    /// Loss parts averaged over the last epoch.
+    pub loss: LossParts,
+    /// Step at which SAR's gate first passed.
+    pub gate_first_pass: Option<u64>,
+    /// Share of steps since then on which it passed.
+    pub gate_pass_rate: f64,
+    /// Steps skipped for a non-finite loss.
+    pub skipped_steps: u64,
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Training wall time in seconds (evaluation excluded, resumed parts included).
+    pub wall_seconds: f64,
+    /// Parameters and multiply-adds per image of the model, without SAR.
+    pub model_cost: sar_models::Cost,
+    /// Parameters SAR adds (h_ψ); SAR adds no inference cost.
+    pub sar_params: u64,
+}
+
+/// Options of [`train`] beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// A checkpoint file, or a run folder whose newest checkpoint is used.
+    pub resume: Option<PathBuf>,
+    /// Show a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+    /// Print a line per evaluation.
+    pub verbose: bool,
+    /// Fault injection for tests: the input batches of these steps are set to NaN, so the
+    /// non-finite handling runs on its real path.
+    pub poison_steps: Vec<u64>,
+    /// Fault injection for tests: the cross-entropy of these steps is multiplied by +inf.
+    pub poison_loss_steps: Vec<u64>,
+}
+
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(path: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsLog { file, path })
+    }
+    fn write(&mut self, value: serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.file, "{value}")
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Everything a model needs, built from a config.
+pub struct Setup {
+    /// Device.
+    pub device: Device,
+    /// All variables (model and SAR head).
+    pub varmap: VarMap,
+    /// The network.
+    pub model: Box<dyn ImageClassifier>,
+    /// The SAR head, if SAR is on.
+    pub head: Option<SarHead>,
+}
+
+/// Builds model and head for `classes` classes of `channels`-channel images.
+pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Result<Setup> {
+    let device = device(cfg.run.device)?;
+    let varmap = VarMap::new();
+    let spec = ModelSpec {
+        arch: cfg.model.arch,
+        stem: cfg.model.stem,
+        in_channels: channels,
+        classes,
+        seed: cfg.run.seed,
+    };
+    let model = sar_models::build(&spec, &varmap, &device, DType::F32)?;
+    let head = if cfg.sar.enabled {
+        let backend = CandleBackend::new(device.clone(), DType::F32)?;
+        Some(SarHead::new(
+            &varmap,
+            "sar",
+            backend,
+            cfg.sar.params(),
+            classes,
+            model.feature_dim(),
+            EmbeddingKind::Classification,
+            cfg.sar.anchors,
+            cfg.run.seed,
+        )?)
+    } else {
+        None
+    };
+    Ok(Setup {
+        device,
+        varmap,
+        model,
+        head,
+    })
+}
+
+/// Sets every variable of `varmap` from `tensors` (all must be there, shapes equal).
+pub fn restore_vars(
+    varmap: &VarMap,
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("the checkpoint lacks {name} (another model?)"))?;
+        ensure!(
+            t.dims() == var.dims(),
+            "checkpoint tensor {name} has shape {:?}, the model needs {:?} (another model?)",
+            t.dims(),
+            var.dims()
+        );
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+fn schedule(cfg: &TrainConfig, steps_per_epoch: usize) -> Schedule {
+    let o = &cfg.optim;
+    match o.schedule {
+        ScheduleKind::Constant => Schedule::Constant,
+        ScheduleKind::Cosine => Schedule::Cosine,
+        ScheduleKind::Step => Schedule::Step {
+            milestones: o.milestones.iter().map(|e| e * steps_per_epoch).collect(),
+            gamma: o.gamma,
+        },
+        ScheduleKind::Poly => Schedule::Poly {
+            power: o.power,
+            min_lr: o.min_lr,
+        },
+    }
+}
+
+/// Deep copies of the state a forward pass changes: BatchNorm running statistics and the SAR
+/// buffers.
+struct Snapshot {
+    running: Vec<(String, Tensor)>,
+    sar: Vec<(String, Tensor)>,
+}
+
+fn snapshot_state(varmap: &VarMap, head: Option<&SarHead>) -> anyhow::Result<Snapshot> {
+    let running = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .filter(|(n, _)| sar_models::params::is_running_stat(n))
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let sar = match head {
+        Some(h) => h
+            .buffers()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.copy()?)))
+            .collect::<candle_core::Result<_>>()?,
+        None => Vec::new(),
+    };
+    Ok(Snapshot { running, sar })
+}
+
+fn restore_state(
+    varmap: &VarMap,
+    head: Option<&mut SarHead>,
+    snap: &Snapshot,
+) -> anyhow::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    for (n, t) in &snap.running {
+        data[n].set(t)?;
+    }
+    if let Some(h) = head {
+        h.load_buffers(&|name| {
+            snap.sar
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+        })?;
+    }
+    Ok(())
+}
+
+fn finite_check(step: u64, parts: &[(&str, f64)]) -> Option<String> {
+    parts
+        .iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(name, v)| format!("step {step}: loss part {name} is {v}"))
+}
+
+/// Trains as `cfg` says; see the module docs. Returns the final report (also written to
+/// `run.output/report.json`).
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport> {
+    let out = &cfg.run.output;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let ckpt_dir = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let data = load_data(cfg)?;
+    let (train_set, test_set) = (&data.train, &data.test);
+    ensure!(
+        train_set.classes == test_set.classes && train_set.image_len() == test_set.image_len(),
+        "training and test sets differ in classes or image size"
+    );
+    let classes = train_set.classes;
+    let Setup {
+        device: dev,
+        varmap,
+        model,
+        mut head,
+    } = build(cfg, train_set.channels, classes)?;
+    let norm = Normalize::measure(train_set);
+    let train_counts = train_set.class_counts();
+    let groups = class_groups(cfg, &train_counts)?;
+    let mut named: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .filter(|(n, _)| !sar_models::params::is_running_stat(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let o = &cfg.optim;
+    let mut opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov);
+
+    let batch = cfg.train.batch_size;
+    let steps_per_epoch = train_set.len().div_ceil(batch);
+    let total_steps = (cfg.train.epochs * steps_per_epoch) as u64;
+    let last_step = cfg
+        .train
+        .max_steps
+        .map_or(total_steps, |m| (m as u64).min(total_steps));
+    let warmup = cfg.optim.warmup_epochs * steps_per_epoch;
+    let sched = schedule(cfg, steps_per_epoch);
+
+    let mut state = CheckpointState {
+        format: checkpoint::FORMAT.into(),
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        config: cfg.clone(),
+        gate_first_pass: None,
+        gate_passes: 0,
+        skipped_steps: 0,
+        elapsed_seconds: 0.0,
+    };
+    let mut log = MetricsLog::open(out.join("metrics.jsonl"))?;
+    if let Some(r) = &opts.resume {
+        let path = if r.is_dir() {
+            let dir = if r.join("checkpoints").is_dir() {
+                r.join("checkpoints")
+            } else {
+                r.clone()
+            };
+            checkpoint::latest(&dir)?
+                .with_context(|| format!("no checkpoint in {}", dir.display()))?
+        } else {
+            r.clone()
+        };
+        let ck = checkpoint::load(&path)?;
+        let old = &ck.state.config;
+        for (what, same) in [
+            ("[model]", old.model == cfg.model),
+            ("[data]", old.data == cfg.data),
+            ("sar.enabled", old.sar.enabled == cfg.sar.enabled),
+            ("run.seed", old.run.seed == cfg.run.seed),
+            (
+                "train.batch_size",
+                old.train.batch_size == cfg.train.batch_size,
+            ),
+        ] {
+            ensure!(
+                same,
+                "cannot resume from {}: its {what} differs from this config",
+                path.display()
+            );
+        }
+        restore_vars(&varmap, &ck.tensors)
+            .with_context(|| format!("cannot resume from {}", path.display()))?;
+        let mut momentum = Vec::new();
+        for (name, t) in &ck.tensors {
+            if let Some(v) = name.strip_prefix("optim.momentum.") {
+                momentum.push((v.to_string(), t.to_device(&dev)?));
+            }
+        }
+        opt.load_momentum_state(momentum)?;
+        if let Some(h) = head.as_mut() {
+            let dev2 = dev.clone();
+            h.load_buffers(&|n| ck.tensors.get(n).and_then(|t| t.to_device(&dev2).ok()))?;
+        }
+        state = CheckpointState {
+            config: cfg.clone(),
+            ..ck.state
+        };
+        log.write(serde_json::json!({"kind": "resume", "step": state.step, "from": path.display().to_string()}))?;
+    } else {
+        crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+        if let Some(p) = &cfg.model.pretrained {
+            let r = sar_models::pretrained::load_pretrained(&varmap, p, &["fc."])?;
+            log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": r.loaded.len(), "kept": r.kept}))?;
+        }
+    }
+
+    let save = |state: &CheckpointState, opt: &Sgd, head: &Option<SarHead>| -> anyhow::Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        for (n, t) in opt.momentum_state() {
+            tensors.push((format!("optim.momentum.{n}"), t));
+        }
+        if let Some(h) = head {
+            tensors.extend(h.buffers()?);
+        }
+        checkpoint::save(
+            &checkpoint::path_for(&ckpt_dir, state.step),
+            &tensors,
+            state,
+        )?;
+        checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints)
+    };
+
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(last_step)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(cfg.run.name.clone());
+    bar.set_position(state.step);
+
+    let (c, h, w) = (train_set.channels, train_set.height, train_set.width);
+    let augment = match cfg.data.augment {
+        AugmentKind::None => Augment::None,
+        AugmentKind::CropFlip => Augment::CropFlip {
+            pad: cfg.data.pad,
+            flip: cfg.data.flip,
+        },
+    };
+    let seed = cfg.run.seed;
+    let mut window = (LossParts::default(), 0usize, 0usize, 0usize); // sums, steps, gate passes, valid
+    let mut epoch_loss = (LossParts::default(), 0usize);
+    let mut last_epoch_loss = LossParts::default();
+    let mut consecutive_skips = 0;
+    let mut t0 = Instant::now();
+    let mut window_start = Instant::now();
+    let mut window_images = 0usize;
+    let mut epoch = state.epoch as usize;
+    'epochs: while epoch < cfg.train.epochs {
+        let order = augment::epoch_order(train_set.len(), seed, epoch as u64);
+        let first_batch = if epoch as u64 == state.epoch {
+            state.batch_in_epoch as usize
+        } else {
+            0
+        };
+        for b in first_batch..steps_per_epoch {
+            if state.step >= last_step {
+                break 'epochs;
+            }
+            let idx = &order[b * batch..((b + 1) * batch).min(order.len())];
+            let n = idx.len();
+            let (mut x, y) = augment::render_batch(
+                train_set,
+                idx,
+                augment,
+                &norm,
+                seed,
+                epoch as u64,
+                (b * batch) as u64,
+            );
+            let mix = if cfg.data.mixup_alpha > 0.0 {
+                Some(augment::mixup(
+                    &mut x,
+                    c * h * w,
+                    cfg.data.mixup_alpha,
+                    seed,
+                    epoch as u64,
+                    b as u64,
+                ))
+            } else {
+                None
+            };
+            if opts.poison_steps.contains(&state.step) {
+                x.iter_mut().for_each(|v| *v = f32::NAN);
+            }
+            let step = state.step;
+            let input_fault = x.iter().position(|v| !v.is_finite()).map(|i| {
+                format!(
+                    "step {step}: the input batch holds {} (image {} of the batch)",
+                    x[i],
+                    i / (c * h * w)
+                )
+            });
+            // Forward passes update BatchNorm running statistics and the SAR EMA: a skipped
+            // step must not leave NaN there, so keep a deep copy when skipping is allowed.
+            let snapshot = match cfg.train.on_nonfinite {
+                NonFinitePolicy::Skip => Some(snapshot_state(&varmap, head.as_ref())?),
+                NonFinitePolicy::Stop => None,
+            };
+            let mut outcome = None;
+            let mut fault = input_fault;
+            if fault.is_none() {
+                let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
+                let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+                let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
+                let feats = model.features(&x, true)?;
+                let logits = model.classify(&feats)?;
+                let (ce, labels_b) = match &mix {
+                    None => (candle_nn::loss::cross_entropy(&logits, &y_t)?, None),
+                    Some((lam, perm)) => {
+                        let lb: Vec<i64> = perm.iter().map(|&p| labels[p]).collect();
+                        let yb = Tensor::from_vec(lb.clone(), n, &dev)?;
+                        let ce = ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
+                            + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?;
+                        (ce, Some(lb))
+                    }
+                };
+                let ce = if opts.poison_loss_steps.contains(&step) {
+                    (ce * f64::INFINITY)?
+                } else {
+                    ce
+                };
+                let ce_value = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let mut loss = ce;
+                let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+                if let Some(hd) = head.as_mut() {
+                    let classify = |e: &Tensor| model.classify(e);
+                    let s = match (&mix, &labels_b) {
+                        (Some((lam, _)), Some(lb)) => {
+                            hd.step_mixup(&classify, &feats, &labels, lb, *lam)?
+                        }
+                        _ => hd.step(&classify, &feats, &y_t)?,
+                    };
+                    (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+                    loss = (loss + s.loss)?;
+                }
+                let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                fault = finite_check(
+                    step,
+                    &[
+                        ("cross-entropy", ce_value),
+                        ("L_aux", aux),
+                        ("L_p2a", p2a),
+                        ("total", total),
+                    ],
+                );
+                let parts = LossParts {
+                    ce: ce_value,
+                    aux,
+                    p2a,
+                    total,
+                };
+                outcome = Some((loss, parts, gate, valid));
+            }
+            if let Some(msg) = &fault {
+                match cfg.train.on_nonfinite {
+                    NonFinitePolicy::Stop => {
+                        log.write(
+                            serde_json::json!({"kind": "nonfinite", "step": step, "message": msg}),
+                        )?;
+                        bar.abandon();
+                        bail!(
+                            "{msg}; training stopped (the last checkpoint in {} is intact)",
+                            ckpt_dir.display()
+                        );
+                    }
+                    NonFinitePolicy::Skip => {
+                        consecutive_skips += 1;
+                        state.skipped_steps += 1;
+                        log.write(
+                            serde_json::json!({"kind": "skip", "step": step, "message": msg}),
+                        )?;
+                        ensure!(
+                            consecutive_skips <= 10,
+                            "{msg}; 10 consecutive steps were skipped, stopping"
+                        );
+                        if let Some(snap) = &snapshot {
+                            restore_state(&varmap, head.as_mut(), snap)?;
+                        }
+                    }
+                }
+            }
+            // A skipped batch is consumed without an update; the step counter still moves on,
+            // so the run stays a function of its config.
+            state.step += 1;
+            state.batch_in_epoch = b as u64 + 1;
+            bar.inc(1);
+            if let (None, Some((loss, parts, gate, valid))) = (&fault, outcome) {
+                consecutive_skips = 0;
+                let grads = loss.backward()?;
+                opt.lr = learning_rate(
+                    &sched,
+                    cfg.optim.lr,
+                    step as usize,
+                    total_steps as usize,
+                    warmup,
+                );
+                opt.step(&grads)?;
+                if gate {
+                    state.gate_first_pass.get_or_insert(step);
+                    state.gate_passes += 1;
+                }
+                for acc in [&mut window.0, &mut epoch_loss.0] {
+                    acc.ce += parts.ce;
+                    acc.aux += parts.aux;
+                    acc.p2a += parts.p2a;
+                    acc.total += parts.total;
+                }
+                epoch_loss.1 += 1;
+                window.1 += 1;
+                window.2 += gate as usize;
+                window.3 += valid;
+                window_images += n;
+            }
+            if cfg.train.log_every > 0 && state.step.is_multiple_of(cfg.train.log_every as u64) {
+                let k = window.1.max(1) as f64;
+                let secs = window_start.elapsed().as_secs_f64();
+                log.write(serde_json::json!({
+                    "kind": "train", "step": state.step, "epoch": epoch, "lr": opt.lr,
+                    "loss": window.0.total / k, "ce": window.0.ce / k, "aux": window.0.aux / k,
+                    "p2a": window.0.p2a / k, "gate_pass_rate": window.2 as f64 / k,
+                    "p2a_rows_per_step": window.3 as f64 / k,
+                    "images_per_s": window_images as f64 / secs.max(1e-9),
+                }))?;
+                bar.set_message(format!("loss {:.4}", window.0.total / k));
+                window = (LossParts::default(), 0, 0, 0);
+                window_images = 0;
+                window_start = Instant::now();
+            }
+            let end_of_epoch = b + 1 == steps_per_epoch;
+            if end_of_epoch {
+                state.epoch = epoch as u64 + 1;
+                state.batch_in_epoch = 0;
+            }
+            let periodic = cfg.train.checkpoint_every_steps > 0
+                && state
+                    .step
+                    .is_multiple_of(cfg.train.checkpoint_every_steps as u64);
+            if periodic || end_of_epoch || state.step == last_step {
+                state.elapsed_seconds += t0.elapsed().as_secs_f64();
+                t0 = Instant::now();
+                save(&state, &opt, &head)?;
+            }
+        }
+        let k = epoch_loss.1.max(1) as f64;
+        last_epoch_loss = LossParts {
+            ce: epoch_loss.0.ce / k,
+            aux: epoch_loss.0.aux / k,
+            p2a: epoch_loss.0.p2a / k,
+            total: epoch_loss.0.total / k,
+        };
+        epoch_loss = (LossParts::default(), 0);
+        epoch += 1;
+        if cfg.train.eval_every > 0
+            && epoch.is_multiple_of(cfg.train.eval_every)
+            && epoch < cfg.train.epochs
+        {
+            let e = evaluate(
+                model.as_ref(),
+                test_set,
+                &norm,
+                &groups,
+                cfg.eval.batch_size,
+                &dev,
+            )?;
+            log.write(
+                serde_json::json!({"kind": "eval", "step": state.step, "epoch": epoch,
+                "top1": e.top1, "head": e.head, "medium": e.medium, "tail": e.tail}),
+            )?;
+            if opts.verbose {
+                bar.println(format!("epoch {epoch}: top-1 {:.2}%", 100.0 * e.top1));
+            }
+        }
+        t0 = Instant::now();
+    }
+    bar.finish_and_clear();
+    let eval = evaluate(
+        model.as_ref(),
+        test_set,
+        &norm,
+        &groups,
+        cfg.eval.batch_size,
+        &dev,
+    )?;
+    log.write(serde_json::json!({"kind": "eval", "step": state.step, "epoch": epoch,
+        "top1": eval.top1, "head": eval.head, "medium": eval.medium, "tail": eval.tail, "final": true}))?;
+    let after_first = state.gate_first_pass.map_or(0, |f| state.step - f);
+    let sar_params = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .filter(|(n, _)| n.starts_with("sar.") && !sar_models::params::is_running_stat(n))
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum();
+    let report = RunReport {
+        name: cfg.run.name.clone(),
+        sar: cfg.sar.enabled,
+        eval,
+        train_counts,
+        loss: last_epoch_loss,
+        gate_first_pass: state.gate_first_pass,
+        gate_pass_rate: if after_first == 0 {
+            0.0
+        } else {
+            state.gate_passes as f64 / after_first as f64
+        },
+        skipped_steps: state.skipped_steps,
+        steps: state.step,
+        wall_seconds: state.elapsed_seconds,
+        model_cost: model.cost(h, w),
+        sar_params,
+    };
+    crate::tensorio::write_atomic(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(report)
+}
+
+/// `sar eval`: the checkpoint's model on its config's test set.
+pub fn eval_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, Evaluation)> {
+    let ck = checkpoint::load(path)?;
+    let cfg = ck.state.config.clone();
+    let data = load_data(&cfg)?;
+    let setup = build(&cfg, data.train.channels, data.train.classes)?;
+    restore_vars(&setup.varmap, &ck.tensors)
+        .with_context(|| format!("checkpoint {}", path.display()))?;
+    let norm = Normalize::measure(&data.train);
+    let groups = class_groups(&cfg, &data.train.class_counts())?;
+    let e = evaluate(
+        setup.model.as_ref(),
+        &data.test,
+        &norm,
+        &groups,
+        cfg.eval.batch_size,
+        &setup.device,
+    )?;
+    Ok((cfg, e))
+}

@@ -23,14 +23,14 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let out = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let out = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let out = self.bn2.forward(&self.conv2.forward(&out)?, train)?;
         let shortcut = if self.stride == 1 && self.pad == 0 {
             x.clone()
         } else {
             option_a(x, self.stride, self.pad)?
         };
-        (out + shortcut)?.relu()
+        crate::bn_cpu::add_relu(&out, &shortcut)
     }
 }
 
@@ -110,10 +110,7 @@ impl CifarResNet {
 
 impl ImageClassifier for CifarResNet {
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut x = self
-            .bn1
-            .forward(&self.conv1.forward(images)?, train)?
-            .relu()?;
+        let mut x = self.bn1.forward_relu(&self.conv1.forward(images)?, train)?;
         for b in &self.blocks {
             x = b.forward(&x, train)?;
         }

@@ -53,7 +53,7 @@ impl ImageClassifier for SmallCnn {
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = images.clone();
         for (conv, bn) in &self.stages {
-            x = bn.forward(&conv.forward(&x)?, train)?.relu()?;
+            x = bn.forward_relu(&conv.forward(&x)?, train)?;
         }
         global_avg_pool(&x)
     }

@@ -5,10 +5,12 @@
 //! unbiased running variance) whose running statistics are variables in the model's
 //! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
 
+use crate::bn_cpu;
 use crate::params::{Init, ParamInit};
 use crate::{Cost, Result};
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
+use std::sync::{Arc, Mutex};
 
 /// How a conv weight is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,31 +93,28 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv.forward(x)
+        crate::conv_cpu::conv2d(x, self.conv.weight(), self.stride, self.padding)
     }
 }
 
-/// BatchNorm over the channel axis.
+/// BatchNorm over the channel axis; on the CPU in f32 the fused ops of [`crate::bn_cpu`],
+/// elsewhere candle-nn's BatchNorm.
 pub struct Bn {
     bn: BatchNorm,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
     channels: usize,
 }
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
 
 impl Bn {
     /// `name.{weight,bias,running_mean,running_var}`.
     pub fn new(init: &mut ParamInit, name: &str, channels: usize) -> Result<Self> {
-        Self::with_weight(init, name, channels, 1.0)
-    }
-
-    /// As [`Bn::new`] with the weight initialised to `gamma` (0 for the last BN of a residual
-    /// branch when zero-init is wanted).
-    pub fn with_weight(
-        init: &mut ParamInit,
-        name: &str,
-        channels: usize,
-        gamma: f64,
-    ) -> Result<Self> {
-        let weight = init.tensor(&format!("{name}.weight"), &[channels], Init::Const(gamma))?;
+        let weight = init.tensor(&format!("{name}.weight"), &[channels], Init::Const(1.0))?;
         let bias = init.tensor(&format!("{name}.bias"), &[channels], Init::Const(0.0))?;
         let mean = init.tensor(
             &format!("{name}.running_mean"),
@@ -128,7 +127,19 @@ impl Bn {
             Init::Const(1.0),
         )?;
         Ok(Bn {
-            bn: BatchNorm::new(channels, mean, var, weight, bias, 1e-5)?,
+            bn: BatchNorm::new(
+                channels,
+                mean.clone(),
+                var.clone(),
+                weight.clone(),
+                bias.clone(),
+                BN_EPS,
+            )?,
+            weight,
+            bias,
+            // Variables share storage with the tensors in the VarMap.
+            running_mean: Var::from_tensor(&mean)?,
+            running_var: Var::from_tensor(&var)?,
             channels,
         })
     }
@@ -141,9 +152,59 @@ impl Bn {
         }
     }
 
-    /// Normalises with batch statistics (`train`) or running statistics.
+    /// Normalises with batch statistics (`train`, updating the running ones) or the running
+    /// statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(x, train)
+        self.run(x, train, false)
+    }
+
+    /// `relu(forward(x))`, fused on the CPU.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        if !bn_cpu::fused_ok(x) {
+            let y = self.bn.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let x = x.contiguous()?;
+        if !train {
+            let inv = (self.running_var.as_tensor().detach() + BN_EPS)?
+                .sqrt()?
+                .recip()?;
+            let scale = (&self.weight * inv)?;
+            let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
+            return x.apply_op3_no_bwd(&scale, &shift, &bn_cpu::ChannelAffine { relu });
+        }
+        let stats = Arc::new(Mutex::new(bn_cpu::BatchStats::default()));
+        let op = bn_cpu::BnTrain {
+            eps: BN_EPS,
+            relu,
+            stats: stats.clone(),
+        };
+        let y = x.apply_op3(&self.weight, &self.bias, op)?;
+        let st = stats.lock().expect("stats lock");
+        let m = st.count as f64;
+        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+        let rm: Vec<f32> = self.running_mean.as_tensor().to_vec1()?;
+        let rv: Vec<f32> = self.running_var.as_tensor().to_vec1()?;
+        let new_mean: Vec<f32> = rm
+            .iter()
+            .zip(&st.mean)
+            .map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32)
+            .collect();
+        let new_var: Vec<f32> = rv
+            .iter()
+            .zip(&st.var)
+            .map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32)
+            .collect();
+        let dev = x.device();
+        self.running_mean
+            .set(&Tensor::from_vec(new_mean, self.channels, dev)?)?;
+        self.running_var
+            .set(&Tensor::from_vec(new_var, self.channels, dev)?)?;
+        Ok(y)
     }
 }
 

@@ -17,8 +17,10 @@
 //! state). Initialisation is reproducible from a seed through a portable generator
 //! ([`params::ParamInit`]). [`ImageClassifier::cost`] gives parameter and multiply-add counts.
 
+pub mod bn_cpu;
 pub mod cifar_resnet;
 pub mod cnn;
+pub mod conv_cpu;
 pub mod layers;
 pub mod params;
 pub mod pretrained;

@@ -33,16 +33,18 @@ impl Block {
         let mut out = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            out = bn.forward(&conv.forward(&out)?, train)?;
-            if i < last {
-                out = out.relu()?;
-            }
+            let y = conv.forward(&out)?;
+            out = if i < last {
+                bn.forward_relu(&y, train)?
+            } else {
+                bn.forward(&y, train)?
+            };
         }
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (out + shortcut)?.relu()
+        crate::bn_cpu::add_relu(&out, &shortcut)
     }
 
     fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
@@ -152,10 +154,7 @@ fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
 
 impl ImageClassifier for ResNet {
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut x = self
-            .bn1
-            .forward(&self.conv1.forward(images)?, train)?
-            .relu()?;
+        let mut x = self.bn1.forward_relu(&self.conv1.forward(images)?, train)?;
         if self.stem == Stem::Imagenet {
             x = max_pool_3x3_s2_p1(&x)?;
         }

@@ -265,3 +265,69 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     out
 }
+
+/// One ResNet-32 training step on a CIFAR-100 batch of 128 (forward with BatchNorm in training
+/// mode, cross-entropy, with SAR's λ1·L_aux + λ2·L_p2a when `sar`, backward, SGD), the peer's
+/// `resnet32_step` workload. Random images; the SAR head's classifier is the model's `fc`.
+pub fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<Runner> {
+    let text = format!(
+        "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
+    );
+    let cfg = crate::config::parse(&text, &[])?;
+    let setup = crate::train::build(&cfg, 3, 100)?;
+    let mut rng = AnchorRng::new(11);
+    let x: Vec<f32> = (0..batch * 3 * 32 * 32)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 100) as i64).collect();
+    let x = Tensor::from_vec(x, (batch, 3, 32, 32), &Device::Cpu)?;
+    let y = Tensor::from_vec(y, batch, &Device::Cpu)?;
+    let vars = setup.varmap.all_vars();
+    let mut opt = crate::optim::Sgd::new(vars, 0.1, 0.9, 5e-4, false);
+    let crate::train::Setup {
+        model, mut head, ..
+    } = setup;
+    Ok(Box::new(move || {
+        let feats = model.features(&x, true)?;
+        let mut loss = candle_nn::loss::cross_entropy(&model.classify(&feats)?, &y)?;
+        if let Some(h) = head.as_mut() {
+            let s = h.step(&|e| model.classify(e), &feats, &y)?;
+            loss = (loss + s.loss)?;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        Ok(())
+    }))
+}
+
+/// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
+/// the machine affects both alike. `gb_per_s` holds images per second here.
+pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let mut runners = [resnet32_runner(false, 128)?, resnet32_runner(true, 128)?];
+    for r in runners.iter_mut() {
+        r()?;
+    }
+    let mut times = [Vec::new(), Vec::new()];
+    for _ in 0..reps {
+        for (r, t) in runners.iter_mut().zip(times.iter_mut()) {
+            let s = Instant::now();
+            r()?;
+            t.push(s.elapsed().as_secs_f64());
+        }
+    }
+    let names = ["ResNet-32 b128 step", "ResNet-32 b128 step + SAR"];
+    Ok(times
+        .iter_mut()
+        .zip(names)
+        .map(|(t, name)| {
+            t.sort_by(f64::total_cmp);
+            let s = t[t.len() / 2];
+            BenchRow {
+                workload: "r32".into(),
+                variant: name.into(),
+                seconds: s,
+                gb_per_s: 128.0 / s,
+            }
+        })
+        .collect())
+}

@@ -49,7 +49,7 @@ enum Command {
     /// Time one SAR step (forward + backward) per backend beside a memory copy, at
     /// Cityscapes/HRNet scale (seg) and CIFAR scale (cls).
     Bench {
-        /// Which workloads: seg, cls, or all.
+        /// Which workloads: seg, cls, resnet32, or all.
         #[arg(long, default_value = "all")]
         workload: String,
         /// Timed repetitions per variant (median reported).
@@ -219,18 +219,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reps,
             json,
         } => {
-            use sar_train::bench::{run_workload, table, Workload};
-            let workloads = match workload.as_str() {
-                "seg" => vec![Workload::seg()],
-                "cls" => vec![Workload::cls()],
-                "all" => vec![Workload::seg(), Workload::cls()],
-                other => anyhow::bail!("unknown workload `{other}` (seg, cls or all)"),
+            use sar_train::bench::{run_resnet32, run_workload, table, Workload};
+            let (workloads, resnet) = match workload.as_str() {
+                "seg" => (vec![Workload::seg()], false),
+                "cls" => (vec![Workload::cls()], false),
+                "resnet32" => (vec![], true),
+                "all" => (vec![Workload::seg(), Workload::cls()], true),
+                other => {
+                    anyhow::bail!("unknown workload `{other}` (seg, cls, resnet32 or all)")
+                }
             };
             let mut rows = Vec::new();
             for w in &workloads {
                 rows.extend(run_workload(w, reps.max(1))?);
             }
             print!("{}", table(&rows));
+            if resnet {
+                let r = run_resnet32(reps.max(1))?;
+                println!(
+                    "\n{:<28} {:>11} {:>9} {:>9}",
+                    "model step", "median ms", "images/s", "x no SAR"
+                );
+                for x in &r {
+                    println!(
+                        "{:<28} {:>11.1} {:>9.1} {:>9.3}",
+                        x.variant,
+                        x.seconds * 1e3,
+                        x.gb_per_s,
+                        x.seconds / r[0].seconds
+                    );
+                }
+                rows.extend(r);
+            }
             if let Some(path) = json {
                 let bytes = serde_json::to_vec_pretty(&rows)?;
                 sar_train::tensorio::write_atomic(&path, &bytes)?;

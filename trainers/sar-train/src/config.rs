@@ -7,7 +7,7 @@
 //! [model]    # arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
 //! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
-//! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps
+//! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
 //! ```
 //! Every key except `data.dataset` and `model.arch` has a default (see the field docs). Example
@@ -312,6 +312,8 @@ pub struct LoopConfig {
     pub on_nonfinite: NonFinitePolicy,
     /// Stop after this many steps (for smoke tests; none).
     pub max_steps: Option<usize>,
+    /// Write PNG plots at the end: loss.png, per_class.png, features.png (true).
+    pub plots: bool,
 }
 
 impl Default for LoopConfig {
@@ -325,6 +327,7 @@ impl Default for LoopConfig {
             log_every: 50,
             on_nonfinite: NonFinitePolicy::Stop,
             max_steps: None,
+            plots: true,
         }
     }
 }

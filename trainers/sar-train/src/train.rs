@@ -814,7 +814,128 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
         &out.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    if cfg.train.plots {
+        let anchors = match &head {
+            Some(h) if h.fully_initialized() => Some(
+                h.semantic_anchors()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            _ => None,
+        };
+        write_plots(
+            cfg,
+            &report,
+            model.as_ref(),
+            test_set,
+            &norm,
+            &dev,
+            anchors.as_deref(),
+        )?;
+    }
     Ok(report)
+}
+
+/// Features `[n, D]` (eval mode) of the first `limit` images of `set`, with their labels.
+pub fn features_of(
+    model: &dyn ImageClassifier,
+    set: &ImageSet,
+    norm: &Normalize,
+    dev: &Device,
+    limit: usize,
+) -> anyhow::Result<(Vec<f32>, Vec<u32>)> {
+    let idx: Vec<usize> = (0..set.len().min(limit)).collect();
+    let (mut f, mut y) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(256) {
+        let (x, labels) = augment::render_batch(set, chunk, Augment::None, norm, 0, 0, 0);
+        let x = Tensor::from_vec(x, (chunk.len(), set.channels, set.height, set.width), dev)?;
+        f.extend(model.features(&x, false)?.flatten_all()?.to_vec1::<f32>()?);
+        y.extend(labels);
+    }
+    Ok((f, y))
+}
+
+/// The training and evaluation loss parts over steps, from a metrics log.
+pub fn loss_series(log: &Path) -> anyhow::Result<Vec<(String, Vec<(f64, f64)>)>> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
+    let keys = ["loss", "ce", "aux", "p2a"];
+    let mut series: Vec<(String, Vec<(f64, f64)>)> =
+        keys.iter().map(|k| (k.to_string(), Vec::new())).collect();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["kind"] != "train" {
+            continue;
+        }
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        for (k, s) in keys.iter().zip(series.iter_mut()) {
+            if let Some(y) = v[*k].as_f64() {
+                s.1.push((step, y));
+            }
+        }
+    }
+    series.retain(|s| s.1.iter().any(|p| p.1 != 0.0));
+    Ok(series)
+}
+
+fn write_plots(
+    cfg: &TrainConfig,
+    report: &RunReport,
+    model: &dyn ImageClassifier,
+    test: &ImageSet,
+    norm: &Normalize,
+    dev: &Device,
+    anchors: Option<&[f32]>,
+) -> anyhow::Result<()> {
+    let out = &cfg.run.output;
+    let name = &cfg.run.name;
+    crate::plots::curves(
+        &out.join("loss.png"),
+        &format!("{name}: training loss"),
+        "step",
+        "loss",
+        &loss_series(&out.join("metrics.jsonl"))?,
+    )?;
+    let labels: Vec<String> = report
+        .train_counts
+        .iter()
+        .enumerate()
+        .map(|(c, n)| format!("{c} ({n})"))
+        .collect();
+    crate::plots::grouped_bars(
+        &out.join("per_class.png"),
+        &format!("{name}: test accuracy per class"),
+        "accuracy %",
+        &labels,
+        &[(
+            if report.sar { "SAR" } else { "baseline" }.to_string(),
+            report
+                .eval
+                .per_class_accuracy
+                .iter()
+                .map(|a| 100.0 * a)
+                .collect(),
+        )],
+    )?;
+    let (f, y) = features_of(model, test, norm, dev, 2000)?;
+    crate::plots::feature_projection(
+        &out.join("features.png"),
+        &format!(
+            "{name}: test features{} (PCA)",
+            if anchors.is_some() {
+                " and semantic anchors"
+            } else {
+                ""
+            }
+        ),
+        &f,
+        &y,
+        model.feature_dim(),
+        anchors,
+    )
 }
 
 /// `sar eval`: the checkpoint's model on its config's test set.

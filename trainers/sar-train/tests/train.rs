@@ -82,6 +82,13 @@ fn sar_training_learns_passes_the_gate_and_logs_the_p2a_term() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
             .unwrap();
     assert_eq!(report["per_class_accuracy"].as_array().unwrap().len(), 10);
+    for plot in ["loss.png", "per_class.png", "features.png"] {
+        let bytes = std::fs::read(dir.path().join(plot)).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 5000,
+            "{plot}"
+        );
+    }
     // `sar eval` on the last checkpoint gives the final evaluation again.
     let last = checkpoint::latest(&dir.path().join("checkpoints"))
         .unwrap()

@@ -52,6 +52,9 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting: {e}")
 }
 
+/// Named curves: `(name, [(x, y)])`.
+pub type Series = Vec<(String, Vec<(f64, f64)>)>;
+
 /// A colour per series or class.
 pub fn palette(i: usize) -> RGBColor {
     const C: [RGBColor; 10] = [

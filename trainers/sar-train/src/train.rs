@@ -857,7 +857,7 @@ pub fn features_of(
 }
 
 /// The training and evaluation loss parts over steps, from a metrics log.
-pub fn loss_series(log: &Path) -> anyhow::Result<Vec<(String, Vec<(f64, f64)>)>> {
+pub fn loss_series(log: &Path) -> anyhow::Result<crate::plots::Series> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
     let keys = ["loss", "ce", "aux", "p2a"];

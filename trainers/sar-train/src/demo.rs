@@ -1,28 +1,25 @@
-//! `sar demo`: baseline against SAR on a long-tailed split of the embedded digits, several seeds.
+//! `sar demo`: baseline against SAR on a long-tailed split of the embedded digits, several
+//! seeds, through the same trainer as `sar train`.
 //!
 //! Data: the 1,797 UCI digits, a stratified third held out as a balanced test set, and a
 //! long-tailed training subset by the CIFAR-LT rule (imbalance 10 by default: class 0 keeps the
-//! most images, class 9 the fewest). Model: an MLP 64 → 128 → 64 (the feature D = 64, after
-//! ReLU) with a linear classifier 64 → 10 that the SAR head shares. SGD with Nesterov momentum,
-//! weight decay and a cosine schedule. Both arms of a seed start from the same weights and see
-//! the same batches; only SAR's term differs.
+//! most images, class 9 the fewest). Model: the small CNN (128-d feature) whose `fc` the SAR
+//! head shares. SGD with Nesterov momentum, weight decay and a cosine schedule; random crops
+//! (1 pixel). Both arms of a seed start from the same weights and see the same batches; only
+//! SAR's term differs. Head/medium/tail are classes 0–2, 3–6 and 7–9.
 //!
 //! The digits are a smoke test of SAR, not evidence for it (PyTorch gave SAR − baseline within
 //! noise on them; see the repository's shared bench notes). So the demo reports mean ± standard
 //! deviation over seeds and the paired differences, and says plainly when a difference is
 //! within noise (|mean| < 2 standard errors).
+//!
+//! Outputs under `output`: one run folder per seed and arm (config, metrics log, checkpoints,
+//! plots), `report.json`, and the comparison plots `per_class_baseline_vs_sar.png` (mean over
+//! seeds) and `loss_baseline_vs_sar.png` (first seed).
 
-use crate::optim::{learning_rate, Schedule, Sgd};
-use anyhow::Context;
-use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{Linear, VarMap};
-use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
-use sar_data::{digits, split, ImageSet};
-use sar_math::anchors::{AnchorKind, AnchorRng};
-use sar_math::metrics::{
-    confusion_update, group_means, groups_by_index, overall_accuracy, per_class_accuracy, Group,
-};
-use sar_math::SarConfig;
+use crate::config::{parse, TrainConfig};
+use crate::train::{loss_series, train, RunReport, TrainOptions};
+use std::path::{Path, PathBuf};
 
 /// Settings of the demo.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,56 +28,34 @@ pub struct DemoConfig {
     pub seeds: Vec<u64>,
     /// Training epochs.
     pub epochs: usize,
-    /// Batch size.
-    pub batch: usize,
-    /// Peak learning rate.
-    pub lr: f64,
     /// Imbalance factor of the training subset.
     pub imbalance: f64,
-    /// SAR's hyper-parameters.
-    pub sar: SarConfig,
+    /// Output folder.
+    pub output: PathBuf,
+    /// Write plots.
+    pub plots: bool,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
             seeds: (0..5).collect(),
-            epochs: 150,
-            batch: 64,
-            lr: 0.05,
+            epochs: 30,
             imbalance: 10.0,
-            sar: SarConfig::default(),
+            output: PathBuf::from("runs/demo"),
+            plots: true,
         }
     }
 }
 
-/// One run's results.
+/// One run of the demo.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct RunResult {
+pub struct DemoRun {
     /// Seed.
     pub seed: u64,
-    /// Whether SAR was on.
-    pub sar: bool,
-    /// Test top-1 accuracy.
-    pub top1: f64,
-    /// Test accuracy per class.
-    pub per_class_accuracy: Vec<f64>,
-    /// Mean accuracy of the head classes (0–2).
-    pub head: f64,
-    /// Mean accuracy of the medium classes (3–6).
-    pub medium: f64,
-    /// Mean accuracy of the tail classes (7–9).
-    pub tail: f64,
-    /// Step at which SAR's gate first passed.
-    pub gate_first_pass: Option<usize>,
-    /// Share of steps after that on which it passed.
-    pub gate_pass_rate: f64,
-    /// L_aux and L_p2a of the last step (0 for the baseline).
-    pub last_loss_aux: f64,
-    /// L_p2a of the last step.
-    pub last_loss_p2a: f64,
-    /// Wall time in seconds.
-    pub seconds: f64,
+    /// The trainer's report.
+    #[serde(flatten)]
+    pub report: RunReport,
 }
 
 /// The whole demo.
@@ -93,194 +68,143 @@ pub struct DemoReport {
     /// Test images.
     pub test_images: usize,
     /// Every run.
-    pub runs: Vec<RunResult>,
+    pub runs: Vec<DemoRun>,
 }
 
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
-    classifier: Linear,
-}
-
-impl Mlp {
-    /// PyTorch's default Linear initialisation (uniform ±1/√fan_in) from a portable generator.
-    fn new(varmap: &VarMap, rng: &mut AnchorRng) -> anyhow::Result<Self> {
-        let mut linear = |name: &str, inp: usize, out: usize| -> anyhow::Result<Linear> {
-            let bound = 1.0 / (inp as f64).sqrt();
-            let mut values = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| (bound * (2.0 * rng.next_f64() - 1.0)) as f32)
-                    .collect()
-            };
-            let w = Var::from_tensor(&Tensor::from_vec(
-                values(inp * out),
-                (out, inp),
-                &Device::Cpu,
-            )?)?;
-            let b = Var::from_tensor(&Tensor::from_vec(values(out), out, &Device::Cpu)?)?;
-            let mut data = varmap.data().lock().expect("varmap lock");
-            data.insert(format!("{name}.weight"), w.clone());
-            data.insert(format!("{name}.bias"), b.clone());
-            Ok(Linear::new(
-                w.as_tensor().clone(),
-                Some(b.as_tensor().clone()),
-            ))
-        };
-        Ok(Mlp {
-            fc1: linear("fc1", 64, 128)?,
-            fc2: linear("fc2", 128, 64)?,
-            classifier: linear("classifier", 64, 10)?,
-        })
-    }
-    fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.relu()?)?.relu()
-    }
-}
-
-fn batch(set: &ImageSet, idx: &[usize]) -> anyhow::Result<(Tensor, Tensor)> {
-    let scale = 1.0 / set.max_value as f32;
-    let mut x = Vec::with_capacity(idx.len() * 64);
-    let mut y = Vec::with_capacity(idx.len());
-    for &i in idx {
-        x.extend(
-            set.image(i)
-                .context("image index")?
-                .iter()
-                .map(|&p| p as f32 * scale - 0.5),
-        );
-        y.push(set.labels[i] as i64);
-    }
-    Ok((
-        Tensor::from_vec(x, (idx.len(), 64), &Device::Cpu)?,
-        Tensor::from_vec(y, idx.len(), &Device::Cpu)?,
-    ))
-}
-
-fn run(
-    cfg: &DemoConfig,
-    train: &ImageSet,
-    test: &ImageSet,
-    seed: u64,
-    with_sar: bool,
-) -> anyhow::Result<RunResult> {
-    let start = std::time::Instant::now();
-    let varmap = VarMap::new();
-    let mut rng = AnchorRng::new(seed);
-    let model = Mlp::new(&varmap, &mut rng)?;
-    let mut head = if with_sar {
-        let backend = CandleBackend::new(Device::Cpu, DType::F32)?;
-        Some(SarHead::new(
-            &varmap,
-            "sar",
-            backend,
-            cfg.sar,
-            10,
-            64,
-            EmbeddingKind::Classification,
-            AnchorKind::Normal,
-            seed,
-        )?)
-    } else {
-        None
-    };
-    let mut opt = Sgd::new(varmap.all_vars(), cfg.lr, 0.9, 5e-4, true);
-    let steps_per_epoch = train.len().div_ceil(cfg.batch);
-    let total = cfg.epochs * steps_per_epoch;
-    let (mut first_pass, mut passes, mut after_first) = (None, 0usize, 0usize);
-    let (mut last_aux, mut last_p2a) = (0.0, 0.0);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut shuffle = AnchorRng::new(seed ^ 0xD47A);
-    let mut t = 0;
-    for _ in 0..cfg.epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, (shuffle.next_u64() % (i as u64 + 1)) as usize);
-        }
-        for chunk in order.chunks(cfg.batch) {
-            let (x, y) = batch(train, chunk)?;
-            let feats = model.features(&x)?;
-            let mut loss = candle_nn::loss::cross_entropy(&model.classifier.forward(&feats)?, &y)?;
-            if let Some(h) = head.as_mut() {
-                let out = h.step(&|e| model.classifier.forward(e), &feats, &y)?;
-                loss = (loss + out.loss)?;
-                (last_aux, last_p2a) = (out.loss_aux, out.loss_p2a);
-                if out.gate_passed {
-                    first_pass.get_or_insert(t);
-                    passes += 1;
-                }
-                if first_pass.is_some() {
-                    after_first += 1;
-                }
-            }
-            let value = loss.to_scalar::<f32>()?;
-            anyhow::ensure!(
-                value.is_finite(),
-                "step {t}: the loss is {value} (seed {seed}, SAR {with_sar})"
-            );
-            opt.lr = learning_rate(&Schedule::Cosine, cfg.lr, t, total, 0);
-            opt.step(&loss.backward()?)?;
-            t += 1;
-        }
-    }
-    // Evaluation on the balanced test set.
-    let all: Vec<usize> = (0..test.len()).collect();
-    let (x, _) = batch(test, &all)?;
-    let pred: Vec<u32> = model
-        .classifier
-        .forward(&model.features(&x)?)?
-        .argmax(D::Minus1)?
-        .to_vec1()?;
-    let mut confusion = vec![0u64; 100];
-    confusion_update(&mut confusion, 10, &test.labels, &pred, -1)?;
-    let mut acc = vec![0.0; 10];
-    per_class_accuracy(&confusion, 10, &mut acc)?;
-    let mut groups = [Group::Head; 10];
-    groups_by_index(3, 7, &mut groups)?;
-    let g = group_means(&acc, &groups)?;
-    Ok(RunResult {
-        seed,
-        sar: with_sar,
-        top1: overall_accuracy(&confusion, 10)?,
-        per_class_accuracy: acc,
-        head: g.head,
-        medium: g.medium,
-        tail: g.tail,
-        gate_first_pass: first_pass,
-        gate_pass_rate: if after_first == 0 {
-            0.0
-        } else {
-            passes as f64 / after_first as f64
-        },
-        last_loss_aux: last_aux,
-        last_loss_p2a: last_p2a,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+/// The trainer configuration of one demo run.
+pub fn run_config(cfg: &DemoConfig, seed: u64, sar: bool) -> anyhow::Result<TrainConfig> {
+    let arm = if sar { "sar" } else { "baseline" };
+    let out = cfg.output.join(format!("seed{seed}-{arm}"));
+    let text = format!(
+        r#"
+[run]
+name = "seed {seed} {arm}"
+seed = {seed}
+output = {out:?}
+[data]
+dataset = "digits"
+imbalance = {imbalance:?}
+split_seed = 2024
+pad = 1
+flip = false
+[model]
+arch = "small-cnn"
+[optim]
+lr = 0.05
+momentum = 0.9
+weight_decay = 5e-4
+nesterov = true
+schedule = "cosine"
+[sar]
+enabled = {sar}
+[train]
+epochs = {epochs}
+batch_size = 64
+log_every = 10
+keep_checkpoints = 1
+plots = {plots}
+[eval]
+groups = "index"
+head_end = 3
+medium_end = 7
+"#,
+        imbalance = cfg.imbalance,
+        epochs = cfg.epochs,
+        plots = cfg.plots,
+        out = out.display().to_string(),
+    );
+    parse(&text, &[])
 }
 
 /// Runs every seed, baseline and SAR, and collects the report. `progress` is told each run.
 pub fn run_demo(
     cfg: &DemoConfig,
-    progress: &mut dyn FnMut(&RunResult),
+    progress: &mut dyn FnMut(&DemoRun),
 ) -> anyhow::Result<DemoReport> {
-    let data = digits::embedded()?;
-    let (train_idx, test_idx) = split::stratified(&data.labels, 10, 1.0 / 3.0, 2024)?;
-    let train_full = data.subset(&train_idx, "digits/train")?;
-    let lt = split::long_tailed(&train_full.labels, 10, cfg.imbalance, None, 2024)?;
-    let train = train_full.subset(&lt, "digits/train-lt")?;
-    let test = data.subset(&test_idx, "digits/test")?;
     let mut runs = Vec::new();
+    let mut test_images = 0;
     for &seed in &cfg.seeds {
-        for with_sar in [false, true] {
-            let r = run(cfg, &train, &test, seed, with_sar)?;
-            progress(&r);
-            runs.push(r);
+        for sar in [false, true] {
+            let rc = run_config(cfg, seed, sar)?;
+            if test_images == 0 {
+                test_images = crate::train::load_data(&rc)?.test.len();
+            }
+            let report = train(&rc, &TrainOptions::default())?;
+            let run = DemoRun { seed, report };
+            progress(&run);
+            runs.push(run);
         }
     }
-    Ok(DemoReport {
+    let report = DemoReport {
         config: cfg.clone(),
-        train_counts: train.class_counts(),
-        test_images: test.len(),
+        train_counts: runs
+            .first()
+            .map(|r| r.report.train_counts.clone())
+            .unwrap_or_default(),
+        test_images,
         runs,
-    })
+    };
+    crate::tensorio::write_atomic(
+        &cfg.output.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if cfg.plots {
+        comparison_plots(&report, &cfg.output)?;
+    }
+    Ok(report)
+}
+
+fn comparison_plots(report: &DemoReport, out: &Path) -> anyhow::Result<()> {
+    let mean_per_class = |sar: bool| -> Vec<f64> {
+        let runs: Vec<&DemoRun> = report.runs.iter().filter(|r| r.report.sar == sar).collect();
+        let c = report.train_counts.len();
+        (0..c)
+            .map(|k| {
+                100.0
+                    * runs
+                        .iter()
+                        .map(|r| r.report.eval.per_class_accuracy[k])
+                        .sum::<f64>()
+                    / runs.len().max(1) as f64
+            })
+            .collect()
+    };
+    let labels: Vec<String> = report
+        .train_counts
+        .iter()
+        .enumerate()
+        .map(|(c, n)| format!("{c} ({n})"))
+        .collect();
+    crate::plots::grouped_bars(
+        &out.join("per_class_baseline_vs_sar.png"),
+        &format!(
+            "long-tailed digits: test accuracy per class, mean of {} seeds",
+            report.config.seeds.len()
+        ),
+        "accuracy %",
+        &labels,
+        &[
+            ("baseline".to_string(), mean_per_class(false)),
+            ("SAR".to_string(), mean_per_class(true)),
+        ],
+    )?;
+    if let Some(&seed) = report.config.seeds.first() {
+        let mut series = Vec::new();
+        for arm in ["baseline", "sar"] {
+            let log = out.join(format!("seed{seed}-{arm}")).join("metrics.jsonl");
+            if let Some((_, s)) = loss_series(&log)?.into_iter().find(|s| s.0 == "ce") {
+                series.push((format!("{arm}: cross-entropy"), s));
+            }
+        }
+        crate::plots::curves(
+            &out.join("loss_baseline_vs_sar.png"),
+            &format!("seed {seed}: training cross-entropy"),
+            "step",
+            "loss",
+            &series,
+        )?;
+    }
+    Ok(())
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -295,21 +219,27 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 }
 
 /// A reported metric: its column name and how to read it from a run.
-type Metric = (&'static str, fn(&RunResult) -> f64);
+type Metric = (&'static str, fn(&RunReport) -> f64);
 
 /// The table printed by `sar demo`.
 pub fn summary(report: &DemoReport) -> String {
-    let arm = |sar: bool| report.runs.iter().filter(move |r| r.sar == sar);
-    let col = |sar: bool, f: fn(&RunResult) -> f64| arm(sar).map(f).collect::<Vec<_>>();
+    let arm = |sar: bool| {
+        report
+            .runs
+            .iter()
+            .filter(move |r| r.report.sar == sar)
+            .map(|r| &r.report)
+    };
+    let col = |sar: bool, f: fn(&RunReport) -> f64| arm(sar).map(f).collect::<Vec<_>>();
     let metrics: [Metric; 4] = [
-        ("top-1", |r| r.top1),
-        ("head 0-2", |r| r.head),
-        ("medium 3-6", |r| r.medium),
-        ("tail 7-9", |r| r.tail),
+        ("top-1", |r| r.eval.top1),
+        ("head 0-2", |r| r.eval.head),
+        ("medium 3-6", |r| r.eval.medium),
+        ("tail 7-9", |r| r.eval.tail),
     ];
     let n = report.config.seeds.len();
     let mut out = format!(
-        "SAR demo: long-tailed digits (imbalance {}, {} training images {:?}, {} balanced test images), MLP 64-128-64, {} epochs, {} seeds\n\n",
+        "SAR demo: long-tailed digits (imbalance {}, {} training images {:?}, {} balanced test images), small CNN, {} epochs, {} seeds\n\n",
         report.config.imbalance,
         report.train_counts.iter().sum::<u64>(),
         report.train_counts,
@@ -355,7 +285,7 @@ pub fn summary(report: &DemoReport) -> String {
     for v in verdicts {
         out += &format!("  {v}\n");
     }
-    let sar_runs: Vec<&RunResult> = arm(true).collect();
+    let sar_runs: Vec<&RunReport> = arm(true).collect();
     let firsts: Vec<f64> = sar_runs
         .iter()
         .filter_map(|r| r.gate_first_pass.map(|s| s as f64))
@@ -368,13 +298,13 @@ pub fn summary(report: &DemoReport) -> String {
     )
     .0;
     out += &format!(
-        "\nSAR's gate passed in {} of {} runs, first at step {:.1} on average, then on {:.1}% of steps; last step L_aux {:.4}, L_p2a {:.4} (mean)\n",
+        "\nSAR's gate passed in {} of {} runs, first at step {:.1} on average, then on {:.1}% of steps; last-epoch L_aux {:.4}, L_p2a {:.4} (mean)\n",
         firsts.len(),
         sar_runs.len(),
         mean_sd(&firsts).0,
         100.0 * rate,
-        mean_sd(&sar_runs.iter().map(|r| r.last_loss_aux).collect::<Vec<_>>()).0,
-        mean_sd(&sar_runs.iter().map(|r| r.last_loss_p2a).collect::<Vec<_>>()).0,
+        mean_sd(&sar_runs.iter().map(|r| r.loss.aux).collect::<Vec<_>>()).0,
+        mean_sd(&sar_runs.iter().map(|r| r.loss.p2a).collect::<Vec<_>>()).0,
     );
     out += "The digits are a smoke test of SAR: its measurable effect needs a larger long-tailed set (e.g. CIFAR-100-LT).\n";
     out

@@ -59,16 +59,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Train baseline and SAR on a long-tailed split of the embedded digits (CPU, about a
+    /// Train baseline and SAR on a long-tailed split of the embedded digits (CPU, under a
     /// minute) and print a table: overall, head, medium and tail accuracy, over several seeds.
     Demo {
         /// Number of seeds (runs per arm).
         #[arg(long, default_value_t = 5)]
         seeds: u64,
         /// Training epochs per run.
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 30)]
         epochs: usize,
-        /// Write the full report (every run, per-class accuracy) as JSON here.
+        /// Output folder (runs, report.json, plots).
+        #[arg(long, default_value = "runs/demo")]
+        output: PathBuf,
+        /// Also write the full report (every run, per-class accuracy) as JSON here.
         #[arg(long)]
         report: Option<PathBuf>,
     },
@@ -260,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             seeds,
             epochs,
+            output,
             report,
         } => {
             anyhow::ensure!(
@@ -269,22 +273,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = sar_train::demo::DemoConfig {
                 seeds: (0..seeds).collect(),
                 epochs,
+                output,
                 ..Default::default()
             };
             let total = 2 * cfg.seeds.len();
             let mut done = 0;
             let r = sar_train::demo::run_demo(&cfg, &mut |run| {
                 done += 1;
+                let r = &run.report;
                 eprintln!(
                     "[{done}/{total}] seed {} {:<8} top-1 {:.1}%  tail {:.1}%  ({:.1} s)",
                     run.seed,
-                    if run.sar { "SAR" } else { "baseline" },
-                    100.0 * run.top1,
-                    100.0 * run.tail,
-                    run.seconds
+                    if r.sar { "SAR" } else { "baseline" },
+                    100.0 * r.eval.top1,
+                    100.0 * r.eval.tail,
+                    r.wall_seconds
                 );
             })?;
             println!("\n{}", sar_train::demo::summary(&r));
+            println!("runs, report.json and plots in {}", cfg.output.display());
             if let Some(path) = report {
                 sar_train::tensorio::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
                 println!("wrote {}", path.display());

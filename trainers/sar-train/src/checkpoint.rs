@@ -238,6 +238,25 @@ pub fn latest(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     Ok(list(dir)?.pop().map(|(_, p)| p))
 }
 
+/// Removes temporary files that a killed writer left in `dir` (`.NAME.tmp-PID`); returns how
+/// many. Only call it when no other process writes into `dir`.
+pub fn remove_stale_temporaries(dir: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Deletes all but the newest `keep` checkpoints in `dir`.
 pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
     let all = list(dir)?;

@@ -385,6 +385,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let ckpt_dir = out.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir)
         .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
     let data = load_data(cfg)?;
     let (train_set, test_set) = (&data.train, &data.test);
     ensure!(
@@ -482,7 +483,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             config: cfg.clone(),
             ..ck.state
         };
-        log.write(serde_json::json!({"kind": "resume", "step": state.step, "from": path.display().to_string()}))?;
+        log.write(serde_json::json!({"kind": "resume", "step": state.step, "from": path.display().to_string(), "stale_temporaries_removed": stale}))?;
     } else {
         crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
         if let Some(p) = &cfg.model.pretrained {

@@ -23,6 +23,7 @@ pub mod cnn;
 pub mod conv_cpu;
 pub mod layers;
 pub mod params;
+pub mod pool_cpu;
 pub mod pretrained;
 pub mod resnet;
 

@@ -144,12 +144,9 @@ impl ResNet {
     }
 }
 
-/// Max-pool 3×3, stride 2, padding 1 of a non-negative map (after ReLU, so zero padding acts
-/// as PyTorch's −∞ padding).
+/// Max-pool 3×3, stride 2, padding 1 (PyTorch's, gradient included).
 fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.pad_with_zeros(2, 1, 1)?
-        .pad_with_zeros(3, 1, 1)?
-        .max_pool2d_with_stride(3, 2)
+    crate::pool_cpu::max_pool2d(x, 3, 2, 1)
 }
 
 impl ImageClassifier for ResNet {

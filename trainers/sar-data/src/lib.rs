@@ -14,6 +14,8 @@
 
 pub mod augment;
 pub mod cifar;
+pub mod cub;
+pub mod dataset;
 pub mod digits;
 pub mod idx;
 pub mod split;

@@ -266,3 +266,74 @@ pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> (Vec<(String, Tensor)>, CheckpointState) {
+        let cfg = crate::config::parse(
+            "[data]\ndataset = \"digits\"\n[model]\narch = \"small-cnn\"\n",
+            &[],
+        )
+        .unwrap();
+        let tensors = vec![
+            (
+                "a.weight".to_string(),
+                Tensor::new(&[1.0f32, -2.0, 3.5], &Device::Cpu).unwrap(),
+            ),
+            (
+                "sar.semantic_anchors".to_string(),
+                Tensor::new(&[[0.25f64, 4.0]], &Device::Cpu).unwrap(),
+            ),
+        ];
+        let state = CheckpointState {
+            format: FORMAT.into(),
+            step: 7,
+            epoch: 1,
+            batch_in_epoch: 2,
+            config: cfg,
+            gate_first_pass: Some(3),
+            gate_passes: 4,
+            skipped_steps: 0,
+            elapsed_seconds: 1.5,
+        };
+        (tensors, state)
+    }
+
+    #[test]
+    fn round_trip_and_every_single_byte_flip_is_caught() {
+        let (tensors, state) = tiny();
+        let bytes = to_bytes(&tensors, &state).unwrap();
+        if let Ok(path) = std::env::var("SAR_WRITE_CHECKPOINT_SEED") {
+            let mut seed = vec![1u8];
+            seed.extend(&bytes);
+            std::fs::write(path, seed).unwrap();
+        }
+        let ck = from_bytes(&bytes).unwrap();
+        assert_eq!(ck.state, state);
+        assert_eq!(
+            ck.tensors["a.weight"].to_vec1::<f32>().unwrap(),
+            vec![1.0, -2.0, 3.5]
+        );
+        assert_eq!(
+            ck.tensors["sar.semantic_anchors"].to_vec2::<f64>().unwrap(),
+            vec![vec![0.25, 4.0]]
+        );
+        // Flipping any one bit of any byte is rejected: nothing corrupt loads as a checkpoint.
+        for i in 0..bytes.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = bytes.clone();
+                bad[i] ^= bit;
+                assert!(
+                    from_bytes(&bad).is_err(),
+                    "flip {bit:#x} at byte {i} of {} loaded",
+                    bytes.len()
+                );
+            }
+        }
+        for n in [0, 7, 8, bytes.len() / 2, bytes.len() - 1] {
+            assert!(from_bytes(&bytes[..n]).is_err(), "a file cut at {n} loaded");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [run]      # name, seed, output, device ("cpu" | "cuda")
-//! [data]     # dataset, root, imbalance, augment, pad, flip, mixup_alpha, test_fraction, split_seed
+//! [data]     # dataset, root, imbalance, augment, pad, flip, crop, resize, mixup_alpha, test_fraction, split_seed
 //! [model]    # arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
 //! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
@@ -93,6 +93,9 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100 binary version in `root` (fine labels).
     Cifar100,
+    /// CUB-200-2011 in its official layout in `root` (`images.txt`, `images/`, …).
+    #[serde(rename = "cub200")]
+    Cub200,
 }
 
 /// Training augmentation.
@@ -135,6 +138,19 @@ pub struct DataConfig {
     /// MixUp α (0: off).
     #[serde(default)]
     pub mixup_alpha: f64,
+    /// Side of the crop rendered from image files (CUB; 224).
+    #[serde(default = "default_crop")]
+    pub crop: usize,
+    /// Shorter side before the evaluation centre crop of image files (256).
+    #[serde(default = "default_resize")]
+    pub resize: usize,
+}
+
+fn default_crop() -> usize {
+    224
+}
+fn default_resize() -> usize {
+    256
 }
 
 fn default_test_fraction() -> f64 {
@@ -439,6 +455,12 @@ impl TrainConfig {
             d.test_fraction > 0.0 && d.test_fraction < 1.0,
             "data.test_fraction must be in (0, 1), got {}",
             d.test_fraction
+        );
+        ensure!(
+            d.crop >= 8 && d.resize >= d.crop,
+            "data.crop must be ≥ 8 and data.resize ≥ data.crop, got {} and {}",
+            d.crop,
+            d.resize
         );
         ensure!(
             d.mixup_alpha.is_finite() && d.mixup_alpha >= 0.0,

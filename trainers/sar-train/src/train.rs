@@ -25,7 +25,8 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
 use sar_data::augment::{self, Augment, Normalize};
-use sar_data::{cifar, digits, idx, split, ImageSet};
+use sar_data::dataset::Dataset;
+use sar_data::{cifar, cub, digits, idx, split};
 use sar_math::metrics::{
     confusion_update, group_means, groups_by_count, groups_by_index, groups_by_rank,
     overall_accuracy, per_class_accuracy, Group,
@@ -39,41 +40,59 @@ use std::time::Instant;
 /// The training and test sets of a config.
 pub struct Datasets {
     /// Training set (long-tailed if `data.imbalance` is set).
-    pub train: ImageSet,
+    pub train: Dataset,
     /// Test set (balanced).
-    pub test: ImageSet,
+    pub test: Dataset,
 }
 
 /// Loads the data sets named by `cfg.data`.
 pub fn load_data(cfg: &TrainConfig) -> anyhow::Result<Datasets> {
     let d = &cfg.data;
     let root = || d.root.clone().unwrap_or_default();
+    let mem = |s: sar_data::ImageSet| Dataset::Memory(s);
+    let files = |set: cub::FileSet| Dataset::Files {
+        set,
+        size: d.crop,
+        resize: d.resize,
+    };
     let (train, test) = match d.dataset {
         DatasetKind::Digits => {
             let all = digits::embedded()?;
             let (tr, te) = split::stratified(&all.labels, 10, d.test_fraction, d.split_seed)?;
             (
-                all.subset(&tr, "digits/train")?,
-                all.subset(&te, "digits/test")?,
+                mem(all.subset(&tr, "digits/train")?),
+                mem(all.subset(&te, "digits/test")?),
             )
         }
+        DatasetKind::Cub200 => (
+            files(cub::read_cub(&root(), true)?),
+            files(cub::read_cub(&root(), false)?),
+        ),
         DatasetKind::MnistIdx => (
-            idx::read_mnist_dir(&root(), true, 10)?,
-            idx::read_mnist_dir(&root(), false, 10)?,
+            mem(idx::read_mnist_dir(&root(), true, 10)?),
+            mem(idx::read_mnist_dir(&root(), false, 10)?),
         ),
         DatasetKind::Cifar10 => (
-            cifar::read_cifar10(&root(), true)?,
-            cifar::read_cifar10(&root(), false)?,
+            mem(cifar::read_cifar10(&root(), true)?),
+            mem(cifar::read_cifar10(&root(), false)?),
         ),
         DatasetKind::Cifar100 => (
-            cifar::read_cifar100(&root(), true, cifar::Cifar::HundredFine)?,
-            cifar::read_cifar100(&root(), false, cifar::Cifar::HundredFine)?,
+            mem(cifar::read_cifar100(
+                &root(),
+                true,
+                cifar::Cifar::HundredFine,
+            )?),
+            mem(cifar::read_cifar100(
+                &root(),
+                false,
+                cifar::Cifar::HundredFine,
+            )?),
         ),
     };
     let train = match d.imbalance {
         Some(f) => {
-            let keep = split::long_tailed(&train.labels, train.classes, f, None, d.split_seed)?;
-            let name = format!("{}-lt{f}", train.name);
+            let keep = split::long_tailed(train.labels(), train.classes(), f, None, d.split_seed)?;
+            let name = format!("{}-lt{f}", train.name());
             train.subset(&keep, &name)?
         }
         None => train,
@@ -123,18 +142,19 @@ pub fn class_groups(cfg: &TrainConfig, train_counts: &[u64]) -> anyhow::Result<V
 /// Top-1, per-class and group accuracies of `model` on `set` (BatchNorm in eval mode).
 pub fn evaluate(
     model: &dyn ImageClassifier,
-    set: &ImageSet,
+    set: &Dataset,
     norm: &Normalize,
     groups: &[Group],
     batch_size: usize,
     dev: &Device,
 ) -> anyhow::Result<Evaluation> {
-    let c = set.classes;
+    let c = set.classes();
+    let (ch, h, w) = set.geometry();
     let mut confusion = vec![0u64; c * c];
     let all: Vec<usize> = (0..set.len()).collect();
     for chunk in all.chunks(batch_size) {
-        let (x, y) = augment::render_batch(set, chunk, Augment::None, norm, 0, 0, 0);
-        let x = Tensor::from_vec(x, (chunk.len(), set.channels, set.height, set.width), dev)?;
+        let (x, y) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
+        let x = Tensor::from_vec(x, (chunk.len(), ch, h, w), dev)?;
         let pred: Vec<u32> = model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?;
         confusion_update(&mut confusion, c, &y, &pred, -1)?;
     }
@@ -389,17 +409,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let data = load_data(cfg)?;
     let (train_set, test_set) = (&data.train, &data.test);
     ensure!(
-        train_set.classes == test_set.classes && train_set.image_len() == test_set.image_len(),
+        train_set.classes() == test_set.classes() && train_set.geometry() == test_set.geometry(),
         "training and test sets differ in classes or image size"
     );
-    let classes = train_set.classes;
+    let classes = train_set.classes();
+    sar_data::dataset::check_labels(train_set)?;
+    sar_data::dataset::check_labels(test_set)?;
     let Setup {
         device: dev,
         varmap,
         model,
         mut head,
-    } = build(cfg, train_set.channels, classes)?;
-    let norm = Normalize::measure(train_set);
+    } = build(cfg, train_set.geometry().0, classes)?;
+    let norm = train_set.normalize();
     let train_counts = train_set.class_counts();
     let groups = class_groups(cfg, &train_counts)?;
     let mut named: Vec<(String, candle_core::Var)> = varmap
@@ -529,7 +551,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     bar.set_prefix(cfg.run.name.clone());
     bar.set_position(state.step);
 
-    let (c, h, w) = (train_set.channels, train_set.height, train_set.width);
+    let (c, h, w) = train_set.geometry();
     let augment = match cfg.data.augment {
         AugmentKind::None => Augment::None,
         AugmentKind::CropFlip => Augment::CropFlip {
@@ -559,15 +581,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             }
             let idx = &order[b * batch..((b + 1) * batch).min(order.len())];
             let n = idx.len();
-            let (mut x, y) = augment::render_batch(
-                train_set,
+            let (mut x, y) = train_set.render_batch(
                 idx,
-                augment,
+                Some(augment),
                 &norm,
                 seed,
                 epoch as u64,
                 (b * batch) as u64,
-            );
+            )?;
             let mix = if cfg.data.mixup_alpha > 0.0 {
                 Some(augment::mixup(
                     &mut x,
@@ -841,16 +862,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
 /// Features `[n, D]` (eval mode) of the first `limit` images of `set`, with their labels.
 pub fn features_of(
     model: &dyn ImageClassifier,
-    set: &ImageSet,
+    set: &Dataset,
     norm: &Normalize,
     dev: &Device,
     limit: usize,
 ) -> anyhow::Result<(Vec<f32>, Vec<u32>)> {
     let idx: Vec<usize> = (0..set.len().min(limit)).collect();
+    let (c, h, w) = set.geometry();
     let (mut f, mut y) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(256) {
-        let (x, labels) = augment::render_batch(set, chunk, Augment::None, norm, 0, 0, 0);
-        let x = Tensor::from_vec(x, (chunk.len(), set.channels, set.height, set.width), dev)?;
+        let (x, labels) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
+        let x = Tensor::from_vec(x, (chunk.len(), c, h, w), dev)?;
         f.extend(model.features(&x, false)?.flatten_all()?.to_vec1::<f32>()?);
         y.extend(labels);
     }
@@ -886,7 +908,7 @@ fn write_plots(
     cfg: &TrainConfig,
     report: &RunReport,
     model: &dyn ImageClassifier,
-    test: &ImageSet,
+    test: &Dataset,
     norm: &Normalize,
     dev: &Device,
     anchors: Option<&[f32]>,
@@ -944,10 +966,10 @@ pub fn eval_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, Evaluation)>
     let ck = checkpoint::load(path)?;
     let cfg = ck.state.config.clone();
     let data = load_data(&cfg)?;
-    let setup = build(&cfg, data.train.channels, data.train.classes)?;
+    let setup = build(&cfg, data.train.geometry().0, data.train.classes())?;
     restore_vars(&setup.varmap, &ck.tensors)
         .with_context(|| format!("checkpoint {}", path.display()))?;
-    let norm = Normalize::measure(&data.train);
+    let norm = data.train.normalize();
     let groups = class_groups(&cfg, &data.train.class_counts())?;
     let e = evaluate(
         setup.model.as_ref(),

@@ -56,7 +56,10 @@ fn sigkill_never_leaves_a_bad_checkpoint_and_resume_finishes_the_run() {
     let mut kills = 0;
     let mut leftovers = 0;
     // Kill at a spread of moments; resume from whatever the folder holds each time.
-    for (i, wait_ms) in [700u64, 350, 900, 420, 610, 380, 455, 530, 275, 820].into_iter().enumerate() {
+    for (i, wait_ms) in [700u64, 350, 900, 420, 610, 380, 455, 530, 275, 820]
+        .into_iter()
+        .enumerate()
+    {
         let mut cmd = Command::new(SAR);
         cmd.args(["train", "-q", "--config"]).arg(&cfg);
         if i > 0 {
@@ -118,7 +121,10 @@ fn sigkill_never_leaves_a_bad_checkpoint_and_resume_finishes_the_run() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/report.json")).unwrap())
             .unwrap();
     assert!(report["top1"].as_f64().unwrap() > 0.5);
-    assert!(!planted.exists(), "the stale temporary file was not removed");
+    assert!(
+        !planted.exists(),
+        "the stale temporary file was not removed"
+    );
     eprintln!("{kills} kills, {leftovers} temporary files seen after kills (writes interrupted)");
 }
 

@@ -4,7 +4,10 @@ use candle_nn::VarMap;
 use sar_models::{build, Arch, ModelSpec, Stem};
 
 fn main() {
-    println!("{:<22} {:>7} {:>6} {:>12} {:>14} {:>10}", "model", "input", "D", "parameters", "multiply-adds", "SAR h_ψ");
+    println!(
+        "{:<22} {:>7} {:>6} {:>12} {:>14} {:>10}",
+        "model", "input", "D", "parameters", "multiply-adds", "SAR h_ψ"
+    );
     for (arch, stem, c, k, size) in [
         (Arch::SmallCnn, Stem::Cifar, 1, 10, 8),
         (Arch::SmallCnn, Stem::Cifar, 1, 10, 28),
@@ -15,7 +18,13 @@ fn main() {
         (Arch::ResNet50, Stem::Imagenet, 3, 200, 224),
     ] {
         let varmap = VarMap::new();
-        let spec = ModelSpec { arch, stem, in_channels: c, classes: k, seed: 0 };
+        let spec = ModelSpec {
+            arch,
+            stem,
+            in_channels: c,
+            classes: k,
+            seed: 0,
+        };
         let m = build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
         let cost = m.cost(size, size);
         let d = m.feature_dim() as u64;

@@ -80,7 +80,13 @@ impl FileSet {
 
 fn read_pairs(path: &Path) -> Result<Vec<(u64, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let shown = path.display().to_string();
+    parse_pairs(&text, &path.display().to_string())
+}
+
+/// Parses one of CUB's `id value` text files (`images.txt`, `image_class_labels.txt`,
+/// `train_test_split.txt`); `shown` names the file in errors. Blank lines are skipped.
+pub fn parse_pairs(text: &str, shown: &str) -> Result<Vec<(u64, String)>> {
+    let shown = shown.to_string();
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

@@ -252,6 +252,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         x.seconds / r[0].seconds
                     );
                 }
+                println!(
+                    "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step",
+                    r[2].seconds * 1e3,
+                    100.0 * r[2].seconds / r[0].seconds
+                );
                 rows.extend(r);
             }
             if let Some(path) = json {

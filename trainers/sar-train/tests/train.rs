@@ -317,7 +317,8 @@ fn every_example_config_parses_and_validates() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            sar_train::config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            sar_train::config::load(&path, &[])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             n += 1;
         }
     }

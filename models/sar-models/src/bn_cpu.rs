@@ -8,7 +8,7 @@
 //!
 //! - forward (training): μ_c, σ²_c (biased) over N·H·W in f64, x̂ = (x − μ)/√(σ² + ε),
 //!   y = γ·x̂ + β, then max(y, 0) if fused with ReLU;
-//! - backward: g = dy·[y > 0] (with ReLU), dβ_c = Σ g, dγ_c = Σ g·x̂,
+//! - backward: g = dy·𝟙(y > 0) (with ReLU), dβ_c = Σ g, dγ_c = Σ g·x̂,
 //!   dx = γ/√(σ²+ε) · (g − dβ_c/M − x̂·dγ_c/M) with M = N·H·W;
 //! - evaluation: y = x·s_c + t_c with s = γ/√(running σ² + ε), t = β − running μ·s.
 //!
@@ -327,7 +327,7 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// dy·[y > 0].
+/// dy·𝟙(y > 0).
 struct ReluMask;
 
 impl CustomOp2 for ReluMask {

@@ -372,20 +372,9 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use crate::layers::Bn;
     use crate::params::ParamInit;
+    use crate::test_util::randn;
     use candle_core::{DType, Device, ModuleT, Tensor, Var};
     use candle_nn::VarMap;
-
-    /// Deterministic N(0, 1) test data (each call draws the next seed).
-    fn randn<S: Into<candle_core::Shape>>(shape: S) -> Tensor {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static SEED: AtomicU64 = AtomicU64::new(1);
-        let shape = shape.into();
-        let mut rng = sar_math::anchors::AnchorRng::new(SEED.fetch_add(1, Ordering::Relaxed));
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.next_normal() as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn max_abs(t: &Tensor) -> f64 {
         t.abs()

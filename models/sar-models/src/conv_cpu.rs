@@ -404,19 +404,8 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::randn;
     use candle_core::{Device, Var};
-
-    /// Deterministic N(0, 1) test data (each call draws the next seed).
-    fn randn<S: Into<candle_core::Shape>>(shape: S) -> Tensor {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static SEED: AtomicU64 = AtomicU64::new(1);
-        let shape = shape.into();
-        let mut rng = sar_math::anchors::AnchorRng::new(SEED.fetch_add(1, Ordering::Relaxed));
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.next_normal() as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// Direct f64 loops: y, dx and dw for upstream gradient `up`.
     #[allow(clippy::type_complexity)]

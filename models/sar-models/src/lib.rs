@@ -27,6 +27,23 @@ pub mod pool_cpu;
 pub mod pretrained;
 pub mod resnet;
 
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+
+    /// Deterministic N(0, 1) test data (each call draws the next seed).
+    pub fn randn<S: Into<candle_core::Shape>>(shape: S) -> Tensor {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEED: AtomicU64 = AtomicU64::new(1);
+        let shape = shape.into();
+        let mut rng = sar_math::anchors::AnchorRng::new(SEED.fetch_add(1, Ordering::Relaxed));
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.next_normal() as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 

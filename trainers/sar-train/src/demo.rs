@@ -169,12 +169,7 @@ fn comparison_plots(report: &DemoReport, out: &Path) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let labels: Vec<String> = report
-        .train_counts
-        .iter()
-        .enumerate()
-        .map(|(c, n)| format!("{c} ({n})"))
-        .collect();
+    let labels = crate::plots::class_labels(&report.train_counts);
     crate::plots::grouped_bars(
         &out.join("per_class_baseline_vs_sar.png"),
         &format!(

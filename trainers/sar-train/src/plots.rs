@@ -52,6 +52,15 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting: {e}")
 }
 
+/// Bar labels `"c (n)"`: class index and its training images.
+pub fn class_labels(train_counts: &[u64]) -> Vec<String> {
+    train_counts
+        .iter()
+        .enumerate()
+        .map(|(c, n)| format!("{c} ({n})"))
+        .collect()
+}
+
 /// Named curves: `(name, [(x, y)])`.
 pub type Series = Vec<(String, Vec<(f64, f64)>)>;
 

@@ -568,6 +568,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
     let mut epoch = state.epoch as usize;
+    let evaluate_and_log = |log: &mut MetricsLog, step: u64, epoch: usize, last: bool| {
+        let e = evaluate(
+            model.as_ref(),
+            test_set,
+            &norm,
+            &groups,
+            cfg.eval.batch_size,
+            &dev,
+        )?;
+        log.write(
+            serde_json::json!({"kind": "eval", "step": step, "epoch": epoch,
+            "top1": e.top1, "head": e.head, "medium": e.medium, "tail": e.tail, "final": last}),
+        )?;
+        anyhow::Ok(e)
+    };
     'epochs: while epoch < cfg.train.epochs {
         let order = augment::epoch_order(train_set.len(), seed, epoch as u64);
         let first_batch = if epoch as u64 == state.epoch {
@@ -776,18 +791,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             && epoch.is_multiple_of(cfg.train.eval_every)
             && epoch < cfg.train.epochs
         {
-            let e = evaluate(
-                model.as_ref(),
-                test_set,
-                &norm,
-                &groups,
-                cfg.eval.batch_size,
-                &dev,
-            )?;
-            log.write(
-                serde_json::json!({"kind": "eval", "step": state.step, "epoch": epoch,
-                "top1": e.top1, "head": e.head, "medium": e.medium, "tail": e.tail}),
-            )?;
+            let e = evaluate_and_log(&mut log, state.step, epoch, false)?;
             if opts.verbose {
                 bar.println(format!("epoch {epoch}: top-1 {:.2}%", 100.0 * e.top1));
             }
@@ -795,16 +799,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
         t0 = Instant::now();
     }
     bar.finish_and_clear();
-    let eval = evaluate(
-        model.as_ref(),
-        test_set,
-        &norm,
-        &groups,
-        cfg.eval.batch_size,
-        &dev,
-    )?;
-    log.write(serde_json::json!({"kind": "eval", "step": state.step, "epoch": epoch,
-        "top1": eval.top1, "head": eval.head, "medium": eval.medium, "tail": eval.tail, "final": true}))?;
+    let eval = evaluate_and_log(&mut log, state.step, epoch, true)?;
     let after_first = state.gate_first_pass.map_or(0, |f| state.step - f);
     let sar_params = varmap
         .data()
@@ -922,12 +917,7 @@ fn write_plots(
         "loss",
         &loss_series(&out.join("metrics.jsonl"))?,
     )?;
-    let labels: Vec<String> = report
-        .train_counts
-        .iter()
-        .enumerate()
-        .map(|(c, n)| format!("{c} ({n})"))
-        .collect();
+    let labels = crate::plots::class_labels(&report.train_counts);
     crate::plots::grouped_bars(
         &out.join("per_class.png"),
         &format!("{name}: test accuracy per class"),

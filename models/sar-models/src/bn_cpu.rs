@@ -20,16 +20,6 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("batch-norm cpu op: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("batch-norm cpu op: {what} must be contiguous"),
-    }
-}
-
 fn nchw(l: &Layout, channels: usize) -> candle_core::Result<(usize, usize, usize)> {
     let d = l.dims();
     if d.len() < 2 || d[1] != channels {
@@ -76,10 +66,10 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let gamma = f32s(s2, l2, "weight")?;
-        let beta = f32s(s3, l3, "bias")?;
+        let gamma = crate::cpu_f32("batch-norm", s2, l2, "weight")?;
+        let beta = crate::cpu_f32("batch-norm", s3, l3, "bias")?;
         let (n, c, hw) = nchw(l1, gamma.len())?;
-        let x = f32s(s1, l1, "input")?;
+        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
         if beta.len() != c {
             candle_core::bail!("batch-norm bias has {} values for {c} channels", beta.len());
         }
@@ -200,9 +190,9 @@ impl CustomOp3 for BnBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = self.gamma.len();
         let (n, _, hw) = nchw(l1, c)?;
-        let x = f32s(s1, l1, "input")?;
-        let dy = f32s(s2, l2, "output gradient")?;
-        let y = f32s(s3, l3, "output")?;
+        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
+        let dy = crate::cpu_f32("batch-norm", s2, l2, "output gradient")?;
+        let y = crate::cpu_f32("batch-norm", s3, l3, "output")?;
         let st = &self.stats;
         if st.mean.len() != c {
             candle_core::bail!("batch-norm backward without forward statistics");
@@ -276,10 +266,10 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let scale = f32s(s2, l2, "scale")?;
-        let shift = f32s(s3, l3, "shift")?;
+        let scale = crate::cpu_f32("batch-norm", s2, l2, "scale")?;
+        let shift = crate::cpu_f32("batch-norm", s3, l3, "shift")?;
         let (n, c, hw) = nchw(l1, scale.len())?;
-        let x = f32s(s1, l1, "input")?;
+        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
         Ok((
             CpuStorage::F32(affine(x, n, c, hw, scale, shift, self.relu)),
             l1.shape().clone(),
@@ -304,8 +294,8 @@ impl CustomOp2 for AddRelu {
         if l1.dims() != l2.dims() {
             candle_core::bail!("add-relu of {:?} and {:?}", l1.dims(), l2.dims());
         }
-        let a = f32s(s1, l1, "lhs")?;
-        let b = f32s(s2, l2, "rhs")?;
+        let a = crate::cpu_f32("batch-norm", s1, l1, "lhs")?;
+        let b = crate::cpu_f32("add-relu", s2, l2, "rhs")?;
         let mut y = vec![0.0f32; a.len()];
         y.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
             let o = i << 14;
@@ -341,8 +331,8 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dy = f32s(s1, l1, "gradient")?;
-        let y = f32s(s2, l2, "output")?;
+        let dy = crate::cpu_f32("batch-norm", s1, l1, "gradient")?;
+        let y = crate::cpu_f32("add-relu", s2, l2, "output")?;
         let mut g = vec![0.0f32; dy.len()];
         g.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
             let o = i << 14;

@@ -208,16 +208,6 @@ fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], accumula
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d cpu op: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv2d cpu op: {what} must be contiguous"),
-    }
-}
-
 /// The convolution op (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dCpu {
@@ -240,8 +230,8 @@ impl CustomOp2 for Conv2dCpu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let x = contiguous(s1, l1, "input")?;
-        let wt = contiguous(s2, l2, "weight")?;
+        let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
+        let wt = crate::cpu_f32("conv2d", s2, l2, "weight")?;
         let (ckk, p) = (g.ckk(), g.p());
         let mut y = vec![0.0f32; g.n * g.o * p];
         let image = g.c * g.h * g.w;
@@ -298,8 +288,8 @@ impl CustomOp3 for GradInput {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l3.dims(), l1.dims(), self.0.stride, self.0.padding)?;
-        let wt = contiguous(s1, l1, "weight")?;
-        let dy = contiguous(s2, l2, "output gradient")?;
+        let wt = crate::cpu_f32("conv2d", s1, l1, "weight")?;
+        let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let mut dx = vec![0.0f32; g.n * image];
         dx.par_chunks_mut(image).enumerate().for_each_init(
@@ -345,8 +335,8 @@ impl CustomOp3 for GradWeight {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l3.dims(), self.0.stride, self.0.padding)?;
-        let x = contiguous(s1, l1, "input")?;
-        let dy = contiguous(s2, l2, "output gradient")?;
+        let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
+        let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let per_group = g.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
         let groups: Vec<usize> = (0..g.n.div_ceil(per_group)).collect();

@@ -27,6 +27,23 @@ pub mod pool_cpu;
 pub mod pretrained;
 pub mod resnet;
 
+/// The f32 values of a contiguous CPU storage, for this crate's custom ops; errors name the op
+/// and the operand.
+pub(crate) fn cpu_f32<'a>(
+    op: &str,
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op} cpu op: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op} cpu op: {what} must be contiguous"),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{Device, Tensor};

@@ -25,13 +25,7 @@ impl CustomOp1 for MaxPoolCpu {
         "sar-max-pool"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = st else {
-            candle_core::bail!("max-pool cpu op: f32 only");
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("max-pool cpu op: contiguous input only");
-        };
-        let x = &v[a..b];
+        let x = crate::cpu_f32("max-pool", st, l, "input")?;
         let &[n, c, h, w] = l.dims() else {
             candle_core::bail!("max-pool needs [N, C, H, W], got {:?}", l.dims());
         };

@@ -12,7 +12,8 @@
 //!
 //! Images are processed in parallel (rayon); each product runs on one thread. A 1×1 conv with
 //! stride 1 and no padding skips im2col (`col_n = x_n`). Layout NCHW, weights `[O, C, k, k]`,
-//! no dilation, no groups, no bias (the models put a BatchNorm after every conv).
+//! dilation (atrous convolution: tap `k` reads input offset `k·dilation`), no groups, no bias
+//! (the models put a BatchNorm after every conv).
 //! Other devices and dtypes use candle's own `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -28,20 +29,30 @@ struct Geometry {
     k: usize,
     stride: usize,
     pad: usize,
+    dil: usize,
     oh: usize,
     ow: usize,
 }
 
 impl Geometry {
-    fn new(x: &[usize], wt: &[usize], stride: usize, pad: usize) -> candle_core::Result<Self> {
+    fn new(x: &[usize], wt: &[usize], op: Conv2dCpu) -> candle_core::Result<Self> {
+        let (stride, pad, dil) = (op.stride, op.padding, op.dilation);
         let (&[n, c, h, w], &[o, c2, k, k2]) = (x, wt) else {
             candle_core::bail!(
                 "conv2d needs [N, C, H, W] input and [O, C, k, k] weight, got {x:?} and {wt:?}"
             );
         };
-        if c != c2 || k != k2 || k == 0 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+        let extent = dil * k.saturating_sub(1) + 1;
+        if c != c2
+            || k != k2
+            || k == 0
+            || stride == 0
+            || dil == 0
+            || h + 2 * pad < extent
+            || w + 2 * pad < extent
+        {
             candle_core::bail!(
-                "conv2d: input {x:?} does not fit weight {wt:?} (stride {stride}, padding {pad})"
+                "conv2d: input {x:?} does not fit weight {wt:?} (stride {stride}, padding {pad}, dilation {dil})"
             );
         }
         Ok(Geometry {
@@ -53,8 +64,9 @@ impl Geometry {
             k,
             stride,
             pad,
-            oh: (h + 2 * pad - k) / stride + 1,
-            ow: (w + 2 * pad - k) / stride + 1,
+            dil,
+            oh: (h + 2 * pad - extent) / stride + 1,
+            ow: (w + 2 * pad - extent) / stride + 1,
         })
     }
     fn ckk(&self) -> usize {
@@ -68,8 +80,9 @@ impl Geometry {
     }
 }
 
-/// Output columns `ox` whose input column `ox·stride + kx − pad` lies inside `[0, w)`.
+/// Output columns `ox` whose input column `ox·stride + kx·dilation − pad` lies inside `[0, w)`.
 fn valid_columns(g: &Geometry, kx: usize) -> (usize, usize) {
+    let kx = kx * g.dil;
     let lo = g.pad.saturating_sub(kx).div_ceil(g.stride);
     // ox·s + kx − pad ≤ w − 1  ⇔  ox ≤ (w − 1 + pad − kx) / s
     let hi = if g.w + g.pad > kx {
@@ -89,7 +102,7 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
                 let (lo, hi) = valid_columns(g, kx);
                 let row = &mut col[((c * g.k + ky) * g.k + kx) * p..][..p];
                 for oy in 0..g.oh {
-                    let iy = (oy * s + ky) as isize - g.pad as isize;
+                    let iy = (oy * s + ky * g.dil) as isize - g.pad as isize;
                     let out = &mut row[oy * ow..(oy + 1) * ow];
                     if iy < 0 || iy >= g.h as isize {
                         out.fill(0.0);
@@ -99,7 +112,7 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
                     out[..lo].fill(0.0);
                     out[hi..].fill(0.0);
                     if lo < hi {
-                        let first = lo * s + kx - g.pad;
+                        let first = lo * s + kx * g.dil - g.pad;
                         if s == 1 {
                             out[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                         } else {
@@ -126,10 +139,10 @@ fn col2im_add(col: &[f32], g: &Geometry, x: &mut [f32]) {
                 if lo >= hi {
                     continue;
                 }
-                let first = lo * s + kx - g.pad;
+                let first = lo * s + kx * g.dil - g.pad;
                 let row = &col[((c * g.k + ky) * g.k + kx) * p..][..p];
                 for oy in 0..g.oh {
-                    let iy = (oy * s + ky) as isize - g.pad as isize;
+                    let iy = (oy * s + ky * g.dil) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
                         continue;
                     }
@@ -215,6 +228,8 @@ pub struct Conv2dCpu {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
+    /// Spacing of the kernel taps (1: an ordinary convolution).
+    pub dilation: usize,
 }
 
 impl CustomOp2 for Conv2dCpu {
@@ -229,7 +244,7 @@ impl CustomOp2 for Conv2dCpu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let g = Geometry::new(l1.dims(), l2.dims(), *self)?;
         let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
         let wt = crate::cpu_f32("conv2d", s2, l2, "weight")?;
         let (ckk, p) = (g.ckk(), g.p());
@@ -287,7 +302,7 @@ impl CustomOp3 for GradInput {
         _s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(l3.dims(), l1.dims(), self.0.stride, self.0.padding)?;
+        let g = Geometry::new(l3.dims(), l1.dims(), self.0)?;
         let wt = crate::cpu_f32("conv2d", s1, l1, "weight")?;
         let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
@@ -334,7 +349,7 @@ impl CustomOp3 for GradWeight {
         _s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(l1.dims(), l3.dims(), self.0.stride, self.0.padding)?;
+        let g = Geometry::new(l1.dims(), l3.dims(), self.0)?;
         let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
         let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
@@ -379,15 +394,22 @@ pub fn conv2d(
     w: &Tensor,
     stride: usize,
     padding: usize,
+    dilation: usize,
 ) -> candle_core::Result<Tensor> {
     if x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32
         && w.dtype() == candle_core::DType::F32
     {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dCpu { stride, padding })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dCpu {
+                stride,
+                padding,
+                dilation,
+            },
+        )
     } else {
-        x.conv2d(w, padding, stride, 1, 1)
+        x.conv2d(w, padding, stride, dilation, 1)
     }
 }
 
@@ -404,8 +426,10 @@ mod tests {
         w: &[f64],
         up: &[f64],
         (n, c, h, wd, o, k, s, p): (usize, usize, usize, usize, usize, usize, usize, usize),
+        d: usize,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let e = d * (k - 1) + 1;
+        let (oh, ow) = ((h + 2 * p - e) / s + 1, (wd + 2 * p - e) / s + 1);
         let mut y = vec![0.0; n * o * oh * ow];
         let mut dx = vec![0.0; x.len()];
         let mut dw = vec![0.0; w.len()];
@@ -417,8 +441,8 @@ mod tests {
                         for ic in 0..c {
                             for ky in 0..k {
                                 for kx in 0..k {
-                                    let iy = (oy * s + ky) as isize - p as isize;
-                                    let ix = (ox * s + kx) as isize - p as isize;
+                                    let iy = (oy * s + ky * d) as isize - p as isize;
+                                    let ix = (ox * s + kx * d) as isize - p as isize;
                                     if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
                                         continue;
                                     }
@@ -443,7 +467,7 @@ mod tests {
     /// computes the output padding from the height only.)
     #[test]
     fn matches_direct_loops_forward_and_gradients() {
-        for &geo in &[
+        let plain = [
             (3, 2, 7, 5, 4, 3, 1, 1),
             (2, 3, 8, 8, 5, 3, 2, 1),
             (2, 4, 6, 6, 3, 1, 1, 0),
@@ -457,11 +481,21 @@ mod tests {
             (2, 64, 8, 8, 256, 1, 1, 0),
             (3, 40, 9, 9, 72, 3, 1, 1),
             (2, 300, 4, 4, 20, 1, 1, 0),
-        ] {
+        ];
+        // Dilated (atrous) geometries as the output-stride-8 backbones and ASPP use them.
+        let dilated = [
+            ((2, 3, 9, 9, 4, 3, 1, 2), 2),
+            ((2, 3, 9, 11, 4, 3, 1, 4), 4),
+            ((1, 2, 8, 7, 3, 3, 2, 2), 2),
+            ((2, 2, 5, 6, 3, 3, 1, 3), 3),
+            ((1, 2, 13, 13, 2, 3, 1, 12), 12),
+            ((1, 2, 6, 6, 2, 3, 1, 1), 2),
+        ];
+        for (geo, dil) in plain.iter().map(|&g| (g, 1)).chain(dilated) {
             let (n, c, h, w, o, k, stride, pad) = geo;
             let x = Var::from_tensor(&randn((n, c, h, w))).unwrap();
             let wt = Var::from_tensor(&randn((o, c, k, k))).unwrap();
-            let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+            let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad, dil).unwrap();
             let up = randn(ours.dims());
             let flat = |t: &Tensor| -> Vec<f64> {
                 t.flatten_all()
@@ -471,7 +505,13 @@ mod tests {
                     .to_vec1()
                     .unwrap()
             };
-            let (y, dx, dw) = naive(&flat(x.as_tensor()), &flat(wt.as_tensor()), &flat(&up), geo);
+            let (y, dx, dw) = naive(
+                &flat(x.as_tensor()),
+                &flat(wt.as_tensor()),
+                &flat(&up),
+                geo,
+                dil,
+            );
             let g = (&ours * &up)
                 .unwrap()
                 .sum_all()
@@ -486,7 +526,10 @@ mod tests {
                 assert_eq!(a.len(), b.len(), "{what} {geo:?}");
                 let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                 for (u, v) in a.iter().zip(&b) {
-                    assert!((u - v).abs() < 1e-5 * scale, "{what} {geo:?}: {u} vs {v}");
+                    assert!(
+                        (u - v).abs() < 1e-5 * scale,
+                        "{what} {geo:?} dilation {dil}: {u} vs {v}"
+                    );
                 }
             }
         }
@@ -497,8 +540,10 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 2, 4, 4), candle_core::DType::F32, &dev).unwrap();
         let w = Tensor::zeros((3, 5, 3, 3), candle_core::DType::F32, &dev).unwrap();
-        assert!(conv2d(&x, &w, 1, 1).is_err());
+        assert!(conv2d(&x, &w, 1, 1, 1).is_err());
         let w = Tensor::zeros((3, 2, 7, 7), candle_core::DType::F32, &dev).unwrap();
-        assert!(conv2d(&x, &w, 1, 1).is_err());
+        assert!(conv2d(&x, &w, 1, 1, 1).is_err());
+        let w = Tensor::zeros((3, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(conv2d(&x, &w, 1, 0, 2).is_err(), "dilated extent 5 > 4");
     }
 }

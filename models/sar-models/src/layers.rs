@@ -29,6 +29,7 @@ pub struct Conv {
     kernel: usize,
     stride: usize,
     padding: usize,
+    dilation: usize,
 }
 
 impl Conv {
@@ -67,12 +68,21 @@ impl Conv {
             kernel,
             stride,
             padding,
+            dilation: 1,
         })
+    }
+
+    /// The same convolution with its taps `dilation` apart (atrous); set the padding to
+    /// `dilation · (k − 1) / 2` to keep the size.
+    pub fn with_dilation(mut self, dilation: usize) -> Self {
+        self.dilation = dilation.max(1);
+        self
     }
 
     /// Output size of an input of `h × w`.
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let o = |x: usize| (x + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1;
+        let extent = self.dilation * (self.kernel - 1) + 1;
+        let o = |x: usize| (x + 2 * self.padding).saturating_sub(extent) / self.stride + 1;
         (o(h), o(w))
     }
 
@@ -93,7 +103,13 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::conv_cpu::conv2d(x, self.conv.weight(), self.stride, self.padding)
+        crate::conv_cpu::conv2d(
+            x,
+            self.conv.weight(),
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
     }
 }
 

@@ -25,7 +25,9 @@ pub mod layers;
 pub mod params;
 pub mod pool_cpu;
 pub mod pretrained;
+pub mod resize;
 pub mod resnet;
+pub mod seg;
 
 /// The f32 values of a contiguous CPU storage, for this crate's custom ops; errors name the op
 /// and the operand.

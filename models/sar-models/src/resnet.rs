@@ -23,13 +23,15 @@ pub enum Depth {
     R50,
 }
 
-struct Block {
-    convs: Vec<(Conv, Bn)>,
-    downsample: Option<(Conv, Bn)>,
+/// A residual block: convs with BatchNorm (ReLU between), shortcut, add, ReLU. Shared with the
+/// dilated segmentation backbones.
+pub(crate) struct Block {
+    pub(crate) convs: Vec<(Conv, Bn)>,
+    pub(crate) downsample: Option<(Conv, Bn)>,
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut out = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
@@ -47,7 +49,7 @@ impl Block {
         crate::bn_cpu::add_relu(&out, &shortcut)
     }
 
-    fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
+    pub(crate) fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
         let mut total = Cost { params: 0, macs: 0 };
         let (h0, w0) = (h, w);
         for (conv, bn) in &self.convs {
@@ -145,7 +147,7 @@ impl ResNet {
 }
 
 /// Max-pool 3×3, stride 2, padding 1 (PyTorch's, gradient included).
-fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
     crate::pool_cpu::max_pool2d(x, 3, 2, 1)
 }
 

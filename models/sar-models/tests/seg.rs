@@ -1,0 +1,226 @@
+//! Segmentation networks: shapes, names, costs against published figures, the shared
+//! classifier, and gradients reaching every parameter.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use sar_models::seg::{build_segmenter, SegBackbone, SegHeadKind, SegSpec};
+
+fn spec(backbone: SegBackbone, head: SegHeadKind, aux: bool, width: usize) -> SegSpec {
+    SegSpec {
+        backbone,
+        head,
+        aux,
+        width,
+        in_channels: 3,
+        classes: 19,
+        seed: 7,
+    }
+}
+
+fn images(n: usize, h: usize, w: usize) -> Tensor {
+    let v: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    Tensor::from_vec(v, (n, 3, h, w), &Device::Cpu).unwrap()
+}
+
+/// HRNetV2-W48 with its FCN head (19 classes) is the HRNet paper's Cityscapes model:
+/// 65.9 M parameters; W18 is 9.6 M (mmsegmentation's fcn_hr18). SAR's h_ψ on D = 720 adds
+/// 2(D² + D) + D² + 6D = 1,560,960 (the SAR paper's Table 20: 1.56 M).
+#[test]
+fn parameter_counts_match_published_figures() {
+    let dev = Device::Cpu;
+    for (backbone, want_m) in [
+        (SegBackbone::HrNetV2W48, 65.9),
+        (SegBackbone::HrNetV2W18, 9.6),
+    ] {
+        let vm = VarMap::new();
+        let m = build_segmenter(
+            &spec(backbone, SegHeadKind::Fcn, false, 64),
+            &vm,
+            &dev,
+            DType::F32,
+        )
+        .unwrap();
+        let c = m.cost(1024, 2048);
+        let got = c.params as f64 / 1e6;
+        assert!(
+            (got - want_m).abs() < 0.06,
+            "{backbone}: {got} M parameters, published {want_m} M"
+        );
+        // The registered variables agree with cost() (running statistics excluded).
+        let n: usize = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !sar_models::params::is_running_stat(k))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert_eq!(n as u64, c.params, "{backbone}");
+    }
+    let d = 720u64;
+    assert_eq!(2 * (d * d + d) + d * d + 6 * d, 1_560_960);
+}
+
+#[test]
+fn shapes_names_and_output_strides() {
+    let dev = Device::Cpu;
+    let x = images(2, 64, 64);
+    for (s, dim, stride, names) in [
+        (
+            spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, true, 16),
+            16 * 8 / 4,
+            8,
+            &[
+                "backbone.stem.0.weight",
+                "backbone.stem.7.running_var",
+                "backbone.layer3.0.downsample.0.weight",
+                "decode_head.conv_cat.conv.weight",
+                "decode_head.conv_seg.bias",
+                "auxiliary_head.convs.0.bn.weight",
+                "auxiliary_head.conv_seg.weight",
+            ][..],
+        ),
+        (
+            spec(SegBackbone::ResNet18V1c, SegHeadKind::Aspp, false, 16),
+            32,
+            8,
+            &[
+                "decode_head.image_pool.1.conv.weight",
+                "decode_head.aspp_modules.3.conv.weight",
+                "decode_head.bottleneck.bn.running_mean",
+            ][..],
+        ),
+        (
+            spec(SegBackbone::HrNetV2W18, SegHeadKind::Fcn, false, 64),
+            270,
+            4,
+            &[
+                "backbone.transition1.0.0.weight",
+                "backbone.transition1.1.0.0.weight",
+                "backbone.transition3.3.0.1.weight",
+                "backbone.stage4.2.fuse_layers.0.3.0.weight",
+                "backbone.stage4.2.fuse_layers.3.0.2.1.running_mean",
+                "backbone.stage3.3.branches.2.3.conv2.weight",
+                "backbone.layer1.0.downsample.1.bias",
+                "decode_head.convs.0.conv.weight",
+            ][..],
+        ),
+    ] {
+        let vm = VarMap::new();
+        let m = build_segmenter(&s, &vm, &dev, DType::F32).unwrap();
+        let data = vm.data().lock().unwrap();
+        for n in names {
+            assert!(data.contains_key(*n), "{:?}: no {n}", s.backbone);
+        }
+        drop(data);
+        assert_eq!(m.feature_dim(), dim);
+        assert_eq!(m.output_stride(), stride);
+        let f = m.features(&x, true).unwrap();
+        assert_eq!(f.main.dims(), &[2, dim, 64 / stride, 64 / stride]);
+        assert_eq!(f.aux.is_some(), s.aux);
+        if let Some(a) = &f.aux {
+            let l = m.classify_aux(a).unwrap();
+            assert_eq!(l.dims(), &[2, 19, 8, 8]);
+        }
+        assert_eq!(
+            m.classify(&f.main).unwrap().dims(),
+            &[2, 19, 64 / stride, 64 / stride]
+        );
+        assert!(m.features(&x, false).unwrap().aux.is_none());
+    }
+}
+
+/// The classifier applied to rows `[M, D]` (the SAR head's anchors) is the same map as on
+/// feature maps: row m equals pixel m of a 1-pixel-high map.
+#[test]
+fn classifier_is_shared_between_maps_and_rows() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let m = build_segmenter(
+        &spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, false, 16),
+        &vm,
+        &dev,
+        DType::F32,
+    )
+    .unwrap();
+    let d = m.feature_dim();
+    let rows = images(1, 5, d)
+        .reshape((5 * 3, d))
+        .unwrap()
+        .narrow(0, 0, 5)
+        .unwrap();
+    let by_rows = m.classify(&rows).unwrap(); // [5, K]
+    let map = rows
+        .t()
+        .unwrap()
+        .reshape((1, d, 1, 5))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let by_map = m
+        .classify(&map)
+        .unwrap()
+        .reshape((19, 5))
+        .unwrap()
+        .t()
+        .unwrap();
+    let diff = (by_rows - by_map)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    assert!(m.classify(&images(1, 2, 2).flatten_all().unwrap()).is_err());
+}
+
+/// A training-mode loss reaches every trainable parameter (nothing is disconnected).
+#[test]
+fn gradients_reach_every_parameter() {
+    let dev = Device::Cpu;
+    for s in [
+        spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, true, 8),
+        spec(SegBackbone::ResNet18V1c, SegHeadKind::Aspp, false, 8),
+    ] {
+        let vm = VarMap::new();
+        let m = build_segmenter(&s, &vm, &dev, DType::F32).unwrap();
+        let f = m.features(&images(2, 32, 32), true).unwrap();
+        let mut loss = m
+            .classify(&f.main)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        if let Some(a) = &f.aux {
+            loss = (loss + m.classify_aux(a).unwrap().sqr().unwrap().sum_all().unwrap()).unwrap();
+        }
+        let g = loss.backward().unwrap();
+        for (name, v) in vm.data().lock().unwrap().iter() {
+            if sar_models::params::is_running_stat(name) {
+                continue;
+            }
+            let gv = g.get(v.as_tensor());
+            assert!(gv.is_some(), "{:?}: no gradient for {name}", s.head);
+        }
+    }
+}
+
+#[test]
+fn bad_specs_are_errors() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    for s in [
+        spec(SegBackbone::HrNetV2W18, SegHeadKind::Aspp, false, 64),
+        spec(SegBackbone::HrNetV2W18, SegHeadKind::Fcn, true, 64),
+        SegSpec {
+            classes: 1,
+            ..spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, false, 16)
+        },
+        spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, false, 6),
+    ] {
+        assert!(build_segmenter(&s, &vm, &dev, DType::F32).is_err(), "{s:?}");
+    }
+}

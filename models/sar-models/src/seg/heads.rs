@@ -38,7 +38,7 @@ enum Decode {
         concat: Option<ConvBn>,
     },
     /// FCN over all HRNet branches resized to the first and concatenated.
-    FcnConcat { conv: ConvBn },
+    FcnConcat { conv: Box<ConvBn> },
     /// DeepLabV3's ASPP.
     Aspp {
         input: usize,
@@ -264,7 +264,7 @@ impl SegModel {
                 let d: usize = b.widths().iter().sum();
                 (
                     Decode::FcnConcat {
-                        conv: ConvBn::module(init, "decode_head.convs.0", d, d, 1, 1, 1)?,
+                        conv: Box::new(ConvBn::module(init, "decode_head.convs.0", d, d, 1, 1, 1)?),
                     },
                     d,
                     None,

@@ -228,12 +228,15 @@ impl HrModule {
     }
 }
 
+/// The transitions into a stage (`None`: the branch passes through) and its modules.
+type Stage = (Vec<Option<Vec<ConvBn>>>, Vec<HrModule>);
+
 /// See the module docs.
 pub struct HrNetV2 {
     stem: Vec<ConvBn>,
     layer1: Vec<Block>,
     /// Per stage 2..4: transitions (None: pass the branch through) and modules.
-    stages: Vec<(Vec<Option<Vec<ConvBn>>>, Vec<HrModule>)>,
+    stages: Vec<Stage>,
     channels: [usize; 4],
 }
 

@@ -158,7 +158,7 @@ pub fn build_segmenter(
             spec.classes
         )));
     }
-    if spec.in_channels == 0 || spec.width < 4 || spec.width % 4 != 0 {
+    if spec.in_channels == 0 || spec.width < 4 || !spec.width.is_multiple_of(4) {
         return Err(ModelError::Config(format!(
             "input channels must be ≥ 1 and the width a multiple of 4 (≥ 4), got {} and {}",
             spec.in_channels, spec.width

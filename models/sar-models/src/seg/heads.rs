@@ -35,16 +35,16 @@ enum Decode {
     Fcn {
         input: usize,
         convs: Vec<ConvBn>,
-        concat: Option<ConvBn>,
+        concat: Option<Box<ConvBn>>,
     },
     /// FCN over all HRNet branches resized to the first and concatenated.
     FcnConcat { conv: Box<ConvBn> },
     /// DeepLabV3's ASPP.
     Aspp {
         input: usize,
-        pool: ConvBn,
+        pool: Box<ConvBn>,
         branches: Vec<ConvBn>,
-        bottleneck: ConvBn,
+        bottleneck: Box<ConvBn>,
     },
 }
 
@@ -184,15 +184,10 @@ impl SegModel {
                             ConvBn::module(init, "decode_head.convs.0", cin, ch, 3, 1, 1)?,
                             ConvBn::module(init, "decode_head.convs.1", ch, ch, 3, 1, 1)?,
                         ],
-                        concat: Some(ConvBn::module(
-                            init,
-                            "decode_head.conv_cat",
-                            cin + ch,
-                            ch,
-                            3,
-                            1,
-                            1,
-                        )?),
+                        concat: Some(
+                            ConvBn::module(init, "decode_head.conv_cat", cin + ch, ch, 3, 1, 1)?
+                                .into(),
+                        ),
                     },
                     SegHeadKind::Aspp => {
                         let mut branches = Vec::new();
@@ -218,7 +213,8 @@ impl SegModel {
                                 1,
                                 1,
                                 1,
-                            )?,
+                            )?
+                            .into(),
                             branches,
                             bottleneck: ConvBn::module(
                                 init,
@@ -228,7 +224,8 @@ impl SegModel {
                                 3,
                                 1,
                                 1,
-                            )?,
+                            )?
+                            .into(),
                         }
                     }
                 };

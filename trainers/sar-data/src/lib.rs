@@ -10,7 +10,9 @@
 //!   `dataset-fashion-mnist`);
 //! - [`cifar`]: CIFAR-10 and CIFAR-100 binary versions;
 //! - [`digits`]: the 1,797 UCI handwritten digits (8×8, 0..16), embedded in the crate;
-//! - [`split`]: long-tailed subsets by the CIFAR-LT rule and stratified splits, from a seed.
+//! - [`split`]: long-tailed subsets by the CIFAR-LT rule and stratified splits, from a seed;
+//! - [`seg`]: segmentation data (Cityscapes, ADE20K, Pascal-Context-59, the embedded glyph
+//!   mosaic) and [`seg_augment`], mmsegmentation's training pipeline.
 
 pub mod augment;
 pub mod cifar;
@@ -18,6 +20,8 @@ pub mod cub;
 pub mod dataset;
 pub mod digits;
 pub mod idx;
+pub mod seg;
+pub mod seg_augment;
 pub mod split;
 
 use std::path::Path;

@@ -59,8 +59,13 @@ impl LabelMap {
     pub fn reduce_zero(classes: usize) -> Self {
         let mut table = [None; 256];
         table[0] = Some(IGNORE);
-        for v in 1..=classes.min(254) {
-            table[v] = Some((v - 1) as u8);
+        for (v, t) in table
+            .iter_mut()
+            .enumerate()
+            .take(classes.min(254) + 1)
+            .skip(1)
+        {
+            *t = Some((v - 1) as u8);
         }
         table[255] = Some(IGNORE);
         LabelMap { table }
@@ -96,7 +101,7 @@ pub enum SegSource {
         /// (image, label) pairs.
         pairs: Vec<(PathBuf, PathBuf)>,
         /// Stored value → class.
-        map: LabelMap,
+        map: Box<LabelMap>,
     },
 }
 
@@ -403,7 +408,10 @@ pub fn cityscapes(root: &Path, train: bool) -> Result<SegDataset> {
     Ok(SegDataset {
         name: format!("cityscapes/{split}"),
         class_names: names(&CITYSCAPES_CLASSES),
-        source: SegSource::Files { pairs, map },
+        source: SegSource::Files {
+            pairs,
+            map: Box::new(map),
+        },
     })
 }
 
@@ -587,7 +595,7 @@ pub fn ade20k(root: &Path, train: bool) -> Result<SegDataset> {
         class_names: names(&ADE20K_CLASSES),
         source: SegSource::Files {
             pairs,
-            map: LabelMap::reduce_zero(150),
+            map: Box::new(LabelMap::reduce_zero(150)),
         },
     })
 }
@@ -702,7 +710,7 @@ pub fn pascal_context59(root: &Path, train: bool) -> Result<SegDataset> {
         class_names: names(&PASCAL_CONTEXT59_CLASSES),
         source: SegSource::Files {
             pairs,
-            map: LabelMap::reduce_zero(59),
+            map: Box::new(LabelMap::reduce_zero(59)),
         },
     })
 }
@@ -744,7 +752,7 @@ pub fn glyph_mosaic(glyphs: &ImageSet, cfg: &MosaicConfig, name: &str) -> Result
             glyphs.channels, glyphs.height, glyphs.width, glyphs.classes
         )));
     }
-    if cfg.size < 24 || !(cfg.imbalance >= 1.0) {
+    if cfg.size < 24 || cfg.imbalance.is_nan() || cfg.imbalance < 1.0 {
         return Err(DataError::Request(format!(
             "mosaic size must be ≥ 24 and imbalance ≥ 1, got {} and {}",
             cfg.size, cfg.imbalance

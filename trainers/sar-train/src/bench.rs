@@ -322,10 +322,111 @@ pub fn sar_head_runner() -> anyhow::Result<Runner> {
     }))
 }
 
-/// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
-/// the machine affects both alike. `gb_per_s` holds images per second here.
-pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
-    let mut runners = [resnet32_runner(false, 128)?, resnet32_runner(true, 128)?];
+/// The config of the segmentation step benchmark: FCN with the auxiliary head on a dilated
+/// ResNet-18 V1c (full width), 19 classes, crop 512 × 512, batch 2.
+fn seg_bench_config(sar: bool) -> anyhow::Result<crate::config::TrainConfig> {
+    crate::config::parse(
+        &format!(
+            "[data]\ndataset = \"mosaic\"\nseg_crop = [512, 512]\n[model]\nbackbone = \"resnet18-v1c\"\n[sar]\nenabled = {sar}\n"
+        ),
+        &[],
+    )
+}
+
+/// One segmentation training step (the benchmark): FCN + auxiliary head on a dilated
+/// ResNet-18 V1c, batch 2, 512 × 512 random images and labels over 19 classes; forward in
+/// training mode, Dropout2d, logits resized to 512 × 512, cross-entropy (+0.4 × auxiliary),
+/// with SAR's λ1·L_aux + λ2·L_p2a when `sar`, backward, SGD.
+pub fn seg_step_runner(sar: bool) -> anyhow::Result<Runner> {
+    let cfg = seg_bench_config(sar)?;
+    let setup = crate::seg::build_seg(&cfg, 19)?;
+    let (n, h, w) = (2usize, 512usize, 512usize);
+    let mut rng = AnchorRng::new(13);
+    let x: Vec<f32> = (0..n * 3 * h * w)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y: Vec<u8> = (0..n * h * w)
+        .map(|_| (rng.next_u64() % 19) as u8)
+        .collect();
+    let y64: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+    let x = Tensor::from_vec(x, (n, 3, h, w), &Device::Cpu)?;
+    let y_t = Tensor::from_vec(y64, (n, h, w), &Device::Cpu)?;
+    let mut opt = crate::optim::Sgd::new(setup.varmap.all_vars(), 0.01, 0.9, 5e-4, false);
+    let crate::seg::SegSetup {
+        model, mut head, ..
+    } = setup;
+    Ok(Box::new(move || {
+        let f = model.features(&x, true)?;
+        let mut drop_rng = AnchorRng::new(1);
+        let logits = model.classify(&crate::seg::dropout2d(&f.main, 0.1, &mut drop_rng)?)?;
+        let mut loss = crate::seg::seg_cross_entropy(&logits, &y, (n, h, w))?;
+        if let Some(a) = &f.aux {
+            let la = model.classify_aux(&crate::seg::dropout2d(a, 0.1, &mut drop_rng)?)?;
+            loss = (loss + (crate::seg::seg_cross_entropy(&la, &y, (n, h, w))? * 0.4)?)?;
+        }
+        if let Some(hd) = head.as_mut() {
+            let s = hd.step(&|e| model.classify(e), &f.main, &y_t)?;
+            loss = (loss + s.loss)?;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        Ok(())
+    }))
+}
+
+/// SAR's part of the segmentation step alone: the head's step on fixed `[2, 128, 64, 64]`
+/// features (the FCN head's D at output stride 8) with `[2, 512, 512]` labels, and its
+/// backward.
+pub fn seg_head_runner() -> anyhow::Result<Runner> {
+    let cfg = seg_bench_config(true)?;
+    let setup = crate::seg::build_seg(&cfg, 19)?;
+    let mut head = setup.head.ok_or_else(|| anyhow::anyhow!("SAR is off"))?;
+    let model = setup.model;
+    let mut rng = AnchorRng::new(14);
+    let d = model.feature_dim();
+    let f: Vec<f32> = (0..2 * d * 64 * 64)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let feats = Var::from_tensor(&Tensor::from_vec(f, (2, d, 64, 64), &Device::Cpu)?)?;
+    let y: Vec<i64> = (0..2 * 512 * 512)
+        .map(|_| (rng.next_u64() % 19) as i64)
+        .collect();
+    let y = Tensor::from_vec(y, (2, 512, 512), &Device::Cpu)?;
+    Ok(Box::new(move || {
+        let s = head.step(&|e| model.classify(e), feats.as_tensor(), &y)?;
+        s.loss.backward()?;
+        Ok(())
+    }))
+}
+
+/// The segmentation step without and with SAR, interleaved, and SAR's head alone.
+/// `gb_per_s` holds images per second.
+pub fn run_seg_step(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let mut rows = interleaved(
+        [seg_step_runner(false)?, seg_step_runner(true)?],
+        ["FCN-R18-d8 b2 512² step", "FCN-R18-d8 b2 512² step + SAR"],
+        "seg-step",
+        2.0,
+        reps,
+    )?;
+    rows.push(BenchRow {
+        workload: "seg-step".into(),
+        variant: "SAR head alone, fwd+bwd".into(),
+        seconds: median_secs(2, reps.max(5), seg_head_runner()?)?,
+        gb_per_s: 0.0,
+    });
+    Ok(rows)
+}
+
+/// Two runners timed alternately (A, B, A, B, …) after one warm-up each, so that drift of the
+/// machine affects both alike; medians, with `images / median` as the rate.
+fn interleaved(
+    mut runners: [Runner; 2],
+    names: [&str; 2],
+    workload: &str,
+    images: f64,
+    reps: usize,
+) -> anyhow::Result<Vec<BenchRow>> {
     for r in runners.iter_mut() {
         r()?;
     }
@@ -337,21 +438,32 @@ pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
             t.push(s.elapsed().as_secs_f64());
         }
     }
-    let names = ["ResNet-32 b128 step", "ResNet-32 b128 step + SAR"];
-    let mut rows: Vec<BenchRow> = times
+    Ok(times
         .iter_mut()
         .zip(names)
         .map(|(t, name)| {
             t.sort_by(f64::total_cmp);
             let s = t[t.len() / 2];
             BenchRow {
-                workload: "r32".into(),
+                workload: workload.into(),
                 variant: name.into(),
                 seconds: s,
-                gb_per_s: 128.0 / s,
+                gb_per_s: images / s,
             }
         })
-        .collect();
+        .collect())
+}
+
+/// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
+/// the machine affects both alike. `gb_per_s` holds images per second here.
+pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let mut rows = interleaved(
+        [resnet32_runner(false, 128)?, resnet32_runner(true, 128)?],
+        ["ResNet-32 b128 step", "ResNet-32 b128 step + SAR"],
+        "r32",
+        128.0,
+        reps,
+    )?;
     // The two medians differ by less than the machine's drift between runs (several per
     // cent), so SAR's own work is also timed alone: the head's step (embed, classify, L_aux,
     // gate, EMA, p2a) and its backward on [128, 64] features.

@@ -16,6 +16,7 @@
 use anyhow::{bail, ensure, Context};
 use sar_math::anchors::AnchorKind;
 use sar_math::{GateMode, SarConfig, WeightMode};
+use sar_models::seg::{SegBackbone, SegHeadKind};
 use sar_models::{Arch, Stem};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -96,6 +97,29 @@ pub enum DatasetKind {
     /// CUB-200-2011 in its official layout in `root` (`images.txt`, `images/`, …).
     #[serde(rename = "cub200")]
     Cub200,
+    /// Segmentation: the embedded long-tailed glyph mosaic ([`sar_data::seg::glyph_mosaic`]).
+    Mosaic,
+    /// Segmentation: Cityscapes (fine) in `root`.
+    Cityscapes,
+    /// Segmentation: ADE20K (`ADEChallengeData2016`) in `root`.
+    #[serde(rename = "ade20k")]
+    Ade20k,
+    /// Segmentation: Pascal-Context-59, mmsegmentation's `VOCdevkit/VOC2010` in `root`.
+    #[serde(rename = "pascal-context59")]
+    PascalContext59,
+}
+
+impl DatasetKind {
+    /// Whether this is a segmentation data set (and the run a segmentation run).
+    pub fn is_segmentation(self) -> bool {
+        matches!(
+            self,
+            DatasetKind::Mosaic
+                | DatasetKind::Cityscapes
+                | DatasetKind::Ade20k
+                | DatasetKind::PascalContext59
+        )
+    }
 }
 
 /// Training augmentation.
@@ -144,6 +168,56 @@ pub struct DataConfig {
     /// Shorter side before the evaluation centre crop of image files (256).
     #[serde(default = "default_resize")]
     pub resize: usize,
+    /// Segmentation: training crop [H, W] (Cityscapes [512, 1024]; mosaic [64, 64]).
+    #[serde(default = "default_seg_crop")]
+    pub seg_crop: [usize; 2],
+    /// Segmentation: base scale [W, H] of the random resize (Cityscapes [2048, 1024]; none:
+    /// each image's own size).
+    #[serde(default)]
+    pub seg_scale: Option<[usize; 2]>,
+    /// Segmentation: ratio range of the random resize ([0.5, 2.0]).
+    #[serde(default = "default_ratio_range")]
+    pub ratio_range: [f64; 2],
+    /// Segmentation: largest share of one class in a random crop (0.75).
+    #[serde(default = "default_cat_max_ratio")]
+    pub cat_max_ratio: f64,
+    /// Segmentation: photometric distortion (true).
+    #[serde(default = "default_flip")]
+    pub photometric: bool,
+    /// Mosaic: canvas side (64).
+    #[serde(default = "default_mosaic_size")]
+    pub mosaic_size: usize,
+    /// Mosaic: training canvases (600).
+    #[serde(default = "default_mosaic_train")]
+    pub mosaic_train: usize,
+    /// Mosaic: test canvases (200).
+    #[serde(default = "default_mosaic_test")]
+    pub mosaic_test: usize,
+    /// Mosaic: glyphs per canvas, at most one per 32 × 32 cell (3).
+    #[serde(default = "default_mosaic_glyphs")]
+    pub mosaic_glyphs: usize,
+}
+
+fn default_seg_crop() -> [usize; 2] {
+    [64, 64]
+}
+fn default_ratio_range() -> [f64; 2] {
+    [0.5, 2.0]
+}
+fn default_cat_max_ratio() -> f64 {
+    0.75
+}
+fn default_mosaic_size() -> usize {
+    64
+}
+fn default_mosaic_train() -> usize {
+    600
+}
+fn default_mosaic_test() -> usize {
+    200
+}
+fn default_mosaic_glyphs() -> usize {
+    3
 }
 
 fn default_crop() -> usize {
@@ -170,8 +244,27 @@ fn default_flip() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The network (required).
-    pub arch: Arch,
+    /// The classification network (required for classification data sets).
+    #[serde(default)]
+    pub arch: Option<Arch>,
+    /// The segmentation backbone (required for segmentation data sets).
+    #[serde(default)]
+    pub backbone: Option<SegBackbone>,
+    /// Segmentation decode head ("fcn").
+    #[serde(default = "default_head")]
+    pub head: SegHeadKind,
+    /// Segmentation: auxiliary FCN head on stage 3 (ResNet backbones; true).
+    #[serde(default = "default_aux")]
+    pub aux: bool,
+    /// Segmentation: weight of the auxiliary head's cross-entropy (0.4).
+    #[serde(default = "default_aux_weight")]
+    pub aux_weight: f64,
+    /// Segmentation: Dropout2d rate before each `conv_seg` (0.1).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Segmentation: base width of the ResNet stages (64; smaller for quick CPU runs).
+    #[serde(default = "default_width")]
+    pub width: usize,
     /// Stem of ResNet-18/50 ("cifar").
     #[serde(default = "default_stem")]
     pub stem: Stem,
@@ -182,6 +275,21 @@ pub struct ModelConfig {
 
 fn default_stem() -> Stem {
     Stem::Cifar
+}
+fn default_head() -> SegHeadKind {
+    SegHeadKind::Fcn
+}
+fn default_aux() -> bool {
+    true
+}
+fn default_aux_weight() -> f64 {
+    0.4
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_width() -> usize {
+    64
 }
 
 /// Learning-rate schedules.
@@ -328,6 +436,11 @@ pub struct LoopConfig {
     pub on_nonfinite: NonFinitePolicy,
     /// Stop after this many steps (for smoke tests; none).
     pub max_steps: Option<usize>,
+    /// Iteration-based schedule (segmentation): train this many steps, cycling through the
+    /// data; the schedule's horizon is `iters` and `epochs` is ignored (none).
+    pub iters: Option<usize>,
+    /// Also evaluate every this many steps (0: never; evaluation at the end always runs).
+    pub eval_every_steps: usize,
     /// Write PNG plots at the end: loss.png, per_class.png, features.png (true).
     pub plots: bool,
 }
@@ -343,6 +456,8 @@ impl Default for LoopConfig {
             log_every: 50,
             on_nonfinite: NonFinitePolicy::Stop,
             max_steps: None,
+            iters: None,
+            eval_every_steps: 0,
             plots: true,
         }
     }
@@ -364,8 +479,9 @@ pub enum GroupBy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Grouping ("count").
-    pub groups: GroupBy,
+    /// Grouping (classification: "count"; segmentation: "rank", thirds of the classes by
+    /// training pixels, the paper's head/body/tail).
+    pub groups: Option<GroupBy>,
     /// Many-shot threshold (100).
     pub many: u64,
     /// Few-shot threshold (20).
@@ -376,17 +492,44 @@ pub struct EvalConfig {
     pub medium_end: usize,
     /// Evaluation batch size (256).
     pub batch_size: usize,
+    /// Segmentation inference: "whole" image or "slide" windows.
+    pub mode: InferenceMode,
+    /// Sliding window [H, W] (mmsegmentation Cityscapes: [512, 1024]).
+    pub slide_crop: [usize; 2],
+    /// Sliding stride [H, W] (mmsegmentation Cityscapes: [341, 341]).
+    pub slide_stride: [usize; 2],
+    /// Segmentation: test images rescaled (keeping the ratio) into this [W, H] before
+    /// inference, logits resized back to the label size (none: original size).
+    pub test_scale: Option<[usize; 2]>,
+    /// Segmentation: colour-coded predictions of this many test images in `predictions.png`
+    /// (4).
+    pub prediction_images: usize,
+}
+
+/// Segmentation inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InferenceMode {
+    /// The whole image at once.
+    Whole,
+    /// Overlapping windows, logits averaged where they overlap (mmsegmentation's `slide`).
+    Slide,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
         EvalConfig {
-            groups: GroupBy::Count,
+            groups: None,
             many: 100,
             few: 20,
             head_end: 36,
             medium_end: 71,
             batch_size: 256,
+            mode: InferenceMode::Whole,
+            slide_crop: [512, 1024],
+            slide_stride: [341, 341],
+            test_scale: None,
+            prediction_images: 4,
         }
     }
 }
@@ -438,7 +581,80 @@ impl TrainConfig {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let d = &self.data;
-        if d.dataset != DatasetKind::Digits {
+        let seg = d.dataset.is_segmentation();
+        let m = &self.model;
+        match (seg, m.arch, m.backbone) {
+            (false, None, _) => bail!("model.arch is required for {:?}", d.dataset),
+            (false, Some(_), Some(_)) => {
+                bail!(
+                    "model.backbone is for segmentation data sets; {:?} takes model.arch",
+                    d.dataset
+                )
+            }
+            (true, _, None) => bail!("model.backbone is required for {:?}", d.dataset),
+            (true, Some(_), _) => {
+                bail!(
+                    "model.arch is for classification; {:?} takes model.backbone",
+                    d.dataset
+                )
+            }
+            _ => {}
+        }
+        if seg {
+            ensure!(
+                (0.0..1.0).contains(&m.dropout),
+                "model.dropout must be in [0, 1), got {}",
+                m.dropout
+            );
+            ensure!(
+                m.aux_weight.is_finite() && m.aux_weight >= 0.0,
+                "model.aux_weight must be ≥ 0, got {}",
+                m.aux_weight
+            );
+            ensure!(
+                m.width >= 4 && m.width.is_multiple_of(4),
+                "model.width must be a multiple of 4, got {}",
+                m.width
+            );
+            ensure!(
+                d.seg_crop.iter().all(|&v| v >= 8),
+                "data.seg_crop must be at least [8, 8], got {:?}",
+                d.seg_crop
+            );
+            ensure!(
+                d.ratio_range[0] > 0.0
+                    && d.ratio_range[0] <= d.ratio_range[1]
+                    && d.ratio_range[1].is_finite(),
+                "data.ratio_range must be [lo, hi] with 0 < lo ≤ hi, got {:?}",
+                d.ratio_range
+            );
+            ensure!(
+                d.cat_max_ratio > 0.0 && d.cat_max_ratio <= 1.0,
+                "data.cat_max_ratio must be in (0, 1], got {}",
+                d.cat_max_ratio
+            );
+            ensure!(
+                d.mixup_alpha == 0.0,
+                "data.mixup_alpha is for classification only"
+            );
+            ensure!(
+                d.mosaic_size >= 32 && d.mosaic_train >= 1 && d.mosaic_test >= 1,
+                "data.mosaic_size must be ≥ 32 and mosaic_train/mosaic_test ≥ 1"
+            );
+            ensure!(
+                self.eval.slide_crop.iter().all(|&v| v >= 1)
+                    && self.eval.slide_stride.iter().all(|&v| v >= 1),
+                "eval.slide_crop and eval.slide_stride must be positive"
+            );
+            ensure!(
+                self.eval.groups != Some(GroupBy::Count),
+                "eval.groups = \"count\" groups classes by images; segmentation groups by pixel frequency (\"rank\") or \"index\""
+            );
+        }
+        if let Some(i) = self.train.iters {
+            ensure!(i >= 1, "train.iters must be ≥ 1");
+        }
+        if !matches!(d.dataset, DatasetKind::Digits | DatasetKind::Mosaic) {
             ensure!(
                 d.root.is_some(),
                 "data.root is required for {:?}",
@@ -545,6 +761,7 @@ mod tests {
     use super::*;
 
     const MIN: &str = "[data]\ndataset = \"digits\"\n[model]\narch = \"small-cnn\"\n";
+    const SEG: &str = "[data]\ndataset = \"mosaic\"\n[model]\nbackbone = \"resnet18-v1c\"\n";
 
     #[test]
     fn defaults_overrides_and_round_trip() {
@@ -569,6 +786,14 @@ mod tests {
         assert_eq!(cfg.optim.milestones, vec![160, 180]);
         assert_eq!(cfg.run.name, "my run");
         assert_eq!(parse(&cfg.to_toml(), &[]).unwrap(), cfg);
+        let seg = parse(
+            SEG,
+            &["data.seg_crop=[32, 48]".into(), "train.iters=100".into()],
+        )
+        .unwrap();
+        assert_eq!(seg.model.backbone, Some(SegBackbone::ResNet18V1c));
+        assert_eq!(seg.data.seg_crop, [32, 48]);
+        assert_eq!(parse(&seg.to_toml(), &[]).unwrap(), seg);
     }
 
     #[test]
@@ -583,6 +808,17 @@ mod tests {
             (MIN.to_string(), "sar.tau=1.5", "tau"),
             (MIN.to_string(), "data.imbalance=0.5", "data.imbalance"),
             (MIN.to_string(), "model.arch=vgg", "vgg"),
+            (MIN.to_string(), "data.dataset=mosaic", "model.backbone"),
+            (
+                SEG.to_string(),
+                "model.arch=resnet32",
+                "model.arch is for classification",
+            ),
+            (SEG.to_string(), "data.seg_crop=[4, 64]", "data.seg_crop"),
+            (SEG.to_string(), "model.dropout=1.0", "model.dropout"),
+            (SEG.to_string(), "eval.groups=count", "eval.groups"),
+            (SEG.to_string(), "data.dataset=cityscapes", "data.root"),
+            (SEG.to_string(), "model.backbone=hrnet", "hrnet"),
             (MIN.to_string(), "data.dataset=cifar100", "data.root"),
             (MIN.to_string(), "lr=0.1", "section.key"),
             (MIN.to_string(), "train.epochs=0", "train.epochs"),

@@ -16,5 +16,6 @@ pub mod demo;
 pub mod optim;
 pub mod plots;
 pub mod reference;
+pub mod seg;
 pub mod tensorio;
 pub mod train;

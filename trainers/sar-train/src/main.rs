@@ -49,7 +49,8 @@ enum Command {
     /// Time one SAR step (forward + backward) per backend beside a memory copy, at
     /// Cityscapes/HRNet scale (seg) and CIFAR scale (cls).
     Bench {
-        /// Which workloads: seg, cls, resnet32, or all.
+        /// Which workloads: seg, cls, resnet32, seg-step (FCN on a dilated ResNet-18, batch 2,
+        /// 512²), or all.
         #[arg(long, default_value = "all")]
         workload: String,
         /// Timed repetitions per variant (median reported).
@@ -59,23 +60,32 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Train baseline and SAR on a long-tailed split of the embedded digits (CPU, under a
-    /// minute) and print a table: overall, head, medium and tail accuracy, over several seeds.
+    /// Train baseline and SAR on embedded long-tailed data and print a table over several
+    /// seeds: `--task cls` (default; digits, small CNN, under a minute): overall, head, medium
+    /// and tail accuracy; `--task seg` (glyph mosaic, FCN on a dilated ResNet-18, a few
+    /// minutes): per-class IoU, mIoU and head/body/tail.
     Demo {
-        /// Number of seeds (runs per arm).
-        #[arg(long, default_value_t = 5)]
-        seeds: u64,
-        /// Training epochs per run.
+        /// Classification or segmentation.
+        #[arg(long, value_enum, default_value = "cls")]
+        task: sar_train::demo::DemoTask,
+        /// Number of seeds (runs per arm; default 5 for cls, 3 for seg).
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Training epochs per run (cls).
         #[arg(long, default_value_t = 30)]
         epochs: usize,
-        /// Output folder (runs, report.json, plots).
-        #[arg(long, default_value = "runs/demo")]
-        output: PathBuf,
+        /// Training iterations per run (seg).
+        #[arg(long, default_value_t = 600)]
+        iters: usize,
+        /// Output folder (runs, report.json, plots; default runs/demo or runs/demo-seg).
+        #[arg(long)]
+        output: Option<PathBuf>,
         /// Also write the full report (every run, per-class accuracy) as JSON here.
         #[arg(long)]
         report: Option<PathBuf>,
     },
-    /// Train a classifier with or without SAR from a TOML config (see `configs/`).
+    /// Train a classifier or a segmenter with or without SAR from a TOML config (see
+    /// `configs/`).
     Train {
         /// The configuration file.
         #[arg(long)]
@@ -172,12 +182,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let r = sar_train::train::train(&cfg, &opts)?;
             println!(
-                "{}: top-1 {:.2}%  head {:.2}%  medium {:.2}%  tail {:.2}%  ({} steps, {:.1} s{})",
+                "{}: {}  ({} steps, {:.1} s{})",
                 r.name,
-                100.0 * r.eval.top1,
-                100.0 * r.eval.head,
-                100.0 * r.eval.medium,
-                100.0 * r.eval.tail,
+                r.eval.summary(),
                 r.steps,
                 r.wall_seconds,
                 match r.gate_first_pass {
@@ -201,13 +208,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { checkpoint, report } => {
             let (cfg, e) = sar_train::train::eval_checkpoint(&checkpoint)?;
             println!(
-                "{} ({}): top-1 {:.2}%  head {:.2}%  medium {:.2}%  tail {:.2}%",
+                "{} ({}): {}",
                 cfg.run.name,
                 checkpoint.display(),
-                100.0 * e.top1,
-                100.0 * e.head,
-                100.0 * e.medium,
-                100.0 * e.tail
+                e.summary()
             );
             if let Some(p) = report {
                 sar_train::tensorio::write_atomic(
@@ -222,14 +226,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reps,
             json,
         } => {
-            use sar_train::bench::{run_resnet32, run_workload, table, Workload};
-            let (workloads, resnet) = match workload.as_str() {
-                "seg" => (vec![Workload::seg()], false),
-                "cls" => (vec![Workload::cls()], false),
-                "resnet32" => (vec![], true),
-                "all" => (vec![Workload::seg(), Workload::cls()], true),
+            use sar_train::bench::{run_resnet32, run_seg_step, run_workload, table, Workload};
+            let (workloads, resnet, seg_step) = match workload.as_str() {
+                "seg" => (vec![Workload::seg()], false, false),
+                "cls" => (vec![Workload::cls()], false, false),
+                "resnet32" => (vec![], true, false),
+                "seg-step" => (vec![], false, true),
+                "all" => (vec![Workload::seg(), Workload::cls()], true, true),
                 other => {
-                    anyhow::bail!("unknown workload `{other}` (seg, cls, resnet32 or all)")
+                    anyhow::bail!(
+                        "unknown workload `{other}` (seg, cls, resnet32, seg-step or all)"
+                    )
                 }
             };
             let mut rows = Vec::new();
@@ -259,6 +266,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 rows.extend(r);
             }
+            if seg_step {
+                let r = run_seg_step(reps.max(1))?;
+                println!(
+                    "\n{:<32} {:>11} {:>9} {:>9}",
+                    "segmentation step", "median ms", "images/s", "x no SAR"
+                );
+                for x in &r {
+                    println!(
+                        "{:<32} {:>11.1} {:>9.2} {:>9.3}",
+                        x.variant,
+                        x.seconds * 1e3,
+                        x.gb_per_s,
+                        x.seconds / r[0].seconds
+                    );
+                }
+                println!(
+                    "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step",
+                    r[2].seconds * 1e3,
+                    100.0 * r[2].seconds / r[0].seconds
+                );
+                rows.extend(r);
+            }
             if let Some(path) = json {
                 let bytes = serde_json::to_vec_pretty(&rows)?;
                 sar_train::tensorio::write_atomic(&path, &bytes)?;
@@ -266,20 +295,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo {
+            task,
             seeds,
             epochs,
+            iters,
             output,
             report,
         } => {
+            use sar_train::demo::{DemoConfig, DemoTask};
+            let base = match task {
+                DemoTask::Cls => DemoConfig::default(),
+                DemoTask::Seg => DemoConfig::segmentation(),
+            };
+            let seeds = seeds.unwrap_or(base.seeds.len() as u64);
             anyhow::ensure!(
-                seeds >= 1 && epochs >= 1,
-                "--seeds and --epochs must be at least 1"
+                seeds >= 1 && epochs >= 1 && iters >= 1,
+                "--seeds, --epochs and --iters must be at least 1"
             );
-            let cfg = sar_train::demo::DemoConfig {
+            let cfg = DemoConfig {
                 seeds: (0..seeds).collect(),
                 epochs,
-                output,
-                ..Default::default()
+                iters,
+                output: output.unwrap_or(base.output.clone()),
+                ..base
             };
             let total = 2 * cfg.seeds.len();
             let mut done = 0;
@@ -287,11 +325,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 done += 1;
                 let r = &run.report;
                 eprintln!(
-                    "[{done}/{total}] seed {} {:<8} top-1 {:.1}%  tail {:.1}%  ({:.1} s)",
+                    "[{done}/{total}] seed {} {:<8} {}  ({:.1} s)",
                     run.seed,
                     if r.sar { "SAR" } else { "baseline" },
-                    100.0 * r.eval.top1,
-                    100.0 * r.eval.tail,
+                    r.eval.summary(),
                     r.wall_seconds
                 );
             })?;

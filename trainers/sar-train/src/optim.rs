@@ -95,11 +95,14 @@ impl Sgd {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let w = var.as_tensor();
+            // Detached: arithmetic on a variable records the op, so the momentum buffer would
+            // otherwise chain every previous step's graph (memory growing without bound).
+            let w = var.as_tensor().detach();
+            let grad = grad.detach();
             let mut g = if self.weight_decay != 0.0 {
-                (grad + (w * self.weight_decay)?)?
+                (&grad + (&w * self.weight_decay)?)?
             } else {
-                grad.clone()
+                grad
             };
             if self.momentum != 0.0 {
                 let b = match buf.take() {
@@ -116,6 +119,27 @@ impl Sgd {
             var.set(&(w - (g * self.lr)?)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The buffers and weights after a step carry no graph: a leak test that can fail (before
+    /// the fix, each momentum buffer was the result of an op over the previous one).
+    #[test]
+    fn momentum_buffers_hold_no_graph() {
+        let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01, true);
+        for _ in 0..3 {
+            let g = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            opt.step(&g).unwrap();
+        }
+        for (_, b) in opt.momentum_state() {
+            assert!(!b.track_op(), "momentum buffer records an op graph");
+        }
     }
 }
 

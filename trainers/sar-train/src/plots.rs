@@ -403,3 +403,105 @@ mod tests {
         }
     }
 }
+
+/// Colour of class `c` of `classes` in prediction images: Cityscapes' official palette for
+/// 19 classes, otherwise evenly spaced hues; the ignore label is black.
+pub fn class_colour(c: u8, classes: usize) -> [u8; 3] {
+    const CITYSCAPES: [[u8; 3]; 19] = [
+        [128, 64, 128],
+        [244, 35, 232],
+        [70, 70, 70],
+        [102, 102, 156],
+        [190, 153, 153],
+        [153, 153, 153],
+        [250, 170, 30],
+        [220, 220, 0],
+        [107, 142, 35],
+        [152, 251, 152],
+        [70, 130, 180],
+        [220, 20, 60],
+        [255, 0, 0],
+        [0, 0, 142],
+        [0, 0, 70],
+        [0, 60, 100],
+        [0, 80, 100],
+        [0, 0, 230],
+        [119, 11, 32],
+    ];
+    if c == sar_data::seg::IGNORE {
+        return [0, 0, 0];
+    }
+    if classes == 19 {
+        return CITYSCAPES[c as usize % 19];
+    }
+    if c == 0 {
+        return [60, 60, 60];
+    }
+    // Hue by golden-ratio steps, full saturation.
+    let h = (c as f64 * 0.618_033_988_75).fract() * 6.0;
+    let x = (1.0 - ((h % 2.0) - 1.0).abs()) * 255.0;
+    let (r, g, b) = match h as u32 {
+        0 => (255.0, x, 0.0),
+        1 => (x, 255.0, 0.0),
+        2 => (0.0, 255.0, x),
+        3 => (0.0, x, 255.0),
+        4 => (x, 0.0, 255.0),
+        _ => (255.0, 0.0, x),
+    };
+    [r as u8, g as u8, b as u8]
+}
+
+/// `predictions.png`: one row per sample, image | ground truth | prediction, colour-coded
+/// with [`class_colour`], small images enlarged to at least 128 pixels high.
+pub fn segmentation_panel(
+    path: &Path,
+    rows: &[(sar_data::seg::SegSample, Vec<u8>)],
+    classes: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!rows.is_empty(), "no samples to draw");
+    let zoom = rows
+        .iter()
+        .map(|(s, _)| 128usize.div_ceil(s.height.max(1)))
+        .max()
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let width = rows.iter().map(|(s, _)| s.width).max().unwrap_or(1) * zoom;
+    let gap = 4;
+    let (w, h) = (
+        3 * width + 2 * gap,
+        rows.iter()
+            .map(|(s, _)| s.height * zoom + gap)
+            .sum::<usize>(),
+    );
+    let mut img = vec![255u8; w * h * 3];
+    let mut top = 0;
+    for (s, pred) in rows {
+        anyhow::ensure!(
+            pred.len() == s.height * s.width,
+            "prediction size differs from its image"
+        );
+        for y in 0..s.height * zoom {
+            for x in 0..s.width * zoom {
+                let p = (y / zoom) * s.width + x / zoom;
+                let cols = [
+                    [s.image[p * 3], s.image[p * 3 + 1], s.image[p * 3 + 2]],
+                    class_colour(s.label[p], classes),
+                    class_colour(pred[p], classes),
+                ];
+                for (panel, c) in cols.iter().enumerate() {
+                    let o = ((top + y) * w + panel * (width + gap) + x) * 3;
+                    img[o..o + 3].copy_from_slice(c);
+                }
+            }
+        }
+        top += s.height * zoom + gap;
+    }
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .and_then(|mut wr| wr.write_image_data(&img))
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -88,6 +88,7 @@ pub fn load_data(cfg: &TrainConfig) -> anyhow::Result<Datasets> {
                 cifar::Cifar::HundredFine,
             )?),
         ),
+        other => bail!("{other:?} is a segmentation data set, not a classification one"),
     };
     let train = match d.imbalance {
         Some(f) => {
@@ -102,7 +103,7 @@ pub fn load_data(cfg: &TrainConfig) -> anyhow::Result<Datasets> {
     Ok(Datasets { train, test })
 }
 
-fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+pub(crate) fn device(kind: DeviceKind) -> anyhow::Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0"),
@@ -131,7 +132,12 @@ pub fn class_groups(cfg: &TrainConfig, train_counts: &[u64]) -> anyhow::Result<V
     let c = train_counts.len();
     let mut g = vec![Group::Head; c];
     let e = &cfg.eval;
-    match e.groups {
+    let by = e.groups.unwrap_or(if cfg.data.dataset.is_segmentation() {
+        GroupBy::Rank
+    } else {
+        GroupBy::Count
+    });
+    match by {
         GroupBy::Count => groups_by_count(train_counts, e.many, e.few, &mut g)?,
         GroupBy::Rank => groups_by_rank(train_counts, 1.0 / 3.0, 1.0 / 3.0, &mut g)?,
         GroupBy::Index => groups_by_index(e.head_end.min(c), e.medium_end.min(c), &mut g)?,
@@ -182,14 +188,82 @@ pub fn evaluate(
 /// Mean loss parts over a logging window.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LossParts {
-    /// Cross-entropy.
+    /// Cross-entropy (segmentation: of the decode head).
     pub ce: f64,
+    /// Segmentation: the auxiliary head's cross-entropy times its weight (0 without one).
+    pub head_aux: f64,
     /// L_aux (unweighted).
     pub aux: f64,
     /// L_p2a (unweighted; 0 on steps where the gate failed).
     pub p2a: f64,
     /// The total loss minimised.
     pub total: f64,
+}
+
+impl LossParts {
+    fn add(&mut self, o: &LossParts) {
+        self.ce += o.ce;
+        self.head_aux += o.head_aux;
+        self.aux += o.aux;
+        self.p2a += o.p2a;
+        self.total += o.total;
+    }
+    fn scaled(&self, k: f64) -> LossParts {
+        LossParts {
+            ce: self.ce * k,
+            head_aux: self.head_aux * k,
+            aux: self.aux * k,
+            p2a: self.p2a * k,
+            total: self.total * k,
+        }
+    }
+}
+
+/// A test-set evaluation of either task.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum TaskEvaluation {
+    /// Classification.
+    Classification(Evaluation),
+    /// Segmentation.
+    Segmentation(crate::seg::SegEvaluation),
+}
+
+impl TaskEvaluation {
+    /// The classification metrics, or an error for a segmentation run.
+    pub fn classification(&self) -> anyhow::Result<&Evaluation> {
+        match self {
+            TaskEvaluation::Classification(e) => Ok(e),
+            TaskEvaluation::Segmentation(_) => bail!("this is a segmentation evaluation"),
+        }
+    }
+    /// The segmentation metrics, or an error for a classification run.
+    pub fn segmentation(&self) -> anyhow::Result<&crate::seg::SegEvaluation> {
+        match self {
+            TaskEvaluation::Segmentation(e) => Ok(e),
+            TaskEvaluation::Classification(_) => bail!("this is a classification evaluation"),
+        }
+    }
+    /// One line for logs and the terminal.
+    pub fn summary(&self) -> String {
+        match self {
+            TaskEvaluation::Classification(e) => format!(
+                "top-1 {:.2}%  head {:.2}%  medium {:.2}%  tail {:.2}%",
+                100.0 * e.top1,
+                100.0 * e.head,
+                100.0 * e.medium,
+                100.0 * e.tail
+            ),
+            TaskEvaluation::Segmentation(e) => format!(
+                "mIoU {:.2}%  aAcc {:.2}%  mHead {:.2}%  mBody {:.2}%  mTail {:.2}%",
+                100.0 * e.miou,
+                100.0 * e.aacc,
+                100.0 * e.mhead,
+                100.0 * e.mbody,
+                100.0 * e.mtail
+            ),
+        }
+    }
 }
 
 /// The result of a training run (`report.json`).
@@ -201,8 +275,8 @@ pub struct RunReport {
     pub sar: bool,
     /// Final test evaluation.
     #[serde(flatten)]
-    pub eval: Evaluation,
-    /// Training images per class.
+    pub eval: TaskEvaluation,
+    /// Training images (segmentation: labelled pixels) per class.
     pub train_counts: Vec<u64>,
     /// Loss parts averaged over the last epoch.
     pub loss: LossParts,
@@ -275,7 +349,10 @@ pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Resu
     let device = device(cfg.run.device)?;
     let varmap = VarMap::new();
     let spec = ModelSpec {
-        arch: cfg.model.arch,
+        arch: cfg
+            .model
+            .arch
+            .context("model.arch is required for a classification run")?,
         stem: cfg.model.stem,
         in_channels: channels,
         classes,
@@ -397,6 +474,280 @@ fn finite_check(step: u64, parts: &[(&str, f64)]) -> Option<String> {
         .map(|(name, v)| format!("step {step}: loss part {name} is {v}"))
 }
 
+/// What one training step produced.
+pub(crate) enum StepOutcome {
+    /// A non-finite input or loss part, in words.
+    Fault(String),
+    /// The loss to minimise and its parts.
+    Loss {
+        loss: Tensor,
+        parts: LossParts,
+        gate: bool,
+        valid: usize,
+        images: usize,
+    },
+}
+
+/// Where a training step is in the run.
+pub(crate) struct StepCtx<'a> {
+    /// Training samples of the batch.
+    pub idx: &'a [usize],
+    /// Epoch (pass over the data).
+    pub epoch: u64,
+    /// Batch within the epoch.
+    pub batch: usize,
+    /// Position of the batch's first sample within the epoch.
+    pub position: u64,
+    /// Optimiser step.
+    pub step: u64,
+    /// Fault injection: NaN input.
+    pub poison_input: bool,
+    /// Fault injection: infinite task loss.
+    pub poison_loss: bool,
+}
+
+/// The task-specific half of the trainer (classification or segmentation); the loop,
+/// optimiser, schedule, checkpoints, logging and reports are shared.
+pub(crate) trait Task {
+    /// All variables (model and SAR head).
+    fn varmap(&self) -> &VarMap;
+    /// Device.
+    fn device(&self) -> &Device;
+    /// The SAR head.
+    fn head(&self) -> Option<&SarHead>;
+    /// The SAR head, mutably.
+    fn head_mut(&mut self) -> Option<&mut SarHead>;
+    /// Training samples.
+    fn train_len(&self) -> usize;
+    /// Training images (classification) or pixels (segmentation) per class.
+    fn train_counts(&self) -> &[u64];
+    /// Forward pass and loss of one batch (BatchNorm statistics and SAR's EMA update here).
+    fn step(&mut self, ctx: &StepCtx) -> anyhow::Result<StepOutcome>;
+    /// Test-set evaluation.
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation>;
+    /// Parameters and multiply-adds of inference on one training-size input.
+    fn cost(&self) -> sar_models::Cost;
+    /// PNG plots beyond the loss curves.
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()>;
+}
+
+/// Classification: images → pooled features → linear classifier.
+struct ClsTask {
+    cfg: TrainConfig,
+    setup: Setup,
+    data: Datasets,
+    norm: Normalize,
+    groups: Vec<Group>,
+    counts: Vec<u64>,
+    augment: Augment,
+}
+
+impl ClsTask {
+    fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
+        let data = load_data(cfg)?;
+        ensure!(
+            data.train.classes() == data.test.classes()
+                && data.train.geometry() == data.test.geometry(),
+            "training and test sets differ in classes or image size"
+        );
+        sar_data::dataset::check_labels(&data.train)?;
+        sar_data::dataset::check_labels(&data.test)?;
+        let setup = build(cfg, data.train.geometry().0, data.train.classes())?;
+        let norm = data.train.normalize();
+        let counts = data.train.class_counts();
+        let groups = class_groups(cfg, &counts)?;
+        let augment = match cfg.data.augment {
+            AugmentKind::None => Augment::None,
+            AugmentKind::CropFlip => Augment::CropFlip {
+                pad: cfg.data.pad,
+                flip: cfg.data.flip,
+            },
+        };
+        Ok(ClsTask {
+            cfg: cfg.clone(),
+            setup,
+            data,
+            norm,
+            groups,
+            counts,
+            augment,
+        })
+    }
+}
+
+impl Task for ClsTask {
+    fn varmap(&self) -> &VarMap {
+        &self.setup.varmap
+    }
+    fn device(&self) -> &Device {
+        &self.setup.device
+    }
+    fn head(&self) -> Option<&SarHead> {
+        self.setup.head.as_ref()
+    }
+    fn head_mut(&mut self) -> Option<&mut SarHead> {
+        self.setup.head.as_mut()
+    }
+    fn train_len(&self) -> usize {
+        self.data.train.len()
+    }
+    fn train_counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    fn step(&mut self, ctx: &StepCtx) -> anyhow::Result<StepOutcome> {
+        let cfg = &self.cfg;
+        let (c, h, w) = self.data.train.geometry();
+        let (idx, n, step) = (ctx.idx, ctx.idx.len(), ctx.step);
+        let dev = self.setup.device.clone();
+        let (mut x, y) = self.data.train.render_batch(
+            idx,
+            Some(self.augment),
+            &self.norm,
+            cfg.run.seed,
+            ctx.epoch,
+            ctx.position,
+        )?;
+        let mix = if cfg.data.mixup_alpha > 0.0 {
+            Some(augment::mixup(
+                &mut x,
+                c * h * w,
+                cfg.data.mixup_alpha,
+                cfg.run.seed,
+                ctx.epoch,
+                ctx.batch as u64,
+            ))
+        } else {
+            None
+        };
+        if ctx.poison_input {
+            x.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Ok(StepOutcome::Fault(format!(
+                "step {step}: the input batch holds {} (image {} of the batch)",
+                x[i],
+                i / (c * h * w)
+            )));
+        }
+        let model = &self.setup.model;
+        let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
+        let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+        let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
+        let feats = model.features(&x, true)?;
+        let logits = model.classify(&feats)?;
+        let (ce, labels_b) = match &mix {
+            None => (candle_nn::loss::cross_entropy(&logits, &y_t)?, None),
+            Some((lam, perm)) => {
+                let lb: Vec<i64> = perm.iter().map(|&p| labels[p]).collect();
+                let yb = Tensor::from_vec(lb.clone(), n, &dev)?;
+                let ce = ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
+                    + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?;
+                (ce, Some(lb))
+            }
+        };
+        let ce = if ctx.poison_loss {
+            (ce * f64::INFINITY)?
+        } else {
+            ce
+        };
+        let ce_value = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut loss = ce;
+        let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+        if let Some(hd) = self.setup.head.as_mut() {
+            let classify = |e: &Tensor| model.classify(e);
+            let s = match (&mix, &labels_b) {
+                (Some((lam, _)), Some(lb)) => {
+                    hd.step_mixup(&classify, &feats, &labels, lb, *lam)?
+                }
+                _ => hd.step(&classify, &feats, &y_t)?,
+            };
+            (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+            loss = (loss + s.loss)?;
+        }
+        finish_step(step, loss, ce_value, 0.0, aux, p2a, gate, valid, n)
+    }
+
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
+        Ok(TaskEvaluation::Classification(evaluate(
+            self.setup.model.as_ref(),
+            &self.data.test,
+            &self.norm,
+            &self.groups,
+            self.cfg.eval.batch_size,
+            &self.setup.device,
+        )?))
+    }
+
+    fn cost(&self) -> sar_models::Cost {
+        let (_, h, w) = self.data.train.geometry();
+        self.setup.model.cost(h, w)
+    }
+
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()> {
+        let anchors = match self.head() {
+            Some(h) if h.fully_initialized() => Some(
+                h.semantic_anchors()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            _ => None,
+        };
+        write_plots(
+            cfg,
+            report,
+            self.setup.model.as_ref(),
+            &self.data.test,
+            &self.norm,
+            &self.setup.device,
+            anchors.as_deref(),
+        )
+    }
+}
+
+/// Checks the loss parts for NaN/inf and packs the outcome. `head_aux` is the auxiliary
+/// segmentation head's (weighted) cross-entropy, part of `loss`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_step(
+    step: u64,
+    loss: Tensor,
+    ce: f64,
+    head_aux: f64,
+    aux: f64,
+    p2a: f64,
+    gate: bool,
+    valid: usize,
+    images: usize,
+) -> anyhow::Result<StepOutcome> {
+    let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if let Some(msg) = finite_check(
+        step,
+        &[
+            ("cross-entropy", ce),
+            ("auxiliary-head cross-entropy", head_aux),
+            ("L_aux", aux),
+            ("L_p2a", p2a),
+            ("total", total),
+        ],
+    ) {
+        return Ok(StepOutcome::Fault(msg));
+    }
+    Ok(StepOutcome::Loss {
+        loss,
+        parts: LossParts {
+            ce,
+            head_aux,
+            aux,
+            p2a,
+            total,
+        },
+        gate,
+        valid,
+        images,
+    })
+}
+
 /// Trains as `cfg` says; see the module docs. Returns the final report (also written to
 /// `run.output/report.json`).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport> {
@@ -406,25 +757,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     std::fs::create_dir_all(&ckpt_dir)
         .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
-    let data = load_data(cfg)?;
-    let (train_set, test_set) = (&data.train, &data.test);
-    ensure!(
-        train_set.classes() == test_set.classes() && train_set.geometry() == test_set.geometry(),
-        "training and test sets differ in classes or image size"
-    );
-    let classes = train_set.classes();
-    sar_data::dataset::check_labels(train_set)?;
-    sar_data::dataset::check_labels(test_set)?;
-    let Setup {
-        device: dev,
-        varmap,
-        model,
-        mut head,
-    } = build(cfg, train_set.geometry().0, classes)?;
-    let norm = train_set.normalize();
-    let train_counts = train_set.class_counts();
-    let groups = class_groups(cfg, &train_counts)?;
-    let mut named: Vec<(String, candle_core::Var)> = varmap
+    let mut task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
+        Box::new(crate::seg::SegTask::new(cfg)?)
+    } else {
+        Box::new(ClsTask::new(cfg)?)
+    };
+    let train_counts = task.train_counts().to_vec();
+    let dev = task.device().clone();
+    let mut named: Vec<(String, candle_core::Var)> = task
+        .varmap()
         .data()
         .lock()
         .expect("varmap lock")
@@ -437,8 +778,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let mut opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov);
 
     let batch = cfg.train.batch_size;
-    let steps_per_epoch = train_set.len().div_ceil(batch);
-    let total_steps = (cfg.train.epochs * steps_per_epoch) as u64;
+    let train_len = task.train_len();
+    let steps_per_epoch = train_len.div_ceil(batch);
+    let (total_steps, epochs) = match cfg.train.iters {
+        Some(i) => (i as u64, i.div_ceil(steps_per_epoch)),
+        None => (
+            (cfg.train.epochs * steps_per_epoch) as u64,
+            cfg.train.epochs,
+        ),
+    };
     let last_step = cfg
         .train
         .max_steps
@@ -481,6 +829,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 "train.batch_size",
                 old.train.batch_size == cfg.train.batch_size,
             ),
+            ("train.iters", old.train.iters == cfg.train.iters),
         ] {
             ensure!(
                 same,
@@ -488,7 +837,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 path.display()
             );
         }
-        restore_vars(&varmap, &ck.tensors)
+        restore_vars(task.varmap(), &ck.tensors)
             .with_context(|| format!("cannot resume from {}", path.display()))?;
         let mut momentum = Vec::new();
         for (name, t) in &ck.tensors {
@@ -497,7 +846,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             }
         }
         opt.load_momentum_state(momentum)?;
-        if let Some(h) = head.as_mut() {
+        if let Some(h) = task.head_mut() {
             let dev2 = dev.clone();
             h.load_buffers(&|n| ck.tensors.get(n).and_then(|t| t.to_device(&dev2).ok()))?;
         }
@@ -509,13 +858,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     } else {
         crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
         if let Some(p) = &cfg.model.pretrained {
-            let r = sar_models::pretrained::load_pretrained(&varmap, p, &["fc."])?;
+            let skip: &[&str] = if cfg.data.dataset.is_segmentation() {
+                &["decode_head.conv_seg.", "auxiliary_head.conv_seg."]
+            } else {
+                &["fc."]
+            };
+            let r = sar_models::pretrained::load_pretrained(task.varmap(), p, skip)?;
             log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": r.loaded.len(), "kept": r.kept}))?;
         }
     }
 
-    let save = |state: &CheckpointState, opt: &Sgd, head: &Option<SarHead>| -> anyhow::Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = varmap
+    let save = |task: &dyn Task, state: &CheckpointState, opt: &Sgd| -> anyhow::Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = task
+            .varmap()
             .data()
             .lock()
             .expect("varmap lock")
@@ -525,7 +880,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
         for (n, t) in opt.momentum_state() {
             tensors.push((format!("optim.momentum.{n}"), t));
         }
-        if let Some(h) = head {
+        if let Some(h) = task.head() {
             tensors.extend(h.buffers()?);
         }
         checkpoint::save(
@@ -551,14 +906,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     bar.set_prefix(cfg.run.name.clone());
     bar.set_position(state.step);
 
-    let (c, h, w) = train_set.geometry();
-    let augment = match cfg.data.augment {
-        AugmentKind::None => Augment::None,
-        AugmentKind::CropFlip => Augment::CropFlip {
-            pad: cfg.data.pad,
-            flip: cfg.data.flip,
-        },
-    };
     let seed = cfg.run.seed;
     let mut window = (LossParts::default(), 0usize, 0usize, 0usize); // sums, steps, gate passes, valid
     let mut epoch_loss = (LossParts::default(), 0usize);
@@ -568,23 +915,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
     let mut epoch = state.epoch as usize;
-    let evaluate_and_log = |log: &mut MetricsLog, step: u64, epoch: usize, last: bool| {
-        let e = evaluate(
-            model.as_ref(),
-            test_set,
-            &norm,
-            &groups,
-            cfg.eval.batch_size,
-            &dev,
-        )?;
-        log.write(
-            serde_json::json!({"kind": "eval", "step": step, "epoch": epoch,
-            "top1": e.top1, "head": e.head, "medium": e.medium, "tail": e.tail, "final": last}),
-        )?;
-        anyhow::Ok(e)
-    };
-    'epochs: while epoch < cfg.train.epochs {
-        let order = augment::epoch_order(train_set.len(), seed, epoch as u64);
+    let evaluate_and_log =
+        |task: &dyn Task, log: &mut MetricsLog, step: u64, epoch: usize, last: bool| {
+            let e = task.evaluate()?;
+            let mut v = serde_json::to_value(&e)?;
+            v["kind"] = "eval".into();
+            v["step"] = step.into();
+            v["epoch"] = epoch.into();
+            v["final"] = last.into();
+            log.write(v)?;
+            anyhow::Ok(e)
+        };
+    'epochs: while epoch < epochs {
+        let order = augment::epoch_order(train_len, seed, epoch as u64);
         let first_batch = if epoch as u64 == state.epoch {
             state.batch_in_epoch as usize
         } else {
@@ -595,100 +938,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 break 'epochs;
             }
             let idx = &order[b * batch..((b + 1) * batch).min(order.len())];
-            let n = idx.len();
-            let (mut x, y) = train_set.render_batch(
-                idx,
-                Some(augment),
-                &norm,
-                seed,
-                epoch as u64,
-                (b * batch) as u64,
-            )?;
-            let mix = if cfg.data.mixup_alpha > 0.0 {
-                Some(augment::mixup(
-                    &mut x,
-                    c * h * w,
-                    cfg.data.mixup_alpha,
-                    seed,
-                    epoch as u64,
-                    b as u64,
-                ))
-            } else {
-                None
-            };
-            if opts.poison_steps.contains(&state.step) {
-                x.iter_mut().for_each(|v| *v = f32::NAN);
-            }
             let step = state.step;
-            let input_fault = x.iter().position(|v| !v.is_finite()).map(|i| {
-                format!(
-                    "step {step}: the input batch holds {} (image {} of the batch)",
-                    x[i],
-                    i / (c * h * w)
-                )
-            });
             // Forward passes update BatchNorm running statistics and the SAR EMA: a skipped
             // step must not leave NaN there, so keep a deep copy when skipping is allowed.
             let snapshot = match cfg.train.on_nonfinite {
-                NonFinitePolicy::Skip => Some(snapshot_state(&varmap, head.as_ref())?),
+                NonFinitePolicy::Skip => Some(snapshot_state(task.varmap(), task.head())?),
                 NonFinitePolicy::Stop => None,
             };
-            let mut outcome = None;
-            let mut fault = input_fault;
-            if fault.is_none() {
-                let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
-                let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
-                let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
-                let feats = model.features(&x, true)?;
-                let logits = model.classify(&feats)?;
-                let (ce, labels_b) = match &mix {
-                    None => (candle_nn::loss::cross_entropy(&logits, &y_t)?, None),
-                    Some((lam, perm)) => {
-                        let lb: Vec<i64> = perm.iter().map(|&p| labels[p]).collect();
-                        let yb = Tensor::from_vec(lb.clone(), n, &dev)?;
-                        let ce = ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
-                            + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?;
-                        (ce, Some(lb))
-                    }
-                };
-                let ce = if opts.poison_loss_steps.contains(&step) {
-                    (ce * f64::INFINITY)?
-                } else {
-                    ce
-                };
-                let ce_value = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let mut loss = ce;
-                let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
-                if let Some(hd) = head.as_mut() {
-                    let classify = |e: &Tensor| model.classify(e);
-                    let s = match (&mix, &labels_b) {
-                        (Some((lam, _)), Some(lb)) => {
-                            hd.step_mixup(&classify, &feats, &labels, lb, *lam)?
-                        }
-                        _ => hd.step(&classify, &feats, &y_t)?,
-                    };
-                    (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
-                    loss = (loss + s.loss)?;
-                }
-                let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                fault = finite_check(
-                    step,
-                    &[
-                        ("cross-entropy", ce_value),
-                        ("L_aux", aux),
-                        ("L_p2a", p2a),
-                        ("total", total),
-                    ],
-                );
-                let parts = LossParts {
-                    ce: ce_value,
-                    aux,
-                    p2a,
-                    total,
-                };
-                outcome = Some((loss, parts, gate, valid));
-            }
-            if let Some(msg) = &fault {
+            let outcome = task.step(&StepCtx {
+                idx,
+                epoch: epoch as u64,
+                batch: b,
+                position: (b * batch) as u64,
+                step,
+                poison_input: opts.poison_steps.contains(&step),
+                poison_loss: opts.poison_loss_steps.contains(&step),
+            })?;
+            if let StepOutcome::Fault(msg) = &outcome {
                 match cfg.train.on_nonfinite {
                     NonFinitePolicy::Stop => {
                         log.write(
@@ -711,7 +977,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                             "{msg}; 10 consecutive steps were skipped, stopping"
                         );
                         if let Some(snap) = &snapshot {
-                            restore_state(&varmap, head.as_mut(), snap)?;
+                            let varmap = task.varmap().clone();
+                            restore_state(&varmap, task.head_mut(), snap)?;
                         }
                     }
                 }
@@ -721,7 +988,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             state.step += 1;
             state.batch_in_epoch = b as u64 + 1;
             bar.inc(1);
-            if let (None, Some((loss, parts, gate, valid))) = (&fault, outcome) {
+            if let StepOutcome::Loss {
+                loss,
+                parts,
+                gate,
+                valid,
+                images,
+            } = outcome
+            {
                 consecutive_skips = 0;
                 let grads = loss.backward()?;
                 opt.lr = learning_rate(
@@ -737,28 +1011,26 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                     state.gate_passes += 1;
                 }
                 for acc in [&mut window.0, &mut epoch_loss.0] {
-                    acc.ce += parts.ce;
-                    acc.aux += parts.aux;
-                    acc.p2a += parts.p2a;
-                    acc.total += parts.total;
+                    acc.add(&parts);
                 }
                 epoch_loss.1 += 1;
                 window.1 += 1;
                 window.2 += gate as usize;
                 window.3 += valid;
-                window_images += n;
+                window_images += images;
             }
             if cfg.train.log_every > 0 && state.step.is_multiple_of(cfg.train.log_every as u64) {
                 let k = window.1.max(1) as f64;
                 let secs = window_start.elapsed().as_secs_f64();
+                let m = window.0.scaled(1.0 / k);
                 log.write(serde_json::json!({
                     "kind": "train", "step": state.step, "epoch": epoch, "lr": opt.lr,
-                    "loss": window.0.total / k, "ce": window.0.ce / k, "aux": window.0.aux / k,
-                    "p2a": window.0.p2a / k, "gate_pass_rate": window.2 as f64 / k,
+                    "loss": m.total, "ce": m.ce, "head_aux": m.head_aux, "aux": m.aux,
+                    "p2a": m.p2a, "gate_pass_rate": window.2 as f64 / k,
                     "p2a_rows_per_step": window.3 as f64 / k,
                     "images_per_s": window_images as f64 / secs.max(1e-9),
                 }))?;
-                bar.set_message(format!("loss {:.4}", window.0.total / k));
+                bar.set_message(format!("loss {:.4}", m.total));
                 window = (LossParts::default(), 0, 0, 0);
                 window_images = 0;
                 window_start = Instant::now();
@@ -775,33 +1047,39 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             if periodic || end_of_epoch || state.step == last_step {
                 state.elapsed_seconds += t0.elapsed().as_secs_f64();
                 t0 = Instant::now();
-                save(&state, &opt, &head)?;
+                save(task.as_ref(), &state, &opt)?;
+            }
+            if cfg.train.eval_every_steps > 0
+                && state.step.is_multiple_of(cfg.train.eval_every_steps as u64)
+                && state.step < last_step
+            {
+                let e = evaluate_and_log(task.as_ref(), &mut log, state.step, epoch, false)?;
+                if opts.verbose {
+                    bar.println(format!("step {}: {}", state.step, e.summary()));
+                }
+                t0 = Instant::now();
             }
         }
-        let k = epoch_loss.1.max(1) as f64;
-        last_epoch_loss = LossParts {
-            ce: epoch_loss.0.ce / k,
-            aux: epoch_loss.0.aux / k,
-            p2a: epoch_loss.0.p2a / k,
-            total: epoch_loss.0.total / k,
-        };
+        last_epoch_loss = epoch_loss.0.scaled(1.0 / epoch_loss.1.max(1) as f64);
         epoch_loss = (LossParts::default(), 0);
         epoch += 1;
-        if cfg.train.eval_every > 0
+        if cfg.train.iters.is_none()
+            && cfg.train.eval_every > 0
             && epoch.is_multiple_of(cfg.train.eval_every)
-            && epoch < cfg.train.epochs
+            && epoch < epochs
         {
-            let e = evaluate_and_log(&mut log, state.step, epoch, false)?;
+            let e = evaluate_and_log(task.as_ref(), &mut log, state.step, epoch, false)?;
             if opts.verbose {
-                bar.println(format!("epoch {epoch}: top-1 {:.2}%", 100.0 * e.top1));
+                bar.println(format!("epoch {epoch}: {}", e.summary()));
             }
         }
         t0 = Instant::now();
     }
     bar.finish_and_clear();
-    let eval = evaluate_and_log(&mut log, state.step, epoch, true)?;
+    let eval = evaluate_and_log(task.as_ref(), &mut log, state.step, epoch, true)?;
     let after_first = state.gate_first_pass.map_or(0, |f| state.step - f);
-    let sar_params = varmap
+    let sar_params = task
+        .varmap()
         .data()
         .lock()
         .expect("varmap lock")
@@ -824,7 +1102,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
         skipped_steps: state.skipped_steps,
         steps: state.step,
         wall_seconds: state.elapsed_seconds,
-        model_cost: model.cost(h, w),
+        model_cost: task.cost(),
         sar_params,
     };
     crate::tensorio::write_atomic(
@@ -832,24 +1110,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     if cfg.train.plots {
-        let anchors = match &head {
-            Some(h) if h.fully_initialized() => Some(
-                h.semantic_anchors()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            ),
-            _ => None,
-        };
-        write_plots(
-            cfg,
-            &report,
-            model.as_ref(),
-            test_set,
-            &norm,
-            &dev,
-            anchors.as_deref(),
+        crate::plots::curves(
+            &out.join("loss.png"),
+            &format!("{}: training loss", cfg.run.name),
+            "step",
+            "loss",
+            &loss_series(&out.join("metrics.jsonl"))?,
         )?;
+        task.write_plots(cfg, &report)?;
     }
     Ok(report)
 }
@@ -878,7 +1146,7 @@ pub fn features_of(
 pub fn loss_series(log: &Path) -> anyhow::Result<crate::plots::Series> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
-    let keys = ["loss", "ce", "aux", "p2a"];
+    let keys = ["loss", "ce", "head_aux", "aux", "p2a"];
     let mut series: Vec<(String, Vec<(f64, f64)>)> =
         keys.iter().map(|k| (k.to_string(), Vec::new())).collect();
     for line in text.lines() {
@@ -910,13 +1178,6 @@ fn write_plots(
 ) -> anyhow::Result<()> {
     let out = &cfg.run.output;
     let name = &cfg.run.name;
-    crate::plots::curves(
-        &out.join("loss.png"),
-        &format!("{name}: training loss"),
-        "step",
-        "loss",
-        &loss_series(&out.join("metrics.jsonl"))?,
-    )?;
     let labels = crate::plots::class_labels(&report.train_counts);
     crate::plots::grouped_bars(
         &out.join("per_class.png"),
@@ -927,6 +1188,7 @@ fn write_plots(
             if report.sar { "SAR" } else { "baseline" }.to_string(),
             report
                 .eval
+                .classification()?
                 .per_class_accuracy
                 .iter()
                 .map(|a| 100.0 * a)
@@ -952,22 +1214,16 @@ fn write_plots(
 }
 
 /// `sar eval`: the checkpoint's model on its config's test set.
-pub fn eval_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, Evaluation)> {
+pub fn eval_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, TaskEvaluation)> {
     let ck = checkpoint::load(path)?;
     let cfg = ck.state.config.clone();
-    let data = load_data(&cfg)?;
-    let setup = build(&cfg, data.train.geometry().0, data.train.classes())?;
-    restore_vars(&setup.varmap, &ck.tensors)
+    let task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
+        Box::new(crate::seg::SegTask::new(&cfg)?)
+    } else {
+        Box::new(ClsTask::new(&cfg)?)
+    };
+    restore_vars(task.varmap(), &ck.tensors)
         .with_context(|| format!("checkpoint {}", path.display()))?;
-    let norm = data.train.normalize();
-    let groups = class_groups(&cfg, &data.train.class_counts())?;
-    let e = evaluate(
-        setup.model.as_ref(),
-        &data.test,
-        &norm,
-        &groups,
-        cfg.eval.batch_size,
-        &setup.device,
-    )?;
+    let e = task.evaluate()?;
     Ok((cfg, e))
 }

@@ -18,10 +18,11 @@ fn short_demo_learns_and_sar_is_active() {
     assert!(!base.sar && sar.sar);
     // Chance is 10%.
     assert!(
-        base.eval.top1 > 0.8 && sar.eval.top1 > 0.8,
+        base.eval.classification().unwrap().top1 > 0.8
+            && sar.eval.classification().unwrap().top1 > 0.8,
         "top-1 {} / {}",
-        base.eval.top1,
-        sar.eval.top1
+        base.eval.classification().unwrap().top1,
+        sar.eval.classification().unwrap().top1
     );
     assert!(base.gate_first_pass.is_none());
     let first = sar.gate_first_pass.expect("SAR's gate never passed");
@@ -47,6 +48,9 @@ fn short_demo_learns_and_sar_is_active() {
     )
     .unwrap();
     let r = &again.runs[1].report;
-    assert_eq!(r.eval.per_class_accuracy, sar.eval.per_class_accuracy);
+    assert_eq!(
+        r.eval.classification().unwrap().per_class_accuracy,
+        sar.eval.classification().unwrap().per_class_accuracy
+    );
     assert_eq!(r.loss.p2a, sar.loss.p2a);
 }

@@ -56,7 +56,11 @@ fn sar_training_learns_passes_the_gate_and_logs_the_p2a_term() {
     let cfg = config(dir.path(), &["train.epochs=6"]);
     let r = train(&cfg, &opts()).unwrap();
     // Chance is 10 %; a few epochs of a small CNN on 8×8 digits reach far above it.
-    assert!(r.eval.top1 > 0.6, "top-1 {}", r.eval.top1);
+    assert!(
+        r.eval.classification().unwrap().top1 > 0.6,
+        "top-1 {}",
+        r.eval.classification().unwrap().top1
+    );
     assert!(r.sar);
     let first = r.gate_first_pass.expect("SAR's gate never passed");
     assert!(
@@ -94,7 +98,10 @@ fn sar_training_learns_passes_the_gate_and_logs_the_p2a_term() {
         .unwrap()
         .unwrap();
     let (_, e) = eval_checkpoint(&last).unwrap();
-    assert_eq!(e.top1, r.eval.top1);
+    assert_eq!(
+        e.classification().unwrap().top1,
+        r.eval.classification().unwrap().top1
+    );
 }
 
 /// All tensors of the newest checkpoint of a run, as bytes by name.
@@ -140,7 +147,10 @@ fn resume_from_a_mid_epoch_checkpoint_is_bit_identical() {
             assert_eq!(na, nb);
             assert!(va == vb, "mixup {mixup}: {na} differs after resume");
         }
-        assert_eq!(full.eval.per_class_accuracy, rest.eval.per_class_accuracy);
+        assert_eq!(
+            full.eval.classification().unwrap().per_class_accuracy,
+            rest.eval.classification().unwrap().per_class_accuracy
+        );
         assert_eq!(full.gate_first_pass, rest.gate_first_pass);
     }
 }
@@ -255,7 +265,7 @@ fn a_nan_batch_stops_training_or_is_skipped_as_configured() {
     };
     let r = train(&cfg, &both).unwrap();
     assert_eq!(r.skipped_steps, 2);
-    assert!(r.eval.top1 > 0.3);
+    assert!(r.eval.classification().unwrap().top1 > 0.3);
     assert!(read_lines(&dir.path().join("metrics.jsonl"))
         .iter()
         .any(|v| v["kind"] == "skip" && v["step"] == 5));
@@ -305,7 +315,10 @@ fn cub_layout_trains_end_to_end_with_a_resnet18() {
     let cfg = parse(&text, &[]).unwrap();
     let r = train(&cfg, &opts()).unwrap();
     assert_eq!(r.steps, 4);
-    assert_eq!(r.eval.per_class_accuracy.len(), 200);
+    assert_eq!(
+        r.eval.classification().unwrap().per_class_accuracy.len(),
+        200
+    );
     assert_eq!(r.train_counts.iter().sum::<u64>(), 6);
     assert!(r.loss.ce.is_finite() && r.loss.aux.is_finite());
 }

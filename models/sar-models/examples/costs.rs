@@ -38,4 +38,40 @@ fn main() {
             2 * (d * d + d) + 4 * d
         );
     }
+    // Segmentation models at 1024×1024 (the SAR paper's Table 20 resolution), 19 classes.
+    use sar_models::seg::{build_segmenter, SegBackbone as B, SegHeadKind as H, SegSpec};
+    println!(
+        "\n{:<28} {:>6} {:>12} {:>12} {:>16} {:>10}",
+        "segmenter (19 classes)", "D", "parameters", "aux head", "GMACs @1024²", "SAR h_ψ"
+    );
+    for (backbone, head, aux) in [
+        (B::ResNet18V1c, H::Fcn, true),
+        (B::ResNet50V1c, H::Fcn, true),
+        (B::ResNet101V1c, H::Fcn, true),
+        (B::ResNet50V1c, H::Aspp, true),
+        (B::HrNetV2W18, H::Fcn, false),
+        (B::HrNetV2W48, H::Fcn, false),
+    ] {
+        let spec = SegSpec {
+            backbone,
+            head,
+            aux,
+            width: 64,
+            in_channels: 3,
+            classes: 19,
+            seed: 0,
+        };
+        let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
+        let cost = m.cost(1024, 1024);
+        let d = m.feature_dim() as u64;
+        println!(
+            "{:<28} {:>6} {:>12} {:>12} {:>16.1} {:>10}",
+            format!("{head:?} on {backbone}"),
+            d,
+            cost.params,
+            m.aux_params(),
+            cost.macs as f64 / 1e9,
+            3 * d * d + 2 * d + 6 * d
+        );
+    }
 }

@@ -16,6 +16,9 @@
 //! statistics too, as `*.running_mean` / `*.running_var`, so one `VarMap` is the whole model
 //! state). Initialisation is reproducible from a seed through a portable generator
 //! ([`params::ParamInit`]). [`ImageClassifier::cost`] gives parameter and multiply-add counts.
+//!
+//! Segmentation networks (dilated ResNet V1c, HRNetV2; FCN, ASPP and auxiliary heads) are in
+//! [`seg`], behind the [`seg::Segmenter`] trait, under mmsegmentation's names.
 
 pub mod bn_cpu;
 pub mod cifar_resnet;

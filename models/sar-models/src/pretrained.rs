@@ -32,6 +32,68 @@ pub struct LoadReport {
 /// Loads `path` into `varmap`; see the module docs. Nothing is changed unless the whole file
 /// matches.
 pub fn load_pretrained(varmap: &VarMap, path: &Path, skip_prefixes: &[&str]) -> Result<LoadReport> {
+    let skipped =
+        |name: &str| name.starts_with("sar.") || skip_prefixes.iter().any(|p| name.starts_with(p));
+    load_mapped(
+        varmap,
+        path,
+        &|name: &str| (!skipped(name)).then(|| name.to_string()),
+        &|name: &str| !skipped(name),
+    )
+}
+
+/// File prefixes of ImageNet classification heads, ignored by [`load_backbone`]: torchvision's
+/// and mmcls' `fc.`, timm's `classifier.`/`head.`, and the HRNet classification branch
+/// (`incre_modules.`, `downsamp_modules.`, `final_layer.`).
+pub const CLASSIFIER_PREFIXES: [&str; 6] = [
+    "fc.",
+    "classifier.",
+    "head.",
+    "incre_modules.",
+    "downsamp_modules.",
+    "final_layer.",
+];
+
+/// Loads ImageNet-pretrained backbone weights into a segmentation model: file tensor `N`
+/// loads into `backbone.N` (the names of mmsegmentation's `ResNetV1c` and `HRNet`, which
+/// are also timm's HRNet names and the open-mmlab ImageNet checkpoints'), classifier tensors
+/// ([`CLASSIFIER_PREFIXES`]) and `num_batches_tracked` are ignored, and every `backbone.*`
+/// variable must be in the file; the heads keep their initialisation. A file whose names
+/// already start with `backbone.` (a whole mmsegmentation checkpoint) loads with the identity
+/// mapping through [`load_pretrained`] instead.
+pub fn load_backbone(varmap: &VarMap, path: &Path) -> Result<LoadReport> {
+    load_mapped(
+        varmap,
+        path,
+        &|name: &str| {
+            (!CLASSIFIER_PREFIXES.iter().any(|p| name.starts_with(p)))
+                .then(|| format!("backbone.{name}"))
+        },
+        &|name: &str| name.starts_with("backbone."),
+    )
+}
+
+/// The names in a safetensors file (for choosing how to load it).
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    let err = |reason: String| ModelError::Weights {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+    Ok(file.names().into_iter().map(String::from).collect())
+}
+
+/// The general strict load: `map` gives the model variable of a file tensor (None: ignore
+/// it), `required` the model variables that the file must provide (the others keep their
+/// values). Nothing changes unless everything matches.
+pub fn load_mapped(
+    varmap: &VarMap,
+    path: &Path,
+    map: &dyn Fn(&str) -> Option<String>,
+    required: &dyn Fn(&str) -> bool,
+) -> Result<LoadReport> {
     let shown = path.display().to_string();
     let err = |reason: String| ModelError::Weights {
         path: shown.clone(),
@@ -40,21 +102,25 @@ pub fn load_pretrained(varmap: &VarMap, path: &Path, skip_prefixes: &[&str]) -> 
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
-    let skipped =
-        |name: &str| name.starts_with("sar.") || skip_prefixes.iter().any(|p| name.starts_with(p));
     let data = varmap.data().lock().expect("varmap lock");
     let mut report = LoadReport::default();
     let mut updates = Vec::new();
     let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
     names.sort();
+    let mut provided = BTreeSet::new();
     for name in &names {
-        if name.ends_with(".num_batches_tracked") || skipped(name) {
+        let target = if name.ends_with(".num_batches_tracked") {
+            None
+        } else {
+            map(name)
+        };
+        let Some(target) = target else {
             report.ignored.push(name.clone());
             continue;
-        }
-        let Some(var) = data.get(name) else {
+        };
+        let Some(var) = data.get(&target) else {
             return Err(err(format!(
-                "tensor {name} has no counterpart in the model (wrong architecture?)"
+                "tensor {name} has no counterpart {target} in the model (wrong architecture?)"
             )));
         };
         let view = file
@@ -80,15 +146,15 @@ pub fn load_pretrained(varmap: &VarMap, path: &Path, skip_prefixes: &[&str]) -> 
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), var.device())?
             .to_dtype(var.dtype())?;
-        updates.push((name.clone(), t));
+        provided.insert(target.clone());
+        updates.push((target, t));
     }
-    let in_file: BTreeSet<&str> = names.iter().map(String::as_str).collect();
     let mut model_names: Vec<&String> = data.keys().collect();
     model_names.sort();
     for name in model_names {
-        if skipped(name) {
+        if !required(name) {
             report.kept.push(name.clone());
-        } else if !in_file.contains(name.as_str()) {
+        } else if !provided.contains(name) {
             return Err(err(format!(
                 "the model's tensor {name} is missing from the file"
             )));

@@ -58,6 +58,11 @@ fn parameter_counts_match_published_figures() {
             .map(|(_, v)| v.elem_count())
             .sum();
         assert_eq!(n as u64, c.params, "{backbone}");
+        if backbone == SegBackbone::HrNetV2W48 {
+            // HRNet paper (TPAMI, Cityscapes table): 747.3 G multiply-adds at 1024×2048.
+            let g = c.macs as f64 / 1e9;
+            assert!((g - 747.3).abs() < 0.005 * 747.3, "{g} GMACs");
+        }
     }
     let d = 720u64;
     assert_eq!(2 * (d * d + d) + d * d + 6 * d, 1_560_960);
@@ -223,4 +228,77 @@ fn bad_specs_are_errors() {
     ] {
         assert!(build_segmenter(&s, &vm, &dev, DType::F32).is_err(), "{s:?}");
     }
+}
+
+/// ImageNet-pretrained backbone weights under their own names (no `backbone.` prefix, with a
+/// classifier and `num_batches_tracked`) load into `backbone.*`; the heads keep their values;
+/// a missing backbone tensor is an error naming it, and nothing changes.
+#[test]
+fn backbone_weights_load_by_the_documented_mapping() {
+    let dev = Device::Cpu;
+    let s = spec(SegBackbone::ResNet18V1c, SegHeadKind::Fcn, true, 8);
+    let (a, b) = (VarMap::new(), VarMap::new());
+    build_segmenter(&s, &a, &dev, DType::F32).unwrap();
+    build_segmenter(&SegSpec { seed: 99, ..s }, &b, &dev, DType::F32).unwrap();
+    let mut file = std::collections::HashMap::new();
+    for (name, v) in a.data().lock().unwrap().iter() {
+        if let Some(rest) = name.strip_prefix("backbone.") {
+            file.insert(rest.to_string(), v.as_tensor().clone());
+        }
+    }
+    file.insert(
+        "fc.weight".into(),
+        Tensor::zeros((1000, 512), DType::F32, &dev).unwrap(),
+    );
+    file.insert(
+        "stem.1.num_batches_tracked".into(),
+        Tensor::zeros(1, DType::I64, &dev).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r18v1c.safetensors");
+    candle_core::safetensors::save(&file, &path).unwrap();
+    let head_before: Vec<f32> = b.data().lock().unwrap()["decode_head.conv_seg.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let r = sar_models::pretrained::load_backbone(&b, &path).unwrap();
+    assert_eq!(r.ignored.len(), 2);
+    let (da, db) = (a.data().lock().unwrap(), b.data().lock().unwrap());
+    for (name, v) in da.iter() {
+        let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = db[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        if name.starts_with("backbone.") {
+            assert_eq!(x, y, "{name} was not loaded");
+        }
+    }
+    let head_after: Vec<f32> = db["decode_head.conv_seg.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(head_before, head_after);
+    drop((da, db));
+    file.remove("layer4.1.bn2.running_var");
+    candle_core::safetensors::save(&file, &path).unwrap();
+    let e = sar_models::pretrained::load_backbone(&VarMap::new(), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no counterpart"), "{e}");
+    let c = VarMap::new();
+    build_segmenter(&s, &c, &dev, DType::F32).unwrap();
+    let e = sar_models::pretrained::load_backbone(&c, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("backbone.layer4.1.bn2.running_var is missing"),
+        "{e}"
+    );
 }

@@ -68,14 +68,14 @@ enum Command {
         /// Classification or segmentation.
         #[arg(long, value_enum, default_value = "cls")]
         task: sar_train::demo::DemoTask,
-        /// Number of seeds (runs per arm; default 5 for cls, 3 for seg).
+        /// Number of seeds (runs per arm; default 5 for cls, 2 for seg).
         #[arg(long)]
         seeds: Option<u64>,
         /// Training epochs per run (cls).
         #[arg(long, default_value_t = 30)]
         epochs: usize,
         /// Training iterations per run (seg).
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 800)]
         iters: usize,
         /// Output folder (runs, report.json, plots; default runs/demo or runs/demo-seg).
         #[arg(long)]

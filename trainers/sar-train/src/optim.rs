@@ -134,7 +134,14 @@ mod graph_tests {
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap()).unwrap();
         let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01, true);
         for _ in 0..3 {
-            let g = w.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g = w
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             opt.step(&g).unwrap();
         }
         for (_, b) in opt.momentum_state() {

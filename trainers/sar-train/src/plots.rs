@@ -341,69 +341,6 @@ pub fn feature_projection(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn principal_axes_find_the_spread_directions() {
-        // Points along (1, 1, 0) with a smaller spread along (0, 0, 1).
-        let mut rows = Vec::new();
-        for i in -20..=20 {
-            let t = i as f32;
-            rows.extend([t, t, 0.1 * ((i % 3) as f32)]);
-        }
-        let (_, axes) = principal_axes(&rows, 3);
-        let s = 1.0 / 2f64.sqrt();
-        assert!((axes[0][0].abs() - s).abs() < 1e-3 && (axes[0][1].abs() - s).abs() < 1e-3);
-        assert!(axes[1][2].abs() > 0.99, "{:?}", axes[1]);
-    }
-
-    #[test]
-    fn plots_are_valid_pngs() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.png");
-        curves(
-            &p,
-            "loss",
-            "step",
-            "loss",
-            &[("a".into(), vec![(0.0, 1.0), (1.0, 0.5)])],
-        )
-        .unwrap();
-        let b = dir.path().join("b.png");
-        grouped_bars(
-            &b,
-            "acc",
-            "%",
-            &["0".into(), "1".into()],
-            &[
-                ("x".into(), vec![50.0, 70.0]),
-                ("y".into(), vec![60.0, 20.0]),
-            ],
-        )
-        .unwrap();
-        let f = dir.path().join("f.png");
-        let feats: Vec<f32> = (0..60).map(|i| (i as f32 * 0.37).sin()).collect();
-        feature_projection(
-            &f,
-            "features",
-            &feats,
-            &[0, 1, 2, 0, 1, 2, 0, 1, 2, 0],
-            6,
-            Some(&feats[..18]),
-        )
-        .unwrap();
-        for path in [p, b, f] {
-            let bytes = std::fs::read(&path).unwrap();
-            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
-            let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-            let reader = decoder.read_info().unwrap();
-            assert_eq!((reader.info().width, reader.info().height), SIZE);
-        }
-    }
-}
-
 /// Colour of class `c` of `classes` in prediction images: Cityscapes' official palette for
 /// 19 classes, otherwise evenly spaced hues; the ignore label is black.
 pub fn class_colour(c: u8, classes: usize) -> [u8; 3] {
@@ -504,4 +441,67 @@ pub fn segmentation_panel(
     enc.write_header()
         .and_then(|mut wr| wr.write_image_data(&img))
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_axes_find_the_spread_directions() {
+        // Points along (1, 1, 0) with a smaller spread along (0, 0, 1).
+        let mut rows = Vec::new();
+        for i in -20..=20 {
+            let t = i as f32;
+            rows.extend([t, t, 0.1 * ((i % 3) as f32)]);
+        }
+        let (_, axes) = principal_axes(&rows, 3);
+        let s = 1.0 / 2f64.sqrt();
+        assert!((axes[0][0].abs() - s).abs() < 1e-3 && (axes[0][1].abs() - s).abs() < 1e-3);
+        assert!(axes[1][2].abs() > 0.99, "{:?}", axes[1]);
+    }
+
+    #[test]
+    fn plots_are_valid_pngs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.png");
+        curves(
+            &p,
+            "loss",
+            "step",
+            "loss",
+            &[("a".into(), vec![(0.0, 1.0), (1.0, 0.5)])],
+        )
+        .unwrap();
+        let b = dir.path().join("b.png");
+        grouped_bars(
+            &b,
+            "acc",
+            "%",
+            &["0".into(), "1".into()],
+            &[
+                ("x".into(), vec![50.0, 70.0]),
+                ("y".into(), vec![60.0, 20.0]),
+            ],
+        )
+        .unwrap();
+        let f = dir.path().join("f.png");
+        let feats: Vec<f32> = (0..60).map(|i| (i as f32 * 0.37).sin()).collect();
+        feature_projection(
+            &f,
+            "features",
+            &feats,
+            &[0, 1, 2, 0, 1, 2, 0, 1, 2, 0],
+            6,
+            Some(&feats[..18]),
+        )
+        .unwrap();
+        for path in [p, b, f] {
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+            let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+            let reader = decoder.read_info().unwrap();
+            assert_eq!((reader.info().width, reader.info().height), SIZE);
+        }
+    }
 }

@@ -313,8 +313,8 @@ pub fn logits_of(
         InferenceMode::Slide => {
             let ([ch, cw], [sh, sw]) = (crop, stride);
             let (ch, cw) = (ch.min(h), cw.min(w));
-            let rows = (h.saturating_sub(ch) + sh - 1) / sh + 1;
-            let cols = (w.saturating_sub(cw) + sw - 1) / sw + 1;
+            let rows = h.saturating_sub(ch).div_ceil(sh) + 1;
+            let cols = w.saturating_sub(cw).div_ceil(sw) + 1;
             let k = model.classes();
             let mut sum = vec![0.0f32; k * h * w];
             let mut count = vec![0u32; h * w];
@@ -400,11 +400,7 @@ pub fn evaluate_seg(
         let pred = infer(model, &s, cfg, dev)?;
         confusion_update(&mut confusion, k, &s.label, &pred, IGNORE as i64)?;
     }
-    Ok(metrics_from_confusion(
-        &confusion,
-        groups,
-        &set.class_names,
-    )?)
+    metrics_from_confusion(&confusion, groups, &set.class_names)
 }
 
 /// IoU, accuracies and group means of a `[K, K]` confusion matrix.

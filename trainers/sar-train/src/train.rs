@@ -858,12 +858,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     } else {
         crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
         if let Some(p) = &cfg.model.pretrained {
-            let skip: &[&str] = if cfg.data.dataset.is_segmentation() {
-                &["decode_head.conv_seg.", "auxiliary_head.conv_seg."]
+            use sar_models::pretrained::{load_backbone, load_pretrained, tensor_names};
+            let r = if !cfg.data.dataset.is_segmentation() {
+                load_pretrained(task.varmap(), p, &["fc."])?
+            } else if tensor_names(p)?.iter().any(|n| n.starts_with("backbone.")) {
+                // A whole segmentation checkpoint: everything but the classifiers (the class
+                // count may differ).
+                load_pretrained(
+                    task.varmap(),
+                    p,
+                    &["decode_head.conv_seg.", "auxiliary_head.conv_seg."],
+                )?
             } else {
-                &["fc."]
+                load_backbone(task.varmap(), p)?
             };
-            let r = sar_models::pretrained::load_pretrained(task.varmap(), p, skip)?;
             log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": r.loaded.len(), "kept": r.kept}))?;
         }
     }

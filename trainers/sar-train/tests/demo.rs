@@ -54,3 +54,36 @@ fn short_demo_learns_and_sar_is_active() {
     );
     assert_eq!(r.loss.p2a, sar.loss.p2a);
 }
+
+/// `sar demo --task seg` end to end, short: both arms run on the mosaic, SAR's gate passes,
+/// the table lists per-class IoU and head/body/tail, the plots and prediction images exist.
+#[test]
+fn short_segmentation_demo_runs_both_arms() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DemoConfig {
+        seeds: vec![1],
+        iters: 40,
+        output: dir.path().to_path_buf(),
+        ..DemoConfig::segmentation()
+    };
+    let report = run_demo(&cfg, &mut |_| {}).unwrap();
+    assert_eq!(report.class_names.len(), 11);
+    let (base, sar) = (&report.runs[0].report, &report.runs[1].report);
+    assert!(!base.sar && sar.sar);
+    assert_eq!((base.steps, sar.steps), (40, 40));
+    assert!(sar.gate_first_pass.is_some(), "SAR's gate never passed");
+    let e = sar.eval.segmentation().unwrap();
+    assert_eq!(e.per_class_iou.len(), 11);
+    let table = summary(&report);
+    for want in ["mIoU", "mHead", "mBody", "mTail", "digit 9", "background"] {
+        assert!(table.contains(want), "{want} missing from\n{table}");
+    }
+    for f in [
+        "per_class_baseline_vs_sar.png",
+        "seed1-sar/predictions.png",
+        "seed1-sar/per_class_iou.png",
+        "seed1-baseline/loss.png",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+}

@@ -1,0 +1,68 @@
+//! Writes a segmentation model's weights (BatchNorm statistics randomised), an input batch and
+//! its outputs (eval-mode and train-mode logits, auxiliary logits) as safetensors, for
+//! `tests/torch/check_seg_models.py` to compare against an independent PyTorch
+//! implementation that loads the same names strictly.
+//!
+//!     cargo run --release -p sar-models --example seg_torch_check -- fcn-r18 OUT_PREFIX
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use sar_models::seg::{build_segmenter, SegBackbone, SegHeadKind, SegSpec};
+use std::collections::HashMap;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (backbone, head, aux) = match args[1].as_str() {
+        "fcn-r18" => (SegBackbone::ResNet18V1c, SegHeadKind::Fcn, true),
+        "fcn-r50" => (SegBackbone::ResNet50V1c, SegHeadKind::Fcn, true),
+        "aspp-r18" => (SegBackbone::ResNet18V1c, SegHeadKind::Aspp, true),
+        "fcn-hr18" => (SegBackbone::HrNetV2W18, SegHeadKind::Fcn, false),
+        other => panic!("unknown model {other}"),
+    };
+    let prefix = &args[2];
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let spec = SegSpec {
+        backbone,
+        head,
+        aux,
+        width: 64,
+        in_channels: 3,
+        classes: 7,
+        seed: 3,
+    };
+    let m = build_segmenter(&spec, &varmap, &dev, DType::F32).unwrap();
+    // Random BatchNorm running statistics, so that eval mode tests them.
+    let mut rng = sar_math::anchors::AnchorRng::new(9);
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let n = var.elem_count();
+        let (lo, hi) = if name.ends_with("running_var") {
+            (0.5, 2.0)
+        } else if name.ends_with("running_mean") {
+            (-0.3, 0.3)
+        } else {
+            continue;
+        };
+        let v: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * rng.next_f64()) as f32).collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap()).unwrap();
+    }
+    let mut weights = HashMap::new();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        weights.insert(name.clone(), var.as_tensor().copy().unwrap());
+    }
+    candle_core::safetensors::save(&weights, format!("{prefix}.weights.safetensors")).unwrap();
+    let x: Vec<f32> = (0..2 * 3 * 64 * 96).map(|_| rng.next_normal() as f32).collect();
+    let x = Tensor::from_vec(x, (2, 3, 64, 96), &dev).unwrap();
+    let eval = m.logits(&x).unwrap();
+    let f = m.features(&x, true).unwrap();
+    let train = m.classify(&f.main).unwrap();
+    let mut io = HashMap::from([
+        ("input".to_string(), x),
+        ("logits_eval".to_string(), eval),
+        ("logits_train".to_string(), train),
+    ]);
+    if let Some(a) = &f.aux {
+        io.insert("aux_logits_train".into(), m.classify_aux(a).unwrap());
+    }
+    candle_core::safetensors::save(&io, format!("{prefix}.io.safetensors")).unwrap();
+    println!("wrote {prefix}.weights.safetensors and {prefix}.io.safetensors");
+}

@@ -42,15 +42,20 @@ fn main() {
         } else {
             continue;
         };
-        let v: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * rng.next_f64()) as f32).collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap()).unwrap();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (lo + (hi - lo) * rng.next_f64()) as f32)
+            .collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+            .unwrap();
     }
     let mut weights = HashMap::new();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         weights.insert(name.clone(), var.as_tensor().copy().unwrap());
     }
     candle_core::safetensors::save(&weights, format!("{prefix}.weights.safetensors")).unwrap();
-    let x: Vec<f32> = (0..2 * 3 * 64 * 96).map(|_| rng.next_normal() as f32).collect();
+    let x: Vec<f32> = (0..2 * 3 * 64 * 96)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
     let x = Tensor::from_vec(x, (2, 3, 64, 96), &dev).unwrap();
     let eval = m.logits(&x).unwrap();
     let f = m.features(&x, true).unwrap();

@@ -405,7 +405,10 @@ pub fn seg_head_runner() -> anyhow::Result<Runner> {
     let y = Tensor::from_vec(y, (2, 512, 512), &Device::Cpu)?;
     Ok(Box::new(move || {
         let s = head.step(&|e| gate_opening(model.classify(e)?), feats.as_tensor(), &y)?;
-        anyhow::ensure!(s.gate_passed && s.valid > 0, "the benchmark's SAR gate did not pass");
+        anyhow::ensure!(
+            s.gate_passed && s.valid > 0,
+            "the benchmark's SAR gate did not pass"
+        );
         s.loss.backward()?;
         Ok(())
     }))

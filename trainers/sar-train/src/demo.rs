@@ -400,7 +400,7 @@ pub fn summary(report: &DemoReport) -> String {
         out += &format!("{:>18}", format!("{:+.1} ± {:.1}", 100.0 * m, 100.0 * s));
         let stderr = s / (n as f64).sqrt();
         let up = d.iter().filter(|&&x| x > 0.0).count();
-        verdicts.push(if n < 2 || m.abs() < 2.0 * stderr {
+        verdicts.push(if n < 2 || m.abs() <= 2.0 * stderr {
             format!("{name}: within noise ({up} of {n} seeds up)")
         } else {
             format!(

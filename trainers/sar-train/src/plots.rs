@@ -52,7 +52,7 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting: {e}")
 }
 
-/// Bar labels `"c (n)"`: class index and its training images.
+/// Bar labels `"c (n)"`: class index and its training images (segmentation: pixels).
 pub fn class_labels(train_counts: &[u64]) -> Vec<String> {
     train_counts
         .iter()
@@ -168,7 +168,7 @@ pub fn grouped_bars(
                     String::new()
                 }
             })
-            .x_desc("class (training images)")
+            .x_desc("class (training images or pixels)")
             .y_desc(y_desc)
             .label_style(("sans-serif", 12))
             .draw()

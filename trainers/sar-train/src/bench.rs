@@ -469,6 +469,32 @@ fn interleaved(
         .collect())
 }
 
+/// The table of a model-step benchmark ([`run_resnet32`], [`run_seg_step`]): rows without
+/// SAR, with SAR, and SAR's head alone, with ratios to the plain step.
+pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
+    let mut out = format!(
+        "\n{title:<32} {:>11} {:>9} {:>9}\n",
+        "median ms", "images/s", "x no SAR"
+    );
+    for x in r {
+        out += &format!(
+            "{:<32} {:>11.1} {:>9.2} {:>9.3}\n",
+            x.variant,
+            x.seconds * 1e3,
+            x.gb_per_s,
+            x.seconds / r[0].seconds
+        );
+    }
+    if let (Some(plain), Some(head)) = (r.first(), r.get(2)) {
+        out += &format!(
+            "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step\n",
+            head.seconds * 1e3,
+            100.0 * head.seconds / plain.seconds
+        );
+    }
+    out
+}
+
 /// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
 /// the machine affects both alike. `gb_per_s` holds images per second here.
 pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {

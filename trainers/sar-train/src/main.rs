@@ -246,45 +246,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", table(&rows));
             if resnet {
                 let r = run_resnet32(reps.max(1))?;
-                println!(
-                    "\n{:<28} {:>11} {:>9} {:>9}",
-                    "model step", "median ms", "images/s", "x no SAR"
-                );
-                for x in &r {
-                    println!(
-                        "{:<28} {:>11.1} {:>9.1} {:>9.3}",
-                        x.variant,
-                        x.seconds * 1e3,
-                        x.gb_per_s,
-                        x.seconds / r[0].seconds
-                    );
-                }
-                println!(
-                    "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step",
-                    r[2].seconds * 1e3,
-                    100.0 * r[2].seconds / r[0].seconds
-                );
+                print!("{}", sar_train::bench::model_step_table("model step", &r));
                 rows.extend(r);
             }
             if seg_step {
                 let r = run_seg_step(reps.max(1))?;
-                println!(
-                    "\n{:<32} {:>11} {:>9} {:>9}",
-                    "segmentation step", "median ms", "images/s", "x no SAR"
-                );
-                for x in &r {
-                    println!(
-                        "{:<32} {:>11.1} {:>9.2} {:>9.3}",
-                        x.variant,
-                        x.seconds * 1e3,
-                        x.gb_per_s,
-                        x.seconds / r[0].seconds
-                    );
-                }
-                println!(
-                    "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step",
-                    r[2].seconds * 1e3,
-                    100.0 * r[2].seconds / r[0].seconds
+                print!(
+                    "{}",
+                    sar_train::bench::model_step_table("segmentation step", &r)
                 );
                 rows.extend(r);
             }

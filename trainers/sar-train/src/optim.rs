@@ -122,34 +122,6 @@ impl Sgd {
     }
 }
 
-#[cfg(test)]
-mod graph_tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// The buffers and weights after a step carry no graph: a leak test that can fail (before
-    /// the fix, each momentum buffer was the result of an op over the previous one).
-    #[test]
-    fn momentum_buffers_hold_no_graph() {
-        let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap()).unwrap();
-        let mut opt = Sgd::new(vec![w.clone()], 0.1, 0.9, 0.01, true);
-        for _ in 0..3 {
-            let g = w
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            opt.step(&g).unwrap();
-        }
-        for (_, b) in opt.momentum_state() {
-            assert!(!b.track_op(), "momentum buffer records an op graph");
-        }
-    }
-}
-
 /// A learning-rate schedule over `total` steps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
@@ -218,6 +190,11 @@ mod tests {
             opt.step(&grads).unwrap();
             let got = w.as_tensor().to_vec1::<f64>().unwrap()[0];
             assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        // The buffers carry no op graph: before the fix, each momentum buffer was the result
+        // of an op over the previous one, so memory grew with every step.
+        for (_, b) in opt.momentum_state() {
+            assert!(!b.track_op(), "momentum buffer records an op graph");
         }
         // Plain momentum (PyTorch's default): step 1 is w − lr·g.
         let v = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();

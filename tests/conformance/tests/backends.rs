@@ -2,6 +2,7 @@
 use candle_core::{DType, Device};
 use sar_candle::{CandleBackend, Kernels};
 use sar_conformance::{conformance_tests, Tol};
+use sar_dfdx::DfdxBackend;
 use sar_ndarray::NdarrayBackend;
 
 conformance_tests!(ndarray_f64, Some(NdarrayBackend::<f64>::new()), Tol::F64);
@@ -30,6 +31,8 @@ conformance_tests!(
         .map(|b| b.with_kernels(Kernels::Composite)),
     Tol::F32
 );
+conformance_tests!(dfdx_cpu_f64, Some(DfdxBackend::<f64>::cpu()), Tol::F64);
+conformance_tests!(dfdx_cpu_f32, Some(DfdxBackend::<f32>::cpu()), Tol::F32);
 
 /// candle on the first CUDA device; `None` (skipped) when there is none, unless
 /// `SAR_REQUIRE_CUDA` is set (the GPU script sets it, so a missing device fails loudly there).
@@ -45,3 +48,20 @@ fn cuda(dtype: DType) -> Option<CandleBackend> {
 conformance_tests!(candle_cuda_f64, cuda(DType::F64), Tol::F64);
 #[cfg(feature = "cuda")]
 conformance_tests!(candle_cuda_f32, cuda(DType::F32), Tol::F32);
+
+/// dfdx on the first CUDA device, like [`cuda`].
+#[cfg(feature = "cuda")]
+fn dfdx_cuda<E: sar_dfdx::Float>() -> Option<DfdxBackend<E, sar_dfdx::dfdx::tensor::Cuda>>
+where
+    sar_dfdx::dfdx::tensor::Cuda: sar_dfdx::SarDevice<E>,
+{
+    match sar_dfdx::dfdx::tensor::Cuda::try_build(0, 0) {
+        Ok(dev) => Some(DfdxBackend::new(dev)),
+        Err(e) if std::env::var_os("SAR_REQUIRE_CUDA").is_some() => panic!("no CUDA device: {e:?}"),
+        Err(_) => None,
+    }
+}
+#[cfg(feature = "cuda")]
+conformance_tests!(dfdx_cuda_f64, dfdx_cuda::<f64>(), Tol::F64);
+#[cfg(feature = "cuda")]
+conformance_tests!(dfdx_cuda_f32, dfdx_cuda::<f32>(), Tol::F32);

@@ -1,1 +1,217 @@
-//! placeholder
+//! Convolution and the option-A shortcut from stable dfdx ops.
+//!
+//! dfdx 0.13's `conv2d` needs its `nightly` feature, which does not build here, so convolution
+//! is composed from two ops that are stable and run on every dfdx device, each with dfdx's own
+//! backward:
+//!
+//! 1. Activations are **NHWC rows** `X [N·H·W, C]` (row `(n·H + y)·W + x` holds the C channels
+//!    of one pixel). One zero row is appended: `X̃ [N·H·W + 1, C]`.
+//! 2. A **row gather** with an index `I [M, K·K]`, M = N·OH·OW, where `I[(n, oy, ox), (ky, kx)]`
+//!    is the row of input pixel (oy·s − p + ky, ox·s − p + kx) of image n, or the zero row when
+//!    that pixel lies in the padding: `P = X̃[I] [M, K·K, C]`, viewed as `[M, K·K·C]`
+//!    (im2col, tap-major, channel-minor). Its backward scatter-adds into X̃ (the zero row's
+//!    gradient is dropped with the concatenation's backward).
+//! 3. A **matmul** with the kernel: the weight `W [Cout, Cin, K, K]` (PyTorch's layout, the
+//!    names and layout every backend shares) permuted to `[K, K, Cin, Cout]` and viewed as
+//!    `W' [K·K·Cin, Cout]`: `Y = P·W' [M, Cout]`, already NHWC rows of the output.
+//!
+//! `y[n, o, oy, ox] = Σ_{c, ky, kx} w[o, c, ky, kx] · x[n, c, oy·s − p + ky, ox·s − p + kx]`
+//! (zero outside the image), exactly PyTorch's `conv2d` without bias and dilation 1.
+//!
+//! The gather indices depend only on the geometry and are cached ([`GatherCache`]). The
+//! option-A shortcut of the CIFAR ResNets (keep every `s`-th row and column, zero-pad the
+//! channels on both sides) is a row gather followed by a concatenation with zero columns.
+
+use crate::{shape_err, Float, Result, SarDevice};
+use dfdx::prelude::*;
+use std::collections::HashMap;
+
+/// The geometry of one convolution over NHWC rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvGeometry {
+    /// Batch.
+    pub n: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Kernel size (square).
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub pad: usize,
+}
+
+impl ConvGeometry {
+    /// Output height and width: ⌊(H + 2p − K)/s⌋ + 1.
+    pub fn out_hw(&self) -> Result<(usize, usize)> {
+        let (h, w, k, s, p) = (self.h, self.w, self.k, self.stride, self.pad);
+        if k == 0 || s == 0 || h + 2 * p < k || w + 2 * p < k {
+            return shape_err(format!(
+                "conv: kernel {k}, stride {s}, padding {p} do not fit a {h}×{w} input"
+            ));
+        }
+        Ok(((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1))
+    }
+
+    /// The im2col row indices `[N·OH·OW, K·K]` (see the module docs); `N·H·W` is the zero row.
+    pub fn im2col_rows(&self) -> Result<Vec<usize>> {
+        let (oh, ow) = self.out_hw()?;
+        let (h, w, k) = (self.h as isize, self.w as isize, self.k);
+        let zero = self.n * self.h * self.w;
+        let mut idx = Vec::with_capacity(self.n * oh * ow * k * k);
+        for b in 0..self.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                            idx.push(if (0..h).contains(&iy) && (0..w).contains(&ix) {
+                                (b * self.h + iy as usize) * self.w + ix as usize
+                            } else {
+                                zero
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(idx)
+    }
+}
+
+/// Gather indices by geometry, uploaded once per device.
+#[derive(Default)]
+pub struct GatherCache<D: Storage<usize>> {
+    conv: HashMap<ConvGeometry, Tensor<(usize, usize), usize, D>>,
+    subsample: HashMap<(usize, usize, usize, usize), Tensor<(usize,), usize, D>>,
+}
+
+impl<D: Storage<usize>> std::fmt::Debug for GatherCache<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GatherCache({} conv, {} subsample)",
+            self.conv.len(),
+            self.subsample.len()
+        )
+    }
+}
+
+/// `x` NHWC rows `[N·H·W, Cin]` convolved with `weight` (flat `[Cout, Cin, K, K]`); returns
+/// the output rows `[N·OH·OW, Cout]` and (OH, OW). Both operands may carry tapes.
+pub fn conv2d<E: Float, D: SarDevice<E>, T: Tape<E, D> + Merge<T>>(
+    cache: &mut GatherCache<D>,
+    x: Tensor<(usize, usize), E, D, T>,
+    weight: Tensor<(usize,), E, D, T>,
+    geom: ConvGeometry,
+    out_channels: usize,
+) -> Result<(Tensor<(usize, usize), E, D, T>, (usize, usize))> {
+    let (rows, cin) = *x.shape();
+    let k = geom.k;
+    if rows != geom.n * geom.h * geom.w || weight.shape().0 != out_channels * cin * k * k {
+        return shape_err(format!(
+            "conv: input rows [{rows}, {cin}] for {}×{}×{} pixels with a {}-element weight; expected [{out_channels}, {cin}, {k}, {k}]",
+            geom.n,
+            geom.h,
+            geom.w,
+            weight.shape().0
+        ));
+    }
+    let (oh, ow) = geom.out_hw()?;
+    let m = geom.n * oh * ow;
+    let dev = x.device().clone();
+    let idx = match cache.conv.get(&geom) {
+        Some(i) => i.clone(),
+        None => {
+            let i = dev.tensor_from_vec(geom.im2col_rows()?, (m, k * k));
+            cache.conv.insert(geom, i.clone());
+            i
+        }
+    };
+    let zero_row: Tensor<(usize, usize), E, D> = dev.zeros_like(&(1, cin));
+    let padded = (x, zero_row).concat_along(Axis::<0>);
+    let patches: Tensor<(usize, usize, usize), E, D, T> = padded.gather(idx);
+    let patches = patches.reshape_like(&(m, k * k * cin));
+    let kernel = weight
+        .reshape_like(&(out_channels, cin, k, k))
+        .permute::<_, Axes4<2, 3, 1, 0>>()
+        .reshape_like(&(k * k * cin, out_channels));
+    Ok((patches.matmul(kernel), (oh, ow)))
+}
+
+/// The option-A shortcut on NHWC rows `[N·H·W, C]`: pixels (y, x) with y, x multiples of
+/// `stride` (⌈H/s⌉×⌈W/s⌉, like PyTorch's `x[:, :, ::s, ::s]`), then `pad` zero channels on each
+/// side. Returns rows `[N·⌈H/s⌉·⌈W/s⌉, C + 2·pad]`.
+pub fn option_a<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    cache: &mut GatherCache<D>,
+    x: Tensor<(usize, usize), E, D, T>,
+    (n, h, w): (usize, usize, usize),
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor<(usize, usize), E, D, T>> {
+    let (rows, _) = *x.shape();
+    if rows != n * h * w || stride == 0 {
+        return shape_err(format!(
+            "option-A shortcut: {rows} rows for {n}×{h}×{w} pixels, stride {stride}"
+        ));
+    }
+    let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
+    let dev = x.device().clone();
+    let key = (n, h, w, stride);
+    let idx = match cache.subsample.get(&key) {
+        Some(i) => i.clone(),
+        None => {
+            let mut v = Vec::with_capacity(n * oh * ow);
+            for b in 0..n {
+                for y in 0..oh {
+                    for xx in 0..ow {
+                        v.push((b * h + y * stride) * w + xx * stride);
+                    }
+                }
+            }
+            let i = dev.tensor_from_vec(v, (n * oh * ow,));
+            cache.subsample.insert(key, i.clone());
+            i
+        }
+    };
+    let sub: Tensor<(usize, usize), E, D, T> = x.gather(idx);
+    if pad == 0 {
+        return Ok(sub);
+    }
+    let m = n * oh * ow;
+    let left: Tensor<(usize, usize), E, D> = dev.zeros_like(&(m, pad));
+    let right: Tensor<(usize, usize), E, D> = dev.zeros_like(&(m, pad));
+    // The left operand's (empty) tape absorbs the right one's, so the graph stays whole.
+    let left = left.put_tape(T::default());
+    let out = (left, sub).concat_along(Axis::<1>);
+    Ok((out, right).concat_along(Axis::<1>))
+}
+
+/// NCHW values (host) to NHWC rows (host): `[N, C, H, W]` → `[N·H·W, C]`.
+pub fn nchw_to_rows<V: Copy>(x: &[V], n: usize, c: usize, h: usize, w: usize) -> Vec<V> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in 0..n {
+        for p in 0..h * w {
+            for ch in 0..c {
+                out.push(x[(b * c + ch) * h * w + p]);
+            }
+        }
+    }
+    out
+}
+
+/// NHWC rows (host) back to NCHW (host).
+pub fn rows_to_nchw<V: Copy + Default>(x: &[V], n: usize, c: usize, h: usize, w: usize) -> Vec<V> {
+    let mut out = vec![V::default(); x.len()];
+    for b in 0..n {
+        for p in 0..h * w {
+            for ch in 0..c {
+                out[(b * c + ch) * h * w + p] = x[(b * h * w + p) * c + ch];
+            }
+        }
+    }
+    out
+}

@@ -1,1 +1,716 @@
-//! placeholder
+//! The classification networks and the SAR head on dfdx (f32).
+//!
+//! - [`Params`]: every variable by name, flat, with its shape — the same names, shapes and
+//!   layouts as `sar-models` and `sar-candle` (`stage1.conv.weight [32, C, 3, 3]`,
+//!   `layer2.0.bn1.running_var [32]`, `fc.weight [K, D]`, `sar.embed.fc1.weight [D, D]`, …), so
+//!   a checkpoint written by one backend loads in the other. Values come from the caller (the
+//!   trainer initialises them with `sar-models`' seeded initialisers, so both backends start
+//!   from the same weights).
+//! - [`Classifier`]: the small CNN (three conv3×3-BN-ReLU stages, 32/64/128 channels, strides
+//!   1/2/2, global average pooling, `fc`) and the CIFAR ResNets (depth 6n+2, option-A
+//!   shortcuts, global average pooling, `fc`), over NHWC rows (see [`crate::conv`]).
+//! - BatchNorm in training mode normalises with the batch's biased variance (eps 1e-5) and
+//!   updates the running statistics with momentum 0.1 and the unbiased variance, like PyTorch;
+//!   in evaluation mode it uses the running statistics.
+//! - [`SarHead`]: the fixed anchors A `[C, D]`, h_ψ = [Linear → BatchNorm (train mode over the
+//!   C anchors) → ReLU] ×2, Z = g_θ(h_ψ(A)) through the model's own `fc`, then L_aux → gate →
+//!   EMA → L_p2a in the spec's order.
+//! - [`Sgd`]: PyTorch's SGD (momentum, Nesterov, weight decay) on the parameters, with the
+//!   momentum buffers by name.
+
+use crate::conv::{conv2d, option_a, ConvGeometry, GatherCache};
+use crate::{anchor_ce, dev_err, ema_rows, host, p2a_rows, shape_err, Result, SarDevice};
+use crate::SarDfdxError;
+use dfdx::prelude::*;
+use sar_math::{GateMode, SarConfig};
+use std::collections::BTreeMap;
+
+/// Rows `[R, C]` of f32 on device `D` with tape `T`.
+pub type Rows<D, T> = Tensor<(usize, usize), f32, D, T>;
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// Whether a variable is a BatchNorm running statistic (a buffer, not trained).
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// Variables by name (see the module docs).
+pub struct Params<D: SarDevice<f32>> {
+    values: BTreeMap<String, Tensor<(usize,), f32, D>>,
+    shapes: BTreeMap<String, Vec<usize>>,
+    device: D,
+}
+
+impl<D: SarDevice<f32>> Params<D> {
+    /// Variables from host values `(name, shape, values)`.
+    pub fn from_host(
+        device: &D,
+        entries: impl IntoIterator<Item = (String, Vec<usize>, Vec<f32>)>,
+    ) -> Result<Self> {
+        let mut p = Params {
+            values: BTreeMap::new(),
+            shapes: BTreeMap::new(),
+            device: device.clone(),
+        };
+        for (name, shape, v) in entries {
+            if shape.iter().product::<usize>() != v.len() {
+                return shape_err(format!(
+                    "variable {name}: {} values for shape {shape:?}",
+                    v.len()
+                ));
+            }
+            let n = v.len();
+            p.values
+                .insert(name.clone(), device.tensor_from_vec(v, (n,)));
+            p.shapes.insert(name, shape);
+        }
+        Ok(p)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// All names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.values.keys()
+    }
+
+    /// The shape of `name`.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.shapes
+            .get(name)
+            .map(|s| &s[..])
+            .ok_or_else(|| SarDfdxError::Shape(format!("no variable {name}")))
+    }
+
+    /// The values of `name`.
+    pub fn get(&self, name: &str) -> Result<&Tensor<(usize,), f32, D>> {
+        self.values
+            .get(name)
+            .ok_or_else(|| SarDfdxError::Shape(format!("the model needs variable {name}, which is missing")))
+    }
+
+    /// Replaces the values of `name` (same number of elements).
+    pub fn set(&mut self, name: &str, v: Vec<f32>) -> Result<()> {
+        let n = self.shape(name)?.iter().product::<usize>();
+        if v.len() != n {
+            return shape_err(format!("variable {name}: {} values for {n}", v.len()));
+        }
+        let t = self.device.tensor_from_vec(v, (n,));
+        self.values.insert(name.to_string(), t);
+        Ok(())
+    }
+
+    /// Replaces the tensor of `name` (same length; used by the optimiser).
+    fn replace(&mut self, name: &str, t: Tensor<(usize,), f32, D>) {
+        self.values.insert(name.to_string(), t);
+    }
+
+    /// Every variable on the host: `(name, shape, values)`, sorted by name.
+    pub fn to_host(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        self.values
+            .iter()
+            .map(|(n, t)| (n.clone(), self.shapes[n].clone(), t.as_vec()))
+            .collect()
+    }
+
+    /// Names of the trained variables (not running statistics), sorted.
+    pub fn trainable(&self) -> Vec<String> {
+        self.values
+            .keys()
+            .filter(|n| !is_running_stat(n))
+            .cloned()
+            .collect()
+    }
+
+    /// `name` with an empty tape of type `T` (its gradient accumulates under its id).
+    fn taped<T: Tape<f32, D>>(&self, name: &str) -> Result<Tensor<(usize,), f32, D, T>> {
+        Ok(self.get(name)?.retaped::<T>())
+    }
+
+    /// A gradient store with a zero gradient allocated for every trained variable, to trace
+    /// the input with: every variable then has a gradient after backward, reached or not.
+    pub fn alloc_grads(&self) -> Result<Gradients<f32, D>> {
+        let mut g = Gradients::leaky();
+        for n in self.trainable() {
+            g.try_alloc_for(&self.values[&n]).map_err(dev_err)?;
+        }
+        Ok(g)
+    }
+
+    /// The gradient of `name` from `grads`, on the host.
+    pub fn gradient(&self, grads: &Gradients<f32, D>, name: &str) -> Result<Vec<f32>> {
+        Ok(grads.get(self.get(name)?).as_vec())
+    }
+}
+
+/// What a forward pass needs besides the input: variables, gather indices, the mode.
+pub struct Forward<'a, D: SarDevice<f32>> {
+    /// Variables (running statistics are updated in training mode).
+    pub params: &'a mut Params<D>,
+    /// Gather indices by geometry.
+    pub cache: &'a mut GatherCache<D>,
+    /// Training mode (BatchNorm batch statistics).
+    pub train: bool,
+}
+
+impl<D: SarDevice<f32>> Forward<'_, D> {
+    /// A conv without bias, `{prefix}.weight [cout, cin, k, k]`, over NHWC rows of `(n, h, w)`
+    /// pixels; returns the rows and the output (h, w).
+    pub fn conv<T: Tape<f32, D>>(
+        &mut self,
+        x: Rows<D, T>,
+        prefix: &str,
+        (n, h, w): (usize, usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Result<(Rows<D, T>, (usize, usize))> {
+        let name = format!("{prefix}.weight");
+        let &[cout, cin, k, k2] = self.params.shape(&name)? else {
+            return shape_err(format!("{name} must be [Cout, Cin, K, K]"));
+        };
+        if k != k2 || x.shape().1 != cin {
+            return shape_err(format!(
+                "{name} {:?} does not fit {} input channels",
+                self.params.shape(&name)?,
+                x.shape().1
+            ));
+        }
+        let geom = ConvGeometry {
+            n,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+        };
+        conv2d(self.cache, x, self.params.taped(&name)?, geom, cout)
+    }
+
+    /// BatchNorm over rows `[R, C]` (`{prefix}.{weight,bias,running_mean,running_var}`),
+    /// optionally followed by ReLU. See the module docs for the two modes.
+    pub fn bn<T: Tape<f32, D>>(&mut self, x: Rows<D, T>, prefix: &str, relu: bool) -> Result<Rows<D, T>> {
+        let (r, c) = *x.shape();
+        let p = |s: &str| format!("{prefix}.{s}");
+        let gamma = self.params.taped::<T>(&p("weight"))?;
+        let beta = self.params.taped::<T>(&p("bias"))?;
+        if gamma.shape().0 != c {
+            return shape_err(format!("{prefix} has {} channels, the input {c}", gamma.shape().0));
+        }
+        let normed = if self.train {
+            // Batch statistics for the running averages, outside the graph.
+            let plain = x.retaped::<NoneTape>();
+            let mean = plain.clone().mean::<(usize,), Axis<0>>();
+            let var = (plain - mean.clone().broadcast_like::<_, Axis<0>>(&(r, c)))
+                .square()
+                .mean::<(usize,), Axis<0>>();
+            let (mean, var) = (mean.as_vec(), var.as_vec());
+            let unbias = if r > 1 { r as f64 / (r as f64 - 1.0) } else { 1.0 };
+            let rm = self.params.get(&p("running_mean"))?.as_vec();
+            let rv = self.params.get(&p("running_var"))?.as_vec();
+            let new_mean = rm
+                .iter()
+                .zip(&mean)
+                .map(|(&a, &b)| ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64) as f32)
+                .collect();
+            let new_var = rv
+                .iter()
+                .zip(&var)
+                .map(|(&a, &b)| {
+                    ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64 * unbias) as f32
+                })
+                .collect();
+            self.params.set(&p("running_mean"), new_mean)?;
+            self.params.set(&p("running_var"), new_var)?;
+            x.normalize::<Axis<0>>(BN_EPS)
+        } else {
+            let rm = self.params.get(&p("running_mean"))?.clone();
+            let rv = self.params.get(&p("running_var"))?.clone();
+            let inv = (rv + BN_EPS as f32).sqrt().recip();
+            (x - rm.broadcast_like::<_, Axis<0>>(&(r, c))) * inv.broadcast_like::<_, Axis<0>>(&(r, c))
+        };
+        let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c)) + beta.broadcast_like::<_, Axis<0>>(&(r, c));
+        Ok(if relu { y.relu() } else { y })
+    }
+
+    /// `x W^T + b` with `{prefix}.weight [out, in]`, `{prefix}.bias [out]`.
+    pub fn linear<T: Tape<f32, D>>(&mut self, x: Rows<D, T>, prefix: &str) -> Result<Rows<D, T>> {
+        linear(self.params, x, prefix)
+    }
+}
+
+/// `x W^T + b` with `{prefix}.weight [out, in]` and (if present) `{prefix}.bias [out]`.
+pub fn linear<D: SarDevice<f32>, T: Tape<f32, D>>(
+    params: &Params<D>,
+    x: Rows<D, T>,
+    prefix: &str,
+) -> Result<Rows<D, T>> {
+    let (n, inputs) = *x.shape();
+    let wname = format!("{prefix}.weight");
+    let &[out, win] = params.shape(&wname)? else {
+        return shape_err(format!("{wname} must be [out, in]"));
+    };
+    if win != inputs {
+        return shape_err(format!("{wname} [{out}, {win}] does not fit {inputs} inputs"));
+    }
+    let w = params
+        .taped::<T>(&wname)?
+        .reshape_like(&(out, inputs))
+        .permute::<_, Axes2<1, 0>>();
+    let y = x.matmul(w);
+    let bname = format!("{prefix}.bias");
+    Ok(if params.values.contains_key(&bname) {
+        y + params.taped::<T>(&bname)?.broadcast_like::<_, Axis<0>>(&(n, out))
+    } else {
+        y
+    })
+}
+
+/// Which network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// The small CNN.
+    SmallCnn,
+    /// A CIFAR ResNet of depth 6n+2.
+    CifarResNet {
+        /// Depth (32 for ResNet-32).
+        depth: usize,
+    },
+}
+
+/// A classification network over NHWC rows (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Classifier {
+    /// The network.
+    pub arch: Arch,
+}
+
+impl Classifier {
+    /// A network; checks the depth.
+    pub fn new(arch: Arch) -> Result<Self> {
+        if let Arch::CifarResNet { depth } = arch {
+            if depth < 8 || !(depth - 2).is_multiple_of(6) {
+                return shape_err(format!(
+                    "a CIFAR ResNet has depth 6n+2 (20, 32, 44, …), got {depth}"
+                ));
+            }
+        }
+        Ok(Classifier { arch })
+    }
+
+    /// The feature dimension D.
+    pub fn feature_dim(&self) -> usize {
+        match self.arch {
+            Arch::SmallCnn => 128,
+            Arch::CifarResNet { .. } => 64,
+        }
+    }
+
+    /// Features `[N, D]` of images given as NHWC rows `[N·H·W, C]`.
+    pub fn features<D: SarDevice<f32>, T: Tape<f32, D>>(
+        &self,
+        f: &mut Forward<D>,
+        x: Rows<D, T>,
+        (n, mut h, mut w): (usize, usize, usize),
+    ) -> Result<Rows<D, T>> {
+        let mut x = x;
+        match self.arch {
+            Arch::SmallCnn => {
+                for (i, stride) in [1, 2, 2].into_iter().enumerate() {
+                    let name = format!("stage{}", i + 1);
+                    let (y, hw) = f.conv(x, &format!("{name}.conv"), (n, h, w), stride, 1)?;
+                    x = f.bn(y, &format!("{name}.bn"), true)?;
+                    (h, w) = hw;
+                }
+            }
+            Arch::CifarResNet { depth } => {
+                let (y, _) = f.conv(x, "conv1", (n, h, w), 1, 1)?;
+                x = f.bn(y, "bn1", true)?;
+                let mut c = 16;
+                for (stage, width) in [16usize, 32, 64].into_iter().enumerate() {
+                    for i in 0..(depth - 2) / 6 {
+                        let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                        let name = format!("layer{}.{i}", stage + 1);
+                        let shortcut = if stride == 1 && width == c {
+                            x.retaped::<T>()
+                        } else {
+                            option_a(f.cache, x.retaped::<T>(), (n, h, w), stride, (width - c) / 2)?
+                        };
+                        let (y, hw) = f.conv(x, &format!("{name}.conv1"), (n, h, w), stride, 1)?;
+                        let y = f.bn(y, &format!("{name}.bn1"), true)?;
+                        let (y, hw2) = f.conv(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, 1)?;
+                        let y = f.bn(y, &format!("{name}.bn2"), false)?;
+                        x = (y + shortcut).relu();
+                        (h, w) = hw2;
+                        c = width;
+                    }
+                }
+            }
+        }
+        // Global average pooling: [N·H·W, C] → [N, C].
+        let ch = x.shape().1;
+        Ok(x.reshape_like(&(n, h * w, ch)).mean::<(usize, usize), Axis<1>>())
+    }
+
+    /// Logits `[N, K]` = `fc`(features).
+    pub fn classify<D: SarDevice<f32>, T: Tape<f32, D>>(
+        &self,
+        params: &Params<D>,
+        features: Rows<D, T>,
+    ) -> Result<Rows<D, T>> {
+        linear(params, features, "fc")
+    }
+}
+
+/// Mean cross-entropy of logits `[N, K]` against soft targets `[N, K]` (one-hot labels, or
+/// λ·onehot(a) + (1−λ)·onehot(b) for MixUp): −(1/N) Σ_n Σ_k t_nk log_softmax(z)_nk.
+pub fn cross_entropy<D: SarDevice<f32>, T: Tape<f32, D>>(
+    logits: Rows<D, T>,
+    targets: Vec<f32>,
+) -> Result<Tensor<Rank0, f32, D, T>> {
+    let (n, k) = *logits.shape();
+    if targets.len() != n * k || n == 0 {
+        return shape_err(format!("cross-entropy: {} targets for logits [{n}, {k}]", targets.len()));
+    }
+    let t = logits.device().tensor_from_vec(targets, (n, k));
+    Ok((logits.log_softmax::<Axis<1>>() * t).sum::<Rank0, _>() * (-1.0 / n as f32))
+}
+
+/// One-hot rows `[N, K]` for labels `y` (checked to be in `0..K`).
+pub fn one_hot(y: &[i64], k: usize) -> Result<Vec<f32>> {
+    let mut t = vec![0.0f32; y.len() * k];
+    for (i, &c) in y.iter().enumerate() {
+        if !(0..k as i64).contains(&c) {
+            return Err(sar_math::SarError::Label {
+                op: sar_math::Op::P2a,
+                index: i,
+                label: c,
+                classes: k,
+            }
+            .into());
+        }
+        t[i * k + c as usize] = 1.0;
+    }
+    Ok(t)
+}
+
+/// What one SAR step produced.
+pub struct SarStep<D: SarDevice<f32>, T> {
+    /// λ1·L_aux + λ2·L_p2a, with the tape.
+    pub loss: Tensor<Rank0, f32, D, T>,
+    /// L_aux (unweighted).
+    pub loss_aux: f64,
+    /// L_p2a (unweighted; 0 when the gate failed).
+    pub loss_p2a: f64,
+    /// The gate.
+    pub gate_passed: bool,
+    /// |Ω|.
+    pub valid: usize,
+}
+
+/// SAR on a dfdx classifier (see the module docs). Variables `{prefix}.embed.*` live in the
+/// model's [`Params`]; the buffers (anchors, Â, initialised flags) here.
+pub struct SarHead<D: SarDevice<f32>> {
+    /// The fixed anchors A `[C, D]`.
+    pub anchors: Tensor<(usize, usize), f32, D>,
+    /// Â `[C, D]`, flat.
+    pub semantic: Tensor<(usize,), f32, D>,
+    /// Per-class "initialised" flags.
+    pub initialized: Vec<bool>,
+    /// SAR's hyper-parameters.
+    pub config: SarConfig,
+    prefix: String,
+    classes: usize,
+    dim: usize,
+}
+
+impl<D: SarDevice<f32>> SarHead<D> {
+    /// A head with anchors `[classes, dim]` (host values, e.g. from `sar_math::anchors`).
+    pub fn new(
+        device: &D,
+        prefix: &str,
+        config: SarConfig,
+        anchors: Vec<f32>,
+        classes: usize,
+        dim: usize,
+    ) -> Result<Self> {
+        config.validate()?;
+        if anchors.len() != classes * dim {
+            return shape_err(format!("{} anchor values for [{classes}, {dim}]", anchors.len()));
+        }
+        Ok(SarHead {
+            anchors: device.tensor_from_vec(anchors, (classes, dim)),
+            semantic: device.zeros_like(&(classes * dim,)),
+            initialized: vec![false; classes],
+            config,
+            prefix: prefix.to_string(),
+            classes,
+            dim,
+        })
+    }
+
+    /// Classes C.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Feature dimension D.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Whether every row of Â is initialised.
+    pub fn fully_initialized(&self) -> bool {
+        self.initialized.iter().all(|&b| b)
+    }
+
+    /// E = h_ψ(A) `[C, D]`, BatchNorm over the C anchors in training mode.
+    pub fn embed<T: Tape<f32, D>>(&self, params: &Params<D>) -> Result<Rows<D, T>> {
+        let mut x: Rows<D, T> = self.anchors.retaped::<T>();
+        let (c, d) = (self.classes, self.dim);
+        for (fc, bn) in [("fc1", "bn1"), ("fc2", "bn2")] {
+            let y = linear(params, x, &format!("{}.embed.{fc}", self.prefix))?;
+            let g = params.taped::<T>(&format!("{}.embed.{bn}.weight", self.prefix))?;
+            let b = params.taped::<T>(&format!("{}.embed.{bn}.bias", self.prefix))?;
+            x = (y.normalize::<Axis<0>>(BN_EPS) * g.broadcast_like::<_, Axis<0>>(&(c, d))
+                + b.broadcast_like::<_, Axis<0>>(&(c, d)))
+            .relu();
+        }
+        Ok(x)
+    }
+
+    /// One SAR step with features `[N, D]` carrying the model's tape: L_aux on
+    /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed. With
+    /// `mix = Some((labels_b, λ))` the p2a target is λ·Â[y] + (1−λ)·Â[y_b] (MixUp), rows
+    /// counted when both labels are valid.
+    pub fn step(
+        &mut self,
+        params: &Params<D>,
+        features: Rows<D, OwnedTape<f32, D>>,
+        labels: &[i64],
+        mix: Option<(&[i64], f64)>,
+    ) -> Result<SarStep<D, OwnedTape<f32, D>>> {
+        let (n, d) = *features.shape();
+        if d != self.dim || labels.len() != n {
+            return shape_err(format!(
+                "SAR: features [{n}, {d}] with {} labels; the head has D = {}",
+                labels.len(),
+                self.dim
+            ));
+        }
+        let cfg = self.config;
+        let (c, dim) = (self.classes, self.dim);
+        let e: Rows<D, OwnedTape<f32, D>> = self.embed(params)?;
+        let e_values = e.retaped::<NoneTape>().reshape_like(&(c * dim,));
+        let z = linear(params, e, "fc")?;
+        if *z.shape() != (c, c) {
+            return shape_err(format!(
+                "the classifier maps the [{c}, {dim}] anchors to {:?}, expected [{c}, {c}]",
+                z.shape()
+            ));
+        }
+        let z_host = host(&z);
+        let (aux, parts) = anchor_ce(z, cfg.tau, cfg.weights)?;
+        let mut pass = vec![false; c];
+        let gate = sar_math::anchor_ce::gate(&z_host, c, &parts.nll, cfg.delta, cfg.gate, &mut pass)?;
+        let rows: Vec<bool> = match cfg.gate {
+            GateMode::Global => vec![gate; c],
+            GateMode::PerClass => pass.clone(),
+        };
+        ema_rows(&mut self.semantic, &e_values, cfg.alpha, &rows, &mut self.initialized, dim)?;
+        let loss_aux = parts_value(&aux);
+        let aux = aux * cfg.lambda_aux as f32;
+        if !gate {
+            // p2a is not applied at all; the features' tape joins through a zero term so the
+            // caller's graph stays one.
+            let (_, tape) = features.split_tape();
+            let zero = params.device().zeros::<Rank0>().put_tape(tape);
+            return Ok(SarStep {
+                loss: aux + zero,
+                loss_aux,
+                loss_p2a: 0.0,
+                gate_passed: false,
+                valid: 0,
+            });
+        }
+        let active = match cfg.gate {
+            GateMode::Global => None,
+            GateMode::PerClass => Some(&pass[..]),
+        };
+        let semantic = self.semantic.clone().reshape_like(&(c, dim));
+        let (p2a, value, valid) = match mix {
+            None => p2a_rows(features, labels, &semantic, cfg.ignore_index, active, cfg.lambda_p2a)?,
+            Some((labels_b, lambda)) => {
+                p2a_mixup(features, labels, labels_b, lambda, &semantic, cfg.ignore_index, active, cfg.lambda_p2a)?
+            }
+        };
+        Ok(SarStep {
+            loss: aux + p2a,
+            loss_aux,
+            loss_p2a: value,
+            gate_passed: true,
+            valid,
+        })
+    }
+
+    /// The buffers under the names `sar-candle`'s head uses: `{prefix}.anchors`,
+    /// `{prefix}.semantic_anchors`, `{prefix}.initialized` (0/1), as host values with shapes.
+    pub fn buffers(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let (c, d) = (self.classes, self.dim);
+        vec![
+            (format!("{}.anchors", self.prefix), vec![c, d], self.anchors.as_vec()),
+            (
+                format!("{}.semantic_anchors", self.prefix),
+                vec![c, d],
+                self.semantic.as_vec(),
+            ),
+            (
+                format!("{}.initialized", self.prefix),
+                vec![c],
+                self.initialized.iter().map(|&b| b as u8 as f32).collect(),
+            ),
+        ]
+    }
+
+    /// Restores the buffers from `get(name)` (shape-checked).
+    pub fn load_buffers(&mut self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>) -> Result<()> {
+        let (c, d) = (self.classes, self.dim);
+        let fetch = |suffix: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let name = format!("{}.{suffix}", self.prefix);
+            let (s, v) = get(&name)
+                .ok_or_else(|| SarDfdxError::Shape(format!("checkpoint lacks `{name}`")))?;
+            if s != shape {
+                return shape_err(format!("checkpoint `{name}` has shape {s:?}, expected {shape:?}"));
+            }
+            Ok(v)
+        };
+        let anchors = fetch("anchors", &[c, d])?;
+        let semantic = fetch("semantic_anchors", &[c, d])?;
+        let init = fetch("initialized", &[c])?;
+        let dev = self.anchors.device().clone();
+        self.anchors = dev.tensor_from_vec(anchors, (c, d));
+        self.semantic = dev.tensor_from_vec(semantic, (c * d,));
+        self.initialized = init.iter().map(|&v| v != 0.0).collect();
+        Ok(())
+    }
+}
+
+fn parts_value<D: SarDevice<f32>, T>(t: &Tensor<Rank0, f32, D, T>) -> f64 {
+    t.as_vec()[0] as f64
+}
+
+/// `weight`·L_p2a with MixUp targets λ·Â[a] + (1−λ)·Â[b]; rows count when both labels are
+/// valid (and active).
+#[allow(clippy::too_many_arguments)]
+fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(
+    features: Rows<D, T>,
+    labels_a: &[i64],
+    labels_b: &[i64],
+    lambda: f64,
+    semantic: &Tensor<(usize, usize), f32, D>,
+    ignore: i64,
+    active: Option<&[bool]>,
+    weight: f64,
+) -> Result<(Tensor<Rank0, f32, D, T>, f64, usize)> {
+    let (n, d) = *features.shape();
+    let c = semantic.shape().0;
+    if labels_a.len() != n || labels_b.len() != n || !(0.0..=1.0).contains(&lambda) {
+        return shape_err(format!(
+            "mixup p2a needs N = {n} labels per side and λ in [0, 1]; got {}, {} and {lambda}",
+            labels_a.len(),
+            labels_b.len()
+        ));
+    }
+    crate::validate_labels(labels_a, c, ignore)?;
+    crate::validate_labels(labels_b, c, ignore)?;
+    let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
+    let keep: Vec<usize> = (0..n).filter(|&i| ok(labels_a[i]) && ok(labels_b[i])).collect();
+    let valid = keep.len();
+    let dev = semantic.device().clone();
+    if valid == 0 {
+        let (_, tape) = features.split_tape();
+        return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
+    }
+    let pick = |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
+    let ta: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_a));
+    let tb: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_b));
+    let target = ta * lambda as f32 + tb * (1.0 - lambda) as f32;
+    let rows: Rows<D, T> = features.gather(dev.tensor_from_vec(keep, (valid,)));
+    let sum = (rows - target).square().sum::<Rank0, _>();
+    let scale = 1.0 / (valid as f64 * d as f64);
+    let value = parts_value(&sum) * scale;
+    Ok((sum * (weight * scale) as f32, value, valid))
+}
+
+/// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;
+/// d ← g + μ·b (Nesterov) or b; w ← w − lr·d. Momentum buffers by variable name, on the device.
+pub struct Sgd<D: SarDevice<f32>> {
+    /// Learning rate (set per step by the schedule).
+    pub lr: f64,
+    /// μ.
+    pub momentum: f64,
+    /// wd.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    buffers: BTreeMap<String, Tensor<(usize,), f32, D>>,
+}
+
+impl<D: SarDevice<f32>> Sgd<D> {
+    /// An optimiser without momentum buffers yet.
+    pub fn new(lr: f64, momentum: f64, weight_decay: f64, nesterov: bool) -> Self {
+        Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+            buffers: BTreeMap::new(),
+        }
+    }
+
+    /// One update of every trained variable of `params` from `grads`.
+    pub fn step(&mut self, params: &mut Params<D>, grads: &Gradients<f32, D>) -> Result<()> {
+        let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, self.lr as f32);
+        for name in params.trainable() {
+            let w = params.get(&name)?.clone();
+            let grad = grads.get(&w);
+            let mut g = if wd != 0.0 { grad + w.clone() * wd } else { grad };
+            if mu != 0.0 {
+                let b = match self.buffers.remove(&name) {
+                    None => g.clone(),
+                    Some(b) => b * mu + g.clone(),
+                };
+                g = if self.nesterov { g + b.clone() * mu } else { b.clone() };
+                self.buffers.insert(name.clone(), b);
+            }
+            params.replace(&name, w - g * lr);
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers on the host, by variable name.
+    pub fn buffers(&self) -> Vec<(String, Vec<f32>)> {
+        self.buffers
+            .iter()
+            .map(|(n, b)| (n.clone(), b.as_vec()))
+            .collect()
+    }
+
+    /// Replaces the momentum buffers (names and lengths checked against `params`).
+    pub fn load_buffers(&mut self, params: &Params<D>, buffers: Vec<(String, Vec<f32>)>) -> Result<()> {
+        let mut map = BTreeMap::new();
+        for (name, b) in buffers {
+            let n: usize = params.shape(&name)?.iter().product();
+            if b.len() != n || is_running_stat(&name) {
+                return shape_err(format!("momentum buffer for {name} does not fit the variable"));
+            }
+            map.insert(name, params.device().tensor_from_vec(b, (n,)));
+        }
+        self.buffers = map;
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! The dfdx convolution, models and SAR head against candle: forward values and every
+//! gradient, in f32, from identical weights.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use sar_dfdx::conv::{conv2d, nchw_to_rows, rows_to_nchw, ConvGeometry, GatherCache};
+use sar_dfdx::dfdx::prelude::*;
+use sar_dfdx::nn::{cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead};
+use sar_math::anchors::AnchorRng;
+
+fn normals(seed: u64, n: usize) -> Vec<f32> {
+    let mut r = AnchorRng::new(seed);
+    (0..n).map(|_| r.next_normal() as f32).collect()
+}
+
+/// |a − b| ≤ tol·(1 + max|b|) everywhere: the f32 error of sums grows with their scale.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}[{i}]: dfdx {g}, candle {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn conv_matches_candle_forward_and_gradients() {
+    let dev = Cpu::default();
+    let cases = [
+        // (n, cin, h, w, cout, k, stride, pad)
+        (2, 3, 7, 5, 4, 3, 1, 1),
+        (1, 4, 8, 8, 6, 3, 2, 1),
+        (2, 2, 9, 6, 3, 3, 2, 0),
+        (3, 5, 4, 4, 2, 1, 1, 0),
+        (1, 3, 6, 7, 5, 1, 2, 0),
+        (2, 3, 5, 5, 2, 5, 1, 2),
+    ];
+    for (case, &(n, cin, h, w, cout, k, stride, pad)) in cases.iter().enumerate() {
+        let x = normals(100 + case as u64, n * cin * h * w);
+        let wt = normals(200 + case as u64, cout * cin * k * k);
+        // Upstream gradient: a fixed random weighting of the outputs, so every output matters.
+        let geom = ConvGeometry { n, h, w, k, stride, pad };
+        let (oh, ow) = geom.out_hw().unwrap();
+        let r = normals(300 + case as u64, n * cout * oh * ow);
+
+        // candle
+        let cdev = Device::Cpu;
+        let xv = Var::from_vec(x.clone(), (n, cin, h, w), &cdev).unwrap();
+        let wv = Var::from_vec(wt.clone(), (cout, cin, k, k), &cdev).unwrap();
+        // sar-models' CPU conv (what the candle trainer runs; candle 0.11's own conv backward
+        // fails on strided inputs whose size the stride does not divide).
+        let y = sar_models::conv_cpu::conv2d(xv.as_tensor(), wv.as_tensor(), stride, pad, 1).unwrap();
+        assert_eq!(y.dims(), &[n, cout, oh, ow]);
+        let rt = Tensor::from_vec(r.clone(), (n, cout, oh, ow), &cdev).unwrap();
+        let loss = (&y * &rt).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let y_c: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let gx_c: Vec<f32> = g.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let gw_c: Vec<f32> = g.get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+
+        // dfdx
+        let mut cache = GatherCache::default();
+        let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, cin, h, w), (n * h * w, cin));
+        let wd = dev.tensor_from_vec(wt.clone(), (wt.len(),));
+        let mut grads = Gradients::leaky();
+        grads.try_alloc_for(&wd).unwrap();
+        let (yd, hw) = conv2d(
+            &mut cache,
+            xr.trace(grads),
+            wd.retaped::<OwnedTape<f32, Cpu>>(),
+            geom,
+            cout,
+        )
+        .unwrap();
+        assert_eq!(hw, (oh, ow));
+        let y_d = rows_to_nchw(&yd.as_vec(), n, cout, oh, ow);
+        let rr = dev.tensor_from_vec(nchw_to_rows(&r, n, cout, oh, ow), (n * oh * ow, cout));
+        let gd = (yd * rr).sum::<Rank0, _>().backward();
+        let gx_d = rows_to_nchw(&gd.get(&xr).as_vec(), n, cin, h, w);
+        let gw_d = gd.get(&wd).as_vec();
+
+        let what = format!("case {case}");
+        assert_close(&format!("{what} output"), &y_d, &y_c, 2e-6);
+        assert_close(&format!("{what} dL/dx"), &gx_d, &gx_c, 2e-6);
+        assert_close(&format!("{what} dL/dw"), &gw_d, &gw_c, 2e-6);
+    }
+}
+
+#[test]
+fn conv_rejects_bad_geometry_without_panicking() {
+    let dev = Cpu::default();
+    let mut cache = GatherCache::default();
+    let x: sar_dfdx::nn::Rows<Cpu, NoneTape> = dev.zeros_like(&(4, 2));
+    let w = dev.zeros_like(&(18,));
+    let geom = ConvGeometry { n: 1, h: 2, w: 2, k: 3, stride: 1, pad: 0 };
+    assert!(conv2d(&mut cache, x.clone(), w.clone(), geom, 1).is_err(), "kernel larger than the input");
+    let geom = ConvGeometry { n: 1, h: 2, w: 2, k: 3, stride: 1, pad: 1 };
+    assert!(conv2d(&mut cache, x, w, geom, 2).is_err(), "weight size for 2 outputs is 36");
+}
+
+/// Every variable of a candle varmap as dfdx parameters.
+fn params_from(varmap: &VarMap) -> Params<Cpu> {
+    let data = varmap.data().lock().unwrap();
+    let entries: Vec<_> = data
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor();
+            (n.clone(), t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    Params::from_host(&Cpu::default(), entries).unwrap()
+}
+
+fn host_of(varmap: &VarMap, name: &str) -> Vec<f32> {
+    varmap.data().lock().unwrap()[name]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// One training forward/backward of a whole network on both backends: logits, the loss, the
+/// gradient of every parameter and the updated running statistics agree.
+fn model_matches(arch: sar_models::Arch, dfdx_arch: Arch, (n, c, h, w): (usize, usize, usize, usize), classes: usize) {
+    let varmap = VarMap::new();
+    let spec = sar_models::ModelSpec {
+        arch,
+        stem: sar_models::Stem::Cifar,
+        in_channels: c,
+        classes,
+        seed: 7,
+    };
+    let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
+    let mut params = params_from(&varmap);
+    let x = normals(1, n * c * h * w);
+    let y: Vec<i64> = (0..n as i64).map(|i| i % classes as i64).collect();
+
+    // candle, training mode
+    let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+    let logits_c = model.forward(&xt, true).unwrap();
+    let yt = Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap();
+    let loss_c = candle_nn::loss::cross_entropy(&logits_c, &yt).unwrap();
+    let grads_c = loss_c.backward().unwrap();
+
+    // dfdx, training mode
+    let dev = Cpu::default();
+    let net = Classifier::new(dfdx_arch).unwrap();
+    let mut cache = GatherCache::default();
+    let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
+    let traced = xr.trace(params.alloc_grads().unwrap());
+    let mut f = Forward { params: &mut params, cache: &mut cache, train: true };
+    let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
+    let logits_d = net.classify(&params, feats).unwrap();
+    let logits_host = logits_d.as_vec();
+    let loss_d = cross_entropy(logits_d, one_hot(&y, classes).unwrap()).unwrap();
+    let loss_value = loss_d.as_vec()[0];
+    let grads_d = loss_d.backward();
+
+    let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
+    assert_close("logits", &logits_host, &lc, 1e-4);
+    let lv: f32 = loss_c.to_scalar().unwrap();
+    assert!((loss_value - lv).abs() < 1e-4 * (1.0 + lv.abs()), "loss {loss_value} vs {lv}");
+    let data = varmap.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, var) in data.iter() {
+        if sar_dfdx::nn::is_running_stat(name) {
+            let want: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert_close(&format!("{name} after the step"), &params.get(name).unwrap().as_vec(), &want, 1e-4);
+            continue;
+        }
+        let want: Vec<f32> = grads_c.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = params.gradient(&grads_d, name).unwrap();
+        assert_close(&format!("dL/d{name}"), &got, &want, 2e-4);
+        checked += 1;
+    }
+    assert!(checked > 5);
+    drop(data);
+
+    // Evaluation mode uses the running statistics on both sides.
+    let logits_c = model.forward(&xt, false).unwrap();
+    let mut f = Forward { params: &mut params, cache: &mut cache, train: false };
+    let feats = net.features(&mut f, xr.clone(), (n, h, w)).unwrap();
+    let logits_d = net.classify(&params, feats).unwrap();
+    let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
+    assert_close("eval logits", &logits_d.as_vec(), &lc, 1e-4);
+    let _ = host_of;
+}
+
+#[test]
+fn small_cnn_matches_candle() {
+    model_matches(sar_models::Arch::SmallCnn, Arch::SmallCnn, (4, 1, 8, 8), 10);
+}
+
+#[test]
+fn resnet32_matches_candle() {
+    // Odd 9×9 inputs exercise the option-A subsampling of odd sizes (5×5, then 3×3).
+    model_matches(sar_models::Arch::ResNet32, Arch::CifarResNet { depth: 32 }, (3, 3, 9, 9), 5);
+}
+
+#[test]
+fn sar_head_matches_candle() {
+    use sar_candle::{CandleBackend, EmbeddingKind};
+    let (n, c, h, w, classes) = (6, 1, 8, 8, 4);
+    let varmap = VarMap::new();
+    let spec = sar_models::ModelSpec {
+        arch: sar_models::Arch::SmallCnn,
+        stem: sar_models::Stem::Cifar,
+        in_channels: c,
+        classes,
+        seed: 3,
+    };
+    let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
+    let cfg = sar_math::SarConfig::default();
+    let mut head_c = sar_candle::SarHead::new(
+        &varmap,
+        "sar",
+        CandleBackend::new(Device::Cpu, DType::F32).unwrap(),
+        cfg,
+        classes,
+        128,
+        EmbeddingKind::Classification,
+        sar_math::anchors::AnchorKind::Normal,
+        3,
+    )
+    .unwrap();
+    // A classifier that separates the embedded anchors (fc rows = 10·E), so the gate passes
+    // and L_p2a is compared too.
+    let e = head_c.embed().unwrap();
+    varmap.data().lock().unwrap()["fc.weight"].set(&(e * 10.0).unwrap()).unwrap();
+    let mut params = params_from(&varmap);
+    let anchors: Vec<f32> = head_c.buffers().unwrap()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    let mut head_d = SarHead::new(&Cpu::default(), "sar", cfg, anchors, classes, 128).unwrap();
+
+    let x = normals(5, n * c * h * w);
+    let y: Vec<i64> = vec![0, 1, 2, 3, 1, 255];
+    let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+    let feats_c = model.features(&xt, true).unwrap();
+    let yt = Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap();
+    let classify = |e: &Tensor| model.classify(e);
+    let s_c = head_c.step(&classify, &feats_c, &yt).unwrap();
+    let grads_c = s_c.loss.backward().unwrap();
+
+    let dev = Cpu::default();
+    let net = Classifier::new(Arch::SmallCnn).unwrap();
+    let mut cache = GatherCache::default();
+    let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
+    let traced = xr.traced(params.alloc_grads().unwrap());
+    let mut f = Forward { params: &mut params, cache: &mut cache, train: true };
+    let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
+    let s_d = head_d.step(&params, feats, &y, None).unwrap();
+    assert_eq!(s_d.gate_passed, s_c.gate_passed);
+    assert!(s_d.gate_passed);
+    assert_eq!(s_d.valid, s_c.valid);
+    assert_eq!(s_d.valid, 5);
+    assert!((s_d.loss_aux - s_c.loss_aux).abs() < 1e-5 * (1.0 + s_c.loss_aux.abs()));
+    assert!((s_d.loss_p2a - s_c.loss_p2a).abs() < 1e-5 * (1.0 + s_c.loss_p2a.abs()));
+    assert!(s_d.loss_p2a > 0.0);
+    let grads_d = s_d.loss.backward();
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        if sar_dfdx::nn::is_running_stat(name) {
+            continue;
+        }
+        let want: Vec<f32> = match grads_c.get(var.as_tensor()) {
+            Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![0.0; var.elem_count()],
+        };
+        assert_close(&format!("dL/d{name}"), &params.gradient(&grads_d, name).unwrap(), &want, 2e-4);
+    }
+    let sem_c: Vec<f32> = head_c.semantic_anchors().flatten_all().unwrap().to_vec1().unwrap();
+    assert_close("semantic anchors", &head_d.buffers()[1].2, &sem_c, 1e-5);
+}

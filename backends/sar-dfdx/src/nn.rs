@@ -19,8 +19,8 @@
 //!   momentum buffers by name.
 
 use crate::conv::{conv2d, option_a, ConvGeometry, GatherCache};
-use crate::{anchor_ce, dev_err, ema_rows, host, p2a_rows, shape_err, Result, SarDevice};
 use crate::SarDfdxError;
+use crate::{anchor_ce, dev_err, ema_rows, host, p2a_rows, shape_err, Result, SarDevice};
 use dfdx::prelude::*;
 use sar_math::{GateMode, SarConfig};
 use std::collections::BTreeMap;
@@ -36,7 +36,9 @@ pub fn is_running_stat(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
-/// Variables by name (see the module docs).
+/// Variables by name (see the module docs). Cloning shares the values (they are immutable;
+/// updates replace them).
+#[derive(Clone)]
 pub struct Params<D: SarDevice<f32>> {
     values: BTreeMap<String, Tensor<(usize,), f32, D>>,
     shapes: BTreeMap<String, Vec<usize>>,
@@ -89,9 +91,9 @@ impl<D: SarDevice<f32>> Params<D> {
 
     /// The values of `name`.
     pub fn get(&self, name: &str) -> Result<&Tensor<(usize,), f32, D>> {
-        self.values
-            .get(name)
-            .ok_or_else(|| SarDfdxError::Shape(format!("the model needs variable {name}, which is missing")))
+        self.values.get(name).ok_or_else(|| {
+            SarDfdxError::Shape(format!("the model needs variable {name}, which is missing"))
+        })
     }
 
     /// Replaces the values of `name` (same number of elements).
@@ -193,13 +195,21 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
 
     /// BatchNorm over rows `[R, C]` (`{prefix}.{weight,bias,running_mean,running_var}`),
     /// optionally followed by ReLU. See the module docs for the two modes.
-    pub fn bn<T: Tape<f32, D>>(&mut self, x: Rows<D, T>, prefix: &str, relu: bool) -> Result<Rows<D, T>> {
+    pub fn bn<T: Tape<f32, D>>(
+        &mut self,
+        x: Rows<D, T>,
+        prefix: &str,
+        relu: bool,
+    ) -> Result<Rows<D, T>> {
         let (r, c) = *x.shape();
         let p = |s: &str| format!("{prefix}.{s}");
         let gamma = self.params.taped::<T>(&p("weight"))?;
         let beta = self.params.taped::<T>(&p("bias"))?;
         if gamma.shape().0 != c {
-            return shape_err(format!("{prefix} has {} channels, the input {c}", gamma.shape().0));
+            return shape_err(format!(
+                "{prefix} has {} channels, the input {c}",
+                gamma.shape().0
+            ));
         }
         let normed = if self.train {
             // Batch statistics for the running averages, outside the graph.
@@ -209,7 +219,11 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
                 .square()
                 .mean::<(usize,), Axis<0>>();
             let (mean, var) = (mean.as_vec(), var.as_vec());
-            let unbias = if r > 1 { r as f64 / (r as f64 - 1.0) } else { 1.0 };
+            let unbias = if r > 1 {
+                r as f64 / (r as f64 - 1.0)
+            } else {
+                1.0
+            };
             let rm = self.params.get(&p("running_mean"))?.as_vec();
             let rv = self.params.get(&p("running_var"))?.as_vec();
             let new_mean = rm
@@ -231,9 +245,11 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
             let rm = self.params.get(&p("running_mean"))?.clone();
             let rv = self.params.get(&p("running_var"))?.clone();
             let inv = (rv + BN_EPS as f32).sqrt().recip();
-            (x - rm.broadcast_like::<_, Axis<0>>(&(r, c))) * inv.broadcast_like::<_, Axis<0>>(&(r, c))
+            (x - rm.broadcast_like::<_, Axis<0>>(&(r, c)))
+                * inv.broadcast_like::<_, Axis<0>>(&(r, c))
         };
-        let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c)) + beta.broadcast_like::<_, Axis<0>>(&(r, c));
+        let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c))
+            + beta.broadcast_like::<_, Axis<0>>(&(r, c));
         Ok(if relu { y.relu() } else { y })
     }
 
@@ -255,7 +271,9 @@ pub fn linear<D: SarDevice<f32>, T: Tape<f32, D>>(
         return shape_err(format!("{wname} must be [out, in]"));
     };
     if win != inputs {
-        return shape_err(format!("{wname} [{out}, {win}] does not fit {inputs} inputs"));
+        return shape_err(format!(
+            "{wname} [{out}, {win}] does not fit {inputs} inputs"
+        ));
     }
     let w = params
         .taped::<T>(&wname)?
@@ -264,7 +282,9 @@ pub fn linear<D: SarDevice<f32>, T: Tape<f32, D>>(
     let y = x.matmul(w);
     let bname = format!("{prefix}.bias");
     Ok(if params.values.contains_key(&bname) {
-        y + params.taped::<T>(&bname)?.broadcast_like::<_, Axis<0>>(&(n, out))
+        y + params
+            .taped::<T>(&bname)?
+            .broadcast_like::<_, Axis<0>>(&(n, out))
     } else {
         y
     })
@@ -338,11 +358,18 @@ impl Classifier {
                         let shortcut = if stride == 1 && width == c {
                             x.retaped::<T>()
                         } else {
-                            option_a(f.cache, x.retaped::<T>(), (n, h, w), stride, (width - c) / 2)?
+                            option_a(
+                                f.cache,
+                                x.retaped::<T>(),
+                                (n, h, w),
+                                stride,
+                                (width - c) / 2,
+                            )?
                         };
                         let (y, hw) = f.conv(x, &format!("{name}.conv1"), (n, h, w), stride, 1)?;
                         let y = f.bn(y, &format!("{name}.bn1"), true)?;
-                        let (y, hw2) = f.conv(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, 1)?;
+                        let (y, hw2) =
+                            f.conv(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, 1)?;
                         let y = f.bn(y, &format!("{name}.bn2"), false)?;
                         x = (y + shortcut).relu();
                         (h, w) = hw2;
@@ -353,7 +380,8 @@ impl Classifier {
         }
         // Global average pooling: [N·H·W, C] → [N, C].
         let ch = x.shape().1;
-        Ok(x.reshape_like(&(n, h * w, ch)).mean::<(usize, usize), Axis<1>>())
+        Ok(x.reshape_like(&(n, h * w, ch))
+            .mean::<(usize, usize), Axis<1>>())
     }
 
     /// Logits `[N, K]` = `fc`(features).
@@ -374,7 +402,10 @@ pub fn cross_entropy<D: SarDevice<f32>, T: Tape<f32, D>>(
 ) -> Result<Tensor<Rank0, f32, D, T>> {
     let (n, k) = *logits.shape();
     if targets.len() != n * k || n == 0 {
-        return shape_err(format!("cross-entropy: {} targets for logits [{n}, {k}]", targets.len()));
+        return shape_err(format!(
+            "cross-entropy: {} targets for logits [{n}, {k}]",
+            targets.len()
+        ));
     }
     let t = logits.device().tensor_from_vec(targets, (n, k));
     Ok((logits.log_softmax::<Axis<1>>() * t).sum::<Rank0, _>() * (-1.0 / n as f32))
@@ -440,7 +471,10 @@ impl<D: SarDevice<f32>> SarHead<D> {
     ) -> Result<Self> {
         config.validate()?;
         if anchors.len() != classes * dim {
-            return shape_err(format!("{} anchor values for [{classes}, {dim}]", anchors.len()));
+            return shape_err(format!(
+                "{} anchor values for [{classes}, {dim}]",
+                anchors.len()
+            ));
         }
         Ok(SarHead {
             anchors: device.tensor_from_vec(anchors, (classes, dim)),
@@ -516,12 +550,20 @@ impl<D: SarDevice<f32>> SarHead<D> {
         let z_host = host(&z);
         let (aux, parts) = anchor_ce(z, cfg.tau, cfg.weights)?;
         let mut pass = vec![false; c];
-        let gate = sar_math::anchor_ce::gate(&z_host, c, &parts.nll, cfg.delta, cfg.gate, &mut pass)?;
+        let gate =
+            sar_math::anchor_ce::gate(&z_host, c, &parts.nll, cfg.delta, cfg.gate, &mut pass)?;
         let rows: Vec<bool> = match cfg.gate {
             GateMode::Global => vec![gate; c],
             GateMode::PerClass => pass.clone(),
         };
-        ema_rows(&mut self.semantic, &e_values, cfg.alpha, &rows, &mut self.initialized, dim)?;
+        ema_rows(
+            &mut self.semantic,
+            &e_values,
+            cfg.alpha,
+            &rows,
+            &mut self.initialized,
+            dim,
+        )?;
         let loss_aux = parts_value(&aux);
         let aux = aux * cfg.lambda_aux as f32;
         if !gate {
@@ -543,10 +585,24 @@ impl<D: SarDevice<f32>> SarHead<D> {
         };
         let semantic = self.semantic.clone().reshape_like(&(c, dim));
         let (p2a, value, valid) = match mix {
-            None => p2a_rows(features, labels, &semantic, cfg.ignore_index, active, cfg.lambda_p2a)?,
-            Some((labels_b, lambda)) => {
-                p2a_mixup(features, labels, labels_b, lambda, &semantic, cfg.ignore_index, active, cfg.lambda_p2a)?
-            }
+            None => p2a_rows(
+                features,
+                labels,
+                &semantic,
+                cfg.ignore_index,
+                active,
+                cfg.lambda_p2a,
+            )?,
+            Some((labels_b, lambda)) => p2a_mixup(
+                features,
+                labels,
+                labels_b,
+                lambda,
+                &semantic,
+                cfg.ignore_index,
+                active,
+                cfg.lambda_p2a,
+            )?,
         };
         Ok(SarStep {
             loss: aux + p2a,
@@ -562,7 +618,11 @@ impl<D: SarDevice<f32>> SarHead<D> {
     pub fn buffers(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let (c, d) = (self.classes, self.dim);
         vec![
-            (format!("{}.anchors", self.prefix), vec![c, d], self.anchors.as_vec()),
+            (
+                format!("{}.anchors", self.prefix),
+                vec![c, d],
+                self.anchors.as_vec(),
+            ),
             (
                 format!("{}.semantic_anchors", self.prefix),
                 vec![c, d],
@@ -577,14 +637,19 @@ impl<D: SarDevice<f32>> SarHead<D> {
     }
 
     /// Restores the buffers from `get(name)` (shape-checked).
-    pub fn load_buffers(&mut self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>) -> Result<()> {
+    pub fn load_buffers(
+        &mut self,
+        get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>,
+    ) -> Result<()> {
         let (c, d) = (self.classes, self.dim);
         let fetch = |suffix: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let name = format!("{}.{suffix}", self.prefix);
             let (s, v) = get(&name)
                 .ok_or_else(|| SarDfdxError::Shape(format!("checkpoint lacks `{name}`")))?;
             if s != shape {
-                return shape_err(format!("checkpoint `{name}` has shape {s:?}, expected {shape:?}"));
+                return shape_err(format!(
+                    "checkpoint `{name}` has shape {s:?}, expected {shape:?}"
+                ));
             }
             Ok(v)
         };
@@ -628,14 +693,17 @@ fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(
     crate::validate_labels(labels_a, c, ignore)?;
     crate::validate_labels(labels_b, c, ignore)?;
     let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
-    let keep: Vec<usize> = (0..n).filter(|&i| ok(labels_a[i]) && ok(labels_b[i])).collect();
+    let keep: Vec<usize> = (0..n)
+        .filter(|&i| ok(labels_a[i]) && ok(labels_b[i]))
+        .collect();
     let valid = keep.len();
     let dev = semantic.device().clone();
     if valid == 0 {
         let (_, tape) = features.split_tape();
         return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
     }
-    let pick = |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
+    let pick =
+        |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
     let ta: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_a));
     let tb: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_b));
     let target = ta * lambda as f32 + tb * (1.0 - lambda) as f32;
@@ -674,17 +742,29 @@ impl<D: SarDevice<f32>> Sgd<D> {
 
     /// One update of every trained variable of `params` from `grads`.
     pub fn step(&mut self, params: &mut Params<D>, grads: &Gradients<f32, D>) -> Result<()> {
-        let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, self.lr as f32);
+        let (mu, wd, lr) = (
+            self.momentum as f32,
+            self.weight_decay as f32,
+            self.lr as f32,
+        );
         for name in params.trainable() {
             let w = params.get(&name)?.clone();
             let grad = grads.get(&w);
-            let mut g = if wd != 0.0 { grad + w.clone() * wd } else { grad };
+            let mut g = if wd != 0.0 {
+                grad + w.clone() * wd
+            } else {
+                grad
+            };
             if mu != 0.0 {
                 let b = match self.buffers.remove(&name) {
                     None => g.clone(),
                     Some(b) => b * mu + g.clone(),
                 };
-                g = if self.nesterov { g + b.clone() * mu } else { b.clone() };
+                g = if self.nesterov {
+                    g + b.clone() * mu
+                } else {
+                    b.clone()
+                };
                 self.buffers.insert(name.clone(), b);
             }
             params.replace(&name, w - g * lr);
@@ -701,12 +781,18 @@ impl<D: SarDevice<f32>> Sgd<D> {
     }
 
     /// Replaces the momentum buffers (names and lengths checked against `params`).
-    pub fn load_buffers(&mut self, params: &Params<D>, buffers: Vec<(String, Vec<f32>)>) -> Result<()> {
+    pub fn load_buffers(
+        &mut self,
+        params: &Params<D>,
+        buffers: Vec<(String, Vec<f32>)>,
+    ) -> Result<()> {
         let mut map = BTreeMap::new();
         for (name, b) in buffers {
             let n: usize = params.shape(&name)?.iter().product();
             if b.len() != n || is_running_stat(&name) {
-                return shape_err(format!("momentum buffer for {name} does not fit the variable"));
+                return shape_err(format!(
+                    "momentum buffer for {name} does not fit the variable"
+                ));
             }
             map.insert(name, params.device().tensor_from_vec(b, (n,)));
         }

@@ -41,7 +41,14 @@ fn conv_matches_candle_forward_and_gradients() {
         let x = normals(100 + case as u64, n * cin * h * w);
         let wt = normals(200 + case as u64, cout * cin * k * k);
         // Upstream gradient: a fixed random weighting of the outputs, so every output matters.
-        let geom = ConvGeometry { n, h, w, k, stride, pad };
+        let geom = ConvGeometry {
+            n,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+        };
         let (oh, ow) = geom.out_hw().unwrap();
         let r = normals(300 + case as u64, n * cout * oh * ow);
 
@@ -51,14 +58,27 @@ fn conv_matches_candle_forward_and_gradients() {
         let wv = Var::from_vec(wt.clone(), (cout, cin, k, k), &cdev).unwrap();
         // sar-models' CPU conv (what the candle trainer runs; candle 0.11's own conv backward
         // fails on strided inputs whose size the stride does not divide).
-        let y = sar_models::conv_cpu::conv2d(xv.as_tensor(), wv.as_tensor(), stride, pad, 1).unwrap();
+        let y =
+            sar_models::conv_cpu::conv2d(xv.as_tensor(), wv.as_tensor(), stride, pad, 1).unwrap();
         assert_eq!(y.dims(), &[n, cout, oh, ow]);
         let rt = Tensor::from_vec(r.clone(), (n, cout, oh, ow), &cdev).unwrap();
         let loss = (&y * &rt).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
         let y_c: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-        let gx_c: Vec<f32> = g.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let gw_c: Vec<f32> = g.get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let gx_c: Vec<f32> = g
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let gw_c: Vec<f32> = g
+            .get(wv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
 
         // dfdx
         let mut cache = GatherCache::default();
@@ -94,10 +114,30 @@ fn conv_rejects_bad_geometry_without_panicking() {
     let mut cache = GatherCache::default();
     let x: sar_dfdx::nn::Rows<Cpu, NoneTape> = dev.zeros_like(&(4, 2));
     let w = dev.zeros_like(&(18,));
-    let geom = ConvGeometry { n: 1, h: 2, w: 2, k: 3, stride: 1, pad: 0 };
-    assert!(conv2d(&mut cache, x.clone(), w.clone(), geom, 1).is_err(), "kernel larger than the input");
-    let geom = ConvGeometry { n: 1, h: 2, w: 2, k: 3, stride: 1, pad: 1 };
-    assert!(conv2d(&mut cache, x, w, geom, 2).is_err(), "weight size for 2 outputs is 36");
+    let geom = ConvGeometry {
+        n: 1,
+        h: 2,
+        w: 2,
+        k: 3,
+        stride: 1,
+        pad: 0,
+    };
+    assert!(
+        conv2d(&mut cache, x.clone(), w.clone(), geom, 1).is_err(),
+        "kernel larger than the input"
+    );
+    let geom = ConvGeometry {
+        n: 1,
+        h: 2,
+        w: 2,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    assert!(
+        conv2d(&mut cache, x, w, geom, 2).is_err(),
+        "weight size for 2 outputs is 36"
+    );
 }
 
 /// Every variable of a candle varmap as dfdx parameters.
@@ -107,7 +147,11 @@ fn params_from(varmap: &VarMap) -> Params<Cpu> {
         .iter()
         .map(|(n, v)| {
             let t = v.as_tensor();
-            (n.clone(), t.dims().to_vec(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            (
+                n.clone(),
+                t.dims().to_vec(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
         })
         .collect();
     Params::from_host(&Cpu::default(), entries).unwrap()
@@ -124,7 +168,12 @@ fn host_of(varmap: &VarMap, name: &str) -> Vec<f32> {
 
 /// One training forward/backward of a whole network on both backends: logits, the loss, the
 /// gradient of every parameter and the updated running statistics agree.
-fn model_matches(arch: sar_models::Arch, dfdx_arch: Arch, (n, c, h, w): (usize, usize, usize, usize), classes: usize) {
+fn model_matches(
+    arch: sar_models::Arch,
+    dfdx_arch: Arch,
+    (n, c, h, w): (usize, usize, usize, usize),
+    classes: usize,
+) {
     let varmap = VarMap::new();
     let spec = sar_models::ModelSpec {
         arch,
@@ -151,7 +200,11 @@ fn model_matches(arch: sar_models::Arch, dfdx_arch: Arch, (n, c, h, w): (usize, 
     let mut cache = GatherCache::default();
     let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
     let traced = xr.trace(params.alloc_grads().unwrap());
-    let mut f = Forward { params: &mut params, cache: &mut cache, train: true };
+    let mut f = Forward {
+        params: &mut params,
+        cache: &mut cache,
+        train: true,
+    };
     let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
     let logits_d = net.classify(&params, feats).unwrap();
     let logits_host = logits_d.as_vec();
@@ -162,16 +215,30 @@ fn model_matches(arch: sar_models::Arch, dfdx_arch: Arch, (n, c, h, w): (usize, 
     let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
     assert_close("logits", &logits_host, &lc, 1e-4);
     let lv: f32 = loss_c.to_scalar().unwrap();
-    assert!((loss_value - lv).abs() < 1e-4 * (1.0 + lv.abs()), "loss {loss_value} vs {lv}");
+    assert!(
+        (loss_value - lv).abs() < 1e-4 * (1.0 + lv.abs()),
+        "loss {loss_value} vs {lv}"
+    );
     let data = varmap.data().lock().unwrap();
     let mut checked = 0;
     for (name, var) in data.iter() {
         if sar_dfdx::nn::is_running_stat(name) {
             let want: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            assert_close(&format!("{name} after the step"), &params.get(name).unwrap().as_vec(), &want, 1e-4);
+            assert_close(
+                &format!("{name} after the step"),
+                &params.get(name).unwrap().as_vec(),
+                &want,
+                1e-4,
+            );
             continue;
         }
-        let want: Vec<f32> = grads_c.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = grads_c
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let got = params.gradient(&grads_d, name).unwrap();
         assert_close(&format!("dL/d{name}"), &got, &want, 2e-4);
         checked += 1;
@@ -181,7 +248,11 @@ fn model_matches(arch: sar_models::Arch, dfdx_arch: Arch, (n, c, h, w): (usize, 
 
     // Evaluation mode uses the running statistics on both sides.
     let logits_c = model.forward(&xt, false).unwrap();
-    let mut f = Forward { params: &mut params, cache: &mut cache, train: false };
+    let mut f = Forward {
+        params: &mut params,
+        cache: &mut cache,
+        train: false,
+    };
     let feats = net.features(&mut f, xr.clone(), (n, h, w)).unwrap();
     let logits_d = net.classify(&params, feats).unwrap();
     let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
@@ -197,7 +268,12 @@ fn small_cnn_matches_candle() {
 #[test]
 fn resnet32_matches_candle() {
     // Odd 9×9 inputs exercise the option-A subsampling of odd sizes (5×5, then 3×3).
-    model_matches(sar_models::Arch::ResNet32, Arch::CifarResNet { depth: 32 }, (3, 3, 9, 9), 5);
+    model_matches(
+        sar_models::Arch::ResNet32,
+        Arch::CifarResNet { depth: 32 },
+        (3, 3, 9, 9),
+        5,
+    );
 }
 
 #[test]
@@ -229,9 +305,16 @@ fn sar_head_matches_candle() {
     // A classifier that separates the embedded anchors (fc rows = 10·E), so the gate passes
     // and L_p2a is compared too.
     let e = head_c.embed().unwrap();
-    varmap.data().lock().unwrap()["fc.weight"].set(&(e * 10.0).unwrap()).unwrap();
+    varmap.data().lock().unwrap()["fc.weight"]
+        .set(&(e * 10.0).unwrap())
+        .unwrap();
     let mut params = params_from(&varmap);
-    let anchors: Vec<f32> = head_c.buffers().unwrap()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    let anchors: Vec<f32> = head_c.buffers().unwrap()[0]
+        .1
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut head_d = SarHead::new(&Cpu::default(), "sar", cfg, anchors, classes, 128).unwrap();
 
     let x = normals(5, n * c * h * w);
@@ -248,7 +331,11 @@ fn sar_head_matches_candle() {
     let mut cache = GatherCache::default();
     let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
     let traced = xr.traced(params.alloc_grads().unwrap());
-    let mut f = Forward { params: &mut params, cache: &mut cache, train: true };
+    let mut f = Forward {
+        params: &mut params,
+        cache: &mut cache,
+        train: true,
+    };
     let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
     let s_d = head_d.step(&params, feats, &y, None).unwrap();
     assert_eq!(s_d.gate_passed, s_c.gate_passed);
@@ -268,8 +355,18 @@ fn sar_head_matches_candle() {
             Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
             None => vec![0.0; var.elem_count()],
         };
-        assert_close(&format!("dL/d{name}"), &params.gradient(&grads_d, name).unwrap(), &want, 2e-4);
+        assert_close(
+            &format!("dL/d{name}"),
+            &params.gradient(&grads_d, name).unwrap(),
+            &want,
+            2e-4,
+        );
     }
-    let sem_c: Vec<f32> = head_c.semantic_anchors().flatten_all().unwrap().to_vec1().unwrap();
+    let sem_c: Vec<f32> = head_c
+        .semantic_anchors()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_close("semantic anchors", &head_d.buffers()[1].2, &sem_c, 1e-5);
 }

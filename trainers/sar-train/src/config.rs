@@ -69,6 +69,20 @@ pub struct RunConfig {
     pub output: PathBuf,
     /// Device ("cpu").
     pub device: DeviceKind,
+    /// Tensor library that trains ("candle"; "dfdx" for classification with the small CNN
+    /// or the CIFAR ResNet-32).
+    pub backend: BackendKind,
+}
+
+/// Which tensor library trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// candle (every task and model).
+    #[default]
+    Candle,
+    /// dfdx (classification: small CNN, CIFAR ResNet-32).
+    Dfdx,
 }
 
 impl Default for RunConfig {
@@ -78,6 +92,7 @@ impl Default for RunConfig {
             seed: 0,
             output: PathBuf::from("runs/run"),
             device: DeviceKind::Cpu,
+            backend: BackendKind::Candle,
         }
     }
 }
@@ -746,6 +761,21 @@ impl TrainConfig {
             .map_err(|e| anyhow::anyhow!("[sar]: {e}"))?;
         if self.run.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
             bail!("run.device = \"cuda\" needs sar built with --features cuda");
+        }
+        if self.run.backend == BackendKind::Dfdx {
+            ensure!(
+                !self.data.dataset.is_segmentation(),
+                "run.backend = \"dfdx\" trains classification only; segmentation runs on candle"
+            );
+            ensure!(
+                matches!(self.model.arch, Some(Arch::SmallCnn | Arch::ResNet32)),
+                "run.backend = \"dfdx\" has the small CNN and the CIFAR ResNet-32, not model.arch = {}",
+                self.model.arch.map_or("(none)".to_string(), |a| a.to_string())
+            );
+            ensure!(
+                self.model.pretrained.is_none(),
+                "run.backend = \"dfdx\" starts from its seeded initialisation; model.pretrained is not supported there"
+            );
         }
         Ok(())
     }

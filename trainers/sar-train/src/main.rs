@@ -105,6 +105,10 @@ enum Command {
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// Tensor library (same as `--set run.backend=...`): candle, or dfdx for classification
+        /// with the small CNN or ResNet-32.
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
     },
     /// Evaluate a checkpoint on its configuration's test set.
     Eval {
@@ -114,6 +118,9 @@ enum Command {
         /// Also write the evaluation (JSON) here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Evaluate on this tensor library instead of the one that trained the checkpoint.
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
     },
     /// Write the example reference case (the one in examples/reference/) to a file.
     ReferenceExample {
@@ -129,6 +136,30 @@ fn main() {
         // One line: the whole context chain.
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `--backend` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Backend {
+    /// candle.
+    Candle,
+    /// dfdx.
+    Dfdx,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Candle => "candle",
+            Backend::Dfdx => "dfdx",
+        }
+    }
+    fn kind(self) -> sar_train::config::BackendKind {
+        match self {
+            Backend::Candle => sar_train::config::BackendKind::Candle,
+            Backend::Dfdx => sar_train::config::BackendKind::Dfdx,
+        }
     }
 }
 
@@ -165,8 +196,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume,
             report,
             quiet,
+            backend,
         } => {
             let mut overrides = overrides;
+            if let Some(b) = backend {
+                overrides.push(format!("run.backend=\"{}\"", b.name()));
+            }
             if let Some(o) = output {
                 overrides.push(format!(
                     "run.output={}",
@@ -205,8 +240,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Eval { checkpoint, report } => {
-            let (cfg, e) = sar_train::train::eval_checkpoint(&checkpoint)?;
+        Command::Eval {
+            checkpoint,
+            report,
+            backend,
+        } => {
+            let (cfg, e) =
+                sar_train::train::eval_checkpoint(&checkpoint, backend.map(Backend::kind))?;
             println!(
                 "{} ({}): {}",
                 cfg.run.name,

@@ -17,7 +17,8 @@
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{
-    AugmentKind, DatasetKind, DeviceKind, GroupBy, NonFinitePolicy, ScheduleKind, TrainConfig,
+    AugmentKind, BackendKind, DatasetKind, DeviceKind, GroupBy, NonFinitePolicy, ScheduleKind,
+    TrainConfig,
 };
 use crate::optim::{learning_rate, Schedule, Sgd};
 use anyhow::{bail, ensure, Context};
@@ -33,6 +34,7 @@ use sar_math::metrics::{
 };
 use sar_models::{ImageClassifier, ModelSpec};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -154,14 +156,28 @@ pub fn evaluate(
     batch_size: usize,
     dev: &Device,
 ) -> anyhow::Result<Evaluation> {
+    evaluate_with(set, norm, groups, batch_size, &mut |x, shape| {
+        let x = Tensor::from_vec(x, shape, dev)?;
+        Ok(model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?)
+    })
+}
+
+/// [`evaluate`] with any predictor: `predict(images [N, C, H, W], (N, C, H, W))` returns the
+/// predicted classes.
+pub(crate) fn evaluate_with(
+    set: &Dataset,
+    norm: &Normalize,
+    groups: &[Group],
+    batch_size: usize,
+    predict: &mut dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<u32>>,
+) -> anyhow::Result<Evaluation> {
     let c = set.classes();
     let (ch, h, w) = set.geometry();
     let mut confusion = vec![0u64; c * c];
     let all: Vec<usize> = (0..set.len()).collect();
     for chunk in all.chunks(batch_size) {
         let (x, y) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
-        let x = Tensor::from_vec(x, (chunk.len(), ch, h, w), dev)?;
-        let pred: Vec<u32> = model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?;
+        let pred = predict(x, (chunk.len(), ch, h, w))?;
         confusion_update(&mut confusion, c, &y, &pred, -1)?;
     }
     let mut acc = vec![0.0; c];
@@ -532,18 +548,77 @@ pub(crate) trait Task {
 }
 
 /// Classification: images → pooled features → linear classifier.
-struct ClsTask {
-    cfg: TrainConfig,
-    setup: Setup,
-    data: Datasets,
-    norm: Normalize,
-    groups: Vec<Group>,
-    counts: Vec<u64>,
+pub(crate) struct ClsTask {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) setup: Setup,
+    pub(crate) data: Datasets,
+    pub(crate) norm: Normalize,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) counts: Vec<u64>,
     augment: Augment,
 }
 
+/// One rendered classification batch.
+pub(crate) struct ClsBatch {
+    /// Images `[N, C, H, W]`, normalised (and mixed, with MixUp).
+    pub x: Vec<f32>,
+    /// Labels (MixUp: of the first side).
+    pub labels: Vec<i64>,
+    /// MixUp: λ and the labels of the second side.
+    pub mix: Option<(f64, Vec<i64>)>,
+    /// (N, C, H, W).
+    pub shape: (usize, usize, usize, usize),
+}
+
 impl ClsTask {
-    fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
+    /// Renders the batch of `ctx` (augmentation, MixUp, fault injection); `Err(message)` when
+    /// the input is not finite.
+    pub(crate) fn batch(&self, ctx: &StepCtx) -> anyhow::Result<Result<ClsBatch, String>> {
+        let cfg = &self.cfg;
+        let (c, h, w) = self.data.train.geometry();
+        let n = ctx.idx.len();
+        let (mut x, y) = self.data.train.render_batch(
+            ctx.idx,
+            Some(self.augment),
+            &self.norm,
+            cfg.run.seed,
+            ctx.epoch,
+            ctx.position,
+        )?;
+        let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+        let mix = if cfg.data.mixup_alpha > 0.0 {
+            let (lam, perm) = augment::mixup(
+                &mut x,
+                c * h * w,
+                cfg.data.mixup_alpha,
+                cfg.run.seed,
+                ctx.epoch,
+                ctx.batch as u64,
+            );
+            Some((lam, perm.iter().map(|&p| labels[p]).collect()))
+        } else {
+            None
+        };
+        if ctx.poison_input {
+            x.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Ok(Err(format!(
+                "step {}: the input batch holds {} (image {} of the batch)",
+                ctx.step,
+                x[i],
+                i / (c * h * w)
+            )));
+        }
+        Ok(Ok(ClsBatch {
+            x,
+            labels,
+            mix,
+            shape: (n, c, h, w),
+        }))
+    }
+
+    pub(crate) fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
         let data = load_data(cfg)?;
         ensure!(
             data.train.classes() == data.test.classes()
@@ -596,54 +671,28 @@ impl Task for ClsTask {
     }
 
     fn step(&mut self, ctx: &StepCtx) -> anyhow::Result<StepOutcome> {
-        let cfg = &self.cfg;
-        let (c, h, w) = self.data.train.geometry();
-        let (idx, n, step) = (ctx.idx, ctx.idx.len(), ctx.step);
-        let dev = self.setup.device.clone();
-        let (mut x, y) = self.data.train.render_batch(
-            idx,
-            Some(self.augment),
-            &self.norm,
-            cfg.run.seed,
-            ctx.epoch,
-            ctx.position,
-        )?;
-        let mix = if cfg.data.mixup_alpha > 0.0 {
-            Some(augment::mixup(
-                &mut x,
-                c * h * w,
-                cfg.data.mixup_alpha,
-                cfg.run.seed,
-                ctx.epoch,
-                ctx.batch as u64,
-            ))
-        } else {
-            None
+        let ClsBatch {
+            x,
+            labels,
+            mix,
+            shape: (n, c, h, w),
+        } = match self.batch(ctx)? {
+            Ok(b) => b,
+            Err(msg) => return Ok(StepOutcome::Fault(msg)),
         };
-        if ctx.poison_input {
-            x.iter_mut().for_each(|v| *v = f32::NAN);
-        }
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Ok(StepOutcome::Fault(format!(
-                "step {step}: the input batch holds {} (image {} of the batch)",
-                x[i],
-                i / (c * h * w)
-            )));
-        }
+        let step = ctx.step;
+        let dev = self.setup.device.clone();
         let model = &self.setup.model;
         let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
-        let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
         let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
         let feats = model.features(&x, true)?;
         let logits = model.classify(&feats)?;
-        let (ce, labels_b) = match &mix {
-            None => (candle_nn::loss::cross_entropy(&logits, &y_t)?, None),
-            Some((lam, perm)) => {
-                let lb: Vec<i64> = perm.iter().map(|&p| labels[p]).collect();
+        let ce = match &mix {
+            None => candle_nn::loss::cross_entropy(&logits, &y_t)?,
+            Some((lam, lb)) => {
                 let yb = Tensor::from_vec(lb.clone(), n, &dev)?;
-                let ce = ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
-                    + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?;
-                (ce, Some(lb))
+                ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
+                    + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?
             }
         };
         let ce = if ctx.poison_loss {
@@ -656,11 +705,9 @@ impl Task for ClsTask {
         let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
         if let Some(hd) = self.setup.head.as_mut() {
             let classify = |e: &Tensor| model.classify(e);
-            let s = match (&mix, &labels_b) {
-                (Some((lam, _)), Some(lb)) => {
-                    hd.step_mixup(&classify, &feats, &labels, lb, *lam)?
-                }
-                _ => hd.step(&classify, &feats, &y_t)?,
+            let s = match &mix {
+                Some((lam, lb)) => hd.step_mixup(&classify, &feats, &labels, lb, *lam)?,
+                None => hd.step(&classify, &feats, &y_t)?,
             };
             (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
             loss = (loss + s.loss)?;
@@ -721,6 +768,27 @@ pub(crate) fn finish_step(
     images: usize,
 ) -> anyhow::Result<StepOutcome> {
     let total = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(match loss_parts(step, ce, head_aux, aux, p2a, total) {
+        Err(msg) => StepOutcome::Fault(msg),
+        Ok(parts) => StepOutcome::Loss {
+            loss,
+            parts,
+            gate,
+            valid,
+            images,
+        },
+    })
+}
+
+/// The loss parts, or a message naming the first that is NaN or infinite.
+pub(crate) fn loss_parts(
+    step: u64,
+    ce: f64,
+    head_aux: f64,
+    aux: f64,
+    p2a: f64,
+    total: f64,
+) -> Result<LossParts, String> {
     if let Some(msg) = finite_check(
         step,
         &[
@@ -731,20 +799,231 @@ pub(crate) fn finish_step(
             ("total", total),
         ],
     ) {
-        return Ok(StepOutcome::Fault(msg));
+        return Err(msg);
     }
-    Ok(StepOutcome::Loss {
-        loss,
-        parts: LossParts {
-            ce,
-            head_aux,
-            aux,
-            p2a,
-            total,
-        },
-        gate,
-        valid,
-        images,
+    Ok(LossParts {
+        ce,
+        head_aux,
+        aux,
+        p2a,
+        total,
+    })
+}
+
+/// What a successful forward pass reports to the loop (the loss itself stays with the trainee
+/// until [`Trainee::update`]).
+pub(crate) struct StepReport {
+    pub parts: LossParts,
+    pub gate: bool,
+    pub valid: usize,
+    pub images: usize,
+}
+
+/// The loop's view of a model in training, whatever tensor library runs it: forward and loss,
+/// the update, the state a checkpoint holds (as candle CPU tensors under the shared names), and
+/// evaluation. candle runs every [`Task`] ([`CandleTrainee`]); dfdx runs classification
+/// ([`crate::dfdx_task::DfdxTrainee`]).
+pub(crate) trait Trainee {
+    /// Training samples.
+    fn train_len(&self) -> usize;
+    /// Training images (classification) or pixels (segmentation) per class.
+    fn train_counts(&self) -> &[u64];
+    /// Forward pass and loss of one batch; `Err(message)` for a non-finite input or loss part.
+    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>>;
+    /// Backward of the last forward's loss and one SGD step at rate `lr`.
+    fn update(&mut self, lr: f64) -> anyhow::Result<()>;
+    /// Deep copies of the state a forward pass changes (BatchNorm running statistics, SAR
+    /// buffers), to undo a skipped step.
+    fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
+    /// Puts a [`Trainee::snapshot`] back.
+    fn restore(&mut self, snap: &[(String, Tensor)]) -> anyhow::Result<()>;
+    /// Every variable, `optim.momentum.*` buffer and SAR buffer, by name.
+    fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
+    /// Restores [`Trainee::state_tensors`] from a checkpoint (every variable required).
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()>;
+    /// Loads pretrained weights as `model.pretrained` says; returns the number loaded and the
+    /// names kept from the initialisation.
+    fn load_pretrained(
+        &mut self,
+        cfg: &TrainConfig,
+        path: &Path,
+    ) -> anyhow::Result<(usize, Vec<String>)>;
+    /// Parameters SAR adds.
+    fn sar_params(&self) -> u64;
+    /// Test-set evaluation.
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation>;
+    /// Parameters and multiply-adds of inference on one training-size input.
+    fn cost(&self) -> sar_models::Cost;
+    /// PNG plots beyond the loss curves.
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()>;
+}
+
+/// A candle [`Task`] with its optimiser and the pending loss.
+pub(crate) struct CandleTrainee {
+    task: Box<dyn Task>,
+    opt: Sgd,
+    pending: Option<Tensor>,
+}
+
+impl CandleTrainee {
+    pub(crate) fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
+        let task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
+            Box::new(crate::seg::SegTask::new(cfg)?)
+        } else {
+            Box::new(ClsTask::new(cfg)?)
+        };
+        let mut named: Vec<(String, candle_core::Var)> = task
+            .varmap()
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .filter(|(n, _)| !sar_models::params::is_running_stat(n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let o = &cfg.optim;
+        let opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov);
+        Ok(CandleTrainee {
+            task,
+            opt,
+            pending: None,
+        })
+    }
+}
+
+impl Trainee for CandleTrainee {
+    fn train_len(&self) -> usize {
+        self.task.train_len()
+    }
+    fn train_counts(&self) -> &[u64] {
+        self.task.train_counts()
+    }
+    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>> {
+        self.pending = None;
+        Ok(match self.task.step(ctx)? {
+            StepOutcome::Fault(msg) => Err(msg),
+            StepOutcome::Loss {
+                loss,
+                parts,
+                gate,
+                valid,
+                images,
+            } => {
+                self.pending = Some(loss);
+                Ok(StepReport {
+                    parts,
+                    gate,
+                    valid,
+                    images,
+                })
+            }
+        })
+    }
+    fn update(&mut self, lr: f64) -> anyhow::Result<()> {
+        let loss = self
+            .pending
+            .take()
+            .context("update without a forward pass")?;
+        let grads = loss.backward()?;
+        self.opt.lr = lr;
+        self.opt.step(&grads)?;
+        Ok(())
+    }
+    fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let s = snapshot_state(self.task.varmap(), self.task.head())?;
+        Ok(s.running.into_iter().chain(s.sar).collect())
+    }
+    fn restore(&mut self, snap: &[(String, Tensor)]) -> anyhow::Result<()> {
+        let varmap = self.task.varmap().clone();
+        let (running, sar): (Vec<_>, Vec<_>) = snap
+            .iter()
+            .cloned()
+            .partition(|(n, _)| sar_models::params::is_running_stat(n));
+        restore_state(&varmap, self.task.head_mut(), &Snapshot { running, sar })
+    }
+    fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .task
+            .varmap()
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        for (n, t) in self.opt.momentum_state() {
+            tensors.push((format!("optim.momentum.{n}"), t));
+        }
+        if let Some(h) = self.task.head() {
+            tensors.extend(h.buffers()?);
+        }
+        Ok(tensors)
+    }
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let dev = self.task.device().clone();
+        restore_vars(self.task.varmap(), tensors)?;
+        let mut momentum = Vec::new();
+        for (name, t) in tensors {
+            if let Some(v) = name.strip_prefix("optim.momentum.") {
+                momentum.push((v.to_string(), t.to_device(&dev)?));
+            }
+        }
+        self.opt.load_momentum_state(momentum)?;
+        if let Some(h) = self.task.head_mut() {
+            h.load_buffers(&|n| tensors.get(n).and_then(|t| t.to_device(&dev).ok()))?;
+        }
+        Ok(())
+    }
+    fn load_pretrained(
+        &mut self,
+        cfg: &TrainConfig,
+        p: &Path,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        use sar_models::pretrained::{load_backbone, load_pretrained, tensor_names};
+        let varmap = self.task.varmap();
+        let r = if !cfg.data.dataset.is_segmentation() {
+            load_pretrained(varmap, p, &["fc."])?
+        } else if tensor_names(p)?.iter().any(|n| n.starts_with("backbone.")) {
+            // A whole segmentation checkpoint: everything but the classifiers (the class
+            // count may differ).
+            load_pretrained(
+                varmap,
+                p,
+                &["decode_head.conv_seg.", "auxiliary_head.conv_seg."],
+            )?
+        } else {
+            load_backbone(varmap, p)?
+        };
+        Ok((r.loaded.len(), r.kept))
+    }
+    fn sar_params(&self) -> u64 {
+        self.task
+            .varmap()
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .filter(|(n, _)| n.starts_with("sar.") && !sar_models::params::is_running_stat(n))
+            .map(|(_, v)| v.elem_count() as u64)
+            .sum()
+    }
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
+        self.task.evaluate()
+    }
+    fn cost(&self) -> sar_models::Cost {
+        self.task.cost()
+    }
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()> {
+        self.task.write_plots(cfg, report)
+    }
+}
+
+/// The trainee for `cfg.run.backend`.
+pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
+    Ok(match cfg.run.backend {
+        BackendKind::Candle => Box::new(CandleTrainee::new(cfg)?),
+        BackendKind::Dfdx => crate::dfdx_task::trainee(cfg)?,
     })
 }
 
@@ -757,25 +1036,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     std::fs::create_dir_all(&ckpt_dir)
         .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
-    let mut task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
-        Box::new(crate::seg::SegTask::new(cfg)?)
-    } else {
-        Box::new(ClsTask::new(cfg)?)
-    };
+    let mut task = trainee(cfg)?;
     let train_counts = task.train_counts().to_vec();
-    let dev = task.device().clone();
-    let mut named: Vec<(String, candle_core::Var)> = task
-        .varmap()
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .filter(|(n, _)| !sar_models::params::is_running_stat(n))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let o = &cfg.optim;
-    let mut opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov);
 
     let batch = cfg.train.batch_size;
     let train_len = task.train_len();
@@ -837,19 +1099,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 path.display()
             );
         }
-        restore_vars(task.varmap(), &ck.tensors)
+        task.load_state(&ck.tensors)
             .with_context(|| format!("cannot resume from {}", path.display()))?;
-        let mut momentum = Vec::new();
-        for (name, t) in &ck.tensors {
-            if let Some(v) = name.strip_prefix("optim.momentum.") {
-                momentum.push((v.to_string(), t.to_device(&dev)?));
-            }
-        }
-        opt.load_momentum_state(momentum)?;
-        if let Some(h) = task.head_mut() {
-            let dev2 = dev.clone();
-            h.load_buffers(&|n| ck.tensors.get(n).and_then(|t| t.to_device(&dev2).ok()))?;
-        }
         state = CheckpointState {
             config: cfg.clone(),
             ..ck.state
@@ -858,42 +1109,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     } else {
         crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
         if let Some(p) = &cfg.model.pretrained {
-            use sar_models::pretrained::{load_backbone, load_pretrained, tensor_names};
-            let r = if !cfg.data.dataset.is_segmentation() {
-                load_pretrained(task.varmap(), p, &["fc."])?
-            } else if tensor_names(p)?.iter().any(|n| n.starts_with("backbone.")) {
-                // A whole segmentation checkpoint: everything but the classifiers (the class
-                // count may differ).
-                load_pretrained(
-                    task.varmap(),
-                    p,
-                    &["decode_head.conv_seg.", "auxiliary_head.conv_seg."],
-                )?
-            } else {
-                load_backbone(task.varmap(), p)?
-            };
-            log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": r.loaded.len(), "kept": r.kept}))?;
+            let (loaded, kept) = task.load_pretrained(cfg, p)?;
+            log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": loaded, "kept": kept}))?;
         }
     }
 
-    let save = |task: &dyn Task, state: &CheckpointState, opt: &Sgd| -> anyhow::Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = task
-            .varmap()
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        for (n, t) in opt.momentum_state() {
-            tensors.push((format!("optim.momentum.{n}"), t));
-        }
-        if let Some(h) = task.head() {
-            tensors.extend(h.buffers()?);
-        }
+    let save = |task: &dyn Trainee, state: &CheckpointState| -> anyhow::Result<()> {
         checkpoint::save(
             &checkpoint::path_for(&ckpt_dir, state.step),
-            &tensors,
+            &task.state_tensors()?,
             state,
         )?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints)
@@ -915,6 +1139,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     bar.set_position(state.step);
 
     let seed = cfg.run.seed;
+    let mut lr = cfg.optim.lr;
     let mut window = (LossParts::default(), 0usize, 0usize, 0usize); // sums, steps, gate passes, valid
     let mut epoch_loss = (LossParts::default(), 0usize);
     let mut last_epoch_loss = LossParts::default();
@@ -924,7 +1149,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     let mut window_images = 0usize;
     let mut epoch = state.epoch as usize;
     let evaluate_and_log =
-        |task: &dyn Task, log: &mut MetricsLog, step: u64, epoch: usize, last: bool| {
+        |task: &dyn Trainee, log: &mut MetricsLog, step: u64, epoch: usize, last: bool| {
             let e = task.evaluate()?;
             let mut v = serde_json::to_value(&e)?;
             v["kind"] = "eval".into();
@@ -950,10 +1175,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             // Forward passes update BatchNorm running statistics and the SAR EMA: a skipped
             // step must not leave NaN there, so keep a deep copy when skipping is allowed.
             let snapshot = match cfg.train.on_nonfinite {
-                NonFinitePolicy::Skip => Some(snapshot_state(task.varmap(), task.head())?),
+                NonFinitePolicy::Skip => Some(task.snapshot()?),
                 NonFinitePolicy::Stop => None,
             };
-            let outcome = task.step(&StepCtx {
+            let outcome = task.forward(&StepCtx {
                 idx,
                 epoch: epoch as u64,
                 batch: b,
@@ -962,7 +1187,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 poison_input: opts.poison_steps.contains(&step),
                 poison_loss: opts.poison_loss_steps.contains(&step),
             })?;
-            if let StepOutcome::Fault(msg) = &outcome {
+            if let Err(msg) = &outcome {
                 match cfg.train.on_nonfinite {
                     NonFinitePolicy::Stop => {
                         log.write(
@@ -985,8 +1210,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                             "{msg}; 10 consecutive steps were skipped, stopping"
                         );
                         if let Some(snap) = &snapshot {
-                            let varmap = task.varmap().clone();
-                            restore_state(&varmap, task.head_mut(), snap)?;
+                            task.restore(snap)?;
                         }
                     }
                 }
@@ -996,24 +1220,22 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             state.step += 1;
             state.batch_in_epoch = b as u64 + 1;
             bar.inc(1);
-            if let StepOutcome::Loss {
-                loss,
+            if let Ok(StepReport {
                 parts,
                 gate,
                 valid,
                 images,
-            } = outcome
+            }) = outcome
             {
                 consecutive_skips = 0;
-                let grads = loss.backward()?;
-                opt.lr = learning_rate(
+                lr = learning_rate(
                     &sched,
                     cfg.optim.lr,
                     step as usize,
                     total_steps as usize,
                     warmup,
                 );
-                opt.step(&grads)?;
+                task.update(lr)?;
                 if gate {
                     state.gate_first_pass.get_or_insert(step);
                     state.gate_passes += 1;
@@ -1032,7 +1254,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
                 let secs = window_start.elapsed().as_secs_f64();
                 let m = window.0.scaled(1.0 / k);
                 log.write(serde_json::json!({
-                    "kind": "train", "step": state.step, "epoch": epoch, "lr": opt.lr,
+                    "kind": "train", "step": state.step, "epoch": epoch, "lr": lr,
                     "loss": m.total, "ce": m.ce, "head_aux": m.head_aux, "aux": m.aux,
                     "p2a": m.p2a, "gate_pass_rate": window.2 as f64 / k,
                     "p2a_rows_per_step": window.3 as f64 / k,
@@ -1055,7 +1277,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
             if periodic || end_of_epoch || state.step == last_step {
                 state.elapsed_seconds += t0.elapsed().as_secs_f64();
                 t0 = Instant::now();
-                save(task.as_ref(), &state, &opt)?;
+                save(task.as_ref(), &state)?;
             }
             if cfg.train.eval_every_steps > 0
                 && state.step.is_multiple_of(cfg.train.eval_every_steps as u64)
@@ -1086,15 +1308,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport
     bar.finish_and_clear();
     let eval = evaluate_and_log(task.as_ref(), &mut log, state.step, epoch, true)?;
     let after_first = state.gate_first_pass.map_or(0, |f| state.step - f);
-    let sar_params = task
-        .varmap()
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .filter(|(n, _)| n.starts_with("sar.") && !sar_models::params::is_running_stat(n))
-        .map(|(_, v)| v.elem_count() as u64)
-        .sum();
+    let sar_params = task.sar_params();
     let report = RunReport {
         name: cfg.run.name.clone(),
         sar: cfg.sar.enabled,
@@ -1175,7 +1389,7 @@ pub fn loss_series(log: &Path) -> anyhow::Result<crate::plots::Series> {
     Ok(series)
 }
 
-fn write_plots(
+pub(crate) fn write_plots(
     cfg: &TrainConfig,
     report: &RunReport,
     model: &dyn ImageClassifier,
@@ -1221,16 +1435,20 @@ fn write_plots(
     )
 }
 
-/// `sar eval`: the checkpoint's model on its config's test set.
-pub fn eval_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, TaskEvaluation)> {
+/// `sar eval`: the checkpoint's model on its config's test set, on the backend that trained
+/// it or on `backend` (checkpoints name their tensors the same way on every backend).
+pub fn eval_checkpoint(
+    path: &Path,
+    backend: Option<BackendKind>,
+) -> anyhow::Result<(TrainConfig, TaskEvaluation)> {
     let ck = checkpoint::load(path)?;
-    let cfg = ck.state.config.clone();
-    let task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
-        Box::new(crate::seg::SegTask::new(&cfg)?)
-    } else {
-        Box::new(ClsTask::new(&cfg)?)
-    };
-    restore_vars(task.varmap(), &ck.tensors)
+    let mut cfg = ck.state.config.clone();
+    if let Some(b) = backend {
+        cfg.run.backend = b;
+        cfg.validate()?;
+    }
+    let mut task = trainee(&cfg)?;
+    task.load_state(&ck.tensors)
         .with_context(|| format!("checkpoint {}", path.display()))?;
     let e = task.evaluate()?;
     Ok((cfg, e))

@@ -298,6 +298,7 @@ fn segmentation_resume_is_bit_identical_and_checkpoints_evaluate() {
         &sar_train::checkpoint::latest(&dir.path().join("full/checkpoints"))
             .unwrap()
             .unwrap(),
+        None,
     )
     .unwrap();
     let (x, y) = (e.segmentation().unwrap().miou, seg.miou);

@@ -97,7 +97,7 @@ fn sar_training_learns_passes_the_gate_and_logs_the_p2a_term() {
     let last = checkpoint::latest(&dir.path().join("checkpoints"))
         .unwrap()
         .unwrap();
-    let (_, e) = eval_checkpoint(&last).unwrap();
+    let (_, e) = eval_checkpoint(&last, None).unwrap();
     assert_eq!(
         e.classification().unwrap().top1,
         r.eval.classification().unwrap().top1
@@ -192,7 +192,7 @@ fn corrupt_truncated_and_foreign_checkpoints_are_rejected() {
     let n = bad.len();
     bad[n - 5] ^= 1;
     std::fs::write(&path, &bad).unwrap();
-    let e = format!("{:#}", eval_checkpoint(&path).err().unwrap());
+    let e = format!("{:#}", eval_checkpoint(&path, None).err().unwrap());
     assert!(
         e.contains("flipped.safetensors") && e.contains("checksum"),
         "{e}"

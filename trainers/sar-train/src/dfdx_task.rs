@@ -1,0 +1,369 @@
+//! Classification training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`).
+//!
+//! The same run as on candle, step for step: the batch comes from the candle task's renderer
+//! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
+//! (the candle model is built once and its variables copied), and the loop, schedule,
+//! checkpoints, NaN policy, logs and reports are the shared ones in [`crate::train`]. What runs
+//! on dfdx: the network (`sar_dfdx::nn`, activations as NHWC rows), cross-entropy, SAR
+//! (anchor embedding, L_aux through the shared `fc`, gate, EMA, L_p2a), backward on dfdx's
+//! tape and SGD. Checkpoints hold the same tensor names and layouts as candle's, so either
+//! backend resumes or evaluates the other's. Plots use the candle model with the dfdx weights
+//! copied in.
+
+use crate::config::{DeviceKind, TrainConfig};
+use crate::train::{
+    evaluate_with, loss_parts, restore_vars, ClsBatch, ClsTask, RunReport, StepCtx, StepReport,
+    Task, TaskEvaluation, Trainee,
+};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use sar_dfdx::conv::{nchw_to_rows, GatherCache};
+use sar_dfdx::dfdx::prelude::*;
+use sar_dfdx::nn::{cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead, Sgd};
+use sar_dfdx::SarDevice;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The dfdx trainee on `cfg.run.device`.
+pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
+    match cfg.run.device {
+        DeviceKind::Cpu => Ok(Box::new(DfdxTrainee::new(cfg, Cpu::default())?)),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            let dev = sar_dfdx::dfdx::tensor::Cuda::try_build(0, cfg.run.seed)
+                .map_err(|e| anyhow::anyhow!("cannot open CUDA device 0 for dfdx: {e:?}"))?;
+            Ok(Box::new(DfdxTrainee::new(cfg, dev)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => bail!("run.device = \"cuda\" needs sar built with --features cuda"),
+    }
+}
+
+type Loss<D> = sar_dfdx::dfdx::tensor::Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
+
+struct DfdxTrainee<D: SarDevice<f32>> {
+    /// Data, normalisation, groups, the seeded initial weights, cost and plots.
+    inner: ClsTask,
+    net: Classifier,
+    params: Params<D>,
+    cache: RefCell<GatherCache<D>>,
+    head: Option<SarHead<D>>,
+    opt: Sgd<D>,
+    pending: Option<Loss<D>>,
+}
+
+fn host_tensor(name: &str, shape: &[usize], v: Vec<f32>) -> anyhow::Result<(String, Tensor)> {
+    Ok((name.to_string(), Tensor::from_vec(v, shape, &Device::Cpu)?))
+}
+
+fn to_host(t: &Tensor) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+    Ok((
+        t.dims().to_vec(),
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    ))
+}
+
+impl<D: SarDevice<f32>> DfdxTrainee<D> {
+    fn new(cfg: &TrainConfig, device: D) -> anyhow::Result<Self> {
+        let inner = ClsTask::new(cfg)?;
+        let arch = match cfg.model.arch {
+            Some(sar_models::Arch::SmallCnn) => Arch::SmallCnn,
+            Some(sar_models::Arch::ResNet32) => Arch::CifarResNet { depth: 32 },
+            other => bail!("the dfdx backend has the small CNN and ResNet-32, not {other:?}"),
+        };
+        let entries = inner
+            .setup
+            .varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let params = Params::from_host(&device, entries.into_iter().map(|(n, (s, v))| (n, s, v)))?;
+        let head = match &inner.setup.head {
+            Some(h) => {
+                let anchors = to_host(&h.buffers()?[0].1)?.1;
+                Some(SarHead::new(
+                    &device,
+                    "sar",
+                    *h.config(),
+                    anchors,
+                    h.classes(),
+                    h.dim(),
+                )?)
+            }
+            None => None,
+        };
+        let o = &cfg.optim;
+        Ok(DfdxTrainee {
+            inner,
+            net: Classifier::new(arch)?,
+            params,
+            cache: RefCell::new(GatherCache::default()),
+            head,
+            opt: Sgd::new(o.lr, o.momentum, o.weight_decay, o.nesterov),
+            pending: None,
+        })
+    }
+
+    fn rows(&self, x: Vec<f32>, (n, c, h, w): (usize, usize, usize, usize)) -> Tensor2dRows<D> {
+        self.params
+            .device()
+            .tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c))
+    }
+}
+
+type Tensor2dRows<D> = sar_dfdx::nn::Rows<D, NoneTape>;
+
+impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
+    fn train_len(&self) -> usize {
+        self.inner.train_len()
+    }
+    fn train_counts(&self) -> &[u64] {
+        self.inner.train_counts()
+    }
+
+    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>> {
+        self.pending = None;
+        let ClsBatch {
+            x,
+            labels,
+            mix,
+            shape,
+        } = match self.inner.batch(ctx)? {
+            Ok(b) => b,
+            Err(msg) => return Ok(Err(msg)),
+        };
+        let (n, _, h, w) = shape;
+        let classes = self.inner.data.train.classes();
+        let x = self.rows(x, shape).traced(self.params.alloc_grads()?);
+        let mut cache = self.cache.borrow_mut();
+        let mut f = Forward {
+            params: &mut self.params,
+            cache: &mut cache,
+            train: true,
+        };
+        let feats = self.net.features(&mut f, x, (n, h, w))?;
+        let targets = match &mix {
+            None => one_hot(&labels, classes)?,
+            Some((lam, lb)) => {
+                let (a, b) = (one_hot(&labels, classes)?, one_hot(lb, classes)?);
+                let lam = *lam as f32;
+                a.iter()
+                    .zip(&b)
+                    .map(|(a, b)| lam * a + (1.0 - lam) * b)
+                    .collect()
+            }
+        };
+        // With SAR the features go on to p2a carrying the network's tape; the classifier
+        // gets a copy with an empty one (their gradients meet under the same tensor id).
+        let (ce_feats, sar_feats) = match self.head {
+            Some(_) => (feats.retaped::<OwnedTape<f32, D>>(), Some(feats)),
+            None => (feats, None),
+        };
+        let logits = self.net.classify(&self.params, ce_feats)?;
+        let mut ce = cross_entropy(logits, targets)?;
+        if ctx.poison_loss {
+            ce = ce * f32::INFINITY;
+        }
+        let ce_value = ce.as_vec()[0] as f64;
+        let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+        let loss = match (self.head.as_mut(), sar_feats) {
+            (Some(hd), Some(feats)) => {
+                let s = hd.step(
+                    &self.params,
+                    feats,
+                    &labels,
+                    mix.as_ref().map(|(lam, lb)| (&lb[..], *lam)),
+                )?;
+                (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+                ce + s.loss
+            }
+            _ => ce,
+        };
+        let total = loss.as_vec()[0] as f64;
+        Ok(match loss_parts(ctx.step, ce_value, 0.0, aux, p2a, total) {
+            Err(msg) => Err(msg),
+            Ok(parts) => {
+                self.pending = Some(loss);
+                Ok(StepReport {
+                    parts,
+                    gate,
+                    valid,
+                    images: n,
+                })
+            }
+        })
+    }
+
+    fn update(&mut self, lr: f64) -> anyhow::Result<()> {
+        let loss = self
+            .pending
+            .take()
+            .context("update without a forward pass")?;
+        let grads = loss
+            .try_backward()
+            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        self.opt.lr = lr;
+        self.opt.step(&mut self.params, &grads)?;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, shape, v) in self.params.to_host() {
+            if sar_dfdx::nn::is_running_stat(&name) {
+                out.push(host_tensor(&name, &shape, v)?);
+            }
+        }
+        if let Some(h) = &self.head {
+            for (name, shape, v) in h.buffers() {
+                out.push(host_tensor(&name, &shape, v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore(&mut self, snap: &[(String, Tensor)]) -> anyhow::Result<()> {
+        let map: HashMap<String, Tensor> = snap.iter().cloned().collect();
+        for (name, t) in &map {
+            if sar_dfdx::nn::is_running_stat(name) {
+                self.params.set(name, to_host(t)?.1)?;
+            }
+        }
+        if let Some(h) = self.head.as_mut() {
+            h.load_buffers(&|n| map.get(n).and_then(|t| to_host(t).ok()))?;
+        }
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, shape, v) in self.params.to_host() {
+            out.push(host_tensor(&name, &shape, v)?);
+        }
+        for (name, v) in self.opt.buffers() {
+            let shape = self.params.shape(&name)?.to_vec();
+            out.push(host_tensor(&format!("optim.momentum.{name}"), &shape, v)?);
+        }
+        if let Some(h) = &self.head {
+            for (name, shape, v) in h.buffers() {
+                out.push(host_tensor(&name, &shape, v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let names: Vec<String> = self.params.names().cloned().collect();
+        for name in names {
+            let t = tensors
+                .get(&name)
+                .with_context(|| format!("the checkpoint lacks {name} (another model?)"))?;
+            let (shape, v) = to_host(t)?;
+            anyhow::ensure!(
+                shape == self.params.shape(&name)?,
+                "checkpoint tensor {name} has shape {shape:?}, the model needs {:?} (another model?)",
+                self.params.shape(&name)?
+            );
+            self.params.set(&name, v)?;
+        }
+        let mut momentum = Vec::new();
+        for (name, t) in tensors {
+            if let Some(v) = name.strip_prefix("optim.momentum.") {
+                momentum.push((v.to_string(), to_host(t)?.1));
+            }
+        }
+        self.opt.load_buffers(&self.params, momentum)?;
+        if let Some(h) = self.head.as_mut() {
+            h.load_buffers(&|n| tensors.get(n).and_then(|t| to_host(t).ok()))?;
+        }
+        Ok(())
+    }
+
+    fn load_pretrained(
+        &mut self,
+        _: &TrainConfig,
+        _: &Path,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        bail!("run.backend = \"dfdx\" does not load pretrained weights (train on candle, or resume a candle checkpoint)")
+    }
+
+    fn sar_params(&self) -> u64 {
+        self.params
+            .trainable()
+            .iter()
+            .filter(|n| n.starts_with("sar."))
+            .map(|n| {
+                self.params
+                    .shape(n)
+                    .map_or(0, |s| s.iter().product::<usize>() as u64)
+            })
+            .sum()
+    }
+
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
+        let inner = &self.inner;
+        // Evaluation mode changes nothing; a shallow copy of the variables lends `Forward`
+        // its `&mut`.
+        let mut params = self.params.clone();
+        let mut cache = self.cache.borrow_mut();
+        let e = evaluate_with(
+            &inner.data.test,
+            &inner.norm,
+            &inner.groups,
+            inner.cfg.eval.batch_size,
+            &mut |x, shape| {
+                let (n, _, h, w) = shape;
+                let x = self.rows(x, shape);
+                let mut f = Forward {
+                    params: &mut params,
+                    cache: &mut cache,
+                    train: false,
+                };
+                let feats = self.net.features(&mut f, x, (n, h, w))?;
+                let logits = self.net.classify(&params, feats)?;
+                let k = logits.shape().1;
+                Ok(logits
+                    .as_vec()
+                    .chunks(k)
+                    .map(|row| {
+                        let mut best = 0;
+                        for (j, v) in row.iter().enumerate() {
+                            if *v > row[best] {
+                                best = j;
+                            }
+                        }
+                        best as u32
+                    })
+                    .collect())
+            },
+        )?;
+        Ok(TaskEvaluation::Classification(e))
+    }
+
+    fn cost(&self) -> sar_models::Cost {
+        self.inner.cost()
+    }
+
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()> {
+        // The candle model with the trained weights copied in draws the feature projection.
+        let tensors: HashMap<String, Tensor> = self.state_tensors()?.into_iter().collect();
+        restore_vars(&self.inner.setup.varmap, &tensors)?;
+        let anchors = match &self.head {
+            Some(h) if h.fully_initialized() => Some(h.buffers()[1].2.clone()),
+            _ => None,
+        };
+        crate::train::write_plots(
+            cfg,
+            report,
+            self.inner.setup.model.as_ref(),
+            &self.inner.data.test,
+            &self.inner.norm,
+            &self.inner.setup.device,
+            anchors.as_deref(),
+        )
+    }
+}

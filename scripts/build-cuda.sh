@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU machine that has no Rust toolchain, into .gpu/:
-# the conformance test binary with candle's CUDA backend, and a CPU `sar` binary. Needs the
+# the conformance test binary with candle's and dfdx's CUDA backends, a CPU `sar` binary and a
+# CUDA `sar` binary. Needs the
 # CUDA runtime wheels (cuBLAS, cuRAND, NVRTC; about 1 GB) and a stub libcuda to link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,13 +14,18 @@ if [ ! -f "$stub/libcuda.so" ]; then
   # Every driver-API function cudarc declares, as a no-op stub exported under libcuda.so.1: enough
   # to link. At run time the GPU machine's real libcuda.so.1 (its driver's) is the one loaded.
   cargo fetch -q
-  version=$(grep -A1 '^name = "cudarc"' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p' | head -n 1)
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$version"/src/driver/sys/mod.rs | head -n 1)
-  grep -oE '^ +fn cu[A-Za-z0-9_]+\(' "$sys" | sed -E 's/^ +fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u > "$stub/symbols.txt"
-  [ -s "$stub/symbols.txt" ] || { echo "no driver symbols found in $sys"; exit 1; }
+  # Every cudarc in the lock file: candle's (0.19) and dfdx's (0.9).
+  : > "$stub/symbols.all"
+  for version in $(grep -A1 '^name = "cudarc"' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p'); do
+    for sys in $(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$version"/src/driver/sys/*.rs 2>/dev/null); do
+      grep -oE '^ +(pub )?fn cu[A-Za-z0-9_]+\(' "$sys" | sed -E 's/^ +(pub )?fn (cu[A-Za-z0-9_]+)\(/\2/' >> "$stub/symbols.all"
+    done
+  done
+  sort -u "$stub/symbols.all" > "$stub/symbols.txt"
+  [ -s "$stub/symbols.txt" ] || { echo "no driver symbols found in cudarc's sources"; exit 1; }
   sed 's/.*/int &(void) { return 999; }/' "$stub/symbols.txt" > "$stub/libcuda.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/libcuda.c"
-  echo "libcuda stub: $(wc -l < "$stub/symbols.txt") driver symbols from cudarc $version"
+  echo "libcuda stub: $(wc -l < "$stub/symbols.txt") driver symbols from cudarc"
 fi
 CARGO_TARGET_DIR=$tdir cargo test --release -p sar-conformance --features cuda --no-run 2>&1 | tail -n 3
 mkdir -p .gpu
@@ -28,4 +34,8 @@ cp "$bin" .gpu/backends-cuda
 strip .gpu/backends-cuda || true
 cargo build --release -p sar-train --bin sar
 cp target/release/sar .gpu/sar
+# `sar` with both CUDA backends, for the short dfdx training on the GPU.
+CARGO_TARGET_DIR=$tdir cargo build --release -p sar-train --bin sar --features cuda 2>&1 | tail -n 3
+cp "$tdir/release/sar" .gpu/sar-cuda
+strip .gpu/sar-cuda || true
 ls -la .gpu

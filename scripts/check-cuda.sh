@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-checks the `cuda` features (candle's CUDA backend, real kernels through nvcc) on a
-# machine without a GPU. Prints SKIPPED and exits 0 when the toolkit wheels cannot be had.
+# machine without a GPU: candle's and dfdx's backends and everything built on them. Prints SKIPPED and exits 0 when the toolkit wheels cannot be had.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=cuda-env.sh
@@ -9,5 +9,5 @@ if ! source scripts/cuda-env.sh; then
   exit 0
 fi
 echo "nvcc: $(nvcc --version | tail -n 1)"
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda-check} cargo check -p sar-candle -p sar-conformance -p sar-train --features sar-candle/cuda,sar-conformance/cuda,sar-train/cuda --all-targets
+CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda-check} cargo check -p sar-candle -p sar-dfdx -p sar-conformance -p sar-train --features sar-candle/cuda,sar-dfdx/cuda,sar-conformance/cuda,sar-train/cuda --all-targets
 echo "cuda features: cargo check passed"

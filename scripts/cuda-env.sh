@@ -29,3 +29,11 @@ if [ "${SAR_CUDA_RUNTIME:-0}" = 1 ]; then
   done
   export LIBRARY_PATH="$stub:$CU/lib:${LIBRARY_PATH:-}"
 fi
+# dfdx's build script asks `nvidia-smi` for the compute capability (and fails without it); on a
+# machine without a GPU a stand-in answers 9.0 (Hopper), the same as CUDA_COMPUTE_CAP.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  mkdir -p "$V/fake-smi"
+  printf '#!/bin/sh\necho compute_cap\necho 9.0\n' > "$V/fake-smi/nvidia-smi"
+  chmod +x "$V/fake-smi/nvidia-smi"
+  export PATH="$V/fake-smi:$PATH"
+fi

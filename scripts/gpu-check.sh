@@ -7,6 +7,7 @@
 #
 # 1. candle-CUDA conformance: the suite of tests/conformance against candle on the GPU, f32
 #    and f64 (SAR_REQUIRE_CUDA=1 makes a missing device fail instead of skip).
+#    Then dfdx-CUDA conformance, and a short digits training on the GPU with each backend.
 # 2. `sar reference` against an independent PyTorch implementation, on the CPU and on the GPU.
 # Prints a short table at the end; exits non-zero if any part failed.
 set -uo pipefail
@@ -37,6 +38,26 @@ else
   SAR_REQUIRE_CUDA=1 "$t" candle_cuda --test-threads=1 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   results+=("candle-CUDA conformance: $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") ($(grep -c '^test candle_cuda.* ok$' "$log") tests ok)")
+fi
+
+say "== 1b. dfdx-CUDA conformance"
+if [ -n "$t" ]; then
+  SAR_REQUIRE_CUDA=1 "$t" dfdx_cuda --test-threads=1 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  results+=("dfdx-CUDA conformance: $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") ($(grep -c '^test dfdx_cuda.* ok$' "$log") tests ok)")
+fi
+
+say "== 1c. short training on the GPU: embedded digits, small CNN + SAR, 3 epochs, dfdx and candle"
+if [ -x "$dir/sar-cuda" ] || chmod +x "$dir/sar-cuda" 2>/dev/null; then
+  for backend in dfdx candle; do
+    "$dir/sar-cuda" train --config configs/digits-small-cnn.toml --backend "$backend" --quiet \
+      --set run.device='"cuda"' --set train.epochs=3 --set train.plots=false \
+      --output "$out/train-$backend" 2>&1 | tail -n 3 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    results+=("train on CUDA ($backend): $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $(grep -o '"top1": [0-9.]*' "$out/train-$backend/report.json" 2>/dev/null)")
+  done
+else
+  say "missing: $dir/sar-cuda"; results+=("train on CUDA: NOT RUN")
 fi
 
 say "== 2. sar reference vs PyTorch"

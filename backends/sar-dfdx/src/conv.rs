@@ -86,7 +86,7 @@ impl ConvGeometry {
 #[derive(Default)]
 pub struct GatherCache<D: Storage<usize>> {
     conv: HashMap<ConvGeometry, Tensor<(usize, usize), usize, D>>,
-    subsample: HashMap<(usize, usize, usize, usize), Tensor<(usize,), usize, D>>,
+    subsample: HashMap<(usize, usize, usize, usize), crate::Flat<usize, D>>,
 }
 
 impl<D: Storage<usize>> std::fmt::Debug for GatherCache<D> {
@@ -108,7 +108,7 @@ pub fn conv2d<E: Float, D: SarDevice<E>, T: Tape<E, D> + Merge<T>>(
     weight: Tensor<(usize,), E, D, T>,
     geom: ConvGeometry,
     out_channels: usize,
-) -> Result<(Tensor<(usize, usize), E, D, T>, (usize, usize))> {
+) -> Result<crate::ConvOut<E, D, T>> {
     let (rows, cin) = *x.shape();
     let k = geom.k;
     if rows != geom.n * geom.h * geom.w || weight.shape().0 != out_channels * cin * k * k {

@@ -70,6 +70,19 @@ pub(crate) fn dev_err<E: std::fmt::Debug>(e: E) -> SarDfdxError {
     SarDfdxError::Device(format!("{e:?}"))
 }
 
+/// A scalar tensor with tape `T`.
+pub type Scalar<E, D, T = NoneTape> = Tensor<Rank0, E, D, T>;
+/// A runtime-shaped matrix with tape `T`.
+pub type Matrix<E, D, T = NoneTape> = Tensor<(usize, usize), E, D, T>;
+/// A runtime-length vector with tape `T`.
+pub type Flat<E, D, T = NoneTape> = Tensor<(usize,), E, D, T>;
+/// A scalar on dfdx's recording tape.
+pub type Traced<E, D> = Scalar<E, D, OwnedTape<E, D>>;
+/// Output rows of a convolution and the output (height, width).
+pub type ConvOut<E, D, T> = (Matrix<E, D, T>, (usize, usize));
+/// `weight`·L_p2a with its tape, the unweighted value and |Ω|.
+pub type P2aParts<E, D, T> = (Scalar<E, D, T>, f64, usize);
+
 /// A float type dfdx computes in (f32 or f64).
 pub trait Float: Dtype + num_traits::Float {}
 impl Float for f32 {}
@@ -114,7 +127,7 @@ pub struct DfdxLabels {
 /// tape-carrying scalar (dfdx's backward consumes it; the gradients are then kept).
 pub struct DfdxLoss<E: Float, D: SarDevice<E>> {
     value: f64,
-    tape: RefCell<Option<Tensor<Rank0, E, D, OwnedTape<E, D>>>>,
+    tape: RefCell<Option<Traced<E, D>>>,
     grads: RefCell<Option<Gradients<E, D>>>,
 }
 
@@ -265,7 +278,7 @@ pub fn p2a_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     ignore_index: i64,
     class_active: Option<&[bool]>,
     weight: f64,
-) -> Result<(Tensor<Rank0, E, D, T>, f64, usize)> {
+) -> Result<P2aParts<E, D, T>> {
     let (n, d) = *features.shape();
     let (classes, ad) = *anchors.shape();
     if ad != d || labels.len() != n {
@@ -315,7 +328,7 @@ pub fn p2a_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
 /// turns out not to reach it).
 fn trace<E: Float, D: SarDevice<E>>(
     leaf: &Tensor<(usize,), E, D>,
-) -> Result<Tensor<(usize,), E, D, OwnedTape<E, D>>> {
+) -> Result<Flat<E, D, OwnedTape<E, D>>> {
     let mut grads = Gradients::leaky();
     grads.try_alloc_for(leaf).map_err(dev_err)?;
     Ok(leaf.trace(grads))

@@ -28,6 +28,9 @@ use std::collections::BTreeMap;
 /// Rows `[R, C]` of f32 on device `D` with tape `T`.
 pub type Rows<D, T> = Tensor<(usize, usize), f32, D, T>;
 
+/// A tensor on the host: shape and values.
+pub type HostTensor = (Vec<usize>, Vec<f32>);
+
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
@@ -637,10 +640,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
     }
 
     /// Restores the buffers from `get(name)` (shape-checked).
-    pub fn load_buffers(
-        &mut self,
-        get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>,
-    ) -> Result<()> {
+    pub fn load_buffers(&mut self, get: &dyn Fn(&str) -> Option<HostTensor>) -> Result<()> {
         let (c, d) = (self.classes, self.dim);
         let fetch = |suffix: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let name = format!("{}.{suffix}", self.prefix);
@@ -680,7 +680,7 @@ fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(
     ignore: i64,
     active: Option<&[bool]>,
     weight: f64,
-) -> Result<(Tensor<Rank0, f32, D, T>, f64, usize)> {
+) -> Result<crate::P2aParts<f32, D, T>> {
     let (n, d) = *features.shape();
     let c = semantic.shape().0;
     if labels_a.len() != n || labels_b.len() != n || !(0.0..=1.0).contains(&lambda) {

@@ -435,9 +435,9 @@ pub fn run_seg_step(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
 
 /// Two runners timed alternately (A, B, A, B, …) after one warm-up each, so that drift of the
 /// machine affects both alike; medians, with `images / median` as the rate.
-fn interleaved(
-    mut runners: [Runner; 2],
-    names: [&str; 2],
+fn interleaved<const N: usize>(
+    mut runners: [Runner; N],
+    names: [&str; N],
     workload: &str,
     images: f64,
     reps: usize,
@@ -445,7 +445,7 @@ fn interleaved(
     for r in runners.iter_mut() {
         r()?;
     }
-    let mut times = [Vec::new(), Vec::new()];
+    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     for _ in 0..reps {
         for (r, t) in runners.iter_mut().zip(times.iter_mut()) {
             let s = Instant::now();
@@ -474,7 +474,7 @@ fn interleaved(
 pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
     let mut out = format!(
         "\n{title:<32} {:>11} {:>9} {:>9}\n",
-        "median ms", "images/s", "x no SAR"
+        "median ms", "images/s", "x first"
     );
     for x in r {
         out += &format!(
@@ -485,7 +485,8 @@ pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
             x.seconds / r[0].seconds
         );
     }
-    if let (Some(plain), Some(head)) = (r.first(), r.get(2)) {
+    let head = r.iter().find(|x| x.variant.starts_with("SAR head alone"));
+    if let (Some(plain), Some(head)) = (r.first(), head) {
         out += &format!(
             "SAR head alone (fwd+bwd): {:.2} ms = {:.2}% of the plain step\n",
             head.seconds * 1e3,
@@ -498,9 +499,20 @@ pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
 /// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
 /// the machine affects both alike. `gb_per_s` holds images per second here.
 pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+    // candle and dfdx side by side, interleaved, from the same weights and batch.
     let mut rows = interleaved(
-        [resnet32_runner(false, 128)?, resnet32_runner(true, 128)?],
-        ["ResNet-32 b128 step", "ResNet-32 b128 step + SAR"],
+        [
+            resnet32_runner(false, 128)?,
+            resnet32_runner(true, 128)?,
+            crate::dfdx_task::resnet32_runner(false, 128)?,
+            crate::dfdx_task::resnet32_runner(true, 128)?,
+        ],
+        [
+            "ResNet-32 b128 step",
+            "ResNet-32 b128 step + SAR",
+            "dfdx: ResNet-32 b128 step",
+            "dfdx: ResNet-32 b128 step + SAR",
+        ],
         "r32",
         128.0,
         reps,

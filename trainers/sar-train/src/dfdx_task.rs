@@ -367,3 +367,68 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         )
     }
 }
+
+/// `sar bench --workload resnet32` on dfdx: one ResNet-32 training step (forward in training
+/// mode, cross-entropy, with `sar` SAR's step, backward, SGD) on a fixed random batch of
+/// `batch` 3×32×32 images and 100 classes, from the same initial weights as candle's runner.
+pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::bench::Runner> {
+    use sar_math::anchors::AnchorRng;
+    let text = format!(
+        "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
+    );
+    let cfg = crate::config::parse(&text, &[])?;
+    let setup = crate::train::build(&cfg, 3, 100)?;
+    let dev = Cpu::default();
+    let entries = setup
+        .varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut params = Params::from_host(&dev, entries.into_iter().map(|(n, (s, v))| (n, s, v)))?;
+    let mut head = match &setup.head {
+        Some(h) => Some(SarHead::new(
+            &dev,
+            "sar",
+            *h.config(),
+            to_host(&h.buffers()?[0].1)?.1,
+            h.classes(),
+            h.dim(),
+        )?),
+        None => None,
+    };
+    let mut rng = AnchorRng::new(11);
+    let x: Vec<f32> = (0..batch * 3 * 32 * 32)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 100) as i64).collect();
+    let x = dev.tensor_from_vec(nchw_to_rows(&x, batch, 3, 32, 32), (batch * 32 * 32, 3));
+    let targets = one_hot(&y, 100)?;
+    let net = Classifier::new(Arch::CifarResNet { depth: 32 })?;
+    let mut cache = GatherCache::default();
+    let mut opt = Sgd::new(0.1, 0.9, 5e-4, false);
+    Ok(Box::new(move || {
+        let traced = x.trace(params.alloc_grads()?);
+        let mut f = Forward {
+            params: &mut params,
+            cache: &mut cache,
+            train: true,
+        };
+        let feats = net.features(&mut f, traced, (batch, 32, 32))?;
+        let loss = match head.as_mut() {
+            Some(h) => {
+                let logits = net.classify(&params, feats.retaped())?;
+                let ce = cross_entropy(logits, targets.clone())?;
+                ce + h.step(&params, feats, &y, None)?.loss
+            }
+            None => cross_entropy(net.classify(&params, feats)?, targets.clone())?,
+        };
+        let grads = loss
+            .try_backward()
+            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        opt.step(&mut params, &grads)?;
+        Ok(())
+    }))
+}

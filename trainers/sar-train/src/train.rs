@@ -162,6 +162,10 @@ pub fn evaluate(
     })
 }
 
+/// Predicted classes of images `[N, C, H, W]` given with (N, C, H, W).
+pub(crate) type Predictor<'a> =
+    dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<u32>> + 'a;
+
 /// [`evaluate`] with any predictor: `predict(images [N, C, H, W], (N, C, H, W))` returns the
 /// predicted classes.
 pub(crate) fn evaluate_with(
@@ -169,7 +173,7 @@ pub(crate) fn evaluate_with(
     norm: &Normalize,
     groups: &[Group],
     batch_size: usize,
-    predict: &mut dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<u32>>,
+    predict: &mut Predictor,
 ) -> anyhow::Result<Evaluation> {
     let c = set.classes();
     let (ch, h, w) = set.geometry();

@@ -8,7 +8,7 @@
 //!    of one pixel). One zero row is appended: `X̃ [N·H·W + 1, C]`.
 //! 2. A **row gather** with an index `I [M, K·K]`, M = N·OH·OW, where `I[(n, oy, ox), (ky, kx)]`
 //!    is the row of input pixel (oy·s − p + ky, ox·s − p + kx) of image n, or the zero row when
-//!    that pixel lies in the padding: `P = X̃[I] [M, K·K, C]`, viewed as `[M, K·K·C]`
+//!    that pixel lies in the padding: `P = X̃[I]` `[M, K·K, C]`, viewed as `[M, K·K·C]`
 //!    (im2col, tap-major, channel-minor). Its backward scatter-adds into X̃ (the zero row's
 //!    gradient is dropped with the concatenation's backward).
 //! 3. A **matmul** with the kernel: the weight `W [Cout, Cin, K, K]` (PyTorch's layout, the

@@ -522,7 +522,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
 
     /// One SAR step with features `[N, D]` carrying the model's tape: L_aux on
     /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed. With
-    /// `mix = Some((labels_b, λ))` the p2a target is λ·Â[y] + (1−λ)·Â[y_b] (MixUp), rows
+    /// `mix = Some((labels_b, λ))` the p2a target is `λ·Â[y] + (1−λ)·Â[y_b]` (MixUp), rows
     /// counted when both labels are valid.
     pub fn step(
         &mut self,
@@ -668,7 +668,7 @@ fn parts_value<D: SarDevice<f32>, T>(t: &Tensor<Rank0, f32, D, T>) -> f64 {
     t.as_vec()[0] as f64
 }
 
-/// `weight`·L_p2a with MixUp targets λ·Â[a] + (1−λ)·Â[b]; rows count when both labels are
+/// `weight`·L_p2a with MixUp targets `λ·Â[a] + (1−λ)·Â[b]`; rows count when both labels are
 /// valid (and active).
 #[allow(clippy::too_many_arguments)]
 fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(

@@ -13,7 +13,8 @@
 //!   [`p2a_rows`] (Eq. 4 on `[N, D]` rows): the backend calls them on traced leaves, and the
 //!   trainer on activations that carry the model's tape, so one implementation serves both.
 //! - [`conv`]: 2-D convolution built from stable dfdx ops (a row gather over NHWC rows with a
-//!   zero row for padding, then a matmul), and the option-A shortcut the same way.
+//!   zero row for padding, then a matmul; on the CPU the gather is one parallel kernel recorded
+//!   on dfdx's tape), and the option-A shortcut the same way.
 //! - [`nn`]: parameters by name, Conv/BatchNorm/Linear, the small CNN and the CIFAR ResNets with
 //!   the same names and layouts as `sar-models` (so checkpoints move between backends), and
 //!   the SAR head with the classifier shared.
@@ -88,9 +89,10 @@ pub trait Float: Dtype + num_traits::Float {}
 impl Float for f32 {}
 impl Float for f64 {}
 
-/// A dfdx device that runs every op SAR and the models need, for element type `E`.
-pub trait SarDevice<E: Float>: Device<E> + Default {}
-impl<E: Float, D: Device<E> + Default> SarDevice<E> for D {}
+/// A dfdx device that runs every op SAR and the models need, for element type `E`: dfdx's
+/// `Cpu` and (feature `cuda`) `Cuda`.
+pub trait SarDevice<E: Float>: Device<E> + Default + conv::Im2Col<E> {}
+impl<E: Float, D: Device<E> + Default + conv::Im2Col<E>> SarDevice<E> for D {}
 
 /// A flat dfdx tensor with its runtime shape (row-major), without a tape: a leaf.
 #[derive(Clone)]

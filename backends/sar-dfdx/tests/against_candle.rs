@@ -370,3 +370,52 @@ fn sar_head_matches_candle() {
         .unwrap();
     assert_close("semantic anchors", &head_d.buffers()[1].2, &sem_c, 1e-5);
 }
+
+/// The CPU im2col kernel against dfdx's generic gather path (what CUDA runs): patches and the
+/// input gradient are bit-identical, also when the input's gradient has another contribution.
+#[test]
+fn cpu_im2col_matches_the_generic_gather_path() {
+    use sar_dfdx::conv::{im2col_gather, Im2Col};
+    let dev = Cpu::default();
+    for (case, &(n, c, h, w, k, stride, pad)) in [
+        (2, 3, 7, 5, 3, 1, 1),
+        (1, 4, 8, 8, 3, 2, 1),
+        (2, 2, 9, 6, 3, 2, 0),
+        (3, 5, 4, 4, 1, 1, 0),
+        (2, 3, 5, 5, 5, 1, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let geom = ConvGeometry {
+            n,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+        };
+        let (oh, ow) = geom.out_hw().unwrap();
+        let m = n * oh * ow;
+        let x = dev.tensor_from_vec(normals(400 + case as u64, n * h * w * c), (n * h * w, c));
+        let r = dev.tensor_from_vec(normals(500 + case as u64, m * k * k * c), (m, k * k * c));
+        let s = dev.tensor_from_vec(normals(600 + case as u64, n * h * w * c), (n * h * w, c));
+        let run = |generic: bool| {
+            let mut cache = GatherCache::default();
+            let t = x.leaky_trace();
+            let other = (t.retaped::<OwnedTape<f32, Cpu>>() * s.clone()).sum::<Rank0, _>();
+            let p = if generic {
+                im2col_gather(&mut cache, t, geom).unwrap()
+            } else {
+                <Cpu as Im2Col<f32>>::im2col(&mut cache, t, geom).unwrap()
+            };
+            let values = p.as_vec();
+            let g = ((p * r.clone()).sum::<Rank0, _>() + other).backward();
+            (values, g.get(&x).as_vec())
+        };
+        let (pg, gg) = run(true);
+        let (pc, gc) = run(false);
+        assert_eq!(pg, pc, "case {case}: patches");
+        assert_eq!(gg, gc, "case {case}: input gradient");
+    }
+}

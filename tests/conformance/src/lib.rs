@@ -5,9 +5,11 @@
 //! to the backend's precision first, so only the arithmetic differs). The
 //! [`conformance_tests!`] macro turns the whole suite into `#[test]`s for one backend; the
 //! crate's integration tests instantiate it for ndarray, candle's fused CPU path, candle's
-//! composite path (the one CUDA runs), in f32 and f64, and candle-CUDA with `--features cuda`.
+//! composite path (the one CUDA runs) and dfdx, in f32 and f64, and candle-CUDA and dfdx-CUDA
+//! with `--features cuda`.
 //!
-//! Gradients compared are the backend's own: analytic for ndarray, **autograd** for candle.
+//! Gradients compared are the backend's own: analytic for ndarray, **autograd** for candle and
+//! dfdx.
 //! Tolerances ([`Tol`]): f64 within 1e-10 relative; f32 within 2e-5 relative for values and
 //! 1e-4 for gradients, with small absolute floors (stated in the constants).
 

@@ -47,11 +47,11 @@ if [ -n "$t" ]; then
   results+=("dfdx-CUDA conformance: $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") ($(grep -c '^test dfdx_cuda.* ok$' "$log") tests ok)")
 fi
 
-say "== 1c. short training on the GPU: embedded digits, small CNN + SAR, 3 epochs, dfdx and candle"
+say "== 1c. short training on the GPU: embedded digits, small CNN + SAR, 10 epochs, dfdx and candle"
 if [ -x "$dir/sar-cuda" ] || chmod +x "$dir/sar-cuda" 2>/dev/null; then
   for backend in dfdx candle; do
     "$dir/sar-cuda" train --config configs/digits-small-cnn.toml --backend "$backend" --quiet \
-      --set run.device='"cuda"' --set train.epochs=3 --set train.plots=false \
+      --set run.device='"cuda"' --set train.epochs=10 --set train.plots=false \
       --output "$out/train-$backend" 2>&1 | tail -n 3 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     results+=("train on CUDA ($backend): $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $(grep -o '"top1": [0-9.]*' "$out/train-$backend/report.json" 2>/dev/null)")

@@ -740,8 +740,10 @@ impl<D: SarDevice<f32>> Sgd<D> {
         }
     }
 
-    /// One update of every trained variable of `params` from `grads`.
-    pub fn step(&mut self, params: &mut Params<D>, grads: &Gradients<f32, D>) -> Result<()> {
+    /// One update of every trained variable of `params` from `grads`. A variable without a
+    /// gradient in `grads` (the loss did not reach it, and the input was not traced with
+    /// [`Params::alloc_grads`]) gets a zero one: weight decay and momentum still apply.
+    pub fn step(&mut self, params: &mut Params<D>, grads: &mut Gradients<f32, D>) -> Result<()> {
         let (mu, wd, lr) = (
             self.momentum as f32,
             self.weight_decay as f32,
@@ -749,6 +751,7 @@ impl<D: SarDevice<f32>> Sgd<D> {
         );
         for name in params.trainable() {
             let w = params.get(&name)?.clone();
+            grads.try_alloc_for(&w).map_err(dev_err)?;
             let grad = grads.get(&w);
             let mut g = if wd != 0.0 {
                 grad + w.clone() * wd
@@ -798,5 +801,63 @@ impl<D: SarDevice<f32>> Sgd<D> {
         }
         self.buffers = map;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two Nesterov steps with weight decay, by hand: w = (1, −2), ∇ = (0.5, 0.25), lr 0.1,
+    /// μ 0.9, wd 0.01. Step 1: g = (0.51, 0.23) = b, d = 1.9·g, w = (0.9031, −2.0437).
+    /// Step 2: g = (0.509031, 0.229563), b = 0.9·b + g = (0.968031, 0.436563),
+    /// d = g + 0.9·b, w = (0.76507411, −2.10594697).
+    #[test]
+    fn sgd_nesterov_with_weight_decay_by_hand() {
+        let dev = Cpu::default();
+        let mut params =
+            Params::from_host(&dev, [("w".to_string(), vec![2], vec![1.0f32, -2.0])]).unwrap();
+        let mut opt = Sgd::new(0.1, 0.9, 0.01, true);
+        let c = dev.tensor_from_vec(vec![0.5f32, 0.25], (2,));
+        for (want_w, want_b) in [
+            ([0.9031f32, -2.0437], [0.51f32, 0.23]),
+            ([0.765_074_1, -2.105_947], [0.968_031, 0.436_563]),
+        ] {
+            let w = params.get("w").unwrap().clone();
+            let loss = (w.trace(params.alloc_grads().unwrap()) * c.clone()).sum::<Rank0, _>();
+            let mut grads = loss.backward();
+            opt.step(&mut params, &mut grads).unwrap();
+            let got = params.get("w").unwrap().as_vec();
+            let buf = &opt.buffers()[0].1;
+            for i in 0..2 {
+                assert!((got[i] - want_w[i]).abs() < 1e-6, "w {got:?} vs {want_w:?}");
+                assert!((buf[i] - want_b[i]).abs() < 1e-6, "b {buf:?} vs {want_b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_variables_and_bad_shapes_are_errors() {
+        let dev = Cpu::default();
+        assert!(Params::<Cpu>::from_host(&dev, [("w".into(), vec![2, 2], vec![0.0; 3])]).is_err());
+        let mut params = Params::from_host(
+            &dev,
+            [("fc.weight".to_string(), vec![3, 4], vec![0.0f32; 12])],
+        )
+        .unwrap();
+        let x: Rows<Cpu, NoneTape> = dev.zeros_like(&(2, 4));
+        // No `fc.bias` is fine (a layer without bias); a wrong input width is an error.
+        assert!(linear(&params, x.clone(), "fc").is_ok());
+        assert!(linear(&params, dev.zeros_like(&(2, 5)), "fc").is_err());
+        let mut cache = GatherCache::default();
+        let mut f = Forward {
+            params: &mut params,
+            cache: &mut cache,
+            train: true,
+        };
+        let e = f.bn(x, "bn1", false).err().unwrap().to_string();
+        assert!(e.contains("bn1.weight"), "{e}");
+        assert!(cross_entropy(dev.zeros_like(&(2, 3)), vec![0.0; 5]).is_err());
+        assert!(one_hot(&[0, 3], 3).is_err());
     }
 }

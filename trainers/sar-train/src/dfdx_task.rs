@@ -203,11 +203,11 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
             .pending
             .take()
             .context("update without a forward pass")?;
-        let grads = loss
+        let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
         self.opt.lr = lr;
-        self.opt.step(&mut self.params, &grads)?;
+        self.opt.step(&mut self.params, &mut grads)?;
         Ok(())
     }
 
@@ -425,10 +425,10 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
             }
             None => cross_entropy(net.classify(&params, feats)?, targets.clone())?,
         };
-        let grads = loss
+        let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
-        opt.step(&mut params, &grads)?;
+        opt.step(&mut params, &mut grads)?;
         Ok(())
     }))
 }

@@ -166,6 +166,29 @@ fn host_of(varmap: &VarMap, name: &str) -> Vec<f32> {
         .unwrap()
 }
 
+/// Features `[N, D]` of NCHW images on dfdx in training mode, traced with every variable's
+/// gradient allocated.
+fn dfdx_features(
+    params: &mut Params<Cpu>,
+    arch: Arch,
+    x: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+) -> sar_dfdx::nn::Rows<Cpu, OwnedTape<f32, Cpu>> {
+    let dev = Cpu::default();
+    let xr = dev.tensor_from_vec(nchw_to_rows(x, n, c, h, w), (n * h * w, c));
+    let traced = xr.traced(params.alloc_grads().unwrap());
+    let mut cache = GatherCache::default();
+    let mut f = Forward {
+        params,
+        cache: &mut cache,
+        train: true,
+    };
+    Classifier::new(arch)
+        .unwrap()
+        .features(&mut f, traced, (n, h, w))
+        .unwrap()
+}
+
 /// One training forward/backward of a whole network on both backends: logits, the loss, the
 /// gradient of every parameter and the updated running statistics agree.
 fn model_matches(
@@ -199,13 +222,7 @@ fn model_matches(
     let net = Classifier::new(dfdx_arch).unwrap();
     let mut cache = GatherCache::default();
     let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
-    let traced = xr.trace(params.alloc_grads().unwrap());
-    let mut f = Forward {
-        params: &mut params,
-        cache: &mut cache,
-        train: true,
-    };
-    let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
+    let feats = dfdx_features(&mut params, dfdx_arch, &x, (n, c, h, w));
     let logits_d = net.classify(&params, feats).unwrap();
     let logits_host = logits_d.as_vec();
     let loss_d = cross_entropy(logits_d, one_hot(&y, classes).unwrap()).unwrap();
@@ -326,17 +343,7 @@ fn sar_head_matches_candle() {
     let s_c = head_c.step(&classify, &feats_c, &yt).unwrap();
     let grads_c = s_c.loss.backward().unwrap();
 
-    let dev = Cpu::default();
-    let net = Classifier::new(Arch::SmallCnn).unwrap();
-    let mut cache = GatherCache::default();
-    let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
-    let traced = xr.traced(params.alloc_grads().unwrap());
-    let mut f = Forward {
-        params: &mut params,
-        cache: &mut cache,
-        train: true,
-    };
-    let feats = net.features(&mut f, traced, (n, h, w)).unwrap();
+    let feats = dfdx_features(&mut params, Arch::SmallCnn, &x, (n, c, h, w));
     let s_d = head_d.step(&params, feats, &y, None).unwrap();
     assert_eq!(s_d.gate_passed, s_c.gate_passed);
     assert!(s_d.gate_passed);

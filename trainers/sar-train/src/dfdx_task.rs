@@ -64,6 +64,38 @@ fn to_host(t: &Tensor) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     ))
 }
 
+/// The variables of a candle [`crate::train::Setup`] (its seeded initial weights) and its SAR
+/// head's anchors, on dfdx.
+fn on_dfdx<D: SarDevice<f32>>(
+    setup: &crate::train::Setup,
+    device: &D,
+) -> anyhow::Result<(Params<D>, Option<SarHead<D>>)> {
+    let entries = setup
+        .varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| {
+            let (shape, values) = to_host(v.as_tensor())?;
+            Ok((n.clone(), shape, values))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let params = Params::from_host(device, entries)?;
+    let head = match &setup.head {
+        Some(h) => Some(SarHead::new(
+            device,
+            "sar",
+            *h.config(),
+            to_host(&h.buffers()?[0].1)?.1,
+            h.classes(),
+            h.dim(),
+        )?),
+        None => None,
+    };
+    Ok((params, head))
+}
+
 impl<D: SarDevice<f32>> DfdxTrainee<D> {
     fn new(cfg: &TrainConfig, device: D) -> anyhow::Result<Self> {
         let inner = ClsTask::new(cfg)?;
@@ -72,30 +104,7 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             Some(sar_models::Arch::ResNet32) => Arch::CifarResNet { depth: 32 },
             other => bail!("the dfdx backend has the small CNN and ResNet-32, not {other:?}"),
         };
-        let entries = inner
-            .setup
-            .varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let params = Params::from_host(&device, entries.into_iter().map(|(n, (s, v))| (n, s, v)))?;
-        let head = match &inner.setup.head {
-            Some(h) => {
-                let anchors = to_host(&h.buffers()?[0].1)?.1;
-                Some(SarHead::new(
-                    &device,
-                    "sar",
-                    *h.config(),
-                    anchors,
-                    h.classes(),
-                    h.dim(),
-                )?)
-            }
-            None => None,
-        };
+        let (params, head) = on_dfdx(&inner.setup, &device)?;
         let o = &cfg.optim;
         Ok(DfdxTrainee {
             inner,
@@ -379,26 +388,7 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
     let cfg = crate::config::parse(&text, &[])?;
     let setup = crate::train::build(&cfg, 3, 100)?;
     let dev = Cpu::default();
-    let entries = setup
-        .varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(n, v)| Ok((n.clone(), to_host(v.as_tensor())?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut params = Params::from_host(&dev, entries.into_iter().map(|(n, (s, v))| (n, s, v)))?;
-    let mut head = match &setup.head {
-        Some(h) => Some(SarHead::new(
-            &dev,
-            "sar",
-            *h.config(),
-            to_host(&h.buffers()?[0].1)?.1,
-            h.classes(),
-            h.dim(),
-        )?),
-        None => None,
-    };
+    let (mut params, mut head) = on_dfdx(&setup, &dev)?;
     let mut rng = AnchorRng::new(11);
     let x: Vec<f32> = (0..batch * 3 * 32 * 32)
         .map(|_| rng.next_normal() as f32)

@@ -125,6 +125,27 @@ fn dfdx_trains_like_candle_and_their_checkpoints_are_interchangeable() {
         (on_dfdx - tc).abs() <= 2.0 / 360.0,
         "candle weights on dfdx {on_dfdx} vs {tc}"
     );
+    // A candle run cut at step 7 finishes on dfdx (weights, BatchNorm statistics, momentum and
+    // SAR buffers all carried over).
+    let c = tempfile::tempdir().unwrap();
+    let cut = config(
+        c.path(),
+        &[
+            "train.epochs=6",
+            "run.backend=\"candle\"",
+            "train.max_steps=7",
+        ],
+    );
+    train(&cut, &TrainOptions::default()).unwrap();
+    let resume = TrainOptions {
+        resume: Some(c.path().to_path_buf()),
+        ..TrainOptions::default()
+    };
+    let rest = train(&config(c.path(), &["train.epochs=6"]), &resume).unwrap();
+    assert_eq!(rest.steps, dfdx.steps);
+    assert_eq!(rest.gate_first_pass, dfdx.gate_first_pass);
+    let tr = rest.eval.classification().unwrap().top1;
+    assert!((tr - td).abs() < 0.08, "candle then dfdx {tr} vs dfdx {td}");
 }
 
 #[test]

@@ -42,7 +42,6 @@ pub use dfdx;
 
 use dfdx::prelude::*;
 use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
-use sar_math::resample::nearest_source_index;
 use sar_math::{SarError, WeightMode};
 use std::cell::RefCell;
 
@@ -374,22 +373,8 @@ impl<E: Float, D: SarDevice<E>> DfdxBackend<E, D> {
         if (lh, lw) == (h, w) {
             return Ok(labels.clone());
         }
-        if lh * lw == 0 {
-            return shape_err(format!(
-                "labels {:?} are empty but the feature map is {h}×{w}",
-                labels.shape
-            ));
-        }
-        let mut out = Vec::with_capacity(b * h * w);
-        for n in 0..b {
-            for i in 0..h {
-                let r = nearest_source_index(lh, h, i);
-                for j in 0..w {
-                    let c = nearest_source_index(lw, w, j);
-                    out.push(labels.data[(n * lh + r) * lw + c]);
-                }
-            }
-        }
+        let mut out = vec![0i64; b * h * w];
+        sar_math::resample::resample_labels_nearest(&labels.data, b, (lh, lw), (h, w), &mut out)?;
         Ok(DfdxLabels {
             data: out,
             shape: vec![b, h, w],

@@ -157,15 +157,6 @@ fn params_from(varmap: &VarMap) -> Params<Cpu> {
     Params::from_host(&Cpu::default(), entries).unwrap()
 }
 
-fn host_of(varmap: &VarMap, name: &str) -> Vec<f32> {
-    varmap.data().lock().unwrap()[name]
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// Features `[N, D]` of NCHW images on dfdx in training mode, traced with every variable's
 /// gradient allocated.
 fn dfdx_features(
@@ -274,7 +265,6 @@ fn model_matches(
     let logits_d = net.classify(&params, feats).unwrap();
     let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
     assert_close("eval logits", &logits_d.as_vec(), &lc, 1e-4);
-    let _ = host_of;
 }
 
 #[test]

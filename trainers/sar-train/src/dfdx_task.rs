@@ -117,14 +117,16 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         })
     }
 
-    fn rows(&self, x: Vec<f32>, (n, c, h, w): (usize, usize, usize, usize)) -> Tensor2dRows<D> {
+    fn rows(
+        &self,
+        x: Vec<f32>,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> sar_dfdx::nn::Rows<D, NoneTape> {
         self.params
             .device()
             .tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c))
     }
 }
-
-type Tensor2dRows<D> = sar_dfdx::nn::Rows<D, NoneTape>;
 
 impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
     fn train_len(&self) -> usize {

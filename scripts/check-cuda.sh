@@ -9,5 +9,11 @@ if ! source scripts/cuda-env.sh; then
   exit 0
 fi
 echo "nvcc: $(nvcc --version | tail -n 1)"
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda-check} cargo check -p sar-candle -p sar-dfdx -p sar-conformance -p sar-train --features sar-candle/cuda,sar-dfdx/cuda,sar-conformance/cuda,sar-train/cuda --all-targets
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda-check}
+# nvcc writes its intermediate files under TMPDIR: keep them
+# beside the build, not on a /tmp that may be a small separate disk.
+mkdir -p "$CARGO_TARGET_DIR/nvcc-tmp"
+export TMPDIR
+TMPDIR=$(cd "$CARGO_TARGET_DIR/nvcc-tmp" && pwd)
+cargo check -p sar-candle -p sar-dfdx -p sar-conformance -p sar-train --features sar-candle/cuda,sar-dfdx/cuda,sar-conformance/cuda,sar-train/cuda --all-targets
 echo "cuda features: cargo check passed"

@@ -14,7 +14,7 @@ fi
 if [ ! -x "$V/bin/pip" ]; then
   python3 -m venv "$V" || return 1
 fi
-"$V/bin/pip" install -q "${pkgs[@]}" || return 1
+"$V/bin/pip" install -q --no-cache-dir "${pkgs[@]}" || return 1
 py=$(ls -d "$V"/lib/python3*/site-packages | head -n 1)
 export CU="$py/nvidia/cu${SAR_CUDA_VERSION%%.*}"
 # CUDA_COMPUTE_CAP: there is no nvidia-smi to ask; 90 = Hopper (H100/H200).

@@ -1,8 +1,12 @@
-//! Times one convolution forward + backward on dfdx's CPU at ResNet-32's stage-1 geometry
-//! (batch 128, 32×32, 16 → 16 channels, 3×3), split into its parts: the row gather (im2col)
-//! and the matmul. `cargo run --release -p sar-dfdx --example conv_profile`
-use sar_dfdx::conv::{conv2d, ConvGeometry, GatherCache};
+//! Times one 3×3 convolution forward + backward on dfdx's CPU at the three stage geometries of
+//! ResNet-32 with batch 128 (32×32×16, 16×16×32, 8×8×64; stride 1, padding 1): the CPU op
+//! (`ConvKernel for Cpu`) beside the generic path of dfdx ops (row gather + matmul, what CUDA
+//! runs), interleaved, medians of 5; and the same for the training-mode BatchNorm + ReLU that
+//! follows each convolution (`BatchNormKernel for Cpu` beside `batch_norm_train_generic`).
+//! `cargo run --release -p sar-dfdx --example conv_profile`
+use sar_dfdx::conv::{conv_rows_generic, ConvGeometry, ConvKernel, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
+use sar_dfdx::norm::{batch_norm_train_generic, BatchNormKernel};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -10,95 +14,94 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+type Rows = Tensor<(usize, usize), f32, Cpu>;
+type Traced = Tensor<(usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>;
+
+/// (forward, backward) seconds of one run of `conv` on traced `x` and `kernel`.
+fn time_once(
+    x: &Rows,
+    kernel: &Rows,
+    mut conv: impl FnMut(Traced, Traced) -> Traced,
+) -> (f64, f64) {
+    let t = Instant::now();
+    let loss = conv(x.leaky_trace(), kernel.retaped()).sum::<Rank0, _>();
+    let forward = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let _ = loss.backward();
+    (forward, t.elapsed().as_secs_f64())
+}
+
 fn main() {
     let dev = Cpu::default();
-    let (n, h, w, c) = (128, 32, 32, 16);
-    let geom = ConvGeometry {
-        n,
-        h,
-        w,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
-    let x: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n * h * w, c));
-    let wt: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(c * c * 9,));
-    let mut cache = GatherCache::default();
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let t = Instant::now();
-        let (y, _) = conv2d(&mut cache, x.leaky_trace(), wt.retaped(), geom, c).unwrap();
-        let loss = y.sum::<Rank0, _>();
-        fwd.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let _ = loss.backward();
-        bwd.push(t.elapsed().as_secs_f64());
-    }
-    let m = n * h * w;
-    // The CPU im2col kernel alone.
-    let (mut c_fwd, mut c_bwd) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let t = Instant::now();
-        let p = <Cpu as sar_dfdx::conv::Im2Col<f32>>::im2col(&mut cache, x.leaky_trace(), geom)
-            .unwrap();
-        let loss = p.sum::<Rank0, _>();
-        c_fwd.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let _ = loss.backward();
-        c_bwd.push(t.elapsed().as_secs_f64());
-    }
-    // The matmul alone: patches [M, 144] × kernel [144, 16].
-    let p: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(m, 9 * c));
-    let k2: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(9 * c, c));
-    let (mut m_fwd, mut m_bwd) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let t = Instant::now();
-        let loss = p.leaky_trace().matmul(k2.clone()).sum::<Rank0, _>();
-        m_fwd.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let _ = loss.backward();
-        m_bwd.push(t.elapsed().as_secs_f64());
-    }
-    println!(
-        "CPU im2col kernel: forward {:.1} ms, backward {:.1} ms; matmul [{m}, 144]x[144, 16] (+ sum): forward {:.1} ms, backward {:.1} ms",
-        1e3 * median(c_fwd),
-        1e3 * median(c_bwd),
-        1e3 * median(m_fwd),
-        1e3 * median(m_bwd)
-    );
-    {
-        let g: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(m, c));
-        let t = Instant::now();
-        let a = g.clone().matmul(k2.clone().permute::<_, Axes2<1, 0>>());
-        let ta = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let b = p.clone().permute::<_, Axes2<1, 0>>().matmul(g.clone());
-        let tb = t.elapsed().as_secs_f64();
+    for (h, c) in [(32, 16), (16, 32), (8, 64)] {
+        let n = 128;
+        let geom = ConvGeometry {
+            n,
+            h,
+            w: h,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let x: Rows = dev.sample_normal_like(&(n * h * h, c));
+        let kernel: Rows = dev.sample_normal_like(&(9 * c, c));
+        let (mut op_cache, mut generic_cache) = (GatherCache::default(), GatherCache::default());
+        let mut op = (Vec::new(), Vec::new());
+        let mut generic = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let (f, b) = time_once(&x, &kernel, |x, k| {
+                <Cpu as ConvKernel<f32>>::conv_rows(&mut op_cache, x, k, geom).unwrap()
+            });
+            op.0.push(f);
+            op.1.push(b);
+            let (f, b) = time_once(&x, &kernel, |x, k| {
+                conv_rows_generic(&mut generic_cache, x, k, geom).unwrap()
+            });
+            generic.0.push(f);
+            generic.1.push(b);
+        }
+        let gamma: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(c,));
+        let beta: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(c,));
+        let mut bn_op = (Vec::new(), Vec::new());
+        let mut bn_generic = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            for (generic, times) in [(false, &mut bn_op), (true, &mut bn_generic)] {
+                let t = Instant::now();
+                let (g, b) = (gamma.retaped(), beta.retaped());
+                let (y, _, _) = if generic {
+                    batch_norm_train_generic(x.leaky_trace(), g, b, 1e-5, true).unwrap()
+                } else {
+                    <Cpu as BatchNormKernel<f32>>::batch_norm_train(
+                        x.leaky_trace(),
+                        g,
+                        b,
+                        1e-5,
+                        true,
+                    )
+                    .unwrap()
+                };
+                let loss = y.sum::<Rank0, _>();
+                times.0.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let _ = loss.backward();
+                times.1.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let ms = |v: Vec<f64>| 1e3 * median(v);
         println!(
-            "dY·Kᵀ {:.1} ms, Pᵀ·dY {:.1} ms ({} {})",
-            1e3 * ta,
-            1e3 * tb,
-            a.shape().0,
-            b.shape().0
+            "conv 3x3 {n}x{h}x{h}x{c}->{c}: CPU op forward {:.1} ms, backward {:.1} ms; generic gather+matmul forward {:.1} ms, backward {:.1} ms",
+            ms(op.0),
+            ms(op.1),
+            ms(generic.0),
+            ms(generic.1)
+        );
+        println!(
+            "  batch norm + ReLU {}x{c}: CPU op forward {:.1} ms, backward {:.1} ms; generic forward {:.1} ms, backward {:.1} ms",
+            n * h * h,
+            ms(bn_op.0),
+            ms(bn_op.1),
+            ms(bn_generic.0),
+            ms(bn_generic.1)
         );
     }
-    let idx = dev.tensor_from_vec(geom.im2col_rows().unwrap(), (m, 9));
-    let (mut g_fwd, mut g_bwd) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let padded = (x.leaky_trace(), dev.zeros_like(&(1, c))).concat_along(Axis::<0>);
-        let t = Instant::now();
-        let p: Tensor<(usize, usize, usize), f32, Cpu, _> = padded.gather(idx.clone());
-        let loss = p.sum::<Rank0, _>();
-        g_fwd.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let _ = loss.backward();
-        g_bwd.push(t.elapsed().as_secs_f64());
-    }
-    println!(
-        "conv 3x3 {n}x{h}x{w}x{c}->{c}: forward {:.1} ms, backward {:.1} ms; dfdx's generic row gather (the CUDA path): forward {:.1} ms, backward {:.1} ms (medians of 5)",
-        1e3 * median(fwd),
-        1e3 * median(bwd),
-        1e3 * median(g_fwd),
-        1e3 * median(g_bwd)
-    );
 }

@@ -18,8 +18,9 @@
 //! `y[n, o, oy, ox] = Σ_{c, ky, kx} w[o, c, ky, kx] · x[n, c, oy·s − p + ky, ox·s − p + kx]`
 //! (zero outside the image), exactly PyTorch's `conv2d` without bias and dilation 1.
 //!
-//! On dfdx's `Cpu`, steps 1–2 are one parallel kernel with the same arithmetic ([`Im2Col`]);
-//! on other devices (CUDA) they are dfdx's `concat_along` and `gather` ([`im2col_gather`]).
+//! On other devices than the CPU (CUDA), these are dfdx's `concat_along`, `gather` and `matmul`
+//! ([`conv_rows_generic`]). On dfdx's `Cpu`, steps 2–3 are one op with its own backward, the
+//! same arithmetic parallel over images ([`ConvKernel`]).
 //! The gather indices depend only on the geometry and are cached ([`GatherCache`]). The
 //! option-A shortcut of the CIFAR ResNets (keep every `s`-th row and column, zero-pad the
 //! channels on both sides) is a row gather followed by a concatenation with zero columns.
@@ -27,6 +28,7 @@
 use crate::{shape_err, Float, Result, SarDevice};
 use dfdx::prelude::*;
 use dfdx::tensor_ops::Device;
+use num_traits::{One, Zero};
 use std::collections::HashMap;
 
 /// The geometry of one convolution over NHWC rows.
@@ -114,13 +116,15 @@ impl<D: Storage<usize>> std::fmt::Debug for GatherCache<D> {
     }
 }
 
-/// The im2col step of [`conv2d`]: NHWC rows `[N·H·W, Cin]` → patches `[M, K·K·Cin]` (see the
-/// module docs), with its backward on the tape.
-pub trait Im2Col<E: Float>: Device<E> + Default {
-    /// The patches of `x` for `geom`.
-    fn im2col<T: Tape<E, Self>>(
+/// The convolution proper, `Y = im2col(X)·W'` (see the module docs), with its backward on the
+/// tape: `x` NHWC rows `[N·H·W, Cin]`, `kernel` the matrix `W' [K·K·Cin, Cout]`; returns the
+/// output rows `[N·OH·OW, Cout]`. Shapes are checked by [`conv2d`].
+pub trait ConvKernel<E: Float>: Device<E> + Default {
+    /// `im2col(x) · kernel` for `geom`.
+    fn conv_rows<T: Tape<E, Self>>(
         cache: &mut GatherCache<Self>,
         x: crate::Matrix<E, Self, T>,
+        kernel: crate::Matrix<E, Self, T>,
         geom: ConvGeometry,
     ) -> Result<crate::Matrix<E, Self, T>>;
 }
@@ -150,96 +154,181 @@ pub fn im2col_gather<E: Float, D: Device<E> + Default, T: Tape<E, D>>(
     Ok(patches.reshape_like(&(m, k * k * cin)))
 }
 
-/// On the CPU, im2col is one parallel copy per patch row and its backward one parallel
-/// scatter-add per image (the same arithmetic as [`im2col_gather`], tested against it),
-/// recorded on the tape with dfdx's public backward-op API. dfdx's generic gather kernel
-/// computes a multi-dimensional index per element on one thread; at ResNet-32's stage-1
-/// geometry this path takes 40 ms forward and 64 ms backward where the gather took 96 and
-/// 122 ms (`examples/conv_profile.rs`, 2 cores).
-macro_rules! cpu_im2col {
+/// The convolution from dfdx's own ops on any device ([`im2col_gather`], then dfdx's matmul
+/// and their backward ops): what CUDA runs, and the reference the CPU kernel is tested against.
+pub fn conv_rows_generic<E: Float, D: Device<E> + Default, T: Tape<E, D>>(
+    cache: &mut GatherCache<D>,
+    x: crate::Matrix<E, D, T>,
+    kernel: crate::Matrix<E, D, T>,
+    geom: ConvGeometry,
+) -> Result<crate::Matrix<E, D, T>> {
+    Ok(im2col_gather(cache, x, geom)?.matmul(kernel))
+}
+
+/// Images per gradient partial on the CPU: the kernel's gradient is summed per group of
+/// images, then over the groups in order, so the result does not depend on the thread count
+/// or on rayon's scheduling (resumed runs stay bit-identical).
+const CPU_GROUPS: usize = 16;
+
+/// Copies image `b`'s patches (`[OH·OW, K·K·Cin]`, zeros for padding taps) into `patches`.
+fn fill_patches<E: Float>(patches: &mut [E], x: &[E], taps: &[usize], (rows, cin): (usize, usize)) {
+    for (t, &src) in taps.iter().enumerate() {
+        let dst = &mut patches[t * cin..(t + 1) * cin];
+        if src < rows {
+            dst.copy_from_slice(&x[src * cin..(src + 1) * cin]);
+        } else {
+            dst.fill(E::zero());
+        }
+    }
+}
+
+/// On the CPU the convolution is one op with its own backward, parallel over images: per
+/// image, the patches are built in a buffer that stays in cache and multiplied by the kernel
+/// (ndarray's matrixmultiply GEMM). The backward rebuilds each image's patches, adds `Pᵀ·dY`
+/// to its group's kernel gradient and scatter-adds `dY·W'ᵀ` into the image's input gradient.
+/// The patches of the whole batch are never materialised. At ResNet-32's stage-1 geometry
+/// (batch 128, 32×32, 16 → 16 channels) this op takes 22 ms forward and 50 ms backward where
+/// the composition of dfdx ops (as on CUDA) takes 113 and 294 ms (`examples/conv_profile.rs`,
+/// 2 cores).
+macro_rules! cpu_conv {
     ($e:ty) => {
-        impl Im2Col<$e> for Cpu {
-            fn im2col<T: Tape<$e, Self>>(
-                cache: &mut GatherCache<Self>,
-                x: crate::Matrix<$e, Self, T>,
-                geom: ConvGeometry,
-            ) -> Result<crate::Matrix<$e, Self, T>> {
-                use rayon::prelude::*;
-                let (rows, cin) = *x.shape();
-                let (oh, ow) = geom.out_hw()?;
-                let (m, kk) = (geom.n * oh * ow, geom.k * geom.k);
-                let idx = match cache.host.get(&geom) {
-                    Some(i) => i.clone(),
-                    None => {
-                        let i = std::sync::Arc::new(geom.im2col_rows()?);
-                        cache.host.insert(geom, i.clone());
-                        i
-                    }
-                };
-                let (x, mut tape) = x.split_tape();
-                let values = x.as_vec();
-                let width = kk * cin;
-                let mut patches = vec![<$e>::default(); m * width];
-                patches
-                    .par_chunks_mut(width.max(1))
-                    .zip(idx.par_chunks(kk.max(1)))
-                    .for_each(|(out, taps)| {
-                        for (t, &src) in taps.iter().enumerate() {
-                            if src < rows {
-                                out[t * cin..(t + 1) * cin]
-                                    .copy_from_slice(&values[src * cin..(src + 1) * cin]);
-                            }
+impl ConvKernel<$e> for Cpu {
+    fn conv_rows<T: Tape<$e, Self>>(
+        cache: &mut GatherCache<Self>,
+        x: crate::Matrix<$e, Self, T>,
+        kernel: crate::Matrix<$e, Self, T>,
+        geom: ConvGeometry,
+    ) -> Result<crate::Matrix<$e, Self, T>> {
+        type E = $e;
+        use ndarray::linalg::general_mat_mul;
+        use ndarray::{ArrayView2, ArrayViewMut2};
+        use rayon::prelude::*;
+        let (rows, cin) = *x.shape();
+        let (width, cout) = *kernel.shape();
+        let (oh, ow) = geom.out_hw()?;
+        let kk = geom.k * geom.k;
+        if rows != geom.n * geom.h * geom.w || width != kk * cin {
+            return shape_err(format!(
+                "conv: input rows [{rows}, {cin}] and kernel matrix [{width}, {cout}] for {geom:?}"
+            ));
+        }
+        let idx = match cache.host.get(&geom) {
+            Some(i) => i.clone(),
+            None => {
+                let i = std::sync::Arc::new(geom.im2col_rows()?);
+                cache.host.insert(geom, i.clone());
+                i
+            }
+        };
+        let (x, tape_x) = x.split_tape();
+        let (kernel, tape_k) = kernel.split_tape();
+        let mut tape = tape_x.merge(tape_k);
+        let x_host = std::sync::Arc::new(x.as_vec());
+        let k_host = std::sync::Arc::new(kernel.as_vec());
+        let per_out = oh * ow;
+        let m = geom.n * per_out;
+        let mut y = vec![E::zero(); m * cout];
+        if m > 0 && cout > 0 {
+            y.par_chunks_mut(per_out * cout)
+                .zip(idx.par_chunks(per_out * kk))
+                .for_each_init(
+                    || vec![E::zero(); per_out * width],
+                    |patches, (y_b, taps)| {
+                        for (r, row) in patches.chunks_mut(width.max(1)).enumerate() {
+                            fill_patches(row, &x_host, &taps[r * kk..(r + 1) * kk], (rows, cin));
                         }
-                    });
-                let out = x.device().tensor_from_vec(patches, (m, width));
-                let (out_id, x_id) = (out.clone(), x.clone());
-                let per_image_in = geom.h * geom.w * cin;
-                let per_image_out = oh * ow;
-                tape.add_backward_op(move |grads| {
-                    // The patches' gradient is read once, here: take it instead of copying.
-                    let g_out: Vec<$e> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);
-                    let g_in = grads.get_or_alloc_mut(&x_id)?;
-                    // Input rows of image b receive only from output rows of image b.
-                    g_in.par_chunks_mut(per_image_in.max(1))
-                        .enumerate()
-                        .for_each(|(b, g_img)| {
-                            let first = b * per_image_in / cin;
-                            for r in b * per_image_out..(b + 1) * per_image_out {
-                                for t in 0..kk {
-                                    let src = idx[r * kk + t];
-                                    if src < rows {
-                                        let dst = &mut g_img
-                                            [(src - first) * cin..(src - first + 1) * cin];
-                                        let from =
-                                            &g_out[(r * kk + t) * cin..(r * kk + t + 1) * cin];
-                                        for (d, &g) in dst.iter_mut().zip(from) {
-                                            *d += g;
-                                        }
+                        let p = ArrayView2::from_shape((per_out, width), &patches[..]);
+                        let w = ArrayView2::from_shape((width, cout), &k_host[..]);
+                        let y_b = ArrayViewMut2::from_shape((per_out, cout), y_b);
+                        if let (Ok(p), Ok(w), Ok(mut y_b)) = (p, w, y_b) {
+                            general_mat_mul(E::one(), &p, &w, E::zero(), &mut y_b);
+                        }
+                    },
+                );
+        }
+        let out = x.device().tensor_from_vec(y, (m, cout));
+        let (out_id, x_id, k_id) = (out.clone(), x.clone(), kernel.clone());
+        let (per_in, n) = (geom.h * geom.w * cin, geom.n);
+        tape.add_backward_op(move |grads| {
+            // The output's gradient is complete here and read only here: take it, don't copy.
+            let g_out: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);
+            if m == 0 || cout == 0 || width == 0 {
+                return Ok(());
+            }
+            let per_group = n.div_ceil(CPU_GROUPS).max(1);
+            let g_in = grads.get_or_alloc_mut(&x_id)?;
+            let partials: Vec<Vec<E>> = g_in
+                .par_chunks_mut((per_group * per_in).max(1))
+                .zip(g_out.par_chunks(per_group * per_out * cout))
+                .zip(idx.par_chunks(per_group * per_out * kk))
+                .enumerate()
+                .map(|(group, ((g_x, g_y), taps))| {
+                    let mut g_w = vec![E::zero(); width * cout];
+                    let mut patches = vec![E::zero(); per_out * width];
+                    let mut g_patches = vec![E::zero(); per_out * width];
+                    let first = group * per_group * per_in / cin.max(1);
+                    for (g_y_b, taps_b) in g_y.chunks(per_out * cout).zip(taps.chunks(per_out * kk))
+                    {
+                        for (r, row) in patches.chunks_mut(width).enumerate() {
+                            fill_patches(row, &x_host, &taps_b[r * kk..(r + 1) * kk], (rows, cin));
+                        }
+                        let views = (
+                            ArrayView2::from_shape((per_out, width), &patches[..]),
+                            ArrayView2::from_shape((per_out, cout), g_y_b),
+                            ArrayView2::from_shape((width, cout), &k_host[..]),
+                            ArrayViewMut2::from_shape((width, cout), &mut g_w[..]),
+                            ArrayViewMut2::from_shape((per_out, width), &mut g_patches[..]),
+                        );
+                        if let (Ok(p), Ok(g_y), Ok(w), Ok(mut g_w), Ok(mut g_p)) = views {
+                            general_mat_mul(E::one(), &p.t(), &g_y, E::one(), &mut g_w);
+                            general_mat_mul(E::one(), &g_y, &w.t(), E::zero(), &mut g_p);
+                        }
+                        // Input rows of this group receive only from its own output rows.
+                        for (r, g_row) in g_patches.chunks(width).enumerate() {
+                            for (t, &src) in taps_b[r * kk..(r + 1) * kk].iter().enumerate() {
+                                if src < rows {
+                                    let dst =
+                                        &mut g_x[(src - first) * cin..(src - first + 1) * cin];
+                                    for (d, &g) in
+                                        dst.iter_mut().zip(&g_row[t * cin..(t + 1) * cin])
+                                    {
+                                        *d += g;
                                     }
                                 }
                             }
-                        });
-                    Ok(())
-                });
-                Ok(out.put_tape(tape))
+                        }
+                    }
+                    g_w
+                })
+                .collect();
+            let g_k = grads.get_or_alloc_mut(&k_id)?;
+            for part in partials {
+                for (d, p) in g_k.iter_mut().zip(part) {
+                    *d += p;
+                }
             }
-        }
+            Ok(())
+        });
+        Ok(out.put_tape(tape))
+    }
+}
     };
 }
-cpu_im2col!(f32);
-cpu_im2col!(f64);
+cpu_conv!(f32);
+cpu_conv!(f64);
 
 #[cfg(feature = "cuda")]
-impl<E: Float> Im2Col<E> for dfdx::tensor::Cuda
+impl<E: Float> ConvKernel<E> for dfdx::tensor::Cuda
 where
     dfdx::tensor::Cuda: Device<E>,
 {
-    fn im2col<T: Tape<E, Self>>(
+    fn conv_rows<T: Tape<E, Self>>(
         cache: &mut GatherCache<Self>,
         x: crate::Matrix<E, Self, T>,
+        kernel: crate::Matrix<E, Self, T>,
         geom: ConvGeometry,
     ) -> Result<crate::Matrix<E, Self, T>> {
-        im2col_gather(cache, x, geom)
+        conv_rows_generic(cache, x, kernel, geom)
     }
 }
 
@@ -264,12 +353,11 @@ pub fn conv2d<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         ));
     }
     let (oh, ow) = geom.out_hw()?;
-    let patches = D::im2col(cache, x, geom)?;
     let kernel = weight
         .reshape_like(&(out_channels, cin, k, k))
         .permute::<_, Axes4<2, 3, 1, 0>>()
         .reshape_like(&(k * k * cin, out_channels));
-    Ok((patches.matmul(kernel), (oh, ow)))
+    Ok((D::conv_rows(cache, x, kernel, geom)?, (oh, ow)))
 }
 
 /// The option-A shortcut on NHWC rows `[N·H·W, C]`: pixels (y, x) with y, x multiples of

@@ -36,6 +36,7 @@
 
 pub mod conv;
 pub mod nn;
+pub mod norm;
 
 /// The dfdx version this crate is built on, for callers that name its types.
 pub use dfdx;
@@ -84,14 +85,20 @@ pub type ConvOut<E, D, T> = (Matrix<E, D, T>, (usize, usize));
 pub type P2aParts<E, D, T> = (Scalar<E, D, T>, f64, usize);
 
 /// A float type dfdx computes in (f32 or f64).
-pub trait Float: Dtype + num_traits::Float {}
+pub trait Float: Dtype + num_traits::Float + ndarray::LinalgScalar {}
 impl Float for f32 {}
 impl Float for f64 {}
 
 /// A dfdx device that runs every op SAR and the models need, for element type `E`: dfdx's
 /// `Cpu` and (feature `cuda`) `Cuda`.
-pub trait SarDevice<E: Float>: Device<E> + Default + conv::Im2Col<E> {}
-impl<E: Float, D: Device<E> + Default + conv::Im2Col<E>> SarDevice<E> for D {}
+pub trait SarDevice<E: Float>:
+    Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E>
+{
+}
+impl<E: Float, D: Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E>> SarDevice<E>
+    for D
+{
+}
 
 /// A flat dfdx tensor with its runtime shape (row-major), without a tape: a leaf.
 #[derive(Clone)]

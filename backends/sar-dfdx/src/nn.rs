@@ -214,14 +214,9 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
                 gamma.shape().0
             ));
         }
-        let normed = if self.train {
-            // Batch statistics for the running averages, outside the graph.
-            let plain = x.retaped::<NoneTape>();
-            let mean = plain.clone().mean::<(usize,), Axis<0>>();
-            let var = (plain - mean.clone().broadcast_like::<_, Axis<0>>(&(r, c)))
-                .square()
-                .mean::<(usize,), Axis<0>>();
-            let (mean, var) = (mean.as_vec(), var.as_vec());
+        if self.train {
+            let (y, mean, var) = D::batch_norm_train(x, gamma, beta, BN_EPS, relu)?;
+            // The running statistics, outside the graph (unbiased variance, like PyTorch).
             let unbias = if r > 1 {
                 r as f64 / (r as f64 - 1.0)
             } else {
@@ -243,14 +238,13 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
                 .collect();
             self.params.set(&p("running_mean"), new_mean)?;
             self.params.set(&p("running_var"), new_var)?;
-            x.normalize::<Axis<0>>(BN_EPS)
-        } else {
-            let rm = self.params.get(&p("running_mean"))?.clone();
-            let rv = self.params.get(&p("running_var"))?.clone();
-            let inv = (rv + BN_EPS as f32).sqrt().recip();
-            (x - rm.broadcast_like::<_, Axis<0>>(&(r, c)))
-                * inv.broadcast_like::<_, Axis<0>>(&(r, c))
-        };
+            return Ok(y);
+        }
+        let rm = self.params.get(&p("running_mean"))?.clone();
+        let rv = self.params.get(&p("running_var"))?.clone();
+        let inv = (rv + BN_EPS as f32).sqrt().recip();
+        let normed = (x - rm.broadcast_like::<_, Axis<0>>(&(r, c)))
+            * inv.broadcast_like::<_, Axis<0>>(&(r, c));
         let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c))
             + beta.broadcast_like::<_, Axis<0>>(&(r, c));
         Ok(if relu { y.relu() } else { y })

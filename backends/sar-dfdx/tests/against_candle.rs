@@ -368,18 +368,22 @@ fn sar_head_matches_candle() {
     assert_close("semantic anchors", &head_d.buffers()[1].2, &sem_c, 1e-5);
 }
 
-/// The CPU im2col kernel against dfdx's generic gather path (what CUDA runs): patches and the
-/// input gradient are bit-identical, also when the input's gradient has another contribution.
+/// The CPU convolution op against dfdx's generic path (gather + matmul, what CUDA runs), in
+/// f64: outputs, the input gradient (which also has another contribution) and the kernel
+/// gradient agree to rounding. The batches of 17 and 20 images split unevenly into the
+/// kernel's 16 gradient groups.
 #[test]
-fn cpu_im2col_matches_the_generic_gather_path() {
-    use sar_dfdx::conv::{im2col_gather, Im2Col};
+fn cpu_conv_kernel_matches_the_generic_path() {
+    use sar_dfdx::conv::{conv_rows_generic, ConvKernel};
     let dev = Cpu::default();
-    for (case, &(n, c, h, w, k, stride, pad)) in [
-        (2, 3, 7, 5, 3, 1, 1),
-        (1, 4, 8, 8, 3, 2, 1),
-        (2, 2, 9, 6, 3, 2, 0),
-        (3, 5, 4, 4, 1, 1, 0),
-        (2, 3, 5, 5, 5, 1, 2),
+    for (case, &(n, c, h, w, k, stride, pad, cout)) in [
+        (2, 3, 7, 5, 3, 1, 1, 4),
+        (1, 4, 8, 8, 3, 2, 1, 3),
+        (2, 2, 9, 6, 3, 2, 0, 5),
+        (3, 5, 4, 4, 1, 1, 0, 2),
+        (2, 3, 5, 5, 5, 1, 2, 3),
+        (17, 2, 5, 4, 3, 2, 1, 3),
+        (20, 3, 6, 6, 3, 1, 1, 2),
     ]
     .iter()
     .enumerate()
@@ -394,25 +398,187 @@ fn cpu_im2col_matches_the_generic_gather_path() {
         };
         let (oh, ow) = geom.out_hw().unwrap();
         let m = n * oh * ow;
-        let x = dev.tensor_from_vec(normals(400 + case as u64, n * h * w * c), (n * h * w, c));
-        let r = dev.tensor_from_vec(normals(500 + case as u64, m * k * k * c), (m, k * k * c));
-        let s = dev.tensor_from_vec(normals(600 + case as u64, n * h * w * c), (n * h * w, c));
+        let f64s = |seed: u64, len: usize| -> Vec<f64> {
+            normals(seed, len).into_iter().map(f64::from).collect()
+        };
+        let x = dev.tensor_from_vec(f64s(400 + case as u64, n * h * w * c), (n * h * w, c));
+        let kmat =
+            dev.tensor_from_vec(f64s(450 + case as u64, k * k * c * cout), (k * k * c, cout));
+        let r = dev.tensor_from_vec(f64s(500 + case as u64, m * cout), (m, cout));
+        let s = dev.tensor_from_vec(f64s(600 + case as u64, n * h * w * c), (n * h * w, c));
         let run = |generic: bool| {
             let mut cache = GatherCache::default();
             let t = x.leaky_trace();
-            let other = (t.retaped::<OwnedTape<f32, Cpu>>() * s.clone()).sum::<Rank0, _>();
-            let p = if generic {
-                im2col_gather(&mut cache, t, geom).unwrap()
+            let other = (t.retaped::<OwnedTape<f64, Cpu>>() * s.clone()).sum::<Rank0, _>();
+            let kt = kmat.retaped::<OwnedTape<f64, Cpu>>();
+            let y = if generic {
+                conv_rows_generic(&mut cache, t, kt, geom).unwrap()
             } else {
-                <Cpu as Im2Col<f32>>::im2col(&mut cache, t, geom).unwrap()
+                <Cpu as ConvKernel<f64>>::conv_rows(&mut cache, t, kt, geom).unwrap()
             };
-            let values = p.as_vec();
-            let g = ((p * r.clone()).sum::<Rank0, _>() + other).backward();
-            (values, g.get(&x).as_vec())
+            let values = y.as_vec();
+            let g = ((y * r.clone()).sum::<Rank0, _>() + other).backward();
+            (values, g.get(&x).as_vec(), g.get(&kmat).as_vec())
         };
-        let (pg, gg) = run(true);
-        let (pc, gc) = run(false);
-        assert_eq!(pg, pc, "case {case}: patches");
-        assert_eq!(gg, gc, "case {case}: input gradient");
+        let (yg, gxg, gkg) = run(true);
+        let (yc, gxc, gkc) = run(false);
+        for (what, got, want) in [
+            ("output", &yc, &yg),
+            ("dL/dx", &gxc, &gxg),
+            ("dL/dW'", &gkc, &gkg),
+        ] {
+            assert_eq!(got.len(), want.len(), "case {case}: {what} length");
+            let scale = 1.0 + want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-12 * scale,
+                    "case {case}: {what}[{i}]: CPU op {g}, generic {w}"
+                );
+            }
+        }
     }
+}
+
+/// The CPU convolution op is deterministic: the same inputs give bit-identical outputs and
+/// gradients on a 1-thread and a 2-thread pool (resumed runs rely on it).
+#[test]
+fn cpu_conv_kernel_does_not_depend_on_the_thread_count() {
+    let geom = ConvGeometry {
+        n: 33,
+        h: 6,
+        w: 6,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let (c, cout) = (4, 5);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let dev = Cpu::default();
+            let x = dev.tensor_from_vec(normals(1, 33 * 36 * c), (33 * 36, c));
+            let wt = dev.tensor_from_vec(normals(2, cout * c * 9), (cout * c * 9,));
+            let r = dev.tensor_from_vec(normals(3, 33 * 36 * cout), (33 * 36, cout));
+            let mut cache = GatherCache::default();
+            let (y, _) = conv2d(&mut cache, x.leaky_trace(), wt.retaped(), geom, cout).unwrap();
+            let values = y.as_vec();
+            let g = (y * r).sum::<Rank0, _>().backward();
+            (values, g.get(&x).as_vec(), g.get(&wt).as_vec())
+        })
+    };
+    assert_eq!(run(1), run(2));
+}
+
+/// The CPU BatchNorm op against dfdx's generic composition, in f64, with and without ReLU:
+/// output, batch statistics and the gradients of x (which has another contribution), γ and β
+/// agree to rounding. 70 rows split unevenly into the op's blocks.
+#[test]
+fn cpu_batch_norm_matches_the_generic_path() {
+    use sar_dfdx::norm::{batch_norm_train_generic, BatchNormKernel};
+    let dev = Cpu::default();
+    let f64s = |seed: u64, len: usize| -> Vec<f64> {
+        normals(seed, len).into_iter().map(f64::from).collect()
+    };
+    for (case, &(r, c, relu)) in [(70, 3, false), (70, 3, true), (1, 4, true), (5, 1, false)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 700 + 10 * case as u64;
+        // Shifted and scaled inputs: the statistics are not the trivial ones.
+        let xv: Vec<f64> = f64s(seed, r * c).iter().map(|v| 3.0 * v + 1.5).collect();
+        let x = dev.tensor_from_vec(xv, (r, c));
+        let gamma = dev.tensor_from_vec(f64s(seed + 1, c), (c,));
+        let beta = dev.tensor_from_vec(f64s(seed + 2, c), (c,));
+        let weights = dev.tensor_from_vec(f64s(seed + 3, r * c), (r, c));
+        let s = dev.tensor_from_vec(f64s(seed + 4, r * c), (r, c));
+        let run = |generic: bool| {
+            let t = x.leaky_trace();
+            let other = (t.retaped::<OwnedTape<f64, Cpu>>() * s.clone()).sum::<Rank0, _>();
+            let (g, b) = (gamma.retaped(), beta.retaped());
+            let (y, mean, var) = if generic {
+                batch_norm_train_generic(t, g, b, 1e-5, relu).unwrap()
+            } else {
+                <Cpu as BatchNormKernel<f64>>::batch_norm_train(t, g, b, 1e-5, relu).unwrap()
+            };
+            let values = y.as_vec();
+            let grads = ((y * weights.clone()).sum::<Rank0, _>() + other).backward();
+            [
+                values,
+                mean,
+                var,
+                grads.get(&x).as_vec(),
+                grads.get(&gamma).as_vec(),
+                grads.get(&beta).as_vec(),
+            ]
+        };
+        let (want, got) = (run(true), run(false));
+        for (what, (g, w)) in ["y", "mean", "var", "dL/dx", "dL/dγ", "dL/dβ"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert_eq!(g.len(), w.len(), "case {case}: {what} length");
+            let scale = 1.0 + w.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-11 * scale,
+                    "case {case}: {what}[{i}]: CPU op {a}, generic {b}"
+                );
+            }
+        }
+    }
+}
+
+/// The CPU BatchNorm op: bit-identical on 1 and 2 threads, a NaN input reaches the output
+/// through the ReLU (the trainer's NaN check must see it), and a channel-count mismatch is an
+/// error.
+#[test]
+fn cpu_batch_norm_is_deterministic_keeps_nan_and_checks_shapes() {
+    use sar_dfdx::norm::BatchNormKernel;
+    let (r, c) = (301, 5);
+    let run = |threads: usize, poison: bool| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let dev = Cpu::default();
+            let mut xv = normals(11, r * c);
+            if poison {
+                xv[7] = f32::NAN;
+            }
+            let x = dev.tensor_from_vec(xv, (r, c));
+            let gamma = dev.tensor_from_vec(normals(12, c), (c,));
+            let beta = dev.tensor_from_vec(normals(13, c), (c,));
+            let w = dev.tensor_from_vec(normals(14, r * c), (r, c));
+            let (y, _, _) = <Cpu as BatchNormKernel<f32>>::batch_norm_train(
+                x.leaky_trace(),
+                gamma.retaped(),
+                beta.retaped(),
+                1e-5,
+                true,
+            )
+            .unwrap();
+            let values = y.as_vec();
+            let g = (y * w).sum::<Rank0, _>().backward();
+            (values, g.get(&x).as_vec(), g.get(&gamma).as_vec())
+        })
+    };
+    let one = run(1, false);
+    assert_eq!(one, run(2, false));
+    let (poisoned, _, _) = run(2, true);
+    // Channel 7 % 5 = 2 has a NaN mean: its whole column is NaN, the others are untouched.
+    assert!((0..r).all(|i| poisoned[i * c + 2].is_nan()));
+    assert!(poisoned
+        .iter()
+        .enumerate()
+        .all(|(i, v)| i % c == 2 || v.to_bits() == one.0[i].to_bits()));
+    let dev = Cpu::default();
+    let x = dev.tensor_from_vec(vec![0f32; 12], (4, 3));
+    let short = dev.tensor_from_vec(vec![1f32; 2], (2,));
+    let err = <Cpu as BatchNormKernel<f32>>::batch_norm_train(x, short.clone(), short, 1e-5, false)
+        .unwrap_err();
+    assert!(err.to_string().contains("[4, 3]"), "{err}");
 }

@@ -13,6 +13,15 @@ fn normals(seed: u64, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.next_normal() as f32).collect()
 }
 
+/// `f` run on a rayon pool of `threads` threads (dfdx's CPU ops and ours use the current pool).
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 /// |a − b| ≤ tol·(1 + max|b|) everywhere: the f32 error of sums grows with their scale.
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -453,11 +462,7 @@ fn cpu_conv_kernel_does_not_depend_on_the_thread_count() {
     };
     let (c, cout) = (4, 5);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let dev = Cpu::default();
             let x = dev.tensor_from_vec(normals(1, 33 * 36 * c), (33 * 36, c));
             let wt = dev.tensor_from_vec(normals(2, cout * c * 9), (cout * c * 9,));
@@ -539,11 +544,7 @@ fn cpu_batch_norm_is_deterministic_keeps_nan_and_checks_shapes() {
     use sar_dfdx::norm::BatchNormKernel;
     let (r, c) = (301, 5);
     let run = |threads: usize, poison: bool| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let dev = Cpu::default();
             let mut xv = normals(11, r * c);
             if poison {

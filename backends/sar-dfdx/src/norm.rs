@@ -68,8 +68,10 @@ fn check(r: usize, c: usize, gamma: usize, beta: usize) -> Result<()> {
             "batch norm: input [{r}, {c}] with {gamma} scales and {beta} shifts"
         ));
     }
-    if r == 0 {
-        return shape_err("batch norm: an empty batch has no statistics".to_string());
+    if r == 0 || c == 0 {
+        return shape_err(format!(
+            "batch norm: input [{r}, {c}] is empty (no rows to take statistics over, or no channels)"
+        ));
     }
     Ok(())
 }

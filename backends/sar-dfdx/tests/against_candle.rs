@@ -582,4 +582,11 @@ fn cpu_batch_norm_is_deterministic_keeps_nan_and_checks_shapes() {
     let err = <Cpu as BatchNormKernel<f32>>::batch_norm_train(x, short.clone(), short, 1e-5, false)
         .unwrap_err();
     assert!(err.to_string().contains("[4, 3]"), "{err}");
+    for (rows, channels) in [(0, 3), (4, 0)] {
+        let x = dev.tensor_from_vec(vec![0f32; rows * channels], (rows, channels));
+        let p = dev.tensor_from_vec(vec![1f32; channels], (channels,));
+        let err = <Cpu as BatchNormKernel<f32>>::batch_norm_train(x, p.clone(), p, 1e-5, true)
+            .unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
 }

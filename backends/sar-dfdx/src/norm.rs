@@ -13,7 +13,7 @@
 //! [`BatchNormKernel::batch_norm_train`] also returns μ and σ² (host) for the running
 //! statistics, which the caller updates outside the graph ([`crate::nn`]).
 //!
-//! On dfdx's `Cpu` this is one op ([`BatchNormKernel for Cpu`](BatchNormKernel)): two passes for
+//! On dfdx's `Cpu` this is one op ([`BatchNormKernel`]'s CPU implementation): two passes for
 //! the statistics and one for the output, each parallel over fixed blocks of rows, with the
 //! per-channel sums accumulated in f64 per block and the blocks added in order (the result does
 //! not depend on the thread count). Composed from dfdx's ops (what other devices run,
@@ -23,7 +23,6 @@
 use crate::{shape_err, Flat, Float, Matrix, Result};
 use dfdx::prelude::*;
 use dfdx::tensor_ops::Device;
-use num_traits::Zero;
 
 /// Training-mode BatchNorm with its backward on the tape (see the module docs).
 pub trait BatchNormKernel<E: Float>: Device<E> + Default {
@@ -109,124 +108,171 @@ fn channel_sums<E: Float + Send + Sync>(
     total
 }
 
-macro_rules! cpu_batch_norm {
-    ($e:ty) => {
-        impl BatchNormKernel<$e> for Cpu {
-            fn batch_norm_train<T: Tape<$e, Self>>(
-                x: Matrix<$e, Self, T>,
-                gamma: Flat<$e, Self, T>,
-                beta: Flat<$e, Self, T>,
-                eps: f64,
-                relu: bool,
-            ) -> Result<(Matrix<$e, Self, T>, Vec<$e>, Vec<$e>)> {
-                use rayon::prelude::*;
-                type E = $e;
-                let (r, c) = *x.shape();
-                check(r, c, gamma.shape().0, beta.shape().0)?;
-                let (x, tape) = x.split_tape();
-                let (gamma, tape_g) = gamma.split_tape();
-                let (beta, tape_b) = beta.split_tape();
-                let mut tape = tape.merge(tape_g).merge(tape_b);
-                let xs = std::sync::Arc::new(x.as_vec());
-                let (g_host, b_host) = (gamma.as_vec(), beta.as_vec());
-                let rows_per_block = r.div_ceil(CPU_BLOCKS).max(1);
-                let sums = channel_sums(&xs, c, c, rows_per_block, |_, row, acc| {
-                    for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v as f64;
-                    }
-                });
-                let mean: Vec<f64> = sums.iter().map(|s| s / r as f64).collect();
-                let sq = channel_sums(&xs, c, c, rows_per_block, |_, row, acc| {
-                    for ((a, &v), m) in acc.iter_mut().zip(row).zip(&mean) {
-                        let d = v as f64 - m;
-                        *a += d * d;
-                    }
-                });
-                let var: Vec<f64> = sq.iter().map(|s| s / r as f64).collect();
-                let inv: std::sync::Arc<Vec<E>> =
-                    std::sync::Arc::new(var.iter().map(|v| (1.0 / (v + eps).sqrt()) as E).collect());
-                let mean_e: std::sync::Arc<Vec<E>> =
-                    std::sync::Arc::new(mean.iter().map(|&m| m as E).collect());
-                let mut y = vec![E::zero(); r * c];
-                y.par_chunks_mut(rows_per_block * c)
-                    .zip(xs.par_chunks(rows_per_block * c))
-                    .for_each(|(y_block, x_block)| {
-                        for (y_row, x_row) in y_block.chunks_mut(c).zip(x_block.chunks(c)) {
-                            for ch in 0..c {
-                                let z = (x_row[ch] - mean_e[ch]) * inv[ch] * g_host[ch] + b_host[ch];
-                                // `z < 0`, not `!(z > 0)`: a NaN must reach the loss, which the trainer checks.
-                                y_row[ch] = if relu && z < 0.0 { 0.0 } else { z };
-                            }
-                        }
-                    });
-                let out = x.device().tensor_from_vec(y, (r, c));
-                let (out_id, x_id, g_id, b_id) =
-                    (out.clone(), x.clone(), gamma.clone(), beta.clone());
-                let (g_host, b_host) = (std::sync::Arc::new(g_host), std::sync::Arc::new(b_host));
-                let (mean_b, inv_b) = (mean_e.clone(), inv.clone());
-                tape.add_backward_op(move |grads| {
-                    // The output's gradient is complete here and read only here: take it.
-                    let dz: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);
-                    let x_hat = |row: &[E], ch: usize| (row[ch] - mean_b[ch]) * inv_b[ch];
-                    // dz = dy, or dy·[z > 0] with ReLU (z recomputed, as in the forward pass).
-                    let masked = |x_row: &[E], ch: usize, d: E| {
-                        // ReLU's derivative is 1 where z > 0, else 0 (NaN included).
-                        let z = x_hat(x_row, ch) * g_host[ch] + b_host[ch];
-                        if !relu || z > 0.0 {
-                            d
-                        } else {
-                            0.0
-                        }
-                    };
-                    // ∂β and ∂γ in one pass: acc = [Σ dz | Σ dz·x̂].
-                    let sums = channel_sums(&dz, c, 2 * c, rows_per_block, |i, row, acc| {
-                        let x_row = &xs[i * c..(i + 1) * c];
-                        for ch in 0..c {
-                            let d = masked(x_row, ch, row[ch]);
-                            acc[ch] += d as f64;
-                            acc[c + ch] += d as f64 * x_hat(x_row, ch) as f64;
-                        }
-                    });
-                    let (d_beta, d_gamma) = sums.split_at(c);
-                    let rf = r as E;
-                    let scale: Vec<E> = (0..c).map(|ch| g_host[ch] * inv_b[ch] / rf).collect();
-                    let (db, dg): (Vec<E>, Vec<E>) = (
-                        d_beta.iter().map(|&v| v as E).collect(),
-                        d_gamma.iter().map(|&v| v as E).collect(),
-                    );
-                    let g_x = grads.get_or_alloc_mut(&x_id)?;
-                    g_x.par_chunks_mut(rows_per_block * c)
-                        .zip(dz.par_chunks(rows_per_block * c))
-                        .zip(xs.par_chunks(rows_per_block * c))
-                        .for_each(|((gx_block, d_block), x_block)| {
-                            for ((gx_row, d_row), x_row) in gx_block
-                                .chunks_mut(c)
-                                .zip(d_block.chunks(c))
-                                .zip(x_block.chunks(c))
-                            {
-                                for ch in 0..c {
-                                    gx_row[ch] += scale[ch]
-                                        * (rf * masked(x_row, ch, d_row[ch]) - db[ch] - x_hat(x_row, ch) * dg[ch]);
-                                }
-                            }
-                        });
-                    for (d, v) in grads.get_or_alloc_mut(&g_id)?.iter_mut().zip(&dg) {
-                        *d += *v;
-                    }
-                    for (d, v) in grads.get_or_alloc_mut(&b_id)?.iter_mut().zip(&db) {
-                        *d += *v;
-                    }
-                    Ok(())
-                });
-                let mean_out = mean_e.to_vec();
-                let var_out = var.iter().map(|&v| v as E).collect();
-                Ok((out.put_tape(tape), mean_out, var_out))
-            }
-        }
-    };
+/// What the CPU op keeps for its backward: the input and the per-channel constants.
+struct CpuBatchNorm<E> {
+    x: Vec<E>,
+    mean: Vec<E>,
+    inv_std: Vec<E>,
+    gamma: Vec<E>,
+    beta: Vec<E>,
+    relu: bool,
+    channels: usize,
+    rows_per_block: usize,
 }
-cpu_batch_norm!(f32);
-cpu_batch_norm!(f64);
+
+impl<E: Float> CpuBatchNorm<E> {
+    /// x̂ and z = γ·x̂ + β of channel `ch` in `row`.
+    fn normed(&self, row: &[E], ch: usize) -> (E, E) {
+        let x_hat = (row[ch] - self.mean[ch]) * self.inv_std[ch];
+        (x_hat, x_hat * self.gamma[ch] + self.beta[ch])
+    }
+
+    /// y = z, or max(z, 0) with ReLU. `z < 0` rather than `!(z > 0)`: a NaN must reach the
+    /// loss, which the trainer checks.
+    fn forward(&self) -> Vec<E> {
+        use rayon::prelude::*;
+        let (c, block) = (self.channels, self.rows_per_block * self.channels);
+        let mut y = vec![E::zero(); self.x.len()];
+        y.par_chunks_mut(block)
+            .zip(self.x.par_chunks(block))
+            .for_each(|(y_block, x_block)| {
+                for (y_row, x_row) in y_block.chunks_mut(c).zip(x_block.chunks(c)) {
+                    for (ch, y) in y_row.iter_mut().enumerate() {
+                        let (_, z) = self.normed(x_row, ch);
+                        *y = if self.relu && z < E::zero() {
+                            E::zero()
+                        } else {
+                            z
+                        };
+                    }
+                }
+            });
+        y
+    }
+
+    /// dz = dy, or dy·[z > 0] with ReLU (its derivative is 0 at a NaN too).
+    fn dz(&self, z: E, dy: E) -> E {
+        if !self.relu || z > E::zero() {
+            dy
+        } else {
+            E::zero()
+        }
+    }
+
+    /// Adds ∂x into `g_x`; returns (∂γ, ∂β).
+    fn backward(&self, dy: &[E], g_x: &mut [E]) -> (Vec<E>, Vec<E>) {
+        use rayon::prelude::*;
+        let (c, block) = (self.channels, self.rows_per_block * self.channels);
+        // ∂β and ∂γ in one pass: acc = [Σ dz | Σ dz·x̂].
+        let sums = channel_sums(dy, c, 2 * c, self.rows_per_block, |i, dy_row, acc| {
+            let x_row = &self.x[i * c..(i + 1) * c];
+            for ch in 0..c {
+                let (x_hat, z) = self.normed(x_row, ch);
+                let d = to_f64(self.dz(z, dy_row[ch]));
+                acc[ch] += d;
+                acc[c + ch] += d * to_f64(x_hat);
+            }
+        });
+        let d_beta: Vec<E> = sums[..c].iter().map(|&v| from_f64(v)).collect();
+        let d_gamma: Vec<E> = sums[c..].iter().map(|&v| from_f64(v)).collect();
+        let rows: E = from_f64((self.x.len() / c) as f64);
+        let scale: Vec<E> = (0..c)
+            .map(|ch| self.gamma[ch] * self.inv_std[ch] / rows)
+            .collect();
+        g_x.par_chunks_mut(block)
+            .zip(dy.par_chunks(block))
+            .zip(self.x.par_chunks(block))
+            .for_each(|((gx_block, dy_block), x_block)| {
+                for ((gx_row, dy_row), x_row) in gx_block
+                    .chunks_mut(c)
+                    .zip(dy_block.chunks(c))
+                    .zip(x_block.chunks(c))
+                {
+                    for ch in 0..c {
+                        let (x_hat, z) = self.normed(x_row, ch);
+                        let dz = self.dz(z, dy_row[ch]);
+                        gx_row[ch] += scale[ch] * (rows * dz - d_beta[ch] - x_hat * d_gamma[ch]);
+                    }
+                }
+            });
+        (d_gamma, d_beta)
+    }
+}
+
+fn to_f64<E: Float>(v: E) -> f64 {
+    v.to_f64().unwrap_or(f64::NAN)
+}
+
+fn from_f64<E: Float>(v: f64) -> E {
+    E::from(v).unwrap_or_else(E::nan)
+}
+
+/// On the CPU: two statistics passes and one output pass, each parallel over fixed blocks of
+/// rows; the backward makes one pass for ∂β and ∂γ and one for ∂x (see the module docs).
+impl<E: Float> BatchNormKernel<E> for Cpu
+where
+    Cpu: Device<E>,
+    <Cpu as Storage<E>>::Vec: std::ops::DerefMut<Target = Vec<E>>,
+{
+    fn batch_norm_train<T: Tape<E, Self>>(
+        x: Matrix<E, Self, T>,
+        gamma: Flat<E, Self, T>,
+        beta: Flat<E, Self, T>,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Matrix<E, Self, T>, Vec<E>, Vec<E>)> {
+        let (r, c) = *x.shape();
+        check(r, c, gamma.shape().0, beta.shape().0)?;
+        let (x, tape) = x.split_tape();
+        let (gamma, tape_g) = gamma.split_tape();
+        let (beta, tape_b) = beta.split_tape();
+        let mut tape = tape.merge(tape_g).merge(tape_b);
+        let values = x.as_vec();
+        let rows_per_block = r.div_ceil(CPU_BLOCKS).max(1);
+        let sums = channel_sums(&values, c, c, rows_per_block, |_, row, acc| {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += to_f64(v);
+            }
+        });
+        let mean: Vec<f64> = sums.iter().map(|s| s / r as f64).collect();
+        let squares = channel_sums(&values, c, c, rows_per_block, |_, row, acc| {
+            for ((a, &v), m) in acc.iter_mut().zip(row).zip(&mean) {
+                let d = to_f64(v) - m;
+                *a += d * d;
+            }
+        });
+        let var: Vec<E> = squares.iter().map(|s| from_f64(s / r as f64)).collect();
+        let op = CpuBatchNorm {
+            x: values,
+            mean: mean.iter().map(|&m| from_f64(m)).collect(),
+            inv_std: squares
+                .iter()
+                .map(|s| from_f64(1.0 / (s / r as f64 + eps).sqrt()))
+                .collect(),
+            gamma: gamma.as_vec(),
+            beta: beta.as_vec(),
+            relu,
+            channels: c,
+            rows_per_block,
+        };
+        let out = x.device().tensor_from_vec(op.forward(), (r, c));
+        let batch_mean = op.mean.clone();
+        let (out_id, x_id, g_id, b_id) = (out.clone(), x.clone(), gamma.clone(), beta.clone());
+        tape.add_backward_op(move |grads| {
+            // The output's gradient is complete here and read only here: take it.
+            let dy: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);
+            let (d_gamma, d_beta) = op.backward(&dy, grads.get_or_alloc_mut(&x_id)?);
+            for (d, v) in grads.get_or_alloc_mut(&g_id)?.iter_mut().zip(d_gamma) {
+                *d += v;
+            }
+            for (d, v) in grads.get_or_alloc_mut(&b_id)?.iter_mut().zip(d_beta) {
+                *d += v;
+            }
+            Ok(())
+        });
+        Ok((out.put_tape(tape), batch_mean, var))
+    }
+}
 
 #[cfg(feature = "cuda")]
 impl<E: Float> BatchNormKernel<E> for dfdx::tensor::Cuda

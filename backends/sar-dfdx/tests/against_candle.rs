@@ -144,9 +144,16 @@ fn conv_rejects_bad_geometry_without_panicking() {
         pad: 1,
     };
     assert!(
-        conv2d(&mut cache, x, w, geom, 2).is_err(),
+        conv2d(&mut cache, x.clone(), w, geom, 2).is_err(),
         "weight size for 2 outputs is 36"
     );
+    // The kernel matrix must have K·K·Cin = 18 rows, on both paths.
+    use sar_dfdx::conv::{conv_rows_generic, ConvKernel};
+    let kernel: sar_dfdx::nn::Rows<Cpu, NoneTape> = dev.zeros_like(&(17, 3));
+    let err = conv_rows_generic(&mut cache, x.clone(), kernel.clone(), geom).unwrap_err();
+    assert!(err.to_string().contains("[17, 3]"), "{err}");
+    let err = <Cpu as ConvKernel<f32>>::conv_rows(&mut cache, x, kernel, geom).unwrap_err();
+    assert!(err.to_string().contains("[17, 3]"), "{err}");
 }
 
 /// Every variable of a candle varmap as dfdx parameters.

@@ -65,6 +65,14 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// Options that resume from the newest checkpoint of the run folder `dir`.
+fn resuming(dir: &Path) -> TrainOptions {
+    TrainOptions {
+        resume: Some(dir.to_path_buf()),
+        ..TrainOptions::default()
+    }
+}
+
 #[test]
 fn dfdx_trains_like_candle_and_their_checkpoints_are_interchangeable() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -137,11 +145,7 @@ fn dfdx_trains_like_candle_and_their_checkpoints_are_interchangeable() {
         ],
     );
     train(&cut, &TrainOptions::default()).unwrap();
-    let resume = TrainOptions {
-        resume: Some(c.path().to_path_buf()),
-        ..TrainOptions::default()
-    };
-    let rest = train(&config(c.path(), &["train.epochs=6"]), &resume).unwrap();
+    let rest = train(&config(c.path(), &["train.epochs=6"]), &resuming(c.path())).unwrap();
     assert_eq!(rest.steps, dfdx.steps);
     assert_eq!(rest.gate_first_pass, dfdx.gate_first_pass);
     let tr = rest.eval.classification().unwrap().top1;
@@ -160,11 +164,7 @@ fn dfdx_resume_is_bit_identical_with_and_without_mixup() {
         )
         .unwrap();
         assert_eq!(part.steps, 7);
-        let resume = TrainOptions {
-            resume: Some(b.path().to_path_buf()),
-            ..TrainOptions::default()
-        };
-        let rest = train(&config(b.path(), &[&mix]), &resume).unwrap();
+        let rest = train(&config(b.path(), &[&mix]), &resuming(b.path())).unwrap();
         assert_eq!(rest.steps, full.steps);
         let last = |p: &Path| checkpoint::latest(&p.join("checkpoints")).unwrap().unwrap();
         let (ta, tb) = (tensors(&last(a.path())), tensors(&last(b.path())));

@@ -274,7 +274,7 @@ pub fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<Runner> {
         "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
     );
     let cfg = crate::config::parse(&text, &[])?;
-    let setup = crate::train::build(&cfg, 3, 100)?;
+    let setup = crate::cls::build(&cfg, 3, 100)?;
     let mut rng = AnchorRng::new(11);
     let x: Vec<f32> = (0..batch * 3 * 32 * 32)
         .map(|_| rng.next_normal() as f32)
@@ -284,7 +284,7 @@ pub fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<Runner> {
     let y = Tensor::from_vec(y, batch, &Device::Cpu)?;
     let vars = setup.varmap.all_vars();
     let mut opt = crate::optim::Sgd::new(vars, 0.1, 0.9, 5e-4, false);
-    let crate::train::Setup {
+    let crate::cls::Setup {
         model, mut head, ..
     } = setup;
     Ok(Box::new(move || {
@@ -307,7 +307,7 @@ pub fn sar_head_runner() -> anyhow::Result<Runner> {
         "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n",
         &[],
     )?;
-    let setup = crate::train::build(&cfg, 3, 100)?;
+    let setup = crate::cls::build(&cfg, 3, 100)?;
     let mut head = setup.head.ok_or_else(|| anyhow::anyhow!("SAR is off"))?;
     let model = setup.model;
     let mut rng = AnchorRng::new(12);
@@ -504,8 +504,8 @@ pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
         [
             resnet32_runner(false, 128)?,
             resnet32_runner(true, 128)?,
-            crate::dfdx_task::resnet32_runner(false, 128)?,
-            crate::dfdx_task::resnet32_runner(true, 128)?,
+            crate::trainees::dfdx::resnet32_runner(false, 128)?,
+            crate::trainees::dfdx::resnet32_runner(true, 128)?,
         ],
         [
             "ResNet-32 b128 step",

@@ -27,7 +27,9 @@
 //! seeds) and `loss_baseline_vs_sar.png` (first seed).
 
 use crate::config::{parse, TrainConfig};
-use crate::train::{loss_series, train, RunReport, TaskEvaluation, TrainOptions};
+use crate::evaluation::TaskEvaluation;
+use crate::run::{loss_series, RunReport};
+use crate::train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
 
 /// Which task the demo trains.
@@ -213,7 +215,7 @@ pub fn run_demo(
             if test_images == 0 {
                 (test_images, class_names) = match cfg.task {
                     DemoTask::Cls => (
-                        crate::train::load_data(&rc)?.test.len(),
+                        crate::cls::load_data(&rc)?.test.len(),
                         (0..10).map(|d| format!("digit {d}")).collect(),
                     ),
                     DemoTask::Seg => {
@@ -329,7 +331,7 @@ pub fn summary(report: &DemoReport) -> String {
             .map(|r| &r.report)
     };
     let col = |sar: bool, f: fn(&RunReport) -> f64| arm(sar).map(f).collect::<Vec<_>>();
-    fn cls(r: &RunReport) -> Option<&crate::train::Evaluation> {
+    fn cls(r: &RunReport) -> Option<&crate::evaluation::Evaluation> {
         r.eval.classification().ok()
     }
     fn seg(r: &RunReport) -> Option<&crate::seg::SegEvaluation> {

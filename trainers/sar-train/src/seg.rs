@@ -1,4 +1,4 @@
-//! The segmentation half of the trainer (one loop, two tasks: see [`crate::train`]).
+//! The segmentation half of the trainer (one loop, two tasks: see [`crate::run`]).
 //!
 //! One step: decode and augment the batch in parallel (mmsegmentation's pipeline,
 //! [`sar_data::seg_augment`]; sample j of batch b in epoch e draws from the generator
@@ -21,7 +21,10 @@
 //! `eval.groups` says).
 
 use crate::config::{DatasetKind, InferenceMode, TrainConfig};
-use crate::train::{finish_step, RunReport, StepCtx, StepOutcome, Task, TaskEvaluation};
+pub use crate::evaluation::SegEvaluation;
+use crate::evaluation::{metrics_from_confusion, TaskEvaluation};
+use crate::run::{RunReport, StepCtx};
+use crate::trainees::candle::{finish_step, StepOutcome, Task};
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -29,40 +32,9 @@ use rayon::prelude::*;
 use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
 use sar_data::seg::{self, SegDataset, SegSample, IGNORE};
 use sar_data::seg_augment::{self, SegAugment};
-use sar_math::metrics::{
-    confusion_update, group_means, nan_mean, overall_accuracy, per_class_accuracy, per_class_iou,
-    Group,
-};
+use sar_math::metrics::{confusion_update, Group};
 use sar_models::resize::resize_bilinear;
 use sar_models::seg::{SegSpec, Segmenter};
-use serde::Serialize;
-
-/// Segmentation metrics on a test set (fractions, not percentages).
-#[derive(Debug, Clone, Serialize)]
-pub struct SegEvaluation {
-    /// Mean IoU over classes present in truth or prediction.
-    pub miou: f64,
-    /// Pixel accuracy over all labelled pixels.
-    pub aacc: f64,
-    /// Mean per-class pixel accuracy.
-    pub macc: f64,
-    /// Mean IoU of the head classes (most training pixels).
-    pub mhead: f64,
-    /// Mean IoU of the body classes.
-    pub mbody: f64,
-    /// Mean IoU of the tail classes (fewest training pixels).
-    pub mtail: f64,
-    /// IoU per class (NaN: absent from truth and prediction).
-    pub per_class_iou: Vec<f64>,
-    /// Pixel accuracy per class.
-    pub per_class_accuracy: Vec<f64>,
-    /// Group of each class ("head", "body", "tail").
-    pub groups: Vec<String>,
-    /// Class names.
-    pub class_names: Vec<String>,
-    /// Labelled test pixels.
-    pub pixels: u64,
-}
 
 /// Training and test sets of a segmentation config.
 pub struct SegData {
@@ -139,7 +111,7 @@ pub struct SegSetup {
 
 /// Builds network and head for `classes` classes.
 pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> {
-    let device = crate::train::device(cfg.run.device)?;
+    let device = crate::trainees::candle::device(cfg.run.device)?;
     let varmap = VarMap::new();
     let spec = SegSpec {
         backbone: cfg
@@ -231,7 +203,7 @@ impl SegTask {
     pub fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
         let data = load_seg_data(cfg)?;
         let counts = data.train.class_pixel_counts()?;
-        let groups = crate::train::class_groups(cfg, &counts)?;
+        let groups = crate::evaluation::class_groups(cfg, &counts)?;
         let setup = build_seg(cfg, data.train.classes())?;
         Ok(SegTask {
             cfg: cfg.clone(),
@@ -401,41 +373,6 @@ pub fn evaluate_seg(
         confusion_update(&mut confusion, k, &s.label, &pred, IGNORE as i64)?;
     }
     metrics_from_confusion(&confusion, groups, &set.class_names)
-}
-
-/// IoU, accuracies and group means of a `[K, K]` confusion matrix.
-pub fn metrics_from_confusion(
-    confusion: &[u64],
-    groups: &[Group],
-    names: &[String],
-) -> anyhow::Result<SegEvaluation> {
-    let k = names.len();
-    let mut iou = vec![0.0; k];
-    per_class_iou(confusion, k, &mut iou)?;
-    let mut acc = vec![0.0; k];
-    per_class_accuracy(confusion, k, &mut acc)?;
-    let g = group_means(&iou, groups)?;
-    Ok(SegEvaluation {
-        miou: nan_mean(&iou),
-        aacc: overall_accuracy(confusion, k)?,
-        macc: nan_mean(&acc),
-        mhead: g.head,
-        mbody: g.medium,
-        mtail: g.tail,
-        per_class_iou: iou,
-        per_class_accuracy: acc,
-        groups: groups
-            .iter()
-            .map(|g| match g {
-                Group::Head => "head",
-                Group::Medium => "body",
-                Group::Tail => "tail",
-            })
-            .map(String::from)
-            .collect(),
-        class_names: names.to_vec(),
-        pixels: confusion.iter().sum(),
-    })
 }
 
 impl Task for SegTask {

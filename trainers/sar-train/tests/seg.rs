@@ -7,7 +7,8 @@ use sar_math::metrics::Group;
 use sar_models::seg::{SegFeatures, Segmenter};
 use sar_models::Cost;
 use sar_train::config::{parse, InferenceMode, TrainConfig};
-use sar_train::seg::{dropout2d, logits_of, metrics_from_confusion, seg_cross_entropy};
+use sar_train::evaluation::metrics_from_confusion;
+use sar_train::seg::{dropout2d, logits_of, seg_cross_entropy};
 use sar_train::train::{eval_checkpoint, train, TrainOptions};
 use std::path::Path;
 

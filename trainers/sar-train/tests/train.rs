@@ -214,10 +214,10 @@ fn corrupt_truncated_and_foreign_checkpoints_are_rejected() {
     assert!(e.contains("[model] differs"), "{e}");
     // And its tensors do not fit another model's variables.
     let ck = checkpoint::load(&ckpts[2].1).unwrap();
-    let setup = sar_train::train::build(&other, 1, 10).unwrap();
+    let setup = sar_train::cls::build(&other, 1, 10).unwrap();
     let e = format!(
         "{:#}",
-        sar_train::train::restore_vars(&setup.varmap, &ck.tensors)
+        sar_train::trainees::candle::restore_vars(&setup.varmap, &ck.tensors)
             .err()
             .unwrap()
     );

@@ -3,18 +3,18 @@
 //! The same run as on candle, step for step: the batch comes from the candle task's renderer
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
 //! (the candle model is built once and its variables copied), and the loop, schedule,
-//! checkpoints, NaN policy, logs and reports are the shared ones in [`crate::train`]. What runs
+//! checkpoints, NaN policy, logs and reports are the shared ones in [`crate::run`]. What runs
 //! on dfdx: the network (`sar_dfdx::nn`, activations as NHWC rows), cross-entropy, SAR
 //! (anchor embedding, L_aux through the shared `fc`, gate, EMA, L_p2a), backward on dfdx's
 //! tape and SGD. Checkpoints hold the same tensor names and layouts as candle's, so either
 //! backend resumes or evaluates the other's. Plots use the candle model with the dfdx weights
 //! copied in.
 
+use crate::cls::{evaluate_with, ClsBatch, ClsTask};
 use crate::config::{DeviceKind, TrainConfig};
-use crate::train::{
-    evaluate_with, loss_parts, restore_vars, ClsBatch, ClsTask, RunReport, StepCtx, StepReport,
-    Task, TaskEvaluation, Trainee,
-};
+use crate::evaluation::TaskEvaluation;
+use crate::run::{loss_parts, RunReport, StepCtx, StepReport, Trainee};
+use crate::trainees::candle::{restore_vars, Task};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sar_dfdx::conv::{nchw_to_rows, GatherCache};
@@ -64,10 +64,10 @@ fn to_host(t: &Tensor) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     ))
 }
 
-/// The variables of a candle [`crate::train::Setup`] (its seeded initial weights) and its SAR
+/// The variables of a candle [`crate::cls::Setup`] (its seeded initial weights) and its SAR
 /// head's anchors, on dfdx.
 fn on_dfdx<D: SarDevice<f32>>(
-    setup: &crate::train::Setup,
+    setup: &crate::cls::Setup,
     device: &D,
 ) -> anyhow::Result<(Params<D>, Option<SarHead<D>>)> {
     let entries = setup
@@ -367,7 +367,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
             Some(h) if h.fully_initialized() => Some(h.buffers()[1].2.clone()),
             _ => None,
         };
-        crate::train::write_plots(
+        crate::cls::write_plots(
             cfg,
             report,
             self.inner.setup.model.as_ref(),
@@ -388,7 +388,7 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
         "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
     );
     let cfg = crate::config::parse(&text, &[])?;
-    let setup = crate::train::build(&cfg, 3, 100)?;
+    let setup = crate::cls::build(&cfg, 3, 100)?;
     let dev = Cpu::default();
     let (mut params, mut head) = on_dfdx(&setup, &dev)?;
     let mut rng = AnchorRng::new(11);

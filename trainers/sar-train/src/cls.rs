@@ -1,0 +1,453 @@
+//! Classification: the task behind `sar train` with a classification data set, on candle.
+//!
+//! One step: render the batch (parallel crop/flip, optional MixUp) → features F = f(x) `[B, D]`
+//! (BatchNorm in training mode) → logits g(F) → cross-entropy (MixUp: λ·CE(y_a) +
+//! (1−λ)·CE(y_b)) → with SAR, [`SarHead::step`] (or `step_mixup`) adds λ1·L_aux + λ2·L_p2a,
+//! the head classifying its embedded anchors with the same `g` → every loss part checked for
+//! NaN/inf → (in the loop, [`crate::run`]) backward → SGD with the scheduled rate.
+//!
+//! Evaluation: top-1, per-class and head/medium/tail accuracy on the balanced test set
+//! ([`crate::evaluation`]). The data sets, batch rendering and evaluation here are shared with
+//! the dfdx trainee ([`crate::trainees::dfdx`]).
+
+use crate::config::{AugmentKind, DatasetKind, TrainConfig};
+use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
+use crate::run::{RunReport, StepCtx};
+use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
+use sar_data::augment::{self, Augment, Normalize};
+use sar_data::dataset::Dataset;
+use sar_data::{cifar, cub, digits, idx, split};
+use sar_math::metrics::{confusion_update, Group};
+use sar_models::{ImageClassifier, ModelSpec};
+/// The training and test sets of a config.
+pub struct Datasets {
+    /// Training set (long-tailed if `data.imbalance` is set).
+    pub train: Dataset,
+    /// Test set (balanced).
+    pub test: Dataset,
+}
+
+/// Loads the data sets named by `cfg.data`.
+pub fn load_data(cfg: &TrainConfig) -> anyhow::Result<Datasets> {
+    let d = &cfg.data;
+    let root = || d.root.clone().unwrap_or_default();
+    let mem = |s: sar_data::ImageSet| Dataset::Memory(s);
+    let files = |set: cub::FileSet| Dataset::Files {
+        set,
+        size: d.crop,
+        resize: d.resize,
+    };
+    let (train, test) = match d.dataset {
+        DatasetKind::Digits => {
+            let all = digits::embedded()?;
+            let (tr, te) = split::stratified(&all.labels, 10, d.test_fraction, d.split_seed)?;
+            (
+                mem(all.subset(&tr, "digits/train")?),
+                mem(all.subset(&te, "digits/test")?),
+            )
+        }
+        DatasetKind::Cub200 => (
+            files(cub::read_cub(&root(), true)?),
+            files(cub::read_cub(&root(), false)?),
+        ),
+        DatasetKind::MnistIdx => (
+            mem(idx::read_mnist_dir(&root(), true, 10)?),
+            mem(idx::read_mnist_dir(&root(), false, 10)?),
+        ),
+        DatasetKind::Cifar10 => (
+            mem(cifar::read_cifar10(&root(), true)?),
+            mem(cifar::read_cifar10(&root(), false)?),
+        ),
+        DatasetKind::Cifar100 => (
+            mem(cifar::read_cifar100(
+                &root(),
+                true,
+                cifar::Cifar::HundredFine,
+            )?),
+            mem(cifar::read_cifar100(
+                &root(),
+                false,
+                cifar::Cifar::HundredFine,
+            )?),
+        ),
+        other => bail!("{other:?} is a segmentation data set, not a classification one"),
+    };
+    let train = match d.imbalance {
+        Some(f) => {
+            let keep = split::long_tailed(train.labels(), train.classes(), f, None, d.split_seed)?;
+            let name = format!("{}-lt{f}", train.name());
+            train.subset(&keep, &name)?
+        }
+        None => train,
+    };
+    ensure!(!train.is_empty(), "the training set is empty");
+    ensure!(!test.is_empty(), "the test set is empty");
+    Ok(Datasets { train, test })
+}
+
+/// Top-1, per-class and group accuracies of `model` on `set` (BatchNorm in eval mode).
+pub fn evaluate(
+    model: &dyn ImageClassifier,
+    set: &Dataset,
+    norm: &Normalize,
+    groups: &[Group],
+    batch_size: usize,
+    dev: &Device,
+) -> anyhow::Result<Evaluation> {
+    evaluate_with(set, norm, groups, batch_size, &mut |x, shape| {
+        let x = Tensor::from_vec(x, shape, dev)?;
+        Ok(model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?)
+    })
+}
+
+/// Predicted classes of images `[N, C, H, W]` given with (N, C, H, W).
+pub(crate) type Predictor<'a> =
+    dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<u32>> + 'a;
+
+/// [`evaluate`] with any predictor: `predict(images [N, C, H, W], (N, C, H, W))` returns the
+/// predicted classes.
+pub(crate) fn evaluate_with(
+    set: &Dataset,
+    norm: &Normalize,
+    groups: &[Group],
+    batch_size: usize,
+    predict: &mut Predictor,
+) -> anyhow::Result<Evaluation> {
+    let c = set.classes();
+    let (ch, h, w) = set.geometry();
+    let mut confusion = vec![0u64; c * c];
+    let all: Vec<usize> = (0..set.len()).collect();
+    for chunk in all.chunks(batch_size) {
+        let (x, y) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
+        let pred = predict(x, (chunk.len(), ch, h, w))?;
+        confusion_update(&mut confusion, c, &y, &pred, -1)?;
+    }
+    crate::evaluation::classification_metrics(&confusion, groups)
+}
+
+/// Everything a model needs, built from a config.
+pub struct Setup {
+    /// Device.
+    pub device: Device,
+    /// All variables (model and SAR head).
+    pub varmap: VarMap,
+    /// The network.
+    pub model: Box<dyn ImageClassifier>,
+    /// The SAR head, if SAR is on.
+    pub head: Option<SarHead>,
+}
+
+/// Builds model and head for `classes` classes of `channels`-channel images.
+pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Result<Setup> {
+    let device = device(cfg.run.device)?;
+    let varmap = VarMap::new();
+    let spec = ModelSpec {
+        arch: cfg
+            .model
+            .arch
+            .context("model.arch is required for a classification run")?,
+        stem: cfg.model.stem,
+        in_channels: channels,
+        classes,
+        seed: cfg.run.seed,
+    };
+    let model = sar_models::build(&spec, &varmap, &device, DType::F32)?;
+    let head = if cfg.sar.enabled {
+        let backend = CandleBackend::new(device.clone(), DType::F32)?;
+        Some(SarHead::new(
+            &varmap,
+            "sar",
+            backend,
+            cfg.sar.params(),
+            classes,
+            model.feature_dim(),
+            EmbeddingKind::Classification,
+            cfg.sar.anchors,
+            cfg.run.seed,
+        )?)
+    } else {
+        None
+    };
+    Ok(Setup {
+        device,
+        varmap,
+        model,
+        head,
+    })
+}
+
+/// Classification: images → pooled features → linear classifier.
+pub(crate) struct ClsTask {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) setup: Setup,
+    pub(crate) data: Datasets,
+    pub(crate) norm: Normalize,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) counts: Vec<u64>,
+    augment: Augment,
+}
+
+/// One rendered classification batch.
+pub(crate) struct ClsBatch {
+    /// Images `[N, C, H, W]`, normalised (and mixed, with MixUp).
+    pub x: Vec<f32>,
+    /// Labels (MixUp: of the first side).
+    pub labels: Vec<i64>,
+    /// MixUp: λ and the labels of the second side.
+    pub mix: Option<(f64, Vec<i64>)>,
+    /// (N, C, H, W).
+    pub shape: (usize, usize, usize, usize),
+}
+
+impl ClsTask {
+    /// Renders the batch of `ctx` (augmentation, MixUp, fault injection); `Err(message)` when
+    /// the input is not finite.
+    pub(crate) fn batch(&self, ctx: &StepCtx) -> anyhow::Result<Result<ClsBatch, String>> {
+        let cfg = &self.cfg;
+        let (c, h, w) = self.data.train.geometry();
+        let n = ctx.idx.len();
+        let (mut x, y) = self.data.train.render_batch(
+            ctx.idx,
+            Some(self.augment),
+            &self.norm,
+            cfg.run.seed,
+            ctx.epoch,
+            ctx.position,
+        )?;
+        let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+        let mix = if cfg.data.mixup_alpha > 0.0 {
+            let (lam, perm) = augment::mixup(
+                &mut x,
+                c * h * w,
+                cfg.data.mixup_alpha,
+                cfg.run.seed,
+                ctx.epoch,
+                ctx.batch as u64,
+            );
+            Some((lam, perm.iter().map(|&p| labels[p]).collect()))
+        } else {
+            None
+        };
+        if ctx.poison_input {
+            x.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Ok(Err(format!(
+                "step {}: the input batch holds {} (image {} of the batch)",
+                ctx.step,
+                x[i],
+                i / (c * h * w)
+            )));
+        }
+        Ok(Ok(ClsBatch {
+            x,
+            labels,
+            mix,
+            shape: (n, c, h, w),
+        }))
+    }
+
+    pub(crate) fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
+        let data = load_data(cfg)?;
+        ensure!(
+            data.train.classes() == data.test.classes()
+                && data.train.geometry() == data.test.geometry(),
+            "training and test sets differ in classes or image size"
+        );
+        sar_data::dataset::check_labels(&data.train)?;
+        sar_data::dataset::check_labels(&data.test)?;
+        let setup = build(cfg, data.train.geometry().0, data.train.classes())?;
+        let norm = data.train.normalize();
+        let counts = data.train.class_counts();
+        let groups = class_groups(cfg, &counts)?;
+        let augment = match cfg.data.augment {
+            AugmentKind::None => Augment::None,
+            AugmentKind::CropFlip => Augment::CropFlip {
+                pad: cfg.data.pad,
+                flip: cfg.data.flip,
+            },
+        };
+        Ok(ClsTask {
+            cfg: cfg.clone(),
+            setup,
+            data,
+            norm,
+            groups,
+            counts,
+            augment,
+        })
+    }
+}
+
+impl Task for ClsTask {
+    fn varmap(&self) -> &VarMap {
+        &self.setup.varmap
+    }
+    fn device(&self) -> &Device {
+        &self.setup.device
+    }
+    fn head(&self) -> Option<&SarHead> {
+        self.setup.head.as_ref()
+    }
+    fn head_mut(&mut self) -> Option<&mut SarHead> {
+        self.setup.head.as_mut()
+    }
+    fn train_len(&self) -> usize {
+        self.data.train.len()
+    }
+    fn train_counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    fn step(&mut self, ctx: &StepCtx) -> anyhow::Result<StepOutcome> {
+        let ClsBatch {
+            x,
+            labels,
+            mix,
+            shape: (n, c, h, w),
+        } = match self.batch(ctx)? {
+            Ok(b) => b,
+            Err(msg) => return Ok(StepOutcome::Fault(msg)),
+        };
+        let step = ctx.step;
+        let dev = self.setup.device.clone();
+        let model = &self.setup.model;
+        let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
+        let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
+        let feats = model.features(&x, true)?;
+        let logits = model.classify(&feats)?;
+        let ce = match &mix {
+            None => candle_nn::loss::cross_entropy(&logits, &y_t)?,
+            Some((lam, lb)) => {
+                let yb = Tensor::from_vec(lb.clone(), n, &dev)?;
+                ((candle_nn::loss::cross_entropy(&logits, &y_t)? * *lam)?
+                    + (candle_nn::loss::cross_entropy(&logits, &yb)? * (1.0 - lam))?)?
+            }
+        };
+        let ce = if ctx.poison_loss {
+            (ce * f64::INFINITY)?
+        } else {
+            ce
+        };
+        let ce_value = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut loss = ce;
+        let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+        if let Some(hd) = self.setup.head.as_mut() {
+            let classify = |e: &Tensor| model.classify(e);
+            let s = match &mix {
+                Some((lam, lb)) => hd.step_mixup(&classify, &feats, &labels, lb, *lam)?,
+                None => hd.step(&classify, &feats, &y_t)?,
+            };
+            (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+            loss = (loss + s.loss)?;
+        }
+        finish_step(step, loss, ce_value, 0.0, aux, p2a, gate, valid, n)
+    }
+
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
+        Ok(TaskEvaluation::Classification(evaluate(
+            self.setup.model.as_ref(),
+            &self.data.test,
+            &self.norm,
+            &self.groups,
+            self.cfg.eval.batch_size,
+            &self.setup.device,
+        )?))
+    }
+
+    fn cost(&self) -> sar_models::Cost {
+        let (_, h, w) = self.data.train.geometry();
+        self.setup.model.cost(h, w)
+    }
+
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()> {
+        let anchors = match self.head() {
+            Some(h) if h.fully_initialized() => Some(
+                h.semantic_anchors()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            _ => None,
+        };
+        write_plots(
+            cfg,
+            report,
+            self.setup.model.as_ref(),
+            &self.data.test,
+            &self.norm,
+            &self.setup.device,
+            anchors.as_deref(),
+        )
+    }
+}
+
+/// Features `[n, D]` (eval mode) of the first `limit` images of `set`, with their labels.
+pub fn features_of(
+    model: &dyn ImageClassifier,
+    set: &Dataset,
+    norm: &Normalize,
+    dev: &Device,
+    limit: usize,
+) -> anyhow::Result<(Vec<f32>, Vec<u32>)> {
+    let idx: Vec<usize> = (0..set.len().min(limit)).collect();
+    let (c, h, w) = set.geometry();
+    let (mut f, mut y) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(256) {
+        let (x, labels) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
+        let x = Tensor::from_vec(x, (chunk.len(), c, h, w), dev)?;
+        f.extend(model.features(&x, false)?.flatten_all()?.to_vec1::<f32>()?);
+        y.extend(labels);
+    }
+    Ok((f, y))
+}
+
+pub(crate) fn write_plots(
+    cfg: &TrainConfig,
+    report: &RunReport,
+    model: &dyn ImageClassifier,
+    test: &Dataset,
+    norm: &Normalize,
+    dev: &Device,
+    anchors: Option<&[f32]>,
+) -> anyhow::Result<()> {
+    let out = &cfg.run.output;
+    let name = &cfg.run.name;
+    let labels = crate::plots::class_labels(&report.train_counts);
+    crate::plots::grouped_bars(
+        &out.join("per_class.png"),
+        &format!("{name}: test accuracy per class"),
+        "accuracy %",
+        &labels,
+        &[(
+            if report.sar { "SAR" } else { "baseline" }.to_string(),
+            report
+                .eval
+                .classification()?
+                .per_class_accuracy
+                .iter()
+                .map(|a| 100.0 * a)
+                .collect(),
+        )],
+    )?;
+    let (f, y) = features_of(model, test, norm, dev, 2000)?;
+    crate::plots::feature_projection(
+        &out.join("features.png"),
+        &format!(
+            "{name}: test features{} (PCA)",
+            if anchors.is_some() {
+                " and semantic anchors"
+            } else {
+                ""
+            }
+        ),
+        &f,
+        &y,
+        model.feature_dim(),
+        anchors,
+    )
+}

@@ -1,0 +1,719 @@
+//! The training loop, shared by every task and tensor library: epochs and steps, the learning
+//! rate schedule, the NaN/inf policy, logging, evaluation, checkpoints, resume and the report.
+//!
+//! It sees the model only through [`Trainee`] (forward and loss, update, the state a
+//! checkpoint holds, evaluation) and imports no task: classification ([`crate::cls`]),
+//! segmentation ([`crate::seg`]) and each library's trainee ([`crate::trainees`]) live in their
+//! own modules, and [`crate::train`] picks them.
+//!
+//! Reproducibility: weights, anchors, data order and augmentation derive from `run.seed` and
+//! counters (epoch, position), so a run is a function of its config; a checkpoint holds every
+//! variable, the momentum buffers, the SAR buffers and the step, and `--resume` continues
+//! bit for bit on the CPU (tested).
+//!
+//! Outputs in `run.output`: `config.toml` (written before step 0), `metrics.jsonl`
+//! ([`log`]), `checkpoints/`, `report.json`, and the PNG plots.
+
+pub mod log;
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::config::{NonFinitePolicy, ScheduleKind, TrainConfig};
+use crate::evaluation::TaskEvaluation;
+use crate::optim::{learning_rate, Schedule};
+use anyhow::{bail, ensure, Context};
+use candle_core::Tensor;
+use log::MetricsLog;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use log::loss_series;
+
+/// Loss parts of one step, or their mean over a logging window or an epoch.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LossParts {
+    /// Cross-entropy (segmentation: of the decode head).
+    pub ce: f64,
+    /// Segmentation: the auxiliary head's cross-entropy times its weight (0 without one).
+    pub head_aux: f64,
+    /// L_aux (unweighted).
+    pub aux: f64,
+    /// L_p2a (unweighted; 0 on steps where the gate failed).
+    pub p2a: f64,
+    /// The total loss minimised.
+    pub total: f64,
+}
+
+impl LossParts {
+    fn add(&mut self, o: &LossParts) {
+        self.ce += o.ce;
+        self.head_aux += o.head_aux;
+        self.aux += o.aux;
+        self.p2a += o.p2a;
+        self.total += o.total;
+    }
+    fn scaled(&self, k: f64) -> LossParts {
+        LossParts {
+            ce: self.ce * k,
+            head_aux: self.head_aux * k,
+            aux: self.aux * k,
+            p2a: self.p2a * k,
+            total: self.total * k,
+        }
+    }
+}
+
+/// The result of a training run (`report.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// `run.name`.
+    pub name: String,
+    /// Whether SAR was on.
+    pub sar: bool,
+    /// Final test evaluation.
+    #[serde(flatten)]
+    pub eval: TaskEvaluation,
+    /// Training images (segmentation: labelled pixels) per class.
+    pub train_counts: Vec<u64>,
+    /// Loss parts averaged over the last epoch.
+    pub loss: LossParts,
+    /// Step at which SAR's gate first passed.
+    pub gate_first_pass: Option<u64>,
+    /// Share of steps since then on which it passed.
+    pub gate_pass_rate: f64,
+    /// Steps skipped for a non-finite loss.
+    pub skipped_steps: u64,
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Training wall time in seconds (evaluation excluded, resumed parts included).
+    pub wall_seconds: f64,
+    /// Parameters and multiply-adds per image of the model, without SAR.
+    pub model_cost: sar_models::Cost,
+    /// Parameters SAR adds (h_ψ); SAR adds no inference cost.
+    pub sar_params: u64,
+}
+
+/// Options of a training run beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// A checkpoint file, or a run folder whose newest checkpoint is used.
+    pub resume: Option<PathBuf>,
+    /// Show a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+    /// Print a line per evaluation.
+    pub verbose: bool,
+    /// Fault injection for tests: the input batches of these steps are set to NaN, so the
+    /// non-finite handling runs on its real path.
+    pub poison_steps: Vec<u64>,
+    /// Fault injection for tests: the cross-entropy of these steps is multiplied by +inf.
+    pub poison_loss_steps: Vec<u64>,
+}
+
+/// Where a training step is in the run.
+pub(crate) struct StepCtx<'a> {
+    /// Training samples of the batch.
+    pub idx: &'a [usize],
+    /// Epoch (pass over the data).
+    pub epoch: u64,
+    /// Batch within the epoch.
+    pub batch: usize,
+    /// Position of the batch's first sample within the epoch.
+    pub position: u64,
+    /// Optimiser step.
+    pub step: u64,
+    /// Fault injection: NaN input.
+    pub poison_input: bool,
+    /// Fault injection: infinite task loss.
+    pub poison_loss: bool,
+}
+
+/// What a successful forward pass reports to the loop (the loss itself stays with the trainee
+/// until [`Trainee::update`]).
+pub(crate) struct StepReport {
+    pub parts: LossParts,
+    pub gate: bool,
+    pub valid: usize,
+    pub images: usize,
+}
+
+/// The loop's view of a model in training, whatever tensor library runs it: forward and loss,
+/// the update, the state a checkpoint holds (as candle CPU tensors under the shared names), and
+/// evaluation.
+pub(crate) trait Trainee {
+    /// Training samples.
+    fn train_len(&self) -> usize;
+    /// Training images (classification) or pixels (segmentation) per class.
+    fn train_counts(&self) -> &[u64];
+    /// Forward pass and loss of one batch; `Err(message)` for a non-finite input or loss part.
+    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>>;
+    /// Backward of the last forward's loss and one SGD step at rate `lr`.
+    fn update(&mut self, lr: f64) -> anyhow::Result<()>;
+    /// Deep copies of the state a forward pass changes (BatchNorm running statistics, SAR
+    /// buffers), to undo a skipped step.
+    fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
+    /// Puts a [`Trainee::snapshot`] back.
+    fn restore(&mut self, snap: &[(String, Tensor)]) -> anyhow::Result<()>;
+    /// Every variable, `optim.momentum.*` buffer and SAR buffer, by name.
+    fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
+    /// Restores [`Trainee::state_tensors`] from a checkpoint (every variable required).
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()>;
+    /// Loads pretrained weights as `model.pretrained` says; returns the number loaded and the
+    /// names kept from the initialisation.
+    fn load_pretrained(
+        &mut self,
+        cfg: &TrainConfig,
+        path: &Path,
+    ) -> anyhow::Result<(usize, Vec<String>)>;
+    /// Parameters SAR adds.
+    fn sar_params(&self) -> u64;
+    /// Test-set evaluation.
+    fn evaluate(&self) -> anyhow::Result<TaskEvaluation>;
+    /// Parameters and multiply-adds of inference on one training-size input.
+    fn cost(&self) -> sar_models::Cost;
+    /// PNG plots beyond the loss curves.
+    fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()>;
+}
+
+/// The loss parts, or a message naming the first that is NaN or infinite.
+pub(crate) fn loss_parts(
+    step: u64,
+    ce: f64,
+    head_aux: f64,
+    aux: f64,
+    p2a: f64,
+    total: f64,
+) -> Result<LossParts, String> {
+    let named = [
+        ("cross-entropy", ce),
+        ("auxiliary-head cross-entropy", head_aux),
+        ("L_aux", aux),
+        ("L_p2a", p2a),
+        ("total", total),
+    ];
+    if let Some((name, v)) = named.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(format!("step {step}: loss part {name} is {v}"));
+    }
+    Ok(LossParts {
+        ce,
+        head_aux,
+        aux,
+        p2a,
+        total,
+    })
+}
+
+/// The step counts and the learning-rate schedule of a run.
+struct Plan {
+    batch: usize,
+    train_len: usize,
+    steps_per_epoch: usize,
+    /// Steps of the whole schedule (`train.iters`, or epochs × steps per epoch).
+    total_steps: u64,
+    epochs: usize,
+    /// Where this invocation stops (`train.max_steps` cuts a run short).
+    last_step: u64,
+    warmup_steps: usize,
+    schedule: Schedule,
+}
+
+impl Plan {
+    fn new(cfg: &TrainConfig, train_len: usize) -> Self {
+        let batch = cfg.train.batch_size;
+        let steps_per_epoch = train_len.div_ceil(batch);
+        let (total_steps, epochs) = match cfg.train.iters {
+            Some(i) => (i as u64, i.div_ceil(steps_per_epoch)),
+            None => (
+                (cfg.train.epochs * steps_per_epoch) as u64,
+                cfg.train.epochs,
+            ),
+        };
+        let last_step = cfg
+            .train
+            .max_steps
+            .map_or(total_steps, |m| (m as u64).min(total_steps));
+        let o = &cfg.optim;
+        let schedule = match o.schedule {
+            ScheduleKind::Constant => Schedule::Constant,
+            ScheduleKind::Cosine => Schedule::Cosine,
+            ScheduleKind::Step => Schedule::Step {
+                milestones: o.milestones.iter().map(|e| e * steps_per_epoch).collect(),
+                gamma: o.gamma,
+            },
+            ScheduleKind::Poly => Schedule::Poly {
+                power: o.power,
+                min_lr: o.min_lr,
+            },
+        };
+        Plan {
+            batch,
+            train_len,
+            steps_per_epoch,
+            total_steps,
+            epochs,
+            last_step,
+            warmup_steps: o.warmup_epochs * steps_per_epoch,
+            schedule,
+        }
+    }
+
+    /// The learning rate of step `step` (0-based).
+    fn lr(&self, base: f64, step: u64) -> f64 {
+        learning_rate(
+            &self.schedule,
+            base,
+            step as usize,
+            self.total_steps as usize,
+            self.warmup_steps,
+        )
+    }
+}
+
+/// Sums over the steps since the last `"train"` log line.
+struct Window {
+    sums: LossParts,
+    steps: usize,
+    gate_passes: usize,
+    p2a_rows: usize,
+    images: usize,
+    start: Instant,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            sums: LossParts::default(),
+            steps: 0,
+            gate_passes: 0,
+            p2a_rows: 0,
+            images: 0,
+            start: Instant::now(),
+        }
+    }
+    fn add(&mut self, r: &StepReport) {
+        self.sums.add(&r.parts);
+        self.steps += 1;
+        self.gate_passes += r.gate as usize;
+        self.p2a_rows += r.valid;
+        self.images += r.images;
+    }
+}
+
+/// Sums of the loss parts over the current epoch's steps.
+#[derive(Default)]
+struct EpochLoss {
+    sums: LossParts,
+    steps: usize,
+}
+
+impl EpochLoss {
+    fn mean(&self) -> LossParts {
+        self.sums.scaled(1.0 / self.steps.max(1) as f64)
+    }
+}
+
+/// Trains the trainee that `make_trainee` builds as `cfg` says. Returns the final report
+/// (also written to `run.output/report.json`).
+pub(crate) fn run(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    make_trainee: &dyn Fn() -> anyhow::Result<Box<dyn Trainee>>,
+) -> anyhow::Result<RunReport> {
+    let out = &cfg.run.output;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let ckpt_dir = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
+    let mut trainee = make_trainee()?;
+    let plan = Plan::new(cfg, trainee.train_len());
+    let mut log = MetricsLog::open(out.join("metrics.jsonl"))?;
+    let state = match &opts.resume {
+        Some(from) => resume(cfg, trainee.as_mut(), &mut log, from, stale)?,
+        None => start(cfg, trainee.as_mut(), &mut log)?,
+    };
+    let mut lp = Loop {
+        cfg,
+        opts,
+        bar: progress_bar(cfg, opts, plan.last_step, state.step),
+        plan,
+        trainee,
+        log,
+        ckpt_dir,
+        epoch: state.epoch as usize,
+        state,
+        lr: cfg.optim.lr,
+        window: Window::new(),
+        epoch_loss: EpochLoss::default(),
+        last_epoch_loss: LossParts::default(),
+        consecutive_skips: 0,
+        clock: Instant::now(),
+    };
+    lp.epochs()?;
+    lp.finish()
+}
+
+/// A fresh run: the config is written before step 0, then pretrained weights are loaded.
+fn start(
+    cfg: &TrainConfig,
+    trainee: &mut dyn Trainee,
+    log: &mut MetricsLog,
+) -> anyhow::Result<CheckpointState> {
+    let out = &cfg.run.output;
+    crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    if let Some(p) = &cfg.model.pretrained {
+        let (loaded, kept) = trainee.load_pretrained(cfg, p)?;
+        log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": loaded, "kept": kept}))?;
+    }
+    Ok(CheckpointState {
+        format: checkpoint::FORMAT.into(),
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        config: cfg.clone(),
+        gate_first_pass: None,
+        gate_passes: 0,
+        skipped_steps: 0,
+        elapsed_seconds: 0.0,
+    })
+}
+
+/// The checkpoint that `--resume FROM` names: the file itself, or the newest checkpoint of a
+/// run folder (or of a `checkpoints` folder).
+fn resume_path(from: &Path) -> anyhow::Result<PathBuf> {
+    if !from.is_dir() {
+        return Ok(from.to_path_buf());
+    }
+    let dir = if from.join("checkpoints").is_dir() {
+        from.join("checkpoints")
+    } else {
+        from.to_path_buf()
+    };
+    checkpoint::latest(&dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))
+}
+
+/// Loads the checkpoint `from` names into the trainee after checking that it is of this run
+/// (same model, data, seed, batch size, SAR switch and iteration count).
+fn resume(
+    cfg: &TrainConfig,
+    trainee: &mut dyn Trainee,
+    log: &mut MetricsLog,
+    from: &Path,
+    stale_temporaries: usize,
+) -> anyhow::Result<CheckpointState> {
+    let path = resume_path(from)?;
+    let ck = checkpoint::load(&path)?;
+    let old = &ck.state.config;
+    for (what, same) in [
+        ("[model]", old.model == cfg.model),
+        ("[data]", old.data == cfg.data),
+        ("sar.enabled", old.sar.enabled == cfg.sar.enabled),
+        ("run.seed", old.run.seed == cfg.run.seed),
+        (
+            "train.batch_size",
+            old.train.batch_size == cfg.train.batch_size,
+        ),
+        ("train.iters", old.train.iters == cfg.train.iters),
+    ] {
+        ensure!(
+            same,
+            "cannot resume from {}: its {what} differs from this config",
+            path.display()
+        );
+    }
+    trainee
+        .load_state(&ck.tensors)
+        .with_context(|| format!("cannot resume from {}", path.display()))?;
+    let state = CheckpointState {
+        config: cfg.clone(),
+        ..ck.state
+    };
+    log.write(serde_json::json!({"kind": "resume", "step": state.step, "from": path.display().to_string(), "stale_temporaries_removed": stale_temporaries}))?;
+    Ok(state)
+}
+
+fn progress_bar(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    last_step: u64,
+    step: u64,
+) -> indicatif::ProgressBar {
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(last_step)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(cfg.run.name.clone());
+    bar.set_position(step);
+    bar
+}
+
+/// The running loop's state.
+struct Loop<'a> {
+    cfg: &'a TrainConfig,
+    opts: &'a TrainOptions,
+    plan: Plan,
+    trainee: Box<dyn Trainee>,
+    log: MetricsLog,
+    ckpt_dir: PathBuf,
+    bar: indicatif::ProgressBar,
+    /// What a checkpoint records of the loop (step, epoch, position, gate statistics).
+    state: CheckpointState,
+    epoch: usize,
+    /// The learning rate of the last update.
+    lr: f64,
+    window: Window,
+    epoch_loss: EpochLoss,
+    last_epoch_loss: LossParts,
+    consecutive_skips: usize,
+    /// Training time since it was last added to `state.elapsed_seconds`.
+    clock: Instant,
+}
+
+impl Loop<'_> {
+    /// Every remaining epoch, each followed by its evaluation when `eval_every` says.
+    fn epochs(&mut self) -> anyhow::Result<()> {
+        while self.epoch < self.plan.epochs {
+            let order = sar_data::augment::epoch_order(
+                self.plan.train_len,
+                self.cfg.run.seed,
+                self.epoch as u64,
+            );
+            let first_batch = if self.epoch as u64 == self.state.epoch {
+                self.state.batch_in_epoch as usize
+            } else {
+                0
+            };
+            for b in first_batch..self.plan.steps_per_epoch {
+                if self.state.step >= self.plan.last_step {
+                    return Ok(());
+                }
+                let batch = self.plan.batch;
+                let idx = &order[b * batch..((b + 1) * batch).min(order.len())];
+                self.step(b, idx)?;
+                self.after_step(b)?;
+            }
+            self.end_epoch()?;
+        }
+        Ok(())
+    }
+
+    /// One step: forward, then the update, or the non-finite policy.
+    fn step(&mut self, b: usize, idx: &[usize]) -> anyhow::Result<()> {
+        let step = self.state.step;
+        // Forward passes update BatchNorm running statistics and the SAR EMA: a skipped
+        // step must not leave NaN there, so keep a deep copy when skipping is allowed.
+        let snapshot = match self.cfg.train.on_nonfinite {
+            NonFinitePolicy::Skip => Some(self.trainee.snapshot()?),
+            NonFinitePolicy::Stop => None,
+        };
+        let outcome = self.trainee.forward(&StepCtx {
+            idx,
+            epoch: self.epoch as u64,
+            batch: b,
+            position: (b * self.plan.batch) as u64,
+            step,
+            poison_input: self.opts.poison_steps.contains(&step),
+            poison_loss: self.opts.poison_loss_steps.contains(&step),
+        })?;
+        // A skipped batch is consumed without an update; the step counter still moves on,
+        // so the run stays a function of its config.
+        self.state.step += 1;
+        self.state.batch_in_epoch = b as u64 + 1;
+        self.bar.inc(1);
+        match outcome {
+            Err(msg) => self.non_finite(step, &msg, snapshot),
+            Ok(report) => {
+                self.consecutive_skips = 0;
+                self.lr = self.plan.lr(self.cfg.optim.lr, step);
+                self.trainee.update(self.lr)?;
+                if report.gate {
+                    self.state.gate_first_pass.get_or_insert(step);
+                    self.state.gate_passes += 1;
+                }
+                self.epoch_loss.sums.add(&report.parts);
+                self.epoch_loss.steps += 1;
+                self.window.add(&report);
+                Ok(())
+            }
+        }
+    }
+
+    /// `train.on_nonfinite`: stop with the last checkpoint intact, or skip the step and undo
+    /// what its forward pass changed.
+    fn non_finite(
+        &mut self,
+        step: u64,
+        msg: &str,
+        snapshot: Option<Vec<(String, Tensor)>>,
+    ) -> anyhow::Result<()> {
+        match self.cfg.train.on_nonfinite {
+            NonFinitePolicy::Stop => {
+                self.log.write(
+                    serde_json::json!({"kind": "nonfinite", "step": step, "message": msg}),
+                )?;
+                self.bar.abandon();
+                bail!(
+                    "{msg}; training stopped (the last checkpoint in {} is intact)",
+                    self.ckpt_dir.display()
+                );
+            }
+            NonFinitePolicy::Skip => {
+                self.consecutive_skips += 1;
+                self.state.skipped_steps += 1;
+                self.log
+                    .write(serde_json::json!({"kind": "skip", "step": step, "message": msg}))?;
+                ensure!(
+                    self.consecutive_skips <= 10,
+                    "{msg}; 10 consecutive steps were skipped, stopping"
+                );
+                if let Some(snap) = &snapshot {
+                    self.trainee.restore(snap)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Logging, the checkpoint and the evaluation that fall due after batch `b`.
+    fn after_step(&mut self, b: usize) -> anyhow::Result<()> {
+        let train = &self.cfg.train;
+        let step = self.state.step;
+        if train.log_every > 0 && step.is_multiple_of(train.log_every as u64) {
+            self.log_window()?;
+        }
+        let end_of_epoch = b + 1 == self.plan.steps_per_epoch;
+        if end_of_epoch {
+            self.state.epoch = self.epoch as u64 + 1;
+            self.state.batch_in_epoch = 0;
+        }
+        let periodic = train.checkpoint_every_steps > 0
+            && step.is_multiple_of(train.checkpoint_every_steps as u64);
+        if periodic || end_of_epoch || step == self.plan.last_step {
+            self.save()?;
+        }
+        if train.eval_every_steps > 0
+            && step.is_multiple_of(train.eval_every_steps as u64)
+            && step < self.plan.last_step
+        {
+            let e = self.evaluate_and_log(false)?;
+            if self.opts.verbose {
+                self.bar.println(format!("step {step}: {}", e.summary()));
+            }
+            self.clock = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// A `"train"` line with the window's means; starts a new window.
+    fn log_window(&mut self) -> anyhow::Result<()> {
+        let w = &self.window;
+        let k = w.steps.max(1) as f64;
+        let secs = w.start.elapsed().as_secs_f64();
+        let m = w.sums.scaled(1.0 / k);
+        self.log.write(serde_json::json!({
+            "kind": "train", "step": self.state.step, "epoch": self.epoch, "lr": self.lr,
+            "loss": m.total, "ce": m.ce, "head_aux": m.head_aux, "aux": m.aux,
+            "p2a": m.p2a, "gate_pass_rate": w.gate_passes as f64 / k,
+            "p2a_rows_per_step": w.p2a_rows as f64 / k,
+            "images_per_s": w.images as f64 / secs.max(1e-9),
+        }))?;
+        self.bar.set_message(format!("loss {:.4}", m.total));
+        self.window = Window::new();
+        Ok(())
+    }
+
+    /// A verified checkpoint of the current step; older ones beyond `keep_checkpoints` go.
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.state.elapsed_seconds += self.clock.elapsed().as_secs_f64();
+        self.clock = Instant::now();
+        checkpoint::save(
+            &checkpoint::path_for(&self.ckpt_dir, self.state.step),
+            &self.trainee.state_tensors()?,
+            &self.state,
+        )?;
+        checkpoint::prune(&self.ckpt_dir, self.cfg.train.keep_checkpoints)
+    }
+
+    fn evaluate_and_log(&mut self, last: bool) -> anyhow::Result<TaskEvaluation> {
+        let e = self.trainee.evaluate()?;
+        let mut v = serde_json::to_value(&e)?;
+        v["kind"] = "eval".into();
+        v["step"] = self.state.step.into();
+        v["epoch"] = self.epoch.into();
+        v["final"] = last.into();
+        self.log.write(v)?;
+        Ok(e)
+    }
+
+    /// Closes an epoch: its mean loss, and the evaluation `eval_every` asks for.
+    fn end_epoch(&mut self) -> anyhow::Result<()> {
+        self.last_epoch_loss = self.epoch_loss.mean();
+        self.epoch_loss = EpochLoss::default();
+        self.epoch += 1;
+        let c = self.cfg;
+        if c.train.iters.is_none()
+            && c.train.eval_every > 0
+            && self.epoch.is_multiple_of(c.train.eval_every)
+            && self.epoch < self.plan.epochs
+        {
+            let e = self.evaluate_and_log(false)?;
+            if self.opts.verbose {
+                self.bar
+                    .println(format!("epoch {}: {}", self.epoch, e.summary()));
+            }
+        }
+        self.clock = Instant::now();
+        Ok(())
+    }
+
+    /// The final evaluation, `report.json` and the plots.
+    fn finish(mut self) -> anyhow::Result<RunReport> {
+        self.bar.finish_and_clear();
+        let eval = self.evaluate_and_log(true)?;
+        let s = &self.state;
+        let after_first = s.gate_first_pass.map_or(0, |f| s.step - f);
+        let cfg = self.cfg;
+        let report = RunReport {
+            name: cfg.run.name.clone(),
+            sar: cfg.sar.enabled,
+            eval,
+            train_counts: self.trainee.train_counts().to_vec(),
+            loss: self.last_epoch_loss,
+            gate_first_pass: s.gate_first_pass,
+            gate_pass_rate: if after_first == 0 {
+                0.0
+            } else {
+                s.gate_passes as f64 / after_first as f64
+            },
+            skipped_steps: s.skipped_steps,
+            steps: s.step,
+            wall_seconds: s.elapsed_seconds,
+            model_cost: self.trainee.cost(),
+            sar_params: self.trainee.sar_params(),
+        };
+        let out = &cfg.run.output;
+        crate::tensorio::write_atomic(
+            &out.join("report.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        if cfg.train.plots {
+            crate::plots::curves(
+                &out.join("loss.png"),
+                &format!("{}: training loss", cfg.run.name),
+                "step",
+                "loss",
+                &loss_series(&out.join("metrics.jsonl"))?,
+            )?;
+            self.trainee.write_plots(cfg, &report)?;
+        }
+        Ok(report)
+    }
+}

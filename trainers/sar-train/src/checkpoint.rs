@@ -13,6 +13,7 @@
 //! checkpoints as they were (and a `.…tmp-PID` file that [`latest`] ignores).
 
 use crate::config::TrainConfig;
+use crate::run::LossParts;
 use crate::tensorio::{serialize, write_atomic, OutTensor};
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
@@ -46,6 +47,29 @@ pub struct CheckpointState {
     pub skipped_steps: u64,
     /// Training seconds so far.
     pub elapsed_seconds: f64,
+    /// The loop's sums since its last `"train"` log line and over the current epoch, so that a
+    /// run resumed mid-window logs (and reports) what an uninterrupted one would. Checkpoints
+    /// written before this field existed resume with empty sums.
+    #[serde(default)]
+    pub sums: RunningSums,
+}
+
+/// Loss sums a run carries between log lines and across an epoch (see
+/// [`CheckpointState::sums`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningSums {
+    /// Loss parts summed since the last `"train"` line.
+    pub window: LossParts,
+    /// Successful steps since then.
+    pub window_steps: u64,
+    /// Of those, steps whose gate passed.
+    pub window_gate_passes: u64,
+    /// p2a rows (or pixels) summed since then.
+    pub window_p2a_rows: u64,
+    /// Loss parts summed over the current epoch's successful steps.
+    pub epoch: LossParts,
+    /// Successful steps of the current epoch.
+    pub epoch_steps: u64,
 }
 
 fn out_tensor(t: &Tensor) -> anyhow::Result<OutTensor> {
@@ -257,11 +281,16 @@ pub fn remove_stale_temporaries(dir: &Path) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// Deletes all but the newest `keep` checkpoints in `dir`.
-pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
-    let all = list(dir)?;
-    let n = all.len().saturating_sub(keep);
-    for (_, p) in &all[..n] {
+/// Deletes the oldest checkpoints of the run's line up to `current` (the step just written),
+/// so that `keep` of them remain: only checkpoints of steps ≤ `current` are considered, and
+/// `current` itself is never deleted, whatever else the folder holds.
+pub fn prune(dir: &Path, keep: usize, current: u64) -> anyhow::Result<()> {
+    let line: Vec<(u64, PathBuf)> = list(dir)?
+        .into_iter()
+        .filter(|(s, _)| *s <= current)
+        .collect();
+    let n = line.len().saturating_sub(keep.max(1));
+    for (_, p) in line[..n].iter().filter(|(s, _)| *s != current) {
         std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
     }
     Ok(())
@@ -297,6 +326,14 @@ mod tests {
             gate_passes: 4,
             skipped_steps: 0,
             elapsed_seconds: 1.5,
+            sums: RunningSums {
+                window_steps: 3,
+                epoch: LossParts {
+                    ce: 0.5,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         };
         (tensors, state)
     }
@@ -335,5 +372,23 @@ mod tests {
         for n in [0, 7, 8, bytes.len() / 2, bytes.len() - 1] {
             assert!(from_bytes(&bytes[..n]).is_err(), "a file cut at {n} loaded");
         }
+    }
+
+    #[test]
+    fn pruning_keeps_the_current_checkpoint_and_never_touches_later_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let steps = |d: &Path| -> Vec<u64> { list(d).unwrap().into_iter().map(|c| c.0).collect() };
+        for s in [5, 10, 16, 112, 120] {
+            std::fs::write(path_for(dir.path(), s), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        prune(dir.path(), 2, 16).unwrap();
+        assert_eq!(steps(dir.path()), vec![10, 16, 112, 120]);
+        prune(dir.path(), 1, 16).unwrap();
+        assert_eq!(steps(dir.path()), vec![16, 112, 120]);
+        // keep = 0 still keeps the checkpoint just written.
+        prune(dir.path(), 0, 120).unwrap();
+        assert_eq!(steps(dir.path()), vec![120]);
+        assert!(dir.path().join("notes.txt").exists());
     }
 }

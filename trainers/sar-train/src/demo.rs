@@ -28,8 +28,10 @@
 
 use crate::config::{parse, TrainConfig};
 use crate::evaluation::TaskEvaluation;
+use crate::run::folder::RunFolder;
 use crate::run::{loss_series, RunReport};
 use crate::train::{train, TrainOptions};
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 /// Which task the demo trains.
@@ -59,6 +61,8 @@ pub struct DemoConfig {
     pub output: PathBuf,
     /// Write plots.
     pub plots: bool,
+    /// Delete an earlier demo's files in `output` instead of refusing to start.
+    pub overwrite: bool,
 }
 
 impl Default for DemoConfig {
@@ -71,6 +75,7 @@ impl Default for DemoConfig {
             imbalance: 10.0,
             output: PathBuf::from("runs/demo"),
             plots: true,
+            overwrite: false,
         }
     }
 }
@@ -206,6 +211,7 @@ pub fn run_demo(
     cfg: &DemoConfig,
     progress: &mut dyn FnMut(&DemoRun),
 ) -> anyhow::Result<DemoReport> {
+    let _lock = prepare_output(cfg)?;
     let mut runs = Vec::new();
     let mut test_images = 0;
     let mut class_names = Vec::new();
@@ -248,6 +254,75 @@ pub fn run_demo(
         comparison_plots(&report, &cfg.output)?;
     }
     Ok(report)
+}
+
+/// Files the demo writes at the top of its output folder, beside its run folders.
+const DEMO_FILES: &[&str] = &[
+    "report.json",
+    "per_class_baseline_vs_sar.png",
+    "loss_baseline_vs_sar.png",
+];
+
+/// Whether `name` is one of the demo's run folders (`seed<N>-baseline`, `seed<N>-sar`).
+fn is_demo_run(name: &str) -> bool {
+    name.strip_prefix("seed")
+        .and_then(|r| {
+            r.strip_suffix("-baseline")
+                .or_else(|| r.strip_suffix("-sar"))
+        })
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Locks the output folder for the demo's whole run. An earlier demo there (its files or a run
+/// folder holding a run) is refused, or with `overwrite` deleted (said on stderr), so that the
+/// folder never mixes two demos.
+fn prepare_output(cfg: &DemoConfig) -> anyhow::Result<RunFolder> {
+    let lock = RunFolder::lock(&cfg.output)?;
+    let mut found: Vec<String> = DEMO_FILES
+        .iter()
+        .filter(|f| cfg.output.join(f).exists())
+        .map(|f| f.to_string())
+        .collect();
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(&cfg.output)
+        .with_context(|| format!("cannot read {}", cfg.output.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if is_demo_run(&name) && entry.path().is_dir() {
+            let run = RunFolder::lock(&entry.path())?;
+            if !run.existing_run()?.is_empty() {
+                found.push(format!("{name}/"));
+                runs.push(run);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(lock);
+    }
+    found.sort();
+    anyhow::ensure!(
+        cfg.overwrite,
+        "{} already holds a demo ({}); pass `--overwrite` to delete it and run again, or \
+         choose another `--output`",
+        cfg.output.display(),
+        found.join(", ")
+    );
+    for f in DEMO_FILES {
+        let p = cfg.output.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    for run in &runs {
+        run.clear()?;
+    }
+    eprintln!(
+        "--overwrite: removed the previous demo from {}: {}",
+        cfg.output.display(),
+        found.join(", ")
+    );
+    Ok(lock)
 }
 
 /// Per-class test accuracy (classification) or IoU (segmentation) of a run.

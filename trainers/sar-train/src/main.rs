@@ -30,109 +30,151 @@ struct Cli {
 enum Command {
     /// Compute one SAR step in f64 from a safetensors case (see `sar_train::reference`), to
     /// check another SAR implementation against this one.
-    Reference {
-        /// Input tensors: anchor_logits, embedded_anchors, semantic_anchors (optional),
-        /// initialized (optional), features, labels.
-        #[arg(long)]
-        input: PathBuf,
-        /// Options JSON (tau, delta, alpha, lambda_aux, lambda_p2a, ignore_index, gate,
-        /// weights); every key optional.
-        #[arg(long)]
-        options: Option<PathBuf>,
-        /// Output safetensors file (written atomically, only on success).
-        #[arg(long)]
-        output: PathBuf,
-        /// Print nothing on success.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Reference(ReferenceArgs),
     /// Time one SAR step (forward + backward) per backend beside a memory copy, at
     /// Cityscapes/HRNet scale (seg) and CIFAR scale (cls).
-    Bench {
-        /// Which workloads: seg, cls, resnet32, seg-step (FCN on a dilated ResNet-18, batch 2,
-        /// 512²), or all.
-        #[arg(long, default_value = "all")]
-        workload: String,
-        /// Timed repetitions per variant (median reported).
-        #[arg(long, default_value_t = 9)]
-        reps: usize,
-        /// Also write the rows as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Bench(BenchArgs),
     /// Train baseline and SAR on embedded long-tailed data and print a table over several
     /// seeds: `--task cls` (default; digits, small CNN, under a minute): overall, head, medium
     /// and tail accuracy; `--task seg` (glyph mosaic, FCN on a dilated ResNet-18, a few
     /// minutes): per-class IoU, mIoU and head/body/tail.
-    Demo {
-        /// Classification or segmentation.
-        #[arg(long, value_enum, default_value = "cls")]
-        task: sar_train::demo::DemoTask,
-        /// Number of seeds (runs per arm; default 5 for cls, 2 for seg).
-        #[arg(long)]
-        seeds: Option<u64>,
-        /// Training epochs per run (cls).
-        #[arg(long, default_value_t = 30)]
-        epochs: usize,
-        /// Training iterations per run (seg).
-        #[arg(long, default_value_t = 800)]
-        iters: usize,
-        /// Output folder (runs, report.json, plots; default runs/demo or runs/demo-seg).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Also write the full report (every run, per-class accuracy) as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-    },
+    Demo(DemoArgs),
     /// Train a classifier or a segmenter with or without SAR from a TOML config (see
     /// `configs/`).
-    Train {
-        /// The configuration file.
-        #[arg(long)]
-        config: PathBuf,
-        /// Override a config value: `--set optim.lr=0.05` (repeatable; TOML values).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Output folder (same as `--set run.output=...`).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Continue from a checkpoint file, or from the newest checkpoint of a run folder.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// Also write the final report (JSON) here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// No progress bar.
-        #[arg(long, short)]
-        quiet: bool,
-        /// Tensor library (same as `--set run.backend=...`): candle, or dfdx for classification
-        /// with the small CNN or ResNet-32.
-        #[arg(long, value_enum)]
-        backend: Option<Backend>,
-    },
+    Train(TrainArgs),
     /// Evaluate a checkpoint on its configuration's test set.
-    Eval {
-        /// The checkpoint file (`.../checkpoints/step-*.safetensors`).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Also write the evaluation (JSON) here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Evaluate on this tensor library instead of the one that trained the checkpoint.
-        #[arg(long, value_enum)]
-        backend: Option<Backend>,
-    },
+    Eval(EvalArgs),
     /// Write the example reference case (the one in examples/reference/) to a file.
-    ReferenceExample {
-        /// Output safetensors file.
-        #[arg(long)]
-        output: PathBuf,
-    },
+    ReferenceExample(ReferenceExampleArgs),
+}
+
+/// Arguments of `sar reference`.
+#[derive(clap::Args)]
+struct ReferenceArgs {
+    /// Input tensors: anchor_logits, embedded_anchors, semantic_anchors (optional),
+    /// initialized (optional), features, labels.
+    #[arg(long)]
+    input: PathBuf,
+    /// Options JSON (tau, delta, alpha, lambda_aux, lambda_p2a, ignore_index, gate,
+    /// weights); every key optional.
+    #[arg(long)]
+    options: Option<PathBuf>,
+    /// Output safetensors file (written atomically, only on success).
+    #[arg(long)]
+    output: PathBuf,
+    /// Print nothing on success.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Arguments of `sar bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Which workloads: seg, cls, resnet32, seg-step (FCN on a dilated ResNet-18, batch 2,
+    /// 512²), or all.
+    #[arg(long, default_value = "all")]
+    workload: String,
+    /// Timed repetitions per variant (median reported).
+    #[arg(long, default_value_t = 9)]
+    reps: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Arguments of `sar demo`.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Classification or segmentation.
+    #[arg(long, value_enum, default_value = "cls")]
+    task: sar_train::demo::DemoTask,
+    /// Number of seeds (runs per arm; default 5 for cls, 2 for seg).
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// Training epochs per run (cls).
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Training iterations per run (seg).
+    #[arg(long, default_value_t = 800)]
+    iters: usize,
+    /// Output folder (runs, report.json, plots; default runs/demo or runs/demo-seg).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Also write the full report (every run, per-class accuracy) as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Delete an earlier demo in the output folder first (it is refused otherwise).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Arguments of `sar train`.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config value: `--set optim.lr=0.05` (repeatable; TOML values).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Output folder (same as `--set run.output=...`).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Continue from a checkpoint file, or from the newest checkpoint of a run folder.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Start over in an output folder that holds a run: delete that run's files first
+    /// (with `--resume`: the checkpoints after the one resumed, or another run's files).
+    #[arg(long)]
+    overwrite: bool,
+    /// Testing the stop on signals: sleep this long in every step.
+    #[arg(long, hide = true)]
+    debug_step_delay_ms: Option<u64>,
+    /// Also write the final report (JSON) here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Tensor library (same as `--set run.backend=...`): candle, or dfdx for classification
+    /// with the small CNN or ResNet-32.
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+}
+
+/// Arguments of `sar eval`.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The checkpoint file (`.../checkpoints/step-*.safetensors`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Also write the evaluation (JSON) here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Evaluate on this tensor library instead of the one that trained the checkpoint.
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+}
+
+/// Arguments of `sar reference-example`.
+#[derive(clap::Args)]
+struct ReferenceExampleArgs {
+    /// Output safetensors file.
+    #[arg(long)]
+    output: PathBuf,
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
+        if let Some(stop) = e.downcast_ref::<sar_train::run::stop::Interrupted>() {
+            eprintln!("{stop}");
+            eprintln!(
+                "continue with the same command and `--resume {}`",
+                stop.folder.display()
+            );
+            std::process::exit(stop.exit_code());
+        }
         // One line: the whole context chain.
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -165,202 +207,219 @@ impl Backend {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Reference {
-            input,
-            options,
-            output,
-            quiet,
-        } => {
-            let out = sar_train::reference::run_files(&input, options.as_deref(), &output)?;
-            if !quiet {
-                let r = out.report;
-                println!(
-                    "L_aux  = {:.10}  ({} anchor(s) at or below tau)",
-                    r.loss_aux, r.uncertain
-                );
-                println!(
-                    "gate   = {}  ({} anchor row(s) updated)",
-                    if r.gate_passed { "passed" } else { "failed" },
-                    r.updated_classes
-                );
-                println!("L_p2a  = {:.10}  (|Omega| = {})", r.loss_p2a, r.valid);
-                println!("L_SAR  = {:.10}", r.loss_sar);
-                println!("wrote {}", output.display());
-            }
-            Ok(())
-        }
-        Command::Train {
-            config,
-            overrides,
-            output,
-            resume,
-            report,
-            quiet,
-            backend,
-        } => {
-            let mut overrides = overrides;
-            if let Some(b) = backend {
-                overrides.push(format!("run.backend=\"{}\"", b.name()));
-            }
-            if let Some(o) = output {
-                overrides.push(format!(
-                    "run.output={}",
-                    toml_string(&o.display().to_string())
-                ));
-            }
-            let cfg = sar_train::config::load(&config, &overrides)?;
-            let opts = sar_train::train::TrainOptions {
-                resume,
-                progress: !quiet,
-                verbose: !quiet,
-                ..Default::default()
-            };
-            let r = sar_train::train::train(&cfg, &opts)?;
-            println!(
-                "{}: {}  ({} steps, {:.1} s{})",
-                r.name,
-                r.eval.summary(),
-                r.steps,
-                r.wall_seconds,
-                match r.gate_first_pass {
-                    Some(s) if r.sar => format!(
-                        ", SAR gate first passed at step {s}, then on {:.0}% of steps",
-                        100.0 * r.gate_pass_rate
-                    ),
-                    _ if r.sar => ", SAR gate never passed".into(),
-                    _ => String::new(),
-                }
-            );
-            println!("outputs in {}", cfg.run.output.display());
-            if let Some(p) = report {
-                sar_train::tensorio::write_atomic(
-                    &p,
-                    serde_json::to_string_pretty(&r)?.as_bytes(),
-                )?;
-            }
-            Ok(())
-        }
-        Command::Eval {
-            checkpoint,
-            report,
-            backend,
-        } => {
-            let (cfg, e) =
-                sar_train::train::eval_checkpoint(&checkpoint, backend.map(Backend::kind))?;
-            println!(
-                "{} ({}): {}",
-                cfg.run.name,
-                checkpoint.display(),
-                e.summary()
-            );
-            if let Some(p) = report {
-                sar_train::tensorio::write_atomic(
-                    &p,
-                    serde_json::to_string_pretty(&e)?.as_bytes(),
-                )?;
-            }
-            Ok(())
-        }
-        Command::Bench {
-            workload,
-            reps,
-            json,
-        } => {
-            use sar_train::bench::{run_resnet32, run_seg_step, run_workload, table, Workload};
-            let (workloads, resnet, seg_step) = match workload.as_str() {
-                "seg" => (vec![Workload::seg()], false, false),
-                "cls" => (vec![Workload::cls()], false, false),
-                "resnet32" => (vec![], true, false),
-                "seg-step" => (vec![], false, true),
-                "all" => (vec![Workload::seg(), Workload::cls()], true, true),
-                other => {
-                    anyhow::bail!(
-                        "unknown workload `{other}` (seg, cls, resnet32, seg-step or all)"
-                    )
-                }
-            };
-            let mut rows = Vec::new();
-            for w in &workloads {
-                rows.extend(run_workload(w, reps.max(1))?);
-            }
-            print!("{}", table(&rows));
-            if resnet {
-                let r = run_resnet32(reps.max(1))?;
-                print!("{}", sar_train::bench::model_step_table("model step", &r));
-                rows.extend(r);
-            }
-            if seg_step {
-                let r = run_seg_step(reps.max(1))?;
-                print!(
-                    "{}",
-                    sar_train::bench::model_step_table("segmentation step", &r)
-                );
-                rows.extend(r);
-            }
-            if let Some(path) = json {
-                let bytes = serde_json::to_vec_pretty(&rows)?;
-                sar_train::tensorio::write_atomic(&path, &bytes)?;
-            }
-            Ok(())
-        }
-        Command::Demo {
-            task,
-            seeds,
-            epochs,
-            iters,
-            output,
-            report,
-        } => {
-            use sar_train::demo::{DemoConfig, DemoTask};
-            let base = match task {
-                DemoTask::Cls => DemoConfig::default(),
-                DemoTask::Seg => DemoConfig::segmentation(),
-            };
-            let seeds = seeds.unwrap_or(base.seeds.len() as u64);
-            anyhow::ensure!(
-                seeds >= 1 && epochs >= 1 && iters >= 1,
-                "--seeds, --epochs and --iters must be at least 1"
-            );
-            let cfg = DemoConfig {
-                seeds: (0..seeds).collect(),
-                epochs,
-                iters,
-                output: output.unwrap_or(base.output.clone()),
-                ..base
-            };
-            let total = 2 * cfg.seeds.len();
-            let mut done = 0;
-            let r = sar_train::demo::run_demo(&cfg, &mut |run| {
-                done += 1;
-                let r = &run.report;
-                eprintln!(
-                    "[{done}/{total}] seed {} {:<8} {}  ({:.1} s)",
-                    run.seed,
-                    if r.sar { "SAR" } else { "baseline" },
-                    r.eval.summary(),
-                    r.wall_seconds
-                );
-            })?;
-            println!("\n{}", sar_train::demo::summary(&r));
-            println!("runs, report.json and plots in {}", cfg.output.display());
-            if let Some(path) = report {
-                sar_train::tensorio::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
-                println!("wrote {}", path.display());
-            }
-            Ok(())
-        }
-        Command::ReferenceExample { output } => {
-            let bytes = sar_train::tensorio::serialize(
-                &sar_train::reference::example_case(),
-                Default::default(),
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
-            sar_train::tensorio::write_atomic(&output, &bytes)
-                .context("writing the example case")?;
-            println!("wrote {}", output.display());
-            Ok(())
-        }
+        Command::Reference(args) => reference(args),
+        Command::Bench(args) => bench(args),
+        Command::Demo(args) => demo(args),
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::ReferenceExample(args) => reference_example(args),
     }
+}
+
+fn reference(
+    ReferenceArgs {
+        input,
+        options,
+        output,
+        quiet,
+    }: ReferenceArgs,
+) -> anyhow::Result<()> {
+    let out = sar_train::reference::run_files(&input, options.as_deref(), &output)?;
+    if !quiet {
+        let r = out.report;
+        println!(
+            "L_aux  = {:.10}  ({} anchor(s) at or below tau)",
+            r.loss_aux, r.uncertain
+        );
+        println!(
+            "gate   = {}  ({} anchor row(s) updated)",
+            if r.gate_passed { "passed" } else { "failed" },
+            r.updated_classes
+        );
+        println!("L_p2a  = {:.10}  (|Omega| = {})", r.loss_p2a, r.valid);
+        println!("L_SAR  = {:.10}", r.loss_sar);
+        println!("wrote {}", output.display());
+    }
+    Ok(())
+}
+
+fn bench(
+    BenchArgs {
+        workload,
+        reps,
+        json,
+    }: BenchArgs,
+) -> anyhow::Result<()> {
+    use sar_train::bench::{run_resnet32, run_seg_step, run_workload, table, Workload};
+    let (workloads, resnet, seg_step) = match workload.as_str() {
+        "seg" => (vec![Workload::seg()], false, false),
+        "cls" => (vec![Workload::cls()], false, false),
+        "resnet32" => (vec![], true, false),
+        "seg-step" => (vec![], false, true),
+        "all" => (vec![Workload::seg(), Workload::cls()], true, true),
+        other => {
+            anyhow::bail!("unknown workload `{other}` (seg, cls, resnet32, seg-step or all)")
+        }
+    };
+    let mut rows = Vec::new();
+    for w in &workloads {
+        rows.extend(run_workload(w, reps.max(1))?);
+    }
+    print!("{}", table(&rows));
+    if resnet {
+        let r = run_resnet32(reps.max(1))?;
+        print!("{}", sar_train::bench::model_step_table("model step", &r));
+        rows.extend(r);
+    }
+    if seg_step {
+        let r = run_seg_step(reps.max(1))?;
+        print!(
+            "{}",
+            sar_train::bench::model_step_table("segmentation step", &r)
+        );
+        rows.extend(r);
+    }
+    if let Some(path) = json {
+        let bytes = serde_json::to_vec_pretty(&rows)?;
+        sar_train::tensorio::write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
+fn demo(
+    DemoArgs {
+        task,
+        seeds,
+        epochs,
+        iters,
+        output,
+        report,
+        overwrite,
+    }: DemoArgs,
+) -> anyhow::Result<()> {
+    use sar_train::demo::{DemoConfig, DemoTask};
+    let base = match task {
+        DemoTask::Cls => DemoConfig::default(),
+        DemoTask::Seg => DemoConfig::segmentation(),
+    };
+    let seeds = seeds.unwrap_or(base.seeds.len() as u64);
+    anyhow::ensure!(
+        seeds >= 1 && epochs >= 1 && iters >= 1,
+        "--seeds, --epochs and --iters must be at least 1"
+    );
+    let cfg = DemoConfig {
+        seeds: (0..seeds).collect(),
+        epochs,
+        iters,
+        output: output.unwrap_or(base.output.clone()),
+        overwrite,
+        ..base
+    };
+    let total = 2 * cfg.seeds.len();
+    let mut done = 0;
+    let r = sar_train::demo::run_demo(&cfg, &mut |run| {
+        done += 1;
+        let r = &run.report;
+        eprintln!(
+            "[{done}/{total}] seed {} {:<8} {}  ({:.1} s)",
+            run.seed,
+            if r.sar { "SAR" } else { "baseline" },
+            r.eval.summary(),
+            r.wall_seconds
+        );
+    })?;
+    println!("\n{}", sar_train::demo::summary(&r));
+    println!("runs, report.json and plots in {}", cfg.output.display());
+    if let Some(path) = report {
+        sar_train::tensorio::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn train(
+    TrainArgs {
+        config,
+        overrides,
+        output,
+        resume,
+        overwrite,
+        debug_step_delay_ms,
+        report,
+        quiet,
+        backend,
+    }: TrainArgs,
+) -> anyhow::Result<()> {
+    let mut overrides = overrides;
+    if let Some(b) = backend {
+        overrides.push(format!("run.backend=\"{}\"", b.name()));
+    }
+    if let Some(o) = output {
+        overrides.push(format!(
+            "run.output={}",
+            toml_string(&o.display().to_string())
+        ));
+    }
+    let cfg = sar_train::config::load(&config, &overrides)?;
+    let opts = sar_train::train::TrainOptions {
+        resume,
+        progress: !quiet,
+        verbose: !quiet,
+        overwrite,
+        stop: Some(sar_train::run::stop::StopRequest::on_signals()?),
+        step_delay: debug_step_delay_ms.map(std::time::Duration::from_millis),
+        ..Default::default()
+    };
+    let r = sar_train::train::train(&cfg, &opts)?;
+    println!(
+        "{}: {}  ({} steps, {:.1} s{})",
+        r.name,
+        r.eval.summary(),
+        r.steps,
+        r.wall_seconds,
+        match r.gate_first_pass {
+            Some(s) if r.sar => format!(
+                ", SAR gate first passed at step {s}, then on {:.0}% of steps",
+                100.0 * r.gate_pass_rate
+            ),
+            _ if r.sar => ", SAR gate never passed".into(),
+            _ => String::new(),
+        }
+    );
+    println!("outputs in {}", cfg.run.output.display());
+    if let Some(p) = report {
+        sar_train::tensorio::write_atomic(&p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn eval(
+    EvalArgs {
+        checkpoint,
+        report,
+        backend,
+    }: EvalArgs,
+) -> anyhow::Result<()> {
+    let (cfg, e) = sar_train::train::eval_checkpoint(&checkpoint, backend.map(Backend::kind))?;
+    println!(
+        "{} ({}): {}",
+        cfg.run.name,
+        checkpoint.display(),
+        e.summary()
+    );
+    if let Some(p) = report {
+        sar_train::tensorio::write_atomic(&p, serde_json::to_string_pretty(&e)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn reference_example(ReferenceExampleArgs { output }: ReferenceExampleArgs) -> anyhow::Result<()> {
+    let bytes =
+        sar_train::tensorio::serialize(&sar_train::reference::example_case(), Default::default())
+            .map_err(|e| anyhow::anyhow!(e))?;
+    sar_train::tensorio::write_atomic(&output, &bytes).context("writing the example case")?;
+    println!("wrote {}", output.display());
+    Ok(())
 }
 
 /// A TOML basic string holding `s`.

@@ -87,3 +87,35 @@ fn short_segmentation_demo_runs_both_arms() {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
 }
+
+#[test]
+fn a_second_demo_into_one_folder_is_refused_until_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DemoConfig {
+        seeds: vec![0],
+        epochs: 1,
+        plots: false,
+        output: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    run_demo(&cfg, &mut |_| {}).unwrap();
+    let before = std::fs::read(dir.path().join("report.json")).unwrap();
+    let err = run_demo(&cfg, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("already holds a demo")
+            && err.contains("report.json")
+            && err.contains("seed0-baseline/")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("report.json")).unwrap(), before);
+    let again = DemoConfig {
+        overwrite: true,
+        ..cfg
+    };
+    let r = run_demo(&again, &mut |_| {}).unwrap();
+    assert_eq!(r.runs.len(), 2);
+    // Each arm's folder holds one run: one final evaluation in its log.
+    let log = std::fs::read_to_string(dir.path().join("seed0-sar/metrics.jsonl")).unwrap();
+    assert_eq!(log.matches("\"final\":true").count(), 1);
+}

@@ -152,6 +152,10 @@ fn resume_from_a_mid_epoch_checkpoint_is_bit_identical() {
             rest.eval.classification().unwrap().per_class_accuracy
         );
         assert_eq!(full.gate_first_pass, rest.gate_first_pass);
+        assert_eq!(
+            full.loss, rest.loss,
+            "the last epoch's mean loss, across the resume"
+        );
     }
 }
 

@@ -11,10 +11,15 @@
 //! variable, the momentum buffers, the SAR buffers and the step, and `--resume` continues
 //! bit for bit on the CPU (tested).
 //!
-//! Outputs in `run.output`: `config.toml` (written before step 0), `metrics.jsonl`
-//! ([`log`]), `checkpoints/`, `report.json`, and the PNG plots.
+//! Outputs in `run.output`: `config.toml` (the config in force, written before the first
+//! step), `metrics.jsonl` ([`log`]), `checkpoints/`, `report.json`, and the PNG plots. The
+//! folder belongs to one run ([`folder`]: a lock, no silent overwrite, one line of descent),
+//! and a stop request ([`stop`], SIGTERM/SIGINT in the binary) ends the run after the step in
+//! progress with a checkpoint of it.
 
+pub mod folder;
 pub mod log;
+pub mod stop;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{NonFinitePolicy, ScheduleKind, TrainConfig};
@@ -22,16 +27,18 @@ use crate::evaluation::TaskEvaluation;
 use crate::optim::{learning_rate, Schedule};
 use anyhow::{bail, ensure, Context};
 use candle_core::Tensor;
+use folder::RunFolder;
 use log::MetricsLog;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use stop::{Interrupted, StopRequest};
 
 pub use log::loss_series;
 
 /// Loss parts of one step, or their mean over a logging window or an epoch.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct LossParts {
     /// Cross-entropy (segmentation: of the decode head).
     pub ce: f64,
@@ -108,6 +115,14 @@ pub struct TrainOptions {
     pub poison_steps: Vec<u64>,
     /// Fault injection for tests: the cross-entropy of these steps is multiplied by +inf.
     pub poison_loss_steps: Vec<u64>,
+    /// Delete the files of a run already in the output folder instead of refusing to start
+    /// (see [`folder`]).
+    pub overwrite: bool,
+    /// Stop after the step in progress, with a checkpoint, once this is raised.
+    pub stop: Option<StopRequest>,
+    /// For tests of the stop: every step sleeps this long before its forward pass, so a
+    /// signal lands inside a step.
+    pub step_delay: Option<std::time::Duration>,
 }
 
 /// Where a training step is in the run.
@@ -269,12 +284,9 @@ impl Plan {
     }
 }
 
-/// Sums over the steps since the last `"train"` log line.
+/// Wall-clock measure of the steps since the last `"train"` log line (the loss sums are in
+/// the checkpoint state, [`checkpoint::RunningSums`]).
 struct Window {
-    sums: LossParts,
-    steps: usize,
-    gate_passes: usize,
-    p2a_rows: usize,
     images: usize,
     start: Instant,
 }
@@ -282,54 +294,67 @@ struct Window {
 impl Window {
     fn new() -> Self {
         Window {
-            sums: LossParts::default(),
-            steps: 0,
-            gate_passes: 0,
-            p2a_rows: 0,
             images: 0,
             start: Instant::now(),
         }
     }
-    fn add(&mut self, r: &StepReport) {
-        self.sums.add(&r.parts);
-        self.steps += 1;
-        self.gate_passes += r.gate as usize;
-        self.p2a_rows += r.valid;
-        self.images += r.images;
-    }
 }
 
-/// Sums of the loss parts over the current epoch's steps.
-#[derive(Default)]
-struct EpochLoss {
-    sums: LossParts,
-    steps: usize,
-}
-
-impl EpochLoss {
-    fn mean(&self) -> LossParts {
-        self.sums.scaled(1.0 / self.steps.max(1) as f64)
-    }
+/// Adds a successful step to the window and epoch sums.
+fn add_step(sums: &mut checkpoint::RunningSums, r: &StepReport) {
+    sums.window.add(&r.parts);
+    sums.window_steps += 1;
+    sums.window_gate_passes += r.gate as u64;
+    sums.window_p2a_rows += r.valid as u64;
+    sums.epoch.add(&r.parts);
+    sums.epoch_steps += 1;
 }
 
 /// Trains the trainee that `make_trainee` builds as `cfg` says. Returns the final report
-/// (also written to `run.output/report.json`).
+/// (also written to `run.output/report.json`), or [`Interrupted`] after a stop request.
 pub(crate) fn run(
     cfg: &TrainConfig,
     opts: &TrainOptions,
     make_trainee: &dyn Fn() -> anyhow::Result<Box<dyn Trainee>>,
 ) -> anyhow::Result<RunReport> {
     let out = &cfg.run.output;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let ckpt_dir = out.join("checkpoints");
+    // Nothing in the folder is read or changed before the lock is held.
+    let folder = RunFolder::lock(out)?;
+    let resume_from = match &opts.resume {
+        Some(from) => Some(checkpoint_to_resume(cfg, from)?),
+        None => None,
+    };
+    let own_checkpoint = match &resume_from {
+        None => {
+            folder.prepare_fresh(opts.overwrite, "sar train")?;
+            false
+        }
+        Some((path, ck)) => folder.prepare_resume(path, ck.state.step, opts.overwrite)?,
+    };
+    let ckpt_dir = out.join(folder::CHECKPOINTS);
     std::fs::create_dir_all(&ckpt_dir)
         .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
     let mut trainee = make_trainee()?;
     let plan = Plan::new(cfg, trainee.train_len());
-    let mut log = MetricsLog::open(out.join("metrics.jsonl"))?;
-    let state = match &opts.resume {
-        Some(from) => resume(cfg, trainee.as_mut(), &mut log, from, stale)?,
+    let metrics = out.join("metrics.jsonl");
+    let dropped = match &resume_from {
+        Some((_, ck)) if own_checkpoint => log::truncate_to(&metrics, ck.state.step)?,
+        _ => 0,
+    };
+    let mut log = MetricsLog::open(metrics)?;
+    crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let state = match resume_from {
+        Some((path, ck)) => {
+            trainee
+                .load_state(&ck.tensors)
+                .with_context(|| format!("cannot resume from {}", path.display()))?;
+            log.write(serde_json::json!({"kind": "resume", "step": ck.state.step, "from": path.display().to_string(), "stale_temporaries_removed": stale, "log_lines_dropped": dropped}))?;
+            CheckpointState {
+                config: cfg.clone(),
+                ..ck.state
+            }
+        }
         None => start(cfg, trainee.as_mut(), &mut log)?,
     };
     let mut lp = Loop {
@@ -341,26 +366,28 @@ pub(crate) fn run(
         log,
         ckpt_dir,
         epoch: state.epoch as usize,
+        saved_step: None,
         state,
         lr: cfg.optim.lr,
         window: Window::new(),
-        epoch_loss: EpochLoss::default(),
         last_epoch_loss: LossParts::default(),
         consecutive_skips: 0,
         clock: Instant::now(),
     };
+    if lp.state.batch_in_epoch == 0 {
+        // A checkpoint at an epoch's end holds that epoch's sums: close it as the loop does.
+        lp.close_epoch_loss();
+    }
     lp.epochs()?;
     lp.finish()
 }
 
-/// A fresh run: the config is written before step 0, then pretrained weights are loaded.
+/// A fresh run: pretrained weights, if the config names them, and the state of step 0.
 fn start(
     cfg: &TrainConfig,
     trainee: &mut dyn Trainee,
     log: &mut MetricsLog,
 ) -> anyhow::Result<CheckpointState> {
-    let out = &cfg.run.output;
-    crate::tensorio::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     if let Some(p) = &cfg.model.pretrained {
         let (loaded, kept) = trainee.load_pretrained(cfg, p)?;
         log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": loaded, "kept": kept}))?;
@@ -375,6 +402,7 @@ fn start(
         gate_passes: 0,
         skipped_steps: 0,
         elapsed_seconds: 0.0,
+        sums: Default::default(),
     })
 }
 
@@ -392,15 +420,12 @@ fn resume_path(from: &Path) -> anyhow::Result<PathBuf> {
     checkpoint::latest(&dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))
 }
 
-/// Loads the checkpoint `from` names into the trainee after checking that it is of this run
-/// (same model, data, seed, batch size, SAR switch and iteration count).
-fn resume(
+/// The checkpoint `from` names, verified, after checking that it is of this run (same model,
+/// data, seed, batch size, SAR switch and iteration count).
+fn checkpoint_to_resume(
     cfg: &TrainConfig,
-    trainee: &mut dyn Trainee,
-    log: &mut MetricsLog,
     from: &Path,
-    stale_temporaries: usize,
-) -> anyhow::Result<CheckpointState> {
+) -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
     let path = resume_path(from)?;
     let ck = checkpoint::load(&path)?;
     let old = &ck.state.config;
@@ -421,15 +446,7 @@ fn resume(
             path.display()
         );
     }
-    trainee
-        .load_state(&ck.tensors)
-        .with_context(|| format!("cannot resume from {}", path.display()))?;
-    let state = CheckpointState {
-        config: cfg.clone(),
-        ..ck.state
-    };
-    log.write(serde_json::json!({"kind": "resume", "step": state.step, "from": path.display().to_string(), "stale_temporaries_removed": stale_temporaries}))?;
-    Ok(state)
+    Ok((path, ck))
 }
 
 fn progress_bar(
@@ -467,10 +484,11 @@ struct Loop<'a> {
     /// What a checkpoint records of the loop (step, epoch, position, gate statistics).
     state: CheckpointState,
     epoch: usize,
+    /// The step of the last checkpoint this process wrote.
+    saved_step: Option<u64>,
     /// The learning rate of the last update.
     lr: f64,
     window: Window,
-    epoch_loss: EpochLoss,
     last_epoch_loss: LossParts,
     consecutive_skips: usize,
     /// Training time since it was last added to `state.elapsed_seconds`.
@@ -499,6 +517,9 @@ impl Loop<'_> {
                 let idx = &order[b * batch..((b + 1) * batch).min(order.len())];
                 self.step(b, idx)?;
                 self.after_step(b)?;
+                if let Some(signal) = self.opts.stop.as_ref().and_then(StopRequest::asked) {
+                    return Err(self.interrupt(signal)?.into());
+                }
             }
             self.end_epoch()?;
         }
@@ -508,6 +529,9 @@ impl Loop<'_> {
     /// One step: forward, then the update, or the non-finite policy.
     fn step(&mut self, b: usize, idx: &[usize]) -> anyhow::Result<()> {
         let step = self.state.step;
+        if let Some(d) = self.opts.step_delay {
+            std::thread::sleep(d);
+        }
         // Forward passes update BatchNorm running statistics and the SAR EMA: a skipped
         // step must not leave NaN there, so keep a deep copy when skipping is allowed.
         let snapshot = match self.cfg.train.on_nonfinite {
@@ -538,9 +562,8 @@ impl Loop<'_> {
                     self.state.gate_first_pass.get_or_insert(step);
                     self.state.gate_passes += 1;
                 }
-                self.epoch_loss.sums.add(&report.parts);
-                self.epoch_loss.steps += 1;
-                self.window.add(&report);
+                add_step(&mut self.state.sums, &report);
+                self.window.images += report.images;
                 Ok(())
             }
         }
@@ -614,18 +637,24 @@ impl Loop<'_> {
 
     /// A `"train"` line with the window's means; starts a new window.
     fn log_window(&mut self) -> anyhow::Result<()> {
-        let w = &self.window;
-        let k = w.steps.max(1) as f64;
-        let secs = w.start.elapsed().as_secs_f64();
-        let m = w.sums.scaled(1.0 / k);
+        let w = &mut self.state.sums;
+        let k = w.window_steps.max(1) as f64;
+        let secs = self.window.start.elapsed().as_secs_f64();
+        let m = w.window.scaled(1.0 / k);
         self.log.write(serde_json::json!({
             "kind": "train", "step": self.state.step, "epoch": self.epoch, "lr": self.lr,
             "loss": m.total, "ce": m.ce, "head_aux": m.head_aux, "aux": m.aux,
-            "p2a": m.p2a, "gate_pass_rate": w.gate_passes as f64 / k,
-            "p2a_rows_per_step": w.p2a_rows as f64 / k,
-            "images_per_s": w.images as f64 / secs.max(1e-9),
+            "p2a": m.p2a, "gate_pass_rate": w.window_gate_passes as f64 / k,
+            "p2a_rows_per_step": w.window_p2a_rows as f64 / k,
+            "images_per_s": self.window.images as f64 / secs.max(1e-9),
         }))?;
         self.bar.set_message(format!("loss {:.4}", m.total));
+        (
+            w.window,
+            w.window_steps,
+            w.window_gate_passes,
+            w.window_p2a_rows,
+        ) = (LossParts::default(), 0, 0, 0);
         self.window = Window::new();
         Ok(())
     }
@@ -639,7 +668,30 @@ impl Loop<'_> {
             &self.trainee.state_tensors()?,
             &self.state,
         )?;
-        checkpoint::prune(&self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        self.saved_step = Some(self.state.step);
+        checkpoint::prune(
+            &self.ckpt_dir,
+            self.cfg.train.keep_checkpoints,
+            self.state.step,
+        )
+    }
+
+    /// The stop a signal asked for: a checkpoint of the step just done (unless it was just
+    /// written), a `"stop"` record, and the [`Interrupted`] error.
+    fn interrupt(&mut self, signal: i32) -> anyhow::Result<Interrupted> {
+        if self.saved_step != Some(self.state.step) {
+            self.save()?;
+        }
+        let step = self.state.step;
+        self.log
+            .write(serde_json::json!({"kind": "stop", "step": step, "signal": signal}))?;
+        self.bar.abandon();
+        Ok(Interrupted {
+            signal,
+            step,
+            checkpoint: checkpoint::path_for(&self.ckpt_dir, step),
+            folder: self.cfg.run.output.clone(),
+        })
     }
 
     fn evaluate_and_log(&mut self, last: bool) -> anyhow::Result<TaskEvaluation> {
@@ -655,8 +707,7 @@ impl Loop<'_> {
 
     /// Closes an epoch: its mean loss, and the evaluation `eval_every` asks for.
     fn end_epoch(&mut self) -> anyhow::Result<()> {
-        self.last_epoch_loss = self.epoch_loss.mean();
-        self.epoch_loss = EpochLoss::default();
+        self.close_epoch_loss();
         self.epoch += 1;
         let c = self.cfg;
         if c.train.iters.is_none()
@@ -672,6 +723,13 @@ impl Loop<'_> {
         }
         self.clock = Instant::now();
         Ok(())
+    }
+
+    /// The epoch's mean loss parts (the report's `loss`); starts the next epoch's sums.
+    fn close_epoch_loss(&mut self) {
+        let sums = &mut self.state.sums;
+        self.last_epoch_loss = sums.epoch.scaled(1.0 / sums.epoch_steps.max(1) as f64);
+        (sums.epoch, sums.epoch_steps) = (LossParts::default(), 0);
     }
 
     /// The final evaluation, `report.json` and the plots.

@@ -1,0 +1,231 @@
+//! [`TrainConfig::validate`]: every value checked, one section at a time; each error names
+//! the key and the value.
+
+use super::*;
+use anyhow::{bail, ensure};
+
+impl TrainConfig {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_model()?;
+        if self.data.dataset.is_segmentation() {
+            self.validate_segmentation()?;
+        }
+        self.validate_data()?;
+        self.validate_optim_and_train()?;
+        self.validate_eval()?;
+        self.sar
+            .params()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[sar]: {e}"))?;
+        self.validate_run()
+    }
+
+    /// `model.arch` for classification, `model.backbone` for segmentation, never both.
+    fn validate_model(&self) -> anyhow::Result<()> {
+        let d = &self.data;
+        let seg = d.dataset.is_segmentation();
+        let m = &self.model;
+        match (seg, m.arch, m.backbone) {
+            (false, None, _) => bail!("model.arch is required for {:?}", d.dataset),
+            (false, Some(_), Some(_)) => {
+                bail!(
+                    "model.backbone is for segmentation data sets; {:?} takes model.arch",
+                    d.dataset
+                )
+            }
+            (true, _, None) => bail!("model.backbone is required for {:?}", d.dataset),
+            (true, Some(_), _) => {
+                bail!(
+                    "model.arch is for classification; {:?} takes model.backbone",
+                    d.dataset
+                )
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The keys only segmentation reads (model, augmentation, mosaic, sliding window).
+    fn validate_segmentation(&self) -> anyhow::Result<()> {
+        let (d, m) = (&self.data, &self.model);
+        ensure!(
+            (0.0..1.0).contains(&m.dropout),
+            "model.dropout must be in [0, 1), got {}",
+            m.dropout
+        );
+        ensure!(
+            m.aux_weight.is_finite() && m.aux_weight >= 0.0,
+            "model.aux_weight must be ≥ 0, got {}",
+            m.aux_weight
+        );
+        ensure!(
+            m.width >= 4 && m.width.is_multiple_of(4),
+            "model.width must be a multiple of 4, got {}",
+            m.width
+        );
+        ensure!(
+            d.seg_crop.iter().all(|&v| v >= 8),
+            "data.seg_crop must be at least [8, 8], got {:?}",
+            d.seg_crop
+        );
+        ensure!(
+            d.ratio_range[0] > 0.0
+                && d.ratio_range[0] <= d.ratio_range[1]
+                && d.ratio_range[1].is_finite(),
+            "data.ratio_range must be [lo, hi] with 0 < lo ≤ hi, got {:?}",
+            d.ratio_range
+        );
+        ensure!(
+            d.cat_max_ratio > 0.0 && d.cat_max_ratio <= 1.0,
+            "data.cat_max_ratio must be in (0, 1], got {}",
+            d.cat_max_ratio
+        );
+        ensure!(
+            d.mixup_alpha == 0.0,
+            "data.mixup_alpha is for classification only"
+        );
+        ensure!(
+            d.mosaic_size >= 32 && d.mosaic_train >= 1 && d.mosaic_test >= 1,
+            "data.mosaic_size must be ≥ 32 and mosaic_train/mosaic_test ≥ 1"
+        );
+        ensure!(
+            self.eval.slide_crop.iter().all(|&v| v >= 1)
+                && self.eval.slide_stride.iter().all(|&v| v >= 1),
+            "eval.slide_crop and eval.slide_stride must be positive"
+        );
+        ensure!(
+            self.eval.groups != Some(GroupBy::Count),
+            "eval.groups = \"count\" groups classes by images; segmentation groups by pixel frequency (\"rank\") or \"index\""
+        );
+        Ok(())
+    }
+
+    /// `[data]` keys of every task.
+    fn validate_data(&self) -> anyhow::Result<()> {
+        let d = &self.data;
+        if !matches!(d.dataset, DatasetKind::Digits | DatasetKind::Mosaic) {
+            ensure!(
+                d.root.is_some(),
+                "data.root is required for {:?}",
+                d.dataset
+            );
+        }
+        if let Some(f) = d.imbalance {
+            ensure!(
+                f.is_finite() && f >= 1.0,
+                "data.imbalance must be ≥ 1, got {f}"
+            );
+        }
+        ensure!(
+            d.test_fraction > 0.0 && d.test_fraction < 1.0,
+            "data.test_fraction must be in (0, 1), got {}",
+            d.test_fraction
+        );
+        ensure!(
+            d.crop >= 8 && d.resize >= d.crop,
+            "data.crop must be ≥ 8 and data.resize ≥ data.crop, got {} and {}",
+            d.crop,
+            d.resize
+        );
+        ensure!(
+            d.mixup_alpha.is_finite() && d.mixup_alpha >= 0.0,
+            "data.mixup_alpha must be ≥ 0, got {}",
+            d.mixup_alpha
+        );
+        Ok(())
+    }
+
+    /// `[optim]` and `[train]`.
+    fn validate_optim_and_train(&self) -> anyhow::Result<()> {
+        if let Some(i) = self.train.iters {
+            ensure!(i >= 1, "train.iters must be ≥ 1");
+        }
+        let o = &self.optim;
+        ensure!(
+            o.lr.is_finite() && o.lr > 0.0,
+            "optim.lr must be > 0, got {}",
+            o.lr
+        );
+        ensure!(
+            (0.0..1.0).contains(&o.momentum),
+            "optim.momentum must be in [0, 1), got {}",
+            o.momentum
+        );
+        ensure!(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "optim.weight_decay must be ≥ 0, got {}",
+            o.weight_decay
+        );
+        ensure!(
+            !o.nesterov || o.momentum > 0.0,
+            "optim.nesterov needs optim.momentum > 0"
+        );
+        ensure!(
+            o.gamma.is_finite() && o.gamma > 0.0,
+            "optim.gamma must be > 0, got {}",
+            o.gamma
+        );
+        ensure!(
+            o.power.is_finite() && o.power > 0.0,
+            "optim.power must be > 0, got {}",
+            o.power
+        );
+        ensure!(
+            o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr,
+            "optim.min_lr must be in [0, lr], got {}",
+            o.min_lr
+        );
+        let t = &self.train;
+        ensure!(t.epochs >= 1, "train.epochs must be ≥ 1");
+        ensure!(t.batch_size >= 1, "train.batch_size must be ≥ 1");
+        ensure!(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints must be ≥ 1"
+        );
+        ensure!(
+            o.warmup_epochs <= t.epochs,
+            "optim.warmup_epochs ({}) exceeds train.epochs ({})",
+            o.warmup_epochs,
+            t.epochs
+        );
+        Ok(())
+    }
+
+    /// `[eval]`.
+    fn validate_eval(&self) -> anyhow::Result<()> {
+        ensure!(self.eval.batch_size >= 1, "eval.batch_size must be ≥ 1");
+        ensure!(
+            self.eval.head_end <= self.eval.medium_end,
+            "eval.head_end must be ≤ eval.medium_end"
+        );
+        ensure!(
+            self.eval.few <= self.eval.many,
+            "eval.few must be ≤ eval.many"
+        );
+        Ok(())
+    }
+
+    /// `[run]`: the device this build has, and what the chosen backend trains.
+    fn validate_run(&self) -> anyhow::Result<()> {
+        if self.run.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            bail!("run.device = \"cuda\" needs sar built with --features cuda");
+        }
+        if self.run.backend == BackendKind::Dfdx {
+            ensure!(
+                !self.data.dataset.is_segmentation(),
+                "run.backend = \"dfdx\" trains classification only; segmentation runs on candle"
+            );
+            ensure!(
+                matches!(self.model.arch, Some(Arch::SmallCnn | Arch::ResNet32)),
+                "run.backend = \"dfdx\" has the small CNN and the CIFAR ResNet-32, not model.arch = {}",
+                self.model.arch.map_or("(none)".to_string(), |a| a.to_string())
+            );
+            ensure!(
+                self.model.pretrained.is_none(),
+                "run.backend = \"dfdx\" starts from its seeded initialisation; model.pretrained is not supported there"
+            );
+        }
+        Ok(())
+    }
+}

@@ -5,7 +5,7 @@
 //! own classifier (Z = g_θ(E)) under a re-weighted cross-entropy (L_aux), averaged by EMA into
 //! semantic anchors Â once the classifier separates them (the δ gate), and the features are
 //! pulled to Â by an MSE (L_p2a). This crate implements every equation exactly as the released
-//! code does (see `shared/design/sar-spec.md` in the repository), as allocation-free kernels over
+//! code does (see `docs/spec.md` in the repository), as allocation-free kernels over
 //! slices with their analytic gradients, in `f32` and `f64`.
 //!
 //! | module | equation | what |

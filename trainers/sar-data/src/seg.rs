@@ -14,7 +14,7 @@
 //! | [`cityscapes`] | `leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png`, `gtFine/<split>/<city>/<id>_gtFine_labelTrainIds.png` (or `_labelIds.png`) | 19 | trainIds as stored (255 ignored); labelIds through the official id → trainId table |
 //! | [`ade20k`] | `images/{training,validation}/*.jpg`, `annotations/<split>/*.png` (the `ADEChallengeData2016` folder) | 150 | reduce-zero-label: 0 → 255, v → v − 1 |
 //! | [`pascal_context59`] | mmsegmentation's VOC2010 layout: `JPEGImages/*.jpg`, `SegmentationClassContext/*.png`, `ImageSets/SegmentationContext/{train,val}.txt` | 59 | reduce-zero-label |
-//! | [`glyph_mosaic`] | embedded (digits from `../shared/data`) | 11 | background 0, digit d → d + 1 |
+//! | [`glyph_mosaic`] | embedded (the UCI optdigits of [`crate::digits`], CC BY 4.0) | 11 | background 0, digit d → d + 1 |
 
 use crate::{DataError, ImageSet, Result};
 use sar_math::anchors::AnchorRng;

@@ -1,7 +1,7 @@
 //! `sar bench`: one SAR step, forward and backward, per backend, beside a memory copy of the
 //! feature bytes measured in the same run.
 //!
-//! Workloads (the shapes of the PyTorch peer in the repository's shared bench notes):
+//! Workloads (the shapes the PyTorch peer timed, see `docs/results/2026-11-26-bench-cpu.txt`):
 //! - **seg**: Cityscapes/HRNet scale, f32 features `[2, 720, 128, 256]`, labels `[2, 512, 1024]`
 //!   (random classes, the top 40 rows ignored), C = 19;
 //! - **cls**: CIFAR scale, f32 features `[128, 64]`, labels `[128]`, C = 100.

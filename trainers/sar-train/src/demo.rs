@@ -398,21 +398,36 @@ type Metric = (&'static str, fn(&RunReport) -> f64);
 
 /// The table printed by `sar demo`.
 pub fn summary(report: &DemoReport) -> String {
-    let arm = |sar: bool| {
-        report
-            .runs
-            .iter()
-            .filter(move |r| r.report.sar == sar)
-            .map(|r| &r.report)
-    };
-    let col = |sar: bool, f: fn(&RunReport) -> f64| arm(sar).map(f).collect::<Vec<_>>();
+    let mut out = headline(report);
+    out += &metric_table(report);
+    out += &gate_line(report);
+    if report.config.task == DemoTask::Seg {
+        out += &per_class_iou_table(report);
+        out += "A small synthetic set and a short schedule: a smoke test of SAR for segmentation, not evidence for it.\n";
+    } else {
+        out += "The digits are a smoke test of SAR: its measurable effect needs a larger long-tailed set (e.g. CIFAR-100-LT).\n";
+    }
+    out
+}
+
+/// The reports of one arm.
+fn arm(report: &DemoReport, sar: bool) -> impl Iterator<Item = &RunReport> {
+    report
+        .runs
+        .iter()
+        .filter(move |r| r.report.sar == sar)
+        .map(|r| &r.report)
+}
+
+/// The four metrics of the task's table.
+fn metrics(task: DemoTask) -> [Metric; 4] {
     fn cls(r: &RunReport) -> Option<&crate::evaluation::Evaluation> {
         r.eval.classification().ok()
     }
     fn seg(r: &RunReport) -> Option<&crate::seg::SegEvaluation> {
         r.eval.segmentation().ok()
     }
-    let metrics: [Metric; 4] = match report.config.task {
+    match task {
         DemoTask::Cls => [
             ("top-1", |r| cls(r).map_or(f64::NAN, |e| e.top1)),
             ("head 0-2", |r| cls(r).map_or(f64::NAN, |e| e.head)),
@@ -425,28 +440,39 @@ pub fn summary(report: &DemoReport) -> String {
             ("mBody", |r| seg(r).map_or(f64::NAN, |e| e.mbody)),
             ("mTail", |r| seg(r).map_or(f64::NAN, |e| e.mtail)),
         ],
-    };
-    let n = report.config.seeds.len();
-    let mut out = match report.config.task {
+    }
+}
+
+/// What was trained on what.
+fn headline(report: &DemoReport) -> String {
+    let (c, n) = (&report.config, report.config.seeds.len());
+    match c.task {
         DemoTask::Cls => format!(
             "SAR demo: long-tailed digits (imbalance {}, {} training images {:?}, {} balanced test images), small CNN, {} epochs, {} seeds\n\n",
-            report.config.imbalance,
+            c.imbalance,
             report.train_counts.iter().sum::<u64>(),
             report.train_counts,
             report.test_images,
-            report.config.epochs,
+            c.epochs,
             n
         ),
         DemoTask::Seg => format!(
             "SAR demo: long-tailed glyph mosaic (digit 0 {}× as common as digit 9; training pixels per class {:?}; {} test canvases), FCN on dilated ResNet-18 (width 16) + auxiliary head, {} iterations, {} seeds\n\n",
-            report.config.imbalance,
+            c.imbalance,
             report.train_counts,
             report.test_images,
-            report.config.iters,
+            c.iters,
             n
         ),
-    };
-    out += &format!(
+    }
+}
+
+/// Mean ± standard deviation of each arm, the paired differences and their verdicts.
+fn metric_table(report: &DemoReport) -> String {
+    let n = report.config.seeds.len();
+    let metrics = metrics(report.config.task);
+    let col = |sar: bool, f: fn(&RunReport) -> f64| arm(report, sar).map(f).collect::<Vec<_>>();
+    let mut out = format!(
         "{:<16}",
         match report.config.task {
             DemoTask::Cls => "test accuracy %",
@@ -490,49 +516,48 @@ pub fn summary(report: &DemoReport) -> String {
     for v in verdicts {
         out += &format!("  {v}\n");
     }
-    let sar_runs: Vec<&RunReport> = arm(true).collect();
+    out
+}
+
+/// When SAR's gate passed and how large its terms ended.
+fn gate_line(report: &DemoReport) -> String {
+    let sar_runs: Vec<&RunReport> = arm(report, true).collect();
     let firsts: Vec<f64> = sar_runs
         .iter()
         .filter_map(|r| r.gate_first_pass.map(|s| s as f64))
         .collect();
-    let rate = mean_sd(
-        &sar_runs
-            .iter()
-            .map(|r| r.gate_pass_rate)
-            .collect::<Vec<_>>(),
-    )
-    .0;
-    out += &format!(
+    let mean_of =
+        |f: fn(&RunReport) -> f64| mean_sd(&sar_runs.iter().map(|r| f(r)).collect::<Vec<_>>()).0;
+    format!(
         "\nSAR's gate passed in {} of {} runs, first at step {:.1} on average, then on {:.1}% of steps; last-epoch L_aux {:.4}, L_p2a {:.4} (mean)\n",
         firsts.len(),
         sar_runs.len(),
         mean_sd(&firsts).0,
-        100.0 * rate,
-        mean_sd(&sar_runs.iter().map(|r| r.loss.aux).collect::<Vec<_>>()).0,
-        mean_sd(&sar_runs.iter().map(|r| r.loss.p2a).collect::<Vec<_>>()).0,
+        100.0 * mean_of(|r| r.gate_pass_rate),
+        mean_of(|r| r.loss.aux),
+        mean_of(|r| r.loss.p2a),
+    )
+}
+
+/// Segmentation: IoU per class of both arms (mean over seeds).
+fn per_class_iou_table(report: &DemoReport) -> String {
+    let mut out = "\nIoU % per class (mean over seeds; training pixels in brackets):\n".to_string();
+    out += &format!(
+        "{:<22}{:>12}{:>12}{:>12}\n",
+        "class", "baseline", "SAR", "difference"
     );
-    if report.config.task == DemoTask::Seg {
-        out += "\nIoU % per class (mean over seeds; training pixels in brackets):\n";
+    let (b, s) = (mean_per_class(report, false), mean_per_class(report, true));
+    for (k, name) in report.class_names.iter().enumerate() {
         out += &format!(
-            "{:<22}{:>12}{:>12}{:>12}\n",
-            "class", "baseline", "SAR", "difference"
+            "{:<22}{:>12.1}{:>12.1}{:>+12.1}\n",
+            format!(
+                "{name} ({})",
+                report.train_counts.get(k).copied().unwrap_or(0)
+            ),
+            100.0 * b[k],
+            100.0 * s[k],
+            100.0 * (s[k] - b[k])
         );
-        let (b, s) = (mean_per_class(report, false), mean_per_class(report, true));
-        for (k, name) in report.class_names.iter().enumerate() {
-            out += &format!(
-                "{:<22}{:>12.1}{:>12.1}{:>+12.1}\n",
-                format!(
-                    "{name} ({})",
-                    report.train_counts.get(k).copied().unwrap_or(0)
-                ),
-                100.0 * b[k],
-                100.0 * s[k],
-                100.0 * (s[k] - b[k])
-            );
-        }
-        out += "A small synthetic set and a short schedule: a smoke test of SAR for segmentation, not evidence for it.\n";
-    } else {
-        out += "The digits are a smoke test of SAR: its measurable effect needs a larger long-tailed set (e.g. CIFAR-100-LT).\n";
     }
     out
 }

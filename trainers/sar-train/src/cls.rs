@@ -14,7 +14,7 @@ use crate::config::{AugmentKind, DatasetKind, TrainConfig};
 use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
 use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
@@ -145,12 +145,10 @@ pub struct Setup {
 pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Result<Setup> {
     let device = device(cfg.run.device)?;
     let varmap = VarMap::new();
+    let m = cfg.model.classifier()?;
     let spec = ModelSpec {
-        arch: cfg
-            .model
-            .arch
-            .context("model.arch is required for a classification run")?,
-        stem: cfg.model.stem,
+        arch: m.arch,
+        stem: m.stem,
         in_channels: channels,
         classes,
         seed: cfg.run.seed,

@@ -25,7 +25,7 @@ pub use crate::evaluation::SegEvaluation;
 use crate::evaluation::{metrics_from_confusion, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
 use crate::trainees::candle::{finish_step, StepOutcome, Task};
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rayon::prelude::*;
@@ -113,14 +113,12 @@ pub struct SegSetup {
 pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> {
     let device = crate::trainees::candle::device(cfg.run.device)?;
     let varmap = VarMap::new();
+    let m = cfg.model.segmenter()?;
     let spec = SegSpec {
-        backbone: cfg
-            .model
-            .backbone
-            .context("model.backbone is required for segmentation")?,
-        head: cfg.model.head,
-        aux: cfg.model.aux,
-        width: cfg.model.width,
+        backbone: m.backbone,
+        head: m.head,
+        aux: m.aux,
+        width: m.width,
         in_channels: 3,
         classes,
         seed: cfg.run.seed,
@@ -414,7 +412,8 @@ impl Task for SegTask {
         let x = Tensor::from_vec(x, (n, 3, h, w), &dev)?;
         let f = model.features(&x, true)?;
         let mut rng = sar_data::augment::sample_rng(self.cfg.run.seed ^ 0x4452_4F50, step, 0);
-        let p = self.cfg.model.dropout;
+        let m = self.cfg.model.segmenter()?;
+        let p = m.dropout;
         let logits = model.classify(&dropout2d(&f.main, p, &mut rng)?)?;
         let ce = seg_cross_entropy(&logits, &y, (n, h, w))?;
         let ce = if ctx.poison_loss {
@@ -427,7 +426,7 @@ impl Task for SegTask {
         let mut head_aux = 0.0;
         if let Some(a) = &f.aux {
             let la = model.classify_aux(&dropout2d(a, p, &mut rng)?)?;
-            let ca = (seg_cross_entropy(&la, &y, (n, h, w))? * self.cfg.model.aux_weight)?;
+            let ca = (seg_cross_entropy(&la, &y, (n, h, w))? * m.aux_weight)?;
             head_aux = ca.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss = (loss + ca)?;
         }

@@ -108,7 +108,10 @@ fn a_second_demo_into_one_folder_is_refused_until_overwrite() {
             && err.contains("--overwrite"),
         "{err}"
     );
-    assert_eq!(std::fs::read(dir.path().join("report.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(dir.path().join("report.json")).unwrap(),
+        before
+    );
     let again = DemoConfig {
         overwrite: true,
         ..cfg

@@ -4,13 +4,14 @@
 //! ```toml
 //! [run]      # name, seed, output, device ("cpu" | "cuda")
 //! [data]     # dataset, root, imbalance, augment, pad, flip, crop, resize, mixup_alpha, test_fraction, split_seed
-//! [model]    # arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
+//! [model]    # classification: arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
+//!            # segmentation: backbone, head, aux, aux_weight, dropout, width, pretrained
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
 //! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
 //! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
 //! ```
-//! Every key except `data.dataset` and `model.arch` has a default (see the field docs). Example
+//! Every key except `data.dataset` and `model.arch` (or `model.backbone`) has a default (see the field docs). Example
 //! configurations are in `configs/`.
 
 mod validate;
@@ -257,37 +258,124 @@ fn default_flip() -> bool {
     true
 }
 
-/// `[model]`.
+/// `[model]`: a classifier (`arch`) or a segmenter (`backbone`). Which one is read from the
+/// key present, and the other's keys are then unknown keys, rejected by name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ModelConfig {
+    /// `model.arch`: a classification network.
+    Classifier(ClassifierConfig),
+    /// `model.backbone`: a segmentation network.
+    Segmenter(SegmenterConfig),
+}
+
+/// `[model]` of a classification run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The classification network (required for classification data sets).
-    #[serde(default)]
-    pub arch: Option<Arch>,
-    /// The segmentation backbone (required for segmentation data sets).
-    #[serde(default)]
-    pub backbone: Option<SegBackbone>,
-    /// Segmentation decode head ("fcn").
-    #[serde(default = "default_head")]
-    pub head: SegHeadKind,
-    /// Segmentation: auxiliary FCN head on stage 3 (ResNet backbones; true).
-    #[serde(default = "default_aux")]
-    pub aux: bool,
-    /// Segmentation: weight of the auxiliary head's cross-entropy (0.4).
-    #[serde(default = "default_aux_weight")]
-    pub aux_weight: f64,
-    /// Segmentation: Dropout2d rate before each `conv_seg` (0.1).
-    #[serde(default = "default_dropout")]
-    pub dropout: f64,
-    /// Segmentation: base width of the ResNet stages (64; smaller for quick CPU runs).
-    #[serde(default = "default_width")]
-    pub width: usize,
+pub struct ClassifierConfig {
+    /// The network (required).
+    pub arch: Arch,
     /// Stem of ResNet-18/50 ("cifar").
     #[serde(default = "default_stem")]
     pub stem: Stem,
     /// Pretrained weights (safetensors, torchvision names; `fc.` is not loaded).
     #[serde(default)]
     pub pretrained: Option<PathBuf>,
+}
+
+/// `[model]` of a segmentation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmenterConfig {
+    /// The backbone (required).
+    pub backbone: SegBackbone,
+    /// Decode head ("fcn").
+    #[serde(default = "default_head")]
+    pub head: SegHeadKind,
+    /// Auxiliary FCN head on stage 3 (ResNet backbones; true).
+    #[serde(default = "default_aux")]
+    pub aux: bool,
+    /// Weight of the auxiliary head's cross-entropy (0.4).
+    #[serde(default = "default_aux_weight")]
+    pub aux_weight: f64,
+    /// Dropout2d rate before each `conv_seg` (0.1).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Base width of the ResNet stages (64; smaller for quick CPU runs).
+    #[serde(default = "default_width")]
+    pub width: usize,
+    /// Pretrained weights (safetensors: a backbone, or a whole mmsegmentation model whose
+    /// classifiers are not loaded).
+    #[serde(default)]
+    pub pretrained: Option<PathBuf>,
+}
+
+/// The keys only a segmenter has, dropped from the flat `[model]` of checkpoints written
+/// before the section was split (their JSON held every key, the unused ones null or default).
+const SEGMENTER_ONLY: &[&str] = &["backbone", "head", "aux", "aux_weight", "dropout", "width"];
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut keys = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        // TOML has no null: a null value comes only from an older checkpoint's JSON.
+        let legacy = keys.values().any(|v| v.is_null());
+        keys.retain(|_, v| !v.is_null());
+        match (keys.contains_key("arch"), keys.contains_key("backbone")) {
+            (true, false) => {
+                if legacy {
+                    keys.retain(|k, _| !SEGMENTER_ONLY.contains(&k.as_str()));
+                }
+                serde_json::from_value(keys.into())
+                    .map(ModelConfig::Classifier)
+                    .map_err(D::Error::custom)
+            }
+            (false, true) => {
+                if legacy {
+                    keys.remove("stem");
+                }
+                serde_json::from_value(keys.into())
+                    .map(ModelConfig::Segmenter)
+                    .map_err(D::Error::custom)
+            }
+            (true, true) => Err(D::Error::custom(
+                "model.arch is for classification and model.backbone for segmentation: give one",
+            )),
+            (false, false) => Err(D::Error::custom(
+                "[model] needs model.arch (classification) or model.backbone (segmentation)",
+            )),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The classifier's settings, or an error naming the key a classification run needs.
+    pub fn classifier(&self) -> anyhow::Result<&ClassifierConfig> {
+        match self {
+            ModelConfig::Classifier(c) => Ok(c),
+            ModelConfig::Segmenter(_) => {
+                bail!("model.arch is required for classification (this [model] is a segmenter)")
+            }
+        }
+    }
+
+    /// The segmenter's settings, or an error naming the key a segmentation run needs.
+    pub fn segmenter(&self) -> anyhow::Result<&SegmenterConfig> {
+        match self {
+            ModelConfig::Segmenter(c) => Ok(c),
+            ModelConfig::Classifier(_) => {
+                bail!("model.backbone is required for segmentation (this [model] is a classifier)")
+            }
+        }
+    }
+
+    /// `model.pretrained`.
+    pub fn pretrained(&self) -> Option<&Path> {
+        match self {
+            ModelConfig::Classifier(c) => c.pretrained.as_deref(),
+            ModelConfig::Segmenter(c) => c.pretrained.as_deref(),
+        }
+    }
 }
 
 fn default_stem() -> Stem {
@@ -636,9 +724,56 @@ mod tests {
             &["data.seg_crop=[32, 48]".into(), "train.iters=100".into()],
         )
         .unwrap();
-        assert_eq!(seg.model.backbone, Some(SegBackbone::ResNet18V1c));
+        assert_eq!(
+            seg.model.segmenter().unwrap().backbone,
+            SegBackbone::ResNet18V1c
+        );
         assert_eq!(seg.data.seg_crop, [32, 48]);
         assert_eq!(parse(&seg.to_toml(), &[]).unwrap(), seg);
+    }
+
+    #[test]
+    fn model_keys_of_the_other_task_are_rejected_and_old_checkpoints_still_read() {
+        for (extra, want) in [
+            ("aux = false\n", "unknown field `aux`"),
+            ("backbone = \"resnet18-v1c\"\n", "give one"),
+        ] {
+            let err = format!("{:#}", parse(&(MIN.to_string() + extra), &[]).unwrap_err());
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            parse(&(SEG.to_string() + "stem = \"imagenet\"\n"), &[]).unwrap_err()
+        );
+        assert!(err.contains("unknown field `stem`"), "{err}");
+        let err = format!(
+            "{:#}",
+            parse("[data]\ndataset = \"digits\"\n[model]\n", &[]).unwrap_err()
+        );
+        assert!(
+            err.contains("model.arch") && err.contains("model.backbone"),
+            "{err}"
+        );
+        // The flat JSON of checkpoints written before the split: every key, unused ones null.
+        let old_cls = r#"{"arch":"small-cnn","backbone":null,"head":"fcn","aux":true,"aux_weight":0.4,"dropout":0.1,"width":64,"stem":"cifar","pretrained":null}"#;
+        let m: ModelConfig = serde_json::from_str(old_cls).unwrap();
+        assert_eq!(
+            m,
+            ModelConfig::Classifier(ClassifierConfig {
+                arch: Arch::SmallCnn,
+                stem: Stem::Cifar,
+                pretrained: None,
+            })
+        );
+        let old_seg = r#"{"arch":null,"backbone":"resnet18-v1c","head":"aspp","aux":false,"aux_weight":0.4,"dropout":0.1,"width":16,"stem":"cifar","pretrained":null}"#;
+        let m: ModelConfig = serde_json::from_str(old_seg).unwrap();
+        let seg = m.segmenter().unwrap();
+        assert_eq!(
+            (seg.head, seg.aux, seg.width),
+            (SegHeadKind::Aspp, false, 16)
+        );
+        // Without nulls (a TOML file), mixed keys stay errors.
+        assert!(serde_json::from_str::<ModelConfig>(r#"{"arch":"small-cnn","width":64}"#).is_err());
     }
 
     #[test]

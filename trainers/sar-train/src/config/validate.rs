@@ -21,34 +21,25 @@ impl TrainConfig {
         self.validate_run()
     }
 
-    /// `model.arch` for classification, `model.backbone` for segmentation, never both.
+    /// A classifier for a classification data set, a segmenter for a segmentation one.
     fn validate_model(&self) -> anyhow::Result<()> {
         let d = &self.data;
-        let seg = d.dataset.is_segmentation();
-        let m = &self.model;
-        match (seg, m.arch, m.backbone) {
-            (false, None, _) => bail!("model.arch is required for {:?}", d.dataset),
-            (false, Some(_), Some(_)) => {
-                bail!(
-                    "model.backbone is for segmentation data sets; {:?} takes model.arch",
-                    d.dataset
-                )
-            }
-            (true, _, None) => bail!("model.backbone is required for {:?}", d.dataset),
-            (true, Some(_), _) => {
-                bail!(
-                    "model.arch is for classification; {:?} takes model.backbone",
-                    d.dataset
-                )
-            }
-            _ => {}
+        match (d.dataset.is_segmentation(), &self.model) {
+            (false, ModelConfig::Segmenter(_)) => bail!(
+                "model.backbone is for segmentation data sets; {:?} takes model.arch",
+                d.dataset
+            ),
+            (true, ModelConfig::Classifier(_)) => bail!(
+                "model.arch is for classification; {:?} takes model.backbone",
+                d.dataset
+            ),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The keys only segmentation reads (model, augmentation, mosaic, sliding window).
     fn validate_segmentation(&self) -> anyhow::Result<()> {
-        let (d, m) = (&self.data, &self.model);
+        let (d, m) = (&self.data, self.model.segmenter()?);
         ensure!(
             (0.0..1.0).contains(&m.dropout),
             "model.dropout must be in [0, 1), got {}",
@@ -216,13 +207,13 @@ impl TrainConfig {
                 !self.data.dataset.is_segmentation(),
                 "run.backend = \"dfdx\" trains classification only; segmentation runs on candle"
             );
+            let arch = self.model.classifier()?.arch;
             ensure!(
-                matches!(self.model.arch, Some(Arch::SmallCnn | Arch::ResNet32)),
-                "run.backend = \"dfdx\" has the small CNN and the CIFAR ResNet-32, not model.arch = {}",
-                self.model.arch.map_or("(none)".to_string(), |a| a.to_string())
+                matches!(arch, Arch::SmallCnn | Arch::ResNet32),
+                "run.backend = \"dfdx\" has the small CNN and the CIFAR ResNet-32, not model.arch = {arch}"
             );
             ensure!(
-                self.model.pretrained.is_none(),
+                self.model.pretrained().is_none(),
                 "run.backend = \"dfdx\" starts from its seeded initialisation; model.pretrained is not supported there"
             );
         }

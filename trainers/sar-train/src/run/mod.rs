@@ -388,7 +388,7 @@ fn start(
     trainee: &mut dyn Trainee,
     log: &mut MetricsLog,
 ) -> anyhow::Result<CheckpointState> {
-    if let Some(p) = &cfg.model.pretrained {
+    if let Some(p) = cfg.model.pretrained() {
         let (loaded, kept) = trainee.load_pretrained(cfg, p)?;
         log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": loaded, "kept": kept}))?;
     }

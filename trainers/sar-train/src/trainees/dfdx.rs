@@ -99,9 +99,9 @@ fn on_dfdx<D: SarDevice<f32>>(
 impl<D: SarDevice<f32>> DfdxTrainee<D> {
     fn new(cfg: &TrainConfig, device: D) -> anyhow::Result<Self> {
         let inner = ClsTask::new(cfg)?;
-        let arch = match cfg.model.arch {
-            Some(sar_models::Arch::SmallCnn) => Arch::SmallCnn,
-            Some(sar_models::Arch::ResNet32) => Arch::CifarResNet { depth: 32 },
+        let arch = match cfg.model.classifier()?.arch {
+            sar_models::Arch::SmallCnn => Arch::SmallCnn,
+            sar_models::Arch::ResNet32 => Arch::CifarResNet { depth: 32 },
             other => bail!("the dfdx backend has the small CNN and ResNet-32, not {other:?}"),
         };
         let (params, head) = on_dfdx(&inner.setup, &device)?;

@@ -187,6 +187,8 @@ pub(crate) struct ClsTask {
     pub(crate) groups: Vec<Group>,
     pub(crate) counts: Vec<u64>,
     augment: Augment,
+    /// Debug: every rendered batch is written here (see [`ClsTask::dump_batch`]).
+    pub(crate) dump: Option<std::path::PathBuf>,
 }
 
 /// One rendered classification batch.
@@ -241,12 +243,16 @@ impl ClsTask {
                 i / (c * h * w)
             )));
         }
-        Ok(Ok(ClsBatch {
+        let batch = ClsBatch {
             x,
             labels,
             mix,
             shape: (n, c, h, w),
-        }))
+        };
+        if let Some(dir) = &self.dump {
+            self.dump_batch(dir, ctx, &batch)?;
+        }
+        Ok(Ok(batch))
     }
 
     pub(crate) fn new(cfg: &TrainConfig) -> anyhow::Result<Self> {
@@ -277,7 +283,35 @@ impl ClsTask {
             groups,
             counts,
             augment,
+            dump: None,
         })
+    }
+
+    /// Debug (`sar train --debug-dump DIR`): writes the batch of step `ctx.step` as
+    /// `DIR/batch-<step>.safetensors` — `x` `[N, C, H, W]` (rendered, normalised and mixed; f32
+    /// values widened to f64), `labels` `[N]`, `idx` `[N]` (training-set indices), and with
+    /// MixUp `labels_b` `[N]` and `lambda` — so that another implementation can replay the run
+    /// on exactly the same inputs (`tests/torch/train_mirror.py`).
+    fn dump_batch(&self, dir: &std::path::Path, ctx: &StepCtx, b: &ClsBatch) -> anyhow::Result<()> {
+        use crate::tensorio::{serialize, write_atomic, OutTensor};
+        let (n, c, h, w) = b.shape;
+        let x: Vec<f64> = b.x.iter().map(|&v| v as f64).collect();
+        let idx: Vec<i64> = ctx.idx.iter().map(|&i| i as i64).collect();
+        let mut tensors = vec![
+            ("x".to_string(), OutTensor::f64(&[n, c, h, w], &x)),
+            ("labels".to_string(), OutTensor::i64(&[n], &b.labels)),
+            ("idx".to_string(), OutTensor::i64(&[n], &idx)),
+        ];
+        if let Some((lam, lb)) = &b.mix {
+            tensors.push(("labels_b".to_string(), OutTensor::i64(&[n], lb)));
+            tensors.push(("lambda".to_string(), OutTensor::scalar(*lam)));
+        }
+        let bytes = serialize(&tensors, Default::default()).map_err(|e| anyhow::anyhow!(e))?;
+        write_atomic(
+            &dir.join(format!("batch-{:06}.safetensors", ctx.step)),
+            &bytes,
+        )?;
+        Ok(())
     }
 }
 

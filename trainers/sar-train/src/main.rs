@@ -130,6 +130,10 @@ struct TrainArgs {
     /// Testing the stop on signals: sleep this long in every step.
     #[arg(long, hide = true)]
     debug_step_delay_ms: Option<u64>,
+    /// Debug: write the initial state and every rendered batch to this folder, so another
+    /// implementation can replay the run (`tests/torch/train_mirror.py`).
+    #[arg(long, value_name = "DIR")]
+    debug_dump: Option<PathBuf>,
     /// Also write the final report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -345,6 +349,7 @@ fn train(
         resume,
         overwrite,
         debug_step_delay_ms,
+        debug_dump,
         report,
         quiet,
         backend,
@@ -368,6 +373,7 @@ fn train(
         overwrite,
         stop: Some(sar_train::run::stop::StopRequest::on_signals()?),
         step_delay: debug_step_delay_ms.map(std::time::Duration::from_millis),
+        dump: debug_dump,
         ..Default::default()
     };
     let r = sar_train::train::train(&cfg, &opts)?;

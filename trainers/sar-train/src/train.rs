@@ -10,19 +10,31 @@ use crate::config::{BackendKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
 use crate::run::{RunReport, Trainee};
 use crate::trainees::candle::{CandleTrainee, Task};
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use std::path::Path;
 
 pub use crate::run::TrainOptions;
 
 /// The trainee for `cfg.run.backend` and the task of `cfg.data`.
 pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
+    trainee_dumping(cfg, None)
+}
+
+/// [`trainee`], writing every rendered batch to `dump` (candle classification only).
+fn trainee_dumping(cfg: &TrainConfig, dump: Option<&Path>) -> anyhow::Result<Box<dyn Trainee>> {
+    let classification = !cfg.data.dataset.is_segmentation();
+    ensure!(
+        dump.is_none() || (classification && cfg.run.backend == BackendKind::Candle),
+        "--debug-dump writes classification batches on candle only"
+    );
     Ok(match cfg.run.backend {
         BackendKind::Candle => {
-            let task: Box<dyn Task> = if cfg.data.dataset.is_segmentation() {
-                Box::new(crate::seg::SegTask::new(cfg)?)
+            let task: Box<dyn Task> = if classification {
+                let mut t = crate::cls::ClsTask::new(cfg)?;
+                t.dump = dump.map(Path::to_path_buf);
+                Box::new(t)
             } else {
-                Box::new(crate::cls::ClsTask::new(cfg)?)
+                Box::new(crate::seg::SegTask::new(cfg)?)
             };
             Box::new(CandleTrainee::new(task, cfg)?)
         }
@@ -33,7 +45,7 @@ pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
 /// Trains as `cfg` says (see [`crate::run`]). Returns the final report (also written to
 /// `run.output/report.json`).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport> {
-    crate::run::run(cfg, opts, &|| trainee(cfg))
+    crate::run::run(cfg, opts, &|| trainee_dumping(cfg, opts.dump.as_deref()))
 }
 
 /// `sar eval`: the checkpoint's model on its config's test set, on the backend that trained

@@ -123,6 +123,10 @@ pub struct TrainOptions {
     /// For tests of the stop: every step sleeps this long before its forward pass, so a
     /// signal lands inside a step.
     pub step_delay: Option<std::time::Duration>,
+    /// Debug: write the initial state (`initial.safetensors`, a checkpoint of step 0), the
+    /// training-set size (`meta.json`) and every rendered batch into this folder, for replaying
+    /// the run elsewhere (the PyTorch mirror).
+    pub dump: Option<PathBuf>,
 }
 
 /// Where a training step is in the run.
@@ -357,6 +361,16 @@ pub(crate) fn run(
         }
         None => start(cfg, trainee.as_mut(), &mut log)?,
     };
+    if let Some(dir) = &opts.dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        checkpoint::save(
+            &dir.join("initial.safetensors"),
+            &trainee.state_tensors()?,
+            &state,
+        )?;
+        let meta = serde_json::json!({"train_len": plan.train_len, "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps});
+        crate::tensorio::write_atomic(&dir.join("meta.json"), meta.to_string().as_bytes())?;
+    }
     let mut lp = Loop {
         cfg,
         opts,

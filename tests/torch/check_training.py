@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Train-loop parity: `sar train` against its PyTorch mirror (train_mirror.py), per variant.
+
+Each variant is the embedded digits with the small CNN, a few dozen steps, logging and
+checkpointing every step;
+the variants cover SGD with and without Nesterov and weight decay, warm-up, the cosine, step
+and poly schedules, MixUp, and SAR on and off. For each: `sar train --debug-dump`, then the
+mirror replays the dumped batches in PyTorch and compares every step's loss parts and learning
+rate and the final parameters, momentum buffers, BatchNorm statistics and SAR state.
+
+    python3 tests/torch/check_training.py path/to/sar [--steps 40] [--keep DIR]
+
+Needs torch and safetensors. Prints one summary line per variant; exits non-zero on a mismatch.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+VARIANTS = {
+    "sar-cosine": [],
+    "baseline": ["sar.enabled=false"],
+    "sar-mixup": ["data.mixup_alpha=1.0"],
+    "nesterov-warmup-step": ["optim.nesterov=true", "optim.warmup_epochs=1", "optim.schedule=\"step\"",
+                             "optim.milestones=[2]", "optim.gamma=0.2"],
+    "no-weight-decay-poly": ["optim.weight_decay=0.0", "optim.schedule=\"poly\"", "optim.power=0.9"],
+    "no-momentum-constant": ["optim.momentum=0.0", "optim.schedule=\"constant\"", "sar.lambda_p2a=1.0"],
+    "sar-detached-weights-mixup": ["sar.weights=\"detached\"", "data.mixup_alpha=0.4", "optim.nesterov=true"],
+}
+
+CONFIG = """[run]
+seed = {seed}
+output = {out!r}
+[data]
+dataset = "digits"
+imbalance = 10.0
+[model]
+arch = "small-cnn"
+[optim]
+lr = 0.05
+[train]
+epochs = 3
+batch_size = 32
+log_every = 1
+max_steps = {steps}
+checkpoint_every_steps = 1
+keep_checkpoints = 1000
+plots = false
+"""
+
+
+def drift(path):
+    """The free-running trajectory in one line: the first step whose loss differs by more than
+    1e-4 relative, and the last step's difference."""
+    try:
+        steps = json.load(open(path))["steps"]
+    except (OSError, ValueError):
+        return None
+    first = next((r["step"] for r in steps if r["rel_err"]["loss"] > 1e-4), None)
+    return (f"loss within 1e-4 relative {'for all ' + str(len(steps)) + ' steps' if first is None else 'up to step ' + str(first - 1)}; "
+            f"last step {steps[-1]['rel_err']['loss']:.1e}, final state {steps[-1].get('state_err', float('nan')):.1e}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sar")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--keep")
+    args = ap.parse_args()
+    root = args.keep or tempfile.mkdtemp()
+    failed = []
+    for i, (name, sets) in enumerate(VARIANTS.items()):
+        d = os.path.join(root, name)
+        os.makedirs(d, exist_ok=True)
+        cfg = os.path.join(d, "run.toml")
+        out = os.path.join(d, "run")
+        with open(cfg, "w") as f:
+            f.write(CONFIG.format(seed=i, out=out, steps=args.steps))
+        cmd = [args.sar, "train", "-q", "--config", cfg, "--overwrite", "--debug-dump", os.path.join(d, "dump")]
+        for s in sets:
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        mirror = [sys.executable, os.path.join(HERE, "train_mirror.py"), out, os.path.join(d, "dump")]
+        # Gate: every step from the run's own state of the step before, in f32 (rounding only).
+        tf = subprocess.run(mirror + ["--teacher-forced", "--tol", "1e-5", "--tol-state", "1e-4",
+                                      "--json", os.path.join(d, "teacher-forced.json")],
+                            text=True, capture_output=True)
+        # Report: the free-running trajectory, where rounding differences compound.
+        free = subprocess.run(mirror + ["--json", os.path.join(d, "free.json")], text=True, capture_output=True)
+        last = lambda r: r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr.strip()[-500:]
+        print(f"{name:<28} {' '.join(sets) or '(defaults)'}\n    teacher-forced: {last(tf)}"
+              f"\n    free-running:   {drift(os.path.join(d, 'free.json')) or last(free)}")
+        if tf.returncode != 0:
+            failed.append(name)
+            print(tf.stdout[-4000:], tf.stderr[-3000:])
+    print(f"{len(VARIANTS) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ impl BasicBlock {
         } else {
             option_a(x, self.stride, self.pad)?
         };
-        crate::bn_cpu::add_relu(&out, &shortcut)
+        sar_candle::ops::batch_norm::add_relu(&out, &shortcut)
     }
 }
 

@@ -5,11 +5,11 @@
 //! unbiased running variance) whose running statistics are variables in the model's
 //! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
 
-use crate::bn_cpu;
 use crate::params::{Init, ParamInit};
 use crate::{Cost, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
+use sar_candle::ops::batch_norm;
 use std::sync::{Arc, Mutex};
 
 /// How a conv weight is initialised.
@@ -103,7 +103,7 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::conv_cpu::conv2d(
+        sar_candle::ops::conv::conv2d(
             x,
             self.conv.weight(),
             self.stride,
@@ -113,7 +113,7 @@ impl Conv {
     }
 }
 
-/// BatchNorm over the channel axis; on the CPU in f32 the fused ops of [`crate::bn_cpu`],
+/// BatchNorm over the channel axis; on the CPU in f32 the fused ops of [`sar_candle::ops::batch_norm`],
 /// elsewhere candle-nn's BatchNorm.
 pub struct Bn {
     bn: BatchNorm,
@@ -180,7 +180,7 @@ impl Bn {
     }
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
-        if !bn_cpu::fused_ok(x) {
+        if !batch_norm::fused_ok(x) {
             let y = self.bn.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -191,10 +191,10 @@ impl Bn {
                 .recip()?;
             let scale = (&self.weight * inv)?;
             let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
-            return x.apply_op3_no_bwd(&scale, &shift, &bn_cpu::ChannelAffine { relu });
+            return x.apply_op3_no_bwd(&scale, &shift, &batch_norm::ChannelAffine { relu });
         }
-        let stats = Arc::new(Mutex::new(bn_cpu::BatchStats::default()));
-        let op = bn_cpu::BnTrain {
+        let stats = Arc::new(Mutex::new(batch_norm::BatchStats::default()));
+        let op = batch_norm::BnTrain {
             eps: BN_EPS,
             relu,
             stats: stats.clone(),
@@ -274,4 +274,119 @@ impl Fc {
 /// Global average pooling `[N, C, H, W] → [N, C]`.
 pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
     x.mean((2, 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bn;
+    use crate::params::ParamInit;
+    use crate::test_util::randn;
+    use candle_core::{DType, Device, ModuleT, Tensor, Var};
+    use candle_nn::VarMap;
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused op (f32) against candle-nn's BatchNorm + ReLU in f64: outputs, all three
+    /// gradients, the running statistics after two steps, and evaluation mode.
+    #[test]
+    fn fused_batch_norm_matches_candle_nn_in_f64() {
+        let dev = Device::Cpu;
+        for (shape, relu) in [
+            ((4usize, 3usize, 5usize, 3usize), true),
+            ((2, 4, 1, 1), false),
+            ((3, 2, 4, 4), false),
+        ] {
+            let varmap = VarMap::new();
+            let mut init = ParamInit::new(&varmap, dev.clone(), DType::F32, 1);
+            let bn = Bn::new(&mut init, "bn", shape.1).unwrap();
+            // Non-trivial γ, β.
+            let data = varmap.data().lock().unwrap();
+            data["bn.weight"]
+                .set(&Tensor::new(&[1.5f32, 0.5, -0.7, 2.0][..shape.1], &dev).unwrap())
+                .unwrap();
+            data["bn.bias"]
+                .set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.0][..shape.1], &dev).unwrap())
+                .unwrap();
+            let (gamma, beta) = (data["bn.weight"].clone(), data["bn.bias"].clone());
+            drop(data);
+            let g64 = Var::from_tensor(&gamma.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let b64 = Var::from_tensor(&beta.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let reference = candle_nn::BatchNorm::new(
+                shape.1,
+                Tensor::zeros(shape.1, DType::F64, &dev).unwrap(),
+                Tensor::ones(shape.1, DType::F64, &dev).unwrap(),
+                g64.as_tensor().clone(),
+                b64.as_tensor().clone(),
+                1e-5,
+            )
+            .unwrap();
+            for step in 0..2 {
+                let x = Var::from_tensor(&((randn(shape) * 2.0).unwrap() + step as f64).unwrap())
+                    .unwrap();
+                let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+                let up = randn(shape).to_dtype(DType::F64).unwrap();
+                let y = if relu {
+                    bn.forward_relu(x.as_tensor(), true)
+                } else {
+                    bn.forward(x.as_tensor(), true)
+                }
+                .unwrap();
+                let mut y64 = reference.forward_t(x64.as_tensor(), true).unwrap();
+                if relu {
+                    y64 = y64.relu().unwrap();
+                }
+                let err = max_abs(&(y.to_dtype(DType::F64).unwrap() - &y64).unwrap());
+                assert!(
+                    err < 1e-5 * max_abs(&y64).max(1.0),
+                    "{shape:?} step {step}: {err}"
+                );
+                let g = (y.to_dtype(DType::F64).unwrap() * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g_ref = (&y64 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                for (ours, theirs, what) in [
+                    (x.as_tensor(), x64.as_tensor(), "x"),
+                    (gamma.as_tensor(), g64.as_tensor(), "gamma"),
+                    (beta.as_tensor(), b64.as_tensor(), "beta"),
+                ] {
+                    let a = g.get(ours).unwrap().to_dtype(DType::F64).unwrap();
+                    let b = g_ref.get(theirs).unwrap();
+                    let tol = 1e-4 * max_abs(b).max(1.0);
+                    assert!(
+                        max_abs(&(a - b).unwrap()) < tol,
+                        "{what} gradient, shape {shape:?}"
+                    );
+                }
+            }
+            let data = varmap.data().lock().unwrap();
+            for (ours, theirs) in [
+                ("bn.running_mean", reference.running_mean()),
+                ("bn.running_var", reference.running_var()),
+            ] {
+                let a = data[ours].as_tensor().to_dtype(DType::F64).unwrap();
+                assert!(max_abs(&(a - theirs).unwrap()) < 1e-5, "{ours}");
+            }
+            drop(data);
+            let x = randn(shape);
+            let y = bn.forward(&x, false).unwrap().to_dtype(DType::F64).unwrap();
+            let y64 = reference
+                .forward_t(&x.to_dtype(DType::F64).unwrap(), false)
+                .unwrap();
+            assert!(max_abs(&(y - y64).unwrap()) < 1e-5, "eval mode");
+        }
+    }
 }

@@ -20,34 +20,14 @@
 //! Segmentation networks (dilated ResNet V1c, HRNetV2; FCN, ASPP and auxiliary heads) are in
 //! [`seg`], behind the [`seg::Segmenter`] trait, under mmsegmentation's names.
 
-pub mod bn_cpu;
 pub mod cifar_resnet;
 pub mod cnn;
-pub mod conv_cpu;
 pub mod layers;
 pub mod params;
-pub mod pool_cpu;
 pub mod pretrained;
 pub mod resize;
 pub mod resnet;
 pub mod seg;
-
-/// The f32 values of a contiguous CPU storage, for this crate's custom ops; errors name the op
-/// and the operand.
-pub(crate) fn cpu_f32<'a>(
-    op: &str,
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op} cpu op: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op} cpu op: {what} must be contiguous"),
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod test_util {

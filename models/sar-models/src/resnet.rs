@@ -46,7 +46,7 @@ impl Block {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        crate::bn_cpu::add_relu(&out, &shortcut)
+        sar_candle::ops::batch_norm::add_relu(&out, &shortcut)
     }
 
     pub(crate) fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
@@ -148,7 +148,7 @@ impl ResNet {
 
 /// Max-pool 3×3, stride 2, padding 1 (PyTorch's, gradient included).
 pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
-    crate::pool_cpu::max_pool2d(x, 3, 2, 1)
+    sar_candle::ops::pool::max_pool2d(x, 3, 2, 1)
 }
 
 impl ImageClassifier for ResNet {

@@ -283,7 +283,7 @@ impl ConvSeg {
                 let w = self.weight.reshape((self.outputs, self.inputs))?;
                 x.matmul(&w.t()?)?.broadcast_add(&self.bias)
             }
-            4 => crate::conv_cpu::conv2d(x, &self.weight, 1, 0, 1)?
+            4 => sar_candle::ops::conv::conv2d(x, &self.weight, 1, 0, 1)?
                 .broadcast_add(&self.bias.reshape((1, self.outputs, 1, 1))?),
             r => candle_core::bail!(
                 "conv_seg takes [N, D, h, w] maps or [M, D] rows, got rank {r} ({:?})",

@@ -5,7 +5,7 @@
 //! unbiased running variance) whose running statistics are variables in the model's
 //! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
 
-use crate::params::{Init, ParamInit};
+use crate::params::{Init, Scope};
 use crate::{Cost, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
@@ -33,11 +33,10 @@ pub struct Conv {
 }
 
 impl Conv {
-    /// `name.weight` of shape `[out, in, k, k]`.
+    /// `weight` of shape `[out, in, k, k]` in scope `p`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        init: &mut ParamInit,
-        name: &str,
+        p: &Scope,
         in_channels: usize,
         out_channels: usize,
         kernel: usize,
@@ -49,8 +48,8 @@ impl Conv {
             ConvInit::KaimingFanOut => out_channels * kernel * kernel,
             ConvInit::KaimingFanIn => in_channels * kernel * kernel,
         };
-        let w = init.tensor(
-            &format!("{name}.weight"),
+        let w = p.get_or_insert(
+            "weight",
             &[out_channels, in_channels, kernel, kernel],
             Init::Normal((2.0 / fan as f64).sqrt()),
         )?;
@@ -128,20 +127,12 @@ const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl Bn {
-    /// `name.{weight,bias,running_mean,running_var}`.
-    pub fn new(init: &mut ParamInit, name: &str, channels: usize) -> Result<Self> {
-        let weight = init.tensor(&format!("{name}.weight"), &[channels], Init::Const(1.0))?;
-        let bias = init.tensor(&format!("{name}.bias"), &[channels], Init::Const(0.0))?;
-        let mean = init.tensor(
-            &format!("{name}.running_mean"),
-            &[channels],
-            Init::Const(0.0),
-        )?;
-        let var = init.tensor(
-            &format!("{name}.running_var"),
-            &[channels],
-            Init::Const(1.0),
-        )?;
+    /// `{weight,bias,running_mean,running_var}` in scope `p`.
+    pub fn new(p: &Scope, channels: usize) -> Result<Self> {
+        let weight = p.get_or_insert("weight", &[channels], Init::Const(1.0))?;
+        let bias = p.get_or_insert("bias", &[channels], Init::Const(0.0))?;
+        let mean = p.get_or_insert("running_mean", &[channels], Init::Const(0.0))?;
+        let var = p.get_or_insert("running_var", &[channels], Init::Const(1.0))?;
         Ok(Bn {
             bn: BatchNorm::new(
                 channels,
@@ -232,23 +223,17 @@ pub struct Fc {
 }
 
 impl Fc {
-    /// `name.weight` `[out, in]` and `name.bias` `[out]`, PyTorch's default initialisation
+    /// `weight` `[out, in]` and `bias` `[out]` in scope `p`, PyTorch's default initialisation
     /// (or Kaiming normal fan_in for the weight when `kaiming`).
-    pub fn new(
-        init: &mut ParamInit,
-        name: &str,
-        inputs: usize,
-        outputs: usize,
-        kaiming: bool,
-    ) -> Result<Self> {
+    pub fn new(p: &Scope, inputs: usize, outputs: usize, kaiming: bool) -> Result<Self> {
         let bound = 1.0 / (inputs as f64).sqrt();
         let w_init = if kaiming {
             Init::Normal((2.0 / inputs as f64).sqrt())
         } else {
             Init::Uniform(bound)
         };
-        let w = init.tensor(&format!("{name}.weight"), &[outputs, inputs], w_init)?;
-        let b = init.tensor(&format!("{name}.bias"), &[outputs], Init::Uniform(bound))?;
+        let w = p.get_or_insert("weight", &[outputs, inputs], w_init)?;
+        let b = p.get_or_insert("bias", &[outputs], Init::Uniform(bound))?;
         Ok(Fc {
             linear: Linear::new(w, Some(b)),
             inputs,
@@ -279,7 +264,7 @@ pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::Bn;
-    use crate::params::ParamInit;
+    use crate::params::Scope;
     use crate::test_util::randn;
     use candle_core::{DType, Device, ModuleT, Tensor, Var};
     use candle_nn::VarMap;
@@ -308,8 +293,8 @@ mod tests {
             ((3, 2, 4, 4), false),
         ] {
             let varmap = VarMap::new();
-            let mut init = ParamInit::new(&varmap, dev.clone(), DType::F32, 1);
-            let bn = Bn::new(&mut init, "bn", shape.1).unwrap();
+            let init = Scope::new(&varmap, dev.clone(), DType::F32, 1);
+            let bn = Bn::new(&init.pp("bn"), shape.1).unwrap();
             // Non-trivial γ, β.
             let data = varmap.data().lock().unwrap();
             data["bn.weight"]

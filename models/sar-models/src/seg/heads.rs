@@ -4,7 +4,7 @@
 use super::hrnet::HrNetV2;
 use super::resnet_v1c::{ResNetV1c, V1cDepth};
 use super::{ConvBn, ConvSeg, SegBackbone, SegFeatures, SegHeadKind, SegSpec, Segmenter};
-use crate::params::ParamInit;
+use crate::params::Scope;
 use crate::resize::{broadcast_1x1, resize_bilinear};
 use crate::{Cost, ModelError, Result};
 use candle_core::Tensor;
@@ -142,36 +142,34 @@ pub struct SegModel {
 
 impl SegModel {
     /// Builds the model for `spec`.
-    pub fn new(init: &mut ParamInit, spec: &SegSpec) -> Result<Self> {
+    pub fn new(init: &Scope, spec: &SegSpec) -> Result<Self> {
         let k = spec.classes;
+        let (bb, head, aux_head) = (
+            init.pp("backbone"),
+            init.pp("decode_head"),
+            init.pp("auxiliary_head"),
+        );
         let backbone = match spec.backbone {
             SegBackbone::ResNet18V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
+                &bb,
                 V1cDepth::R18,
                 spec.in_channels,
                 spec.width,
             )?),
             SegBackbone::ResNet50V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
+                &bb,
                 V1cDepth::R50,
                 spec.in_channels,
                 spec.width,
             )?),
             SegBackbone::ResNet101V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
+                &bb,
                 V1cDepth::R101,
                 spec.in_channels,
                 spec.width,
             )?),
-            SegBackbone::HrNetV2W18 => {
-                Backbone::HrNet(HrNetV2::new(init, "backbone", spec.in_channels, 18)?)
-            }
-            SegBackbone::HrNetV2W48 => {
-                Backbone::HrNet(HrNetV2::new(init, "backbone", spec.in_channels, 48)?)
-            }
+            SegBackbone::HrNetV2W18 => Backbone::HrNet(HrNetV2::new(&bb, spec.in_channels, 18)?),
+            SegBackbone::HrNetV2W48 => Backbone::HrNet(HrNetV2::new(&bb, spec.in_channels, 48)?),
         };
         let (decode, dim, aux, output_stride) = match &backbone {
             Backbone::ResNet(b) => {
@@ -181,12 +179,11 @@ impl SegModel {
                     SegHeadKind::Fcn => Decode::Fcn {
                         input: 3,
                         convs: vec![
-                            ConvBn::module(init, "decode_head.convs.0", cin, ch, 3, 1, 1)?,
-                            ConvBn::module(init, "decode_head.convs.1", ch, ch, 3, 1, 1)?,
+                            ConvBn::module(&head.pp("convs").pp(0), cin, ch, 3, 1, 1)?,
+                            ConvBn::module(&head.pp("convs").pp(1), ch, ch, 3, 1, 1)?,
                         ],
                         concat: Some(
-                            ConvBn::module(init, "decode_head.conv_cat", cin + ch, ch, 3, 1, 1)?
-                                .into(),
+                            ConvBn::module(&head.pp("conv_cat"), cin + ch, ch, 3, 1, 1)?.into(),
                         ),
                     },
                     SegHeadKind::Aspp => {
@@ -194,8 +191,7 @@ impl SegModel {
                         for (i, d) in [1usize, 12, 24, 36].into_iter().enumerate() {
                             let kk = if d == 1 { 1 } else { 3 };
                             branches.push(ConvBn::module(
-                                init,
-                                &format!("decode_head.aspp_modules.{i}"),
+                                &head.pp("aspp_modules").pp(i),
                                 cin,
                                 ch,
                                 kk,
@@ -205,20 +201,11 @@ impl SegModel {
                         }
                         Decode::Aspp {
                             input: 3,
-                            pool: ConvBn::module(
-                                init,
-                                "decode_head.image_pool.1",
-                                cin,
-                                ch,
-                                1,
-                                1,
-                                1,
-                            )?
-                            .into(),
+                            pool: ConvBn::module(&head.pp("image_pool").pp(1), cin, ch, 1, 1, 1)?
+                                .into(),
                             branches,
                             bottleneck: ConvBn::module(
-                                init,
-                                "decode_head.bottleneck",
+                                &head.pp("bottleneck"),
                                 5 * ch,
                                 ch,
                                 3,
@@ -235,8 +222,7 @@ impl SegModel {
                         Decode::Fcn {
                             input: 2,
                             convs: vec![ConvBn::module(
-                                init,
-                                "auxiliary_head.convs.0",
+                                &aux_head.pp("convs").pp(0),
                                 acin,
                                 ach,
                                 3,
@@ -245,7 +231,7 @@ impl SegModel {
                             )?],
                             concat: None,
                         },
-                        ConvSeg::new(init, "auxiliary_head.conv_seg", ach, k)?,
+                        ConvSeg::new(&aux_head.pp("conv_seg"), ach, k)?,
                     ))
                 } else {
                     None
@@ -261,7 +247,7 @@ impl SegModel {
                 let d: usize = b.widths().iter().sum();
                 (
                     Decode::FcnConcat {
-                        conv: Box::new(ConvBn::module(init, "decode_head.convs.0", d, d, 1, 1, 1)?),
+                        conv: Box::new(ConvBn::module(&head.pp("convs").pp(0), d, d, 1, 1, 1)?),
                     },
                     d,
                     None,
@@ -269,7 +255,7 @@ impl SegModel {
                 )
             }
         };
-        let conv_seg = ConvSeg::new(init, "decode_head.conv_seg", dim, k)?;
+        let conv_seg = ConvSeg::new(&head.pp("conv_seg"), dim, k)?;
         Ok(SegModel {
             backbone,
             decode,

@@ -39,7 +39,7 @@ pub mod hrnet;
 pub mod resnet_v1c;
 
 use crate::layers::{Bn, Conv, ConvInit};
-use crate::params::{Init, ParamInit};
+use crate::params::{Init, Scope};
 use crate::{Cost, ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -164,8 +164,8 @@ pub fn build_segmenter(
             spec.in_channels, spec.width
         )));
     }
-    let mut init = ParamInit::new(varmap, device.clone(), dtype, spec.seed);
-    heads::SegModel::new(&mut init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>)
+    let init = Scope::new(varmap, device.clone(), dtype, spec.seed);
+    heads::SegModel::new(&init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>)
 }
 
 /// mmcv's ConvModule without bias: conv → BatchNorm → ReLU, named `{name}.conv` / `{name}.bn`
@@ -177,11 +177,10 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    /// `{name}.conv.weight`, `{name}.bn.*`, with ReLU.
+    /// `conv.weight`, `bn.*` in scope `p`, with ReLU.
     #[allow(clippy::too_many_arguments)]
     pub fn module(
-        init: &mut ParamInit,
-        name: &str,
+        p: &Scope,
         cin: usize,
         cout: usize,
         k: usize,
@@ -190,8 +189,7 @@ impl ConvBn {
     ) -> Result<Self> {
         let pad = dilation * (k - 1) / 2;
         let conv = Conv::new(
-            init,
-            &format!("{name}.conv"),
+            &p.pp("conv"),
             cin,
             cout,
             k,
@@ -202,17 +200,16 @@ impl ConvBn {
         .with_dilation(dilation);
         Ok(ConvBn {
             conv,
-            bn: Bn::new(init, &format!("{name}.bn"), cout)?,
+            bn: Bn::new(&p.pp("bn"), cout)?,
             relu: true,
         })
     }
 
-    /// `{conv_name}.weight` and `{bn_name}.*` (a Sequential's numbered children).
+    /// `weight` in scope `conv` and `*` in scope `bn` (e.g. a Sequential's numbered children).
     #[allow(clippy::too_many_arguments)]
     pub fn plain(
-        init: &mut ParamInit,
-        conv_name: &str,
-        bn_name: &str,
+        conv: &Scope,
+        bn: &Scope,
         cin: usize,
         cout: usize,
         k: usize,
@@ -220,8 +217,7 @@ impl ConvBn {
         relu: bool,
     ) -> Result<Self> {
         let conv = Conv::new(
-            init,
-            conv_name,
+            conv,
             cin,
             cout,
             k,
@@ -231,7 +227,7 @@ impl ConvBn {
         )?;
         Ok(ConvBn {
             conv,
-            bn: Bn::new(init, bn_name, cout)?,
+            bn: Bn::new(bn, cout)?,
             relu,
         })
     }
@@ -262,15 +258,11 @@ pub struct ConvSeg {
 }
 
 impl ConvSeg {
-    /// `{name}.weight` N(0, 0.01²), `{name}.bias` 0.
-    pub fn new(init: &mut ParamInit, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
+    /// `weight` N(0, 0.01²), `bias` 0 in scope `p`.
+    pub fn new(p: &Scope, inputs: usize, outputs: usize) -> Result<Self> {
         Ok(ConvSeg {
-            weight: init.tensor(
-                &format!("{name}.weight"),
-                &[outputs, inputs, 1, 1],
-                Init::Normal(0.01),
-            )?,
-            bias: init.tensor(&format!("{name}.bias"), &[outputs], Init::Const(0.0))?,
+            weight: p.get_or_insert("weight", &[outputs, inputs, 1, 1], Init::Normal(0.01))?,
+            bias: p.get_or_insert("bias", &[outputs], Init::Const(0.0))?,
             inputs,
             outputs,
         })

@@ -6,7 +6,7 @@
 //!
 //! Weights: Kaiming normal (fan_in) for convs and `fc.weight`, as in those codebases.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, ModelError, Result};
 use candle_core::{Tensor, D};
@@ -73,7 +73,7 @@ impl CifarResNet {
         }
         let n = (depth - 2) / 6;
         let how = ConvInit::KaimingFanIn;
-        let conv1 = Conv::new(&init.pp("conv1"), in_channels, 16, 3, 1, 1, how)?;
+        let conv1 = Conv::new(&init.pp("conv1"), ConvSpec::new(in_channels, 16, 3), how)?;
         let bn1 = Bn::new(&init.pp("bn1"), 16)?;
         let mut blocks = Vec::new();
         let mut c = 16;
@@ -82,9 +82,13 @@ impl CifarResNet {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let b = init.pp(format!("layer{}", stage + 1)).pp(i);
                 blocks.push(BasicBlock {
-                    conv1: Conv::new(&b.pp("conv1"), c, width, 3, stride, 1, how)?,
+                    conv1: Conv::new(
+                        &b.pp("conv1"),
+                        ConvSpec::new(c, width, 3).stride(stride),
+                        how,
+                    )?,
                     bn1: Bn::new(&b.pp("bn1"), width)?,
-                    conv2: Conv::new(&b.pp("conv2"), width, width, 3, 1, 1, how)?,
+                    conv2: Conv::new(&b.pp("conv2"), ConvSpec::new(width, width, 3), how)?,
                     bn2: Bn::new(&b.pp("bn2"), width)?,
                     pad: (width - c) / 2,
                     stride,
@@ -92,7 +96,7 @@ impl CifarResNet {
                 c = width;
             }
         }
-        let fc = Fc::new(&init.pp("fc"), 64, classes, true)?;
+        let fc = Fc::new(&init.pp("fc"), 64, classes, FcInit::KaimingFanIn)?;
         Ok(CifarResNet {
             conv1,
             bn1,

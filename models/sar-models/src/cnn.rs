@@ -4,7 +4,7 @@
 //! then 2, then 2) → global average pooling → feature `[N, 128]` → `fc` → logits `[N, K]`.
 //! On 8×8 inputs the maps are 8×8, 4×4, 2×2; on 28×28, 28×28, 14×14, 7×7.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result};
 use candle_core::Tensor;
@@ -28,18 +28,14 @@ impl SmallCnn {
             let stage = init.pp(format!("stage{}", i + 1));
             let conv = Conv::new(
                 &stage.pp("conv"),
-                c,
-                w,
-                3,
-                stride,
-                1,
+                ConvSpec::new(c, w, 3).stride(stride),
                 ConvInit::KaimingFanOut,
             )?;
             let bn = Bn::new(&stage.pp("bn"), w)?;
             stages.push((conv, bn));
             c = w;
         }
-        let fc = Fc::new(&init.pp("fc"), c, classes, false)?;
+        let fc = Fc::new(&init.pp("fc"), c, classes, FcInit::Default)?;
         Ok(SmallCnn {
             stages,
             fc,

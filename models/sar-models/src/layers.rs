@@ -21,75 +21,125 @@ pub enum ConvInit {
     KaimingFanIn,
 }
 
+/// The geometry of a square 2-D convolution. [`ConvSpec::new`] gives stride 1 and the padding
+/// that keeps the size; the builder methods change one field each.
+///
+/// ```
+/// use sar_models::layers::ConvSpec;
+/// let c = ConvSpec::new(64, 128, 3).stride(2);
+/// assert_eq!((c.in_ch, c.out_ch, c.kernel, c.stride, c.padding, c.dilation), (64, 128, 3, 2, 1, 1));
+/// assert_eq!(ConvSpec::new(8, 8, 3).dilation(4).padding, 4);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Input channels.
+    pub in_ch: usize,
+    /// Output channels.
+    pub out_ch: usize,
+    /// Kernel size k (k × k).
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Distance between taps (atrous convolution; 1 is a plain convolution).
+    pub dilation: usize,
+}
+
+impl ConvSpec {
+    /// `in_ch → out_ch` with a `kernel × kernel` kernel, stride 1, padding `(k − 1) / 2`.
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize) -> Self {
+        ConvSpec {
+            in_ch,
+            out_ch,
+            kernel,
+            stride: 1,
+            padding: kernel.saturating_sub(1) / 2,
+            dilation: 1,
+        }
+    }
+
+    /// With stride `stride`.
+    pub fn stride(self, stride: usize) -> Self {
+        ConvSpec { stride, ..self }
+    }
+
+    /// With padding `padding`.
+    pub fn padding(self, padding: usize) -> Self {
+        ConvSpec { padding, ..self }
+    }
+
+    /// With taps `dilation` apart and the padding `dilation · (k − 1) / 2` that keeps the size.
+    pub fn dilation(self, dilation: usize) -> Self {
+        ConvSpec {
+            dilation: dilation.max(1),
+            padding: dilation * self.kernel.saturating_sub(1) / 2,
+            ..self
+        }
+    }
+}
+
 /// A 2-D convolution without bias.
 pub struct Conv {
     conv: Conv2d,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
+    spec: ConvSpec,
 }
 
 impl Conv {
     /// `weight` of shape `[out, in, k, k]` in scope `p`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        p: &Scope,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        how: ConvInit,
-    ) -> Result<Self> {
+    pub fn new(p: &Scope, spec: ConvSpec, how: ConvInit) -> Result<Self> {
+        let ConvSpec {
+            in_ch,
+            out_ch,
+            kernel,
+            ..
+        } = spec;
         let fan = match how {
-            ConvInit::KaimingFanOut => out_channels * kernel * kernel,
-            ConvInit::KaimingFanIn => in_channels * kernel * kernel,
+            ConvInit::KaimingFanOut => out_ch * kernel * kernel,
+            ConvInit::KaimingFanIn => in_ch * kernel * kernel,
         };
         let w = p.get_or_insert(
             "weight",
-            &[out_channels, in_channels, kernel, kernel],
+            &[out_ch, in_ch, kernel, kernel],
             Init::Normal((2.0 / fan as f64).sqrt()),
         )?;
         let cfg = Conv2dConfig {
-            padding,
-            stride,
-            dilation: 1,
+            padding: spec.padding,
+            stride: spec.stride,
+            dilation: spec.dilation,
             groups: 1,
             cudnn_fwd_algo: None,
         };
         Ok(Conv {
             conv: Conv2d::new(w, None, cfg),
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            dilation: 1,
+            spec,
         })
     }
 
-    /// The same convolution with its taps `dilation` apart (atrous); set the padding to
-    /// `dilation · (k − 1) / 2` to keep the size.
-    pub fn with_dilation(mut self, dilation: usize) -> Self {
-        self.dilation = dilation.max(1);
-        self
+    /// The geometry.
+    pub fn spec(&self) -> ConvSpec {
+        self.spec
     }
 
     /// Output size of an input of `h × w`.
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let extent = self.dilation * (self.kernel - 1) + 1;
-        let o = |x: usize| (x + 2 * self.padding).saturating_sub(extent) / self.stride + 1;
+        let ConvSpec {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ..
+        } = self.spec;
+        let extent = dilation * (kernel - 1) + 1;
+        let o = |x: usize| (x + 2 * padding).saturating_sub(extent) / stride + 1;
         (o(h), o(w))
     }
 
     /// Cost on an `h × w` input, and the output size.
     pub fn cost(&self, h: usize, w: usize) -> (Cost, usize, usize) {
         let (oh, ow) = self.out_size(h, w);
-        let k2 = (self.kernel * self.kernel) as u64;
-        let params = self.out_channels as u64 * self.in_channels as u64 * k2;
+        let k2 = (self.spec.kernel * self.spec.kernel) as u64;
+        let params = self.spec.out_ch as u64 * self.spec.in_ch as u64 * k2;
         (
             Cost {
                 params,
@@ -105,9 +155,9 @@ impl Conv {
         sar_candle::ops::conv::conv2d(
             x,
             self.conv.weight(),
-            self.stride,
-            self.padding,
-            self.dilation,
+            self.spec.stride,
+            self.spec.padding,
+            self.spec.dilation,
         )
     }
 }
@@ -215,6 +265,15 @@ impl Bn {
     }
 }
 
+/// How a fully connected layer's weight is initialised (the bias always PyTorch's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FcInit {
+    /// PyTorch's `nn.Linear` default: uniform in ±1/√fan_in.
+    Default,
+    /// Kaiming normal, fan_in (the CIFAR ResNets of LDAM/MiSLAS).
+    KaimingFanIn,
+}
+
 /// A fully connected layer with bias.
 pub struct Fc {
     linear: Linear,
@@ -224,13 +283,12 @@ pub struct Fc {
 
 impl Fc {
     /// `weight` `[out, in]` and `bias` `[out]` in scope `p`, PyTorch's default initialisation
-    /// (or Kaiming normal fan_in for the weight when `kaiming`).
-    pub fn new(p: &Scope, inputs: usize, outputs: usize, kaiming: bool) -> Result<Self> {
+    /// (or Kaiming normal fan_in for the weight with [`FcInit::KaimingFanIn`]).
+    pub fn new(p: &Scope, inputs: usize, outputs: usize, how: FcInit) -> Result<Self> {
         let bound = 1.0 / (inputs as f64).sqrt();
-        let w_init = if kaiming {
-            Init::Normal((2.0 / inputs as f64).sqrt())
-        } else {
-            Init::Uniform(bound)
+        let w_init = match how {
+            FcInit::KaimingFanIn => Init::Normal((2.0 / inputs as f64).sqrt()),
+            FcInit::Default => Init::Uniform(bound),
         };
         let w = p.get_or_insert("weight", &[outputs, inputs], w_init)?;
         let b = p.get_or_insert("bias", &[outputs], Init::Uniform(bound))?;

@@ -9,7 +9,7 @@
 //! Projection shortcuts are `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`.
 //! Weights: Kaiming normal fan_out for convs, BN 1/0, `fc` PyTorch's default.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result, Stem};
 use candle_core::Tensor;
@@ -86,8 +86,12 @@ impl ResNet {
     ) -> Result<Self> {
         let how = ConvInit::KaimingFanOut;
         let conv1 = match stem {
-            Stem::Imagenet => Conv::new(&init.pp("conv1"), in_channels, 64, 7, 2, 3, how)?,
-            Stem::Cifar => Conv::new(&init.pp("conv1"), in_channels, 64, 3, 1, 1, how)?,
+            Stem::Imagenet => Conv::new(
+                &init.pp("conv1"),
+                ConvSpec::new(in_channels, 64, 7).stride(2),
+                how,
+            )?,
+            Stem::Cifar => Conv::new(&init.pp("conv1"), ConvSpec::new(in_channels, 64, 3), how)?,
         };
         let bn1 = Bn::new(&init.pp("bn1"), 64)?;
         let (counts, expansion): ([usize; 4], usize) = match depth {
@@ -102,27 +106,27 @@ impl ResNet {
                 let b = init.pp(format!("layer{}", stage + 1)).pp(i);
                 let out = width * expansion;
                 let mut convs = Vec::new();
-                let mut conv = |j: usize, cin, cout, k, s, p| -> Result<()> {
-                    let conv = Conv::new(&b.pp(format!("conv{j}")), cin, cout, k, s, p, how)?;
-                    let bn = Bn::new(&b.pp(format!("bn{j}")), cout)?;
+                let mut conv = |j: usize, spec: ConvSpec| -> Result<()> {
+                    let conv = Conv::new(&b.pp(format!("conv{j}")), spec, how)?;
+                    let bn = Bn::new(&b.pp(format!("bn{j}")), spec.out_ch)?;
                     convs.push((conv, bn));
                     Ok(())
                 };
                 match depth {
                     Depth::R18 => {
-                        conv(1, c, width, 3, stride, 1)?;
-                        conv(2, width, width, 3, 1, 1)?;
+                        conv(1, ConvSpec::new(c, width, 3).stride(stride))?;
+                        conv(2, ConvSpec::new(width, width, 3))?;
                     }
                     Depth::R50 => {
-                        conv(1, c, width, 1, 1, 0)?;
-                        conv(2, width, width, 3, stride, 1)?;
-                        conv(3, width, out, 1, 1, 0)?;
+                        conv(1, ConvSpec::new(c, width, 1))?;
+                        conv(2, ConvSpec::new(width, width, 3).stride(stride))?;
+                        conv(3, ConvSpec::new(width, out, 1))?;
                     }
                 }
                 let downsample = if stride != 1 || c != out {
                     let d = b.pp("downsample");
                     Some((
-                        Conv::new(&d.pp(0), c, out, 1, stride, 0, how)?,
+                        Conv::new(&d.pp(0), ConvSpec::new(c, out, 1).stride(stride), how)?,
                         Bn::new(&d.pp(1), out)?,
                     ))
                 } else {
@@ -132,7 +136,7 @@ impl ResNet {
                 c = out;
             }
         }
-        let fc = Fc::new(&init.pp("fc"), c, classes, false)?;
+        let fc = Fc::new(&init.pp("fc"), c, classes, FcInit::Default)?;
         Ok(ResNet {
             stem,
             conv1,

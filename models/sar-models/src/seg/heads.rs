@@ -4,6 +4,7 @@
 use super::hrnet::HrNetV2;
 use super::resnet_v1c::{ResNetV1c, V1cDepth};
 use super::{ConvBn, ConvSeg, SegBackbone, SegFeatures, SegHeadKind, SegSpec, Segmenter};
+use crate::layers::ConvSpec;
 use crate::params::Scope;
 use crate::resize::{broadcast_1x1, resize_bilinear};
 use crate::{Cost, ModelError, Result};
@@ -179,11 +180,12 @@ impl SegModel {
                     SegHeadKind::Fcn => Decode::Fcn {
                         input: 3,
                         convs: vec![
-                            ConvBn::module(&head.pp("convs").pp(0), cin, ch, 3, 1, 1)?,
-                            ConvBn::module(&head.pp("convs").pp(1), ch, ch, 3, 1, 1)?,
+                            ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(cin, ch, 3))?,
+                            ConvBn::module(&head.pp("convs").pp(1), ConvSpec::new(ch, ch, 3))?,
                         ],
                         concat: Some(
-                            ConvBn::module(&head.pp("conv_cat"), cin + ch, ch, 3, 1, 1)?.into(),
+                            ConvBn::module(&head.pp("conv_cat"), ConvSpec::new(cin + ch, ch, 3))?
+                                .into(),
                         ),
                     },
                     SegHeadKind::Aspp => {
@@ -192,25 +194,20 @@ impl SegModel {
                             let kk = if d == 1 { 1 } else { 3 };
                             branches.push(ConvBn::module(
                                 &head.pp("aspp_modules").pp(i),
-                                cin,
-                                ch,
-                                kk,
-                                1,
-                                d,
+                                ConvSpec::new(cin, ch, kk).dilation(d),
                             )?);
                         }
                         Decode::Aspp {
                             input: 3,
-                            pool: ConvBn::module(&head.pp("image_pool").pp(1), cin, ch, 1, 1, 1)?
-                                .into(),
+                            pool: ConvBn::module(
+                                &head.pp("image_pool").pp(1),
+                                ConvSpec::new(cin, ch, 1),
+                            )?
+                            .into(),
                             branches,
                             bottleneck: ConvBn::module(
                                 &head.pp("bottleneck"),
-                                5 * ch,
-                                ch,
-                                3,
-                                1,
-                                1,
+                                ConvSpec::new(5 * ch, ch, 3),
                             )?
                             .into(),
                         }
@@ -223,11 +220,7 @@ impl SegModel {
                             input: 2,
                             convs: vec![ConvBn::module(
                                 &aux_head.pp("convs").pp(0),
-                                acin,
-                                ach,
-                                3,
-                                1,
-                                1,
+                                ConvSpec::new(acin, ach, 3),
                             )?],
                             concat: None,
                         },
@@ -247,7 +240,10 @@ impl SegModel {
                 let d: usize = b.widths().iter().sum();
                 (
                     Decode::FcnConcat {
-                        conv: Box::new(ConvBn::module(&head.pp("convs").pp(0), d, d, 1, 1, 1)?),
+                        conv: Box::new(ConvBn::module(
+                            &head.pp("convs").pp(0),
+                            ConvSpec::new(d, d, 1),
+                        )?),
                     },
                     d,
                     None,

@@ -18,7 +18,7 @@
 //! Returns the four branch outputs at strides 4/8/16/32.
 
 use super::ConvBn;
-use crate::layers::{Bn, Conv, ConvInit};
+use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
 use crate::params::Scope;
 use crate::resize::resize_bilinear;
 use crate::resnet::Block;
@@ -42,17 +42,17 @@ fn basic_block(b: &Scope, cin: usize, cout: usize) -> Result<Block> {
     let how = ConvInit::KaimingFanOut;
     let convs = vec![
         (
-            Conv::new(&b.pp("conv1"), cin, cout, 3, 1, 1, how)?,
+            Conv::new(&b.pp("conv1"), ConvSpec::new(cin, cout, 3), how)?,
             Bn::new(&b.pp("bn1"), cout)?,
         ),
         (
-            Conv::new(&b.pp("conv2"), cout, cout, 3, 1, 1, how)?,
+            Conv::new(&b.pp("conv2"), ConvSpec::new(cout, cout, 3), how)?,
             Bn::new(&b.pp("bn2"), cout)?,
         ),
     ];
     let downsample = if cin != cout {
         Some((
-            Conv::new(&b.pp("downsample").pp(0), cin, cout, 1, 1, 0, how)?,
+            Conv::new(&b.pp("downsample").pp(0), ConvSpec::new(cin, cout, 1), how)?,
             Bn::new(&b.pp("downsample").pp(1), cout)?,
         ))
     } else {
@@ -65,22 +65,22 @@ fn bottleneck(s: &Scope, cin: usize, planes: usize) -> Result<Block> {
     let how = ConvInit::KaimingFanOut;
     let out = planes * 4;
     let mut convs = Vec::new();
-    for (j, (a, b, k, p)) in [
-        (cin, planes, 1, 0),
-        (planes, planes, 3, 1),
-        (planes, out, 1, 0),
+    for (j, spec) in [
+        ConvSpec::new(cin, planes, 1),
+        ConvSpec::new(planes, planes, 3),
+        ConvSpec::new(planes, out, 1),
     ]
     .into_iter()
     .enumerate()
     {
         convs.push((
-            Conv::new(&s.pp(format!("conv{}", j + 1)), a, b, k, 1, p, how)?,
-            Bn::new(&s.pp(format!("bn{}", j + 1)), b)?,
+            Conv::new(&s.pp(format!("conv{}", j + 1)), spec, how)?,
+            Bn::new(&s.pp(format!("bn{}", j + 1)), spec.out_ch)?,
         ));
     }
     let downsample = if cin != out {
         Some((
-            Conv::new(&s.pp("downsample").pp(0), cin, out, 1, 1, 0, how)?,
+            Conv::new(&s.pp("downsample").pp(0), ConvSpec::new(cin, out, 1), how)?,
             Bn::new(&s.pp("downsample").pp(1), out)?,
         ))
     } else {
@@ -111,10 +111,7 @@ impl HrModule {
                     Fuse::Up(ConvBn::plain(
                         &f.pp(0),
                         &f.pp(1),
-                        channels[j],
-                        channels[i],
-                        1,
-                        1,
+                        ConvSpec::new(channels[j], channels[i], 1),
                         false,
                     )?)
                 } else {
@@ -125,10 +122,7 @@ impl HrModule {
                         convs.push(ConvBn::plain(
                             &f.pp(k).pp(0),
                             &f.pp(k).pp(1),
-                            channels[j],
-                            cout,
-                            3,
-                            2,
+                            ConvSpec::new(channels[j], cout, 3).stride(2),
                             !last,
                         )?);
                     }
@@ -222,13 +216,15 @@ impl HrNetV2 {
             ConvBn::plain(
                 &init.pp("conv1"),
                 &init.pp("bn1"),
-                in_channels,
-                64,
-                3,
-                2,
+                ConvSpec::new(in_channels, 64, 3).stride(2),
                 true,
             )?,
-            ConvBn::plain(&init.pp("conv2"), &init.pp("bn2"), 64, 64, 3, 2, true)?,
+            ConvBn::plain(
+                &init.pp("conv2"),
+                &init.pp("bn2"),
+                ConvSpec::new(64, 64, 3).stride(2),
+                true,
+            )?,
         ];
         let mut layer1 = Vec::new();
         for k in 0..4 {
@@ -250,10 +246,7 @@ impl HrNetV2 {
                         Some(vec![ConvBn::plain(
                             &t.pp(0),
                             &t.pp(1),
-                            pre[i],
-                            c,
-                            3,
-                            1,
+                            ConvSpec::new(pre[i], c, 3),
                             true,
                         )?])
                     }
@@ -266,10 +259,7 @@ impl HrNetV2 {
                         convs.push(ConvBn::plain(
                             &t.pp(j).pp(0),
                             &t.pp(j).pp(1),
-                            cin,
-                            cout,
-                            3,
-                            2,
+                            ConvSpec::new(cin, cout, 3).stride(2),
                             true,
                         )?);
                     }

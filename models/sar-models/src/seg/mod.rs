@@ -38,7 +38,7 @@ pub mod heads;
 pub mod hrnet;
 pub mod resnet_v1c;
 
-use crate::layers::{Bn, Conv, ConvInit};
+use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
 use crate::params::{Init, Scope};
 use crate::{Cost, ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -178,56 +178,19 @@ pub struct ConvBn {
 
 impl ConvBn {
     /// `conv.weight`, `bn.*` in scope `p`, with ReLU.
-    #[allow(clippy::too_many_arguments)]
-    pub fn module(
-        p: &Scope,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        dilation: usize,
-    ) -> Result<Self> {
-        let pad = dilation * (k - 1) / 2;
-        let conv = Conv::new(
-            &p.pp("conv"),
-            cin,
-            cout,
-            k,
-            stride,
-            pad,
-            ConvInit::KaimingFanOut,
-        )?
-        .with_dilation(dilation);
+    pub fn module(p: &Scope, spec: ConvSpec) -> Result<Self> {
         Ok(ConvBn {
-            conv,
-            bn: Bn::new(&p.pp("bn"), cout)?,
+            conv: Conv::new(&p.pp("conv"), spec, ConvInit::KaimingFanOut)?,
+            bn: Bn::new(&p.pp("bn"), spec.out_ch)?,
             relu: true,
         })
     }
 
     /// `weight` in scope `conv` and `*` in scope `bn` (e.g. a Sequential's numbered children).
-    #[allow(clippy::too_many_arguments)]
-    pub fn plain(
-        conv: &Scope,
-        bn: &Scope,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        relu: bool,
-    ) -> Result<Self> {
-        let conv = Conv::new(
-            conv,
-            cin,
-            cout,
-            k,
-            stride,
-            (k - 1) / 2,
-            ConvInit::KaimingFanOut,
-        )?;
+    pub fn plain(conv: &Scope, bn: &Scope, spec: ConvSpec, relu: bool) -> Result<Self> {
         Ok(ConvBn {
-            conv,
-            bn: Bn::new(bn, cout)?,
+            conv: Conv::new(conv, spec, ConvInit::KaimingFanOut)?,
+            bn: Bn::new(bn, spec.out_ch)?,
             relu,
         })
     }

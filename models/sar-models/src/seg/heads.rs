@@ -141,95 +141,86 @@ pub struct SegModel {
     output_stride: usize,
 }
 
+/// The backbone of `spec` in scope `bb`.
+fn backbone(bb: &Scope, spec: &SegSpec) -> Result<Backbone> {
+    let resnet = |depth| ResNetV1c::new(bb, depth, spec.in_channels, spec.width);
+    Ok(match spec.backbone {
+        SegBackbone::ResNet18V1c => Backbone::ResNet(resnet(V1cDepth::R18)?),
+        SegBackbone::ResNet50V1c => Backbone::ResNet(resnet(V1cDepth::R50)?),
+        SegBackbone::ResNet101V1c => Backbone::ResNet(resnet(V1cDepth::R101)?),
+        SegBackbone::HrNetV2W18 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 18)?),
+        SegBackbone::HrNetV2W48 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 48)?),
+    })
+}
+
+/// The decode head on a ResNet's stage 4 (`cin` channels, D = `cin / 4`) in scope `head`.
+fn resnet_decode(head: &Scope, kind: SegHeadKind, cin: usize) -> Result<Decode> {
+    let ch = cin / 4;
+    Ok(match kind {
+        SegHeadKind::Fcn => Decode::Fcn {
+            input: 3,
+            convs: vec![
+                ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(cin, ch, 3))?,
+                ConvBn::module(&head.pp("convs").pp(1), ConvSpec::new(ch, ch, 3))?,
+            ],
+            concat: Some(
+                ConvBn::module(&head.pp("conv_cat"), ConvSpec::new(cin + ch, ch, 3))?.into(),
+            ),
+        },
+        SegHeadKind::Aspp => {
+            let mut branches = Vec::new();
+            for (i, d) in [1usize, 12, 24, 36].into_iter().enumerate() {
+                let kk = if d == 1 { 1 } else { 3 };
+                branches.push(ConvBn::module(
+                    &head.pp("aspp_modules").pp(i),
+                    ConvSpec::new(cin, ch, kk).dilation(d),
+                )?);
+            }
+            Decode::Aspp {
+                input: 3,
+                pool: ConvBn::module(&head.pp("image_pool").pp(1), ConvSpec::new(cin, ch, 1))?
+                    .into(),
+                branches,
+                bottleneck: ConvBn::module(&head.pp("bottleneck"), ConvSpec::new(5 * ch, ch, 3))?
+                    .into(),
+            }
+        }
+    })
+}
+
+/// The auxiliary FCN head and its classifier on a ResNet's stage 3 (`cin` channels) in scope
+/// `aux_head`.
+fn resnet_aux(aux_head: &Scope, cin: usize, classes: usize) -> Result<(Decode, ConvSeg)> {
+    let ch = cin / 4;
+    Ok((
+        Decode::Fcn {
+            input: 2,
+            convs: vec![ConvBn::module(
+                &aux_head.pp("convs").pp(0),
+                ConvSpec::new(cin, ch, 3),
+            )?],
+            concat: None,
+        },
+        ConvSeg::new(&aux_head.pp("conv_seg"), ch, classes)?,
+    ))
+}
+
 impl SegModel {
     /// Builds the model for `spec`.
     pub fn new(init: &Scope, spec: &SegSpec) -> Result<Self> {
         let k = spec.classes;
-        let (bb, head, aux_head) = (
-            init.pp("backbone"),
-            init.pp("decode_head"),
-            init.pp("auxiliary_head"),
-        );
-        let backbone = match spec.backbone {
-            SegBackbone::ResNet18V1c => Backbone::ResNet(ResNetV1c::new(
-                &bb,
-                V1cDepth::R18,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::ResNet50V1c => Backbone::ResNet(ResNetV1c::new(
-                &bb,
-                V1cDepth::R50,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::ResNet101V1c => Backbone::ResNet(ResNetV1c::new(
-                &bb,
-                V1cDepth::R101,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::HrNetV2W18 => Backbone::HrNet(HrNetV2::new(&bb, spec.in_channels, 18)?),
-            SegBackbone::HrNetV2W48 => Backbone::HrNet(HrNetV2::new(&bb, spec.in_channels, 48)?),
-        };
+        let head = init.pp("decode_head");
+        let backbone = backbone(&init.pp("backbone"), spec)?;
         let (decode, dim, aux, output_stride) = match &backbone {
             Backbone::ResNet(b) => {
                 let widths = b.widths();
-                let (cin, ch) = (widths[3], widths[3] / 4);
-                let decode = match spec.head {
-                    SegHeadKind::Fcn => Decode::Fcn {
-                        input: 3,
-                        convs: vec![
-                            ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(cin, ch, 3))?,
-                            ConvBn::module(&head.pp("convs").pp(1), ConvSpec::new(ch, ch, 3))?,
-                        ],
-                        concat: Some(
-                            ConvBn::module(&head.pp("conv_cat"), ConvSpec::new(cin + ch, ch, 3))?
-                                .into(),
-                        ),
-                    },
-                    SegHeadKind::Aspp => {
-                        let mut branches = Vec::new();
-                        for (i, d) in [1usize, 12, 24, 36].into_iter().enumerate() {
-                            let kk = if d == 1 { 1 } else { 3 };
-                            branches.push(ConvBn::module(
-                                &head.pp("aspp_modules").pp(i),
-                                ConvSpec::new(cin, ch, kk).dilation(d),
-                            )?);
-                        }
-                        Decode::Aspp {
-                            input: 3,
-                            pool: ConvBn::module(
-                                &head.pp("image_pool").pp(1),
-                                ConvSpec::new(cin, ch, 1),
-                            )?
-                            .into(),
-                            branches,
-                            bottleneck: ConvBn::module(
-                                &head.pp("bottleneck"),
-                                ConvSpec::new(5 * ch, ch, 3),
-                            )?
-                            .into(),
-                        }
-                    }
-                };
+                let decode = resnet_decode(&head, spec.head, widths[3])?;
                 let aux = if spec.aux {
-                    let (acin, ach) = (widths[2], widths[2] / 4);
-                    Some((
-                        Decode::Fcn {
-                            input: 2,
-                            convs: vec![ConvBn::module(
-                                &aux_head.pp("convs").pp(0),
-                                ConvSpec::new(acin, ach, 3),
-                            )?],
-                            concat: None,
-                        },
-                        ConvSeg::new(&aux_head.pp("conv_seg"), ach, k)?,
-                    ))
+                    Some(resnet_aux(&init.pp("auxiliary_head"), widths[2], k)?)
                 } else {
                     None
                 };
-                (decode, ch, aux, 8)
+                (decode, widths[3] / 4, aux, 8)
             }
             Backbone::HrNet(b) => {
                 if spec.head != SegHeadKind::Fcn || spec.aux {
@@ -238,17 +229,11 @@ impl SegModel {
                     ));
                 }
                 let d: usize = b.widths().iter().sum();
-                (
-                    Decode::FcnConcat {
-                        conv: Box::new(ConvBn::module(
-                            &head.pp("convs").pp(0),
-                            ConvSpec::new(d, d, 1),
-                        )?),
-                    },
-                    d,
-                    None,
-                    4,
-                )
+                let conv = ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(d, d, 1))?;
+                let decode = Decode::FcnConcat {
+                    conv: Box::new(conv),
+                };
+                (decode, d, None, 4)
             }
         };
         let conv_seg = ConvSeg::new(&head.pp("conv_seg"), dim, k)?;

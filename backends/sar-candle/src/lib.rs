@@ -29,6 +29,7 @@
 
 pub mod fused;
 pub mod head;
+pub mod ops;
 
 pub use head::{EmbeddingKind, SarHead, SarStepOutput};
 

@@ -65,10 +65,10 @@ fn conv_matches_candle_forward_and_gradients() {
         let cdev = Device::Cpu;
         let xv = Var::from_vec(x.clone(), (n, cin, h, w), &cdev).unwrap();
         let wv = Var::from_vec(wt.clone(), (cout, cin, k, k), &cdev).unwrap();
-        // sar-models' CPU conv (what the candle trainer runs; candle 0.11's own conv backward
+        // sar-candle's CPU conv (what the candle trainer runs; candle 0.11's own conv backward
         // fails on strided inputs whose size the stride does not divide).
         let y =
-            sar_models::conv_cpu::conv2d(xv.as_tensor(), wv.as_tensor(), stride, pad, 1).unwrap();
+            sar_candle::ops::conv::conv2d(xv.as_tensor(), wv.as_tensor(), stride, pad, 1).unwrap();
         assert_eq!(y.dims(), &[n, cout, oh, ow]);
         let rt = Tensor::from_vec(r.clone(), (n, cout, oh, ow), &cdev).unwrap();
         let loss = (&y * &rt).unwrap().sum_all().unwrap();

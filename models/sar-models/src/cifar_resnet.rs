@@ -6,8 +6,8 @@
 //!
 //! Weights: Kaiming normal (fan_in) for convs and `fc.weight`, as in those codebases.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
-use crate::params::ParamInit;
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::params::Scope;
 use crate::{Cost, ImageClassifier, ModelError, Result};
 use candle_core::{Tensor, D};
 
@@ -30,7 +30,7 @@ impl BasicBlock {
         } else {
             option_a(x, self.stride, self.pad)?
         };
-        crate::bn_cpu::add_relu(&out, &shortcut)
+        sar_candle::ops::batch_norm::add_relu(&out, &shortcut)
     }
 }
 
@@ -65,12 +65,7 @@ pub struct CifarResNet {
 
 impl CifarResNet {
     /// Depth 6n+2 (20, 32, 44, 56, 110, …).
-    pub fn new(
-        init: &mut ParamInit,
-        depth: usize,
-        in_channels: usize,
-        classes: usize,
-    ) -> Result<Self> {
+    pub fn new(init: &Scope, depth: usize, in_channels: usize, classes: usize) -> Result<Self> {
         if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(ModelError::Config(format!(
                 "a CIFAR ResNet has depth 6n+2 (20, 32, 44, …), got {depth}"
@@ -78,26 +73,30 @@ impl CifarResNet {
         }
         let n = (depth - 2) / 6;
         let how = ConvInit::KaimingFanIn;
-        let conv1 = Conv::new(init, "conv1", in_channels, 16, 3, 1, 1, how)?;
-        let bn1 = Bn::new(init, "bn1", 16)?;
+        let conv1 = Conv::new(&init.pp("conv1"), ConvSpec::new(in_channels, 16, 3), how)?;
+        let bn1 = Bn::new(&init.pp("bn1"), 16)?;
         let mut blocks = Vec::new();
         let mut c = 16;
         for (stage, width) in [16usize, 32, 64].into_iter().enumerate() {
             for i in 0..n {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                let name = format!("layer{}.{i}", stage + 1);
+                let b = init.pp(format!("layer{}", stage + 1)).pp(i);
                 blocks.push(BasicBlock {
-                    conv1: Conv::new(init, &format!("{name}.conv1"), c, width, 3, stride, 1, how)?,
-                    bn1: Bn::new(init, &format!("{name}.bn1"), width)?,
-                    conv2: Conv::new(init, &format!("{name}.conv2"), width, width, 3, 1, 1, how)?,
-                    bn2: Bn::new(init, &format!("{name}.bn2"), width)?,
+                    conv1: Conv::new(
+                        &b.pp("conv1"),
+                        ConvSpec::new(c, width, 3).stride(stride),
+                        how,
+                    )?,
+                    bn1: Bn::new(&b.pp("bn1"), width)?,
+                    conv2: Conv::new(&b.pp("conv2"), ConvSpec::new(width, width, 3), how)?,
+                    bn2: Bn::new(&b.pp("bn2"), width)?,
                     pad: (width - c) / 2,
                     stride,
                 });
                 c = width;
             }
         }
-        let fc = Fc::new(init, "fc", 64, classes, true)?;
+        let fc = Fc::new(&init.pp("fc"), 64, classes, FcInit::KaimingFanIn)?;
         Ok(CifarResNet {
             conv1,
             bn1,

@@ -4,8 +4,8 @@
 //! then 2, then 2) → global average pooling → feature `[N, 128]` → `fc` → logits `[N, K]`.
 //! On 8×8 inputs the maps are 8×8, 4×4, 2×2; on 28×28, 28×28, 14×14, 7×7.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
-use crate::params::ParamInit;
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result};
 use candle_core::Tensor;
 
@@ -20,27 +20,22 @@ pub struct SmallCnn {
 
 impl SmallCnn {
     /// Registers `stage{1,2,3}.{conv,bn}` and `fc`.
-    pub fn new(init: &mut ParamInit, in_channels: usize, classes: usize) -> Result<Self> {
+    pub fn new(init: &Scope, in_channels: usize, classes: usize) -> Result<Self> {
         let mut stages = Vec::new();
         let mut c = in_channels;
         for (i, &w) in WIDTHS.iter().enumerate() {
             let stride = if i == 0 { 1 } else { 2 };
-            let name = format!("stage{}", i + 1);
+            let stage = init.pp(format!("stage{}", i + 1));
             let conv = Conv::new(
-                init,
-                &format!("{name}.conv"),
-                c,
-                w,
-                3,
-                stride,
-                1,
+                &stage.pp("conv"),
+                ConvSpec::new(c, w, 3).stride(stride),
                 ConvInit::KaimingFanOut,
             )?;
-            let bn = Bn::new(init, &format!("{name}.bn"), w)?;
+            let bn = Bn::new(&stage.pp("bn"), w)?;
             stages.push((conv, bn));
             c = w;
         }
-        let fc = Fc::new(init, "fc", c, classes, false)?;
+        let fc = Fc::new(&init.pp("fc"), c, classes, FcInit::Default)?;
         Ok(SmallCnn {
             stages,
             fc,

@@ -5,11 +5,11 @@
 //! unbiased running variance) whose running statistics are variables in the model's
 //! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
 
-use crate::bn_cpu;
-use crate::params::{Init, ParamInit};
+use crate::params::{Init, Scope};
 use crate::{Cost, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
+use sar_candle::ops::batch_norm;
 use std::sync::{Arc, Mutex};
 
 /// How a conv weight is initialised.
@@ -21,76 +21,125 @@ pub enum ConvInit {
     KaimingFanIn,
 }
 
+/// The geometry of a square 2-D convolution. [`ConvSpec::new`] gives stride 1 and the padding
+/// that keeps the size; the builder methods change one field each.
+///
+/// ```
+/// use sar_models::layers::ConvSpec;
+/// let c = ConvSpec::new(64, 128, 3).stride(2);
+/// assert_eq!((c.in_ch, c.out_ch, c.kernel, c.stride, c.padding, c.dilation), (64, 128, 3, 2, 1, 1));
+/// assert_eq!(ConvSpec::new(8, 8, 3).dilation(4).padding, 4);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Input channels.
+    pub in_ch: usize,
+    /// Output channels.
+    pub out_ch: usize,
+    /// Kernel size k (k × k).
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Distance between taps (atrous convolution; 1 is a plain convolution).
+    pub dilation: usize,
+}
+
+impl ConvSpec {
+    /// `in_ch → out_ch` with a `kernel × kernel` kernel, stride 1, padding `(k − 1) / 2`.
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize) -> Self {
+        ConvSpec {
+            in_ch,
+            out_ch,
+            kernel,
+            stride: 1,
+            padding: kernel.saturating_sub(1) / 2,
+            dilation: 1,
+        }
+    }
+
+    /// With stride `stride`.
+    pub fn stride(self, stride: usize) -> Self {
+        ConvSpec { stride, ..self }
+    }
+
+    /// With padding `padding`.
+    pub fn padding(self, padding: usize) -> Self {
+        ConvSpec { padding, ..self }
+    }
+
+    /// With taps `dilation` apart and the padding `dilation · (k − 1) / 2` that keeps the size.
+    pub fn dilation(self, dilation: usize) -> Self {
+        ConvSpec {
+            dilation: dilation.max(1),
+            padding: dilation * self.kernel.saturating_sub(1) / 2,
+            ..self
+        }
+    }
+}
+
 /// A 2-D convolution without bias.
 pub struct Conv {
     conv: Conv2d,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
+    spec: ConvSpec,
 }
 
 impl Conv {
-    /// `name.weight` of shape `[out, in, k, k]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        init: &mut ParamInit,
-        name: &str,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        how: ConvInit,
-    ) -> Result<Self> {
+    /// `weight` of shape `[out, in, k, k]` in scope `p`.
+    pub fn new(p: &Scope, spec: ConvSpec, how: ConvInit) -> Result<Self> {
+        let ConvSpec {
+            in_ch,
+            out_ch,
+            kernel,
+            ..
+        } = spec;
         let fan = match how {
-            ConvInit::KaimingFanOut => out_channels * kernel * kernel,
-            ConvInit::KaimingFanIn => in_channels * kernel * kernel,
+            ConvInit::KaimingFanOut => out_ch * kernel * kernel,
+            ConvInit::KaimingFanIn => in_ch * kernel * kernel,
         };
-        let w = init.tensor(
-            &format!("{name}.weight"),
-            &[out_channels, in_channels, kernel, kernel],
+        let w = p.get_or_insert(
+            "weight",
+            &[out_ch, in_ch, kernel, kernel],
             Init::Normal((2.0 / fan as f64).sqrt()),
         )?;
         let cfg = Conv2dConfig {
-            padding,
-            stride,
-            dilation: 1,
+            padding: spec.padding,
+            stride: spec.stride,
+            dilation: spec.dilation,
             groups: 1,
             cudnn_fwd_algo: None,
         };
         Ok(Conv {
             conv: Conv2d::new(w, None, cfg),
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            dilation: 1,
+            spec,
         })
     }
 
-    /// The same convolution with its taps `dilation` apart (atrous); set the padding to
-    /// `dilation · (k − 1) / 2` to keep the size.
-    pub fn with_dilation(mut self, dilation: usize) -> Self {
-        self.dilation = dilation.max(1);
-        self
+    /// The geometry.
+    pub fn spec(&self) -> ConvSpec {
+        self.spec
     }
 
     /// Output size of an input of `h × w`.
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let extent = self.dilation * (self.kernel - 1) + 1;
-        let o = |x: usize| (x + 2 * self.padding).saturating_sub(extent) / self.stride + 1;
+        let ConvSpec {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ..
+        } = self.spec;
+        let extent = dilation * (kernel - 1) + 1;
+        let o = |x: usize| (x + 2 * padding).saturating_sub(extent) / stride + 1;
         (o(h), o(w))
     }
 
     /// Cost on an `h × w` input, and the output size.
     pub fn cost(&self, h: usize, w: usize) -> (Cost, usize, usize) {
         let (oh, ow) = self.out_size(h, w);
-        let k2 = (self.kernel * self.kernel) as u64;
-        let params = self.out_channels as u64 * self.in_channels as u64 * k2;
+        let k2 = (self.spec.kernel * self.spec.kernel) as u64;
+        let params = self.spec.out_ch as u64 * self.spec.in_ch as u64 * k2;
         (
             Cost {
                 params,
@@ -103,17 +152,17 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::conv_cpu::conv2d(
+        sar_candle::ops::conv::conv2d(
             x,
             self.conv.weight(),
-            self.stride,
-            self.padding,
-            self.dilation,
+            self.spec.stride,
+            self.spec.padding,
+            self.spec.dilation,
         )
     }
 }
 
-/// BatchNorm over the channel axis; on the CPU in f32 the fused ops of [`crate::bn_cpu`],
+/// BatchNorm over the channel axis; on the CPU in f32 the fused ops of [`sar_candle::ops::batch_norm`],
 /// elsewhere candle-nn's BatchNorm.
 pub struct Bn {
     bn: BatchNorm,
@@ -128,20 +177,12 @@ const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl Bn {
-    /// `name.{weight,bias,running_mean,running_var}`.
-    pub fn new(init: &mut ParamInit, name: &str, channels: usize) -> Result<Self> {
-        let weight = init.tensor(&format!("{name}.weight"), &[channels], Init::Const(1.0))?;
-        let bias = init.tensor(&format!("{name}.bias"), &[channels], Init::Const(0.0))?;
-        let mean = init.tensor(
-            &format!("{name}.running_mean"),
-            &[channels],
-            Init::Const(0.0),
-        )?;
-        let var = init.tensor(
-            &format!("{name}.running_var"),
-            &[channels],
-            Init::Const(1.0),
-        )?;
+    /// `{weight,bias,running_mean,running_var}` in scope `p`.
+    pub fn new(p: &Scope, channels: usize) -> Result<Self> {
+        let weight = p.get_or_insert("weight", &[channels], Init::Const(1.0))?;
+        let bias = p.get_or_insert("bias", &[channels], Init::Const(0.0))?;
+        let mean = p.get_or_insert("running_mean", &[channels], Init::Const(0.0))?;
+        let var = p.get_or_insert("running_var", &[channels], Init::Const(1.0))?;
         Ok(Bn {
             bn: BatchNorm::new(
                 channels,
@@ -180,7 +221,7 @@ impl Bn {
     }
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
-        if !bn_cpu::fused_ok(x) {
+        if !batch_norm::fused_ok(x) {
             let y = self.bn.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -191,10 +232,10 @@ impl Bn {
                 .recip()?;
             let scale = (&self.weight * inv)?;
             let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
-            return x.apply_op3_no_bwd(&scale, &shift, &bn_cpu::ChannelAffine { relu });
+            return x.apply_op3_no_bwd(&scale, &shift, &batch_norm::ChannelAffine { relu });
         }
-        let stats = Arc::new(Mutex::new(bn_cpu::BatchStats::default()));
-        let op = bn_cpu::BnTrain {
+        let stats = Arc::new(Mutex::new(batch_norm::BatchStats::default()));
+        let op = batch_norm::BnTrain {
             eps: BN_EPS,
             relu,
             stats: stats.clone(),
@@ -224,6 +265,15 @@ impl Bn {
     }
 }
 
+/// How a fully connected layer's weight is initialised (the bias always PyTorch's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FcInit {
+    /// PyTorch's `nn.Linear` default: uniform in ±1/√fan_in.
+    Default,
+    /// Kaiming normal, fan_in (the CIFAR ResNets of LDAM/MiSLAS).
+    KaimingFanIn,
+}
+
 /// A fully connected layer with bias.
 pub struct Fc {
     linear: Linear,
@@ -232,23 +282,16 @@ pub struct Fc {
 }
 
 impl Fc {
-    /// `name.weight` `[out, in]` and `name.bias` `[out]`, PyTorch's default initialisation
-    /// (or Kaiming normal fan_in for the weight when `kaiming`).
-    pub fn new(
-        init: &mut ParamInit,
-        name: &str,
-        inputs: usize,
-        outputs: usize,
-        kaiming: bool,
-    ) -> Result<Self> {
+    /// `weight` `[out, in]` and `bias` `[out]` in scope `p`, PyTorch's default initialisation
+    /// (or Kaiming normal fan_in for the weight with [`FcInit::KaimingFanIn`]).
+    pub fn new(p: &Scope, inputs: usize, outputs: usize, how: FcInit) -> Result<Self> {
         let bound = 1.0 / (inputs as f64).sqrt();
-        let w_init = if kaiming {
-            Init::Normal((2.0 / inputs as f64).sqrt())
-        } else {
-            Init::Uniform(bound)
+        let w_init = match how {
+            FcInit::KaimingFanIn => Init::Normal((2.0 / inputs as f64).sqrt()),
+            FcInit::Default => Init::Uniform(bound),
         };
-        let w = init.tensor(&format!("{name}.weight"), &[outputs, inputs], w_init)?;
-        let b = init.tensor(&format!("{name}.bias"), &[outputs], Init::Uniform(bound))?;
+        let w = p.get_or_insert("weight", &[outputs, inputs], w_init)?;
+        let b = p.get_or_insert("bias", &[outputs], Init::Uniform(bound))?;
         Ok(Fc {
             linear: Linear::new(w, Some(b)),
             inputs,
@@ -274,4 +317,119 @@ impl Fc {
 /// Global average pooling `[N, C, H, W] → [N, C]`.
 pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
     x.mean((2, 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bn;
+    use crate::params::Scope;
+    use crate::test_util::randn;
+    use candle_core::{DType, Device, ModuleT, Tensor, Var};
+    use candle_nn::VarMap;
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused op (f32) against candle-nn's BatchNorm + ReLU in f64: outputs, all three
+    /// gradients, the running statistics after two steps, and evaluation mode.
+    #[test]
+    fn fused_batch_norm_matches_candle_nn_in_f64() {
+        let dev = Device::Cpu;
+        for (shape, relu) in [
+            ((4usize, 3usize, 5usize, 3usize), true),
+            ((2, 4, 1, 1), false),
+            ((3, 2, 4, 4), false),
+        ] {
+            let varmap = VarMap::new();
+            let init = Scope::new(&varmap, dev.clone(), DType::F32, 1);
+            let bn = Bn::new(&init.pp("bn"), shape.1).unwrap();
+            // Non-trivial γ, β.
+            let data = varmap.data().lock().unwrap();
+            data["bn.weight"]
+                .set(&Tensor::new(&[1.5f32, 0.5, -0.7, 2.0][..shape.1], &dev).unwrap())
+                .unwrap();
+            data["bn.bias"]
+                .set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.0][..shape.1], &dev).unwrap())
+                .unwrap();
+            let (gamma, beta) = (data["bn.weight"].clone(), data["bn.bias"].clone());
+            drop(data);
+            let g64 = Var::from_tensor(&gamma.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let b64 = Var::from_tensor(&beta.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let reference = candle_nn::BatchNorm::new(
+                shape.1,
+                Tensor::zeros(shape.1, DType::F64, &dev).unwrap(),
+                Tensor::ones(shape.1, DType::F64, &dev).unwrap(),
+                g64.as_tensor().clone(),
+                b64.as_tensor().clone(),
+                1e-5,
+            )
+            .unwrap();
+            for step in 0..2 {
+                let x = Var::from_tensor(&((randn(shape) * 2.0).unwrap() + step as f64).unwrap())
+                    .unwrap();
+                let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+                let up = randn(shape).to_dtype(DType::F64).unwrap();
+                let y = if relu {
+                    bn.forward_relu(x.as_tensor(), true)
+                } else {
+                    bn.forward(x.as_tensor(), true)
+                }
+                .unwrap();
+                let mut y64 = reference.forward_t(x64.as_tensor(), true).unwrap();
+                if relu {
+                    y64 = y64.relu().unwrap();
+                }
+                let err = max_abs(&(y.to_dtype(DType::F64).unwrap() - &y64).unwrap());
+                assert!(
+                    err < 1e-5 * max_abs(&y64).max(1.0),
+                    "{shape:?} step {step}: {err}"
+                );
+                let g = (y.to_dtype(DType::F64).unwrap() * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g_ref = (&y64 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                for (ours, theirs, what) in [
+                    (x.as_tensor(), x64.as_tensor(), "x"),
+                    (gamma.as_tensor(), g64.as_tensor(), "gamma"),
+                    (beta.as_tensor(), b64.as_tensor(), "beta"),
+                ] {
+                    let a = g.get(ours).unwrap().to_dtype(DType::F64).unwrap();
+                    let b = g_ref.get(theirs).unwrap();
+                    let tol = 1e-4 * max_abs(b).max(1.0);
+                    assert!(
+                        max_abs(&(a - b).unwrap()) < tol,
+                        "{what} gradient, shape {shape:?}"
+                    );
+                }
+            }
+            let data = varmap.data().lock().unwrap();
+            for (ours, theirs) in [
+                ("bn.running_mean", reference.running_mean()),
+                ("bn.running_var", reference.running_var()),
+            ] {
+                let a = data[ours].as_tensor().to_dtype(DType::F64).unwrap();
+                assert!(max_abs(&(a - theirs).unwrap()) < 1e-5, "{ours}");
+            }
+            drop(data);
+            let x = randn(shape);
+            let y = bn.forward(&x, false).unwrap().to_dtype(DType::F64).unwrap();
+            let y64 = reference
+                .forward_t(&x.to_dtype(DType::F64).unwrap(), false)
+                .unwrap();
+            assert!(max_abs(&(y - y64).unwrap()) < 1e-5, "eval mode");
+        }
+    }
 }

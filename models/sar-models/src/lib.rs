@@ -15,39 +15,19 @@
 //! Parameters live in a [`candle_nn::VarMap`] under those dotted names (BatchNorm running
 //! statistics too, as `*.running_mean` / `*.running_var`, so one `VarMap` is the whole model
 //! state). Initialisation is reproducible from a seed through a portable generator
-//! ([`params::ParamInit`]). [`ImageClassifier::cost`] gives parameter and multiply-add counts.
+//! ([`params::Scope`]). [`ImageClassifier::cost`] gives parameter and multiply-add counts.
 //!
 //! Segmentation networks (dilated ResNet V1c, HRNetV2; FCN, ASPP and auxiliary heads) are in
 //! [`seg`], behind the [`seg::Segmenter`] trait, under mmsegmentation's names.
 
-pub mod bn_cpu;
 pub mod cifar_resnet;
 pub mod cnn;
-pub mod conv_cpu;
 pub mod layers;
 pub mod params;
-pub mod pool_cpu;
 pub mod pretrained;
 pub mod resize;
 pub mod resnet;
 pub mod seg;
-
-/// The f32 values of a contiguous CPU storage, for this crate's custom ops; errors name the op
-/// and the operand.
-pub(crate) fn cpu_f32<'a>(
-    op: &str,
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op} cpu op: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op} cpu op: {what} must be contiguous"),
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod test_util {
@@ -202,28 +182,24 @@ pub fn build(
             "input channels must be at least 1".into(),
         ));
     }
-    let mut init = params::ParamInit::new(varmap, device.clone(), dtype, spec.seed);
+    let init = params::Scope::new(varmap, device.clone(), dtype, spec.seed);
     Ok(match spec.arch {
-        Arch::SmallCnn => Box::new(cnn::SmallCnn::new(
-            &mut init,
-            spec.in_channels,
-            spec.classes,
-        )?),
+        Arch::SmallCnn => Box::new(cnn::SmallCnn::new(&init, spec.in_channels, spec.classes)?),
         Arch::ResNet32 => Box::new(cifar_resnet::CifarResNet::new(
-            &mut init,
+            &init,
             32,
             spec.in_channels,
             spec.classes,
         )?),
         Arch::ResNet18 => Box::new(resnet::ResNet::new(
-            &mut init,
+            &init,
             resnet::Depth::R18,
             spec.stem,
             spec.in_channels,
             spec.classes,
         )?),
         Arch::ResNet50 => Box::new(resnet::ResNet::new(
-            &mut init,
+            &init,
             resnet::Depth::R50,
             spec.stem,
             spec.in_channels,

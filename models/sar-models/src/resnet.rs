@@ -9,8 +9,8 @@
 //! Projection shortcuts are `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`.
 //! Weights: Kaiming normal fan_out for convs, BN 1/0, `fc` PyTorch's default.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, Fc};
-use crate::params::ParamInit;
+use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result, Stem};
 use candle_core::Tensor;
 
@@ -46,7 +46,7 @@ impl Block {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        crate::bn_cpu::add_relu(&out, &shortcut)
+        sar_candle::ops::batch_norm::add_relu(&out, &shortcut)
     }
 
     pub(crate) fn cost(&self, mut h: usize, mut w: usize) -> (Cost, usize, usize) {
@@ -78,7 +78,7 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network under torchvision's names.
     pub fn new(
-        init: &mut ParamInit,
+        init: &Scope,
         depth: Depth,
         stem: Stem,
         in_channels: usize,
@@ -86,10 +86,14 @@ impl ResNet {
     ) -> Result<Self> {
         let how = ConvInit::KaimingFanOut;
         let conv1 = match stem {
-            Stem::Imagenet => Conv::new(init, "conv1", in_channels, 64, 7, 2, 3, how)?,
-            Stem::Cifar => Conv::new(init, "conv1", in_channels, 64, 3, 1, 1, how)?,
+            Stem::Imagenet => Conv::new(
+                &init.pp("conv1"),
+                ConvSpec::new(in_channels, 64, 7).stride(2),
+                how,
+            )?,
+            Stem::Cifar => Conv::new(&init.pp("conv1"), ConvSpec::new(in_channels, 64, 3), how)?,
         };
-        let bn1 = Bn::new(init, "bn1", 64)?;
+        let bn1 = Bn::new(&init.pp("bn1"), 64)?;
         let (counts, expansion): ([usize; 4], usize) = match depth {
             Depth::R18 => ([2, 2, 2, 2], 1),
             Depth::R50 => ([3, 4, 6, 3], 4),
@@ -99,32 +103,31 @@ impl ResNet {
         for (stage, (&count, width)) in counts.iter().zip([64usize, 128, 256, 512]).enumerate() {
             for i in 0..count {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                let name = format!("layer{}.{i}", stage + 1);
+                let b = init.pp(format!("layer{}", stage + 1)).pp(i);
                 let out = width * expansion;
                 let mut convs = Vec::new();
-                let mut conv = |init: &mut ParamInit, j: usize, cin, cout, k, s, p| -> Result<()> {
-                    let conv =
-                        Conv::new(init, &format!("{name}.conv{j}"), cin, cout, k, s, p, how)?;
-                    let bn = Bn::new(init, &format!("{name}.bn{j}"), cout)?;
+                let mut conv = |j: usize, spec: ConvSpec| -> Result<()> {
+                    let conv = Conv::new(&b.pp(format!("conv{j}")), spec, how)?;
+                    let bn = Bn::new(&b.pp(format!("bn{j}")), spec.out_ch)?;
                     convs.push((conv, bn));
                     Ok(())
                 };
                 match depth {
                     Depth::R18 => {
-                        conv(init, 1, c, width, 3, stride, 1)?;
-                        conv(init, 2, width, width, 3, 1, 1)?;
+                        conv(1, ConvSpec::new(c, width, 3).stride(stride))?;
+                        conv(2, ConvSpec::new(width, width, 3))?;
                     }
                     Depth::R50 => {
-                        conv(init, 1, c, width, 1, 1, 0)?;
-                        conv(init, 2, width, width, 3, stride, 1)?;
-                        conv(init, 3, width, out, 1, 1, 0)?;
+                        conv(1, ConvSpec::new(c, width, 1))?;
+                        conv(2, ConvSpec::new(width, width, 3).stride(stride))?;
+                        conv(3, ConvSpec::new(width, out, 1))?;
                     }
                 }
                 let downsample = if stride != 1 || c != out {
-                    let d = format!("{name}.downsample");
+                    let d = b.pp("downsample");
                     Some((
-                        Conv::new(init, &format!("{d}.0"), c, out, 1, stride, 0, how)?,
-                        Bn::new(init, &format!("{d}.1"), out)?,
+                        Conv::new(&d.pp(0), ConvSpec::new(c, out, 1).stride(stride), how)?,
+                        Bn::new(&d.pp(1), out)?,
                     ))
                 } else {
                     None
@@ -133,7 +136,7 @@ impl ResNet {
                 c = out;
             }
         }
-        let fc = Fc::new(init, "fc", c, classes, false)?;
+        let fc = Fc::new(&init.pp("fc"), c, classes, FcInit::Default)?;
         Ok(ResNet {
             stem,
             conv1,
@@ -148,7 +151,7 @@ impl ResNet {
 
 /// Max-pool 3×3, stride 2, padding 1 (PyTorch's, gradient included).
 pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
-    crate::pool_cpu::max_pool2d(x, 3, 2, 1)
+    sar_candle::ops::pool::max_pool2d(x, 3, 2, 1)
 }
 
 impl ImageClassifier for ResNet {

@@ -4,7 +4,8 @@
 use super::hrnet::HrNetV2;
 use super::resnet_v1c::{ResNetV1c, V1cDepth};
 use super::{ConvBn, ConvSeg, SegBackbone, SegFeatures, SegHeadKind, SegSpec, Segmenter};
-use crate::params::ParamInit;
+use crate::layers::ConvSpec;
+use crate::params::Scope;
 use crate::resize::{broadcast_1x1, resize_bilinear};
 use crate::{Cost, ModelError, Result};
 use candle_core::Tensor;
@@ -140,117 +141,86 @@ pub struct SegModel {
     output_stride: usize,
 }
 
+/// The backbone of `spec` in scope `bb`.
+fn backbone(bb: &Scope, spec: &SegSpec) -> Result<Backbone> {
+    let resnet = |depth| ResNetV1c::new(bb, depth, spec.in_channels, spec.width);
+    Ok(match spec.backbone {
+        SegBackbone::ResNet18V1c => Backbone::ResNet(resnet(V1cDepth::R18)?),
+        SegBackbone::ResNet50V1c => Backbone::ResNet(resnet(V1cDepth::R50)?),
+        SegBackbone::ResNet101V1c => Backbone::ResNet(resnet(V1cDepth::R101)?),
+        SegBackbone::HrNetV2W18 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 18)?),
+        SegBackbone::HrNetV2W48 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 48)?),
+    })
+}
+
+/// The decode head on a ResNet's stage 4 (`cin` channels, D = `cin / 4`) in scope `head`.
+fn resnet_decode(head: &Scope, kind: SegHeadKind, cin: usize) -> Result<Decode> {
+    let ch = cin / 4;
+    Ok(match kind {
+        SegHeadKind::Fcn => Decode::Fcn {
+            input: 3,
+            convs: vec![
+                ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(cin, ch, 3))?,
+                ConvBn::module(&head.pp("convs").pp(1), ConvSpec::new(ch, ch, 3))?,
+            ],
+            concat: Some(
+                ConvBn::module(&head.pp("conv_cat"), ConvSpec::new(cin + ch, ch, 3))?.into(),
+            ),
+        },
+        SegHeadKind::Aspp => {
+            let mut branches = Vec::new();
+            for (i, d) in [1usize, 12, 24, 36].into_iter().enumerate() {
+                let kk = if d == 1 { 1 } else { 3 };
+                branches.push(ConvBn::module(
+                    &head.pp("aspp_modules").pp(i),
+                    ConvSpec::new(cin, ch, kk).dilation(d),
+                )?);
+            }
+            Decode::Aspp {
+                input: 3,
+                pool: ConvBn::module(&head.pp("image_pool").pp(1), ConvSpec::new(cin, ch, 1))?
+                    .into(),
+                branches,
+                bottleneck: ConvBn::module(&head.pp("bottleneck"), ConvSpec::new(5 * ch, ch, 3))?
+                    .into(),
+            }
+        }
+    })
+}
+
+/// The auxiliary FCN head and its classifier on a ResNet's stage 3 (`cin` channels) in scope
+/// `aux_head`.
+fn resnet_aux(aux_head: &Scope, cin: usize, classes: usize) -> Result<(Decode, ConvSeg)> {
+    let ch = cin / 4;
+    Ok((
+        Decode::Fcn {
+            input: 2,
+            convs: vec![ConvBn::module(
+                &aux_head.pp("convs").pp(0),
+                ConvSpec::new(cin, ch, 3),
+            )?],
+            concat: None,
+        },
+        ConvSeg::new(&aux_head.pp("conv_seg"), ch, classes)?,
+    ))
+}
+
 impl SegModel {
     /// Builds the model for `spec`.
-    pub fn new(init: &mut ParamInit, spec: &SegSpec) -> Result<Self> {
+    pub fn new(init: &Scope, spec: &SegSpec) -> Result<Self> {
         let k = spec.classes;
-        let backbone = match spec.backbone {
-            SegBackbone::ResNet18V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
-                V1cDepth::R18,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::ResNet50V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
-                V1cDepth::R50,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::ResNet101V1c => Backbone::ResNet(ResNetV1c::new(
-                init,
-                "backbone",
-                V1cDepth::R101,
-                spec.in_channels,
-                spec.width,
-            )?),
-            SegBackbone::HrNetV2W18 => {
-                Backbone::HrNet(HrNetV2::new(init, "backbone", spec.in_channels, 18)?)
-            }
-            SegBackbone::HrNetV2W48 => {
-                Backbone::HrNet(HrNetV2::new(init, "backbone", spec.in_channels, 48)?)
-            }
-        };
+        let head = init.pp("decode_head");
+        let backbone = backbone(&init.pp("backbone"), spec)?;
         let (decode, dim, aux, output_stride) = match &backbone {
             Backbone::ResNet(b) => {
                 let widths = b.widths();
-                let (cin, ch) = (widths[3], widths[3] / 4);
-                let decode = match spec.head {
-                    SegHeadKind::Fcn => Decode::Fcn {
-                        input: 3,
-                        convs: vec![
-                            ConvBn::module(init, "decode_head.convs.0", cin, ch, 3, 1, 1)?,
-                            ConvBn::module(init, "decode_head.convs.1", ch, ch, 3, 1, 1)?,
-                        ],
-                        concat: Some(
-                            ConvBn::module(init, "decode_head.conv_cat", cin + ch, ch, 3, 1, 1)?
-                                .into(),
-                        ),
-                    },
-                    SegHeadKind::Aspp => {
-                        let mut branches = Vec::new();
-                        for (i, d) in [1usize, 12, 24, 36].into_iter().enumerate() {
-                            let kk = if d == 1 { 1 } else { 3 };
-                            branches.push(ConvBn::module(
-                                init,
-                                &format!("decode_head.aspp_modules.{i}"),
-                                cin,
-                                ch,
-                                kk,
-                                1,
-                                d,
-                            )?);
-                        }
-                        Decode::Aspp {
-                            input: 3,
-                            pool: ConvBn::module(
-                                init,
-                                "decode_head.image_pool.1",
-                                cin,
-                                ch,
-                                1,
-                                1,
-                                1,
-                            )?
-                            .into(),
-                            branches,
-                            bottleneck: ConvBn::module(
-                                init,
-                                "decode_head.bottleneck",
-                                5 * ch,
-                                ch,
-                                3,
-                                1,
-                                1,
-                            )?
-                            .into(),
-                        }
-                    }
-                };
+                let decode = resnet_decode(&head, spec.head, widths[3])?;
                 let aux = if spec.aux {
-                    let (acin, ach) = (widths[2], widths[2] / 4);
-                    Some((
-                        Decode::Fcn {
-                            input: 2,
-                            convs: vec![ConvBn::module(
-                                init,
-                                "auxiliary_head.convs.0",
-                                acin,
-                                ach,
-                                3,
-                                1,
-                                1,
-                            )?],
-                            concat: None,
-                        },
-                        ConvSeg::new(init, "auxiliary_head.conv_seg", ach, k)?,
-                    ))
+                    Some(resnet_aux(&init.pp("auxiliary_head"), widths[2], k)?)
                 } else {
                     None
                 };
-                (decode, ch, aux, 8)
+                (decode, widths[3] / 4, aux, 8)
             }
             Backbone::HrNet(b) => {
                 if spec.head != SegHeadKind::Fcn || spec.aux {
@@ -259,17 +229,14 @@ impl SegModel {
                     ));
                 }
                 let d: usize = b.widths().iter().sum();
-                (
-                    Decode::FcnConcat {
-                        conv: Box::new(ConvBn::module(init, "decode_head.convs.0", d, d, 1, 1, 1)?),
-                    },
-                    d,
-                    None,
-                    4,
-                )
+                let conv = ConvBn::module(&head.pp("convs").pp(0), ConvSpec::new(d, d, 1))?;
+                let decode = Decode::FcnConcat {
+                    conv: Box::new(conv),
+                };
+                (decode, d, None, 4)
             }
         };
-        let conv_seg = ConvSeg::new(init, "decode_head.conv_seg", dim, k)?;
+        let conv_seg = ConvSeg::new(&head.pp("conv_seg"), dim, k)?;
         Ok(SegModel {
             backbone,
             decode,

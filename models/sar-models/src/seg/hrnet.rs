@@ -18,8 +18,8 @@
 //! Returns the four branch outputs at strides 4/8/16/32.
 
 use super::ConvBn;
-use crate::layers::{Bn, Conv, ConvInit};
-use crate::params::ParamInit;
+use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
+use crate::params::Scope;
 use crate::resize::resize_bilinear;
 use crate::resnet::Block;
 use crate::{Cost, Result};
@@ -38,31 +38,22 @@ struct HrModule {
     fuse: Vec<Vec<Fuse>>,
 }
 
-fn basic_block(init: &mut ParamInit, name: &str, cin: usize, cout: usize) -> Result<Block> {
+fn basic_block(b: &Scope, cin: usize, cout: usize) -> Result<Block> {
     let how = ConvInit::KaimingFanOut;
     let convs = vec![
         (
-            Conv::new(init, &format!("{name}.conv1"), cin, cout, 3, 1, 1, how)?,
-            Bn::new(init, &format!("{name}.bn1"), cout)?,
+            Conv::new(&b.pp("conv1"), ConvSpec::new(cin, cout, 3), how)?,
+            Bn::new(&b.pp("bn1"), cout)?,
         ),
         (
-            Conv::new(init, &format!("{name}.conv2"), cout, cout, 3, 1, 1, how)?,
-            Bn::new(init, &format!("{name}.bn2"), cout)?,
+            Conv::new(&b.pp("conv2"), ConvSpec::new(cout, cout, 3), how)?,
+            Bn::new(&b.pp("bn2"), cout)?,
         ),
     ];
     let downsample = if cin != cout {
         Some((
-            Conv::new(
-                init,
-                &format!("{name}.downsample.0"),
-                cin,
-                cout,
-                1,
-                1,
-                0,
-                how,
-            )?,
-            Bn::new(init, &format!("{name}.downsample.1"), cout)?,
+            Conv::new(&b.pp("downsample").pp(0), ConvSpec::new(cin, cout, 1), how)?,
+            Bn::new(&b.pp("downsample").pp(1), cout)?,
         ))
     } else {
         None
@@ -70,36 +61,27 @@ fn basic_block(init: &mut ParamInit, name: &str, cin: usize, cout: usize) -> Res
     Ok(Block { convs, downsample })
 }
 
-fn bottleneck(init: &mut ParamInit, name: &str, cin: usize, planes: usize) -> Result<Block> {
+fn bottleneck(s: &Scope, cin: usize, planes: usize) -> Result<Block> {
     let how = ConvInit::KaimingFanOut;
     let out = planes * 4;
     let mut convs = Vec::new();
-    for (j, (a, b, k, p)) in [
-        (cin, planes, 1, 0),
-        (planes, planes, 3, 1),
-        (planes, out, 1, 0),
+    for (j, spec) in [
+        ConvSpec::new(cin, planes, 1),
+        ConvSpec::new(planes, planes, 3),
+        ConvSpec::new(planes, out, 1),
     ]
     .into_iter()
     .enumerate()
     {
         convs.push((
-            Conv::new(init, &format!("{name}.conv{}", j + 1), a, b, k, 1, p, how)?,
-            Bn::new(init, &format!("{name}.bn{}", j + 1), b)?,
+            Conv::new(&s.pp(format!("conv{}", j + 1)), spec, how)?,
+            Bn::new(&s.pp(format!("bn{}", j + 1)), spec.out_ch)?,
         ));
     }
     let downsample = if cin != out {
         Some((
-            Conv::new(
-                init,
-                &format!("{name}.downsample.0"),
-                cin,
-                out,
-                1,
-                1,
-                0,
-                how,
-            )?,
-            Bn::new(init, &format!("{name}.downsample.1"), out)?,
+            Conv::new(&s.pp("downsample").pp(0), ConvSpec::new(cin, out, 1), how)?,
+            Bn::new(&s.pp("downsample").pp(1), out)?,
         ))
     } else {
         None
@@ -108,17 +90,12 @@ fn bottleneck(init: &mut ParamInit, name: &str, cin: usize, planes: usize) -> Re
 }
 
 impl HrModule {
-    fn new(init: &mut ParamInit, name: &str, channels: &[usize]) -> Result<Self> {
+    fn new(m: &Scope, channels: &[usize]) -> Result<Self> {
         let mut branches = Vec::new();
         for (b, &c) in channels.iter().enumerate() {
             let mut blocks = Vec::new();
             for k in 0..4 {
-                blocks.push(basic_block(
-                    init,
-                    &format!("{name}.branches.{b}.{k}"),
-                    c,
-                    c,
-                )?);
+                blocks.push(basic_block(&m.pp("branches").pp(b).pp(k), c, c)?);
             }
             branches.push(blocks);
         }
@@ -127,18 +104,14 @@ impl HrModule {
         for i in 0..n {
             let mut row = Vec::new();
             for j in 0..n {
-                let f = format!("{name}.fuse_layers.{i}.{j}");
+                let f = m.pp("fuse_layers").pp(i).pp(j);
                 row.push(if j == i {
                     Fuse::Identity
                 } else if j > i {
                     Fuse::Up(ConvBn::plain(
-                        init,
-                        &format!("{f}.0"),
-                        &format!("{f}.1"),
-                        channels[j],
-                        channels[i],
-                        1,
-                        1,
+                        &f.pp(0),
+                        &f.pp(1),
+                        ConvSpec::new(channels[j], channels[i], 1),
                         false,
                     )?)
                 } else {
@@ -147,13 +120,9 @@ impl HrModule {
                         let last = k == i - j - 1;
                         let cout = if last { channels[i] } else { channels[j] };
                         convs.push(ConvBn::plain(
-                            init,
-                            &format!("{f}.{k}.0"),
-                            &format!("{f}.{k}.1"),
-                            channels[j],
-                            cout,
-                            3,
-                            2,
+                            &f.pp(k).pp(0),
+                            &f.pp(k).pp(1),
+                            ConvSpec::new(channels[j], cout, 3).stride(2),
                             !last,
                         )?);
                     }
@@ -241,39 +210,26 @@ pub struct HrNetV2 {
 }
 
 impl HrNetV2 {
-    /// HRNetV2-W`width` under `{prefix}.*` (W18: width 18; W48: 48).
-    pub fn new(
-        init: &mut ParamInit,
-        prefix: &str,
-        in_channels: usize,
-        width: usize,
-    ) -> Result<Self> {
+    /// HRNetV2-W`width` in scope `init` (W18: width 18; W48: 48).
+    pub fn new(init: &Scope, in_channels: usize, width: usize) -> Result<Self> {
         let stem = vec![
             ConvBn::plain(
-                init,
-                &format!("{prefix}.conv1"),
-                &format!("{prefix}.bn1"),
-                in_channels,
-                64,
-                3,
-                2,
+                &init.pp("conv1"),
+                &init.pp("bn1"),
+                ConvSpec::new(in_channels, 64, 3).stride(2),
                 true,
             )?,
             ConvBn::plain(
-                init,
-                &format!("{prefix}.conv2"),
-                &format!("{prefix}.bn2"),
-                64,
-                64,
-                3,
-                2,
+                &init.pp("conv2"),
+                &init.pp("bn2"),
+                ConvSpec::new(64, 64, 3).stride(2),
                 true,
             )?,
         ];
         let mut layer1 = Vec::new();
         for k in 0..4 {
             let cin = if k == 0 { 64 } else { 256 };
-            layer1.push(bottleneck(init, &format!("{prefix}.layer1.{k}"), cin, 64)?);
+            layer1.push(bottleneck(&init.pp("layer1").pp(k), cin, 64)?);
         }
         let channels = [width, 2 * width, 4 * width, 8 * width];
         let mut stages = Vec::new();
@@ -282,19 +238,15 @@ impl HrNetV2 {
             let cur = &channels[..s];
             let mut trans = Vec::new();
             for (i, &c) in cur.iter().enumerate() {
-                let t = format!("{prefix}.transition{}.{i}", s - 1);
+                let t = init.pp(format!("transition{}", s - 1)).pp(i);
                 trans.push(if i < pre.len() {
                     if pre[i] == c {
                         None
                     } else {
                         Some(vec![ConvBn::plain(
-                            init,
-                            &format!("{t}.0"),
-                            &format!("{t}.1"),
-                            pre[i],
-                            c,
-                            3,
-                            1,
+                            &t.pp(0),
+                            &t.pp(1),
+                            ConvSpec::new(pre[i], c, 3),
                             true,
                         )?])
                     }
@@ -305,13 +257,9 @@ impl HrNetV2 {
                     for j in 0..extra {
                         let cout = if j == i - pre.len() { c } else { cin };
                         convs.push(ConvBn::plain(
-                            init,
-                            &format!("{t}.{j}.0"),
-                            &format!("{t}.{j}.1"),
-                            cin,
-                            cout,
-                            3,
-                            2,
+                            &t.pp(j).pp(0),
+                            &t.pp(j).pp(1),
+                            ConvSpec::new(cin, cout, 3).stride(2),
                             true,
                         )?);
                     }
@@ -320,7 +268,7 @@ impl HrNetV2 {
             }
             let mut mods = Vec::new();
             for m in 0..modules {
-                mods.push(HrModule::new(init, &format!("{prefix}.stage{s}.{m}"), cur)?);
+                mods.push(HrModule::new(&init.pp(format!("stage{s}")).pp(m), cur)?);
             }
             stages.push((trans, mods));
             pre = cur.to_vec();

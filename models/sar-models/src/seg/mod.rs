@@ -38,8 +38,8 @@ pub mod heads;
 pub mod hrnet;
 pub mod resnet_v1c;
 
-use crate::layers::{Bn, Conv, ConvInit};
-use crate::params::{Init, ParamInit};
+use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
+use crate::params::{Init, Scope};
 use crate::{Cost, ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -164,8 +164,8 @@ pub fn build_segmenter(
             spec.in_channels, spec.width
         )));
     }
-    let mut init = ParamInit::new(varmap, device.clone(), dtype, spec.seed);
-    heads::SegModel::new(&mut init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>)
+    let init = Scope::new(varmap, device.clone(), dtype, spec.seed);
+    heads::SegModel::new(&init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>)
 }
 
 /// mmcv's ConvModule without bias: conv → BatchNorm → ReLU, named `{name}.conv` / `{name}.bn`
@@ -177,61 +177,20 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    /// `{name}.conv.weight`, `{name}.bn.*`, with ReLU.
-    #[allow(clippy::too_many_arguments)]
-    pub fn module(
-        init: &mut ParamInit,
-        name: &str,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        dilation: usize,
-    ) -> Result<Self> {
-        let pad = dilation * (k - 1) / 2;
-        let conv = Conv::new(
-            init,
-            &format!("{name}.conv"),
-            cin,
-            cout,
-            k,
-            stride,
-            pad,
-            ConvInit::KaimingFanOut,
-        )?
-        .with_dilation(dilation);
+    /// `conv.weight`, `bn.*` in scope `p`, with ReLU.
+    pub fn module(p: &Scope, spec: ConvSpec) -> Result<Self> {
         Ok(ConvBn {
-            conv,
-            bn: Bn::new(init, &format!("{name}.bn"), cout)?,
+            conv: Conv::new(&p.pp("conv"), spec, ConvInit::KaimingFanOut)?,
+            bn: Bn::new(&p.pp("bn"), spec.out_ch)?,
             relu: true,
         })
     }
 
-    /// `{conv_name}.weight` and `{bn_name}.*` (a Sequential's numbered children).
-    #[allow(clippy::too_many_arguments)]
-    pub fn plain(
-        init: &mut ParamInit,
-        conv_name: &str,
-        bn_name: &str,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        relu: bool,
-    ) -> Result<Self> {
-        let conv = Conv::new(
-            init,
-            conv_name,
-            cin,
-            cout,
-            k,
-            stride,
-            (k - 1) / 2,
-            ConvInit::KaimingFanOut,
-        )?;
+    /// `weight` in scope `conv` and `*` in scope `bn` (e.g. a Sequential's numbered children).
+    pub fn plain(conv: &Scope, bn: &Scope, spec: ConvSpec, relu: bool) -> Result<Self> {
         Ok(ConvBn {
-            conv,
-            bn: Bn::new(init, bn_name, cout)?,
+            conv: Conv::new(conv, spec, ConvInit::KaimingFanOut)?,
+            bn: Bn::new(bn, spec.out_ch)?,
             relu,
         })
     }
@@ -262,15 +221,11 @@ pub struct ConvSeg {
 }
 
 impl ConvSeg {
-    /// `{name}.weight` N(0, 0.01²), `{name}.bias` 0.
-    pub fn new(init: &mut ParamInit, name: &str, inputs: usize, outputs: usize) -> Result<Self> {
+    /// `weight` N(0, 0.01²), `bias` 0 in scope `p`.
+    pub fn new(p: &Scope, inputs: usize, outputs: usize) -> Result<Self> {
         Ok(ConvSeg {
-            weight: init.tensor(
-                &format!("{name}.weight"),
-                &[outputs, inputs, 1, 1],
-                Init::Normal(0.01),
-            )?,
-            bias: init.tensor(&format!("{name}.bias"), &[outputs], Init::Const(0.0))?,
+            weight: p.get_or_insert("weight", &[outputs, inputs, 1, 1], Init::Normal(0.01))?,
+            bias: p.get_or_insert("bias", &[outputs], Init::Const(0.0))?,
             inputs,
             outputs,
         })
@@ -283,7 +238,7 @@ impl ConvSeg {
                 let w = self.weight.reshape((self.outputs, self.inputs))?;
                 x.matmul(&w.t()?)?.broadcast_add(&self.bias)
             }
-            4 => crate::conv_cpu::conv2d(x, &self.weight, 1, 0, 1)?
+            4 => sar_candle::ops::conv::conv2d(x, &self.weight, 1, 0, 1)?
                 .broadcast_add(&self.bias.reshape((1, self.outputs, 1, 1))?),
             r => candle_core::bail!(
                 "conv_seg takes [N, D, h, w] maps or [M, D] rows, got rank {r} ({:?})",

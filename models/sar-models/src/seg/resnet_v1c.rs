@@ -11,8 +11,8 @@
 //! 4/8/8/8).
 
 use super::ConvBn;
-use crate::layers::{Bn, Conv, ConvInit};
-use crate::params::ParamInit;
+use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
+use crate::params::Scope;
 use crate::resnet::{max_pool_3x3_s2_p1, Block};
 use crate::{Cost, Result};
 use candle_core::Tensor;
@@ -36,47 +36,20 @@ pub struct ResNetV1c {
 }
 
 impl ResNetV1c {
-    /// Builds the backbone under `{prefix}.*`.
-    pub fn new(
-        init: &mut ParamInit,
-        prefix: &str,
-        depth: V1cDepth,
-        in_channels: usize,
-        width: usize,
-    ) -> Result<Self> {
+    /// Builds the backbone in scope `init`.
+    pub fn new(init: &Scope, depth: V1cDepth, in_channels: usize, width: usize) -> Result<Self> {
         let how = ConvInit::KaimingFanOut;
         let half = width / 2;
+        let st = init.pp("stem");
         let stem = vec![
             ConvBn::plain(
-                init,
-                &format!("{prefix}.stem.0"),
-                &format!("{prefix}.stem.1"),
-                in_channels,
-                half,
-                3,
-                2,
+                &st.pp(0),
+                &st.pp(1),
+                ConvSpec::new(in_channels, half, 3).stride(2),
                 true,
             )?,
-            ConvBn::plain(
-                init,
-                &format!("{prefix}.stem.3"),
-                &format!("{prefix}.stem.4"),
-                half,
-                half,
-                3,
-                1,
-                true,
-            )?,
-            ConvBn::plain(
-                init,
-                &format!("{prefix}.stem.6"),
-                &format!("{prefix}.stem.7"),
-                half,
-                width,
-                3,
-                1,
-                true,
-            )?,
+            ConvBn::plain(&st.pp(3), &st.pp(4), ConvSpec::new(half, half, 3), true)?,
+            ConvBn::plain(&st.pp(6), &st.pp(7), ConvSpec::new(half, width, 3), true)?,
         ];
         let (counts, expansion): ([usize; 4], usize) = match depth {
             V1cDepth::R18 => ([2, 2, 2, 2], 1),
@@ -96,46 +69,37 @@ impl ResNetV1c {
                 let stride = if i == 0 { strides[stage] } else { 1 };
                 let d = dilations[stage];
                 let dil = if i == 0 && d > 1 { d / 2 } else { d };
-                let name = format!("{prefix}.layer{}.{i}", stage + 1);
-                let cv = |init: &mut ParamInit,
-                          j: usize,
-                          cin,
-                          cout,
-                          k,
-                          s,
-                          p,
-                          dl|
-                 -> Result<(Conv, Bn)> {
+                let b = init.pp(format!("layer{}", stage + 1)).pp(i);
+                let cv = |j: usize, spec: ConvSpec| -> Result<(Conv, Bn)> {
                     Ok((
-                        Conv::new(init, &format!("{name}.conv{j}"), cin, cout, k, s, p, how)?
-                            .with_dilation(dl),
-                        Bn::new(init, &format!("{name}.bn{j}"), cout)?,
+                        Conv::new(&b.pp(format!("conv{j}")), spec, how)?,
+                        Bn::new(&b.pp(format!("bn{j}")), spec.out_ch)?,
                     ))
                 };
                 let convs = match depth {
                     V1cDepth::R18 => vec![
-                        cv(init, 1, c, planes, 3, stride, dil, dil)?,
-                        cv(init, 2, planes, planes, 3, 1, 1, 1)?,
+                        cv(1, ConvSpec::new(c, planes, 3).stride(stride).dilation(dil))?,
+                        cv(2, ConvSpec::new(planes, planes, 3))?,
                     ],
                     V1cDepth::R50 | V1cDepth::R101 => vec![
-                        cv(init, 1, c, planes, 1, 1, 0, 1)?,
-                        cv(init, 2, planes, planes, 3, stride, dil, dil)?,
-                        cv(init, 3, planes, out, 1, 1, 0, 1)?,
+                        cv(1, ConvSpec::new(c, planes, 1))?,
+                        cv(
+                            2,
+                            ConvSpec::new(planes, planes, 3)
+                                .stride(stride)
+                                .dilation(dil),
+                        )?,
+                        cv(3, ConvSpec::new(planes, out, 1))?,
                     ],
                 };
                 let downsample = if stride != 1 || c != out {
                     Some((
                         Conv::new(
-                            init,
-                            &format!("{name}.downsample.0"),
-                            c,
-                            out,
-                            1,
-                            stride,
-                            0,
+                            &b.pp("downsample").pp(0),
+                            ConvSpec::new(c, out, 1).stride(stride),
                             how,
                         )?,
-                        Bn::new(init, &format!("{name}.downsample.1"), out)?,
+                        Bn::new(&b.pp("downsample").pp(1), out)?,
                     ))
                 } else {
                     None

@@ -13,7 +13,7 @@
 //! - evaluation: y = x·s_c + t_c with s = γ/√(running σ² + ε), t = β − running μ·s.
 //!
 //! The running statistics follow PyTorch (momentum 0.1, unbiased variance) and are updated by
-//! the caller ([`crate::layers::Bn`]) from the batch statistics this op reports. Sums are over
+//! the caller (sar-models' `layers::Bn`) from the batch statistics this op reports. Sums are over
 //! channels in a fixed order, so results do not depend on the thread count.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -66,10 +66,10 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let gamma = crate::cpu_f32("batch-norm", s2, l2, "weight")?;
-        let beta = crate::cpu_f32("batch-norm", s3, l3, "bias")?;
+        let gamma = super::cpu_f32("batch-norm", s2, l2, "weight")?;
+        let beta = super::cpu_f32("batch-norm", s3, l3, "bias")?;
         let (n, c, hw) = nchw(l1, gamma.len())?;
-        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
+        let x = super::cpu_f32("batch-norm", s1, l1, "input")?;
         if beta.len() != c {
             candle_core::bail!("batch-norm bias has {} values for {c} channels", beta.len());
         }
@@ -190,9 +190,9 @@ impl CustomOp3 for BnBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = self.gamma.len();
         let (n, _, hw) = nchw(l1, c)?;
-        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
-        let dy = crate::cpu_f32("batch-norm", s2, l2, "output gradient")?;
-        let y = crate::cpu_f32("batch-norm", s3, l3, "output")?;
+        let x = super::cpu_f32("batch-norm", s1, l1, "input")?;
+        let dy = super::cpu_f32("batch-norm", s2, l2, "output gradient")?;
+        let y = super::cpu_f32("batch-norm", s3, l3, "output")?;
         let st = &self.stats;
         if st.mean.len() != c {
             candle_core::bail!("batch-norm backward without forward statistics");
@@ -266,10 +266,10 @@ impl CustomOp3 for ChannelAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let scale = crate::cpu_f32("batch-norm", s2, l2, "scale")?;
-        let shift = crate::cpu_f32("batch-norm", s3, l3, "shift")?;
+        let scale = super::cpu_f32("batch-norm", s2, l2, "scale")?;
+        let shift = super::cpu_f32("batch-norm", s3, l3, "shift")?;
         let (n, c, hw) = nchw(l1, scale.len())?;
-        let x = crate::cpu_f32("batch-norm", s1, l1, "input")?;
+        let x = super::cpu_f32("batch-norm", s1, l1, "input")?;
         Ok((
             CpuStorage::F32(affine(x, n, c, hw, scale, shift, self.relu)),
             l1.shape().clone(),
@@ -294,8 +294,8 @@ impl CustomOp2 for AddRelu {
         if l1.dims() != l2.dims() {
             candle_core::bail!("add-relu of {:?} and {:?}", l1.dims(), l2.dims());
         }
-        let a = crate::cpu_f32("batch-norm", s1, l1, "lhs")?;
-        let b = crate::cpu_f32("add-relu", s2, l2, "rhs")?;
+        let a = super::cpu_f32("batch-norm", s1, l1, "lhs")?;
+        let b = super::cpu_f32("add-relu", s2, l2, "rhs")?;
         let mut y = vec![0.0f32; a.len()];
         y.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
             let o = i << 14;
@@ -331,8 +331,8 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dy = crate::cpu_f32("batch-norm", s1, l1, "gradient")?;
-        let y = crate::cpu_f32("add-relu", s2, l2, "output")?;
+        let dy = super::cpu_f32("batch-norm", s1, l1, "gradient")?;
+        let y = super::cpu_f32("add-relu", s2, l2, "output")?;
         let mut g = vec![0.0f32; dy.len()];
         g.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
             let o = i << 14;
@@ -360,11 +360,8 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use crate::layers::Bn;
-    use crate::params::ParamInit;
-    use crate::test_util::randn;
-    use candle_core::{DType, Device, ModuleT, Tensor, Var};
-    use candle_nn::VarMap;
+    use crate::ops::test_util::randn;
+    use candle_core::{DType, Tensor, Var};
 
     fn max_abs(t: &Tensor) -> f64 {
         t.abs()
@@ -377,99 +374,6 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
-    }
-
-    /// The fused op (f32) against candle-nn's BatchNorm + ReLU in f64: outputs, all three
-    /// gradients, the running statistics after two steps, and evaluation mode.
-    #[test]
-    fn fused_batch_norm_matches_candle_nn_in_f64() {
-        let dev = Device::Cpu;
-        for (shape, relu) in [
-            ((4usize, 3usize, 5usize, 3usize), true),
-            ((2, 4, 1, 1), false),
-            ((3, 2, 4, 4), false),
-        ] {
-            let varmap = VarMap::new();
-            let mut init = ParamInit::new(&varmap, dev.clone(), DType::F32, 1);
-            let bn = Bn::new(&mut init, "bn", shape.1).unwrap();
-            // Non-trivial γ, β.
-            let data = varmap.data().lock().unwrap();
-            data["bn.weight"]
-                .set(&Tensor::new(&[1.5f32, 0.5, -0.7, 2.0][..shape.1], &dev).unwrap())
-                .unwrap();
-            data["bn.bias"]
-                .set(&Tensor::new(&[0.1f32, -0.2, 0.3, 0.0][..shape.1], &dev).unwrap())
-                .unwrap();
-            let (gamma, beta) = (data["bn.weight"].clone(), data["bn.bias"].clone());
-            drop(data);
-            let g64 = Var::from_tensor(&gamma.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-            let b64 = Var::from_tensor(&beta.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-            let reference = candle_nn::BatchNorm::new(
-                shape.1,
-                Tensor::zeros(shape.1, DType::F64, &dev).unwrap(),
-                Tensor::ones(shape.1, DType::F64, &dev).unwrap(),
-                g64.as_tensor().clone(),
-                b64.as_tensor().clone(),
-                1e-5,
-            )
-            .unwrap();
-            for step in 0..2 {
-                let x = Var::from_tensor(&((randn(shape) * 2.0).unwrap() + step as f64).unwrap())
-                    .unwrap();
-                let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-                let up = randn(shape).to_dtype(DType::F64).unwrap();
-                let y = if relu {
-                    bn.forward_relu(x.as_tensor(), true)
-                } else {
-                    bn.forward(x.as_tensor(), true)
-                }
-                .unwrap();
-                let mut y64 = reference.forward_t(x64.as_tensor(), true).unwrap();
-                if relu {
-                    y64 = y64.relu().unwrap();
-                }
-                let err = max_abs(&(y.to_dtype(DType::F64).unwrap() - &y64).unwrap());
-                assert!(
-                    err < 1e-5 * max_abs(&y64).max(1.0),
-                    "{shape:?} step {step}: {err}"
-                );
-                let g = (y.to_dtype(DType::F64).unwrap() * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g_ref = (&y64 * &up).unwrap().sum_all().unwrap().backward().unwrap();
-                for (ours, theirs, what) in [
-                    (x.as_tensor(), x64.as_tensor(), "x"),
-                    (gamma.as_tensor(), g64.as_tensor(), "gamma"),
-                    (beta.as_tensor(), b64.as_tensor(), "beta"),
-                ] {
-                    let a = g.get(ours).unwrap().to_dtype(DType::F64).unwrap();
-                    let b = g_ref.get(theirs).unwrap();
-                    let tol = 1e-4 * max_abs(b).max(1.0);
-                    assert!(
-                        max_abs(&(a - b).unwrap()) < tol,
-                        "{what} gradient, shape {shape:?}"
-                    );
-                }
-            }
-            let data = varmap.data().lock().unwrap();
-            for (ours, theirs) in [
-                ("bn.running_mean", reference.running_mean()),
-                ("bn.running_var", reference.running_var()),
-            ] {
-                let a = data[ours].as_tensor().to_dtype(DType::F64).unwrap();
-                assert!(max_abs(&(a - theirs).unwrap()) < 1e-5, "{ours}");
-            }
-            drop(data);
-            let x = randn(shape);
-            let y = bn.forward(&x, false).unwrap().to_dtype(DType::F64).unwrap();
-            let y64 = reference
-                .forward_t(&x.to_dtype(DType::F64).unwrap(), false)
-                .unwrap();
-            assert!(max_abs(&(y - y64).unwrap()) < 1e-5, "eval mode");
-        }
     }
 
     #[test]

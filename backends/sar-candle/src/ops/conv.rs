@@ -245,8 +245,8 @@ impl CustomOp2 for Conv2dCpu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l2.dims(), *self)?;
-        let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
-        let wt = crate::cpu_f32("conv2d", s2, l2, "weight")?;
+        let x = super::cpu_f32("conv2d", s1, l1, "input")?;
+        let wt = super::cpu_f32("conv2d", s2, l2, "weight")?;
         let (ckk, p) = (g.ckk(), g.p());
         let mut y = vec![0.0f32; g.n * g.o * p];
         let image = g.c * g.h * g.w;
@@ -303,8 +303,8 @@ impl CustomOp3 for GradInput {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l3.dims(), l1.dims(), self.0)?;
-        let wt = crate::cpu_f32("conv2d", s1, l1, "weight")?;
-        let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
+        let wt = super::cpu_f32("conv2d", s1, l1, "weight")?;
+        let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let mut dx = vec![0.0f32; g.n * image];
         dx.par_chunks_mut(image).enumerate().for_each_init(
@@ -350,8 +350,8 @@ impl CustomOp3 for GradWeight {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1.dims(), l3.dims(), self.0)?;
-        let x = crate::cpu_f32("conv2d", s1, l1, "input")?;
-        let dy = crate::cpu_f32("conv2d", s2, l2, "output gradient")?;
+        let x = super::cpu_f32("conv2d", s1, l1, "input")?;
+        let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let per_group = g.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
         let groups: Vec<usize> = (0..g.n.div_ceil(per_group)).collect();
@@ -416,7 +416,7 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::randn;
+    use crate::ops::test_util::randn;
     use candle_core::{Device, Var};
 
     /// Direct f64 loops: y, dx and dw for upstream gradient `up`.

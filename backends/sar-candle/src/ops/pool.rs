@@ -25,7 +25,7 @@ impl CustomOp1 for MaxPoolCpu {
         "sar-max-pool"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::cpu_f32("max-pool", st, l, "input")?;
+        let x = super::cpu_f32("max-pool", st, l, "input")?;
         let &[n, c, h, w] = l.dims() else {
             candle_core::bail!("max-pool needs [N, C, H, W], got {:?}", l.dims());
         };

@@ -23,7 +23,7 @@ use crate::{CandleBackend, Result, SarCandleError};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
 use sar_math::anchors::{generate_anchors, AnchorKind, AnchorRng};
-use sar_math::backend::BackendSarState;
+use sar_math::backend::{BackendSarState, Mixup};
 use sar_math::SarConfig;
 
 /// Which h_ψ (spec §2).
@@ -212,7 +212,8 @@ impl SarHead {
 
     /// [`SarHead::step`] for a MixUp batch of `[N, D]` features: row n is pulled toward
     /// λ·Â_{a_n} + (1−λ)·Â_{b_n} (spec §5). A row counts in Ω when both of its labels are
-    /// valid (not `ignore_index`) and, under the per-class gate, both classes passed.
+    /// valid (not `ignore_index`) and, under the per-class gate, both classes passed. The p2a
+    /// term is the backend's [`sar_math::backend::SarBackend::p2a_mixup`].
     pub fn step_mixup(
         &mut self,
         classifier: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
@@ -222,64 +223,24 @@ impl SarHead {
         lambda: f64,
     ) -> Result<SarStepOutput> {
         let (n, d) = features.dims2()?;
-        if d != self.dim || labels_a.len() != n || labels_b.len() != n {
+        if d != self.dim {
             return Err(SarCandleError::Shape(format!(
-                "mixup p2a needs features [N, {}] and N labels per side; got {:?}, {} and {}",
+                "mixup p2a needs features [N, {}]; got {:?}",
                 self.dim,
                 features.dims(),
-                labels_a.len(),
-                labels_b.len()
             )));
         }
-        if !(0.0..=1.0).contains(&lambda) {
-            return Err(SarCandleError::Shape(format!(
-                "mixup lambda must be in [0, 1], got {lambda}"
-            )));
-        }
-        let (c, ignore) = (self.classes as i64, self.state.config.ignore_index);
-        for &y in labels_a.iter().chain(labels_b) {
-            if y != ignore && !(0..c).contains(&y) {
-                return Err(SarCandleError::Shape(format!(
-                    "label {y} is out of range for {c} classes (ignore index {ignore})"
-                )));
-            }
-        }
+        let mixup = Mixup {
+            labels_a,
+            labels_b,
+            lambda,
+        };
+        // Checked before the step, so that bad input leaves Â untouched.
+        mixup.check(n, self.classes, self.state.config.ignore_index)?;
         let (e, z) = self.embed_and_classify(classifier)?;
-        let dev = features.device().clone();
         let step = self
             .state
-            .step_with(&self.backend, &z, &e, |semantic, active, weight| {
-                let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
-                let mask: Vec<f64> = labels_a
-                    .iter()
-                    .zip(labels_b)
-                    .map(|(&a, &b)| (ok(a) && ok(b)) as u8 as f64)
-                    .collect();
-                let valid = mask.iter().filter(|&&m| m > 0.0).count();
-                let index = |ys: &[i64]| -> candle_core::Result<Tensor> {
-                    let v: Vec<u32> = ys
-                        .iter()
-                        .map(|&y| if y == ignore { 0 } else { y as u32 })
-                        .collect();
-                    Tensor::from_vec(v, n, &dev)
-                };
-                let target = ((semantic.index_select(&index(labels_a)?, 0)? * lambda)?
-                    + (semantic.index_select(&index(labels_b)?, 0)? * (1.0 - lambda))?)?
-                    .detach();
-                let mask = Tensor::from_vec(mask, (n, 1), &dev)?.to_dtype(features.dtype())?;
-                let sq = (features - target)?
-                    .sqr()?
-                    .broadcast_mul(&mask)?
-                    .sum_all()?;
-                let denom = (valid.max(1) * d) as f64;
-                let value = sq.to_dtype(DType::F64)?.to_scalar::<f64>()? / denom;
-                let value = if valid == 0 { 0.0 } else { value };
-                Ok(sar_math::backend::P2aOutput {
-                    loss: (sq * (weight / denom))?,
-                    value,
-                    valid,
-                })
-            })?;
+            .step_mixup(&self.backend, &z, &e, features, mixup)?;
         self.finish(step)
     }
 

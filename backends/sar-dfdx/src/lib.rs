@@ -42,7 +42,7 @@ pub mod norm;
 pub use dfdx;
 
 use dfdx::prelude::*;
-use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
 use sar_math::{SarError, WeightMode};
 use std::cell::RefCell;
 
@@ -332,6 +332,60 @@ pub fn p2a_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     Ok((sum * from_f64::<E>(weight * scale), value, valid))
 }
 
+/// `weight`·L_p2a (Eq. 4) of rows `[N, D]` (any tape) with MixUp targets
+/// λ·Â_{a_n} + (1−λ)·Â_{b_n} toward constant `anchors` `[C, D]`; rows count when both labels
+/// are valid (and active, per-class gate; see [`Mixup`]). Only the rows in Ω are gathered.
+/// Returns the weighted loss, the unweighted value and |Ω|.
+pub fn p2a_mixup_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    features: Tensor<(usize, usize), E, D, T>,
+    mixup: Mixup<'_>,
+    anchors: &Tensor<(usize, usize), E, D>,
+    ignore_index: i64,
+    class_active: Option<&[bool]>,
+    weight: f64,
+) -> Result<P2aParts<E, D, T>> {
+    let (n, d) = *features.shape();
+    let (classes, ad) = *anchors.shape();
+    if ad != d {
+        return shape_err(format!(
+            "mixup p2a: features [{n}, {d}] toward anchors [{classes}, {ad}]"
+        ));
+    }
+    if let Some(a) = class_active {
+        if a.len() != classes {
+            return shape_err(format!(
+                "p2a: class_active has {} entries for {classes} classes",
+                a.len()
+            ));
+        }
+    }
+    mixup.check(n, classes, ignore_index)?;
+    let keep: Vec<usize> = mixup
+        .in_omega(ignore_index, class_active)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, ok)| ok.then_some(i))
+        .collect();
+    let valid = keep.len();
+    let dev = anchors.device().clone();
+    if valid == 0 {
+        // Ω empty: see `p2a_rows`.
+        let (_, tape) = features.split_tape();
+        return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
+    }
+    let pick =
+        |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
+    let ta: Tensor<(usize, usize), E, D> = anchors.clone().gather(pick(mixup.labels_a));
+    let tb: Tensor<(usize, usize), E, D> = anchors.clone().gather(pick(mixup.labels_b));
+    let target = ta * from_f64::<E>(mixup.lambda) + tb * from_f64::<E>(1.0 - mixup.lambda);
+    let rows: Tensor<(usize, usize), E, D, T> =
+        features.gather(dev.tensor_from_vec(keep, (valid,)));
+    let sum = (rows - target).square().sum::<Rank0, _>();
+    let scale = 1.0 / (valid as f64 * d as f64);
+    let value = to_f64(sum.as_vec()[0]) * scale;
+    Ok((sum * from_f64::<E>(weight * scale), value, valid))
+}
+
 /// `leaf` on a fresh tape whose gradient for `leaf` is allocated up front (zeros if the loss
 /// turns out not to reach it).
 fn trace<E: Float, D: SarDevice<E>>(
@@ -545,6 +599,32 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
             }
         };
         let (loss, value, valid) = p2a_rows(rows, &labels, &a, ignore_index, class_active, weight)?;
+        Ok(P2aOutput {
+            loss: DfdxLoss::new(loss),
+            value,
+            valid,
+        })
+    }
+
+    fn p2a_mixup(
+        &self,
+        features: &DfdxTensor<E, D>,
+        mixup: Mixup<'_>,
+        anchors: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let ([classes, d], [n, fd]) = (&anchors.shape[..], &features.shape[..]) else {
+            return shape_err(format!(
+                "mixup p2a: features {:?} and anchors {:?} must be [N, D] and [C, D]",
+                features.shape, anchors.shape
+            ));
+        };
+        let rows = trace(&features.data)?.reshape_like(&(*n, *fd));
+        let a = anchors.matrix(*classes, *d);
+        let (loss, value, valid) =
+            p2a_mixup_rows(rows, mixup, &a, ignore_index, class_active, weight)?;
         Ok(P2aOutput {
             loss: DfdxLoss::new(loss),
             value,

@@ -590,11 +590,13 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 active,
                 cfg.lambda_p2a,
             )?,
-            Some((labels_b, lambda)) => p2a_mixup(
+            Some((labels_b, lambda)) => crate::p2a_mixup_rows(
                 features,
-                labels,
-                labels_b,
-                lambda,
+                sar_math::backend::Mixup {
+                    labels_a: labels,
+                    labels_b,
+                    lambda,
+                },
                 &semantic,
                 cfg.ignore_index,
                 active,
@@ -660,52 +662,6 @@ impl<D: SarDevice<f32>> SarHead<D> {
 
 fn parts_value<D: SarDevice<f32>, T>(t: &Tensor<Rank0, f32, D, T>) -> f64 {
     t.as_vec()[0] as f64
-}
-
-/// `weight`·L_p2a with MixUp targets `λ·Â[a] + (1−λ)·Â[b]`; rows count when both labels are
-/// valid (and active).
-#[allow(clippy::too_many_arguments)]
-fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(
-    features: Rows<D, T>,
-    labels_a: &[i64],
-    labels_b: &[i64],
-    lambda: f64,
-    semantic: &Tensor<(usize, usize), f32, D>,
-    ignore: i64,
-    active: Option<&[bool]>,
-    weight: f64,
-) -> Result<crate::P2aParts<f32, D, T>> {
-    let (n, d) = *features.shape();
-    let c = semantic.shape().0;
-    if labels_a.len() != n || labels_b.len() != n || !(0.0..=1.0).contains(&lambda) {
-        return shape_err(format!(
-            "mixup p2a needs N = {n} labels per side and λ in [0, 1]; got {}, {} and {lambda}",
-            labels_a.len(),
-            labels_b.len()
-        ));
-    }
-    crate::validate_labels(labels_a, c, ignore)?;
-    crate::validate_labels(labels_b, c, ignore)?;
-    let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
-    let keep: Vec<usize> = (0..n)
-        .filter(|&i| ok(labels_a[i]) && ok(labels_b[i]))
-        .collect();
-    let valid = keep.len();
-    let dev = semantic.device().clone();
-    if valid == 0 {
-        let (_, tape) = features.split_tape();
-        return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
-    }
-    let pick =
-        |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
-    let ta: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_a));
-    let tb: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_b));
-    let target = ta * lambda as f32 + tb * (1.0 - lambda) as f32;
-    let rows: Rows<D, T> = features.gather(dev.tensor_from_vec(keep, (valid,)));
-    let sum = (rows - target).square().sum::<Rank0, _>();
-    let scale = 1.0 / (valid as f64 * d as f64);
-    let value = parts_value(&sum) * scale;
-    Ok((sum * (weight * scale) as f32, value, valid))
 }
 
 /// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;

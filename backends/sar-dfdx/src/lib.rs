@@ -146,6 +146,17 @@ impl<E: Float, D: SarDevice<E>> std::fmt::Debug for DfdxLoss<E, D> {
 }
 
 impl<E: Float, D: SarDevice<E>> DfdxLoss<E, D> {
+    /// The loss's value.
+    pub fn value(&self) -> f64 {
+        self.value
+    }
+
+    /// The tape-carrying scalar, to join a caller's graph; `None` once
+    /// [`SarBackend::loss_gradient`] has consumed it.
+    pub fn into_traced(self) -> Option<Traced<E, D>> {
+        self.tape.into_inner()
+    }
+
     fn new(loss: Tensor<Rank0, E, D, OwnedTape<E, D>>) -> Self {
         DfdxLoss {
             value: to_f64(loss.as_vec()[0]),
@@ -502,27 +513,7 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         tau: f64,
         mode: WeightMode,
     ) -> Result<AnchorCeOutput<DfdxLoss<E, D>>> {
-        let [c, c2] = logits.shape[..] else {
-            return shape_err(format!(
-                "anchor logits must be [C, C], got {:?}",
-                logits.shape
-            ));
-        };
-        if c != c2 || c == 0 {
-            return shape_err(format!(
-                "anchor logits must be [C, C], got {:?}",
-                logits.shape
-            ));
-        }
-        let z = trace(&logits.data)?.reshape_like(&(c, c));
-        let (loss, parts) = anchor_ce(z, tau, mode)?;
-        Ok(AnchorCeOutput {
-            loss: DfdxLoss::new(loss),
-            confidence: parts.confidence,
-            nll: parts.nll,
-            weights: parts.weights,
-            uncertain: parts.uncertain,
-        })
+        self.anchor_ce_on(logits, trace(&logits.data)?, tau, mode)
     }
 
     fn ema_update(
@@ -572,6 +563,71 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         class_active: Option<&[bool]>,
         weight: f64,
     ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = trace(&features.data)?;
+        let args = (ignore_index, class_active, weight);
+        self.p2a_on(features, traced, labels, anchors, args)
+    }
+
+    fn p2a_mixup(
+        &self,
+        features: &DfdxTensor<E, D>,
+        mixup: Mixup<'_>,
+        anchors: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = trace(&features.data)?;
+        let args = (ignore_index, class_active, weight);
+        self.p2a_mixup_on(features, traced, mixup, anchors, args)
+    }
+}
+
+/// The ignore index, the per-class mask and λ2 of a p2a call.
+type P2aArgs<'a> = (i64, Option<&'a [bool]>, f64);
+
+impl<E: Float, D: SarDevice<E>> DfdxBackend<E, D> {
+    /// L_aux of `logits` (a backend tensor) computed on `traced`, its values on a tape: a fresh
+    /// leaf ([`SarBackend::anchor_ce`]) or the caller's graph ([`TapedBackend`]).
+    fn anchor_ce_on(
+        &self,
+        logits: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<DfdxLoss<E, D>>> {
+        let [c, c2] = logits.shape[..] else {
+            return shape_err(format!(
+                "anchor logits must be [C, C], got {:?}",
+                logits.shape
+            ));
+        };
+        if c != c2 || c == 0 {
+            return shape_err(format!(
+                "anchor logits must be [C, C], got {:?}",
+                logits.shape
+            ));
+        }
+        let (loss, parts) = anchor_ce(traced.reshape_like(&(c, c)), tau, mode)?;
+        Ok(AnchorCeOutput {
+            loss: DfdxLoss::new(loss),
+            confidence: parts.confidence,
+            nll: parts.nll,
+            weights: parts.weights,
+            uncertain: parts.uncertain,
+        })
+    }
+
+    /// [`SarBackend::p2a`] on `traced`, the features' values on a tape (see
+    /// [`DfdxBackend::anchor_ce_on`]).
+    fn p2a_on(
+        &self,
+        features: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        labels: &DfdxLabels,
+        anchors: &DfdxTensor<E, D>,
+        (ignore_index, class_active, weight): P2aArgs<'_>,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
         let [classes, d] = anchors.shape[..] else {
             return shape_err(format!(
                 "p2a: anchors must be [C, D], got {:?}",
@@ -579,7 +635,6 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
             ));
         };
         let a = anchors.matrix(classes, d);
-        let traced = trace(&features.data)?;
         let (rows, labels) = match (&features.shape[..], &labels.shape[..]) {
             (&[b, fd, h, w], &[lb, _, _]) if fd == d && b == lb => {
                 let y = self.resample(labels, (h, w))?;
@@ -606,6 +661,153 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         })
     }
 
+    /// [`SarBackend::p2a_mixup`] on `traced` (see [`DfdxBackend::p2a_on`]).
+    fn p2a_mixup_on(
+        &self,
+        features: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        mixup: Mixup<'_>,
+        anchors: &DfdxTensor<E, D>,
+        (ignore_index, class_active, weight): P2aArgs<'_>,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let ([classes, d], [n, fd]) = (&anchors.shape[..], &features.shape[..]) else {
+            return shape_err(format!(
+                "mixup p2a: features {:?} and anchors {:?} must be [N, D] and [C, D]",
+                features.shape, anchors.shape
+            ));
+        };
+        let rows = traced.reshape_like(&(*n, *fd));
+        let a = anchors.matrix(*classes, *d);
+        let (loss, value, valid) =
+            p2a_mixup_rows(rows, mixup, &a, ignore_index, class_active, weight)?;
+        Ok(P2aOutput {
+            loss: DfdxLoss::new(loss),
+            value,
+            valid,
+        })
+    }
+}
+
+/// A flat tensor on the caller's tape, until a loss consumes it.
+type Carried<E, D> = RefCell<Option<Flat<E, D, OwnedTape<E, D>>>>;
+
+/// The backend [`nn::SarHead`] steps with: [`DfdxBackend`], except that the anchor logits and
+/// the features it is handed carry the caller's tape (the model's graph), so that L_aux and
+/// L_p2a continue it and gradients reach h_ψ, the classifier and the network. Each carried
+/// tensor is consumed by the first loss computed from it; tensors without one (and later
+/// uses) are traced as fresh leaves, as in [`DfdxBackend`].
+pub(crate) struct TapedBackend<E: Float, D: SarDevice<E>> {
+    inner: DfdxBackend<E, D>,
+    logits: Carried<E, D>,
+    features: Carried<E, D>,
+}
+
+impl<E: Float, D: SarDevice<E>> TapedBackend<E, D> {
+    /// A backend on `device` with anchor logits `[C, C]` and features `[N, D]` carrying the
+    /// caller's tape; returns it with the two as (untraced) backend tensors.
+    pub(crate) fn carrying(
+        device: &D,
+        logits: Matrix<E, D, OwnedTape<E, D>>,
+        features: Matrix<E, D, OwnedTape<E, D>>,
+    ) -> (Self, DfdxTensor<E, D>, DfdxTensor<E, D>) {
+        let flat = |t: Matrix<E, D, OwnedTape<E, D>>| {
+            let (r, c) = *t.shape();
+            let t = t.reshape_like(&(r * c,));
+            let leaf = DfdxTensor {
+                data: t.retaped::<NoneTape>(),
+                shape: vec![r, c],
+            };
+            (t, leaf)
+        };
+        let (z, zt) = flat(logits);
+        let (f, ft) = flat(features);
+        let b = TapedBackend {
+            inner: DfdxBackend::new(device.clone()),
+            logits: RefCell::new(Some(z)),
+            features: RefCell::new(Some(f)),
+        };
+        (b, zt, ft)
+    }
+
+    /// The carried features' tape when no loss consumed it (the gate failed): the caller joins
+    /// it to its graph.
+    pub(crate) fn take_features(&self) -> Option<Flat<E, D, OwnedTape<E, D>>> {
+        self.features.borrow_mut().take()
+    }
+
+    fn carried(slot: &Carried<E, D>, t: &DfdxTensor<E, D>) -> Result<Flat<E, D, OwnedTape<E, D>>> {
+        match slot.borrow_mut().take() {
+            Some(taped) => Ok(taped),
+            None => trace(&t.data),
+        }
+    }
+}
+
+impl<E: Float, D: SarDevice<E>> SarBackend for TapedBackend<E, D> {
+    type Tensor = DfdxTensor<E, D>;
+    type Labels = DfdxLabels;
+    type Loss = DfdxLoss<E, D>;
+    type Error = SarDfdxError;
+
+    fn tensor(&self, shape: &[usize], data: &[f64]) -> Result<DfdxTensor<E, D>> {
+        self.inner.tensor(shape, data)
+    }
+    fn labels(&self, shape: &[usize], data: &[i64]) -> Result<DfdxLabels> {
+        self.inner.labels(shape, data)
+    }
+    fn to_host(&self, t: &DfdxTensor<E, D>) -> Result<Vec<f64>> {
+        self.inner.to_host(t)
+    }
+    fn loss_value(&self, loss: &DfdxLoss<E, D>) -> Result<f64> {
+        self.inner.loss_value(loss)
+    }
+    fn loss_gradient(&self, loss: &DfdxLoss<E, D>, wrt: &DfdxTensor<E, D>) -> Result<Vec<f64>> {
+        self.inner.loss_gradient(loss, wrt)
+    }
+    fn detach(&self, t: &DfdxTensor<E, D>) -> DfdxTensor<E, D> {
+        self.inner.detach(t)
+    }
+    fn anchor_ce(
+        &self,
+        logits: &DfdxTensor<E, D>,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<DfdxLoss<E, D>>> {
+        let traced = Self::carried(&self.logits, logits)?;
+        self.inner.anchor_ce_on(logits, traced, tau, mode)
+    }
+    fn ema_update(
+        &self,
+        semantic: &mut DfdxTensor<E, D>,
+        embedded: &DfdxTensor<E, D>,
+        alpha: f64,
+        rows: &[bool],
+        initialized: &mut [bool],
+    ) -> Result<usize> {
+        self.inner
+            .ema_update(semantic, embedded, alpha, rows, initialized)
+    }
+    fn resample_labels(&self, labels: &DfdxLabels, out_hw: (usize, usize)) -> Result<DfdxLabels> {
+        self.inner.resample_labels(labels, out_hw)
+    }
+    fn p2a(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        anchors: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = Self::carried(&self.features, features)?;
+        self.inner.p2a_on(
+            features,
+            traced,
+            labels,
+            anchors,
+            (ignore_index, class_active, weight),
+        )
+    }
     fn p2a_mixup(
         &self,
         features: &DfdxTensor<E, D>,
@@ -615,21 +817,14 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         class_active: Option<&[bool]>,
         weight: f64,
     ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
-        let ([classes, d], [n, fd]) = (&anchors.shape[..], &features.shape[..]) else {
-            return shape_err(format!(
-                "mixup p2a: features {:?} and anchors {:?} must be [N, D] and [C, D]",
-                features.shape, anchors.shape
-            ));
-        };
-        let rows = trace(&features.data)?.reshape_like(&(*n, *fd));
-        let a = anchors.matrix(*classes, *d);
-        let (loss, value, valid) =
-            p2a_mixup_rows(rows, mixup, &a, ignore_index, class_active, weight)?;
-        Ok(P2aOutput {
-            loss: DfdxLoss::new(loss),
-            value,
-            valid,
-        })
+        let traced = Self::carried(&self.features, features)?;
+        self.inner.p2a_mixup_on(
+            features,
+            traced,
+            mixup,
+            anchors,
+            (ignore_index, class_active, weight),
+        )
     }
 }
 

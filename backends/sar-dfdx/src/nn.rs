@@ -20,9 +20,12 @@
 
 use crate::conv::{conv2d, option_a, ConvGeometry, GatherCache};
 use crate::SarDfdxError;
-use crate::{anchor_ce, dev_err, ema_rows, host, p2a_rows, shape_err, Result, SarDevice};
+use crate::{
+    dev_err, shape_err, DfdxLabels, DfdxLoss, DfdxTensor, Result, SarDevice, TapedBackend, Traced,
+};
 use dfdx::prelude::*;
-use sar_math::{GateMode, SarConfig};
+use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::SarConfig;
 use std::collections::BTreeMap;
 
 /// Rows `[R, C]` of f32 on device `D` with tape `T`.
@@ -445,12 +448,8 @@ pub struct SarStep<D: SarDevice<f32>, T> {
 pub struct SarHead<D: SarDevice<f32>> {
     /// The fixed anchors A `[C, D]`.
     pub anchors: Tensor<(usize, usize), f32, D>,
-    /// Â `[C, D]`, flat.
-    pub semantic: Tensor<(usize,), f32, D>,
-    /// Per-class "initialised" flags.
-    pub initialized: Vec<bool>,
-    /// SAR's hyper-parameters.
-    pub config: SarConfig,
+    /// Â `[C, D]`, the "initialised" flags and the configuration: `sar-math`'s state machine.
+    state: BackendSarState<DfdxTensor<f32, D>>,
     prefix: String,
     classes: usize,
     dim: usize,
@@ -473,15 +472,32 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 anchors.len()
             ));
         }
+        let zeros = DfdxTensor {
+            data: device.zeros_like(&(classes * dim,)),
+            shape: vec![classes, dim],
+        };
         Ok(SarHead {
             anchors: device.tensor_from_vec(anchors, (classes, dim)),
-            semantic: device.zeros_like(&(classes * dim,)),
-            initialized: vec![false; classes],
-            config,
+            state: BackendSarState::new(config, classes, zeros)?,
             prefix: prefix.to_string(),
             classes,
             dim,
         })
+    }
+
+    /// SAR's hyper-parameters.
+    pub fn config(&self) -> &SarConfig {
+        &self.state.config
+    }
+
+    /// Â `[C, D]`, flat.
+    pub fn semantic_anchors(&self) -> &Tensor<(usize,), f32, D> {
+        &self.state.semantic.data
+    }
+
+    /// Per-class "initialised" flags.
+    pub fn initialized(&self) -> &[bool] {
+        &self.state.initialized
     }
 
     /// Classes C.
@@ -496,7 +512,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
 
     /// Whether every row of Â is initialised.
     pub fn fully_initialized(&self) -> bool {
-        self.initialized.iter().all(|&b| b)
+        self.state.fully_initialized()
     }
 
     /// E = h_ψ(A) `[C, D]`, BatchNorm over the C anchors in training mode.
@@ -515,9 +531,10 @@ impl<D: SarDevice<f32>> SarHead<D> {
     }
 
     /// One SAR step with features `[N, D]` carrying the model's tape: L_aux on
-    /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed. With
-    /// `mix = Some((labels_b, λ))` the p2a target is `λ·Â[y] + (1−λ)·Â[y_b]` (MixUp), rows
-    /// counted when both labels are valid.
+    /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed, in the
+    /// spec's order by `sar-math`'s [`BackendSarState`] (the losses continue the model's tape).
+    /// With `mix = Some((labels_b, λ))` the p2a target is `λ·Â[y] + (1−λ)·Â[y_b]` (MixUp,
+    /// [`sar_math::backend::SarBackend::p2a_mixup`]), rows counted when both labels are valid.
     pub fn step(
         &mut self,
         params: &Params<D>,
@@ -533,10 +550,21 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 self.dim
             ));
         }
-        let cfg = self.config;
+        let mixup = mix.map(|(labels_b, lambda)| Mixup {
+            labels_a: labels,
+            labels_b,
+            lambda,
+        });
+        if let Some(m) = &mixup {
+            // Checked before the step, so that bad input leaves Â untouched.
+            m.check(n, self.classes, self.state.config.ignore_index)?;
+        }
         let (c, dim) = (self.classes, self.dim);
         let e: Rows<D, OwnedTape<f32, D>> = self.embed(params)?;
-        let e_values = e.retaped::<NoneTape>().reshape_like(&(c * dim,));
+        let embedded = DfdxTensor {
+            data: e.retaped::<NoneTape>().reshape_like(&(c * dim,)),
+            shape: vec![c, dim],
+        };
         let z = linear(params, e, "fc")?;
         if *z.shape() != (c, c) {
             return shape_err(format!(
@@ -544,29 +572,26 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 z.shape()
             ));
         }
-        let z_host = host(&z);
-        let (aux, parts) = anchor_ce(z, cfg.tau, cfg.weights)?;
-        let mut pass = vec![false; c];
-        let gate =
-            sar_math::anchor_ce::gate(&z_host, c, &parts.nll, cfg.delta, cfg.gate, &mut pass)?;
-        let rows: Vec<bool> = match cfg.gate {
-            GateMode::Global => vec![gate; c],
-            GateMode::PerClass => pass.clone(),
+        let (b, zt, ft) = TapedBackend::carrying(params.device(), z, features);
+        let step = match mixup {
+            None => {
+                let lt = DfdxLabels {
+                    data: labels.to_vec(),
+                    shape: vec![n],
+                };
+                self.state.step(&b, &zt, &embedded, &ft, &lt)?
+            }
+            Some(m) => self.state.step_mixup(&b, &zt, &embedded, &ft, m)?,
         };
-        ema_rows(
-            &mut self.semantic,
-            &e_values,
-            cfg.alpha,
-            &rows,
-            &mut self.initialized,
-            dim,
-        )?;
-        let loss_aux = parts_value(&aux);
-        let aux = aux * cfg.lambda_aux as f32;
-        if !gate {
+        let loss_aux = step.aux.loss.value();
+        let aux = traced(step.aux.loss)? * self.state.config.lambda_aux as f32;
+        let Some(p2a) = step.p2a else {
             // p2a is not applied at all; the features' tape joins through a zero term so the
             // caller's graph stays one.
-            let (_, tape) = features.split_tape();
+            let (_, tape) = b
+                .take_features()
+                .ok_or_else(|| SarDfdxError::Device("the features' tape is gone".into()))?
+                .split_tape();
             let zero = params.device().zeros::<Rank0>().put_tape(tape);
             return Ok(SarStep {
                 loss: aux + zero,
@@ -575,40 +600,13 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 gate_passed: false,
                 valid: 0,
             });
-        }
-        let active = match cfg.gate {
-            GateMode::Global => None,
-            GateMode::PerClass => Some(&pass[..]),
-        };
-        let semantic = self.semantic.clone().reshape_like(&(c, dim));
-        let (p2a, value, valid) = match mix {
-            None => p2a_rows(
-                features,
-                labels,
-                &semantic,
-                cfg.ignore_index,
-                active,
-                cfg.lambda_p2a,
-            )?,
-            Some((labels_b, lambda)) => crate::p2a_mixup_rows(
-                features,
-                sar_math::backend::Mixup {
-                    labels_a: labels,
-                    labels_b,
-                    lambda,
-                },
-                &semantic,
-                cfg.ignore_index,
-                active,
-                cfg.lambda_p2a,
-            )?,
         };
         Ok(SarStep {
-            loss: aux + p2a,
+            loss: aux + traced(p2a.loss)?,
             loss_aux,
-            loss_p2a: value,
+            loss_p2a: p2a.value,
             gate_passed: true,
-            valid,
+            valid: p2a.valid,
         })
     }
 
@@ -625,12 +623,16 @@ impl<D: SarDevice<f32>> SarHead<D> {
             (
                 format!("{}.semantic_anchors", self.prefix),
                 vec![c, d],
-                self.semantic.as_vec(),
+                self.state.semantic.data.as_vec(),
             ),
             (
                 format!("{}.initialized", self.prefix),
                 vec![c],
-                self.initialized.iter().map(|&b| b as u8 as f32).collect(),
+                self.state
+                    .initialized
+                    .iter()
+                    .map(|&b| b as u8 as f32)
+                    .collect(),
             ),
         ]
     }
@@ -654,14 +656,19 @@ impl<D: SarDevice<f32>> SarHead<D> {
         let init = fetch("initialized", &[c])?;
         let dev = self.anchors.device().clone();
         self.anchors = dev.tensor_from_vec(anchors, (c, d));
-        self.semantic = dev.tensor_from_vec(semantic, (c * d,));
-        self.initialized = init.iter().map(|&v| v != 0.0).collect();
+        self.state.semantic = DfdxTensor {
+            data: dev.tensor_from_vec(semantic, (c * d,)),
+            shape: vec![c, d],
+        };
+        self.state.initialized = init.iter().map(|&v| v != 0.0).collect();
         Ok(())
     }
 }
 
-fn parts_value<D: SarDevice<f32>, T>(t: &Tensor<Rank0, f32, D, T>) -> f64 {
-    t.as_vec()[0] as f64
+/// A head loss's tape-carrying scalar.
+fn traced<D: SarDevice<f32>>(loss: DfdxLoss<f32, D>) -> Result<Traced<f32, D>> {
+    loss.into_traced()
+        .ok_or_else(|| SarDfdxError::Device("the loss's tape was consumed".into()))
 }
 
 /// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;

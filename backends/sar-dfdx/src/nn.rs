@@ -25,6 +25,7 @@ use crate::{
 };
 use dfdx::prelude::*;
 use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::sgd::{sgd_step, SgdConfig};
 use sar_math::SarConfig;
 use std::collections::BTreeMap;
 
@@ -672,7 +673,9 @@ fn traced<D: SarDevice<f32>>(loss: DfdxLoss<f32, D>) -> Result<Traced<f32, D>> {
 }
 
 /// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;
-/// d ← g + μ·b (Nesterov) or b; w ← w − lr·d. Momentum buffers by variable name, on the device.
+/// d ← g + μ·b (Nesterov) or b; w ← w − lr·d, applied by [`sar_math::sgd::sgd_step`] (the one
+/// definition of the rule) over the host values. Momentum buffers by variable name, on the
+/// device.
 pub struct Sgd<D: SarDevice<f32>> {
     /// Learning rate (set per step by the schedule).
     pub lr: f64,
@@ -701,33 +704,31 @@ impl<D: SarDevice<f32>> Sgd<D> {
     /// gradient in `grads` (the loss did not reach it, and the input was not traced with
     /// [`Params::alloc_grads`]) gets a zero one: weight decay and momentum still apply.
     pub fn step(&mut self, params: &mut Params<D>, grads: &mut Gradients<f32, D>) -> Result<()> {
-        let (mu, wd, lr) = (
-            self.momentum as f32,
-            self.weight_decay as f32,
-            self.lr as f32,
-        );
+        let cfg = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        };
         for name in params.trainable() {
             let w = params.get(&name)?.clone();
             grads.try_alloc_for(&w).map_err(dev_err)?;
-            let grad = grads.get(&w);
-            let mut g = if wd != 0.0 {
-                grad + w.clone() * wd
-            } else {
-                grad
+            let grad = grads.get(&w).as_vec();
+            let mut values = w.as_vec();
+            let fresh = !self.buffers.contains_key(&name);
+            let mut b = match self.buffers.remove(&name) {
+                Some(b) => b.as_vec(),
+                None if cfg.momentum != 0.0 => vec![0.0; values.len()],
+                None => Vec::new(),
             };
-            if mu != 0.0 {
-                let b = match self.buffers.remove(&name) {
-                    None => g.clone(),
-                    Some(b) => b * mu + g.clone(),
-                };
-                g = if self.nesterov {
-                    g + b.clone() * mu
-                } else {
-                    b.clone()
-                };
+            sgd_step(&cfg, &mut values, &grad, &mut b, fresh)?;
+            let n = values.len();
+            if cfg.momentum != 0.0 {
+                let b = params.device().tensor_from_vec(b, (n,));
                 self.buffers.insert(name.clone(), b);
             }
-            params.replace(&name, w - g * lr);
+            let t = params.device().tensor_from_vec(values, (n,));
+            params.replace(&name, t);
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //!
 //! It owns the pre-defined anchors A `[C, D]` (a fixed buffer), the anchor embedding h_ψ and
 //! the EMA state Â. Per step, E = h_ψ(A) with BatchNorm in training mode over the C anchors
-//! (eps 1e-5, momentum 0.1), Z = g_θ(E) through the model's own classifier (passed in, so the
+//! (`sar_math::batch_norm`'s eps and momentum), Z = g_θ(E) through the model's own classifier (passed in, so the
 //! classifier is shared and trained by L_aux too), then the spec's order via
 //! [`sar_math::backend::BackendSarState::step`]. The EMA is an explicit `&mut self` call.
 //!
@@ -59,6 +59,73 @@ pub struct SarStepOutput {
     pub updated_classes: usize,
 }
 
+/// What a [`SarHead`] is built from: SAR's hyper-parameters, C and D, and (with defaults) the
+/// parameter prefix, h_ψ's kind, the anchor kind and the seed.
+///
+/// ```
+/// use sar_candle::{EmbeddingKind, SarHeadConfig};
+/// let cfg = SarHeadConfig::new(sar_math::SarConfig::default(), 10, 64)
+///     .kind(EmbeddingKind::Segmentation)
+///     .seed(7);
+/// assert_eq!((cfg.prefix.as_str(), cfg.classes, cfg.seed), ("sar", 10, 7));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct SarHeadConfig {
+    /// Prefix of the parameter and buffer names (default `sar`).
+    pub prefix: String,
+    /// SAR's hyper-parameters.
+    pub sar: SarConfig,
+    /// C.
+    pub classes: usize,
+    /// D.
+    pub dim: usize,
+    /// h_ψ (default [`EmbeddingKind::Classification`]).
+    pub kind: EmbeddingKind,
+    /// The pre-defined anchors (default [`AnchorKind::Normal`]).
+    pub anchor_kind: AnchorKind,
+    /// Seed of the anchors and of h_ψ's initial weights (default 0).
+    pub seed: u64,
+}
+
+impl SarHeadConfig {
+    /// C classes, D dimensions, the defaults for the rest.
+    pub fn new(sar: SarConfig, classes: usize, dim: usize) -> Self {
+        SarHeadConfig {
+            prefix: "sar".to_string(),
+            sar,
+            classes,
+            dim,
+            kind: EmbeddingKind::Classification,
+            anchor_kind: AnchorKind::Normal,
+            seed: 0,
+        }
+    }
+
+    /// With another name prefix.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// With another h_ψ.
+    pub fn kind(mut self, kind: EmbeddingKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// With another anchor kind.
+    pub fn anchor_kind(mut self, anchor_kind: AnchorKind) -> Self {
+        self.anchor_kind = anchor_kind;
+        self
+    }
+
+    /// With another seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
 /// SAR's anchors, embedding and EMA state for one model. See the module docs.
 pub struct SarHead {
     backend: CandleBackend,
@@ -87,19 +154,18 @@ fn get_or_insert(
 }
 
 impl SarHead {
-    /// Builds the head, registering h_ψ's parameters in `varmap` under `{prefix}.embed`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        varmap: &VarMap,
-        prefix: &str,
-        backend: CandleBackend,
-        config: SarConfig,
-        classes: usize,
-        dim: usize,
-        kind: EmbeddingKind,
-        anchor_kind: AnchorKind,
-        seed: u64,
-    ) -> Result<Self> {
+    /// Builds the head described by `cfg`, registering h_ψ's parameters in `varmap` under
+    /// `{prefix}.embed`.
+    pub fn new(varmap: &VarMap, backend: CandleBackend, cfg: &SarHeadConfig) -> Result<Self> {
+        let SarHeadConfig {
+            ref prefix,
+            sar: config,
+            classes,
+            dim,
+            kind,
+            anchor_kind,
+            seed,
+        } = *cfg;
         config.validate()?;
         let (dev, dtype) = (backend.device().clone(), backend.dtype());
         let mut a = vec![0.0f64; classes * dim];
@@ -142,7 +208,7 @@ impl SarHead {
                 Tensor::ones(dim, dtype, &dev)?,
                 gamma,
                 beta,
-                1e-5,
+                sar_math::batch_norm::EPS,
             )?;
             blocks.push(Block {
                 linear: Linear::new(w, b),

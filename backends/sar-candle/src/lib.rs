@@ -30,7 +30,7 @@
 pub mod fused;
 pub mod head;
 
-pub use head::{EmbeddingKind, SarHead, SarStepOutput};
+pub use head::{EmbeddingKind, SarHead, SarHeadConfig, SarStepOutput};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};

@@ -9,9 +9,9 @@
 //! - [`Classifier`]: the small CNN (three conv3×3-BN-ReLU stages, 32/64/128 channels, strides
 //!   1/2/2, global average pooling, `fc`) and the CIFAR ResNets (depth 6n+2, option-A
 //!   shortcuts, global average pooling, `fc`), over NHWC rows (see [`crate::conv`]).
-//! - BatchNorm in training mode normalises with the batch's biased variance (eps 1e-5) and
-//!   updates the running statistics with momentum 0.1 and the unbiased variance, like PyTorch;
-//!   in evaluation mode it uses the running statistics.
+//! - BatchNorm in training mode normalises with the batch's biased variance (eps from
+//!   `sar_math::batch_norm`, 1e-5) and updates the running statistics with its momentum (0.1)
+//!   and the unbiased variance, like PyTorch; in evaluation mode it uses the running statistics.
 //! - [`SarHead`]: the fixed anchors A `[C, D]`, h_ψ = [Linear → BatchNorm (train mode over the
 //!   C anchors) → ReLU] ×2, Z = g_θ(h_ψ(A)) through the model's own `fc`, then L_aux → gate →
 //!   EMA → L_p2a in the spec's order.
@@ -35,13 +35,9 @@ pub type Rows<D, T> = Tensor<(usize, usize), f32, D, T>;
 /// A tensor on the host: shape and values.
 pub type HostTensor = (Vec<usize>, Vec<f32>);
 
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
-
-/// Whether a variable is a BatchNorm running statistic (a buffer, not trained).
-pub fn is_running_stat(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
-}
+/// Whether a variable is a BatchNorm running statistic (`sar-math`'s one definition).
+pub use sar_math::batch_norm::is_running_stat;
+use sar_math::batch_norm::{EPS as BN_EPS, MOMENTUM as BN_MOMENTUM};
 
 /// Variables by name (see the module docs). Cloning shares the values (they are immutable;
 /// updates replace them).
@@ -456,16 +452,48 @@ pub struct SarHead<D: SarDevice<f32>> {
     dim: usize,
 }
 
+/// What a [`SarHead`] is built from (besides its anchors): SAR's hyper-parameters, C, D and
+/// the name prefix (default `sar`), as in `sar-candle`'s `SarHeadConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SarHeadConfig {
+    /// Prefix of the variable and buffer names (default `sar`).
+    pub prefix: String,
+    /// SAR's hyper-parameters.
+    pub sar: SarConfig,
+    /// C.
+    pub classes: usize,
+    /// D.
+    pub dim: usize,
+}
+
+impl SarHeadConfig {
+    /// C classes, D dimensions, the prefix `sar`.
+    pub fn new(sar: SarConfig, classes: usize, dim: usize) -> Self {
+        SarHeadConfig {
+            prefix: "sar".to_string(),
+            sar,
+            classes,
+            dim,
+        }
+    }
+
+    /// With another name prefix.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+}
+
 impl<D: SarDevice<f32>> SarHead<D> {
-    /// A head with anchors `[classes, dim]` (host values, e.g. from `sar_math::anchors`).
-    pub fn new(
-        device: &D,
-        prefix: &str,
-        config: SarConfig,
-        anchors: Vec<f32>,
-        classes: usize,
-        dim: usize,
-    ) -> Result<Self> {
+    /// A head described by `cfg` with anchors `[classes, dim]` (host values, e.g. from
+    /// `sar_math::anchors`).
+    pub fn new(device: &D, cfg: &SarHeadConfig, anchors: Vec<f32>) -> Result<Self> {
+        let SarHeadConfig {
+            ref prefix,
+            sar: config,
+            classes,
+            dim,
+        } = *cfg;
         config.validate()?;
         if anchors.len() != classes * dim {
             return shape_err(format!(

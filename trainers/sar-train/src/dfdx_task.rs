@@ -19,7 +19,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sar_dfdx::conv::{nchw_to_rows, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead, Sgd};
+use sar_dfdx::nn::{
+    cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead, SarHeadConfig, Sgd,
+};
 use sar_dfdx::SarDevice;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -85,11 +87,8 @@ fn on_dfdx<D: SarDevice<f32>>(
     let head = match &setup.head {
         Some(h) => Some(SarHead::new(
             device,
-            "sar",
-            *h.config(),
+            &SarHeadConfig::new(*h.config(), h.classes(), h.dim()),
             to_host(&h.buffers()?[0].1)?.1,
-            h.classes(),
-            h.dim(),
         )?),
         None => None,
     };

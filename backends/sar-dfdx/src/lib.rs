@@ -15,9 +15,9 @@
 //! - [`conv`]: 2-D convolution built from stable dfdx ops (a row gather over NHWC rows with a
 //!   zero row for padding, then a matmul; on the CPU the gather is one parallel kernel recorded
 //!   on dfdx's tape), and the option-A shortcut the same way.
-//! - [`nn`]: parameters by name, Conv/BatchNorm/Linear, the small CNN and the CIFAR ResNets with
-//!   the same names and layouts as `sar-models` (so checkpoints move between backends), and
-//!   the SAR head with the classifier shared.
+//! - [`nn`]: parameters by name (the same names and layouts as `sar-models`, so checkpoints
+//!   move between backends), the SAR head with the classifier shared, and SGD. The networks
+//!   (small CNN, CIFAR ResNets) are in `sar-dfdx-models`.
 //!
 //! Layouts: anchor logits `[C, C]`; anchors `[C, D]`; the backend's p2a takes NCHW
 //! `[B, D, H, W]` with labels `[B, H', W']` or rows `[N, D]` with `[N]`, like the other

@@ -5,9 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use sar_dfdx::conv::{conv2d, nchw_to_rows, rows_to_nchw, ConvGeometry, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{
-    cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead, SarHeadConfig,
-};
+use sar_dfdx::nn::{Params, SarHead, SarHeadConfig};
+use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
 use sar_math::anchors::AnchorRng;
 
 fn normals(seed: u64, n: usize) -> Vec<f32> {

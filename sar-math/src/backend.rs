@@ -13,7 +13,8 @@
 //! suite compares.
 //!
 //! Needs the `alloc` feature. [`BackendSarState::step`] runs one step in the spec's order on any backend:
-//! L_aux → gate → EMA → L_p2a toward the updated Â.
+//! L_aux → gate → EMA → L_p2a toward the updated Â; [`BackendSarState::step_mixup`] the same
+//! with MixUp targets ([`SarBackend::p2a_mixup`]).
 
 use crate::config::{GateMode, WeightMode};
 use crate::error::SarError;
@@ -45,6 +46,63 @@ pub struct P2aOutput<L> {
     pub value: f64,
     /// |Ω|.
     pub valid: usize,
+}
+
+/// The MixUp labels of a batch of `[N, D]` features: row n is pulled toward
+/// λ·Â_{a_n} + (1 − λ)·Â_{b_n} (spec §5), and is in Ω when both of its labels are (not the
+/// ignore index and, under the per-class gate, both classes active). The same rule as
+/// [`crate::p2a::RowLabels::Mixup`], which is the reference kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Mixup<'a> {
+    /// y_a, one per row.
+    pub labels_a: &'a [i64],
+    /// y_b, one per row.
+    pub labels_b: &'a [i64],
+    /// λ ∈ [0, 1], the weight of y_a.
+    pub lambda: f64,
+}
+
+impl<'a> Mixup<'a> {
+    /// The labels as the reference kernel takes them.
+    pub fn row_labels(&self) -> crate::p2a::RowLabels<'a, i64> {
+        crate::p2a::RowLabels::Mixup {
+            a: self.labels_a,
+            b: self.labels_b,
+            lambda: self.lambda,
+        }
+    }
+
+    /// Checks the labels against `rows` feature rows and `classes` anchors: one label per row
+    /// and side, λ in [0, 1], every label in `0..classes` or the ignore index. The errors are
+    /// the reference kernel's. Heads call it before a step, so that bad input leaves the state
+    /// untouched; backends call it before computing.
+    pub fn check(&self, rows: usize, classes: usize, ignore_index: i64) -> Result<(), SarError> {
+        let op = crate::Op::P2a;
+        crate::error::check_len(op, "labels_a", self.labels_a.len(), rows)?;
+        crate::error::check_len(op, "labels_b", self.labels_b.len(), rows)?;
+        crate::config::check_range(op, "mixup lambda", self.lambda, 0.0, 1.0, false, "[0, 1]")?;
+        for (index, &label) in self.labels_a.iter().chain(self.labels_b).enumerate() {
+            if label != ignore_index && !(0..classes as i64).contains(&label) {
+                return Err(SarError::Label {
+                    op,
+                    index: index % rows.max(1),
+                    label,
+                    classes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ω as a mask over the rows (labels already [checked](Mixup::check)).
+    pub fn in_omega(&self, ignore_index: i64, class_active: Option<&[bool]>) -> Vec<bool> {
+        let ok = |y: i64| y != ignore_index && class_active.is_none_or(|a| a[y as usize]);
+        self.labels_a
+            .iter()
+            .zip(self.labels_b)
+            .map(|(&a, &b)| ok(a) && ok(b))
+            .collect()
+    }
 }
 
 /// A tensor library that can run SAR. See the module docs.
@@ -132,6 +190,19 @@ pub trait SarBackend {
         class_active: Option<&[bool]>,
         weight: f64,
     ) -> Result<P2aOutput<Self::Loss>, Self::Error>;
+
+    /// Eq. 4 with MixUp targets (see [`Mixup`]): features `[N, D]` toward
+    /// λ·Â_{a_n} + (1 − λ)·Â_{b_n}, `anchors` `[C, D]` a constant, `class_active` restricting Ω
+    /// (per-class gate). The returned loss is `weight`·L_p2a.
+    fn p2a_mixup(
+        &self,
+        features: &Self::Tensor,
+        mixup: Mixup<'_>,
+        anchors: &Self::Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<Self::Loss>, Self::Error>;
 }
 
 /// The losses of one step on a backend.
@@ -191,6 +262,22 @@ impl<T: Clone> BackendSarState<T> {
         let ignore = self.config.ignore_index;
         self.step_with(b, logits, embedded, |semantic, active, weight| {
             b.p2a(features, labels, semantic, ignore, active, weight)
+        })
+    }
+
+    /// [`BackendSarState::step`] for a MixUp batch of `[N, D]` features: the p2a term is
+    /// [`SarBackend::p2a_mixup`].
+    pub fn step_mixup<B: SarBackend<Tensor = T>>(
+        &mut self,
+        b: &B,
+        logits: &T,
+        embedded: &T,
+        features: &T,
+        mixup: Mixup<'_>,
+    ) -> Result<BackendStep<B::Loss>, B::Error> {
+        let ignore = self.config.ignore_index;
+        self.step_with(b, logits, embedded, |semantic, active, weight| {
+            b.p2a_mixup(features, mixup, semantic, ignore, active, weight)
         })
     }
 

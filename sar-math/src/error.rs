@@ -34,6 +34,8 @@ pub enum Op {
     Config,
     /// One full SAR step ([`crate::SarState::step`]).
     Step,
+    /// One SGD update ([`crate::sgd::sgd_step`]).
+    Sgd,
 }
 
 impl Op {
@@ -52,6 +54,7 @@ impl Op {
             Op::LongTail => "longtail",
             Op::Config => "config",
             Op::Step => "step",
+            Op::Sgd => "sgd",
         }
     }
 }

@@ -20,6 +20,8 @@
 //! | [`longtail`] | §8 | CIFAR-LT per-class counts |
 //! | [`config`] | Eq. 9 | [`SarConfig`] with the paper's defaults and validation |
 //! | [`state`] | §4 order | [`SarState::step`]: L_aux → gate → EMA → L_p2a |
+//! | [`batch_norm`] | | BatchNorm's ε and momentum (PyTorch's) and the running-statistic names |
+//! | [`sgd`] | | the SGD update rule (momentum, Nesterov, weight decay; PyTorch's) the trainers apply |
 //! | `backend` | | `SarBackend`, the narrow trait tensor-library adapters implement (feature `alloc`) |
 //!
 //! Every function checks its lengths and parameters first and returns [`SarError`] (naming the
@@ -61,6 +63,7 @@ pub mod anchor_ce;
 pub mod anchors;
 #[cfg(feature = "alloc")]
 pub mod backend;
+pub mod batch_norm;
 pub mod config;
 pub mod ema;
 pub mod error;
@@ -70,6 +73,7 @@ pub mod p2a;
 pub mod prototype;
 pub mod real;
 pub mod resample;
+pub mod sgd;
 pub mod state;
 
 pub use anchors::AnchorKind;

@@ -30,6 +30,8 @@ struct Stash {
 
 struct FusedP2a {
     labels: Vec<i64>,
+    /// MixUp: the second side's labels and λ (rows only).
+    mixup: Option<(Vec<i64>, f64)>,
     label_hw: (usize, usize),
     anchors: Vec<f64>,
     classes: usize,
@@ -79,14 +81,16 @@ impl FusedP2a {
                 (r.loss, r.valid)
             }
             &[_, d] => {
-                let v = p2a_rows(
-                    features,
-                    RowLabels::Plain(&self.labels),
-                    d,
-                    &targets,
-                    Some(&mut grad),
-                )
-                .map_err(|e| self.fail(e))?;
+                let labels = match &self.mixup {
+                    None => RowLabels::Plain(&self.labels),
+                    Some((b, lambda)) => RowLabels::Mixup {
+                        a: &self.labels,
+                        b,
+                        lambda: *lambda,
+                    },
+                };
+                let v = p2a_rows(features, labels, d, &targets, Some(&mut grad))
+                    .map_err(|e| self.fail(e))?;
                 let w = <F as Real>::from_f64(self.weight);
                 grad.iter_mut().for_each(|g| *g = w * *g);
                 (v.loss, v.valid)
@@ -169,17 +173,70 @@ pub fn p2a_fused(
             "the fused p2a runs on CPU tensors only".into(),
         ));
     }
-    let (classes, _) = anchors.dims2()?;
     let label_hw = match labels.dims() {
         [_, h, w] => (*h, *w),
         _ => (1, 1),
     };
+    let labels = labels
+        .flatten_all()?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?;
+    run_fused(
+        features,
+        (labels, label_hw, None),
+        anchors,
+        ignore_index,
+        class_active,
+        weight,
+    )
+}
+
+/// weight·L_p2a with MixUp targets through the fused op (CPU tensors, features `[N, D]`;
+/// shapes checked by the caller).
+pub fn p2a_mixup_fused(
+    features: &Tensor,
+    mixup: sar_math::backend::Mixup<'_>,
+    anchors: &Tensor,
+    ignore_index: i64,
+    class_active: Option<&[bool]>,
+    weight: f64,
+) -> Result<P2aOutput<Tensor>> {
+    if !features.device().is_cpu() {
+        return Err(SarCandleError::Shape(
+            "the fused p2a runs on CPU tensors only".into(),
+        ));
+    }
+    run_fused(
+        features,
+        (
+            mixup.labels_a.to_vec(),
+            (1, 1),
+            Some((mixup.labels_b.to_vec(), mixup.lambda)),
+        ),
+        anchors,
+        ignore_index,
+        class_active,
+        weight,
+    )
+}
+
+/// The labels of one fused call: side a (or the only side), the label map's (H', W'), and
+/// MixUp's side b with λ.
+type FusedLabels = (Vec<i64>, (usize, usize), Option<(Vec<i64>, f64)>);
+
+fn run_fused(
+    features: &Tensor,
+    (labels, label_hw, mixup): FusedLabels,
+    anchors: &Tensor,
+    ignore_index: i64,
+    class_active: Option<&[bool]>,
+    weight: f64,
+) -> Result<P2aOutput<Tensor>> {
+    let (classes, _) = anchors.dims2()?;
     let stash = Arc::new(Mutex::new(Stash::default()));
     let op = FusedP2a {
-        labels: labels
-            .flatten_all()?
-            .to_dtype(DType::I64)?
-            .to_vec1::<i64>()?,
+        labels,
+        mixup,
         label_hw,
         anchors: anchors
             .flatten_all()?

@@ -2,7 +2,7 @@
 //!
 //! It owns the pre-defined anchors A `[C, D]` (a fixed buffer), the anchor embedding h_ψ and
 //! the EMA state Â. Per step, E = h_ψ(A) with BatchNorm in training mode over the C anchors
-//! (eps 1e-5, momentum 0.1), Z = g_θ(E) through the model's own classifier (passed in, so the
+//! (`sar_math::batch_norm`'s eps and momentum), Z = g_θ(E) through the model's own classifier (passed in, so the
 //! classifier is shared and trained by L_aux too), then the spec's order via
 //! [`sar_math::backend::BackendSarState::step`]. The EMA is an explicit `&mut self` call.
 //!
@@ -23,7 +23,7 @@ use crate::{CandleBackend, Result, SarCandleError};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
 use sar_math::anchors::{generate_anchors, AnchorKind, AnchorRng};
-use sar_math::backend::BackendSarState;
+use sar_math::backend::{BackendSarState, Mixup};
 use sar_math::SarConfig;
 
 /// Which h_ψ (spec §2).
@@ -59,6 +59,73 @@ pub struct SarStepOutput {
     pub updated_classes: usize,
 }
 
+/// What a [`SarHead`] is built from: SAR's hyper-parameters, C and D, and (with defaults) the
+/// parameter prefix, h_ψ's kind, the anchor kind and the seed.
+///
+/// ```
+/// use sar_candle::{EmbeddingKind, SarHeadConfig};
+/// let cfg = SarHeadConfig::new(sar_math::SarConfig::default(), 10, 64)
+///     .kind(EmbeddingKind::Segmentation)
+///     .seed(7);
+/// assert_eq!((cfg.prefix.as_str(), cfg.classes, cfg.seed), ("sar", 10, 7));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct SarHeadConfig {
+    /// Prefix of the parameter and buffer names (default `sar`).
+    pub prefix: String,
+    /// SAR's hyper-parameters.
+    pub sar: SarConfig,
+    /// C.
+    pub classes: usize,
+    /// D.
+    pub dim: usize,
+    /// h_ψ (default [`EmbeddingKind::Classification`]).
+    pub kind: EmbeddingKind,
+    /// The pre-defined anchors (default [`AnchorKind::Normal`]).
+    pub anchor_kind: AnchorKind,
+    /// Seed of the anchors and of h_ψ's initial weights (default 0).
+    pub seed: u64,
+}
+
+impl SarHeadConfig {
+    /// C classes, D dimensions, the defaults for the rest.
+    pub fn new(sar: SarConfig, classes: usize, dim: usize) -> Self {
+        SarHeadConfig {
+            prefix: "sar".to_string(),
+            sar,
+            classes,
+            dim,
+            kind: EmbeddingKind::Classification,
+            anchor_kind: AnchorKind::Normal,
+            seed: 0,
+        }
+    }
+
+    /// With another name prefix.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// With another h_ψ.
+    pub fn kind(mut self, kind: EmbeddingKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// With another anchor kind.
+    pub fn anchor_kind(mut self, anchor_kind: AnchorKind) -> Self {
+        self.anchor_kind = anchor_kind;
+        self
+    }
+
+    /// With another seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
 /// SAR's anchors, embedding and EMA state for one model. See the module docs.
 pub struct SarHead {
     backend: CandleBackend,
@@ -87,19 +154,18 @@ fn get_or_insert(
 }
 
 impl SarHead {
-    /// Builds the head, registering h_ψ's parameters in `varmap` under `{prefix}.embed`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        varmap: &VarMap,
-        prefix: &str,
-        backend: CandleBackend,
-        config: SarConfig,
-        classes: usize,
-        dim: usize,
-        kind: EmbeddingKind,
-        anchor_kind: AnchorKind,
-        seed: u64,
-    ) -> Result<Self> {
+    /// Builds the head described by `cfg`, registering h_ψ's parameters in `varmap` under
+    /// `{prefix}.embed`.
+    pub fn new(varmap: &VarMap, backend: CandleBackend, cfg: &SarHeadConfig) -> Result<Self> {
+        let SarHeadConfig {
+            ref prefix,
+            sar: config,
+            classes,
+            dim,
+            kind,
+            anchor_kind,
+            seed,
+        } = *cfg;
         config.validate()?;
         let (dev, dtype) = (backend.device().clone(), backend.dtype());
         let mut a = vec![0.0f64; classes * dim];
@@ -142,7 +208,7 @@ impl SarHead {
                 Tensor::ones(dim, dtype, &dev)?,
                 gamma,
                 beta,
-                1e-5,
+                sar_math::batch_norm::EPS,
             )?;
             blocks.push(Block {
                 linear: Linear::new(w, b),
@@ -212,7 +278,8 @@ impl SarHead {
 
     /// [`SarHead::step`] for a MixUp batch of `[N, D]` features: row n is pulled toward
     /// λ·Â_{a_n} + (1−λ)·Â_{b_n} (spec §5). A row counts in Ω when both of its labels are
-    /// valid (not `ignore_index`) and, under the per-class gate, both classes passed.
+    /// valid (not `ignore_index`) and, under the per-class gate, both classes passed. The p2a
+    /// term is the backend's [`sar_math::backend::SarBackend::p2a_mixup`].
     pub fn step_mixup(
         &mut self,
         classifier: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
@@ -222,64 +289,24 @@ impl SarHead {
         lambda: f64,
     ) -> Result<SarStepOutput> {
         let (n, d) = features.dims2()?;
-        if d != self.dim || labels_a.len() != n || labels_b.len() != n {
+        if d != self.dim {
             return Err(SarCandleError::Shape(format!(
-                "mixup p2a needs features [N, {}] and N labels per side; got {:?}, {} and {}",
+                "mixup p2a needs features [N, {}]; got {:?}",
                 self.dim,
                 features.dims(),
-                labels_a.len(),
-                labels_b.len()
             )));
         }
-        if !(0.0..=1.0).contains(&lambda) {
-            return Err(SarCandleError::Shape(format!(
-                "mixup lambda must be in [0, 1], got {lambda}"
-            )));
-        }
-        let (c, ignore) = (self.classes as i64, self.state.config.ignore_index);
-        for &y in labels_a.iter().chain(labels_b) {
-            if y != ignore && !(0..c).contains(&y) {
-                return Err(SarCandleError::Shape(format!(
-                    "label {y} is out of range for {c} classes (ignore index {ignore})"
-                )));
-            }
-        }
+        let mixup = Mixup {
+            labels_a,
+            labels_b,
+            lambda,
+        };
+        // Checked before the step, so that bad input leaves Â untouched.
+        mixup.check(n, self.classes, self.state.config.ignore_index)?;
         let (e, z) = self.embed_and_classify(classifier)?;
-        let dev = features.device().clone();
         let step = self
             .state
-            .step_with(&self.backend, &z, &e, |semantic, active, weight| {
-                let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
-                let mask: Vec<f64> = labels_a
-                    .iter()
-                    .zip(labels_b)
-                    .map(|(&a, &b)| (ok(a) && ok(b)) as u8 as f64)
-                    .collect();
-                let valid = mask.iter().filter(|&&m| m > 0.0).count();
-                let index = |ys: &[i64]| -> candle_core::Result<Tensor> {
-                    let v: Vec<u32> = ys
-                        .iter()
-                        .map(|&y| if y == ignore { 0 } else { y as u32 })
-                        .collect();
-                    Tensor::from_vec(v, n, &dev)
-                };
-                let target = ((semantic.index_select(&index(labels_a)?, 0)? * lambda)?
-                    + (semantic.index_select(&index(labels_b)?, 0)? * (1.0 - lambda))?)?
-                    .detach();
-                let mask = Tensor::from_vec(mask, (n, 1), &dev)?.to_dtype(features.dtype())?;
-                let sq = (features - target)?
-                    .sqr()?
-                    .broadcast_mul(&mask)?
-                    .sum_all()?;
-                let denom = (valid.max(1) * d) as f64;
-                let value = sq.to_dtype(DType::F64)?.to_scalar::<f64>()? / denom;
-                let value = if valid == 0 { 0.0 } else { value };
-                Ok(sar_math::backend::P2aOutput {
-                    loss: (sq * (weight / denom))?,
-                    value,
-                    valid,
-                })
-            })?;
+            .step_mixup(&self.backend, &z, &e, features, mixup)?;
         self.finish(step)
     }
 

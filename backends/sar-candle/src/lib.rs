@@ -31,10 +31,10 @@ pub mod fused;
 pub mod head;
 pub mod ops;
 
-pub use head::{EmbeddingKind, SarHead, SarStepOutput};
+pub use head::{EmbeddingKind, SarHead, SarHeadConfig, SarStepOutput};
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
 use sar_math::resample::nearest_source_index;
 use sar_math::{SarError, WeightMode};
 
@@ -213,6 +213,51 @@ impl CandleBackend {
         };
         let value = sum.to_dtype(DType::F64)?.to_scalar::<f64>()? * scale;
         Ok(((sum * (weight * scale))?, value, n))
+    }
+
+    /// Composite MixUp p2a: `weight`·L_p2a toward λ·Â_a + (1−λ)·Â_b from candle ops, any
+    /// device. Labels checked by the caller.
+    fn p2a_mixup_composite(
+        &self,
+        features: &Tensor,
+        mixup: Mixup<'_>,
+        anchors: &Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<Tensor>> {
+        let (n, d) = features.dims2()?;
+        let dev = features.device();
+        let lambda = mixup.lambda;
+        let mask: Vec<f64> = mixup
+            .in_omega(ignore_index, class_active)
+            .into_iter()
+            .map(|m| m as u8 as f64)
+            .collect();
+        let valid = mask.iter().filter(|&&m| m > 0.0).count();
+        let index = |ys: &[i64]| -> candle_core::Result<Tensor> {
+            let v: Vec<u32> = ys
+                .iter()
+                .map(|&y| if y == ignore_index { 0 } else { y as u32 })
+                .collect();
+            Tensor::from_vec(v, n, dev)
+        };
+        let target = ((anchors.index_select(&index(mixup.labels_a)?, 0)? * lambda)?
+            + (anchors.index_select(&index(mixup.labels_b)?, 0)? * (1.0 - lambda))?)?
+            .detach();
+        let mask = Tensor::from_vec(mask, (n, 1), dev)?.to_dtype(features.dtype())?;
+        let sq = (features - target)?
+            .sqr()?
+            .broadcast_mul(&mask)?
+            .sum_all()?;
+        let denom = (valid.max(1) * d) as f64;
+        let value = sq.to_dtype(DType::F64)?.to_scalar::<f64>()? / denom;
+        let value = if valid == 0 { 0.0 } else { value };
+        Ok(P2aOutput {
+            loss: (sq * (weight / denom))?,
+            value,
+            valid,
+        })
     }
 
     fn check_p2a_shapes(&self, features: &Tensor, labels: &Tensor, anchors: &Tensor) -> Result<()> {
@@ -428,5 +473,45 @@ impl SarBackend for CandleBackend {
             weight,
         )?;
         Ok(P2aOutput { loss, value, valid })
+    }
+
+    fn p2a_mixup(
+        &self,
+        features: &Tensor,
+        mixup: Mixup<'_>,
+        anchors: &Tensor,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<Tensor>> {
+        let (classes, d) = anchors.dims2()?;
+        let rows = match features.dims() {
+            &[n, fd] if fd == d => n,
+            f => {
+                return shape_err(format!(
+                    "mixup p2a: features {f:?} must be [N, {d}] for anchors [{classes}, {d}]"
+                ))
+            }
+        };
+        if let Some(a) = class_active {
+            if a.len() != classes {
+                return shape_err(format!(
+                    "p2a: class_active has {} entries for {classes} classes",
+                    a.len()
+                ));
+            }
+        }
+        mixup.check(rows, classes, ignore_index)?;
+        if self.fused() {
+            return fused::p2a_mixup_fused(
+                features,
+                mixup,
+                anchors,
+                ignore_index,
+                class_active,
+                weight,
+            );
+        }
+        self.p2a_mixup_composite(features, mixup, anchors, ignore_index, class_active, weight)
     }
 }

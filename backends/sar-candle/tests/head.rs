@@ -2,7 +2,7 @@
 //! the shared classifier, reproducible initialisation, and the buffers' round trip.
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, Optimizer, VarMap, SGD};
-use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
+use sar_candle::{CandleBackend, EmbeddingKind, SarHead, SarHeadConfig};
 use sar_math::anchors::AnchorKind;
 use sar_math::SarConfig;
 
@@ -11,18 +11,11 @@ const D: usize = 4;
 
 fn head(varmap: &VarMap, kind: EmbeddingKind, seed: u64) -> SarHead {
     let backend = CandleBackend::new(Device::Cpu, DType::F64).unwrap();
-    SarHead::new(
-        varmap,
-        "sar",
-        backend,
-        SarConfig::default(),
-        C,
-        D,
-        kind,
-        AnchorKind::Normal,
-        seed,
-    )
-    .unwrap()
+    let cfg = SarHeadConfig::new(SarConfig::default(), C, D)
+        .kind(kind)
+        .anchor_kind(AnchorKind::Normal)
+        .seed(seed);
+    SarHead::new(varmap, backend, &cfg).unwrap()
 }
 
 #[test]

@@ -15,9 +15,9 @@
 //! - [`conv`]: 2-D convolution built from stable dfdx ops (a row gather over NHWC rows with a
 //!   zero row for padding, then a matmul; on the CPU the gather is one parallel kernel recorded
 //!   on dfdx's tape), and the option-A shortcut the same way.
-//! - [`nn`]: parameters by name, Conv/BatchNorm/Linear, the small CNN and the CIFAR ResNets with
-//!   the same names and layouts as `sar-models` (so checkpoints move between backends), and
-//!   the SAR head with the classifier shared.
+//! - [`nn`]: parameters by name (the same names and layouts as `sar-models`, so checkpoints
+//!   move between backends), the SAR head with the classifier shared, and SGD. The networks
+//!   (small CNN, CIFAR ResNets) are in `sar-dfdx-models`.
 //!
 //! Layouts: anchor logits `[C, C]`; anchors `[C, D]`; the backend's p2a takes NCHW
 //! `[B, D, H, W]` with labels `[B, H', W']` or rows `[N, D]` with `[N]`, like the other
@@ -37,12 +37,15 @@
 pub mod conv;
 pub mod nn;
 pub mod norm;
+mod taped;
+
+pub(crate) use taped::TapedBackend;
 
 /// The dfdx version this crate is built on, for callers that name its types.
 pub use dfdx;
 
 use dfdx::prelude::*;
-use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
 use sar_math::{SarError, WeightMode};
 use std::cell::RefCell;
 
@@ -146,6 +149,17 @@ impl<E: Float, D: SarDevice<E>> std::fmt::Debug for DfdxLoss<E, D> {
 }
 
 impl<E: Float, D: SarDevice<E>> DfdxLoss<E, D> {
+    /// The loss's value.
+    pub fn value(&self) -> f64 {
+        self.value
+    }
+
+    /// The tape-carrying scalar, to join a caller's graph; `None` once
+    /// [`SarBackend::loss_gradient`] has consumed it.
+    pub fn into_traced(self) -> Option<Traced<E, D>> {
+        self.tape.into_inner()
+    }
+
     fn new(loss: Tensor<Rank0, E, D, OwnedTape<E, D>>) -> Self {
         DfdxLoss {
             value: to_f64(loss.as_vec()[0]),
@@ -332,6 +346,60 @@ pub fn p2a_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     Ok((sum * from_f64::<E>(weight * scale), value, valid))
 }
 
+/// `weight`·L_p2a (Eq. 4) of rows `[N, D]` (any tape) with MixUp targets
+/// λ·Â_{a_n} + (1−λ)·Â_{b_n} toward constant `anchors` `[C, D]`; rows count when both labels
+/// are valid (and active, per-class gate; see [`Mixup`]). Only the rows in Ω are gathered.
+/// Returns the weighted loss, the unweighted value and |Ω|.
+pub fn p2a_mixup_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    features: Tensor<(usize, usize), E, D, T>,
+    mixup: Mixup<'_>,
+    anchors: &Tensor<(usize, usize), E, D>,
+    ignore_index: i64,
+    class_active: Option<&[bool]>,
+    weight: f64,
+) -> Result<P2aParts<E, D, T>> {
+    let (n, d) = *features.shape();
+    let (classes, ad) = *anchors.shape();
+    if ad != d {
+        return shape_err(format!(
+            "mixup p2a: features [{n}, {d}] toward anchors [{classes}, {ad}]"
+        ));
+    }
+    if let Some(a) = class_active {
+        if a.len() != classes {
+            return shape_err(format!(
+                "p2a: class_active has {} entries for {classes} classes",
+                a.len()
+            ));
+        }
+    }
+    mixup.check(n, classes, ignore_index)?;
+    let keep: Vec<usize> = mixup
+        .in_omega(ignore_index, class_active)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, ok)| ok.then_some(i))
+        .collect();
+    let valid = keep.len();
+    let dev = anchors.device().clone();
+    if valid == 0 {
+        // Ω empty: see `p2a_rows`.
+        let (_, tape) = features.split_tape();
+        return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
+    }
+    let pick =
+        |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
+    let ta: Tensor<(usize, usize), E, D> = anchors.clone().gather(pick(mixup.labels_a));
+    let tb: Tensor<(usize, usize), E, D> = anchors.clone().gather(pick(mixup.labels_b));
+    let target = ta * from_f64::<E>(mixup.lambda) + tb * from_f64::<E>(1.0 - mixup.lambda);
+    let rows: Tensor<(usize, usize), E, D, T> =
+        features.gather(dev.tensor_from_vec(keep, (valid,)));
+    let sum = (rows - target).square().sum::<Rank0, _>();
+    let scale = 1.0 / (valid as f64 * d as f64);
+    let value = to_f64(sum.as_vec()[0]) * scale;
+    Ok((sum * from_f64::<E>(weight * scale), value, valid))
+}
+
 /// `leaf` on a fresh tape whose gradient for `leaf` is allocated up front (zeros if the loss
 /// turns out not to reach it).
 fn trace<E: Float, D: SarDevice<E>>(
@@ -448,27 +516,7 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         tau: f64,
         mode: WeightMode,
     ) -> Result<AnchorCeOutput<DfdxLoss<E, D>>> {
-        let [c, c2] = logits.shape[..] else {
-            return shape_err(format!(
-                "anchor logits must be [C, C], got {:?}",
-                logits.shape
-            ));
-        };
-        if c != c2 || c == 0 {
-            return shape_err(format!(
-                "anchor logits must be [C, C], got {:?}",
-                logits.shape
-            ));
-        }
-        let z = trace(&logits.data)?.reshape_like(&(c, c));
-        let (loss, parts) = anchor_ce(z, tau, mode)?;
-        Ok(AnchorCeOutput {
-            loss: DfdxLoss::new(loss),
-            confidence: parts.confidence,
-            nll: parts.nll,
-            weights: parts.weights,
-            uncertain: parts.uncertain,
-        })
+        self.anchor_ce_on(logits, trace(&logits.data)?, tau, mode)
     }
 
     fn ema_update(
@@ -518,6 +566,71 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
         class_active: Option<&[bool]>,
         weight: f64,
     ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = trace(&features.data)?;
+        let args = (ignore_index, class_active, weight);
+        self.p2a_on(features, traced, labels, anchors, args)
+    }
+
+    fn p2a_mixup(
+        &self,
+        features: &DfdxTensor<E, D>,
+        mixup: Mixup<'_>,
+        anchors: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = trace(&features.data)?;
+        let args = (ignore_index, class_active, weight);
+        self.p2a_mixup_on(features, traced, mixup, anchors, args)
+    }
+}
+
+/// The ignore index, the per-class mask and λ2 of a p2a call.
+type P2aArgs<'a> = (i64, Option<&'a [bool]>, f64);
+
+impl<E: Float, D: SarDevice<E>> DfdxBackend<E, D> {
+    /// L_aux of `logits` (a backend tensor) computed on `traced`, its values on a tape: a fresh
+    /// leaf ([`SarBackend::anchor_ce`]) or the caller's graph ([`TapedBackend`]).
+    fn anchor_ce_on(
+        &self,
+        logits: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        tau: f64,
+        mode: WeightMode,
+    ) -> Result<AnchorCeOutput<DfdxLoss<E, D>>> {
+        let [c, c2] = logits.shape[..] else {
+            return shape_err(format!(
+                "anchor logits must be [C, C], got {:?}",
+                logits.shape
+            ));
+        };
+        if c != c2 || c == 0 {
+            return shape_err(format!(
+                "anchor logits must be [C, C], got {:?}",
+                logits.shape
+            ));
+        }
+        let (loss, parts) = anchor_ce(traced.reshape_like(&(c, c)), tau, mode)?;
+        Ok(AnchorCeOutput {
+            loss: DfdxLoss::new(loss),
+            confidence: parts.confidence,
+            nll: parts.nll,
+            weights: parts.weights,
+            uncertain: parts.uncertain,
+        })
+    }
+
+    /// [`SarBackend::p2a`] on `traced`, the features' values on a tape (see
+    /// [`DfdxBackend::anchor_ce_on`]).
+    fn p2a_on(
+        &self,
+        features: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        labels: &DfdxLabels,
+        anchors: &DfdxTensor<E, D>,
+        (ignore_index, class_active, weight): P2aArgs<'_>,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
         let [classes, d] = anchors.shape[..] else {
             return shape_err(format!(
                 "p2a: anchors must be [C, D], got {:?}",
@@ -525,7 +638,6 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
             ));
         };
         let a = anchors.matrix(classes, d);
-        let traced = trace(&features.data)?;
         let (rows, labels) = match (&features.shape[..], &labels.shape[..]) {
             (&[b, fd, h, w], &[lb, _, _]) if fd == d && b == lb => {
                 let y = self.resample(labels, (h, w))?;
@@ -545,6 +657,32 @@ impl<E: Float, D: SarDevice<E>> SarBackend for DfdxBackend<E, D> {
             }
         };
         let (loss, value, valid) = p2a_rows(rows, &labels, &a, ignore_index, class_active, weight)?;
+        Ok(P2aOutput {
+            loss: DfdxLoss::new(loss),
+            value,
+            valid,
+        })
+    }
+
+    /// [`SarBackend::p2a_mixup`] on `traced` (see [`DfdxBackend::p2a_on`]).
+    fn p2a_mixup_on(
+        &self,
+        features: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        mixup: Mixup<'_>,
+        anchors: &DfdxTensor<E, D>,
+        (ignore_index, class_active, weight): P2aArgs<'_>,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let ([classes, d], [n, fd]) = (&anchors.shape[..], &features.shape[..]) else {
+            return shape_err(format!(
+                "mixup p2a: features {:?} and anchors {:?} must be [N, D] and [C, D]",
+                features.shape, anchors.shape
+            ));
+        };
+        let rows = traced.reshape_like(&(*n, *fd));
+        let a = anchors.matrix(*classes, *d);
+        let (loss, value, valid) =
+            p2a_mixup_rows(rows, mixup, &a, ignore_index, class_active, weight)?;
         Ok(P2aOutput {
             loss: DfdxLoss::new(loss),
             value,

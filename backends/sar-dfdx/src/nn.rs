@@ -1,28 +1,26 @@
-//! The classification networks and the SAR head on dfdx (f32).
+//! Parameters by name, the SAR head and SGD on dfdx (f32). The networks that use them are in
+//! `sar-dfdx-models`.
 //!
 //! - [`Params`]: every variable by name, flat, with its shape — the same names, shapes and
 //!   layouts as `sar-models` and `sar-candle` (`stage1.conv.weight [32, C, 3, 3]`,
 //!   `layer2.0.bn1.running_var [32]`, `fc.weight [K, D]`, `sar.embed.fc1.weight [D, D]`, …), so
 //!   a checkpoint written by one backend loads in the other. Values come from the caller (the
 //!   trainer initialises them with `sar-models`' seeded initialisers, so both backends start
-//!   from the same weights).
-//! - [`Classifier`]: the small CNN (three conv3×3-BN-ReLU stages, 32/64/128 channels, strides
-//!   1/2/2, global average pooling, `fc`) and the CIFAR ResNets (depth 6n+2, option-A
-//!   shortcuts, global average pooling, `fc`), over NHWC rows (see [`crate::conv`]).
-//! - BatchNorm in training mode normalises with the batch's biased variance (eps 1e-5) and
-//!   updates the running statistics with momentum 0.1 and the unbiased variance, like PyTorch;
-//!   in evaluation mode it uses the running statistics.
+//!   from the same weights). [`linear`] applies `{prefix}.weight`/`.bias` from them.
 //! - [`SarHead`]: the fixed anchors A `[C, D]`, h_ψ = [Linear → BatchNorm (train mode over the
 //!   C anchors) → ReLU] ×2, Z = g_θ(h_ψ(A)) through the model's own `fc`, then L_aux → gate →
 //!   EMA → L_p2a in the spec's order.
 //! - [`Sgd`]: PyTorch's SGD (momentum, Nesterov, weight decay) on the parameters, with the
 //!   momentum buffers by name.
 
-use crate::conv::{conv2d, option_a, ConvGeometry, GatherCache};
 use crate::SarDfdxError;
-use crate::{anchor_ce, dev_err, ema_rows, host, p2a_rows, shape_err, Result, SarDevice};
+use crate::{
+    dev_err, shape_err, DfdxLabels, DfdxLoss, DfdxTensor, Result, SarDevice, TapedBackend, Traced,
+};
 use dfdx::prelude::*;
-use sar_math::{GateMode, SarConfig};
+use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::sgd::{sgd_step, SgdConfig};
+use sar_math::SarConfig;
 use std::collections::BTreeMap;
 
 /// Rows `[R, C]` of f32 on device `D` with tape `T`.
@@ -31,13 +29,9 @@ pub type Rows<D, T> = Tensor<(usize, usize), f32, D, T>;
 /// A tensor on the host: shape and values.
 pub type HostTensor = (Vec<usize>, Vec<f32>);
 
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
-
-/// Whether a variable is a BatchNorm running statistic (a buffer, not trained).
-pub fn is_running_stat(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
-}
+/// Whether a variable is a BatchNorm running statistic (`sar-math`'s one definition).
+pub use sar_math::batch_norm::is_running_stat;
+use sar_math::batch_norm::EPS as BN_EPS;
 
 /// Variables by name (see the module docs). Cloning shares the values (they are immutable;
 /// updates replace them).
@@ -133,7 +127,7 @@ impl<D: SarDevice<f32>> Params<D> {
     }
 
     /// `name` with an empty tape of type `T` (its gradient accumulates under its id).
-    fn taped<T: Tape<f32, D>>(&self, name: &str) -> Result<Tensor<(usize,), f32, D, T>> {
+    pub fn taped<T: Tape<f32, D>>(&self, name: &str) -> Result<Tensor<(usize,), f32, D, T>> {
         Ok(self.get(name)?.retaped::<T>())
     }
 
@@ -150,109 +144,6 @@ impl<D: SarDevice<f32>> Params<D> {
     /// The gradient of `name` from `grads`, on the host.
     pub fn gradient(&self, grads: &Gradients<f32, D>, name: &str) -> Result<Vec<f32>> {
         Ok(grads.get(self.get(name)?).as_vec())
-    }
-}
-
-/// What a forward pass needs besides the input: variables, gather indices, the mode.
-pub struct Forward<'a, D: SarDevice<f32>> {
-    /// Variables (running statistics are updated in training mode).
-    pub params: &'a mut Params<D>,
-    /// Gather indices by geometry.
-    pub cache: &'a mut GatherCache<D>,
-    /// Training mode (BatchNorm batch statistics).
-    pub train: bool,
-}
-
-impl<D: SarDevice<f32>> Forward<'_, D> {
-    /// A conv without bias, `{prefix}.weight [cout, cin, k, k]`, over NHWC rows of `(n, h, w)`
-    /// pixels; returns the rows and the output (h, w).
-    pub fn conv<T: Tape<f32, D>>(
-        &mut self,
-        x: Rows<D, T>,
-        prefix: &str,
-        (n, h, w): (usize, usize, usize),
-        stride: usize,
-        pad: usize,
-    ) -> Result<(Rows<D, T>, (usize, usize))> {
-        let name = format!("{prefix}.weight");
-        let &[cout, cin, k, k2] = self.params.shape(&name)? else {
-            return shape_err(format!("{name} must be [Cout, Cin, K, K]"));
-        };
-        if k != k2 || x.shape().1 != cin {
-            return shape_err(format!(
-                "{name} {:?} does not fit {} input channels",
-                self.params.shape(&name)?,
-                x.shape().1
-            ));
-        }
-        let geom = ConvGeometry {
-            n,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-        };
-        conv2d(self.cache, x, self.params.taped(&name)?, geom, cout)
-    }
-
-    /// BatchNorm over rows `[R, C]` (`{prefix}.{weight,bias,running_mean,running_var}`),
-    /// optionally followed by ReLU. See the module docs for the two modes.
-    pub fn bn<T: Tape<f32, D>>(
-        &mut self,
-        x: Rows<D, T>,
-        prefix: &str,
-        relu: bool,
-    ) -> Result<Rows<D, T>> {
-        let (r, c) = *x.shape();
-        let p = |s: &str| format!("{prefix}.{s}");
-        let gamma = self.params.taped::<T>(&p("weight"))?;
-        let beta = self.params.taped::<T>(&p("bias"))?;
-        if gamma.shape().0 != c {
-            return shape_err(format!(
-                "{prefix} has {} channels, the input {c}",
-                gamma.shape().0
-            ));
-        }
-        if self.train {
-            let (y, mean, var) = D::batch_norm_train(x, gamma, beta, BN_EPS, relu)?;
-            // The running statistics, outside the graph (unbiased variance, like PyTorch).
-            let unbias = if r > 1 {
-                r as f64 / (r as f64 - 1.0)
-            } else {
-                1.0
-            };
-            let rm = self.params.get(&p("running_mean"))?.as_vec();
-            let rv = self.params.get(&p("running_var"))?.as_vec();
-            let new_mean = rm
-                .iter()
-                .zip(&mean)
-                .map(|(&a, &b)| ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64) as f32)
-                .collect();
-            let new_var = rv
-                .iter()
-                .zip(&var)
-                .map(|(&a, &b)| {
-                    ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64 * unbias) as f32
-                })
-                .collect();
-            self.params.set(&p("running_mean"), new_mean)?;
-            self.params.set(&p("running_var"), new_var)?;
-            return Ok(y);
-        }
-        let rm = self.params.get(&p("running_mean"))?.clone();
-        let rv = self.params.get(&p("running_var"))?.clone();
-        let inv = (rv + BN_EPS as f32).sqrt().recip();
-        let normed = (x - rm.broadcast_like::<_, Axis<0>>(&(r, c)))
-            * inv.broadcast_like::<_, Axis<0>>(&(r, c));
-        let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c))
-            + beta.broadcast_like::<_, Axis<0>>(&(r, c));
-        Ok(if relu { y.relu() } else { y })
-    }
-
-    /// `x W^T + b` with `{prefix}.weight [out, in]`, `{prefix}.bias [out]`.
-    pub fn linear<T: Tape<f32, D>>(&mut self, x: Rows<D, T>, prefix: &str) -> Result<Rows<D, T>> {
-        linear(self.params, x, prefix)
     }
 }
 
@@ -287,145 +178,6 @@ pub fn linear<D: SarDevice<f32>, T: Tape<f32, D>>(
     })
 }
 
-/// Which network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// The small CNN.
-    SmallCnn,
-    /// A CIFAR ResNet of depth 6n+2.
-    CifarResNet {
-        /// Depth (32 for ResNet-32).
-        depth: usize,
-    },
-}
-
-/// A classification network over NHWC rows (see the module docs).
-#[derive(Debug, Clone, Copy)]
-pub struct Classifier {
-    /// The network.
-    pub arch: Arch,
-}
-
-impl Classifier {
-    /// A network; checks the depth.
-    pub fn new(arch: Arch) -> Result<Self> {
-        if let Arch::CifarResNet { depth } = arch {
-            if depth < 8 || !(depth - 2).is_multiple_of(6) {
-                return shape_err(format!(
-                    "a CIFAR ResNet has depth 6n+2 (20, 32, 44, …), got {depth}"
-                ));
-            }
-        }
-        Ok(Classifier { arch })
-    }
-
-    /// The feature dimension D.
-    pub fn feature_dim(&self) -> usize {
-        match self.arch {
-            Arch::SmallCnn => 128,
-            Arch::CifarResNet { .. } => 64,
-        }
-    }
-
-    /// Features `[N, D]` of images given as NHWC rows `[N·H·W, C]`.
-    pub fn features<D: SarDevice<f32>, T: Tape<f32, D>>(
-        &self,
-        f: &mut Forward<D>,
-        x: Rows<D, T>,
-        (n, mut h, mut w): (usize, usize, usize),
-    ) -> Result<Rows<D, T>> {
-        let mut x = x;
-        match self.arch {
-            Arch::SmallCnn => {
-                for (i, stride) in [1, 2, 2].into_iter().enumerate() {
-                    let name = format!("stage{}", i + 1);
-                    let (y, hw) = f.conv(x, &format!("{name}.conv"), (n, h, w), stride, 1)?;
-                    x = f.bn(y, &format!("{name}.bn"), true)?;
-                    (h, w) = hw;
-                }
-            }
-            Arch::CifarResNet { depth } => {
-                let (y, _) = f.conv(x, "conv1", (n, h, w), 1, 1)?;
-                x = f.bn(y, "bn1", true)?;
-                let mut c = 16;
-                for (stage, width) in [16usize, 32, 64].into_iter().enumerate() {
-                    for i in 0..(depth - 2) / 6 {
-                        let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                        let name = format!("layer{}.{i}", stage + 1);
-                        let shortcut = if stride == 1 && width == c {
-                            x.retaped::<T>()
-                        } else {
-                            option_a(
-                                f.cache,
-                                x.retaped::<T>(),
-                                (n, h, w),
-                                stride,
-                                (width - c) / 2,
-                            )?
-                        };
-                        let (y, hw) = f.conv(x, &format!("{name}.conv1"), (n, h, w), stride, 1)?;
-                        let y = f.bn(y, &format!("{name}.bn1"), true)?;
-                        let (y, hw2) =
-                            f.conv(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, 1)?;
-                        let y = f.bn(y, &format!("{name}.bn2"), false)?;
-                        x = (y + shortcut).relu();
-                        (h, w) = hw2;
-                        c = width;
-                    }
-                }
-            }
-        }
-        // Global average pooling: [N·H·W, C] → [N, C].
-        let ch = x.shape().1;
-        Ok(x.reshape_like(&(n, h * w, ch))
-            .mean::<(usize, usize), Axis<1>>())
-    }
-
-    /// Logits `[N, K]` = `fc`(features).
-    pub fn classify<D: SarDevice<f32>, T: Tape<f32, D>>(
-        &self,
-        params: &Params<D>,
-        features: Rows<D, T>,
-    ) -> Result<Rows<D, T>> {
-        linear(params, features, "fc")
-    }
-}
-
-/// Mean cross-entropy of logits `[N, K]` against soft targets `[N, K]` (one-hot labels, or
-/// λ·onehot(a) + (1−λ)·onehot(b) for MixUp): −(1/N) Σ_n Σ_k t_nk log_softmax(z)_nk.
-pub fn cross_entropy<D: SarDevice<f32>, T: Tape<f32, D>>(
-    logits: Rows<D, T>,
-    targets: Vec<f32>,
-) -> Result<Tensor<Rank0, f32, D, T>> {
-    let (n, k) = *logits.shape();
-    if targets.len() != n * k || n == 0 {
-        return shape_err(format!(
-            "cross-entropy: {} targets for logits [{n}, {k}]",
-            targets.len()
-        ));
-    }
-    let t = logits.device().tensor_from_vec(targets, (n, k));
-    Ok((logits.log_softmax::<Axis<1>>() * t).sum::<Rank0, _>() * (-1.0 / n as f32))
-}
-
-/// One-hot rows `[N, K]` for labels `y` (checked to be in `0..K`).
-pub fn one_hot(y: &[i64], k: usize) -> Result<Vec<f32>> {
-    let mut t = vec![0.0f32; y.len() * k];
-    for (i, &c) in y.iter().enumerate() {
-        if !(0..k as i64).contains(&c) {
-            return Err(sar_math::SarError::Label {
-                op: sar_math::Op::P2a,
-                index: i,
-                label: c,
-                classes: k,
-            }
-            .into());
-        }
-        t[i * k + c as usize] = 1.0;
-    }
-    Ok(t)
-}
-
 /// What one SAR step produced.
 pub struct SarStep<D: SarDevice<f32>, T> {
     /// λ1·L_aux + λ2·L_p2a, with the tape.
@@ -445,27 +197,55 @@ pub struct SarStep<D: SarDevice<f32>, T> {
 pub struct SarHead<D: SarDevice<f32>> {
     /// The fixed anchors A `[C, D]`.
     pub anchors: Tensor<(usize, usize), f32, D>,
-    /// Â `[C, D]`, flat.
-    pub semantic: Tensor<(usize,), f32, D>,
-    /// Per-class "initialised" flags.
-    pub initialized: Vec<bool>,
-    /// SAR's hyper-parameters.
-    pub config: SarConfig,
+    /// Â `[C, D]`, the "initialised" flags and the configuration: `sar-math`'s state machine.
+    state: BackendSarState<DfdxTensor<f32, D>>,
     prefix: String,
     classes: usize,
     dim: usize,
 }
 
+/// What a [`SarHead`] is built from (besides its anchors): SAR's hyper-parameters, C, D and
+/// the name prefix (default `sar`), as in `sar-candle`'s `SarHeadConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SarHeadConfig {
+    /// Prefix of the variable and buffer names (default `sar`).
+    pub prefix: String,
+    /// SAR's hyper-parameters.
+    pub sar: SarConfig,
+    /// C.
+    pub classes: usize,
+    /// D.
+    pub dim: usize,
+}
+
+impl SarHeadConfig {
+    /// C classes, D dimensions, the prefix `sar`.
+    pub fn new(sar: SarConfig, classes: usize, dim: usize) -> Self {
+        SarHeadConfig {
+            prefix: "sar".to_string(),
+            sar,
+            classes,
+            dim,
+        }
+    }
+
+    /// With another name prefix.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+}
+
 impl<D: SarDevice<f32>> SarHead<D> {
-    /// A head with anchors `[classes, dim]` (host values, e.g. from `sar_math::anchors`).
-    pub fn new(
-        device: &D,
-        prefix: &str,
-        config: SarConfig,
-        anchors: Vec<f32>,
-        classes: usize,
-        dim: usize,
-    ) -> Result<Self> {
+    /// A head described by `cfg` with anchors `[classes, dim]` (host values, e.g. from
+    /// `sar_math::anchors`).
+    pub fn new(device: &D, cfg: &SarHeadConfig, anchors: Vec<f32>) -> Result<Self> {
+        let SarHeadConfig {
+            ref prefix,
+            sar: config,
+            classes,
+            dim,
+        } = *cfg;
         config.validate()?;
         if anchors.len() != classes * dim {
             return shape_err(format!(
@@ -473,15 +253,32 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 anchors.len()
             ));
         }
+        let zeros = DfdxTensor {
+            data: device.zeros_like(&(classes * dim,)),
+            shape: vec![classes, dim],
+        };
         Ok(SarHead {
             anchors: device.tensor_from_vec(anchors, (classes, dim)),
-            semantic: device.zeros_like(&(classes * dim,)),
-            initialized: vec![false; classes],
-            config,
+            state: BackendSarState::new(config, classes, zeros)?,
             prefix: prefix.to_string(),
             classes,
             dim,
         })
+    }
+
+    /// SAR's hyper-parameters.
+    pub fn config(&self) -> &SarConfig {
+        &self.state.config
+    }
+
+    /// Â `[C, D]`, flat.
+    pub fn semantic_anchors(&self) -> &Tensor<(usize,), f32, D> {
+        &self.state.semantic.data
+    }
+
+    /// Per-class "initialised" flags.
+    pub fn initialized(&self) -> &[bool] {
+        &self.state.initialized
     }
 
     /// Classes C.
@@ -496,7 +293,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
 
     /// Whether every row of Â is initialised.
     pub fn fully_initialized(&self) -> bool {
-        self.initialized.iter().all(|&b| b)
+        self.state.fully_initialized()
     }
 
     /// E = h_ψ(A) `[C, D]`, BatchNorm over the C anchors in training mode.
@@ -515,9 +312,10 @@ impl<D: SarDevice<f32>> SarHead<D> {
     }
 
     /// One SAR step with features `[N, D]` carrying the model's tape: L_aux on
-    /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed. With
-    /// `mix = Some((labels_b, λ))` the p2a target is `λ·Â[y] + (1−λ)·Â[y_b]` (MixUp), rows
-    /// counted when both labels are valid.
+    /// Z = `fc`(h_ψ(A)), the gate, the EMA, and λ2·L_p2a toward Â if the gate passed, in the
+    /// spec's order by `sar-math`'s [`BackendSarState`] (the losses continue the model's tape).
+    /// With `mix = Some((labels_b, λ))` the p2a target is `λ·Â[y] + (1−λ)·Â[y_b]` (MixUp,
+    /// [`sar_math::backend::SarBackend::p2a_mixup`]), rows counted when both labels are valid.
     pub fn step(
         &mut self,
         params: &Params<D>,
@@ -533,10 +331,21 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 self.dim
             ));
         }
-        let cfg = self.config;
+        let mixup = mix.map(|(labels_b, lambda)| Mixup {
+            labels_a: labels,
+            labels_b,
+            lambda,
+        });
+        if let Some(m) = &mixup {
+            // Checked before the step, so that bad input leaves Â untouched.
+            m.check(n, self.classes, self.state.config.ignore_index)?;
+        }
         let (c, dim) = (self.classes, self.dim);
         let e: Rows<D, OwnedTape<f32, D>> = self.embed(params)?;
-        let e_values = e.retaped::<NoneTape>().reshape_like(&(c * dim,));
+        let embedded = DfdxTensor {
+            data: e.retaped::<NoneTape>().reshape_like(&(c * dim,)),
+            shape: vec![c, dim],
+        };
         let z = linear(params, e, "fc")?;
         if *z.shape() != (c, c) {
             return shape_err(format!(
@@ -544,29 +353,26 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 z.shape()
             ));
         }
-        let z_host = host(&z);
-        let (aux, parts) = anchor_ce(z, cfg.tau, cfg.weights)?;
-        let mut pass = vec![false; c];
-        let gate =
-            sar_math::anchor_ce::gate(&z_host, c, &parts.nll, cfg.delta, cfg.gate, &mut pass)?;
-        let rows: Vec<bool> = match cfg.gate {
-            GateMode::Global => vec![gate; c],
-            GateMode::PerClass => pass.clone(),
+        let (b, zt, ft) = TapedBackend::carrying(params.device(), z, features);
+        let step = match mixup {
+            None => {
+                let lt = DfdxLabels {
+                    data: labels.to_vec(),
+                    shape: vec![n],
+                };
+                self.state.step(&b, &zt, &embedded, &ft, &lt)?
+            }
+            Some(m) => self.state.step_mixup(&b, &zt, &embedded, &ft, m)?,
         };
-        ema_rows(
-            &mut self.semantic,
-            &e_values,
-            cfg.alpha,
-            &rows,
-            &mut self.initialized,
-            dim,
-        )?;
-        let loss_aux = parts_value(&aux);
-        let aux = aux * cfg.lambda_aux as f32;
-        if !gate {
+        let loss_aux = step.aux.loss.value();
+        let aux = traced(step.aux.loss)? * self.state.config.lambda_aux as f32;
+        let Some(p2a) = step.p2a else {
             // p2a is not applied at all; the features' tape joins through a zero term so the
             // caller's graph stays one.
-            let (_, tape) = features.split_tape();
+            let (_, tape) = b
+                .take_features()
+                .ok_or_else(|| SarDfdxError::Device("the features' tape is gone".into()))?
+                .split_tape();
             let zero = params.device().zeros::<Rank0>().put_tape(tape);
             return Ok(SarStep {
                 loss: aux + zero,
@@ -575,38 +381,13 @@ impl<D: SarDevice<f32>> SarHead<D> {
                 gate_passed: false,
                 valid: 0,
             });
-        }
-        let active = match cfg.gate {
-            GateMode::Global => None,
-            GateMode::PerClass => Some(&pass[..]),
-        };
-        let semantic = self.semantic.clone().reshape_like(&(c, dim));
-        let (p2a, value, valid) = match mix {
-            None => p2a_rows(
-                features,
-                labels,
-                &semantic,
-                cfg.ignore_index,
-                active,
-                cfg.lambda_p2a,
-            )?,
-            Some((labels_b, lambda)) => p2a_mixup(
-                features,
-                labels,
-                labels_b,
-                lambda,
-                &semantic,
-                cfg.ignore_index,
-                active,
-                cfg.lambda_p2a,
-            )?,
         };
         Ok(SarStep {
-            loss: aux + p2a,
+            loss: aux + traced(p2a.loss)?,
             loss_aux,
-            loss_p2a: value,
+            loss_p2a: p2a.value,
             gate_passed: true,
-            valid,
+            valid: p2a.valid,
         })
     }
 
@@ -623,12 +404,16 @@ impl<D: SarDevice<f32>> SarHead<D> {
             (
                 format!("{}.semantic_anchors", self.prefix),
                 vec![c, d],
-                self.semantic.as_vec(),
+                self.state.semantic.data.as_vec(),
             ),
             (
                 format!("{}.initialized", self.prefix),
                 vec![c],
-                self.initialized.iter().map(|&b| b as u8 as f32).collect(),
+                self.state
+                    .initialized
+                    .iter()
+                    .map(|&b| b as u8 as f32)
+                    .collect(),
             ),
         ]
     }
@@ -652,64 +437,25 @@ impl<D: SarDevice<f32>> SarHead<D> {
         let init = fetch("initialized", &[c])?;
         let dev = self.anchors.device().clone();
         self.anchors = dev.tensor_from_vec(anchors, (c, d));
-        self.semantic = dev.tensor_from_vec(semantic, (c * d,));
-        self.initialized = init.iter().map(|&v| v != 0.0).collect();
+        self.state.semantic = DfdxTensor {
+            data: dev.tensor_from_vec(semantic, (c * d,)),
+            shape: vec![c, d],
+        };
+        self.state.initialized = init.iter().map(|&v| v != 0.0).collect();
         Ok(())
     }
 }
 
-fn parts_value<D: SarDevice<f32>, T>(t: &Tensor<Rank0, f32, D, T>) -> f64 {
-    t.as_vec()[0] as f64
-}
-
-/// `weight`·L_p2a with MixUp targets `λ·Â[a] + (1−λ)·Â[b]`; rows count when both labels are
-/// valid (and active).
-#[allow(clippy::too_many_arguments)]
-fn p2a_mixup<D: SarDevice<f32>, T: Tape<f32, D>>(
-    features: Rows<D, T>,
-    labels_a: &[i64],
-    labels_b: &[i64],
-    lambda: f64,
-    semantic: &Tensor<(usize, usize), f32, D>,
-    ignore: i64,
-    active: Option<&[bool]>,
-    weight: f64,
-) -> Result<crate::P2aParts<f32, D, T>> {
-    let (n, d) = *features.shape();
-    let c = semantic.shape().0;
-    if labels_a.len() != n || labels_b.len() != n || !(0.0..=1.0).contains(&lambda) {
-        return shape_err(format!(
-            "mixup p2a needs N = {n} labels per side and λ in [0, 1]; got {}, {} and {lambda}",
-            labels_a.len(),
-            labels_b.len()
-        ));
-    }
-    crate::validate_labels(labels_a, c, ignore)?;
-    crate::validate_labels(labels_b, c, ignore)?;
-    let ok = |y: i64| y != ignore && active.is_none_or(|a| a[y as usize]);
-    let keep: Vec<usize> = (0..n)
-        .filter(|&i| ok(labels_a[i]) && ok(labels_b[i]))
-        .collect();
-    let valid = keep.len();
-    let dev = semantic.device().clone();
-    if valid == 0 {
-        let (_, tape) = features.split_tape();
-        return Ok((dev.zeros::<Rank0>().put_tape(tape), 0.0, 0));
-    }
-    let pick =
-        |ys: &[i64]| dev.tensor_from_vec(keep.iter().map(|&i| ys[i] as usize).collect(), (valid,));
-    let ta: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_a));
-    let tb: Tensor<(usize, usize), f32, D> = semantic.clone().gather(pick(labels_b));
-    let target = ta * lambda as f32 + tb * (1.0 - lambda) as f32;
-    let rows: Rows<D, T> = features.gather(dev.tensor_from_vec(keep, (valid,)));
-    let sum = (rows - target).square().sum::<Rank0, _>();
-    let scale = 1.0 / (valid as f64 * d as f64);
-    let value = parts_value(&sum) * scale;
-    Ok((sum * (weight * scale) as f32, value, valid))
+/// A head loss's tape-carrying scalar.
+fn traced<D: SarDevice<f32>>(loss: DfdxLoss<f32, D>) -> Result<Traced<f32, D>> {
+    loss.into_traced()
+        .ok_or_else(|| SarDfdxError::Device("the loss's tape was consumed".into()))
 }
 
 /// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;
-/// d ← g + μ·b (Nesterov) or b; w ← w − lr·d. Momentum buffers by variable name, on the device.
+/// d ← g + μ·b (Nesterov) or b; w ← w − lr·d, applied by [`sar_math::sgd::sgd_step`] (the one
+/// definition of the rule) over the host values. Momentum buffers by variable name, on the
+/// device.
 pub struct Sgd<D: SarDevice<f32>> {
     /// Learning rate (set per step by the schedule).
     pub lr: f64,
@@ -738,33 +484,31 @@ impl<D: SarDevice<f32>> Sgd<D> {
     /// gradient in `grads` (the loss did not reach it, and the input was not traced with
     /// [`Params::alloc_grads`]) gets a zero one: weight decay and momentum still apply.
     pub fn step(&mut self, params: &mut Params<D>, grads: &mut Gradients<f32, D>) -> Result<()> {
-        let (mu, wd, lr) = (
-            self.momentum as f32,
-            self.weight_decay as f32,
-            self.lr as f32,
-        );
+        let cfg = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        };
         for name in params.trainable() {
             let w = params.get(&name)?.clone();
             grads.try_alloc_for(&w).map_err(dev_err)?;
-            let grad = grads.get(&w);
-            let mut g = if wd != 0.0 {
-                grad + w.clone() * wd
-            } else {
-                grad
+            let grad = grads.get(&w).as_vec();
+            let mut values = w.as_vec();
+            let fresh = !self.buffers.contains_key(&name);
+            let mut b = match self.buffers.remove(&name) {
+                Some(b) => b.as_vec(),
+                None if cfg.momentum != 0.0 => vec![0.0; values.len()],
+                None => Vec::new(),
             };
-            if mu != 0.0 {
-                let b = match self.buffers.remove(&name) {
-                    None => g.clone(),
-                    Some(b) => b * mu + g.clone(),
-                };
-                g = if self.nesterov {
-                    g + b.clone() * mu
-                } else {
-                    b.clone()
-                };
+            sgd_step(&cfg, &mut values, &grad, &mut b, fresh)?;
+            let n = values.len();
+            if cfg.momentum != 0.0 {
+                let b = params.device().tensor_from_vec(b, (n,));
                 self.buffers.insert(name.clone(), b);
             }
-            params.replace(&name, w - g * lr);
+            let t = params.device().tensor_from_vec(values, (n,));
+            params.replace(&name, t);
         }
         Ok(())
     }
@@ -834,7 +578,7 @@ mod tests {
     fn missing_variables_and_bad_shapes_are_errors() {
         let dev = Cpu::default();
         assert!(Params::<Cpu>::from_host(&dev, [("w".into(), vec![2, 2], vec![0.0; 3])]).is_err());
-        let mut params = Params::from_host(
+        let params = Params::from_host(
             &dev,
             [("fc.weight".to_string(), vec![3, 4], vec![0.0f32; 12])],
         )
@@ -843,15 +587,5 @@ mod tests {
         // No `fc.bias` is fine (a layer without bias); a wrong input width is an error.
         assert!(linear(&params, x.clone(), "fc").is_ok());
         assert!(linear(&params, dev.zeros_like(&(2, 5)), "fc").is_err());
-        let mut cache = GatherCache::default();
-        let mut f = Forward {
-            params: &mut params,
-            cache: &mut cache,
-            train: true,
-        };
-        let e = f.bn(x, "bn1", false).err().unwrap().to_string();
-        assert!(e.contains("bn1.weight"), "{e}");
-        assert!(cross_entropy(dev.zeros_like(&(2, 3)), vec![0.0; 5]).is_err());
-        assert!(one_hot(&[0, 3], 3).is_err());
     }
 }

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use sar_dfdx::conv::{conv2d, nchw_to_rows, rows_to_nchw, ConvGeometry, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead};
+use sar_dfdx::nn::{Params, SarHead, SarHeadConfig};
+use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
 use sar_math::anchors::AnchorRng;
 
 fn normals(seed: u64, n: usize) -> Vec<f32> {
@@ -313,16 +314,14 @@ fn sar_head_matches_candle() {
     };
     let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
     let cfg = sar_math::SarConfig::default();
+    let head_cfg = sar_candle::SarHeadConfig::new(cfg, classes, 128)
+        .kind(EmbeddingKind::Classification)
+        .anchor_kind(sar_math::anchors::AnchorKind::Normal)
+        .seed(3);
     let mut head_c = sar_candle::SarHead::new(
         &varmap,
-        "sar",
         CandleBackend::new(Device::Cpu, DType::F32).unwrap(),
-        cfg,
-        classes,
-        128,
-        EmbeddingKind::Classification,
-        sar_math::anchors::AnchorKind::Normal,
-        3,
+        &head_cfg,
     )
     .unwrap();
     // A classifier that separates the embedded anchors (fc rows = 10·E), so the gate passes
@@ -338,7 +337,12 @@ fn sar_head_matches_candle() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut head_d = SarHead::new(&Cpu::default(), "sar", cfg, anchors, classes, 128).unwrap();
+    let mut head_d = SarHead::new(
+        &Cpu::default(),
+        &SarHeadConfig::new(cfg, classes, 128),
+        anchors,
+    )
+    .unwrap();
 
     let x = normals(5, n * c * h * w);
     let y: Vec<i64> = vec![0, 1, 2, 3, 1, 255];

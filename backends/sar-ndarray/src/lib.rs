@@ -14,7 +14,7 @@
 
 use ndarray::{ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, IxDyn};
 use sar_math::anchor_ce::anchor_ce_owned;
-use sar_math::backend::{AnchorCeOutput, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
 use sar_math::p2a::{p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::{Label, Real, SarError, WeightMode};
 use std::marker::PhantomData;
@@ -138,7 +138,27 @@ pub fn p2a_nchw_parallel<F: Real, L: Label + Default>(
     Ok((r.loss, r.valid))
 }
 
+/// (L_p2a, |Ω|, `weight`·dL_p2a/dF) of `[N, D]` features.
+type RowsResult<F> = (f64, usize, Arc<ArrayD<F>>);
+
 impl<F: Real + Default> NdarrayBackend<F> {
+    /// The fused rows kernel (plain or MixUp labels) with the gradient scaled by `weight`.
+    fn p2a_rows_weighted(
+        &self,
+        features: &ArrayD<F>,
+        labels: RowLabels<'_, i64>,
+        targets: &P2aTargets<'_, F>,
+        weight: f64,
+    ) -> Result<RowsResult<F>, NdError> {
+        let f = contiguous(features);
+        let mut grad = vec![F::zero(); f.len()];
+        let v = p2a_rows(&f, labels, features.shape()[1], targets, Some(&mut grad))?;
+        let w = F::from_f64(weight);
+        grad.iter_mut().for_each(|g| *g = w * *g);
+        let grad = Arc::new(ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"));
+        Ok((v.loss.as_f64(), v.valid, grad))
+    }
+
     fn anchors_view<'a>(&self, a: &'a ArrayD<F>) -> Result<ArrayView2<'a, F>, NdError> {
         a.view()
             .into_dimensionality()
@@ -311,20 +331,8 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                         labels.shape()
                     )));
                 }
-                let f = contiguous(features);
-                let mut grad = vec![F::zero(); f.len()];
-                let v = p2a_rows(
-                    &f,
-                    RowLabels::Plain(&contiguous(labels)),
-                    features.shape()[1],
-                    &targets,
-                    Some(&mut grad),
-                )?;
-                let w = F::from_f64(weight);
-                grad.iter_mut().for_each(|g| *g = w * *g);
-                let grad =
-                    Arc::new(ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"));
-                (v.loss.as_f64(), v.valid, grad)
+                let labels = contiguous(labels);
+                self.p2a_rows_weighted(features, RowLabels::Plain(&labels), &targets, weight)?
             }
             n => {
                 return Err(NdError::Shape(format!(
@@ -332,6 +340,41 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
                 )))
             }
         };
+        Ok(P2aOutput {
+            loss: NdLoss {
+                value: weight * value,
+                grad,
+            },
+            value,
+            valid,
+        })
+    }
+
+    fn p2a_mixup(
+        &self,
+        features: &ArrayD<F>,
+        mixup: Mixup<'_>,
+        anchors: &ArrayD<F>,
+        ignore_index: i64,
+        class_active: Option<&[bool]>,
+        weight: f64,
+    ) -> Result<P2aOutput<NdLoss<F>>, NdError> {
+        let a = self.anchors_view(anchors)?;
+        let a = a.as_standard_layout();
+        let targets = P2aTargets {
+            anchors: a.as_slice().expect("standard"),
+            classes: a.nrows(),
+            ignore_index,
+            class_active,
+        };
+        if features.ndim() != 2 {
+            return Err(NdError::Shape(format!(
+                "mixup p2a: features must be [N, D], got {:?}",
+                features.shape()
+            )));
+        }
+        let (value, valid, grad) =
+            self.p2a_rows_weighted(features, mixup.row_labels(), &targets, weight)?;
         Ok(P2aOutput {
             loss: NdLoss {
                 value: weight * value,

@@ -173,8 +173,7 @@ pub struct Bn {
     channels: usize,
 }
 
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
+use sar_math::batch_norm::{EPS as BN_EPS, MOMENTUM as BN_MOMENTUM};
 
 impl Bn {
     /// `{weight,bias,running_mean,running_var}` in scope `p`.

@@ -113,10 +113,9 @@ impl<'a> Scope<'a> {
     }
 }
 
-/// Names in a [`VarMap`] that are BatchNorm running statistics (state, not parameters).
-pub fn is_running_stat(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
-}
+/// Names in a [`VarMap`] that are BatchNorm running statistics (state, not parameters):
+/// `sar-math`'s one definition.
+pub use sar_math::batch_norm::is_running_stat;
 
 #[cfg(test)]
 mod tests {

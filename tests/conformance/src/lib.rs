@@ -16,6 +16,9 @@
 use sar_math::anchor_ce::{anchor_ce_owned, gate};
 use sar_math::anchors::AnchorRng;
 use sar_math::backend::{BackendSarState, SarBackend};
+
+mod mixup;
+pub use mixup::{check_p2a_mixup, check_steps_mixup};
 use sar_math::p2a::{p2a_nchw, p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::state::{FeatureInput, StepBuffers, StepInput};
 use sar_math::{GateMode, SarConfig, SarState, WeightMode};
@@ -633,8 +636,10 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@one $make, $tol, ema, check_ema);
             $crate::conformance_tests!(@one $make, $tol, p2a_nchw, check_p2a_nchw);
             $crate::conformance_tests!(@one $make, $tol, p2a_rows, check_p2a_rows);
+            $crate::conformance_tests!(@one $make, $tol, p2a_mixup, check_p2a_mixup);
             $crate::conformance_tests!(@one $make, $tol, resample, check_resample);
             $crate::conformance_tests!(@one $make, $tol, steps, check_steps);
+            $crate::conformance_tests!(@one $make, $tol, steps_mixup, check_steps_mixup);
             $crate::conformance_tests!(@one $make, $tol, errors, check_errors);
         }
     };

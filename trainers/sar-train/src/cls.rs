@@ -17,7 +17,7 @@ use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
 use anyhow::{bail, ensure};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
-use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
+use sar_candle::{CandleBackend, EmbeddingKind, SarHead, SarHeadConfig};
 use sar_data::augment::{self, Augment, Normalize};
 use sar_data::dataset::Dataset;
 use sar_data::{cifar, cub, digits, idx, split};
@@ -156,17 +156,11 @@ pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Resu
     let model = sar_models::build(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {
         let backend = CandleBackend::new(device.clone(), DType::F32)?;
-        Some(SarHead::new(
-            &varmap,
-            "sar",
-            backend,
-            cfg.sar.params(),
-            classes,
-            model.feature_dim(),
-            EmbeddingKind::Classification,
-            cfg.sar.anchors,
-            cfg.run.seed,
-        )?)
+        let head = SarHeadConfig::new(cfg.sar.params(), classes, model.feature_dim())
+            .kind(EmbeddingKind::Classification)
+            .anchor_kind(cfg.sar.anchors)
+            .seed(cfg.run.seed);
+        Some(SarHead::new(&varmap, backend, &head)?)
     } else {
         None
     };

@@ -2,13 +2,15 @@
 //! semantics (`torch.optim.SGD`, dampening 0):
 //!
 //! g ← ∇w + wd·w; b ← g on the first step, else b ← μ·b + g; d ← g + μ·b (Nesterov) or b;
-//! w ← w − lr·d.
+//! w ← w − lr·d. The rule is defined once, by [`sar_math::sgd::sgd_step`] (which sar-dfdx's
+//! optimiser applies too); see [`Sgd::step`].
 //!
 //! Schedules: constant, cosine (`lr₀·½(1 + cos(π t/T))`) and step (×γ at given steps), each
 //! after an optional linear warm-up from lr₀/warm-up to lr₀ (PyTorch-CIFAR style: step t < W
 //! uses lr₀·(t+1)/W).
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use sar_math::sgd::SgdConfig;
 
 /// SGD over a set of variables.
 pub struct Sgd {
@@ -23,6 +25,8 @@ pub struct Sgd {
     pub weight_decay: f64,
     /// Nesterov momentum.
     pub nesterov: bool,
+    /// Apply the rule as candle ops on CPU too (tests compare the two paths).
+    device_ops: bool,
 }
 
 impl Sgd {
@@ -54,6 +58,7 @@ impl Sgd {
             momentum,
             weight_decay,
             nesterov,
+            device_ops: false,
         }
     }
 
@@ -90,36 +95,85 @@ impl Sgd {
     }
 
     /// One update from `grads`; variables without a gradient are left alone.
+    ///
+    /// The rule is [`sar_math::sgd::sgd_step`]: on CPU (F32/F64) it is applied as that kernel
+    /// over the host values; on other devices by [`device_step`], the same rule as candle ops
+    /// in the kernel's order (so both round alike; `tests::device_ops_follow_the_kernel`).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let cfg = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        };
         for (var, buf) in self.vars.iter().zip(self.momentum_buffers.iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            // Detached: arithmetic on a variable records the op, so the momentum buffer would
-            // otherwise chain every previous step's graph (memory growing without bound).
-            let w = var.as_tensor().detach();
-            let grad = grad.detach();
-            let mut g = if self.weight_decay != 0.0 {
-                (&grad + (&w * self.weight_decay)?)?
-            } else {
-                grad
-            };
-            if self.momentum != 0.0 {
-                let b = match buf.take() {
-                    None => g.clone(),
-                    Some(b) => ((b * self.momentum)? + &g)?,
-                };
-                g = if self.nesterov {
-                    (&g + (&b * self.momentum)?)?
-                } else {
-                    b.clone()
-                };
-                *buf = Some(b);
+            match var.dtype() {
+                DType::F32 if var.device().is_cpu() && !self.device_ops => {
+                    host_step::<f32>(&cfg, var, grad, buf)?
+                }
+                DType::F64 if var.device().is_cpu() && !self.device_ops => {
+                    host_step::<f64>(&cfg, var, grad, buf)?
+                }
+                _ => device_step(&cfg, var, grad, buf)?,
             }
-            var.set(&(w - (g * self.lr)?)?)?;
         }
         Ok(())
     }
+}
+
+/// [`sar_math::sgd::sgd_step`] on a CPU variable's host values; the momentum buffer is kept
+/// as a tensor (for checkpoints).
+fn host_step<F: candle_core::WithDType + sar_math::Real + Default>(
+    cfg: &SgdConfig,
+    var: &Var,
+    grad: &Tensor,
+    buf: &mut Option<Tensor>,
+) -> Result<()> {
+    let shape = var.shape().clone();
+    let mut w: Vec<F> = var.as_tensor().flatten_all()?.to_vec1()?;
+    let g: Vec<F> = grad.flatten_all()?.to_vec1()?;
+    let fresh = buf.is_none();
+    let mut b: Vec<F> = match buf.as_ref() {
+        Some(b) => b.flatten_all()?.to_vec1()?,
+        None if cfg.momentum != 0.0 => vec![F::default(); w.len()],
+        None => Vec::new(),
+    };
+    sar_math::sgd::sgd_step(cfg, &mut w, &g, &mut b, fresh)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    if cfg.momentum != 0.0 {
+        *buf = Some(Tensor::from_vec(b, &shape, &Device::Cpu)?);
+    }
+    var.set(&Tensor::from_vec(w, &shape, &Device::Cpu)?)
+}
+
+/// [`sar_math::sgd::sgd_step`]'s rule as candle ops, for variables on other devices (CUDA):
+/// g ← ∇w + w·wd; b ← g (fresh) or b·μ + g; d ← g + b·μ (Nesterov) or b; w ← w − d·lr.
+fn device_step(cfg: &SgdConfig, var: &Var, grad: &Tensor, buf: &mut Option<Tensor>) -> Result<()> {
+    // Detached: arithmetic on a variable records the op, so the momentum buffer would
+    // otherwise chain every previous step's graph (memory growing without bound).
+    let w = var.as_tensor().detach();
+    let grad = grad.detach();
+    let mut g = if cfg.weight_decay != 0.0 {
+        (&grad + (&w * cfg.weight_decay)?)?
+    } else {
+        grad
+    };
+    if cfg.momentum != 0.0 {
+        let b = match buf.take() {
+            None => g.clone(),
+            Some(b) => ((b * cfg.momentum)? + &g)?,
+        };
+        g = if cfg.nesterov {
+            (&g + (&b * cfg.momentum)?)?
+        } else {
+            b.clone()
+        };
+        *buf = Some(b);
+    }
+    var.set(&(w - (g * cfg.lr)?)?)
 }
 
 /// A learning-rate schedule over `total` steps.
@@ -209,6 +263,34 @@ mod tests {
             .unwrap();
         opt.step(&grads).unwrap();
         assert!((v.as_tensor().to_vec1::<f64>().unwrap()[0] - 0.8).abs() < 1e-15);
+    }
+
+    /// The candle-ops path (CUDA's) and the kernel path agree bit for bit on CPU, in f32 and
+    /// f64, over momentum, Nesterov and weight decay.
+    #[test]
+    fn device_ops_follow_the_kernel() {
+        for dtype in [DType::F32, DType::F64] {
+            for (mu, wd, nesterov) in [(0.0, 0.0, false), (0.9, 0.0, false), (0.9, 5e-4, true)] {
+                let init: Vec<f64> = (0..7).map(|i| (i as f64 * 0.7).sin()).collect();
+                let make = || {
+                    let t = Tensor::new(init.as_slice(), &Device::Cpu).unwrap();
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (a, b) = (make(), make());
+                let mut host = Sgd::new(vec![a.clone()], 0.1, mu, wd, nesterov);
+                let mut ops = Sgd::new(vec![b.clone()], 0.1, mu, wd, nesterov);
+                ops.device_ops = true;
+                for _ in 0..3 {
+                    for (opt, v) in [(&mut host, &a), (&mut ops, &b)] {
+                        let loss = (v.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+                        opt.step(&loss.backward().unwrap()).unwrap();
+                    }
+                    let host_w = a.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>();
+                    let ops_w = b.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>();
+                    assert_eq!(host_w.unwrap(), ops_w.unwrap(), "{dtype:?} μ {mu} wd {wd}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use anyhow::ensure;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rayon::prelude::*;
-use sar_candle::{CandleBackend, EmbeddingKind, SarHead};
+use sar_candle::{CandleBackend, EmbeddingKind, SarHead, SarHeadConfig};
 use sar_data::seg::{self, SegDataset, SegSample, IGNORE};
 use sar_data::seg_augment::{self, SegAugment};
 use sar_math::metrics::{confusion_update, Group};
@@ -126,17 +126,11 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
     let model = sar_models::seg::build_segmenter(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {
         let backend = CandleBackend::new(device.clone(), DType::F32)?;
-        Some(SarHead::new(
-            &varmap,
-            "sar",
-            backend,
-            cfg.sar.params(),
-            classes,
-            model.feature_dim(),
-            EmbeddingKind::Segmentation,
-            cfg.sar.anchors,
-            cfg.run.seed,
-        )?)
+        let head = SarHeadConfig::new(cfg.sar.params(), classes, model.feature_dim())
+            .kind(EmbeddingKind::Segmentation)
+            .anchor_kind(cfg.sar.anchors)
+            .seed(cfg.run.seed);
+        Some(SarHead::new(&varmap, backend, &head)?)
     } else {
         None
     };

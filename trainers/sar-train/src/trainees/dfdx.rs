@@ -4,7 +4,7 @@
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
 //! (the candle model is built once and its variables copied), and the loop, schedule,
 //! checkpoints, NaN policy, logs and reports are the shared ones in [`crate::run`]. What runs
-//! on dfdx: the network (`sar_dfdx::nn`, activations as NHWC rows), cross-entropy, SAR
+//! on dfdx: the network (`sar_dfdx_models`, activations as NHWC rows), cross-entropy, SAR
 //! (anchor embedding, L_aux through the shared `fc`, gate, EMA, L_p2a), backward on dfdx's
 //! tape and SGD. Checkpoints hold the same tensor names and layouts as candle's, so either
 //! backend resumes or evaluates the other's. Plots use the candle model with the dfdx weights
@@ -19,8 +19,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sar_dfdx::conv::{nchw_to_rows, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{cross_entropy, one_hot, Arch, Classifier, Forward, Params, SarHead, Sgd};
+use sar_dfdx::nn::{Params, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
+use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
@@ -85,11 +86,8 @@ fn on_dfdx<D: SarDevice<f32>>(
     let head = match &setup.head {
         Some(h) => Some(SarHead::new(
             device,
-            "sar",
-            *h.config(),
+            &SarHeadConfig::new(*h.config(), h.classes(), h.dim()),
             to_host(&h.buffers()?[0].1)?.1,
-            h.classes(),
-            h.dim(),
         )?),
         None => None,
     };

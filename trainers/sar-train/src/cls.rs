@@ -8,7 +8,7 @@
 //!
 //! Evaluation: top-1, per-class and head/medium/tail accuracy on the balanced test set
 //! ([`crate::evaluation`]). The data sets, batch rendering and evaluation here are shared with
-//! the dfdx trainee ([`crate::trainees::dfdx`]).
+//! the dfdx trainee (`crate::trainees::dfdx`).
 
 use crate::config::{AugmentKind, DatasetKind, TrainConfig};
 use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
@@ -181,7 +181,7 @@ pub(crate) struct ClsTask {
     pub(crate) groups: Vec<Group>,
     pub(crate) counts: Vec<u64>,
     augment: Augment,
-    /// Debug: every rendered batch is written here (see [`ClsTask::dump_batch`]).
+    /// Debug: every rendered batch is written here (see `ClsTask::dump_batch`).
     pub(crate) dump: Option<std::path::PathBuf>,
 }
 

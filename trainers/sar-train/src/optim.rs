@@ -97,7 +97,7 @@ impl Sgd {
     /// One update from `grads`; variables without a gradient are left alone.
     ///
     /// The rule is [`sar_math::sgd::sgd_step`]: on CPU (F32/F64) it is applied as that kernel
-    /// over the host values; on other devices by [`device_step`], the same rule as candle ops
+    /// over the host values; on other devices by `device_step`, the same rule as candle ops
     /// in the kernel's order (so both round alike; `tests::device_ops_follow_the_kernel`).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let cfg = SgdConfig {

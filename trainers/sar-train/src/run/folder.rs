@@ -15,7 +15,7 @@
 //!   the folder holds checkpoints of later steps (resuming would fork the run) unless
 //!   `--overwrite` deletes them; resuming from another folder's checkpoint into a folder that
 //!   holds a run is refused likewise. The metrics log is cut back to the checkpoint's step
-//!   ([`super::log::truncate_to`]).
+//!   (`super::log::truncate_to`).
 
 use crate::checkpoint;
 use anyhow::{bail, Context};

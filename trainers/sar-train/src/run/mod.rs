@@ -1,7 +1,7 @@
 //! The training loop, shared by every task and tensor library: epochs and steps, the learning
 //! rate schedule, the NaN/inf policy, logging, evaluation, checkpoints, resume and the report.
 //!
-//! It sees the model only through [`Trainee`] (forward and loss, update, the state a
+//! It sees the model only through `Trainee` (forward and loss, update, the state a
 //! checkpoint holds, evaluation) and imports no task: classification ([`crate::cls`]),
 //! segmentation ([`crate::seg`]) and each library's trainee ([`crate::trainees`]) live in their
 //! own modules, and [`crate::train`] picks them.
@@ -148,7 +148,7 @@ pub(crate) struct StepCtx<'a> {
 }
 
 /// What a successful forward pass reports to the loop (the loss itself stays with the trainee
-/// until [`Trainee::update`]).
+/// until `Trainee::update`).
 pub(crate) struct StepReport {
     pub parts: LossParts,
     pub gate: bool,
@@ -171,11 +171,11 @@ pub(crate) trait Trainee {
     /// Deep copies of the state a forward pass changes (BatchNorm running statistics, SAR
     /// buffers), to undo a skipped step.
     fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
-    /// Puts a [`Trainee::snapshot`] back.
+    /// Puts a `Trainee::snapshot` back.
     fn restore(&mut self, snap: &[(String, Tensor)]) -> anyhow::Result<()>;
     /// Every variable, `optim.momentum.*` buffer and SAR buffer, by name.
     fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
-    /// Restores [`Trainee::state_tensors`] from a checkpoint (every variable required).
+    /// Restores `Trainee::state_tensors` from a checkpoint (every variable required).
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()>;
     /// Loads pretrained weights as `model.pretrained` says; returns the number loaded and the
     /// names kept from the initialisation.

@@ -1,5 +1,5 @@
-//! The candle trainee: any candle [`Task`] (classification, segmentation) with its SGD
-//! optimiser, as the loop ([`crate::run`]) sees it through [`Trainee`].
+//! The candle trainee: any candle `Task` (classification, segmentation) with its SGD
+//! optimiser, as the loop ([`crate::run`]) sees it through `Trainee`.
 //!
 //! A task renders its batch and computes the loss (task loss plus SAR's λ1·L_aux + λ2·L_p2a)
 //! in candle's graph; this trainee keeps that loss until the loop asks for the update, then
@@ -160,7 +160,7 @@ pub(crate) fn finish_step(
     })
 }
 
-/// A candle [`Task`] with its optimiser and the pending loss.
+/// A candle `Task` with its optimiser and the pending loss.
 pub(crate) struct CandleTrainee {
     task: Box<dyn Task>,
     opt: Sgd,

@@ -100,16 +100,16 @@ impl fmt::Display for Error {
 pub type Result<T> = core::result::Result<T, Error>;
 
 /// Capacity of the last-error message, NUL included (longer messages are cut).
-pub const MESSAGE_CAPACITY: usize = 512;
+pub const SAR_MESSAGE_CAPACITY: usize = 512;
 
 struct Message {
-    buf: [u8; MESSAGE_CAPACITY],
+    buf: [u8; SAR_MESSAGE_CAPACITY],
     len: usize,
 }
 
 impl Message {
     const EMPTY: Message = Message {
-        buf: [0; MESSAGE_CAPACITY],
+        buf: [0; SAR_MESSAGE_CAPACITY],
         len: 0,
     };
     fn set(&mut self, args: fmt::Arguments<'_>) {
@@ -125,7 +125,7 @@ impl Write for Message {
             let mut tmp = [0u8; 4];
             let bytes = ch.encode_utf8(&mut tmp).as_bytes();
             // Keep one byte for the NUL, and never cut a character in two.
-            if self.len + bytes.len() >= MESSAGE_CAPACITY {
+            if self.len + bytes.len() >= SAR_MESSAGE_CAPACITY {
                 return Err(fmt::Error);
             }
             self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
@@ -256,6 +256,6 @@ mod tests {
     fn long_messages_are_cut_on_a_character() {
         set_message(format_args!("{}", "é".repeat(400)));
         let m = last();
-        assert!(m.len() < MESSAGE_CAPACITY && m.chars().all(|c| c == 'é'));
+        assert!(m.len() < SAR_MESSAGE_CAPACITY && m.chars().all(|c| c == 'é'));
     }
 }

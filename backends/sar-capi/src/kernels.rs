@@ -65,7 +65,7 @@ pub struct SarP2aValue {
     pub valid: usize,
 }
 
-/// `SarAnchorKind` values for [`sar_generate_anchors_f64`]: i.i.d. normal rows.
+/// `kind` of `sar_generate_anchors_f64` / `_f32`: i.i.d. normal rows.
 pub const SAR_ANCHORS_NORMAL: u32 = 0;
 /// Orthonormal rows (OM; needs C ≤ D).
 pub const SAR_ANCHORS_ORTHOGONAL: u32 = 1;

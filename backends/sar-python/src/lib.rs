@@ -4,6 +4,7 @@
 //! `sar-math` kernel (or `sar-capi`'s whole step). Errors are `ValueError`s. No SAR arithmetic
 //! lives here.
 
+use num_traits::Zero;
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{Element, IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -12,7 +13,6 @@ use pyo3::types::PyDict;
 use sar_math::anchor_ce::{anchor_ce as ce_kernel, gate as gate_kernel, AnchorCeBuffers};
 use sar_math::p2a::{FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::state::StepBuffers;
-use num_traits::Zero;
 use sar_math::{GateMode, Real, SarConfig, WeightMode};
 
 type Arr<'py, T> = PyReadonlyArrayDyn<'py, T>;
@@ -116,7 +116,9 @@ macro_rules! by_dtype {
     };
 }
 
-fn square_logits<'py, F: Real + Element>(obj: &Bound<'py, PyAny>) -> PyResult<(Arr<'py, F>, usize)> {
+fn square_logits<'py, F: Real + Element>(
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<(Arr<'py, F>, usize)> {
     let z = arr::<F>("logits", obj, float_name::<F>())?;
     let c = match z.shape() {
         &[c, c2] if c == c2 && c > 0 => c,
@@ -255,13 +257,20 @@ fn resample_labels_nearest<'py>(
     };
     let ls = slice("labels", &l)?;
     let mut o = vec![0i64; b * out_h * out_w];
-    py.detach(|| sar_math::resample::resample_labels_nearest(ls, b, (h, w), (out_h, out_w), &mut o))
-        .map_err(sar_err)?;
+    py.detach(|| {
+        sar_math::resample::resample_labels_nearest(ls, b, (h, w), (out_h, out_w), &mut o)
+    })
+    .map_err(sar_err)?;
     Ok(out(py, &[b, out_h, out_w], o))
 }
 
 /// Checks `[B, D, H, W]` features, `[B, H', W']` labels and `[C, D]` anchors.
-fn nchw_geometry(f: &[usize], l: &[usize], a_name: &str, a: &[usize]) -> PyResult<(FeatureGeometry, usize)> {
+fn nchw_geometry(
+    f: &[usize],
+    l: &[usize],
+    a_name: &str,
+    a: &[usize],
+) -> PyResult<(FeatureGeometry, usize)> {
     let &[b, d, h, w] = f else {
         return Err(shape_err("features", f, "[B, D, H, W]"));
     };
@@ -269,20 +278,42 @@ fn nchw_geometry(f: &[usize], l: &[usize], a_name: &str, a: &[usize]) -> PyResul
         return Err(shape_err("labels", l, "[B, H', W']"));
     };
     if lb != b {
-        return Err(shape_err("labels", l, &format!("[B, H', W'] with B = {b} (from features)")));
+        return Err(shape_err(
+            "labels",
+            l,
+            &format!("[B, H', W'] with B = {b} (from features)"),
+        ));
     }
     let c = match *a {
         [c, ad] if ad == d && c > 0 => c,
-        _ => return Err(shape_err(a_name, a, &format!("[C, D] with D = {d} (from features)"))),
+        _ => {
+            return Err(shape_err(
+                a_name,
+                a,
+                &format!("[C, D] with D = {d} (from features)"),
+            ))
+        }
     };
     Ok((
-        FeatureGeometry { batch: b, channels: d, height: h, width: w, label_height: lh, label_width: lw },
+        FeatureGeometry {
+            batch: b,
+            channels: d,
+            height: h,
+            width: w,
+            label_height: lh,
+            label_width: lw,
+        },
         c,
     ))
 }
 
-fn active_flags<'py>(obj: Option<&Bound<'py, PyAny>>, c: usize) -> PyResult<Option<Arr<'py, bool>>> {
-    obj.filter(|o| !o.is_none()).map(|o| flags("class_active", o, c)).transpose()
+fn active_flags<'py>(
+    obj: Option<&Bound<'py, PyAny>>,
+    c: usize,
+) -> PyResult<Option<Arr<'py, bool>>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| flags("class_active", o, c))
+        .transpose()
 }
 
 /// p2a for NCHW features: `(loss, valid, grad or None)`.
@@ -319,7 +350,11 @@ fn rows_shapes(f: &[usize], a: &[usize]) -> PyResult<(usize, usize, usize)> {
     };
     match *a {
         [c, ad] if ad == d && c > 0 && d > 0 => Ok((n, d, c)),
-        _ => Err(shape_err("anchors", a, &format!("[C, D] with D = {d} (from features)"))),
+        _ => Err(shape_err(
+            "anchors",
+            a,
+            &format!("[C, D] with D = {d} (from features)"),
+        )),
     }
 }
 
@@ -437,15 +472,31 @@ fn generate_anchors<'py>(
         "normal" => sar_math::AnchorKind::Normal,
         "orthogonal" => sar_math::AnchorKind::Orthogonal,
         "simplex-etf" => sar_math::AnchorKind::SimplexEtf,
-        _ => return Err(err(format!("`kind`: must be \"normal\", \"orthogonal\" or \"simplex-etf\", got {kind:?}"))),
+        _ => {
+            return Err(err(format!(
+                "`kind`: must be \"normal\", \"orthogonal\" or \"simplex-etf\", got {kind:?}"
+            )))
+        }
     };
-    fn run<F: Real + Element>(py: Python<'_>, k: sar_math::AnchorKind, seed: u64, c: usize, d: usize) -> PyResult<Bound<'_, PyAny>> {
-        let n = c.checked_mul(d).ok_or_else(|| err("classes × dim overflows"))?;
+    fn run<F: Real + Element>(
+        py: Python<'_>,
+        k: sar_math::AnchorKind,
+        seed: u64,
+        c: usize,
+        d: usize,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let n = c
+            .checked_mul(d)
+            .ok_or_else(|| err("classes × dim overflows"))?;
         let mut o = vec![F::zero(); n];
         sar_math::anchors::generate_anchors(k, seed, c, d, &mut o).map_err(sar_err)?;
         Ok(out(py, &[c, d], o).into_any())
     }
-    if double { run::<f64>(py, k, seed, classes, dim) } else { run::<f32>(py, k, seed, classes, dim) }
+    if double {
+        run::<f64>(py, k, seed, classes, dim)
+    } else {
+        run::<f32>(py, k, seed, classes, dim)
+    }
 }
 
 /// The options dict of `sar reference` (every key optional, unknown keys rejected).
@@ -453,9 +504,12 @@ fn config(options: Option<&Bound<'_, PyDict>>) -> PyResult<SarConfig> {
     let mut c = SarConfig::default();
     if let Some(o) = options {
         for (k, v) in o.iter() {
-            let key: String = k.extract().map_err(|_| err("option names must be strings"))?;
+            let key: String = k
+                .extract()
+                .map_err(|_| err("option names must be strings"))?;
             let num = |v: &Bound<'_, PyAny>| -> PyResult<f64> {
-                v.extract::<f64>().map_err(|_| err(format!("option `{key}`: must be a number")))
+                v.extract::<f64>()
+                    .map_err(|_| err(format!("option `{key}`: must be a number")))
             };
             match key.as_str() {
                 "tau" => c.tau = num(&v)?,
@@ -562,7 +616,10 @@ fn step<'py>(
 /// The validated options as a dict with every key (the defaults filled in).
 #[pyfunction]
 #[pyo3(signature = (options=None))]
-fn options<'py>(py: Python<'py>, options: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyDict>> {
+fn options<'py>(
+    py: Python<'py>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let c = config(options)?;
     let d = PyDict::new(py);
     d.set_item("tau", c.tau)?;
@@ -571,8 +628,20 @@ fn options<'py>(py: Python<'py>, options: Option<&Bound<'py, PyDict>>) -> PyResu
     d.set_item("lambda_aux", c.lambda_aux)?;
     d.set_item("lambda_p2a", c.lambda_p2a)?;
     d.set_item("ignore_index", c.ignore_index)?;
-    d.set_item("gate", match c.gate { GateMode::Global => "global", GateMode::PerClass => "per-class" })?;
-    d.set_item("weights", match c.weights { WeightMode::Attached => "attached", WeightMode::Detached => "detached" })?;
+    d.set_item(
+        "gate",
+        match c.gate {
+            GateMode::Global => "global",
+            GateMode::PerClass => "per-class",
+        },
+    )?;
+    d.set_item(
+        "weights",
+        match c.weights {
+            WeightMode::Attached => "attached",
+            WeightMode::Detached => "detached",
+        },
+    )?;
     Ok(d)
 }
 

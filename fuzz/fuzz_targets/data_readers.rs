@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
                         flip: true,
                         photometric: true,
                     };
-                    let mut rng = sar_math::anchors::AnchorRng::new(bytes.len() as u64);
+                    let mut rng = sar_math::rng::SeededRng::new(bytes.len() as u64);
                     let (o, valid) = sar_data::seg_augment::augment(&s, &aug, &mut rng);
                     assert_eq!((o.height, o.width), aug.crop);
                     assert!(valid.0 <= o.height && valid.1 <= o.width);

@@ -4,8 +4,8 @@
 //! Both report throughput as read + written bytes (features in, gradient out; source in,
 //! destination out), so their GB/s compare directly: the copy is the floor.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sar_math::anchors::AnchorRng;
 use sar_math::p2a::{p2a_nchw, FeatureGeometry, P2aTargets};
+use sar_math::rng::SeededRng;
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
@@ -19,7 +19,7 @@ fn bench(c: &mut Criterion) {
     };
     let classes = 19;
     let n = g.feature_len().unwrap();
-    let mut rng = AnchorRng::new(1);
+    let mut rng = SeededRng::new(1);
     let features: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 1e-3).collect();
     // Random labels (the PyTorch peer's input), with the top 40 label rows ignored.
     let labels: Vec<u8> = (0..g.label_len().unwrap())

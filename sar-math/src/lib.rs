@@ -73,6 +73,7 @@ pub mod p2a;
 pub mod prototype;
 pub mod real;
 pub mod resample;
+pub mod rng;
 pub mod sgd;
 pub mod state;
 

@@ -159,7 +159,7 @@ proptest! {
         (n, d, c) in (1usize..8, 1usize..5, 1usize..5),
         seed in any::<u64>(),
     ) {
-        let mut rng = sar_math::anchors::AnchorRng::new(seed);
+        let mut rng = sar_math::rng::SeededRng::new(seed);
         let f: Vec<f64> = (0..n * d).map(|_| rng.next_normal()).collect();
         let labels: Vec<i64> = (0..n).map(|_| (rng.next_u64() % c as u64) as i64).collect();
         let anchors: Vec<f64> = (0..c * d).map(|_| rng.next_normal()).collect();
@@ -247,7 +247,7 @@ proptest! {
     /// MixUp rows: gradient equals finite differences, and λ = 1 equals plain labels y_a.
     #[test]
     fn p2a_mixup_gradient((n, d, c) in (1usize..5, 1usize..4, 1usize..4), lambda in 0.0f64..=1.0, seed in any::<u64>()) {
-        let mut rng = sar_math::anchors::AnchorRng::new(seed);
+        let mut rng = sar_math::rng::SeededRng::new(seed);
         let f: Vec<f64> = (0..n * d).map(|_| rng.next_normal()).collect();
         let la: Vec<i64> = (0..n).map(|_| (rng.next_u64() % c as u64) as i64).collect();
         let lb: Vec<i64> = (0..n).map(|_| (rng.next_u64() % c as u64) as i64).collect();

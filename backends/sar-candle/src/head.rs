@@ -22,8 +22,9 @@
 use crate::{CandleBackend, Result, SarCandleError};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
-use sar_math::anchors::{generate_anchors, AnchorKind, AnchorRng};
+use sar_math::anchors::{generate_anchors, AnchorKind};
 use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::rng::SeededRng;
 use sar_math::SarConfig;
 
 /// Which h_ψ (spec §2).
@@ -172,7 +173,7 @@ impl SarHead {
         generate_anchors(anchor_kind, seed, classes, dim, &mut a)?;
         let anchors = Tensor::from_vec(a, (classes, dim), &dev)?.to_dtype(dtype)?;
         // A separate stream for the weights, so anchors do not shift with the layer count.
-        let mut rng = AnchorRng::new(seed ^ 0x5A52_5F45_4D42_4544);
+        let mut rng = SeededRng::new(seed ^ 0x5A52_5F45_4D42_4544);
         let bound = 1.0 / (dim as f64).sqrt();
         let mut uniform = |n: usize| -> Vec<f64> {
             (0..n)

@@ -15,7 +15,7 @@ fn message() -> String {
 }
 
 fn seq(n: usize, seed: u64) -> Vec<f64> {
-    let mut rng = sar_math::anchors::AnchorRng::new(seed);
+    let mut rng = sar_math::rng::SeededRng::new(seed);
     (0..n).map(|_| rng.next_normal()).collect()
 }
 

@@ -155,7 +155,7 @@ mod tests {
             label_height: 41,
             label_width: 50,
         };
-        let mut rng = sar_math::anchors::AnchorRng::new(9);
+        let mut rng = sar_math::rng::SeededRng::new(9);
         let f: Vec<f32> = (0..g.feature_len().unwrap())
             .map(|_| rng.next_normal() as f32)
             .collect();

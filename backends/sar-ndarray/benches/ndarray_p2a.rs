@@ -4,13 +4,13 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array3, Array4};
 use rayon::prelude::*;
-use sar_math::anchors::AnchorRng;
 use sar_math::p2a::P2aTargets;
+use sar_math::rng::SeededRng;
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
     let (b, d, h, w, classes) = (2, 720, 128, 256, 19);
-    let mut rng = AnchorRng::new(1);
+    let mut rng = SeededRng::new(1);
     let features = Array4::<f32>::from_shape_fn((b, d, h, w), |(i, j, k, l)| {
         ((i + j * 7 + k * 13 + l) % 977) as f32 * 1e-3
     });

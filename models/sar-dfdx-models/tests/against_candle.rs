@@ -7,10 +7,10 @@ use sar_dfdx::conv::{conv2d, nchw_to_rows, rows_to_nchw, ConvGeometry, GatherCac
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{Params, SarHead, SarHeadConfig};
 use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 
 fn normals(seed: u64, n: usize) -> Vec<f32> {
-    let mut r = AnchorRng::new(seed);
+    let mut r = SeededRng::new(seed);
     (0..n).map(|_| r.next_normal() as f32).collect()
 }
 

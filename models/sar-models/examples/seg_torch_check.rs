@@ -32,7 +32,7 @@ fn main() {
     };
     let m = build_segmenter(&spec, &varmap, &dev, DType::F32).unwrap();
     // Random BatchNorm running statistics, so that eval mode tests them.
-    let mut rng = sar_math::anchors::AnchorRng::new(9);
+    let mut rng = sar_math::rng::SeededRng::new(9);
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let n = var.elem_count();
         let (lo, hi) = if name.ends_with("running_var") {

@@ -1,5 +1,5 @@
 //! Reproducible parameter creation: every tensor is drawn from a portable generator
-//! ([`sar_math::anchors::AnchorRng`]) seeded by the model seed, in construction order, so the
+//! ([`sar_math::rng::SeededRng`]) seeded by the model seed, in construction order, so the
 //! same seed gives the same bits on every machine and backend. Names are dotted paths built
 //! by [`Scope::pp`].
 //!
@@ -10,7 +10,7 @@
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -31,7 +31,7 @@ struct Shared<'a> {
     varmap: &'a VarMap,
     device: Device,
     dtype: DType,
-    rng: RefCell<AnchorRng>,
+    rng: RefCell<SeededRng>,
 }
 
 /// A path in a model's [`VarMap`], as candle's `VarBuilder::pp` makes them: `init.pp("layer1")
@@ -51,7 +51,7 @@ impl<'a> Scope<'a> {
                 varmap,
                 device,
                 dtype,
-                rng: RefCell::new(AnchorRng::new(seed ^ 0x4D4F_4445_4C5F_494E)),
+                rng: RefCell::new(SeededRng::new(seed ^ 0x4D4F_4445_4C5F_494E)),
             }),
             prefix: String::new(),
         }

@@ -64,7 +64,7 @@ fn matches_naive_with_resampling_across_tiles() {
         label_height: 150,
         label_width: 179,
     };
-    let mut rng = crate::anchors::AnchorRng::new(5);
+    let mut rng = crate::rng::SeededRng::new(5);
     let f: std::vec::Vec<f64> = (0..g.feature_len().unwrap())
         .map(|_| rng.next_normal())
         .collect();

@@ -14,8 +14,8 @@
 //! 1e-4 for gradients, with small absolute floors (stated in the constants).
 
 use sar_math::anchor_ce::{anchor_ce_owned, gate};
-use sar_math::anchors::AnchorRng;
 use sar_math::backend::{BackendSarState, SarBackend};
+use sar_math::rng::SeededRng;
 
 mod mixup;
 pub use mixup::{check_p2a_mixup, check_steps_mixup};
@@ -92,12 +92,12 @@ fn e<E: std::fmt::Display>(ctx: &str) -> impl Fn(E) -> String + '_ {
     move |err| format!("{ctx}: {err}")
 }
 
-fn normals(rng: &mut AnchorRng, n: usize, scale: f64) -> Vec<f64> {
+fn normals(rng: &mut SeededRng, n: usize, scale: f64) -> Vec<f64> {
     (0..n).map(|_| scale * rng.next_normal()).collect()
 }
 
 /// Logits `[C, C]` with a random diagonal boost (some anchors confident, some not).
-fn logits(rng: &mut AnchorRng, c: usize, scale: f64, boost: f64) -> Vec<f64> {
+fn logits(rng: &mut SeededRng, c: usize, scale: f64, boost: f64) -> Vec<f64> {
     let mut z = normals(rng, c * c, scale);
     for i in 0..c {
         z[i * c + i] += boost * rng.next_f64();
@@ -107,7 +107,7 @@ fn logits(rng: &mut AnchorRng, c: usize, scale: f64, boost: f64) -> Vec<f64> {
 
 /// Eq. 5–7: loss, p, ℓ, w, |U| and dL/dZ (the backend's own gradient), both weight modes.
 pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(11);
+    let mut rng = SeededRng::new(11);
     for (c, scale, boost) in [
         (1, 1.0, 0.0),
         (2, 1.0, 3.0),
@@ -200,7 +200,7 @@ pub fn check_all_confident<B: SarBackend>(b: &B, _tol: Tol) -> Check {
 
 /// The δ gate, global and per class, including rows with a wrong argmax.
 pub fn check_gate<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(12);
+    let mut rng = SeededRng::new(12);
     for case in 0..40 {
         let c = 1 + case % 6;
         let z = tol.round(&logits(&mut rng, c, 1.0, 8.0 * (case % 3) as f64));
@@ -230,7 +230,7 @@ pub fn check_gate<B: SarBackend>(b: &B, tol: Tol) -> Check {
 
 /// Eq. 8: first-pass copies, averages, untouched rows, over several updates.
 pub fn check_ema<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(13);
+    let mut rng = SeededRng::new(13);
     let (c, d, alpha) = (5, 7, 0.9);
     let mut want = vec![0.0; c * d];
     let mut want_init = vec![false; c];
@@ -269,7 +269,7 @@ struct Problem {
 }
 
 fn problem(
-    rng: &mut AnchorRng,
+    rng: &mut SeededRng,
     tol: Tol,
     geometry: FeatureGeometry,
     classes: usize,
@@ -307,7 +307,7 @@ fn geometry(b: usize, d: usize, h: usize, w: usize, lh: usize, lw: usize) -> Fea
 /// Eq. 4 on NCHW features: non-integer and integer label resampling, ignore labels, per-class
 /// masks, λ2 folded in, empty Ω, C = 1.
 pub fn check_p2a_nchw<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(14);
+    let mut rng = SeededRng::new(14);
     let cases = [
         (geometry(2, 6, 5, 7, 26, 22), 4, 15, None),
         (geometry(1, 3, 8, 8, 32, 32), 19, 10, None),
@@ -380,7 +380,7 @@ pub fn check_p2a_nchw<B: SarBackend>(b: &B, tol: Tol) -> Check {
 
 /// Eq. 4 on `[N, D]` features (classification), with ignored rows.
 pub fn check_p2a_rows<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(15);
+    let mut rng = SeededRng::new(15);
     for (n, d, c) in [(1, 1, 1), (9, 4, 3), (32, 16, 10)] {
         let f = tol.round(&normals(&mut rng, n * d, 1.0));
         let labels: Vec<i64> = (0..n)
@@ -433,7 +433,7 @@ pub fn check_p2a_rows<B: SarBackend>(b: &B, tol: Tol) -> Check {
 
 /// Label resampling equals `sar-math`'s (PyTorch's legacy `nearest`), for down- and up-sampling.
 pub fn check_resample<B: SarBackend>(b: &B, _tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(16);
+    let mut rng = SeededRng::new(16);
     for (ih, iw, oh, ow) in [
         (26, 22, 22, 26),
         (512, 1024, 128, 256),
@@ -476,7 +476,7 @@ pub fn check_resample<B: SarBackend>(b: &B, _tol: Tol) -> Check {
 /// sequence in which the gate first fails, then passes (first copy, then EMA), both gate modes.
 pub fn check_steps<B: SarBackend>(b: &B, tol: Tol) -> Check {
     for gate_mode in [GateMode::Global, GateMode::PerClass] {
-        let mut rng = AnchorRng::new(17);
+        let mut rng = SeededRng::new(17);
         let (c, g) = (4, geometry(2, 5, 4, 6, 9, 13));
         let config = SarConfig {
             gate: gate_mode,

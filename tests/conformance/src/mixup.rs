@@ -1,9 +1,9 @@
 //! MixUp cases: [`SarBackend::p2a_mixup`] alone and inside whole steps.
 
 use crate::{close, e, logits, normals, Check, Tol};
-use sar_math::anchors::AnchorRng;
 use sar_math::backend::{BackendSarState, Mixup, SarBackend};
 use sar_math::p2a::{p2a_rows, P2aTargets};
+use sar_math::rng::SeededRng;
 use sar_math::state::{FeatureInput, StepBuffers, StepInput};
 use sar_math::{GateMode, SarConfig, SarState};
 
@@ -12,7 +12,7 @@ use sar_math::{GateMode, SarConfig, SarState};
 /// per-class mask, λ2 folded in, empty Ω; in f64 the gradient also against central finite
 /// differences of the backend's own loss; bad labels and λ are errors.
 pub fn check_p2a_mixup<B: SarBackend>(b: &B, tol: Tol) -> Check {
-    let mut rng = AnchorRng::new(18);
+    let mut rng = SeededRng::new(18);
     let cases = [
         (1usize, 1usize, 1usize, 0.5f64, None::<Vec<bool>>),
         (9, 4, 3, 0.3, None),
@@ -23,7 +23,7 @@ pub fn check_p2a_mixup<B: SarBackend>(b: &B, tol: Tol) -> Check {
     ];
     for (i, (n, d, c, lambda, active)) in cases.into_iter().enumerate() {
         let f = tol.round(&normals(&mut rng, n * d, 1.0));
-        let label = |rng: &mut AnchorRng, k: usize, every: usize| -> i64 {
+        let label = |rng: &mut SeededRng, k: usize, every: usize| -> i64 {
             if k % every == every - 1 {
                 255
             } else {
@@ -167,7 +167,7 @@ fn mixup_finite_differences<B: SarBackend>(
 /// fails, then passes (first copy, then EMA), both gate modes.
 pub fn check_steps_mixup<B: SarBackend>(b: &B, tol: Tol) -> Check {
     for gate_mode in [GateMode::Global, GateMode::PerClass] {
-        let mut rng = AnchorRng::new(19);
+        let mut rng = SeededRng::new(19);
         let (c, n, d) = (4, 10, 6);
         let config = SarConfig {
             gate: gate_mode,

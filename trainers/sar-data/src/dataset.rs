@@ -12,7 +12,7 @@ use crate::augment::{self, Augment, Normalize};
 use crate::cub::FileSet;
 use crate::{DataError, ImageSet, Result};
 use rayon::prelude::*;
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 
 /// A training or test set.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,7 +160,7 @@ fn resize(img: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
 pub fn random_resized_crop(
     img: &image::RgbImage,
     size: usize,
-    rng: &mut AnchorRng,
+    rng: &mut SeededRng,
 ) -> image::RgbImage {
     let (w, h) = (img.width() as f64, img.height() as f64);
     let area = w * h;

@@ -21,8 +21,8 @@
 //! Every pixel moves with its label: the geometric steps apply one coordinate map to both.
 
 use crate::seg::{SegSample, IGNORE};
-use sar_math::anchors::AnchorRng;
 use sar_math::resample::nearest_source_index;
+use sar_math::rng::SeededRng;
 
 /// ImageNet mean of the RGB channels (0..255).
 pub const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
@@ -46,10 +46,10 @@ pub struct SegAugment {
     pub photometric: bool,
 }
 
-fn uniform(rng: &mut AnchorRng, lo: f64, hi: f64) -> f64 {
+fn uniform(rng: &mut SeededRng, lo: f64, hi: f64) -> f64 {
     lo + (hi - lo) * rng.next_f64()
 }
-fn coin(rng: &mut AnchorRng) -> bool {
+fn coin(rng: &mut SeededRng) -> bool {
     rng.next_u64() & 1 == 1
 }
 
@@ -181,13 +181,13 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     (u(r), u(g), u(b))
 }
 
-fn photometric(img: &mut [u8], rng: &mut AnchorRng) {
+fn photometric(img: &mut [u8], rng: &mut SeededRng) {
     if coin(rng) {
         let delta = uniform(rng, -32.0, 32.0);
         img.iter_mut().for_each(|v| *v = clip_u8(*v as f64 + delta));
     }
     let contrast_first = coin(rng);
-    let contrast = |img: &mut [u8], rng: &mut AnchorRng| {
+    let contrast = |img: &mut [u8], rng: &mut SeededRng| {
         if coin(rng) {
             let alpha = uniform(rng, 0.5, 1.5);
             img.iter_mut().for_each(|v| *v = clip_u8(*v as f64 * alpha));
@@ -221,7 +221,7 @@ fn photometric(img: &mut [u8], rng: &mut AnchorRng) {
 pub fn augment(
     s: &SegSample,
     aug: &SegAugment,
-    rng: &mut AnchorRng,
+    rng: &mut SeededRng,
 ) -> (SegSample, (usize, usize)) {
     let r = uniform(rng, aug.ratio_range.0, aug.ratio_range.1);
     let target = (aug.scale.0 as f64 * r, aug.scale.1 as f64 * r);
@@ -233,7 +233,7 @@ pub fn augment(
         label: resize_labels(&s.label, s.height, s.width, nh, nw),
     };
     let (ch, cw) = aug.crop;
-    let draw = |rng: &mut AnchorRng| {
+    let draw = |rng: &mut SeededRng| {
         let y = (rng.next_u64() % (nh.saturating_sub(ch) as u64 + 1)) as usize;
         let x = (rng.next_u64() % (nw.saturating_sub(cw) as u64 + 1)) as usize;
         (y, x)

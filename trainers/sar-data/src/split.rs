@@ -1,10 +1,10 @@
 //! Subsets drawn from a seed: long-tailed (the CIFAR-LT rule) and stratified splits.
 //!
-//! Shuffles are Fisher–Yates with `sar_math::anchors::AnchorRng` (xoshiro256\*\*, portable), so
+//! Shuffles are Fisher–Yates with `sar_math::rng::SeededRng` (xoshiro256\*\*, portable), so
 //! a seed gives the same subset on every platform.
 
 use crate::{DataError, Result};
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 
 fn shuffled_per_class(labels: &[u32], classes: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
     let mut per_class = vec![Vec::new(); classes];
@@ -18,7 +18,7 @@ fn shuffled_per_class(labels: &[u32], classes: usize, seed: u64) -> Result<Vec<V
             })?
             .push(i);
     }
-    let mut rng = AnchorRng::new(seed);
+    let mut rng = SeededRng::new(seed);
     for idx in &mut per_class {
         for i in (1..idx.len()).rev() {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;

@@ -2,7 +2,7 @@
 //! dataset's transforms, and bad trees.
 use sar_data::cub::read_cub;
 use sar_data::dataset::{center_crop, imagenet_normalize, random_resized_crop, Dataset};
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 use std::path::Path;
 
 /// Writes `n` images (id i: class 1 + i % 3, train if i is even), sizes varying, each a solid
@@ -69,7 +69,7 @@ fn crops_have_the_requested_geometry() {
     assert_eq!((c.width(), c.height()), (80, 80));
     let mid = c.get_pixel(40, 40)[0] as i32;
     assert!((mid - 128).abs() < 6, "centre pixel {mid}");
-    let mut rng = AnchorRng::new(4);
+    let mut rng = SeededRng::new(4);
     for _ in 0..50 {
         let r = random_resized_crop(&img, 32, &mut rng);
         assert_eq!((r.width(), r.height()), (32, 32));

@@ -4,7 +4,7 @@
 
 use sar_data::seg::{self, LabelMap, SegDataset, SegSample, SegSource, IGNORE};
 use sar_data::seg_augment::{self, SegAugment};
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 use std::path::Path;
 
 fn write_rgb(path: &Path, h: u32, w: u32) {
@@ -307,7 +307,7 @@ fn augmentation_keeps_labels_aligned_with_pixels() {
     };
     let (mut checked, mut wrong, mut flips) = (0usize, 0usize, 0usize);
     for seed in 0..40 {
-        let mut rng = AnchorRng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let (o, valid) = seg_augment::augment(&s, &aug, &mut rng);
         assert_eq!((o.height, o.width), (48, 48));
         for y in 0..48 {
@@ -329,7 +329,7 @@ fn augmentation_keeps_labels_aligned_with_pixels() {
             }
         }
         // Count flips by comparing with the unflipped draw of the same seed.
-        let mut rng = AnchorRng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let (o2, _) = seg_augment::augment(&s, &SegAugment { flip: false, ..aug }, &mut rng);
         flips += (o2.label != o.label) as usize;
     }
@@ -382,7 +382,7 @@ fn crop_respects_cat_max_ratio_when_it_can() {
     let mixed = |a: &SegAugment| {
         (0..200u64)
             .filter(|&seed| {
-                let (o, _) = seg_augment::augment(&s, a, &mut AnchorRng::new(seed));
+                let (o, _) = seg_augment::augment(&s, a, &mut SeededRng::new(seed));
                 o.label.contains(&1)
             })
             .count()
@@ -412,7 +412,7 @@ fn rescale_size_and_hsv() {
     assert_eq!(seg_augment::rgb_to_hsv(255, 0, 0), (0, 255, 255));
     assert_eq!(seg_augment::rgb_to_hsv(0, 255, 0), (60, 255, 255));
     assert_eq!(seg_augment::rgb_to_hsv(0, 0, 255), (120, 255, 255));
-    let mut rng = AnchorRng::new(5);
+    let mut rng = SeededRng::new(5);
     for _ in 0..2000 {
         let c: [u8; 3] = std::array::from_fn(|_| (rng.next_u64() % 256) as u8);
         let (h, s, v) = seg_augment::rgb_to_hsv(c[0], c[1], c[2]);

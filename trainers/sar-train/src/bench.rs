@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 use sar_candle::{CandleBackend, Kernels};
-use sar_math::anchors::AnchorRng;
 use sar_math::backend::{BackendSarState, SarBackend};
+use sar_math::rng::SeededRng;
 use sar_math::SarConfig;
 use sar_ndarray::NdarrayBackend;
 use std::time::Instant;
@@ -58,7 +58,7 @@ impl Workload {
         classes: usize,
         ignored_rows: usize,
     ) -> Self {
-        let mut rng = AnchorRng::new(7);
+        let mut rng = SeededRng::new(7);
         let d = feature_shape[1];
         let n: usize = feature_shape.iter().product();
         let features = (0..n).map(|_| rng.next_f64() as f32).collect();
@@ -275,7 +275,7 @@ pub fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<Runner> {
     );
     let cfg = crate::config::parse(&text, &[])?;
     let setup = crate::cls::build(&cfg, 3, 100)?;
-    let mut rng = AnchorRng::new(11);
+    let mut rng = SeededRng::new(11);
     let x: Vec<f32> = (0..batch * 3 * 32 * 32)
         .map(|_| rng.next_normal() as f32)
         .collect();
@@ -310,7 +310,7 @@ pub fn sar_head_runner() -> anyhow::Result<Runner> {
     let setup = crate::cls::build(&cfg, 3, 100)?;
     let mut head = setup.head.ok_or_else(|| anyhow::anyhow!("SAR is off"))?;
     let model = setup.model;
-    let mut rng = AnchorRng::new(12);
+    let mut rng = SeededRng::new(12);
     let f: Vec<f32> = (0..128 * 64).map(|_| rng.next_normal() as f32).collect();
     let feats = Var::from_tensor(&Tensor::from_vec(f, (128, 64), &Device::Cpu)?)?;
     let y: Vec<i64> = (0..128).map(|i| i % 100).collect();
@@ -343,7 +343,7 @@ pub fn seg_step_runner(sar: bool) -> anyhow::Result<Runner> {
     let cfg = seg_bench_config(sar)?;
     let setup = crate::seg::build_seg(&cfg, 19)?;
     let (n, h, w) = (2usize, 512usize, 512usize);
-    let mut rng = AnchorRng::new(13);
+    let mut rng = SeededRng::new(13);
     let x: Vec<f32> = (0..n * 3 * h * w)
         .map(|_| rng.next_normal() as f32)
         .collect();
@@ -359,7 +359,7 @@ pub fn seg_step_runner(sar: bool) -> anyhow::Result<Runner> {
     } = setup;
     Ok(Box::new(move || {
         let f = model.features(&x, true)?;
-        let mut drop_rng = AnchorRng::new(1);
+        let mut drop_rng = SeededRng::new(1);
         let logits = model.classify(&crate::seg::dropout2d(&f.main, 0.1, &mut drop_rng)?)?;
         let mut loss = crate::seg::seg_cross_entropy(&logits, &y, (n, h, w))?;
         if let Some(a) = &f.aux {
@@ -393,7 +393,7 @@ pub fn seg_head_runner() -> anyhow::Result<Runner> {
     let setup = crate::seg::build_seg(&cfg, 19)?;
     let mut head = setup.head.ok_or_else(|| anyhow::anyhow!("SAR is off"))?;
     let model = setup.model;
-    let mut rng = AnchorRng::new(14);
+    let mut rng = SeededRng::new(14);
     let d = model.feature_dim();
     let f: Vec<f32> = (0..2 * d * 64 * 64)
         .map(|_| rng.next_normal() as f32)

@@ -156,7 +156,7 @@ pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Resu
     let model = sar_models::build(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {
         let backend = CandleBackend::new(device.clone(), DType::F32)?;
-        let head = SarHeadConfig::new(cfg.sar.params(), classes, model.feature_dim())
+        let head = SarHeadConfig::new(cfg.sar.hyperparameters(), classes, model.feature_dim())
             .kind(EmbeddingKind::Classification)
             .anchor_kind(cfg.sar.anchors)
             .seed(cfg.run.seed);

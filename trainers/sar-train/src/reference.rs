@@ -310,7 +310,7 @@ pub fn run_files(
 /// passes and both losses are active.
 pub fn example_case() -> Vec<(String, OutTensor)> {
     let (c, d, h, w) = (4usize, 6usize, 4usize, 4usize);
-    let mut rng = sar_math::anchors::AnchorRng::new(2024);
+    let mut rng = sar_math::rng::SeededRng::new(2024);
     let mut normal = |n: usize, s: f64| (0..n).map(|_| s * rng.next_normal()).collect::<Vec<f64>>();
     let mut logits = normal(c * c, 1.0);
     for i in 0..c {

@@ -126,7 +126,7 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
     let model = sar_models::seg::build_segmenter(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {
         let backend = CandleBackend::new(device.clone(), DType::F32)?;
-        let head = SarHeadConfig::new(cfg.sar.params(), classes, model.feature_dim())
+        let head = SarHeadConfig::new(cfg.sar.hyperparameters(), classes, model.feature_dim())
             .kind(EmbeddingKind::Segmentation)
             .anchor_kind(cfg.sar.anchors)
             .seed(cfg.run.seed);
@@ -168,7 +168,7 @@ pub fn seg_cross_entropy(
 pub fn dropout2d(
     x: &Tensor,
     p: f64,
-    rng: &mut sar_math::anchors::AnchorRng,
+    rng: &mut sar_math::rng::SeededRng,
 ) -> candle_core::Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());

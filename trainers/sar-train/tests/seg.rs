@@ -34,7 +34,7 @@ fn cross_entropy_by_hand_ignores_255_and_averages_over_all_pixels() {
 #[test]
 fn dropout_drops_whole_channels() {
     let x = Tensor::ones((4, 50, 3, 3), DType::F32, &Device::Cpu).unwrap();
-    let mut rng = sar_math::anchors::AnchorRng::new(1);
+    let mut rng = sar_math::rng::SeededRng::new(1);
     let y = dropout2d(&x, 0.2, &mut rng).unwrap();
     let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
     let mut dropped = 0;

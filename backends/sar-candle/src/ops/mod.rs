@@ -45,7 +45,7 @@ pub(crate) mod test_util {
         use std::sync::atomic::{AtomicU64, Ordering};
         static SEED: AtomicU64 = AtomicU64::new(1);
         let shape = shape.into();
-        let mut rng = sar_math::anchors::AnchorRng::new(SEED.fetch_add(1, Ordering::Relaxed));
+        let mut rng = sar_math::rng::SeededRng::new(SEED.fetch_add(1, Ordering::Relaxed));
         let v: Vec<f32> = (0..shape.elem_count())
             .map(|_| rng.next_normal() as f32)
             .collect();

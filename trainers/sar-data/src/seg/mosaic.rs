@@ -2,7 +2,7 @@
 
 use super::{SegDataset, SegSample, SegSource};
 use crate::{DataError, ImageSet, Result};
-use sar_math::anchors::AnchorRng;
+use sar_math::rng::SeededRng;
 
 /// Settings of [`glyph_mosaic`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +65,7 @@ pub fn glyph_mosaic(glyphs: &ImageSet, cfg: &MosaicConfig, name: &str) -> Result
     let total: f64 = weights.iter().sum();
     let s = cfg.size;
     let grid = s / 32;
-    let mut rng = AnchorRng::new(cfg.seed ^ 0x4D4F_5341_4943);
+    let mut rng = SeededRng::new(cfg.seed ^ 0x4D4F_5341_4943);
     let mut samples = Vec::with_capacity(cfg.count);
     for _ in 0..cfg.count {
         let base: [f64; 3] = std::array::from_fn(|_| 30.0 + 195.0 * rng.next_f64());

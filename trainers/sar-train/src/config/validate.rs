@@ -15,7 +15,7 @@ impl TrainConfig {
         self.validate_optim_and_train()?;
         self.validate_eval()?;
         self.sar
-            .params()
+            .hyperparameters()
             .validate()
             .map_err(|e| anyhow::anyhow!("[sar]: {e}"))?;
         self.validate_run()

@@ -381,7 +381,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
 /// mode, cross-entropy, with `sar` SAR's step, backward, SGD) on a fixed random batch of
 /// `batch` 3×32×32 images and 100 classes, from the same initial weights as candle's runner.
 pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::bench::Runner> {
-    use sar_math::anchors::AnchorRng;
+    use sar_math::rng::SeededRng;
     let text = format!(
         "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
     );
@@ -389,7 +389,7 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
     let setup = crate::cls::build(&cfg, 3, 100)?;
     let dev = Cpu::default();
     let (mut params, mut head) = on_dfdx(&setup, &dev)?;
-    let mut rng = AnchorRng::new(11);
+    let mut rng = SeededRng::new(11);
     let x: Vec<f32> = (0..batch * 3 * 32 * 32)
         .map(|_| rng.next_normal() as f32)
         .collect();

@@ -212,6 +212,7 @@ fn model_matches(
         in_channels: c,
         classes,
         seed: 7,
+        init: Default::default(),
     };
     let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
     let mut params = params_from(&varmap);
@@ -311,6 +312,7 @@ fn sar_head_matches_candle() {
         in_channels: c,
         classes,
         seed: 3,
+        init: Default::default(),
     };
     let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
     let cfg = sar_math::SarConfig::default();

@@ -24,6 +24,7 @@ fn main() {
             in_channels: c,
             classes: k,
             seed: 0,
+            init: Default::default(),
         };
         let m = build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
         let cost = m.cost(size, size);

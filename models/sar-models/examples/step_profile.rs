@@ -12,6 +12,7 @@ fn main() {
         in_channels: 3,
         classes: 100,
         seed: 0,
+        init: Default::default(),
     };
     let m = build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
     let x = Tensor::randn(0f32, 1.0, (128, 3, 32, 32), &Device::Cpu).unwrap();

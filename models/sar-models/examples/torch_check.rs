@@ -35,6 +35,7 @@ fn main() {
         in_channels: 3,
         classes: 1000,
         seed: 0,
+        init: Default::default(),
     };
     let model = build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
     let report = load_pretrained(

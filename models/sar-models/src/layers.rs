@@ -5,7 +5,7 @@
 //! unbiased running variance) whose running statistics are variables in the model's
 //! [`candle_nn::VarMap`]; a [`Fc`] is `candle_nn::Linear`.
 
-use crate::params::{Init, Scope};
+use crate::params::{Init, InitScheme, Scope};
 use crate::{Cost, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
@@ -19,6 +19,20 @@ pub enum ConvInit {
     KaimingFanOut,
     /// Kaiming normal, fan_in = in·k² (the CIFAR ResNets of LDAM/MiSLAS).
     KaimingFanIn,
+    /// PyTorch's `nn.Conv2d` default: uniform in ±1/√(in·k²).
+    TorchDefault,
+}
+
+impl ConvInit {
+    /// The layer's own choice `own`, unless the model's scheme overrides it.
+    fn under(own: ConvInit, scheme: InitScheme) -> ConvInit {
+        match scheme {
+            InitScheme::Reference => own,
+            InitScheme::TorchDefault => ConvInit::TorchDefault,
+            InitScheme::KaimingFanOut => ConvInit::KaimingFanOut,
+            InitScheme::KaimingFanIn => ConvInit::KaimingFanIn,
+        }
+    }
 }
 
 /// The geometry of a square 2-D convolution. [`ConvSpec::new`] gives stride 1 and the padding
@@ -94,15 +108,16 @@ impl Conv {
             kernel,
             ..
         } = spec;
-        let fan = match how {
-            ConvInit::KaimingFanOut => out_ch * kernel * kernel,
-            ConvInit::KaimingFanIn => in_ch * kernel * kernel,
+        let (fan_in, fan_out) = (
+            (in_ch * kernel * kernel) as f64,
+            (out_ch * kernel * kernel) as f64,
+        );
+        let init = match ConvInit::under(how, p.scheme()) {
+            ConvInit::KaimingFanOut => Init::Normal((2.0 / fan_out).sqrt()),
+            ConvInit::KaimingFanIn => Init::Normal((2.0 / fan_in).sqrt()),
+            ConvInit::TorchDefault => Init::Uniform(1.0 / fan_in.sqrt()),
         };
-        let w = p.get_or_insert(
-            "weight",
-            &[out_ch, in_ch, kernel, kernel],
-            Init::Normal((2.0 / fan as f64).sqrt()),
-        )?;
+        let w = p.get_or_insert("weight", &[out_ch, in_ch, kernel, kernel], init)?;
         let cfg = Conv2dConfig {
             padding: spec.padding,
             stride: spec.stride,
@@ -285,6 +300,11 @@ impl Fc {
     /// (or Kaiming normal fan_in for the weight with [`FcInit::KaimingFanIn`]).
     pub fn new(p: &Scope, inputs: usize, outputs: usize, how: FcInit) -> Result<Self> {
         let bound = 1.0 / (inputs as f64).sqrt();
+        let how = match p.scheme() {
+            InitScheme::Reference => how,
+            InitScheme::TorchDefault | InitScheme::KaimingFanOut => FcInit::Default,
+            InitScheme::KaimingFanIn => FcInit::KaimingFanIn,
+        };
         let w_init = match how {
             FcInit::KaimingFanIn => Init::Normal((2.0 / inputs as f64).sqrt()),
             FcInit::Default => Init::Uniform(bound),

@@ -161,6 +161,8 @@ pub struct ModelSpec {
     pub classes: usize,
     /// Seed of the initial weights.
     pub seed: u64,
+    /// How the convolution and linear weights are initialised.
+    pub init: params::InitScheme,
 }
 
 /// Builds the model, registering its parameters in `varmap` (parameters already there, e.g.
@@ -182,7 +184,7 @@ pub fn build(
             "input channels must be at least 1".into(),
         ));
     }
-    let init = params::Scope::new(varmap, device.clone(), dtype, spec.seed);
+    let init = params::Scope::with_scheme(varmap, device.clone(), dtype, spec.seed, spec.init);
     Ok(match spec.arch {
         Arch::SmallCnn => Box::new(cnn::SmallCnn::new(&init, spec.in_channels, spec.classes)?),
         Arch::ResNet32 => Box::new(cifar_resnet::CifarResNet::new(

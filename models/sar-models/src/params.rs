@@ -32,6 +32,33 @@ struct Shared<'a> {
     device: Device,
     dtype: DType,
     rng: RefCell<SeededRng>,
+    scheme: InitScheme,
+}
+
+/// How a network's convolution and linear weights are initialised (`model.init`).
+///
+/// | scheme | conv weight `[out, in, k, k]` | linear weight `[out, in]` | linear bias |
+/// |---|---|---|---|
+/// | `reference` (default) | the architecture's own: Kaiming normal fan_out for the small CNN and torchvision's ResNets, fan_in for the CIFAR ResNet-32 | `nn.Linear`'s default (Kaiming normal fan_in for ResNet-32) | U(±1/√in) |
+/// | `torch-default` | PyTorch's `nn.Conv2d` default, `kaiming_uniform_(a = √5)`: U(±1/√(in·k²)) | U(±1/√in) | U(±1/√in) |
+/// | `kaiming-fan-out` | N(0, 2/(out·k²)) | U(±1/√in) | U(±1/√in) |
+/// | `kaiming-fan-in` | N(0, 2/(in·k²)) | N(0, 2/in) | U(±1/√in) |
+///
+/// BatchNorm always starts at weight 1, bias 0, running mean 0 and running variance 1. The
+/// values come from the model's seeded generator in construction order, so one seed gives one
+/// set of weights on every backend (dfdx copies candle's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitScheme {
+    /// Each architecture's own initialisation.
+    #[default]
+    Reference,
+    /// PyTorch's defaults for `nn.Conv2d` and `nn.Linear`.
+    TorchDefault,
+    /// Kaiming normal with fan_out for every convolution.
+    KaimingFanOut,
+    /// Kaiming normal with fan_in for every convolution and linear weight.
+    KaimingFanIn,
 }
 
 /// A path in a model's [`VarMap`], as candle's `VarBuilder::pp` makes them: `init.pp("layer1")
@@ -44,17 +71,35 @@ pub struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
-    /// The root scope (no prefix) of a model drawing from `seed`.
+    /// The root scope (no prefix) of a model drawing from `seed`, each layer initialised its
+    /// architecture's way.
     pub fn new(varmap: &'a VarMap, device: Device, dtype: DType, seed: u64) -> Self {
+        Self::with_scheme(varmap, device, dtype, seed, InitScheme::Reference)
+    }
+
+    /// [`Scope::new`] with every convolution and linear layer initialised by `scheme`.
+    pub fn with_scheme(
+        varmap: &'a VarMap,
+        device: Device,
+        dtype: DType,
+        seed: u64,
+        scheme: InitScheme,
+    ) -> Self {
         Scope {
             shared: Rc::new(Shared {
                 varmap,
                 device,
                 dtype,
                 rng: RefCell::new(SeededRng::new(seed ^ 0x4D4F_4445_4C5F_494E)),
+                scheme,
             }),
             prefix: String::new(),
         }
+    }
+
+    /// The initialisation scheme of the model.
+    pub fn scheme(&self) -> InitScheme {
+        self.shared.scheme
     }
 
     /// The sub-scope `{prefix}.{name}` (`name` alone at the root); `name` may be an index.

@@ -12,6 +12,7 @@ fn spec(arch: Arch, stem: Stem, in_channels: usize, classes: usize) -> ModelSpec
         in_channels,
         classes,
         seed: 7,
+        init: Default::default(),
     }
 }
 
@@ -334,4 +335,75 @@ fn bad_settings_are_errors() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("channels"));
+}
+
+/// Standard deviation of a variable's values.
+fn std_of(varmap: &VarMap, name: &str) -> (f64, f64) {
+    let data = varmap.data().lock().unwrap();
+    let v: Vec<f32> = data[name]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let max = v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    (var.sqrt(), max)
+}
+
+#[test]
+fn init_schemes_draw_each_layer_as_documented() {
+    use sar_models::params::InitScheme;
+    // stage2.conv of the small CNN: [64, 32, 3, 3], fan_in 288, fan_out 576; fc: [10, 128].
+    let built = |init| {
+        let varmap = VarMap::new();
+        build(
+            &ModelSpec {
+                init,
+                ..spec(Arch::SmallCnn, Stem::Cifar, 3, 10)
+            },
+            &varmap,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        varmap
+    };
+    let close = |got: f64, want: f64| (got / want - 1.0).abs() < 0.03;
+    let reference = built(InitScheme::Reference);
+    let (s, _) = std_of(&reference, "stage2.conv.weight");
+    assert!(
+        close(s, (2.0f64 / 576.0).sqrt()),
+        "reference: Kaiming fan_out, std {s}"
+    );
+    let torch = built(InitScheme::TorchDefault);
+    let (s, max) = std_of(&torch, "stage2.conv.weight");
+    let bound = 1.0 / 288f64.sqrt();
+    assert!(
+        max <= bound && max > 0.99 * bound,
+        "torch default: U(±{bound}), max {max}"
+    );
+    assert!(close(s, bound / 3f64.sqrt()), "torch default: std {s}");
+    let (s, max) = std_of(&torch, "fc.weight");
+    assert!(
+        max <= 1.0 / 128f64.sqrt() && close(s, 1.0 / 128f64.sqrt() / 3f64.sqrt()),
+        "{s} {max}"
+    );
+    let fan_in = built(InitScheme::KaimingFanIn);
+    let (s, _) = std_of(&fan_in, "stage2.conv.weight");
+    assert!(close(s, (2.0f64 / 288.0).sqrt()), "fan_in: std {s}");
+    let fan_out = built(InitScheme::KaimingFanOut);
+    assert_eq!(
+        std_of(&fan_out, "stage2.conv.weight"),
+        std_of(&reference, "stage2.conv.weight"),
+        "the small CNN's reference is Kaiming fan_out"
+    );
+    // BatchNorm is the same under every scheme; one seed, one set of weights.
+    assert_eq!(std_of(&torch, "stage2.bn.weight"), (0.0, 1.0));
+    assert_eq!(
+        std_of(&built(InitScheme::TorchDefault), "stage3.conv.weight"),
+        std_of(&torch, "stage3.conv.weight")
+    );
 }

@@ -60,6 +60,7 @@ fn classifier_names_and_shapes_are_unchanged() {
             in_channels,
             classes: 10,
             seed: 1,
+            init: Default::default(),
         };
         build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
         check(file, &varmap);

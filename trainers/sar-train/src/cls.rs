@@ -152,6 +152,7 @@ pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Resu
         in_channels: channels,
         classes,
         seed: cfg.run.seed,
+        init: cfg.model.classifier()?.init,
     };
     let model = sar_models::build(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {

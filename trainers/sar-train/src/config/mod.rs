@@ -4,7 +4,7 @@
 //! ```toml
 //! [run]      # name, seed, output, device ("cpu" | "cuda")
 //! [data]     # dataset, root, imbalance, augment, pad, flip, crop, resize, mixup_alpha, test_fraction, split_seed
-//! [model]    # classification: arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, pretrained
+//! [model]    # classification: arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, init, pretrained
 //!            # segmentation: backbone, head, aux, aux_weight, dropout, width, pretrained
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
 //! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
@@ -19,6 +19,7 @@ mod validate;
 use anyhow::{bail, ensure, Context};
 use sar_math::anchors::AnchorKind;
 use sar_math::{GateMode, SarConfig, WeightMode};
+use sar_models::params::InitScheme;
 use sar_models::seg::{SegBackbone, SegHeadKind};
 use sar_models::{Arch, Stem};
 use serde::{Deserialize, Serialize};
@@ -281,6 +282,11 @@ pub struct ClassifierConfig {
     /// Pretrained weights (safetensors, torchvision names; `fc.` is not loaded).
     #[serde(default)]
     pub pretrained: Option<PathBuf>,
+    /// How convolution and linear weights start ("reference": the architecture's own;
+    /// "torch-default", "kaiming-fan-out", "kaiming-fan-in"; see
+    /// `sar_models::params::InitScheme` for each layer kind).
+    #[serde(default)]
+    pub init: InitScheme,
 }
 
 /// `[model]` of a segmentation run.

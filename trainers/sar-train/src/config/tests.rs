@@ -72,6 +72,7 @@ fn model_keys_of_the_other_task_are_rejected_and_old_checkpoints_still_read() {
             arch: Arch::SmallCnn,
             stem: Stem::Cifar,
             pretrained: None,
+            init: InitScheme::Reference,
         })
     );
     let old_seg = r#"{"arch":null,"backbone":"resnet18-v1c","head":"aspp","aux":false,"aux_weight":0.4,"dropout":0.1,"width":16,"stem":"cifar","pretrained":null}"#;
@@ -81,6 +82,13 @@ fn model_keys_of_the_other_task_are_rejected_and_old_checkpoints_still_read() {
         (seg.head, seg.aux, seg.width),
         (SegHeadKind::Aspp, false, 16)
     );
+    let m = parse(&(MIN.to_string() + "init = \"torch-default\"\n"), &[]).unwrap();
+    assert_eq!(m.model.classifier().unwrap().init, InitScheme::TorchDefault);
+    let err = format!(
+        "{:#}",
+        parse(&(MIN.to_string() + "init = \"xavier\"\n"), &[]).unwrap_err()
+    );
+    assert!(err.contains("xavier"), "{err}");
     // Without nulls (a TOML file), mixed keys stay errors.
     assert!(serde_json::from_str::<ModelConfig>(r#"{"arch":"small-cnn","width":64}"#).is_err());
 }

@@ -25,6 +25,18 @@ DEFAULTS = dict(tau=0.9, delta=0.8, alpha=0.999, lambda_aux=1.0, lambda_p2a=0.1,
                 ignore_index=255, gate="global", weights="attached")
 
 
+def torch_l_aux(z, tau, weights):
+    """Eq. 5-7 as the released code: p = softmax diagonal, q = 1 where p > tau, else p;
+    w = ln q / (sum ln q + eps); L_aux = sum w * CE. Returns L_aux and the per-anchor CE, p and w."""
+    nll = -torch.log_softmax(z, dim=1).diagonal()
+    p = torch.exp(-nll)
+    lnq = torch.where(p > tau, torch.zeros_like(nll), -nll)
+    w = lnq / (lnq.sum() + 1e-9)
+    if weights == "detached":
+        w = w.detach()
+    return (w * nll).sum(), nll, p, w
+
+
 def torch_sar(case, opt, device):
     """One SAR step in float64 with autograd. Returns the output dict of the contract."""
     tau, delta, alpha = opt["tau"], opt["delta"], opt["alpha"]
@@ -32,14 +44,7 @@ def torch_sar(case, opt, device):
     z = case["anchor_logits"].to(device).clone().requires_grad_(True)
     emb = case["embedded_anchors"].to(device)
     c, d = emb.shape
-    # Eq. 5-7 as the released code: p = softmax diag, q = 1 where p > tau, w = ln q / (sum ln q + eps).
-    nll = -torch.log_softmax(z, dim=1).diagonal()
-    p = torch.exp(-nll)
-    lnq = torch.where(p > tau, torch.zeros_like(nll), -nll)
-    w = lnq / (lnq.sum() + 1e-9)
-    if opt["weights"] == "detached":
-        w = w.detach()
-    l_aux = (w * nll).sum()
+    l_aux, nll, p, w = torch_l_aux(z, tau, opt["weights"])
     (g_z,) = torch.autograd.grad(l_aux, z, allow_unused=True)
     g_z = torch.zeros_like(z) if g_z is None else g_z
     # Gate: argmax == c and CE_c < -ln(delta).

@@ -32,6 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_reference import torch_l_aux  # noqa: E402  (one PyTorch L_aux for both checks)
+
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1
 
 
@@ -113,13 +116,7 @@ def sar_losses(s, m, feats, y, yb, lam, anchors, state):
     e = m.embed(anchors)
     z = m.net.fc(e)
     c = z.shape[0]
-    nll = -torch.log_softmax(z, dim=1).diagonal()
-    p = torch.exp(-nll)
-    lnq = torch.where(p > tau, torch.zeros_like(nll), -nll)
-    w = lnq / (lnq.sum() + 1e-9)
-    if s["weights"] == "detached":
-        w = w.detach()
-    l_aux = (w * nll).sum()
+    l_aux, nll, _, _ = torch_l_aux(z, tau, s["weights"])
     with torch.no_grad():
         passes = (z.argmax(dim=1) == torch.arange(c)) & (nll < -math.log(delta))
     if s["gate"] != "global":

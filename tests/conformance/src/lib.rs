@@ -14,7 +14,7 @@
 //! 1e-4 for gradients, with small absolute floors (stated in the constants).
 
 use sar_math::anchor_ce::{anchor_ce_owned, gate};
-use sar_math::backend::{BackendSarState, SarBackend};
+use sar_math::backend::{BackendSarState, P2aOutput, SarBackend};
 use sar_math::rng::SeededRng;
 
 mod mixup;
@@ -304,6 +304,47 @@ fn geometry(b: usize, d: usize, h: usize, w: usize, lh: usize, lw: usize) -> Fea
     }
 }
 
+/// Checks a backend's p2a output against `sar-math`'s `want` = (|Ω|, L_p2a, dL_p2a/dF), with the
+/// backend's loss carrying the weight: |Ω|, the unweighted value, `weight`·L_p2a and its
+/// gradient w.r.t. the features `ft`. Returns that gradient.
+fn check_p2a_output<B: SarBackend>(
+    b: &B,
+    ctx: &str,
+    got: &P2aOutput<B::Loss>,
+    ft: &B::Tensor,
+    (valid, loss, grad_unweighted): (usize, f64, &[f64]),
+    weight: f64,
+    tol: Tol,
+) -> Result<Vec<f64>, String> {
+    if got.valid != valid {
+        return Err(format!("{ctx}: |Ω| {} vs {valid}", got.valid));
+    }
+    close(
+        &format!("{ctx} value"),
+        &[got.value],
+        &[loss],
+        tol.rel,
+        tol.abs,
+    )?;
+    close(
+        &format!("{ctx} loss"),
+        &[b.loss_value(&got.loss).map_err(e("value"))?],
+        &[weight * loss],
+        tol.rel,
+        tol.abs,
+    )?;
+    let grad = b.loss_gradient(&got.loss, ft).map_err(e("gradient"))?;
+    let scaled: Vec<f64> = grad_unweighted.iter().map(|g| weight * g).collect();
+    close(
+        &format!("{ctx} dL/dF"),
+        &grad,
+        &scaled,
+        tol.grad_rel,
+        tol.grad_abs,
+    )?;
+    Ok(grad)
+}
+
 /// Eq. 4 on NCHW features: non-integer and integer label resampling, ignore labels, per-class
 /// masks, λ2 folded in, empty Ω, C = 1.
 pub fn check_p2a_nchw<B: SarBackend>(b: &B, tol: Tol) -> Check {
@@ -347,32 +388,8 @@ pub fn check_p2a_nchw<B: SarBackend>(b: &B, tol: Tol) -> Check {
                 .p2a(&ft, &lt, &at, 255, active.as_deref(), weight)
                 .map_err(e("p2a"))?;
             let ctx = format!("case {i} weight {weight}");
-            if got.valid != want.valid {
-                return Err(format!("{ctx}: |Ω| {} vs {}", got.valid, want.valid));
-            }
-            close(
-                &format!("{ctx} value"),
-                &[got.value],
-                &[want.loss],
-                tol.rel,
-                tol.abs,
-            )?;
-            close(
-                &format!("{ctx} loss"),
-                &[b.loss_value(&got.loss).map_err(e("value"))?],
-                &[weight * want.loss],
-                tol.rel,
-                tol.abs,
-            )?;
-            let grad = b.loss_gradient(&got.loss, &ft).map_err(e("gradient"))?;
-            let scaled: Vec<f64> = want_grad.iter().map(|g| weight * g).collect();
-            close(
-                &format!("{ctx} dL/dF"),
-                &grad,
-                &scaled,
-                tol.grad_rel,
-                tol.grad_abs,
-            )?;
+            let want = (want.valid, want.loss, &want_grad[..]);
+            check_p2a_output(b, &ctx, &got, &ft, want, weight, tol)?;
         }
     }
     Ok(())

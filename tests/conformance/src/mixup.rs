@@ -1,6 +1,6 @@
 //! MixUp cases: [`SarBackend::p2a_mixup`] alone and inside whole steps.
 
-use crate::{close, e, logits, normals, Check, Tol};
+use crate::{check_p2a_output, close, e, logits, normals, Check, Tol};
 use sar_math::backend::{BackendSarState, Mixup, SarBackend};
 use sar_math::p2a::{p2a_rows, P2aTargets};
 use sar_math::rng::SeededRng;
@@ -63,32 +63,8 @@ pub fn check_p2a_mixup<B: SarBackend>(b: &B, tol: Tol) -> Check {
             let got = b
                 .p2a_mixup(&ft, mixup, &at, 255, active.as_deref(), weight)
                 .map_err(e("p2a_mixup"))?;
-            if got.valid != want.valid {
-                return Err(format!("{ctx}: |Ω| {} vs {}", got.valid, want.valid));
-            }
-            close(
-                &format!("{ctx} value"),
-                &[got.value],
-                &[want.loss],
-                tol.rel,
-                tol.abs,
-            )?;
-            close(
-                &format!("{ctx} loss"),
-                &[b.loss_value(&got.loss).map_err(e("value"))?],
-                &[weight * want.loss],
-                tol.rel,
-                tol.abs,
-            )?;
-            let grad = b.loss_gradient(&got.loss, &ft).map_err(e("gradient"))?;
-            let scaled: Vec<f64> = want_grad.iter().map(|g| weight * g).collect();
-            close(
-                &format!("{ctx} dL/dF"),
-                &grad,
-                &scaled,
-                tol.grad_rel,
-                tol.grad_abs,
-            )?;
+            let want = (want.valid, want.loss, &want_grad[..]);
+            let grad = check_p2a_output(b, &ctx, &got, &ft, want, weight, tol)?;
             if !tol.f32_inputs && n * d <= 64 {
                 let fd = mixup_finite_differences(b, &f, (n, d), mixup, &at, &active, weight)?;
                 close(

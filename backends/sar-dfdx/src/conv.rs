@@ -24,6 +24,11 @@
 //! The gather indices depend only on the geometry and are cached ([`GatherCache`]). The
 //! option-A shortcut of the CIFAR ResNets (keep every `s`-th row and column, zero-pad the
 //! channels on both sides) is a row gather followed by a concatenation with zero columns.
+//!
+//! 2×2 max-pooling with stride 2 ([`max_pool_2x2`]) is four row gathers (the window's taps in
+//! row-major order) folded by `choose(tap > best, tap, best)`: ties keep the earlier tap, so the
+//! gradient of each output goes to the first maximum of its window, as in PyTorch (dfdx's own
+//! `maximum` would split it between tied values).
 
 use crate::{shape_err, Float, Result, SarDevice};
 use dfdx::prelude::*;
@@ -94,6 +99,7 @@ pub struct GatherCache<D: Storage<usize>> {
     conv: HashMap<ConvGeometry, Tensor<(usize, usize), usize, D>>,
     host: HashMap<ConvGeometry, std::sync::Arc<Vec<usize>>>,
     subsample: HashMap<(usize, usize, usize, usize), crate::Flat<usize, D>>,
+    pool: HashMap<(usize, usize, usize), Vec<crate::Flat<usize, D>>>,
 }
 
 impl<D: Storage<usize>> Default for GatherCache<D> {
@@ -102,6 +108,7 @@ impl<D: Storage<usize>> Default for GatherCache<D> {
             conv: HashMap::new(),
             host: HashMap::new(),
             subsample: HashMap::new(),
+            pool: HashMap::new(),
         }
     }
 }
@@ -471,6 +478,64 @@ pub fn option_a<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     Ok((out, right).concat_along(Axis::<1>))
 }
 
+/// 2×2 max-pool with stride 2 over NHWC rows `[N·H·W, C]` of `(n, h, w)` pixels (odd sizes are
+/// floored, like PyTorch's `nn.MaxPool2d(2)`); returns the rows `[N·(H/2)·(W/2), C]` and the
+/// output (h, w). Each output takes the first maximum of its window in row-major order (a NaN
+/// wins, as in PyTorch), and its gradient goes there alone. Any dfdx device.
+pub fn max_pool_2x2<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    cache: &mut GatherCache<D>,
+    x: Tensor<(usize, usize), E, D, T>,
+    (n, h, w): (usize, usize, usize),
+) -> Result<crate::ConvOut<E, D, T>> {
+    let (rows, _) = *x.shape();
+    if rows != n * h * w || h < 2 || w < 2 {
+        return shape_err(format!(
+            "2×2 max-pool: {rows} rows for {n}×{h}×{w} pixels (each side needs at least 2)"
+        ));
+    }
+    let (oh, ow) = (h / 2, w / 2);
+    let dev = x.device().clone();
+    let taps = cache
+        .pool
+        .entry((n, h, w))
+        .or_insert_with(|| {
+            [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .into_iter()
+                .map(|(dy, dx)| {
+                    let mut v = Vec::with_capacity(n * oh * ow);
+                    for b in 0..n {
+                        for y in 0..oh {
+                            for xx in 0..ow {
+                                v.push((b * h + 2 * y + dy) * w + 2 * xx + dx);
+                            }
+                        }
+                    }
+                    dev.tensor_from_vec(v, (n * oh * ow,))
+                })
+                .collect()
+        })
+        .clone();
+    let mut best: Option<Tensor<(usize, usize), E, D, T>> = None;
+    for idx in taps {
+        let tap: Tensor<(usize, usize), E, D, T> = x.retaped::<T>().gather(idx);
+        best = Some(match best {
+            None => tap,
+            Some(b) => {
+                let (t0, b0) = (tap.retaped::<NoneTape>(), b.retaped::<NoneTape>());
+                let is_nan = t0.clone().ne(&t0);
+                let take = t0.gt(&b0) | is_nan;
+                take.choose(tap, b)
+            }
+        });
+    }
+    // The taps were gathered from copies with fresh tapes: the input's own tape (everything
+    // before the pool) joins the output's here.
+    let out = best.expect("four taps");
+    let (out, tape) = out.split_tape();
+    let (_, x_tape) = x.split_tape();
+    Ok((out.put_tape(tape.merge(x_tape)), (oh, ow)))
+}
+
 /// NCHW values (host) to NHWC rows (host): `[N, C, H, W]` → `[N·H·W, C]`.
 pub fn nchw_to_rows<V: Copy>(x: &[V], n: usize, c: usize, h: usize, w: usize) -> Vec<V> {
     let mut out = Vec::with_capacity(x.len());
@@ -495,4 +560,41 @@ pub fn rows_to_nchw<V: Copy + Default>(x: &[V], n: usize, c: usize, h: usize, w:
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pool_2x2_floors_odd_sizes_and_sends_each_gradient_to_the_first_maximum() {
+        let dev = Cpu::default();
+        // One image 3×5, one channel (rows = pixels); the last row and column are dropped.
+        #[rustfmt::skip]
+        let v: Vec<f64> = vec![
+            1.0, 7.0, 3.0, 3.0, 9.0,
+            4.0, 2.0, 3.0, 3.0, 9.0,
+            8.0, 8.0, 8.0, 8.0, 8.0,
+        ];
+        let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(v, (15, 1));
+        let mut cache = GatherCache::default();
+        let (y, hw) = max_pool_2x2(&mut cache, x.leaky_trace(), (1, 3, 5)).unwrap();
+        assert_eq!(hw, (1, 2));
+        assert_eq!(y.as_vec(), [7.0, 3.0]);
+        let w = dev.tensor_from_vec(vec![10.0, 100.0], (2, 1));
+        let grads = (y * w).sum::<Rank0, _>().backward();
+        // Window 2 holds four 3s: the first, pixel (0, 2), takes the whole gradient.
+        let mut want = vec![0.0; 15];
+        want[1] = 10.0;
+        want[2] = 100.0;
+        assert_eq!(grads.get(&x).as_vec(), want);
+        // A NaN wins its window (as in PyTorch), and the channels pool independently.
+        let x: Tensor<(usize, usize), f64, Cpu> =
+            dev.tensor_from_vec(vec![1.0, 5.0, f64::NAN, 6.0, 2.0, 7.0, 0.5, 8.0], (4, 2));
+        let (y, _) = max_pool_2x2(&mut cache, x, (1, 2, 2)).unwrap();
+        let y = y.as_vec();
+        assert!(y[0].is_nan() && y[1] == 8.0, "{y:?}");
+        let bad: Tensor<(usize, usize), f64, Cpu> = dev.zeros_like(&(3, 1));
+        assert!(max_pool_2x2(&mut cache, bad, (1, 1, 3)).is_err());
+    }
 }

@@ -10,14 +10,15 @@
 //!   its momentum (0.1) and the unbiased variance, like PyTorch; in evaluation mode it uses the
 //!   running statistics.
 //! - [`Classifier`]: the small CNN (three conv3×3-BN-ReLU stages, 32/64/128 channels, strides
-//!   1/2/2, global average pooling, `fc`) and the CIFAR ResNets (depth 6n+2, option-A
+//!   1/2/2, global average pooling, `fc`), its max-pooling variant `cnn-pool` (strides 1, a 2×2
+//!   max-pool after the first two stages, [`max_pool_2x2`]) and the CIFAR ResNets (depth 6n+2, option-A
 //!   shortcuts, global average pooling, `fc`).
 //! - [`cross_entropy`] against soft targets (MixUp) and [`one_hot`].
 //!
 //! SAR itself on dfdx (the backend, the SAR head, conv/norm ops, [`Params`], SGD) is
 //! `sar-dfdx`.
 
-use sar_dfdx::conv::{conv2d, option_a, ConvGeometry, GatherCache};
+use sar_dfdx::conv::{conv2d, max_pool_2x2, option_a, ConvGeometry, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{linear, Params, Rows};
 use sar_dfdx::{Result, SarDevice, SarDfdxError};
@@ -135,6 +136,8 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
 pub enum Arch {
     /// The small CNN.
     SmallCnn,
+    /// The small CNN with max-pooling (`cnn-pool`).
+    CnnPool,
     /// A CIFAR ResNet of depth 6n+2.
     CifarResNet {
         /// Depth (32 for ResNet-32).
@@ -165,7 +168,7 @@ impl Classifier {
     /// The feature dimension D.
     pub fn feature_dim(&self) -> usize {
         match self.arch {
-            Arch::SmallCnn => 128,
+            Arch::SmallCnn | Arch::CnnPool => 128,
             Arch::CifarResNet { .. } => 64,
         }
     }
@@ -179,12 +182,17 @@ impl Classifier {
     ) -> Result<Rows<D, T>> {
         let mut x = x;
         match self.arch {
-            Arch::SmallCnn => {
-                for (i, stride) in [1, 2, 2].into_iter().enumerate() {
+            Arch::SmallCnn | Arch::CnnPool => {
+                let pooled = self.arch == Arch::CnnPool;
+                for i in 0..3 {
+                    let stride = if i == 0 || pooled { 1 } else { 2 };
                     let name = format!("stage{}", i + 1);
                     let (y, hw) = f.conv(x, &format!("{name}.conv"), (n, h, w), stride, 1)?;
                     x = f.bn(y, &format!("{name}.bn"), true)?;
                     (h, w) = hw;
+                    if pooled && i < 2 {
+                        (x, (h, w)) = max_pool_2x2(f.cache, x, (n, h, w))?;
+                    }
                 }
             }
             Arch::CifarResNet { depth } => {

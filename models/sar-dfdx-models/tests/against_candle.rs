@@ -291,6 +291,13 @@ fn small_cnn_matches_candle() {
 }
 
 #[test]
+fn cnn_pool_matches_candle() {
+    // 11×11 inputs: the pools floor 11 → 5 and 5 → 2 (an odd row and column dropped each time).
+    model_matches(sar_models::Arch::CnnPool, Arch::CnnPool, (3, 1, 11, 11), 10);
+    model_matches(sar_models::Arch::CnnPool, Arch::CnnPool, (2, 1, 28, 28), 10);
+}
+
+#[test]
 fn resnet32_matches_candle() {
     // Odd 9×9 inputs exercise the option-A subsampling of odd sizes (5×5, then 3×3).
     model_matches(

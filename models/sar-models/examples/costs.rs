@@ -11,6 +11,8 @@ fn main() {
     for (arch, stem, c, k, size) in [
         (Arch::SmallCnn, Stem::Cifar, 1, 10, 8),
         (Arch::SmallCnn, Stem::Cifar, 1, 10, 28),
+        (Arch::CnnPool, Stem::Cifar, 1, 10, 8),
+        (Arch::CnnPool, Stem::Cifar, 1, 10, 28),
         (Arch::ResNet32, Stem::Cifar, 3, 100, 32),
         (Arch::ResNet18, Stem::Cifar, 3, 100, 32),
         (Arch::ResNet50, Stem::Cifar, 3, 100, 32),

@@ -9,6 +9,7 @@
 //! | arch | structure | D | names |
 //! |---|---|---|---|
 //! | [`Arch::SmallCnn`] | 3 stages of conv3×3-BN-ReLU (32, 64, 128; stride 2 between) | 128 | `stage{1,2,3}.conv/bn`, `fc` |
+//! | [`Arch::CnnPool`] | 3 stages of conv3×3-BN-ReLU (32, 64, 128; stride 1), 2×2 max-pool after the first two | 128 | `stage{1,2,3}.conv/bn`, `fc` |
 //! | [`Arch::ResNet32`] | CIFAR ResNet, 3×5 BasicBlocks (16/32/64), option-A shortcuts | 64 | `conv1`, `bn1`, `layer{1..3}.{i}.{conv,bn}{1,2}`, `fc` |
 //! | [`Arch::ResNet18`], [`Arch::ResNet50`] | torchvision ResNets; CIFAR stem (3×3, no max-pool) or ImageNet stem (7×7/2 + max-pool) | 512 / 2048 | torchvision's (`layer1.0.downsample.0.weight`, …) |
 //!
@@ -124,8 +125,12 @@ pub enum Stem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
-    /// [`cnn::SmallCnn`], for 8×8 and 28×28 inputs.
+    /// [`cnn::SmallCnn`] with strided convolutions ([`cnn::CnnKind::Strided`]), for 8×8 and
+    /// 28×28 inputs.
     SmallCnn,
+    /// [`cnn::SmallCnn`] with max-pooling ([`cnn::CnnKind::Pooled`]): the conventional
+    /// Fashion-MNIST CNN.
+    CnnPool,
     /// [`cifar_resnet::CifarResNet`] of depth 32.
     #[serde(rename = "resnet32")]
     ResNet32,
@@ -141,6 +146,7 @@ impl std::fmt::Display for Arch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Arch::SmallCnn => "small-cnn",
+            Arch::CnnPool => "cnn-pool",
             Arch::ResNet32 => "resnet32",
             Arch::ResNet18 => "resnet18",
             Arch::ResNet50 => "resnet50",
@@ -186,7 +192,19 @@ pub fn build(
     }
     let init = params::Scope::with_scheme(varmap, device.clone(), dtype, spec.seed, spec.init);
     Ok(match spec.arch {
-        Arch::SmallCnn => Box::new(cnn::SmallCnn::new(&init, spec.in_channels, spec.classes)?),
+        Arch::SmallCnn | Arch::CnnPool => {
+            let kind = if spec.arch == Arch::CnnPool {
+                cnn::CnnKind::Pooled
+            } else {
+                cnn::CnnKind::Strided
+            };
+            Box::new(cnn::SmallCnn::new(
+                &init,
+                kind,
+                spec.in_channels,
+                spec.classes,
+            )?)
+        }
         Arch::ResNet32 => Box::new(cifar_resnet::CifarResNet::new(
             &init,
             32,

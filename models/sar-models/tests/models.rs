@@ -68,6 +68,8 @@ fn every_model_gives_features_and_logits_of_the_right_shape() {
     for (arch, stem, c, hw, d) in [
         (Arch::SmallCnn, Stem::Cifar, 1, 8, 128),
         (Arch::SmallCnn, Stem::Cifar, 1, 28, 128),
+        (Arch::CnnPool, Stem::Cifar, 1, 8, 128),
+        (Arch::CnnPool, Stem::Cifar, 1, 28, 128),
         (Arch::ResNet32, Stem::Cifar, 3, 32, 64),
         (Arch::ResNet18, Stem::Cifar, 3, 32, 512),
         (Arch::ResNet18, Stem::Imagenet, 3, 64, 512),

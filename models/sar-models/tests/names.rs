@@ -47,6 +47,8 @@ fn check(file: &str, varmap: &VarMap) {
 fn classifier_names_and_shapes_are_unchanged() {
     for (file, arch, stem, in_channels) in [
         ("small-cnn", Arch::SmallCnn, Stem::Cifar, 1),
+        // cnn-pool has exactly small-cnn's variables (only strides and pooling differ).
+        ("small-cnn", Arch::CnnPool, Stem::Cifar, 1),
         ("resnet32", Arch::ResNet32, Stem::Cifar, 3),
         ("resnet18-cifar", Arch::ResNet18, Stem::Cifar, 3),
         ("resnet18-imagenet", Arch::ResNet18, Stem::Imagenet, 3),

@@ -205,4 +205,44 @@ mod tests {
         }
         assert_eq!(g, want);
     }
+
+    #[test]
+    fn two_by_two_pooling_floors_odd_sizes_and_keeps_the_first_of_tied_maxima() {
+        // 1×1×3×5 → 1×1×1×2 (PyTorch's nn.MaxPool2d(2): the last row and column are dropped).
+        #[rustfmt::skip]
+        let v: Vec<f32> = vec![
+            1.0, 7.0, 3.0, 3.0, 9.0,
+            4.0, 2.0, 3.0, 3.0, 9.0,
+            8.0, 8.0, 8.0, 8.0, 8.0,
+        ];
+        let x =
+            Var::from_tensor(&Tensor::from_vec(v, (1, 1, 3, 5), &Device::Cpu).unwrap()).unwrap();
+        let y = max_pool2d(x.as_tensor(), 2, 2, 0).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 1, 2]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [7.0, 3.0]
+        );
+        let w = Tensor::new(&[[[[10.0f32, 100.0]]]], &Device::Cpu).unwrap();
+        let g: Vec<f32> = (y * w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Window 1's maximum 7 at (0,1); window 2 has four 3s: the first, (0,2), takes it all.
+        #[rustfmt::skip]
+        let want = vec![
+            0.0, 10.0, 100.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        assert_eq!(g, want);
+    }
 }

@@ -209,8 +209,8 @@ impl TrainConfig {
             );
             let arch = self.model.classifier()?.arch;
             ensure!(
-                matches!(arch, Arch::SmallCnn | Arch::ResNet32),
-                "run.backend = \"dfdx\" has the small CNN and the CIFAR ResNet-32, not model.arch = {arch}"
+                matches!(arch, Arch::SmallCnn | Arch::CnnPool | Arch::ResNet32),
+                "run.backend = \"dfdx\" has the small CNNs (small-cnn, cnn-pool) and the CIFAR ResNet-32, not model.arch = {arch}"
             );
             ensure!(
                 self.model.pretrained().is_none(),

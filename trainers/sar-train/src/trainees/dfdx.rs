@@ -99,8 +99,9 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         let inner = ClsTask::new(cfg)?;
         let arch = match cfg.model.classifier()?.arch {
             sar_models::Arch::SmallCnn => Arch::SmallCnn,
+            sar_models::Arch::CnnPool => Arch::CnnPool,
             sar_models::Arch::ResNet32 => Arch::CifarResNet { depth: 32 },
-            other => bail!("the dfdx backend has the small CNN and ResNet-32, not {other:?}"),
+            other => bail!("the dfdx backend has the small CNNs and ResNet-32, not {other:?}"),
         };
         let (params, head) = on_dfdx(&inner.setup, &device)?;
         let o = &cfg.optim;
@@ -334,20 +335,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
                 };
                 let feats = self.net.features(&mut f, x, (n, h, w))?;
                 let logits = self.net.classify(&params, feats)?;
-                let k = logits.shape().1;
-                Ok(logits
-                    .as_vec()
-                    .chunks(k)
-                    .map(|row| {
-                        let mut best = 0;
-                        for (j, v) in row.iter().enumerate() {
-                            if *v > row[best] {
-                                best = j;
-                            }
-                        }
-                        best as u32
-                    })
-                    .collect())
+                Ok(logits.as_vec())
             },
         )?;
         Ok(TaskEvaluation::Classification(e))

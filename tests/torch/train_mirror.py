@@ -50,17 +50,23 @@ class ConvBn(nn.Module):
 
 class SmallCnn(nn.Module):
     """`small-cnn`: three conv3×3-BN-ReLU stages (32, 64, 128; strides 1, 2, 2), global
-    average pooling, `fc`."""
+    average pooling, `fc`. `cnn-pool` (pooled=True): strides 1, 1, 1 and nn.MaxPool2d(2) after
+    the first two stages."""
 
-    def __init__(self, cin, classes):
+    def __init__(self, cin, classes, pooled=False):
         super().__init__()
+        self.pooled = pooled
         self.stage1 = ConvBn(cin, 32, 1)
-        self.stage2 = ConvBn(32, 64, 2)
-        self.stage3 = ConvBn(64, 128, 2)
+        self.stage2 = ConvBn(32, 64, 1 if pooled else 2)
+        self.stage3 = ConvBn(64, 128, 1 if pooled else 2)
         self.fc = nn.Linear(128, classes)
 
     def features(self, x):
-        return self.stage3(self.stage2(self.stage1(x))).mean(dim=(2, 3))
+        pool = (lambda t: F.max_pool2d(t, 2)) if self.pooled else (lambda t: t)
+        return self.stage3(pool(self.stage2(pool(self.stage1(x))))).mean(dim=(2, 3))
+
+
+ARCHS = {"small-cnn": False, "cnn-pool": True}
 
 
 class Embed(nn.Module):
@@ -77,9 +83,9 @@ class Embed(nn.Module):
 
 
 class Mirror(nn.Module):
-    def __init__(self, cin, classes, sar):
+    def __init__(self, cin, classes, sar, arch="small-cnn"):
         super().__init__()
-        self.net = SmallCnn(cin, classes)
+        self.net = SmallCnn(cin, classes, ARCHS[arch])
         self.embed = Embed(128) if sar else None
 
 
@@ -227,9 +233,9 @@ def state_errors(mine, ck):
     return errs
 
 
-def setup(state_tensors, cin, classes, sar, o):
+def setup(state_tensors, cin, classes, sar, o, arch):
     """A mirror holding `state_tensors` (a checkpoint), momentum buffers included."""
-    m = Mirror(cin, classes, sar)
+    m = Mirror(cin, classes, sar, arch)
     load_state(m, state_tensors, sar)
     m.train()
     params = named_params(m, sar)
@@ -241,6 +247,97 @@ def setup(state_tensors, cin, classes, sar, o):
             opt.state[p]["momentum_buffer"] = buf.clone()
     state = SarState(state_tensors["sar.semantic_anchors"], state_tensors["sar.initialized"]) if sar else None
     return m, params, opt, state
+
+
+def render(data, rec, d, mean, std, max_value):
+    """A batch from the stored pixels with the run's random choices (the README's crop-flip:
+    zero-pad the stored image by `pad`, crop at (pad + dy, pad + dx), mirror when flipped;
+    then p / max_value, normalised per channel; then MixUp with λ and the partner rows)."""
+    idx = torch.tensor(rec["idx"])
+    imgs = data["train_images"][idx].float() / max_value
+    n, c, h, w = imgs.shape
+    pad = d.get("pad", 0) if d.get("augment", "none") != "none" else 0
+    padded = F.pad(imgs, (pad, pad, pad, pad))
+    out = torch.empty_like(imgs)
+    for k, (dy, dx, flip) in enumerate(rec["crop"]):
+        crop = padded[k, :, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+        out[k] = crop.flip(-1) if flip else crop
+    x = (out - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
+    y = data["train_labels"][idx]
+    if "lambda" not in rec:
+        return {"x": x, "labels": y}
+    perm = torch.tensor(rec["perm"])
+    lam = rec["lambda"]
+    return {"x": lam * x + (1.0 - lam) * x[perm], "labels": y, "labels_b": y[perm],
+            "lambda": torch.tensor(lam)}
+
+
+@torch.no_grad()
+def evaluate(m, data, mean, std, max_value, classes, batch=500):
+    """Per-class accuracy on the test set (BatchNorm in evaluation mode)."""
+    m.eval()
+    x_all, y_all = data["test_images"], data["test_labels"]
+    c = x_all.shape[1]
+    correct, total = torch.zeros(classes), torch.zeros(classes)
+    for i in range(0, len(y_all), batch):
+        x = (x_all[i:i + batch].float() / max_value - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
+        pred = m.net.fc(m.net.features(x)).argmax(dim=1)
+        y = y_all[i:i + batch]
+        total += torch.bincount(y, minlength=classes).float()
+        correct += torch.bincount(y[pred == y], minlength=classes).float()
+    m.train()
+    return (correct.sum() / total.sum()).item(), (correct / total.clamp(min=1)).tolist()
+
+
+def end_to_end(args, cfg, meta, arch):
+    """See --end-to-end."""
+    import time
+    o, t, s = cfg["optim"], cfg["train"], cfg["sar"]
+    sar = s["enabled"]
+    initial = load_file(os.path.join(args.dump, "initial.safetensors"))
+    data = load_file(os.path.join(args.dump, "data.safetensors"))
+    mean, std = data["mean"].float(), data["std"].float()
+    max_value = float(data["max_value"])
+    plan = {}
+    for line in open(os.path.join(args.dump, "plan.jsonl")):
+        rec = json.loads(line)
+        plan[rec["step"]] = rec  # a resumed run rewrites its steps: the last record counts
+    steps = sorted(plan)
+    if steps != list(range(steps[0], steps[0] + len(steps))) or steps[0] != 0:
+        raise SystemExit(f"plan.jsonl: steps {steps[0]}..{steps[-1]} with gaps")
+    cin, classes = data["train_images"].shape[1], initial["fc.weight"].shape[0]
+    anchors = initial.get("sar.anchors")
+    steps_per_epoch, total = meta["steps_per_epoch"], meta["total_steps"]
+    warmup = o["warmup_epochs"] * steps_per_epoch
+    m, params, opt, state = setup(initial, cin, classes, sar, o, arch)
+    start = time.time()
+    epoch_ce = []
+    for step in steps:
+        lr = learning_rate(o, step, total, warmup, steps_per_epoch)
+        row = one_step(m, params, opt, o, s, sar, anchors, state,
+                       render(data, plan[step], cfg["data"], mean, std, max_value), lr)
+        if not math.isfinite(row["loss"]):
+            raise SystemExit(f"step {step + 1}: loss {row['loss']}")
+        if step // steps_per_epoch == (len(steps) - 1) // steps_per_epoch:
+            epoch_ce.append(row["ce"])
+    seconds = time.time() - start
+    top1, per_class = evaluate(m, data, mean, std, max_value, classes)
+    report = json.load(open(os.path.join(args.run, "report.json")))
+    ours = report["final"] if "final" in report else report
+    names = ours["groups"]
+    group = lambda acc, g: sum(a for a, n in zip(acc, names) if n == g) / max(1, sum(n == g for n in names))
+    mine = {"top1": top1, "per_class_accuracy": per_class,
+            **{g: group(per_class, g) for g in sorted(set(names))},
+            "last_epoch_ce": sum(epoch_ce) / max(1, len(epoch_ce)), "steps": len(steps), "seconds": seconds}
+    theirs = {k: ours[k] for k in ["top1", "per_class_accuracy", *sorted(set(names))]}
+    theirs["last_epoch_ce"] = ours["loss"]["ce"]
+    print(f"{len(steps)} steps, arch={arch}, sar={sar}, seed={cfg['run']['seed']}: "
+          f"torch top-1 {100 * top1:.2f}% vs ours {100 * theirs['top1']:.2f}%; "
+          + ", ".join(f"{g} {100 * mine[g]:.2f}% vs {100 * theirs[g]:.2f}%" for g in sorted(set(names)))
+          + f"; torch {seconds:.0f} s")
+    if args.json:
+        json.dump({"torch": mine, "ours": theirs, "arch": arch, "sar": sar, "seed": cfg["run"]["seed"]},
+                  open(args.json, "w"), indent=1)
 
 
 def main():
@@ -258,15 +355,23 @@ def main():
                          "state with every weight perturbed by relative 2^-20 ≈ 1e-6 (random sign; the "
                          "size of one step's f32 differences) and report how far PyTorch drifts from itself, beside how "
                          "far the run drifts from PyTorch")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="the dump holds the data and the plan (sar train --debug-dump DIR "
+                         "--debug-dump-plan): train the whole run in PyTorch from the run's step-0 "
+                         "state, rendering every batch from the stored pixels with the run's random "
+                         "choices, then evaluate on the test set and print both runs' accuracies")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = tomllib.load(open(os.path.join(args.run, "config.toml"), "rb"))
     meta = json.load(open(os.path.join(args.dump, "meta.json")))
     o, t, s = cfg["optim"], cfg["train"], cfg["sar"]
-    if cfg["model"].get("arch") != "small-cnn":
-        raise SystemExit("the mirror has model.arch = small-cnn")
+    arch = cfg["model"].get("arch")
+    if arch not in ARCHS:
+        raise SystemExit(f"the mirror has model.arch = {' | '.join(ARCHS)}, not {arch}")
     sar = s["enabled"]
+    if args.end_to_end:
+        return end_to_end(args, cfg, meta, arch)
     initial = load_file(os.path.join(args.dump, "initial.safetensors"))
     batches = sorted(glob.glob(os.path.join(args.dump, "batch-*.safetensors")))
     first = load_file(batches[0])
@@ -279,11 +384,11 @@ def main():
     logged = {r["step"]: r for r in map(json.loads, open(os.path.join(args.run, "metrics.jsonl")))
               if r["kind"] == "train"}
     ckpt = lambda k: load_file(os.path.join(args.run, "checkpoints", f"step-{k:09}.safetensors"))
-    m, params, opt, state = setup(initial, cin, classes, sar, o)
+    m, params, opt, state = setup(initial, cin, classes, sar, o, arch)
     rows, worst, worst_state, state_errs = [], 0.0, 0.0, {}
     for step, path in enumerate(batches):
         if args.teacher_forced and step > 0:
-            m, params, opt, state = setup(ckpt(step), cin, classes, sar, o)
+            m, params, opt, state = setup(ckpt(step), cin, classes, sar, o, arch)
         lr = learning_rate(o, step, total, warmup, steps_per_epoch)
         row = one_step(m, params, opt, o, s, sar, anchors, state, load_file(path), lr)
         row["step"] = step + 1
@@ -301,7 +406,7 @@ def main():
         worst = max(worst, max(row["rel_err"].values()))
     if args.noise_floor and not args.teacher_forced:
         gen = torch.Generator().manual_seed(0)
-        m2, params2, opt2, state2 = setup(initial, cin, classes, sar, o)
+        m2, params2, opt2, state2 = setup(initial, cin, classes, sar, o, arch)
         with torch.no_grad():
             for _, p in params2:
                 sign = torch.randint(0, 2, p.shape, generator=gen).float() * 2 - 1

@@ -88,6 +88,22 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// The random choices of one sample: the crop's offset (dy, dx) ∈ [−pad, pad]² from the
+/// image's own position and whether it is flipped. Output pixel (y, x) is stored pixel
+/// (y + dy, x' + dx) with x' = W − 1 − x when flipped (x otherwise), zero outside the image;
+/// i.e. the crop of the zero-padded image at (pad + dy, pad + dx), then mirrored.
+pub fn draw(augment: Augment, rng: &mut SeededRng) -> (isize, isize, bool) {
+    match augment {
+        Augment::None => (0, 0, false),
+        Augment::CropFlip { pad, flip } => {
+            let span = (2 * pad + 1) as u64;
+            let dy = (rng.next_u64() % span) as isize - pad as isize;
+            let dx = (rng.next_u64() % span) as isize - pad as isize;
+            (dy, dx, rng.next_u64() & 1 == 1 && flip)
+        }
+    }
+}
+
 /// Renders image `index` of `set` into `out` (`C·H·W` floats).
 pub fn render(
     set: &ImageSet,
@@ -100,15 +116,7 @@ pub fn render(
     let (c, h, w) = (set.channels, set.height, set.width);
     let img = set.image(index).expect("index checked by the caller");
     let scale = 1.0 / set.max_value.max(1) as f32;
-    let (dy, dx, flip) = match augment {
-        Augment::None => (0isize, 0isize, false),
-        Augment::CropFlip { pad, flip } => {
-            let span = (2 * pad + 1) as u64;
-            let dy = (rng.next_u64() % span) as isize - pad as isize;
-            let dx = (rng.next_u64() % span) as isize - pad as isize;
-            (dy, dx, rng.next_u64() & 1 == 1 && flip)
-        }
-    };
+    let (dy, dx, flip) = draw(augment, rng);
     for ch in 0..c {
         let (m, s) = (norm.mean[ch], norm.std[ch]);
         let zero = (0.0 - m) / s;
@@ -183,6 +191,25 @@ pub fn sample_beta(alpha: f64, rng: &mut SeededRng) -> f64 {
     }
 }
 
+/// MixUp's random choices for batch `batch_index` of `epoch` with `n` samples: λ ~ Beta(α, α)
+/// and the partner permutation π (a seeded Fisher–Yates shuffle), both from the batch's own
+/// generator.
+pub fn mixup_draw(
+    n: usize,
+    alpha: f64,
+    seed: u64,
+    epoch: u64,
+    batch_index: u64,
+) -> (f64, Vec<usize>) {
+    let mut rng = sample_rng(seed ^ 0x004D_4958_5550, epoch, batch_index);
+    let lambda = sample_beta(alpha, &mut rng);
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    (lambda, perm)
+}
+
 /// MixUp of a rendered batch (Zhang et al.): λ ~ Beta(α, α) and a permutation π of the batch,
 /// both from the batch's own generator; `x ← λ·x + (1−λ)·x[π]`. Returns (λ, π).
 pub fn mixup(
@@ -194,12 +221,7 @@ pub fn mixup(
     batch_index: u64,
 ) -> (f64, Vec<usize>) {
     let n = x.len() / image_len.max(1);
-    let mut rng = sample_rng(seed ^ 0x004D_4958_5550, epoch, batch_index);
-    let lambda = sample_beta(alpha, &mut rng);
-    let mut perm: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
+    let (lambda, perm) = mixup_draw(n, alpha, seed, epoch, batch_index);
     let original = x.to_vec();
     let (l, m) = (lambda as f32, (1.0 - lambda) as f32);
     x.par_chunks_mut(image_len.max(1))

@@ -134,6 +134,11 @@ struct TrainArgs {
     /// implementation can replay the run (`tests/torch/train_mirror.py`).
     #[arg(long, value_name = "DIR")]
     debug_dump: Option<PathBuf>,
+    /// Debug, with --debug-dump: write the data once and each step's random choices
+    /// (`plan.jsonl`, a few kB a step) instead of every batch, so a whole run can be replayed
+    /// (`tests/torch/train_mirror.py --end-to-end`).
+    #[arg(long, requires = "debug_dump")]
+    debug_dump_plan: bool,
     /// Also write the final report (JSON) here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -350,6 +355,7 @@ fn train(
         overwrite,
         debug_step_delay_ms,
         debug_dump,
+        debug_dump_plan,
         report,
         quiet,
         backend,
@@ -374,6 +380,7 @@ fn train(
         stop: Some(sar_train::run::stop::StopRequest::on_signals()?),
         step_delay: debug_step_delay_ms.map(std::time::Duration::from_millis),
         dump: debug_dump,
+        dump_plan: debug_dump_plan,
         ..Default::default()
     };
     let r = sar_train::train::train(&cfg, &opts)?;

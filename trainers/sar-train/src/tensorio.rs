@@ -262,6 +262,15 @@ impl OutTensor {
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
     }
+    /// From bytes (pixels) and a shape.
+    pub fn u8(shape: &[usize], values: &[u8]) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        OutTensor {
+            dtype: Dtype::U8,
+            shape: shape.to_vec(),
+            bytes: values.to_vec(),
+        }
+    }
     /// A scalar f64 (shape `[]`).
     pub fn scalar(v: f64) -> Self {
         Self::f64(&[], &[v])

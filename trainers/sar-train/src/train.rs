@@ -17,11 +17,16 @@ pub use crate::run::TrainOptions;
 
 /// The trainee for `cfg.run.backend` and the task of `cfg.data`.
 pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
-    trainee_dumping(cfg, None)
+    trainee_dumping(cfg, None, false)
 }
 
-/// [`trainee`], writing every rendered batch to `dump` (candle classification only).
-fn trainee_dumping(cfg: &TrainConfig, dump: Option<&Path>) -> anyhow::Result<Box<dyn Trainee>> {
+/// [`trainee`], writing every rendered batch (or with `plan`, the data once and each step's
+/// random choices) to `dump` (candle classification only).
+fn trainee_dumping(
+    cfg: &TrainConfig,
+    dump: Option<&Path>,
+    plan: bool,
+) -> anyhow::Result<Box<dyn Trainee>> {
     let classification = !cfg.data.dataset.is_segmentation();
     ensure!(
         dump.is_none() || (classification && cfg.run.backend == BackendKind::Candle),
@@ -32,6 +37,12 @@ fn trainee_dumping(cfg: &TrainConfig, dump: Option<&Path>) -> anyhow::Result<Box
             let task: Box<dyn Task> = if classification {
                 let mut t = crate::cls::ClsTask::new(cfg)?;
                 t.dump = dump.map(Path::to_path_buf);
+                t.dump_plan = plan;
+                if let (Some(dir), true) = (dump, plan) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    t.dump_data(dir)?;
+                }
                 Box::new(t)
             } else {
                 Box::new(crate::seg::SegTask::new(cfg)?)
@@ -45,7 +56,9 @@ fn trainee_dumping(cfg: &TrainConfig, dump: Option<&Path>) -> anyhow::Result<Box
 /// Trains as `cfg` says (see [`crate::run`]). Returns the final report (also written to
 /// `run.output/report.json`).
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> anyhow::Result<RunReport> {
-    crate::run::run(cfg, opts, &|| trainee_dumping(cfg, opts.dump.as_deref()))
+    crate::run::run(cfg, opts, &|| {
+        trainee_dumping(cfg, opts.dump.as_deref(), opts.dump_plan)
+    })
 }
 
 /// `sar eval`: the checkpoint's model on its config's test set, on the backend that trained

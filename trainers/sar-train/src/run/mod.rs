@@ -127,6 +127,9 @@ pub struct TrainOptions {
     /// training-set size (`meta.json`) and every rendered batch into this folder, for replaying
     /// the run elsewhere (the PyTorch mirror).
     pub dump: Option<PathBuf>,
+    /// With `dump`: write the data once and each step's random choices (`plan.jsonl`) instead
+    /// of every rendered batch, small enough for whole runs (`train_mirror.py --end-to-end`).
+    pub dump_plan: bool,
 }
 
 /// Where a training step is in the run.

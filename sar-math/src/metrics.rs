@@ -10,6 +10,11 @@
 //! - groups: head/medium/tail ("many/medium/few", "head/body/tail") by class-index ranges
 //!   (CIFAR-100-LT: [0,36), [36,71), [71,100)), by training-set count thresholds
 //!   (many > 100, few < 20 in the LT literature), or by frequency rank (segmentation).
+//! - calibration (Guo et al. 2017, as MiSLAS reports it, 15 bins): each sample's confidence
+//!   p̂ = max_k softmax(z)_k falls in bin b when b/B < p̂ ≤ (b+1)/B (numpy's
+//!   `digitize(p̂, linspace(0, 1, B+1), right=True)`; p̂ = 0 belongs to no bin);
+//!   ECE = Σ_b (n_b / N)·|acc_b − conf_b| over non-empty bins, MCE = max_b |acc_b − conf_b|,
+//!   with acc_b the bin's share of correct predictions and conf_b its mean confidence.
 
 use crate::error::{check_len, mul_dims, Op, Result, SarError};
 use crate::real::Label;
@@ -263,6 +268,114 @@ pub fn group_means(values: &[f64], groups: &[Group]) -> Result<GroupMeans> {
     })
 }
 
+/// One confidence bin of a calibration histogram (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct CalibrationBin {
+    /// Samples whose confidence fell in the bin.
+    pub count: u64,
+    /// Sum of their confidences.
+    pub confidence_sum: f64,
+    /// How many of them were predicted correctly.
+    pub correct: u64,
+}
+
+impl CalibrationBin {
+    /// Mean confidence of the bin (NaN when empty).
+    pub fn confidence(&self) -> f64 {
+        self.confidence_sum / self.count as f64
+    }
+    /// Share of correct predictions in the bin (NaN when empty).
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count as f64
+    }
+}
+
+/// The bin of confidence `p` among `bins` equal-width bins: b with b/B < p ≤ (b+1)/B (the
+/// edges as numpy's `linspace(0, 1, B + 1)` computes them), `None` for p = 0 (no bin, as
+/// numpy's `digitize` puts it below the first edge). `p` must lie in [0, 1].
+pub fn calibration_bin(p: f64, bins: usize) -> Result<Option<usize>> {
+    if bins == 0 {
+        return Err(SarError::Param {
+            op: Op::Metrics,
+            name: "calibration bins",
+            value: 0.0,
+            domain: "≥ 1",
+        });
+    }
+    if !(0.0..=1.0).contains(&p) {
+        return Err(if p.is_finite() {
+            SarError::Param {
+                op: Op::Metrics,
+                name: "confidence",
+                value: p,
+                domain: "[0, 1]",
+            }
+        } else {
+            SarError::NonFinite {
+                op: Op::Metrics,
+                what: "confidence",
+            }
+        });
+    }
+    let step = 1.0 / bins as f64;
+    let edge = |i: usize| if i == bins { 1.0 } else { i as f64 * step };
+    if p <= 0.0 {
+        return Ok(None);
+    }
+    // The estimate from the division, corrected against the edges themselves.
+    let mut b = ((p * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+    while b > 0 && p <= edge(b) {
+        b -= 1;
+    }
+    while b + 1 < bins && p > edge(b + 1) {
+        b += 1;
+    }
+    Ok(Some(b))
+}
+
+/// Adds samples to a calibration histogram of `hist.len()` bins: `confidence[i]` in [0, 1]
+/// (the predicted class's probability) and whether prediction i was `correct`.
+pub fn calibration_update(
+    hist: &mut [CalibrationBin],
+    confidence: &[f64],
+    correct: &[bool],
+) -> Result<()> {
+    check_len(Op::Metrics, "correct", correct.len(), confidence.len())?;
+    // Validate everything first, so a bad value leaves the histogram untouched.
+    for &p in confidence {
+        calibration_bin(p, hist.len())?;
+    }
+    for (&p, &ok) in confidence.iter().zip(correct) {
+        if let Some(b) = calibration_bin(p, hist.len())? {
+            let bin = &mut hist[b];
+            bin.count += 1;
+            bin.confidence_sum += p;
+            bin.correct += ok as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Expected calibration error Σ_b (n_b / N)·|acc_b − conf_b| (a fraction; NaN when the
+/// histogram is empty).
+pub fn expected_calibration_error(hist: &[CalibrationBin]) -> f64 {
+    let n: u64 = hist.iter().map(|b| b.count).sum();
+    hist.iter()
+        .filter(|b| b.count > 0)
+        .map(|b| b.count as f64 * (b.accuracy() - b.confidence()).abs())
+        .sum::<f64>()
+        / n as f64
+}
+
+/// Maximum calibration error max_b |acc_b − conf_b| over non-empty bins (NaN when empty).
+pub fn max_calibration_error(hist: &[CalibrationBin]) -> f64 {
+    hist.iter()
+        .filter(|b| b.count > 0)
+        .map(|b| (b.accuracy() - b.confidence()).abs())
+        .fold(f64::NAN, f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,5 +463,67 @@ mod tests {
                 tail: 1.0
             }
         );
+    }
+
+    #[test]
+    fn calibration_bins_follow_numpy_digitize_right() {
+        // 15 bins: (0, 1/15], (1/15, 2/15], …; an edge belongs to the bin below it.
+        assert_eq!(calibration_bin(0.0, 15).unwrap(), None);
+        assert_eq!(calibration_bin(1e-9, 15).unwrap(), Some(0));
+        assert_eq!(calibration_bin(1.0 / 15.0, 15).unwrap(), Some(0));
+        assert_eq!(calibration_bin(1.0 / 15.0 + 1e-12, 15).unwrap(), Some(1));
+        assert_eq!(calibration_bin(0.5, 15).unwrap(), Some(7)); // 7/15 < 0.5 ≤ 8/15
+        assert_eq!(calibration_bin(14.0 / 15.0, 15).unwrap(), Some(13));
+        assert_eq!(calibration_bin(1.0, 15).unwrap(), Some(14));
+        // Every edge i·(1/15) as linspace computes it falls in bin i − 1.
+        for i in 1..=15 {
+            let e = if i == 15 {
+                1.0
+            } else {
+                i as f64 * (1.0 / 15.0)
+            };
+            assert_eq!(calibration_bin(e, 15).unwrap(), Some(i - 1), "edge {i}");
+        }
+        assert!(calibration_bin(1.5, 15).is_err());
+        assert!(calibration_bin(f64::NAN, 15).is_err());
+        assert!(calibration_bin(0.5, 0).is_err());
+    }
+
+    #[test]
+    fn ece_and_mce_of_a_small_table_by_hand() {
+        // 4 bins. Samples: 0.9 ✓, 0.8 ✓, 0.8 ✗, 0.3 ✗, 0.3 ✓.
+        // bin 3 (0.75, 1]: 3 samples, conf (0.9 + 0.8 + 0.8)/3 = 0.8333…, acc 2/3, gap 1/6;
+        // bin 1 (0.25, 0.5]: 2 samples, conf 0.3, acc 0.5, gap 0.2.
+        // ECE = (3·(1/6) + 2·0.2)/5 = 0.9/5 = 0.18; MCE = 0.2.
+        let mut h = [CalibrationBin::default(); 4];
+        calibration_update(
+            &mut h,
+            &[0.9, 0.8, 0.8, 0.3, 0.3],
+            &[true, true, false, false, true],
+        )
+        .unwrap();
+        assert_eq!(
+            (h[3].count, h[3].correct, h[1].count, h[1].correct),
+            (3, 2, 2, 1)
+        );
+        assert_eq!((h[0].count, h[2].count), (0, 0));
+        assert!((expected_calibration_error(&h) - 0.18).abs() < 1e-12);
+        assert!((max_calibration_error(&h) - 0.2).abs() < 1e-12);
+        // A perfectly calibrated bin contributes nothing.
+        let mut p = [CalibrationBin::default(); 2];
+        calibration_update(
+            &mut p,
+            &[0.75, 0.75, 0.75, 0.75],
+            &[true, true, true, false],
+        )
+        .unwrap();
+        assert_eq!(expected_calibration_error(&p), 0.0);
+        // Bad input is an error and changes nothing.
+        let before = h;
+        assert!(calibration_update(&mut h, &[0.5, 2.0], &[true, true]).is_err());
+        assert!(calibration_update(&mut h, &[0.5], &[true, true]).is_err());
+        assert_eq!(h, before);
+        assert!(expected_calibration_error(&[CalibrationBin::default(); 3]).is_nan());
+        assert!(max_calibration_error(&[CalibrationBin::default(); 3]).is_nan());
     }
 }

@@ -14,8 +14,8 @@ use crate::config::{AugmentKind, DatasetKind, TrainConfig};
 use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
 use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
-use anyhow::{bail, ensure};
-use candle_core::{DType, Device, Tensor, D};
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use sar_candle::{CandleBackend, EmbeddingKind, SarHead, SarHeadConfig};
 use sar_data::augment::{self, Augment, Normalize};
@@ -100,16 +100,17 @@ pub fn evaluate(
 ) -> anyhow::Result<Evaluation> {
     evaluate_with(set, norm, groups, batch_size, &mut |x, shape| {
         let x = Tensor::from_vec(x, shape, dev)?;
-        Ok(model.forward(&x, false)?.argmax(D::Minus1)?.to_vec1()?)
+        Ok(model.forward(&x, false)?.flatten_all()?.to_vec1()?)
     })
 }
 
-/// Predicted classes of images `[N, C, H, W]` given with (N, C, H, W).
+/// Logits `[N, K]` (row-major) of images `[N, C, H, W]` given with (N, C, H, W).
 pub(crate) type Predictor<'a> =
-    dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<u32>> + 'a;
+    dyn FnMut(Vec<f32>, (usize, usize, usize, usize)) -> anyhow::Result<Vec<f32>> + 'a;
 
 /// [`evaluate`] with any predictor: `predict(images [N, C, H, W], (N, C, H, W))` returns the
-/// predicted classes.
+/// logits; the prediction is their first maximum, its confidence the softmax probability
+/// ([`crate::evaluation::predictions`]).
 pub(crate) fn evaluate_with(
     set: &Dataset,
     norm: &Normalize,
@@ -120,13 +121,23 @@ pub(crate) fn evaluate_with(
     let c = set.classes();
     let (ch, h, w) = set.geometry();
     let mut confusion = vec![0u64; c * c];
+    let mut calibration = vec![Default::default(); crate::evaluation::CALIBRATION_BINS];
     let all: Vec<usize> = (0..set.len()).collect();
     for chunk in all.chunks(batch_size) {
         let (x, y) = set.render_batch(chunk, None, norm, 0, 0, 0)?;
-        let pred = predict(x, (chunk.len(), ch, h, w))?;
+        let logits = predict(x, (chunk.len(), ch, h, w))?;
+        ensure!(
+            logits.len() == chunk.len() * c,
+            "the model gave {} logits for {} images of {c} classes",
+            logits.len(),
+            chunk.len()
+        );
+        let (pred, conf) = crate::evaluation::predictions(&logits, c);
         confusion_update(&mut confusion, c, &y, &pred, -1)?;
+        let correct: Vec<bool> = pred.iter().zip(&y).map(|(p, t)| p == t).collect();
+        crate::evaluation::calibration_add(&mut calibration, &conf, &correct)?;
     }
-    crate::evaluation::classification_metrics(&confusion, groups)
+    crate::evaluation::classification_metrics(&confusion, groups, calibration)
 }
 
 /// Everything a model needs, built from a config.
@@ -184,6 +195,8 @@ pub(crate) struct ClsTask {
     augment: Augment,
     /// Debug: every rendered batch is written here (see `ClsTask::dump_batch`).
     pub(crate) dump: Option<std::path::PathBuf>,
+    /// Debug: with `dump`, write the plan of each step instead (see `ClsTask::dump_plan`).
+    pub(crate) dump_plan: bool,
 }
 
 /// One rendered classification batch.
@@ -245,7 +258,11 @@ impl ClsTask {
             shape: (n, c, h, w),
         };
         if let Some(dir) = &self.dump {
-            self.dump_batch(dir, ctx, &batch)?;
+            if self.dump_plan {
+                self.dump_plan(dir, ctx)?;
+            } else {
+                self.dump_batch(dir, ctx, &batch)?;
+            }
         }
         Ok(Ok(batch))
     }
@@ -279,7 +296,78 @@ impl ClsTask {
             counts,
             augment,
             dump: None,
+            dump_plan: false,
         })
+    }
+
+    /// Debug (`sar train --debug-dump DIR --debug-dump-plan`): writes the data as stored,
+    /// `DIR/data.safetensors` — `train_images` `[N, C, H, W]` and `test_images` (u8 pixels),
+    /// `train_labels` and `test_labels` (i64), the normalisation `mean` and `std` `[C]` (of
+    /// `p / max_value`) and `max_value` — for a mirror that renders the batches itself from
+    /// the plan (`ClsTask::dump_plan`) and evaluates on the same test set.
+    pub(crate) fn dump_data(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        use crate::tensorio::{serialize, write_atomic, OutTensor};
+        let mut tensors = Vec::new();
+        for (name, set) in [("train", &self.data.train), ("test", &self.data.test)] {
+            let sar_data::dataset::Dataset::Memory(s) = set else {
+                bail!("--debug-dump-plan needs a data set held in memory (not image files)");
+            };
+            let labels: Vec<i64> = s.labels.iter().map(|&l| l as i64).collect();
+            tensors.push((
+                format!("{name}_images"),
+                OutTensor::u8(&[s.len(), s.channels, s.height, s.width], &s.images),
+            ));
+            tensors.push((
+                format!("{name}_labels"),
+                OutTensor::i64(&[s.len()], &labels),
+            ));
+            if name == "train" {
+                tensors.push(("max_value".into(), OutTensor::scalar(s.max_value as f64)));
+            }
+        }
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let c = self.norm.mean.len();
+        tensors.push(("mean".into(), OutTensor::f64(&[c], &f(&self.norm.mean))));
+        tensors.push(("std".into(), OutTensor::f64(&[c], &f(&self.norm.std))));
+        let bytes = serialize(&tensors, Default::default()).map_err(|e| anyhow::anyhow!(e))?;
+        write_atomic(&dir.join("data.safetensors"), &bytes)?;
+        Ok(())
+    }
+
+    /// Debug (`--debug-dump-plan`): appends the random choices of step `ctx.step` to
+    /// `DIR/plan.jsonl` as one JSON line — `step`, `idx` (training-set indices), `crop` (per
+    /// sample `[dy, dx, flip]`, see `sar_data::augment::draw`) and with MixUp `lambda` and
+    /// `perm` (the partner of each row) — a few kB per step where the batches would take
+    /// hundreds, so whole runs can be replayed.
+    fn dump_plan(&self, dir: &std::path::Path, ctx: &StepCtx) -> anyhow::Result<()> {
+        use std::io::Write;
+        let cfg = &self.cfg;
+        let crop: Vec<(isize, isize, bool)> = (0..ctx.idx.len())
+            .map(|k| {
+                let mut rng = augment::sample_rng(cfg.run.seed, ctx.epoch, ctx.position + k as u64);
+                augment::draw(self.augment, &mut rng)
+            })
+            .collect();
+        let mut line = serde_json::json!({"step": ctx.step, "idx": ctx.idx, "crop": crop});
+        if cfg.data.mixup_alpha > 0.0 {
+            let (lam, perm) = augment::mixup_draw(
+                ctx.idx.len(),
+                cfg.data.mixup_alpha,
+                cfg.run.seed,
+                ctx.epoch,
+                ctx.batch as u64,
+            );
+            line["lambda"] = lam.into();
+            line["perm"] = perm.into();
+        }
+        let path = dir.join("plan.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot append to {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("cannot append to {}", path.display()))?;
+        Ok(())
     }
 
     /// Debug (`sar train --debug-dump DIR`): writes the batch of step `ctx.step` as
@@ -460,6 +548,11 @@ pub(crate) fn write_plots(
                 .map(|a| 100.0 * a)
                 .collect(),
         )],
+    )?;
+    crate::plots::reliability(
+        &out.join("reliability.png"),
+        &format!("{name}: calibration on the test set"),
+        &report.eval.classification()?.calibration,
     )?;
     let (f, y) = features_of(model, test, norm, dev, 2000)?;
     crate::plots::feature_projection(

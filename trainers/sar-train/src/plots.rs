@@ -137,6 +137,83 @@ pub fn curves(
     })
 }
 
+/// A reliability diagram: per confidence bin, the accuracy of its predictions (bars) against
+/// the diagonal of perfect calibration, with the bin's mean confidence marked and its sample
+/// count in the x labels; ECE and MCE in the title.
+pub fn reliability(
+    path: &Path,
+    title: &str,
+    calibration: &crate::evaluation::Calibration,
+) -> anyhow::Result<()> {
+    let bins = &calibration.bins;
+    let b = bins.len().max(1) as f64;
+    let title = format!(
+        "{title} (ECE {:.2}%, MCE {:.2}%)",
+        100.0 * calibration.ece,
+        100.0 * calibration.mce
+    );
+    draw(path, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(&title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (predicted class's softmax probability)")
+            .y_desc("accuracy")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        let blue = palette(0);
+        let red = palette(1);
+        chart
+            .draw_series(
+                bins.iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.count > 0)
+                    .map(|(i, c)| {
+                        let x = i as f64 / b;
+                        Rectangle::new(
+                            [(x + 0.004, 0.0), (x + 1.0 / b - 0.004, c.accuracy())],
+                            blue.mix(0.8).filled(),
+                        )
+                    }),
+            )
+            .map_err(err)?
+            .label("accuracy per bin")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], blue.filled()));
+        chart
+            .draw_series(
+                bins.iter()
+                    .filter(|c| c.count > 0)
+                    .map(|c| Circle::new((c.confidence(), c.accuracy()), 4, red.filled())),
+            )
+            .map_err(err)?
+            .label("(mean confidence, accuracy)")
+            .legend(move |(x, y)| Circle::new((x + 7, y), 4, red.filled()));
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, 0.0), (1.0, 1.0)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(err)?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    })
+}
+
 /// Grouped bars: per class, one bar per series (e.g. baseline and SAR accuracy in %).
 pub fn grouped_bars(
     path: &Path,

@@ -318,13 +318,14 @@ pub fn logits_of(
     }
 }
 
-/// Predicted classes (`H·W`) of one test sample, as the module docs describe.
+/// Predicted classes (`H·W`) of one test sample, as the module docs describe, and each
+/// pixel's confidence (the predicted class's softmax probability).
 pub fn infer(
     model: &dyn Segmenter,
     s: &SegSample,
     cfg: &TrainConfig,
     dev: &Device,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<(Vec<u8>, Vec<f32>)> {
     let (nh, nw) = test_size(s.height, s.width, cfg.eval.test_scale);
     let resized = SegSample {
         height: nh,
@@ -343,10 +344,17 @@ pub fn infer(
         cfg.eval.slide_stride,
     )?;
     let l = resize_bilinear(&l, s.height, s.width)?;
-    Ok(l.argmax(1)?
+    let pred = l
+        .argmax(1)?
         .flatten_all()?
         .to_dtype(DType::U8)?
-        .to_vec1::<u8>()?)
+        .to_vec1::<u8>()?;
+    let conf = candle_nn::ops::softmax(&l, 1)?
+        .max(1)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok((pred, conf))
 }
 
 /// Metrics of `model` on `set` (see the module docs).
@@ -359,12 +367,22 @@ pub fn evaluate_seg(
 ) -> anyhow::Result<SegEvaluation> {
     let k = set.classes();
     let mut confusion = vec![0u64; k * k];
+    let mut calibration = vec![Default::default(); crate::evaluation::CALIBRATION_BINS];
     for i in 0..set.len() {
         let s = set.get(i)?;
-        let pred = infer(model, &s, cfg, dev)?;
+        let (pred, conf) = infer(model, &s, cfg, dev)?;
         confusion_update(&mut confusion, k, &s.label, &pred, IGNORE as i64)?;
+        // Calibration over the labelled pixels.
+        let (mut c, mut ok) = (Vec::new(), Vec::new());
+        for ((&t, &p), &q) in s.label.iter().zip(&pred).zip(&conf) {
+            if t != IGNORE {
+                c.push(q as f64);
+                ok.push(t == p);
+            }
+        }
+        crate::evaluation::calibration_add(&mut calibration, &c, &ok)?;
     }
-    metrics_from_confusion(&confusion, groups, &set.class_names)
+    metrics_from_confusion(&confusion, groups, &set.class_names, calibration)
 }
 
 impl Task for SegTask {
@@ -470,12 +488,17 @@ impl Task for SegTask {
                 e.per_class_iou.iter().map(|v| 100.0 * v).collect(),
             )],
         )?;
+        crate::plots::reliability(
+            &out.join("reliability.png"),
+            &format!("{}: calibration per test pixel", cfg.run.name),
+            &e.calibration,
+        )?;
         let shown = cfg.eval.prediction_images.min(self.data.test.len());
         if shown > 0 {
             let mut rows = Vec::new();
             for i in 0..shown {
                 let s = self.data.test.get(i)?;
-                let pred = infer(self.model(), &s, cfg, &self.setup.device)?;
+                let (pred, _) = infer(self.model(), &s, cfg, &self.setup.device)?;
                 rows.push((s, pred));
             }
             crate::plots::segmentation_panel(

@@ -60,7 +60,8 @@ fn miou_from_a_hand_computed_confusion_matrix() {
     let conf = [5, 1, 0, 2, 3, 0, 0, 0, 0];
     let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
     let groups = [Group::Head, Group::Medium, Group::Tail];
-    let e = metrics_from_confusion(&conf, &groups, &names).unwrap();
+    let e = metrics_from_confusion(&conf, &groups, &names, vec![Default::default(); 15]).unwrap();
+    assert!(e.calibration.ece.is_nan(), "no confidences were added");
     assert!((e.per_class_iou[0] - 0.625).abs() < 1e-12);
     assert!((e.per_class_iou[1] - 0.5).abs() < 1e-12);
     assert!(e.per_class_iou[2].is_nan());

@@ -86,7 +86,34 @@ fn sar_training_learns_passes_the_gate_and_logs_the_p2a_term() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
             .unwrap();
     assert_eq!(report["per_class_accuracy"].as_array().unwrap().len(), 10);
-    for plot in ["loss.png", "per_class.png", "features.png"] {
+    // Calibration: 15 bins holding every test image once; ECE = Σ (n_b/N)·|acc_b − conf_b|
+    // recomputed from the bins, and the bins' correct counts give top-1 again.
+    let bins = report["calibration"]["bins"].as_array().unwrap();
+    assert_eq!(bins.len(), 15);
+    let count = |b: &serde_json::Value, k: &str| b[k].as_f64().unwrap();
+    let n: f64 = bins.iter().map(|b| count(b, "count")).sum();
+    let correct: f64 = bins.iter().map(|b| count(b, "correct")).sum();
+    let top1 = report["top1"].as_f64().unwrap();
+    assert!(
+        (correct / n - top1).abs() < 1e-12,
+        "{correct}/{n} vs {top1}"
+    );
+    let ece: f64 = bins
+        .iter()
+        .filter(|b| count(b, "count") > 0.0)
+        .map(|b| {
+            let c = count(b, "count");
+            (count(b, "correct") / c - count(b, "confidence_sum") / c).abs() * c / n
+        })
+        .sum();
+    assert!((ece - report["calibration"]["ece"].as_f64().unwrap()).abs() < 1e-12);
+    assert!(ece > 0.0 && ece < 0.5, "ECE {ece}");
+    for plot in [
+        "loss.png",
+        "per_class.png",
+        "features.png",
+        "reliability.png",
+    ] {
         let bytes = std::fs::read(dir.path().join(plot)).unwrap();
         assert!(
             bytes.starts_with(b"\x89PNG") && bytes.len() > 5000,

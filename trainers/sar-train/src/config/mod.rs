@@ -552,7 +552,7 @@ pub struct LoopConfig {
     pub iters: Option<usize>,
     /// Also evaluate every this many steps (0: never; evaluation at the end always runs).
     pub eval_every_steps: usize,
-    /// Write PNG plots at the end: loss.png, per_class.png, features.png (true).
+    /// Write PNG plots at the end: loss.png, per_class.png, features.png, reliability.png (true).
     pub plots: bool,
 }
 

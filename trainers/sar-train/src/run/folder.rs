@@ -34,6 +34,7 @@ pub const RUN_FILES: &[&str] = &[
     "loss.png",
     "per_class.png",
     "features.png",
+    "reliability.png",
     "per_class_iou.png",
     "predictions.png",
 ];

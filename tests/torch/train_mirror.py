@@ -175,7 +175,7 @@ def named_params(m, sar):
 
 def one_step(m, params, opt, o, s, sar, anchors, state, b, lr):
     """One training step of the mirror on batch `b` at rate `lr`; returns the loss parts."""
-    x = b["x"].float()
+    x = b["x"].to(torch.get_default_dtype())
     y = b["labels"].long()
     yb = b["labels_b"].long() if "labels_b" in b else None
     lam = float(b["lambda"]) if "lambda" in b else None
@@ -360,6 +360,10 @@ def main():
                          "--debug-dump-plan): train the whole run in PyTorch from the run's step-0 "
                          "state, rendering every batch from the stored pixels with the run's random "
                          "choices, then evaluate on the test set and print both runs' accuracies")
+    ap.add_argument("--rounding", action="store_true",
+                    help="with --teacher-forced: also run every step in f64 and in f32 PyTorch from "
+                         "the run's state, and report per step how far ours and PyTorch's f32 state each "
+                         "lie from the f64 state (both are rounding if they are alike)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -398,6 +402,20 @@ def main():
         row["rel_err"] = {k: abs(ours[k] - row[k]) / max(abs(row[k]), 1e-6)
                           for k in ["lr", "loss", "ce", "aux", "p2a"]}
         row["gate_ours"] = ours["gate_pass_rate"] == 1.0
+        if args.rounding and args.teacher_forced:
+            start = initial if step == 0 else ckpt(step)
+            wide = {k: (v.double() if v.is_floating_point() else v) for k, v in start.items()}
+            torch.set_default_dtype(torch.float64)
+            try:
+                m64, p64, o64, s64 = setup(wide, cin, classes, sar, o, arch)
+                one_step(m64, p64, o64, o, s, sar, None if anchors is None else anchors.double(), s64,
+                         load_file(path), lr)
+            finally:
+                torch.set_default_dtype(torch.float32)
+            exact = mirror_state(m64, p64, o64, sar, s64)
+            ours_err = state_errors(exact, ckpt(step + 1))
+            torch_err = state_errors(exact, mirror_state(m, params, opt, sar, state))
+            row["vs_f64"] = (max(ours_err.values()), max(torch_err.values()))
         if args.teacher_forced or step + 1 == len(batches):
             state_errs = state_errors(mirror_state(m, params, opt, sar, state), ckpt(step + 1))
             row["state_err"] = max(state_errs.values())
@@ -428,11 +446,23 @@ def main():
         print(f"{r['step']:4d}   {r['lr']:.6f}   {r['loss']:.6f}   {e['loss']:.2e}       {e['ce']:.2e}     "
               f"{e['aux']:.2e}      {e['p2a']:.2e}      {st}   {'pass' if r['gate'] else '-'}"
               f"{'' if r['gate'] == r['gate_ours'] else ' (ours differs)'}")
+    if args.rounding:
+        pairs = [r["vs_f64"] for r in rows if "vs_f64" in r]
+        # On real data a single f32 step's state can differ from f64 by ~1e-3 of a tensor's scale
+        # (momentum of a heavily cancelling weight gradient), in PyTorch as in ours: the gate is
+        # then that ours stays as close to f64 as PyTorch's f32 does (within 4×).
+        ok = (worst <= args.tol and all(r["gate"] == r["gate_ours"] for r in rows)
+              and max(a for a, _ in pairs) <= 4 * max(b for _, b in pairs))
+        print("state error against PyTorch in f64 from the same state, per step: ours (f32) / PyTorch (f32)")
+        print("  " + "  ".join(f"{a:.1e}/{b:.1e}" for a, b in pairs))
+        print(f"worst: ours {max(a for a, _ in pairs):.2e}, PyTorch f32 {max(b for _, b in pairs):.2e}; "
+              f"median ratio ours/PyTorch {sorted(a / max(b, 1e-30) for a, b in pairs)[len(pairs) // 2]:.2f}")
     print("last step's state, max |ours − torch| / max(max |torch|, 1e-3) per tensor (largest 8):")
     for k, e in sorted(state_errs.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {e:.2e}  {k}")
+    gate_desc = "ours within 4× of PyTorch f32's distance to f64" if args.rounding else f"tol {args.tol_state}"
     print(f"worst step error {worst:.2e} (tol {args.tol}); worst state error {worst_state:.2e} "
-          f"(tol {args.tol_state}); {'OK' if ok else 'MISMATCH'}")
+          f"({gate_desc}); {'OK' if ok else 'MISMATCH'}")
     if args.json:
         json.dump({"steps": rows, "state_errors": state_errs, "ok": ok}, open(args.json, "w"), indent=1)
     sys.exit(0 if ok else 1)

@@ -323,8 +323,9 @@ pub fn calibration_bin(p: f64, bins: usize) -> Result<Option<usize>> {
     if p <= 0.0 {
         return Ok(None);
     }
-    // The estimate from the division, corrected against the edges themselves.
-    let mut b = ((p * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+    // The estimate from the division (truncation; no `ceil` without std), corrected against
+    // the edges themselves.
+    let mut b = ((p * bins as f64) as usize).min(bins - 1);
     while b > 0 && p <= edge(b) {
         b -= 1;
     }

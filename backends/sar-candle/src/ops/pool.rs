@@ -148,6 +148,13 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// d`loss`/d`x`, flattened.
+    fn gradient(loss: &Tensor, x: &Var) -> Vec<f32> {
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap();
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn cpu_op_matches_the_composite_forward_and_routes_gradients_to_the_first_maximum() {
         // Values without ties: forward equal to the composite path; backward: each output's
@@ -187,17 +194,7 @@ mod tests {
         )
         .unwrap();
         let y = max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
-        let g: Vec<f32> = y
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g = gradient(&y.sum_all().unwrap(), &x);
         // Windows start at rows/cols -1 and 1: first valid cells (0,0), (0,1), (1,0), (1,1).
         let mut want = vec![0.0f32; 16];
         for j in [0, 1, 4, 5] {
@@ -224,18 +221,7 @@ mod tests {
             [7.0, 3.0]
         );
         let w = Tensor::new(&[[[[10.0f32, 100.0]]]], &Device::Cpu).unwrap();
-        let g: Vec<f32> = (y * w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g = gradient(&(y * w).unwrap().sum_all().unwrap(), &x);
         // Window 1's maximum 7 at (0,1); window 2 has four 3s: the first, (0,2), takes it all.
         #[rustfmt::skip]
         let want = vec![

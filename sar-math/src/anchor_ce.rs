@@ -10,6 +10,8 @@
 //!   Σ_{c∈U} ℓ_c² / (S − ε).
 //! - Attached weights (default): dL/dℓ_c = (2ℓ_c − L)/(S − ε) for c ∈ U, else 0.
 //!   Detached weights: dL/dℓ_c = w_c.
+//! - [`WeightMode::Uniform`] (no re-weighting, Table 7's ablation): w_c = 1/C for every anchor,
+//!   L_aux = (1/C) Σ_c ℓ_c, dL/dℓ_c = 1/C; U and S are still reported.
 //! - dL/dZ_cj = dL/dℓ_c · (softmax(Z_c)_j − [j = c]).
 //! - U empty ⇒ every w_c = 0, L = 0 exactly, zero gradient.
 //!
@@ -146,9 +148,12 @@ pub fn anchor_ce<F: Real>(
 
     // Eq. 7 and L_aux = Σ w_c ℓ_c.
     let denom = s - eps; // = −(Σ ln q_i + ε)
+    let uniform = F::one() / F::from_f64(classes as f64);
     let mut loss = F::zero();
     for c in 0..classes {
-        let w = if out.confidence[c] <= tau_f {
+        let w = if mode == WeightMode::Uniform {
+            uniform
+        } else if out.confidence[c] <= tau_f {
             out.nll[c] / denom
         } else {
             F::zero()
@@ -156,7 +161,7 @@ pub fn anchor_ce<F: Real>(
         out.weights[c] = w;
         loss = loss + w * out.nll[c];
     }
-    if uncertain == 0 {
+    if uncertain == 0 && mode != WeightMode::Uniform {
         loss = F::zero();
     }
     if !loss.is_finite() {
@@ -167,6 +172,7 @@ pub fn anchor_ce<F: Real>(
         for c in 0..classes {
             let in_u = out.confidence[c] <= tau_f;
             let g_c = match (in_u, mode) {
+                (_, WeightMode::Uniform) => uniform,
                 (false, _) => F::zero(),
                 (true, WeightMode::Attached) => out.weights[c] + (out.nll[c] - loss) / denom,
                 (true, WeightMode::Detached) => out.weights[c],
@@ -340,6 +346,42 @@ mod tests {
         let (_, gd, _, _) = run(&z, 2, 0.9, WeightMode::Detached);
         assert_relative_eq!(gd[0], w[0] * (p[0] - 1.0), epsilon = 1e-14);
         assert_relative_eq!(gd[3], w[1] * -0.5, epsilon = 1e-14);
+    }
+
+    /// No re-weighting: Z = [[2,0],[0,0]] gives L = (ℓ0 + ℓ1)/2 with ℓ0 = ln(1+e⁻²), ℓ1 = ln 2,
+    /// w = 1/2 each, dL/dZ_c = ½(softmax(Z_c) − onehot_c) — also when every anchor is
+    /// confident (U empty, where the re-weighted loss would be exactly 0).
+    #[test]
+    fn uniform_is_the_plain_mean() {
+        let z = [2.0, 0.0, 0.0, 0.0];
+        let (v, g, p, w) = run(&z, 2, 0.9, WeightMode::Uniform);
+        let (l0, l1) = ((1.0 + (-2.0f64).exp()).ln(), 2.0f64.ln());
+        assert_relative_eq!(v.loss, (l0 + l1) / 2.0, epsilon = 1e-15);
+        assert_eq!(&w[..2], &[0.5, 0.5]);
+        assert_relative_eq!(g[0], 0.5 * (p[0] - 1.0), epsilon = 1e-15);
+        assert_relative_eq!(g[1], 0.5 * (1.0 - p[0]), epsilon = 1e-15);
+        assert_relative_eq!(g[2], 0.25, epsilon = 1e-15);
+        assert_relative_eq!(g[3], -0.25, epsilon = 1e-15);
+        // τ = 0: U is empty; the plain mean still trains every anchor.
+        let z = [5.0, 0.0, 0.0, 5.0];
+        let (v, g, p, _) = run(&z, 2, 0.0, WeightMode::Uniform);
+        assert_eq!(v.uncertain, 0);
+        let l = (1.0 + (-5.0f64).exp()).ln();
+        assert_relative_eq!(v.loss, l, epsilon = 1e-15);
+        assert_relative_eq!(g[0], 0.5 * (p[0] - 1.0), epsilon = 1e-15);
+        assert_relative_eq!(g[3], 0.5 * (p[1] - 1.0), epsilon = 1e-15);
+        // Finite differences on a 3×3 table.
+        let z = [0.3, -1.2, 2.0, 0.5, 0.1, -0.7, 1.5, 1.4, -0.2];
+        let (_, g, _, _) = run(&z, 3, 0.9, WeightMode::Uniform);
+        for k in 0..9 {
+            let (mut zp, mut zm) = (z, z);
+            zp[k] += 1e-6;
+            zm[k] -= 1e-6;
+            let fd = (run(&zp, 3, 0.9, WeightMode::Uniform).0.loss
+                - run(&zm, 3, 0.9, WeightMode::Uniform).0.loss)
+                / 2e-6;
+            assert_relative_eq!(g[k], fd, epsilon = 1e-9);
+        }
     }
 
     /// τ = 0.85 puts anchor 0 (p0 = 0.88) outside U: w0 = 0, L = ℓ1²/(ℓ1 − ε) ≈ ln 2.

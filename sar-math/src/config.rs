@@ -9,7 +9,7 @@
 //! | `lambda_p2a` | λ2, weight of L_p2a in Eq. 9 (0.05 for DeepLabV3) | 0.1 | ≥ 0, finite |
 //! | `ignore_index` | label that marks pixels outside Ω | 255 | any |
 //! | `gate` | [`GateMode`] | `Global` | |
-//! | `weights` | [`WeightMode`] | `Attached` | |
+//! | `weights` | [`WeightMode`] | `Attached` | `Attached`, `Detached`, `Uniform` (no re-weighting) |
 
 use crate::error::{Op, Result, SarError};
 
@@ -37,6 +37,9 @@ pub enum WeightMode {
     Attached,
     /// w is a constant (stop-gradient): dL/dℓ_c = w_c.
     Detached,
+    /// No re-weighting (the Table 7 ablation `reweight = false`): L_aux = (1/C) Σ_c ℓ_c, the
+    /// plain mean of the anchor cross-entropies over all C anchors, w_c = 1/C, dL/dℓ_c = 1/C.
+    Uniform,
 }
 
 /// Hyper-parameters of SAR. Build with [`SarConfig::default`] and check with

@@ -350,12 +350,19 @@ impl SarBackend for CandleBackend {
         let uncertain = in_u.iter().filter(|&&m| m == 1.0).count();
         let mask = Tensor::from_slice(&in_u, c, logits.device())?.to_dtype(logits.dtype())?;
         // ln q_c = −ℓ_c on U, 0 elsewhere; w = ln q / (Σ ln q + ε); L = Σ w ℓ.
-        let ln_q = nll.neg()?.mul(&mask)?;
-        let denom = (ln_q.sum_all()? + sar_math::anchor_ce::EPSILON)?;
-        let mut w = ln_q.broadcast_div(&denom)?;
-        if mode == WeightMode::Detached {
-            w = w.detach();
-        }
+        let w = if mode == WeightMode::Uniform {
+            // No re-weighting: the plain mean over the C anchors.
+            (nll.ones_like()? / c as f64)?.detach()
+        } else {
+            let ln_q = nll.neg()?.mul(&mask)?;
+            let denom = (ln_q.sum_all()? + sar_math::anchor_ce::EPSILON)?;
+            let w = ln_q.broadcast_div(&denom)?;
+            if mode == WeightMode::Detached {
+                w.detach()
+            } else {
+                w
+            }
+        };
         let loss = w.mul(&nll)?.sum_all()?;
         let w_host = self.to_host(&w)?;
         Ok(AnchorCeOutput {

@@ -31,6 +31,11 @@
 #define SAR_WEIGHTS_DETACHED 1
 
 /**
+ * [`SarOptions::weights`]: no re-weighting, L_aux = the plain mean of the anchor CEs.
+ */
+#define SAR_WEIGHTS_UNIFORM 2
+
+/**
  * Capacity of the last-error message, NUL included (longer messages are cut).
  */
 #define SAR_MESSAGE_CAPACITY 512
@@ -132,7 +137,7 @@ typedef struct SarOptions {
    */
   uint32_t gate;
   /**
-   * `SAR_WEIGHTS_ATTACHED` or `SAR_WEIGHTS_DETACHED`.
+   * `SAR_WEIGHTS_ATTACHED`, `SAR_WEIGHTS_DETACHED` or `SAR_WEIGHTS_UNIFORM`.
    */
   uint32_t weights;
 } SarOptions;
@@ -259,7 +264,7 @@ const char *sar_status_name(int32_t status);
 /**
  * Anchor cross-entropy (Eq. 5–7): writes p, ℓ, w (`[C]` each) and, when `grad_logits`
  * is not null, dL_aux/dZ (`[C, C]`); the scalars go to `*value`. `weights_mode` is
- * `SAR_WEIGHTS_ATTACHED` or `SAR_WEIGHTS_DETACHED`.
+ * `SAR_WEIGHTS_ATTACHED`, `SAR_WEIGHTS_DETACHED` or `SAR_WEIGHTS_UNIFORM`.
  *
  * # Safety
  * `logits` holds C·C values; `confidence`, `nll`, `weights` C each; `grad_logits` is
@@ -278,7 +283,7 @@ enum SarStatus sar_anchor_ce_f64(const double *logits,
 /**
  * Anchor cross-entropy (Eq. 5–7): writes p, ℓ, w (`[C]` each) and, when `grad_logits`
  * is not null, dL_aux/dZ (`[C, C]`); the scalars go to `*value`. `weights_mode` is
- * `SAR_WEIGHTS_ATTACHED` or `SAR_WEIGHTS_DETACHED`.
+ * `SAR_WEIGHTS_ATTACHED`, `SAR_WEIGHTS_DETACHED` or `SAR_WEIGHTS_UNIFORM`.
  *
  * # Safety
  * `logits` holds C·C values; `confidence`, `nll`, `weights` C each; `grad_logits` is

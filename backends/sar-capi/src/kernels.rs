@@ -152,7 +152,7 @@ pub unsafe extern "C" fn sar_resample_labels_nearest_i64(
 
 /// Anchor cross-entropy (Eq. 5–7): writes p, ℓ, w (`[C]` each) and, when `grad_logits`
 /// is not null, dL_aux/dZ (`[C, C]`); the scalars go to `*value`. `weights_mode` is
-/// `SAR_WEIGHTS_ATTACHED` or `SAR_WEIGHTS_DETACHED`.
+/// `SAR_WEIGHTS_ATTACHED`, `SAR_WEIGHTS_DETACHED` or `SAR_WEIGHTS_UNIFORM`.
 ///
 /// # Safety
 /// `logits` holds C·C values; `confidence`, `nll`, `weights` C each; `grad_logits` is

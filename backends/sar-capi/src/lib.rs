@@ -49,6 +49,8 @@ pub const SAR_GATE_PER_CLASS: u32 = 1;
 pub const SAR_WEIGHTS_ATTACHED: u32 = 0;
 /// [`SarOptions::weights`]: w treated as a constant.
 pub const SAR_WEIGHTS_DETACHED: u32 = 1;
+/// [`SarOptions::weights`]: no re-weighting, L_aux = the plain mean of the anchor CEs.
+pub const SAR_WEIGHTS_UNIFORM: u32 = 2;
 
 /// The options of one SAR regulariser (the `sar reference` option names); get the paper's
 /// defaults from [`sar_options_default`].
@@ -69,7 +71,7 @@ pub struct SarOptions {
     pub ignore_index: i64,
     /// `SAR_GATE_GLOBAL` or `SAR_GATE_PER_CLASS`.
     pub gate: u32,
-    /// `SAR_WEIGHTS_ATTACHED` or `SAR_WEIGHTS_DETACHED`.
+    /// `SAR_WEIGHTS_ATTACHED`, `SAR_WEIGHTS_DETACHED` or `SAR_WEIGHTS_UNIFORM`.
     pub weights: u32,
 }
 
@@ -96,6 +98,7 @@ impl From<SarConfig> for SarOptions {
             weights: match c.weights {
                 WeightMode::Attached => SAR_WEIGHTS_ATTACHED,
                 WeightMode::Detached => SAR_WEIGHTS_DETACHED,
+                WeightMode::Uniform => SAR_WEIGHTS_UNIFORM,
             },
         }
     }
@@ -118,9 +121,10 @@ pub fn weight_mode(v: u32) -> Result<WeightMode> {
     match v {
         SAR_WEIGHTS_ATTACHED => Ok(WeightMode::Attached),
         SAR_WEIGHTS_DETACHED => Ok(WeightMode::Detached),
+        SAR_WEIGHTS_UNIFORM => Ok(WeightMode::Uniform),
         _ => Err(Error::Input(
             SarStatus::SarErrParam,
-            "weights must be SAR_WEIGHTS_ATTACHED (0) or SAR_WEIGHTS_DETACHED (1)",
+            "weights must be SAR_WEIGHTS_ATTACHED (0), SAR_WEIGHTS_DETACHED (1) or SAR_WEIGHTS_UNIFORM (2)",
         )),
     }
 }

@@ -198,7 +198,7 @@ pub struct AnchorCeParts {
 /// Eq. 5–7 on anchor logits `[C, C]` carrying any tape: ℓ_c = −log_softmax(Z)_cc,
 /// p_c = e^{−ℓ_c}, U = {c : p_c ≤ τ}, w_c = ln q_c / (Σ ln q + ε) with ln q_c = −ℓ_c on U and
 /// 0 elsewhere, L = Σ_c w_c ℓ_c. `Attached` keeps w in the graph (spec §3), `Detached` makes
-/// it a constant. Returns the loss (with the input's tape) and the host values.
+/// it a constant, `Uniform` sets w_c = 1/C (no re-weighting: the plain mean of the ℓ_c). Returns the loss (with the input's tape) and the host values.
 pub fn anchor_ce<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     logits: Tensor<(usize, usize), E, D, T>,
     tau: f64,
@@ -250,6 +250,11 @@ pub fn anchor_ce<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
             let w = ln_q / denom.broadcast_like(&(c,));
             let w_host = host(&w);
             ((w * nll).sum::<Rank0, _>(), w_host)
+        }
+        WeightMode::Uniform => {
+            let w = dev.tensor_from_vec(vec![E::ONE / from_f64::<E>(c as f64); c], (c,));
+            let w_host = host(&w);
+            ((nll * w).sum::<Rank0, _>(), w_host)
         }
         WeightMode::Detached => {
             let ln_q = ln_q.retaped::<NoneTape>();

@@ -87,8 +87,9 @@ fn weight_mode(s: &str) -> PyResult<WeightMode> {
     match s {
         "attached" => Ok(WeightMode::Attached),
         "detached" => Ok(WeightMode::Detached),
+        "uniform" => Ok(WeightMode::Uniform),
         _ => Err(err(format!(
-            "option `weights`: must be \"attached\" or \"detached\", got {s:?}"
+            "option `weights`: must be \"attached\", \"detached\" or \"uniform\", got {s:?}"
         ))),
     }
 }
@@ -640,6 +641,7 @@ fn options<'py>(
         match c.weights {
             WeightMode::Attached => "attached",
             WeightMode::Detached => "detached",
+            WeightMode::Uniform => "uniform",
         },
     )?;
     Ok(d)

@@ -105,7 +105,8 @@ fn logits(rng: &mut SeededRng, c: usize, scale: f64, boost: f64) -> Vec<f64> {
     z
 }
 
-/// Eq. 5–7: loss, p, ℓ, w, |U| and dL/dZ (the backend's own gradient), both weight modes.
+/// Eq. 5–7: loss, p, ℓ, w, |U| and dL/dZ (the backend's own gradient), every weight mode
+/// (attached, detached, uniform = no re-weighting).
 pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
     let mut rng = SeededRng::new(11);
     for (c, scale, boost) in [
@@ -116,7 +117,11 @@ pub fn check_anchor_ce<B: SarBackend>(b: &B, tol: Tol) -> Check {
         (7, 40.0, 80.0),
         (4, 0.1, 0.0),
     ] {
-        for mode in [WeightMode::Attached, WeightMode::Detached] {
+        for mode in [
+            WeightMode::Attached,
+            WeightMode::Detached,
+            WeightMode::Uniform,
+        ] {
             for tau in [0.9, 0.5] {
                 let z = tol.round(&logits(&mut rng, c, scale, boost));
                 let want = anchor_ce_owned(&z, c, tau, mode).map_err(e("reference"))?;

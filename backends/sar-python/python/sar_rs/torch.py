@@ -46,7 +46,7 @@ def _t(a, like):
 
 class AnchorCE(torch.autograd.Function):
     """L_aux of anchor logits Z ``[C, C]`` (Eq. 5-7); backward is the analytic dL_aux/dZ of
-    ``weights`` mode ("attached", the released code's, or "detached")."""
+    ``weights`` mode ("attached", the released code's; "detached"; or "uniform", no re-weighting)."""
 
     @staticmethod
     def forward(ctx, logits, tau=0.9, weights="attached"):

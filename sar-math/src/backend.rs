@@ -333,3 +333,97 @@ impl<T: Clone> BackendSarState<T> {
         })
     }
 }
+
+/// The comparison baselines of spec §7 on a backend: batch class prototypes and CAR's
+/// intra-class loss (see [`crate::prototype`], the reference kernels). CR needs no new
+/// operation: it is [`SarBackend::p2a`] toward the raw anchors A.
+pub trait BaselineBackend: SarBackend {
+    /// Per-class mean of `features` (`[B, D, H, W]` with labels `[B, H', W']` resampled by
+    /// legacy `nearest`, or `[N, D]` with `[N]`) over Ω = labels ≠ `ignore_index`, as a
+    /// constant `[classes, D]` tensor (rows of absent classes zero), with the per-class counts.
+    fn class_prototypes(
+        &self,
+        features: &Self::Tensor,
+        labels: &Self::Labels,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(Self::Tensor, Vec<u64>), Self::Error>;
+
+    /// `weight`·L_CAR with L_CAR = max(m², 1e-5), m = (1/(N·D)) Σ_{i∈Ω} Σ_d |F_{i,d} − P_{y_i,d}|,
+    /// N every pixel (or row) of the batch, P = `prototypes` `[C, D]` a constant. The
+    /// returned `value` is L_CAR unweighted, `valid` is |Ω|.
+    fn car(
+        &self,
+        features: &Self::Tensor,
+        labels: &Self::Labels,
+        prototypes: &Self::Tensor,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<Self::Loss>, Self::Error>;
+}
+
+/// The losses of one baseline step ([`prototype_step`], [`car_step`]).
+#[derive(Debug)]
+pub struct BaselineStep<L> {
+    /// weight·L (with the unweighted value and |Ω|).
+    pub loss: P2aOutput<L>,
+    /// Classes present in the batch (at least one pixel in Ω).
+    pub present_classes: usize,
+}
+
+/// The EM-style prototype baseline (Eq. 1–3): the batch prototypes P of the detached
+/// `features` update the state's EMA of class prototypes (`state.semantic`, α = its config's
+/// `alpha`; a class's first prototype is copied, classes absent from the batch keep their last
+/// value), then `weight`·L_p2a pulls `features` toward the updated EMA. Classes never seen
+/// are outside Ω (they cannot occur in this batch anyway, since every class present was just
+/// initialised).
+pub fn prototype_step<B: BaselineBackend>(
+    b: &B,
+    state: &mut BackendSarState<B::Tensor>,
+    features: &B::Tensor,
+    labels: &B::Labels,
+    weight: f64,
+) -> Result<BaselineStep<B::Loss>, B::Error> {
+    let classes = state.initialized.len();
+    let ignore = state.config.ignore_index;
+    let (prototypes, counts) = b.class_prototypes(&b.detach(features), labels, classes, ignore)?;
+    let present: Vec<bool> = counts.iter().map(|&n| n > 0).collect();
+    let present_classes = present.iter().filter(|&&p| p).count();
+    b.ema_update(
+        &mut state.semantic,
+        &prototypes,
+        state.config.alpha,
+        &present,
+        &mut state.initialized,
+    )?;
+    let active = if state.fully_initialized() {
+        None
+    } else {
+        Some(&state.initialized[..])
+    };
+    let loss = b.p2a(features, labels, &state.semantic, ignore, active, weight)?;
+    Ok(BaselineStep {
+        loss,
+        present_classes,
+    })
+}
+
+/// CAR's intra-class term: `weight`·L_CAR of `features` toward this batch's (detached)
+/// class prototypes. Stateless.
+pub fn car_step<B: BaselineBackend>(
+    b: &B,
+    classes: usize,
+    ignore_index: i64,
+    features: &B::Tensor,
+    labels: &B::Labels,
+    weight: f64,
+) -> Result<BaselineStep<B::Loss>, B::Error> {
+    let (prototypes, counts) =
+        b.class_prototypes(&b.detach(features), labels, classes, ignore_index)?;
+    let present_classes = counts.iter().filter(|&&n| n > 0).count();
+    let loss = b.car(features, labels, &prototypes, ignore_index, weight)?;
+    Ok(BaselineStep {
+        loss,
+        present_classes,
+    })
+}

@@ -34,7 +34,7 @@ pub mod ops;
 pub use head::{EmbeddingKind, SarHead, SarHeadConfig, SarStepOutput};
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, BaselineBackend, Mixup, P2aOutput, SarBackend};
 use sar_math::resample::nearest_source_index;
 use sar_math::{SarError, WeightMode};
 
@@ -520,5 +520,130 @@ impl SarBackend for CandleBackend {
             );
         }
         self.p2a_mixup_composite(features, mixup, anchors, ignore_index, class_active, weight)
+    }
+}
+
+impl CandleBackend {
+    /// Features as rows `[M, D]` (NCHW permuted to pixels) with their labels `[M]` (resampled
+    /// to the feature map), after the shape and label checks.
+    fn baseline_rows(
+        &self,
+        op: &str,
+        features: &Tensor,
+        labels: &Tensor,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rows, y) = match (features.dims(), labels.dims()) {
+            (&[b, d, h, w], &[lb, _, _]) if b == lb => {
+                let y = self.resample(labels, (h, w))?;
+                let rows = features.permute((0, 2, 3, 1))?.reshape((b * h * w, d))?;
+                (rows, y.flatten_all()?)
+            }
+            (&[n, _], &[ln]) if n == ln => (features.clone(), labels.clone()),
+            (f, l) => {
+                return shape_err(format!(
+                    "{op}: features {f:?} and labels {l:?} must be [B, D, H, W] with [B, H', W'], or [N, D] with [N]"
+                ))
+            }
+        };
+        self.validate_labels(&y, classes, ignore_index)?;
+        Ok((rows, y))
+    }
+}
+
+/// The baselines from candle ops (any device): prototypes as a one-hot matrix product, CAR's
+/// |F − P_y| with the sign as a constant so that sign(0) = 0 as in PyTorch's `abs` (candle's
+/// own `abs` backward gives +1 at 0).
+impl BaselineBackend for CandleBackend {
+    fn class_prototypes(
+        &self,
+        features: &Tensor,
+        labels: &Tensor,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(Tensor, Vec<u64>)> {
+        let (rows, y) =
+            self.baseline_rows("prototypes", features, labels, classes, ignore_index)?;
+        let dtype = rows.dtype();
+        let ids = Tensor::arange(0i64, classes as i64, y.device())?;
+        // [M, C] one-hot of the valid rows (an ignored label matches no class id, unless the
+        // ignore index is itself in 0..C, which validate_labels then treats as ignored).
+        let valid = y.ne(ignore_index)?.unsqueeze(1)?;
+        let onehot = y
+            .unsqueeze(1)?
+            .broadcast_eq(&ids.unsqueeze(0)?)?
+            .broadcast_mul(&valid)?;
+        let counts_t = onehot.to_dtype(DType::F64)?.sum(0)?;
+        let counts: Vec<u64> = counts_t
+            .to_vec1::<f64>()?
+            .into_iter()
+            .map(|v| v as u64)
+            .collect();
+        let rows = rows.detach();
+        // where_cond keeps a NaN of an ignored row out of every prototype.
+        let valid_rows = valid.broadcast_as(rows.shape())?;
+        let rows = valid_rows.where_cond(&rows, &rows.zeros_like()?)?;
+        let sums = onehot.to_dtype(dtype)?.t()?.matmul(&rows)?; // [C, D]
+        let inv: Vec<f64> = counts
+            .iter()
+            .map(|&n| if n > 0 { 1.0 / n as f64 } else { 0.0 })
+            .collect();
+        let inv = Tensor::from_vec(inv, (classes, 1), rows.device())?.to_dtype(dtype)?;
+        Ok((sums.broadcast_mul(&inv)?.detach(), counts))
+    }
+
+    fn car(
+        &self,
+        features: &Tensor,
+        labels: &Tensor,
+        prototypes: &Tensor,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<Tensor>> {
+        let (classes, d) = prototypes.dims2()?;
+        let (rows, y) = self.baseline_rows("car", features, labels, classes, ignore_index)?;
+        if rows.dim(1)? != d {
+            return shape_err(format!(
+                "car: prototypes {:?} for features {:?}",
+                prototypes.dims(),
+                features.dims()
+            ));
+        }
+        let valid = y.ne(ignore_index)?;
+        let n_valid = valid.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()? as usize;
+        let yc = valid.where_cond(&y, &y.zeros_like()?)?;
+        let targets = prototypes
+            .detach()
+            .to_dtype(rows.dtype())?
+            .index_select(&yc, 0)?;
+        let mask = valid.unsqueeze(1)?.broadcast_as(rows.shape())?;
+        let diff = mask.where_cond(&(&rows - targets)?, &rows.zeros_like()?)?;
+        let sign = (diff.gt(0.0)?.to_dtype(rows.dtype())?
+            - diff.lt(0.0)?.to_dtype(rows.dtype())?)?
+        .detach();
+        let n = rows.elem_count() as f64; // N·D, ignored pixels included
+        let mean = ((diff * sign)?.sum_all()? / n)?;
+        let raw = mean.sqr()?;
+        let raw_value = raw.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !raw_value.is_finite() {
+            return Err(SarError::NonFinite {
+                op: sar_math::Op::Car,
+                what: "CAR loss (features inside Ω)",
+            }
+            .into());
+        }
+        let min = sar_math::prototype::CAR_MIN_LOSS;
+        // max(m², 1e-5) as torch.clamp: below the bound the value is the bound, gradient 0.
+        let (loss, value) = if raw_value >= min {
+            (raw, raw_value)
+        } else {
+            (((raw * 0.0)? + min)?, min)
+        };
+        Ok(P2aOutput {
+            loss: (loss * weight)?,
+            value,
+            valid: n_valid,
+        })
     }
 }

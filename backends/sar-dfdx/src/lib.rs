@@ -45,7 +45,7 @@ pub(crate) use taped::TapedBackend;
 pub use dfdx;
 
 use dfdx::prelude::*;
-use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, BaselineBackend, Mixup, P2aOutput, SarBackend};
 use sar_math::{SarError, WeightMode};
 use std::cell::RefCell;
 
@@ -743,4 +743,210 @@ pub fn ema_rows<E: Float, D: SarDevice<E>>(
     let b = dev.tensor_from_vec(b, (n,));
     *semantic = semantic.clone() * a + embedded.clone() * b;
     Ok(updated)
+}
+
+/// The baselines' rows: `[B, D, H, W]` features (any tape) permuted to `[B·H·W, D]` with the
+/// labels resampled to the map, or `[N, D]` with `[N]`; labels checked against `classes`.
+fn baseline_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    backend: &DfdxBackend<E, D>,
+    op: &str,
+    features: &DfdxTensor<E, D>,
+    traced: Flat<E, D, T>,
+    labels: &DfdxLabels,
+    classes: usize,
+    ignore_index: i64,
+) -> Result<(Matrix<E, D, T>, Vec<i64>)> {
+    let (rows, y) = match (&features.shape[..], &labels.shape[..]) {
+        (&[b, d, h, w], &[lb, _, _]) if b == lb => {
+            let y = backend.resample(labels, (h, w))?;
+            let rows = traced
+                .reshape_like(&(b, d, h, w))
+                .permute::<_, Axes4<0, 2, 3, 1>>()
+                .reshape_like(&(b * h * w, d));
+            (rows, y.data)
+        }
+        (&[n, d], &[ln]) if n == ln => (traced.reshape_like(&(n, d)), labels.data.clone()),
+        (f, l) => {
+            return shape_err(format!(
+                "{op}: features {f:?} and labels {l:?} must be [B, D, H, W] with [B, H', W'], or [N, D] with [N]"
+            ))
+        }
+    };
+    validate_labels(&y, classes, ignore_index)?;
+    Ok((rows, y))
+}
+
+/// `weight`·max(m², 1e-5) of rows `[M, D]` (any tape) toward constant `prototypes` `[C, D]`,
+/// m = Σ_Ω |f − P_y| / (M·D) (spec §7; labels checked). |x| is x·sign(x) with the sign a
+/// constant, so that sign(0) = 0 as in PyTorch. Only the rows in Ω are gathered. Returns the
+/// weighted loss, the unweighted value and |Ω|.
+pub fn car_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    rows: Matrix<E, D, T>,
+    labels: &[i64],
+    prototypes: &Matrix<E, D>,
+    ignore_index: i64,
+    weight: f64,
+) -> Result<P2aParts<E, D, T>> {
+    let (m, d) = *rows.shape();
+    let (picked, classes_of): (Vec<usize>, Vec<usize>) = labels
+        .iter()
+        .enumerate()
+        .filter(|&(_, &y)| y != ignore_index)
+        .map(|(i, &y)| (i, y as usize))
+        .unzip();
+    let valid = picked.len();
+    let dev = prototypes.device().clone();
+    let min = sar_math::prototype::CAR_MIN_LOSS;
+    if valid == 0 {
+        // m = 0: the clipped value, zero gradient; the rows' tape joins the caller's graph.
+        let (_, tape) = rows.split_tape();
+        let loss = (dev.zeros::<Rank0>() + from_f64::<E>(min * weight)).put_tape(tape);
+        return Ok((loss, min, 0));
+    }
+    let picked = rows.gather(dev.tensor_from_vec(picked, (valid,)));
+    let targets = prototypes
+        .clone()
+        .gather(dev.tensor_from_vec(classes_of, (valid,)));
+    let diff = picked - targets;
+    let sign: Vec<E> = diff
+        .as_vec()
+        .into_iter()
+        .map(|v| {
+            if v > E::default() {
+                E::ONE
+            } else if v < E::default() {
+                E::default() - E::ONE
+            } else {
+                E::default()
+            }
+        })
+        .collect();
+    let sign = dev.tensor_from_vec(sign, (valid, d));
+    let mean = (diff * sign).sum::<Rank0, _>() * from_f64::<E>(1.0 / (m * d) as f64);
+    let raw = mean.square();
+    let raw_value = to_f64(raw.as_vec()[0]);
+    if !raw_value.is_finite() {
+        return Err(SarError::NonFinite {
+            op: sar_math::Op::Car,
+            what: "CAR loss (features inside Ω)",
+        }
+        .into());
+    }
+    Ok(if raw_value >= min {
+        (raw * from_f64::<E>(weight), raw_value, valid)
+    } else {
+        // torch.clamp below the bound: the bound's value, zero gradient.
+        (
+            (raw * E::default() + from_f64::<E>(min)) * from_f64::<E>(weight),
+            min,
+            valid,
+        )
+    })
+}
+
+impl<E: Float, D: SarDevice<E>> DfdxBackend<E, D> {
+    /// [`BaselineBackend::class_prototypes`] on the host (the per-class sums are a few
+    /// hundred values; the features are read once).
+    fn prototypes_host(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(DfdxTensor<E, D>, Vec<u64>)> {
+        let (rows, y) = baseline_rows(
+            self,
+            "prototypes",
+            features,
+            features.data.clone(),
+            labels,
+            classes,
+            ignore_index,
+        )?;
+        let (_, d) = *rows.shape();
+        let values = host(&rows);
+        let (mut sums, mut counts) = (vec![0.0f64; classes * d], vec![0u64; classes]);
+        for (i, &label) in y.iter().enumerate() {
+            if label == ignore_index {
+                continue;
+            }
+            let c = label as usize;
+            counts[c] += 1;
+            for k in 0..d {
+                sums[c * d + k] += values[i * d + k];
+            }
+        }
+        let mut p = vec![E::default(); classes * d];
+        for c in 0..classes {
+            if counts[c] > 0 {
+                for k in 0..d {
+                    p[c * d + k] = from_f64(sums[c * d + k] / counts[c] as f64);
+                }
+            }
+        }
+        Ok((
+            DfdxTensor {
+                data: self.device.tensor_from_vec(p, (classes * d,)),
+                shape: vec![classes, d],
+            },
+            counts,
+        ))
+    }
+
+    /// [`BaselineBackend::car`] on `traced` (see [`DfdxBackend::p2a_on`]).
+    pub(crate) fn car_on(
+        &self,
+        features: &DfdxTensor<E, D>,
+        traced: Flat<E, D, OwnedTape<E, D>>,
+        labels: &DfdxLabels,
+        prototypes: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let [classes, d] = prototypes.shape[..] else {
+            return shape_err(format!(
+                "car: prototypes must be [C, D], got {:?}",
+                prototypes.shape
+            ));
+        };
+        let (rows, y) =
+            baseline_rows(self, "car", features, traced, labels, classes, ignore_index)?;
+        if rows.shape().1 != d {
+            return shape_err(format!(
+                "car: prototypes {:?} for features {:?}",
+                prototypes.shape, features.shape
+            ));
+        }
+        let p = prototypes.matrix(classes, d);
+        let (loss, value, valid) = car_rows(rows, &y, &p, ignore_index, weight)?;
+        Ok(P2aOutput {
+            loss: DfdxLoss::new(loss),
+            value,
+            valid,
+        })
+    }
+}
+
+impl<E: Float, D: SarDevice<E>> BaselineBackend for DfdxBackend<E, D> {
+    fn class_prototypes(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(DfdxTensor<E, D>, Vec<u64>)> {
+        self.prototypes_host(features, labels, classes, ignore_index)
+    }
+
+    fn car(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        prototypes: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = trace(&features.data)?;
+        self.car_on(features, traced, labels, prototypes, ignore_index, weight)
+    }
 }

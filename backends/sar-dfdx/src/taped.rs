@@ -5,7 +5,7 @@ use crate::{
     SarDfdxError,
 };
 use dfdx::prelude::*;
-use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, BaselineBackend, Mixup, P2aOutput, SarBackend};
 use sar_math::WeightMode;
 use std::cell::RefCell;
 
@@ -146,5 +146,30 @@ impl<E: Float, D: SarDevice<E>> SarBackend for TapedBackend<E, D> {
             anchors,
             (ignore_index, class_active, weight),
         )
+    }
+}
+
+impl<E: Float, D: SarDevice<E>> BaselineBackend for TapedBackend<E, D> {
+    fn class_prototypes(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(DfdxTensor<E, D>, Vec<u64>)> {
+        self.inner
+            .class_prototypes(features, labels, classes, ignore_index)
+    }
+    fn car(
+        &self,
+        features: &DfdxTensor<E, D>,
+        labels: &DfdxLabels,
+        prototypes: &DfdxTensor<E, D>,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<DfdxLoss<E, D>>> {
+        let traced = Self::carried(&self.features, features)?;
+        self.inner
+            .car_on(features, traced, labels, prototypes, ignore_index, weight)
     }
 }

@@ -14,7 +14,7 @@
 
 use ndarray::{ArrayD, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut4, IxDyn};
 use sar_math::anchor_ce::anchor_ce_owned;
-use sar_math::backend::{AnchorCeOutput, Mixup, P2aOutput, SarBackend};
+use sar_math::backend::{AnchorCeOutput, BaselineBackend, Mixup, P2aOutput, SarBackend};
 use sar_math::p2a::{p2a_rows, FeatureGeometry, P2aTargets, RowLabels};
 use sar_math::{Label, Real, SarError, WeightMode};
 use std::marker::PhantomData;
@@ -379,6 +379,111 @@ impl<F: Real + Default> SarBackend for NdarrayBackend<F> {
             loss: NdLoss {
                 value: weight * value,
                 grad,
+            },
+            value,
+            valid,
+        })
+    }
+}
+
+/// The geometry of `[B, D, H, W]` features with `[B, H', W']` labels, or `[N, D]` with `[N]`.
+fn baseline_geometry(
+    op: &str,
+    features: &[usize],
+    labels: &[usize],
+) -> Result<FeatureGeometry, NdError> {
+    let g = |batch, channels, height, width, label_height, label_width| FeatureGeometry {
+        batch,
+        channels,
+        height,
+        width,
+        label_height,
+        label_width,
+    };
+    match (features, labels) {
+        (&[b, d, h, w], &[lb, lh, lw]) if b == lb => Ok(g(b, d, h, w, lh, lw)),
+        (&[n, d], &[ln]) if n == ln => Ok(g(n, d, 1, 1, 1, 1)),
+        (f, l) => Err(NdError::Shape(format!(
+            "{op}: features {f:?} and labels {l:?} must be [B, D, H, W] with [B, H', W'], or [N, D] with [N]"
+        ))),
+    }
+}
+
+impl<F: Real + Default> BaselineBackend for NdarrayBackend<F> {
+    fn class_prototypes(
+        &self,
+        features: &ArrayD<F>,
+        labels: &ArrayD<i64>,
+        classes: usize,
+        ignore_index: i64,
+    ) -> Result<(ArrayD<F>, Vec<u64>), NdError> {
+        let geometry = baseline_geometry("prototypes", features.shape(), labels.shape())?;
+        let d = geometry.channels;
+        let zeros = vec![F::zero(); classes * d];
+        let targets = P2aTargets {
+            anchors: &zeros,
+            classes,
+            ignore_index,
+            class_active: None,
+        };
+        let (mut p, mut counts) = (vec![F::zero(); classes * d], vec![0u64; classes]);
+        sar_math::prototype::class_prototypes(
+            &contiguous(features),
+            &contiguous(labels),
+            &geometry,
+            &targets,
+            &mut p,
+            &mut counts,
+        )?;
+        Ok((
+            ArrayD::from_shape_vec(IxDyn(&[classes, d]), p).expect("[C, D]"),
+            counts,
+        ))
+    }
+
+    fn car(
+        &self,
+        features: &ArrayD<F>,
+        labels: &ArrayD<i64>,
+        prototypes: &ArrayD<F>,
+        ignore_index: i64,
+        weight: f64,
+    ) -> Result<P2aOutput<NdLoss<F>>, NdError> {
+        let geometry = baseline_geometry("car", features.shape(), labels.shape())?;
+        let p = self.anchors_view(prototypes)?;
+        if p.ncols() != geometry.channels {
+            return Err(NdError::Shape(format!(
+                "car: prototypes {:?} for features with D = {}",
+                p.shape(),
+                geometry.channels
+            )));
+        }
+        let p = p.as_standard_layout();
+        let targets = P2aTargets {
+            anchors: p.as_slice().expect("standard"),
+            classes: p.nrows(),
+            ignore_index,
+            class_active: None,
+        };
+        let labels = contiguous(labels);
+        let mut grad = vec![F::zero(); features.len()];
+        let value = sar_math::prototype::car_intra_class(
+            &contiguous(features),
+            &labels,
+            &geometry,
+            &targets,
+            Some(&mut grad),
+        )?
+        .as_f64();
+        let w = F::from_f64(weight);
+        grad.iter_mut().for_each(|g| *g = w * *g);
+        let valid = sar_math::p2a::p2a_valid_count_nchw(&labels, &geometry, &targets)?;
+        Ok(P2aOutput {
+            loss: NdLoss {
+                value: weight * value,
+                grad: Arc::new(
+                    ArrayD::from_shape_vec(IxDyn(features.shape()), grad).expect("shape"),
+                ),
             },
             value,
             valid,

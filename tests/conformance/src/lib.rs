@@ -14,7 +14,7 @@
 //! 1e-4 for gradients, with small absolute floors (stated in the constants).
 
 use sar_math::anchor_ce::{anchor_ce_owned, gate};
-use sar_math::backend::{BackendSarState, P2aOutput, SarBackend};
+use sar_math::backend::{BackendSarState, BaselineBackend, P2aOutput, SarBackend};
 use sar_math::rng::SeededRng;
 
 mod mixup;
@@ -644,6 +644,203 @@ pub fn check_errors<B: SarBackend>(b: &B, _tol: Tol) -> Check {
     Ok(())
 }
 
+/// The tensor and label shapes of a baseline problem: NCHW, or rows `[N, D]` when the map is
+/// 1×1 and `rows` is set.
+fn baseline_shapes(g: &FeatureGeometry, rows: bool) -> (Vec<usize>, Vec<usize>) {
+    if rows {
+        (vec![g.batch, g.channels], vec![g.batch])
+    } else {
+        (
+            vec![g.batch, g.channels, g.height, g.width],
+            vec![g.batch, g.label_height, g.label_width],
+        )
+    }
+}
+
+/// Spec §7: batch class prototypes (values and counts, absent classes zero) and CAR's
+/// intra-class loss with its gradient toward them, on NCHW maps with label resampling and on
+/// rows, with ignored pixels, an absent class, an empty Ω and the 1e-5 clip.
+pub fn check_baselines<B: BaselineBackend>(b: &B, tol: Tol) -> Check {
+    let mut rng = SeededRng::new(17);
+    let cases = [
+        (geometry(2, 6, 5, 7, 26, 22), 4, 15, false),
+        (geometry(1, 3, 8, 8, 32, 32), 19, 10, false),
+        (geometry(12, 5, 1, 1, 1, 1), 6, 20, true),
+        (geometry(3, 4, 1, 1, 1, 1), 10, 0, true), // most classes absent
+        (geometry(1, 3, 4, 4, 8, 8), 3, 100, false), // Ω empty
+    ];
+    for (i, (g, c, ignore_share, rows)) in cases.into_iter().enumerate() {
+        let p = problem(&mut rng, tol, g, c, ignore_share);
+        let zeros = vec![0.0; c * g.channels];
+        let targets = P2aTargets {
+            anchors: &zeros,
+            classes: c,
+            ignore_index: 255,
+            class_active: None,
+        };
+        let (mut protos, mut counts) = (vec![0.0; c * g.channels], vec![0u64; c]);
+        sar_math::prototype::class_prototypes(
+            &p.features,
+            &p.labels,
+            &g,
+            &targets,
+            &mut protos,
+            &mut counts,
+        )
+        .map_err(e("reference prototypes"))?;
+        let (fs, ls) = baseline_shapes(&g, rows);
+        let ft = b.tensor(&fs, &p.features).map_err(e("tensor"))?;
+        let lt = b.labels(&ls, &p.labels).map_err(e("labels"))?;
+        let (got_p, got_n) = b
+            .class_prototypes(&ft, &lt, c, 255)
+            .map_err(e("class_prototypes"))?;
+        let ctx = format!("case {i}");
+        if got_n != counts {
+            return Err(format!("{ctx}: counts {got_n:?} vs {counts:?}"));
+        }
+        let got_p = b.to_host(&got_p).map_err(e("to_host"))?;
+        close(
+            &format!("{ctx} prototypes"),
+            &got_p,
+            &protos,
+            tol.rel,
+            tol.abs,
+        )?;
+        // CAR toward the reference prototypes (rounded like the inputs), and toward the
+        // features' own values (m = 0: the clip).
+        let protos = tol.round(&protos);
+        for (what, features) in [("car", p.features.clone()), ("car clipped", Vec::new())] {
+            let (features, prototypes) = if features.is_empty() {
+                // Every valid pixel on its prototype: a constant map per class.
+                let d = g.channels;
+                let mut f = vec![0.0; g.feature_len().unwrap()];
+                for (k, v) in f.iter_mut().enumerate() {
+                    *v = (k / (g.height * g.width) % d) as f64;
+                }
+                let proto: Vec<f64> = (0..c * d).map(|k| (k % d) as f64).collect();
+                (f, proto)
+            } else {
+                (features, protos.clone())
+            };
+            let targets = P2aTargets {
+                anchors: &prototypes,
+                classes: c,
+                ignore_index: 255,
+                class_active: None,
+            };
+            let mut want_grad = vec![0.0; features.len()];
+            let want = sar_math::prototype::car_intra_class(
+                &features,
+                &p.labels,
+                &g,
+                &targets,
+                Some(&mut want_grad),
+            )
+            .map_err(e("reference car"))?;
+            let valid = sar_math::p2a::p2a_valid_count_nchw(&p.labels, &g, &targets)
+                .map_err(e("reference count"))?;
+            for weight in [1.0, 0.1] {
+                let ft = b.tensor(&fs, &features).map_err(e("tensor"))?;
+                let pt = b.detach(
+                    &b.tensor(&[c, g.channels], &prototypes)
+                        .map_err(e("tensor"))?,
+                );
+                let got = b.car(&ft, &lt, &pt, 255, weight).map_err(e("car"))?;
+                let ctx = format!("{ctx} {what} weight {weight}");
+                check_p2a_output(b, &ctx, &got, &ft, (valid, want, &want_grad), weight, tol)?;
+            }
+        }
+    }
+    // Bad labels are an error.
+    let ft = b.tensor(&[2, 3], &[0.0; 6]).map_err(e("tensor"))?;
+    let lt = b.labels(&[2], &[0, 7]).map_err(e("labels"))?;
+    if b.class_prototypes(&ft, &lt, 3, 255).is_ok() {
+        return Err("prototypes: label 7 for 3 classes was accepted".into());
+    }
+    Ok(())
+}
+
+/// The EM-style prototype baseline over a sequence of batches ([`sar_math::backend::prototype_step`]):
+/// the EMA of class prototypes (first sight copies, absent classes keep their row, never-seen
+/// classes stay uninitialised) and the p2a loss toward it, against the host kernels.
+pub fn check_prototype_steps<B: BaselineBackend>(b: &B, tol: Tol) -> Check {
+    let (n, d, c) = (8, 3, 4);
+    let mut rng = SeededRng::new(19);
+    let cfg = SarConfig {
+        alpha: 0.9,
+        ..SarConfig::default()
+    };
+    let zeros = b.detach(&b.tensor(&[c, d], &vec![0.0; c * d]).map_err(e("tensor"))?);
+    let mut got_state = BackendSarState::new(cfg, c, zeros).map_err(e("state"))?;
+    let (mut semantic, mut initialized) = (vec![0.0; c * d], vec![false; c]);
+    // Class 3 never occurs; class 2 is absent from the second batch.
+    let batches: [&[i64]; 3] = [
+        &[0, 1, 2, 0, 1, 2, 255, 0],
+        &[0, 1, 1, 0, 255, 0, 1, 1],
+        &[2, 2, 0, 1, 0, 1, 2, 255],
+    ];
+    for (step, labels) in batches.into_iter().enumerate() {
+        let f = tol.round(&normals(&mut rng, n * d, 1.0));
+        let g = geometry(n, d, 1, 1, 1, 1);
+        let zeros = vec![0.0; c * d];
+        let t = P2aTargets {
+            anchors: &zeros,
+            classes: c,
+            ignore_index: 255,
+            class_active: None,
+        };
+        let (mut protos, mut counts) = (vec![0.0; c * d], vec![0u64; c]);
+        sar_math::prototype::class_prototypes(&f, labels, &g, &t, &mut protos, &mut counts)
+            .map_err(e("reference prototypes"))?;
+        let present: Vec<bool> = counts.iter().map(|&k| k > 0).collect();
+        let protos = tol.round(&protos);
+        sar_math::ema::ema_update_per_class(
+            &mut semantic,
+            &mut initialized,
+            &protos,
+            c,
+            d,
+            cfg.alpha,
+            &present,
+        )
+        .map_err(e("reference ema"))?;
+        let t = P2aTargets {
+            anchors: &semantic,
+            classes: c,
+            ignore_index: 255,
+            class_active: Some(&initialized),
+        };
+        let mut want_grad = vec![0.0; f.len()];
+        let want = p2a_rows(&f, RowLabels::Plain(labels), d, &t, Some(&mut want_grad))
+            .map_err(e("reference p2a"))?;
+        let ft = b.tensor(&[n, d], &f).map_err(e("tensor"))?;
+        let lt = b.labels(&[n], labels).map_err(e("labels"))?;
+        let got = sar_math::backend::prototype_step(b, &mut got_state, &ft, &lt, 0.5)
+            .map_err(e("prototype_step"))?;
+        let ctx = format!("step {step}");
+        if got_state.initialized != initialized {
+            return Err(format!(
+                "{ctx}: initialised {:?} vs {initialized:?}",
+                got_state.initialized
+            ));
+        }
+        let got_semantic = b.to_host(&got_state.semantic).map_err(e("to_host"))?;
+        close(
+            &format!("{ctx} EMA"),
+            &got_semantic,
+            &semantic,
+            tol.rel,
+            tol.abs,
+        )?;
+        let want = (want.valid, want.loss, &want_grad[..]);
+        check_p2a_output(b, &ctx, &got.loss, &ft, want, 0.5, tol)?;
+    }
+    if initialized[3] {
+        return Err("a class that never occurred was initialised".into());
+    }
+    Ok(())
+}
+
 /// Instantiates the whole suite as `#[test]`s in a module `$name`, for the backend that
 /// `$make` builds (an `Option`: `None` skips, e.g. no GPU present) with tolerances `$tol`.
 #[macro_export]
@@ -663,6 +860,8 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@one $make, $tol, steps, check_steps);
             $crate::conformance_tests!(@one $make, $tol, steps_mixup, check_steps_mixup);
             $crate::conformance_tests!(@one $make, $tol, errors, check_errors);
+            $crate::conformance_tests!(@one $make, $tol, baselines, check_baselines);
+            $crate::conformance_tests!(@one $make, $tol, prototype_steps, check_prototype_steps);
         }
     };
     (@one $make:expr, $tol:expr, $test:ident, $check:ident) => {

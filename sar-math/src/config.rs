@@ -42,6 +42,24 @@ pub enum WeightMode {
     Uniform,
 }
 
+/// Which feature regulariser a head applies: SAR or one of the baselines the paper compares
+/// it with (spec §7, Table 7). λ2 (`lambda_p2a`) weighs the feature term of every kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum RegularizerKind {
+    /// SAR (the released code): embedding, aux CE, gate, EMA, p2a toward Â.
+    #[default]
+    Sar,
+    /// CR: p2a toward the raw pre-defined anchors A every step; no embedding, no aux CE, no gate.
+    Cr,
+    /// CAR's intra-class loss toward this batch's detached class prototypes; stateless.
+    Car,
+    /// p2a toward an EMA (α = `alpha`) of per-class batch prototypes (Eq. 1–3); classes absent
+    /// from a batch keep their last prototype, classes never seen are outside Ω.
+    Prototype,
+}
+
 /// Hyper-parameters of SAR. Build with [`SarConfig::default`] and check with
 /// [`SarConfig::validate`]; every consumer in this crate validates again.
 #[derive(Debug, Clone, Copy, PartialEq)]

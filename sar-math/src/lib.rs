@@ -78,7 +78,7 @@ pub mod sgd;
 pub mod state;
 
 pub use anchors::AnchorKind;
-pub use config::{GateMode, SarConfig, WeightMode};
+pub use config::{GateMode, RegularizerKind, SarConfig, WeightMode};
 pub use error::{Op, Result, SarError};
 pub use real::{Label, Real};
 pub use state::SarState;

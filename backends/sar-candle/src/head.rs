@@ -15,6 +15,12 @@
 //! `{prefix}.embed.conv.weight`; buffers ([`SarHead::buffers`]) `{prefix}.anchors`,
 //! `{prefix}.semantic_anchors`, `{prefix}.initialized`. The prefix is normally `sar`.
 //!
+//! [`SarHeadConfig::regularizer`] swaps SAR for a baseline of spec §7 on the same anchors and
+//! state ([`RegularizerKind`]): `Cr` pulls the features toward A itself, `Car` applies CAR's
+//! intra-class loss toward the batch prototypes, `Prototype` pulls toward an EMA of the batch
+//! prototypes kept in the `semantic_anchors` buffer. None of them has h_ψ (no `embed.*`
+//! parameters) or L_aux; their [`SarStepOutput::gate_passed`] is true (the term always applies).
+//!
 //! Initialisation is reproducible from the seed: anchors by [`sar_math::anchors`], Linear and
 //! conv weights uniform in ±1/√D (PyTorch's default bound) from the same portable generator,
 //! BatchNorm weight 1 and bias 0.
@@ -23,9 +29,9 @@ use crate::{CandleBackend, Result, SarCandleError};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
 use sar_math::anchors::{generate_anchors, AnchorKind};
-use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::backend::{car_step, prototype_step, BackendSarState, Mixup, SarBackend};
 use sar_math::rng::SeededRng;
-use sar_math::SarConfig;
+use sar_math::{RegularizerKind, SarConfig};
 
 /// Which h_ψ (spec §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +92,8 @@ pub struct SarHeadConfig {
     pub anchor_kind: AnchorKind,
     /// Seed of the anchors and of h_ψ's initial weights (default 0).
     pub seed: u64,
+    /// SAR or a baseline (default [`RegularizerKind::Sar`]).
+    pub regularizer: RegularizerKind,
 }
 
 impl SarHeadConfig {
@@ -99,7 +107,14 @@ impl SarHeadConfig {
             kind: EmbeddingKind::Classification,
             anchor_kind: AnchorKind::Normal,
             seed: 0,
+            regularizer: RegularizerKind::Sar,
         }
+    }
+
+    /// With a baseline regulariser instead of SAR.
+    pub fn regularizer(mut self, regularizer: RegularizerKind) -> Self {
+        self.regularizer = regularizer;
+        self
     }
 
     /// With another name prefix.
@@ -136,6 +151,7 @@ pub struct SarHead {
     state: BackendSarState<Tensor>,
     classes: usize,
     dim: usize,
+    regularizer: RegularizerKind,
 }
 
 /// Gets `name` from `varmap`, or creates it from `init` (so a loaded checkpoint wins).
@@ -166,6 +182,7 @@ impl SarHead {
             kind,
             anchor_kind,
             seed,
+            regularizer,
         } = *cfg;
         config.validate()?;
         let (dev, dtype) = (backend.device().clone(), backend.dtype());
@@ -186,9 +203,11 @@ impl SarHead {
             })
         };
         let mut blocks = Vec::new();
-        let layers: &[(&str, &str, bool)] = match kind {
-            EmbeddingKind::Classification => &[("fc1", "bn1", true), ("fc2", "bn2", true)],
-            EmbeddingKind::Segmentation => &[
+        let layers: &[(&str, &str, bool)] = match (regularizer, kind) {
+            // The baselines have no embedding.
+            (RegularizerKind::Cr | RegularizerKind::Car | RegularizerKind::Prototype, _) => &[],
+            (_, EmbeddingKind::Classification) => &[("fc1", "bn1", true), ("fc2", "bn2", true)],
+            (_, EmbeddingKind::Segmentation) => &[
                 ("fc1", "bn1", true),
                 ("fc2", "bn2", true),
                 ("conv", "bn3", false),
@@ -226,7 +245,13 @@ impl SarHead {
             state,
             classes,
             dim,
+            regularizer,
         })
+    }
+
+    /// SAR or the baseline this head applies.
+    pub fn regularizer(&self) -> RegularizerKind {
+        self.regularizer
     }
 
     /// C.
@@ -272,6 +297,31 @@ impl SarHead {
         features: &Tensor,
         labels: &Tensor,
     ) -> Result<SarStepOutput> {
+        let (ignore, weight) = (self.state.config.ignore_index, self.state.config.lambda_p2a);
+        let b = &self.backend;
+        let baseline = match self.regularizer {
+            RegularizerKind::Sar => None,
+            RegularizerKind::Cr => {
+                Some(b.p2a(features, labels, &self.anchors, ignore, None, weight)?)
+            }
+            RegularizerKind::Car => {
+                Some(car_step(b, self.classes, ignore, features, labels, weight)?.loss)
+            }
+            RegularizerKind::Prototype => {
+                Some(prototype_step(b, &mut self.state, features, labels, weight)?.loss)
+            }
+        };
+        if let Some(p) = baseline {
+            return Ok(SarStepOutput {
+                loss: p.loss,
+                loss_aux: 0.0,
+                loss_p2a: p.value,
+                gate_passed: true,
+                class_pass: vec![true; self.classes],
+                valid: p.valid,
+                updated_classes: 0,
+            });
+        }
         let (e, z) = self.embed_and_classify(classifier)?;
         let step = self.state.step(&self.backend, &z, &e, features, labels)?;
         self.finish(step)
@@ -304,6 +354,31 @@ impl SarHead {
         };
         // Checked before the step, so that bad input leaves Â untouched.
         mixup.check(n, self.classes, self.state.config.ignore_index)?;
+        match self.regularizer {
+            RegularizerKind::Sar => {}
+            RegularizerKind::Cr => {
+                let (ignore, weight) =
+                    (self.state.config.ignore_index, self.state.config.lambda_p2a);
+                let p = self
+                    .backend
+                    .p2a_mixup(features, mixup, &self.anchors, ignore, None, weight)?;
+                return Ok(SarStepOutput {
+                    loss: p.loss,
+                    loss_aux: 0.0,
+                    loss_p2a: p.value,
+                    gate_passed: true,
+                    class_pass: vec![true; self.classes],
+                    valid: p.valid,
+                    updated_classes: 0,
+                });
+            }
+            RegularizerKind::Car | RegularizerKind::Prototype => {
+                return Err(SarCandleError::Shape(format!(
+                    "the {:?} baseline has no MixUp rule (batch prototypes of mixed images are undefined); train it without MixUp",
+                    self.regularizer
+                )))
+            }
+        }
         let (e, z) = self.embed_and_classify(classifier)?;
         let step = self
             .state

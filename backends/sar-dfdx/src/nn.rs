@@ -18,9 +18,9 @@ use crate::{
     dev_err, shape_err, DfdxLabels, DfdxLoss, DfdxTensor, Result, SarDevice, TapedBackend, Traced,
 };
 use dfdx::prelude::*;
-use sar_math::backend::{BackendSarState, Mixup};
+use sar_math::backend::{car_step, prototype_step, BackendSarState, Mixup, SarBackend};
 use sar_math::sgd::{sgd_step, SgdConfig};
-use sar_math::SarConfig;
+use sar_math::{RegularizerKind, SarConfig};
 use std::collections::BTreeMap;
 
 /// Rows `[R, C]` of f32 on device `D` with tape `T`.
@@ -202,6 +202,7 @@ pub struct SarHead<D: SarDevice<f32>> {
     prefix: String,
     classes: usize,
     dim: usize,
+    regularizer: RegularizerKind,
 }
 
 /// What a [`SarHead`] is built from (besides its anchors): SAR's hyper-parameters, C, D and
@@ -216,6 +217,8 @@ pub struct SarHeadConfig {
     pub classes: usize,
     /// D.
     pub dim: usize,
+    /// SAR or a baseline (default SAR), as in `sar-candle`: the baselines have no h_ψ.
+    pub regularizer: RegularizerKind,
 }
 
 impl SarHeadConfig {
@@ -226,7 +229,14 @@ impl SarHeadConfig {
             sar,
             classes,
             dim,
+            regularizer: RegularizerKind::Sar,
         }
+    }
+
+    /// With a baseline regulariser instead of SAR.
+    pub fn regularizer(mut self, regularizer: RegularizerKind) -> Self {
+        self.regularizer = regularizer;
+        self
     }
 
     /// With another name prefix.
@@ -245,6 +255,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
             sar: config,
             classes,
             dim,
+            regularizer,
         } = *cfg;
         config.validate()?;
         if anchors.len() != classes * dim {
@@ -263,7 +274,13 @@ impl<D: SarDevice<f32>> SarHead<D> {
             prefix: prefix.to_string(),
             classes,
             dim,
+            regularizer,
         })
+    }
+
+    /// SAR or the baseline this head applies.
+    pub fn regularizer(&self) -> RegularizerKind {
+        self.regularizer
     }
 
     /// SAR's hyper-parameters.
@@ -341,6 +358,9 @@ impl<D: SarDevice<f32>> SarHead<D> {
             m.check(n, self.classes, self.state.config.ignore_index)?;
         }
         let (c, dim) = (self.classes, self.dim);
+        if self.regularizer != RegularizerKind::Sar {
+            return self.baseline_step(params, features, labels, mixup);
+        }
         let e: Rows<D, OwnedTape<f32, D>> = self.embed(params)?;
         let embedded = DfdxTensor {
             data: e.retaped::<NoneTape>().reshape_like(&(c * dim,)),
@@ -388,6 +408,52 @@ impl<D: SarDevice<f32>> SarHead<D> {
             loss_p2a: p2a.value,
             gate_passed: true,
             valid: p2a.valid,
+        })
+    }
+
+    /// [`SarHead::step`] of a baseline (CR, CAR, prototypes; see `sar-candle`'s head).
+    fn baseline_step(
+        &mut self,
+        params: &Params<D>,
+        features: Rows<D, OwnedTape<f32, D>>,
+        labels: &[i64],
+        mixup: Option<Mixup<'_>>,
+    ) -> Result<SarStep<D, OwnedTape<f32, D>>> {
+        let n = labels.len();
+        let (ignore, weight) = (self.state.config.ignore_index, self.state.config.lambda_p2a);
+        let (b, ft) = TapedBackend::carrying_features(params.device(), features);
+        let lt = DfdxLabels {
+            data: labels.to_vec(),
+            shape: vec![n],
+        };
+        let anchors = DfdxTensor {
+            data: self
+                .anchors
+                .clone()
+                .reshape_like(&(self.classes * self.dim,)),
+            shape: vec![self.classes, self.dim],
+        };
+        let out = match (self.regularizer, mixup) {
+            (RegularizerKind::Cr, None) => b.p2a(&ft, &lt, &anchors, ignore, None, weight)?,
+            (RegularizerKind::Cr, Some(m)) => b.p2a_mixup(&ft, m, &anchors, ignore, None, weight)?,
+            (RegularizerKind::Car, None) => {
+                car_step(&b, self.classes, ignore, &ft, &lt, weight)?.loss
+            }
+            (RegularizerKind::Prototype, None) => {
+                prototype_step(&b, &mut self.state, &ft, &lt, weight)?.loss
+            }
+            (kind, _) => {
+                return shape_err(format!(
+                    "the {kind:?} baseline has no MixUp rule (batch prototypes of mixed images are undefined); train it without MixUp"
+                ))
+            }
+        };
+        Ok(SarStep {
+            loss: traced(out.loss)?,
+            loss_aux: 0.0,
+            loss_p2a: out.value,
+            gate_passed: true,
+            valid: out.valid,
         })
     }
 

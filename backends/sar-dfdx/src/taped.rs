@@ -50,6 +50,25 @@ impl<E: Float, D: SarDevice<E>> TapedBackend<E, D> {
         (b, zt, ft)
     }
 
+    /// A backend carrying only the features' tape (the baselines have no anchor logits).
+    pub(crate) fn carrying_features(
+        device: &D,
+        features: Matrix<E, D, OwnedTape<E, D>>,
+    ) -> (Self, DfdxTensor<E, D>) {
+        let (r, c) = *features.shape();
+        let f = features.reshape_like(&(r * c,));
+        let leaf = DfdxTensor {
+            data: f.retaped::<NoneTape>(),
+            shape: vec![r, c],
+        };
+        let b = TapedBackend {
+            inner: DfdxBackend::new(device.clone()),
+            logits: RefCell::new(None),
+            features: RefCell::new(Some(f)),
+        };
+        (b, leaf)
+    }
+
     /// The carried features' tape when no loss consumed it (the gate failed): the caller joins
     /// it to its graph.
     pub(crate) fn take_features(&self) -> Option<Flat<E, D, OwnedTape<E, D>>> {

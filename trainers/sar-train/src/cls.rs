@@ -171,6 +171,7 @@ pub fn build(cfg: &TrainConfig, channels: usize, classes: usize) -> anyhow::Resu
         let head = SarHeadConfig::new(cfg.sar.hyperparameters(), classes, model.feature_dim())
             .kind(EmbeddingKind::Classification)
             .anchor_kind(cfg.sar.anchors)
+            .regularizer(cfg.sar.kind)
             .seed(cfg.run.seed);
         Some(SarHead::new(&varmap, backend, &head)?)
     } else {

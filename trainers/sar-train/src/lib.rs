@@ -5,6 +5,7 @@
 //! - [`tensorio`]: named-tensor I/O over safetensors with atomic writes;
 //! - [`bench`](mod@bench): `sar bench`, SAR step timings per backend beside a memory copy;
 //! - [`demo`]: `sar demo`, baseline against SAR on long-tailed digits over several seeds;
+//! - [`compare`]: `sar compare`, arms (config variants) × seeds and a paired table;
 //! - [`config`], [`checkpoint`]: TOML configs, verified atomic checkpoints;
 //! - [`train`]: `sar train` / `sar eval` at the top, choosing the task and the trainee;
 //! - [`run`]: the training loop shared by every task and library (imports no task), with
@@ -18,6 +19,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cls;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod evaluation;

@@ -44,8 +44,59 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a checkpoint on its configuration's test set.
     Eval(EvalArgs),
+    /// Train several arms (config variants, e.g. SAR's ablations or the baselines CR / CAR /
+    /// prototypes) over several seeds and print a table with paired differences against the
+    /// first arm. Finished runs are read, interrupted ones resumed.
+    Compare(CompareArgs),
     /// Write the example reference case (the one in examples/reference/) to a file.
     ReferenceExample(ReferenceExampleArgs),
+}
+
+/// Arguments of `sar compare`.
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// The base configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// An arm: `NAME[:section.key=value,…]` (TOML values, as `--set`); repeatable, the first is
+    /// the reference. `--arm sar` alone is the base config.
+    #[arg(long = "arm", value_name = "NAME[:KEY=VALUE,...]", required = true)]
+    arms: Vec<String>,
+    /// Seeds (`run.seed`), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Override a config value in every arm (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Folder of the run folders and the table (default `runs/compare`).
+    #[arg(long, default_value = "runs/compare")]
+    output: PathBuf,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    let arms = args
+        .arms
+        .iter()
+        .map(|a| sar_train::compare::Arm::parse(a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = sar_train::compare::CompareSpec {
+        config: args.config,
+        arms,
+        seeds: args.seeds,
+        common: args.overrides,
+        output: args.output.clone(),
+        verbose: !args.quiet,
+    };
+    let c = sar_train::compare::compare(&spec)?;
+    print!("{}", sar_train::compare::markdown(&c));
+    println!(
+        "\nwritten: {}/compare.{{json,md}}, compare-per-class.png",
+        args.output.display()
+    );
+    Ok(())
 }
 
 /// Arguments of `sar reference`.
@@ -221,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo(args),
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
+        Command::Compare(args) => compare(args),
         Command::ReferenceExample(args) => reference_example(args),
     }
 }

@@ -129,6 +129,7 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
         let head = SarHeadConfig::new(cfg.sar.hyperparameters(), classes, model.feature_dim())
             .kind(EmbeddingKind::Segmentation)
             .anchor_kind(cfg.sar.anchors)
+            .regularizer(cfg.sar.kind)
             .seed(cfg.run.seed);
         Some(SarHead::new(&varmap, backend, &head)?)
     } else {

@@ -7,7 +7,8 @@
 //! [model]    # classification: arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, init, pretrained
 //!            # segmentation: backbone, head, aux, aux_weight, dropout, width, pretrained
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
-//! [sar]      # enabled, anchors, tau, delta, alpha, lambda_aux, lambda_p2a, gate, weights
+//! [sar]      # enabled, kind, aux_ce, ema, reweight, anchors, tau, delta, alpha, lambda_aux,
+//!            # lambda_p2a, gate, weights
 //! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
 //! ```
@@ -18,7 +19,7 @@ mod validate;
 
 use anyhow::{bail, ensure, Context};
 use sar_math::anchors::AnchorKind;
-use sar_math::{GateMode, SarConfig, WeightMode};
+use sar_math::{GateMode, RegularizerKind, SarConfig, WeightMode};
 use sar_models::params::InitScheme;
 use sar_models::seg::{SegBackbone, SegHeadKind};
 use sar_models::{Arch, Stem};
@@ -466,6 +467,14 @@ impl Default for OptimConfig {
 pub struct SarSection {
     /// SAR on (true) or the plain baseline.
     pub enabled: bool,
+    /// The regulariser ("sar"; or a comparison baseline: "cr", "car", "prototype").
+    pub kind: RegularizerKind,
+    /// Table 7's ablation: L_aux in the loss (true). false ≡ λ1 = 0.
+    pub aux_ce: bool,
+    /// Table 7's ablation: the EMA of Eq. 8 (true). false ≡ α = 0.
+    pub ema: bool,
+    /// Table 7's ablation: the re-weighting of Eq. 6–7 (true). false ≡ weights = "uniform".
+    pub reweight: bool,
     /// Pre-defined anchors ("normal").
     pub anchors: AnchorKind,
     /// τ (0.9).
@@ -489,6 +498,10 @@ impl Default for SarSection {
         let d = SarConfig::default();
         SarSection {
             enabled: true,
+            kind: RegularizerKind::Sar,
+            aux_ce: true,
+            ema: true,
+            reweight: true,
             anchors: AnchorKind::Normal,
             tau: d.tau,
             delta: d.delta,
@@ -503,15 +516,22 @@ impl Default for SarSection {
 
 impl SarSection {
     /// SAR's hyper-parameters as sar-math takes them (τ, δ, α, λ1, λ2, gate, weights).
+    /// The ablation switches are folded in here: `aux_ce = false` gives λ1 = 0, `ema = false`
+    /// α = 0 (Â ← E whenever the gate passes, so p2a pulls toward this step's detached
+    /// h_ψ(A)), `reweight = false` the uniform weights (the plain mean of the anchor CEs).
     pub fn hyperparameters(&self) -> SarConfig {
         SarConfig {
             tau: self.tau,
             delta: self.delta,
-            alpha: self.alpha,
-            lambda_aux: self.lambda_aux,
+            alpha: if self.ema { self.alpha } else { 0.0 },
+            lambda_aux: if self.aux_ce { self.lambda_aux } else { 0.0 },
             lambda_p2a: self.lambda_p2a,
             gate: self.gate,
-            weights: self.weights,
+            weights: if self.reweight {
+                self.weights
+            } else {
+                WeightMode::Uniform
+            },
             ..SarConfig::default()
         }
     }

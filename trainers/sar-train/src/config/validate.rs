@@ -14,11 +14,38 @@ impl TrainConfig {
         self.validate_data()?;
         self.validate_optim_and_train()?;
         self.validate_eval()?;
-        self.sar
-            .hyperparameters()
+        self.validate_sar()?;
+        self.validate_run()
+    }
+
+    /// `[sar]`: the hyper-parameters' domains, and the regulariser kind with its switches.
+    fn validate_sar(&self) -> anyhow::Result<()> {
+        let s = &self.sar;
+        s.hyperparameters()
             .validate()
             .map_err(|e| anyhow::anyhow!("[sar]: {e}"))?;
-        self.validate_run()
+        ensure!(
+            s.reweight || s.weights == WeightMode::Attached,
+            "sar.reweight = false replaces sar.weights (the plain mean has no weights to detach); leave sar.weights at \"attached\""
+        );
+        if s.kind != RegularizerKind::Sar {
+            let name = serde_json::to_string(&s.kind)?;
+            ensure!(
+                s.aux_ce && s.reweight,
+                "sar.aux_ce and sar.reweight switch off parts of SAR; sar.kind = {name} has neither (leave them true)"
+            );
+            ensure!(
+                s.ema || s.kind == RegularizerKind::Prototype,
+                "sar.ema applies to SAR and to sar.kind = \"prototype\" only, not to {name}"
+            );
+        }
+        let mixup = !self.data.dataset.is_segmentation() && self.data.mixup_alpha > 0.0;
+        ensure!(
+            !(mixup && matches!(s.kind, RegularizerKind::Car | RegularizerKind::Prototype)),
+            "sar.kind = {} builds batch prototypes, which MixUp's blended images do not have; set data.mixup_alpha = 0 (\"sar\" and \"cr\" take MixUp)",
+            serde_json::to_string(&s.kind)?
+        );
+        Ok(())
     }
 
     /// A classifier for a classification data set, a segmenter for a segmentation one.

@@ -450,6 +450,7 @@ fn checkpoint_to_resume(
         ("[model]", old.model == cfg.model),
         ("[data]", old.data == cfg.data),
         ("sar.enabled", old.sar.enabled == cfg.sar.enabled),
+        ("sar.kind", old.sar.kind == cfg.sar.kind),
         ("run.seed", old.run.seed == cfg.run.seed),
         (
             "train.batch_size",

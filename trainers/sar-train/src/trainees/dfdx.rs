@@ -86,7 +86,7 @@ fn on_dfdx<D: SarDevice<f32>>(
     let head = match &setup.head {
         Some(h) => Some(SarHead::new(
             device,
-            &SarHeadConfig::new(*h.config(), h.classes(), h.dim()),
+            &SarHeadConfig::new(*h.config(), h.classes(), h.dim()).regularizer(h.regularizer()),
             to_host(&h.buffers()?[0].1)?.1,
         )?),
         None => None,

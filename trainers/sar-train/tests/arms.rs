@@ -117,8 +117,9 @@ fn every_baseline_arm_trains_on_both_backends_alike() {
             parts.push(train_parts(dir.path()));
         }
         // Same weights, data and order: the first steps agree to f32 rounding.
-        for step in 0..3 {
-            let ((lc, _, pc), (ld, _, pd)) = (parts[0][step], parts[1][step]);
+        for (step, (&(lc, _, pc), &(ld, _, pd))) in
+            parts[0].iter().zip(&parts[1]).take(3).enumerate()
+        {
             assert!(
                 (lc - ld).abs() < 1e-4 * lc.abs() && (pc - pd).abs() < 1e-3 * pc.abs(),
                 "{kind} step {step}: candle ({lc}, {pc}) vs dfdx ({ld}, {pd})"

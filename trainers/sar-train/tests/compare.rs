@@ -4,7 +4,7 @@
 use sar_train::compare::{compare, Arm, CompareSpec};
 use sar_train::config::load;
 use sar_train::train::{train, TrainOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const BASE: &str = r#"
 [run]
@@ -48,7 +48,7 @@ fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
 
-fn modified(p: &PathBuf) -> std::time::SystemTime {
+fn modified(p: &Path) -> std::time::SystemTime {
     std::fs::metadata(p.join("report.json"))
         .unwrap()
         .modified()
@@ -91,9 +91,9 @@ fn compare_trains_every_arm_and_seed_continues_after_an_interruption_and_tables_
 
     // The continued comparison is the uninterrupted one, number for number.
     assert_eq!(
-        serde_json::to_value(&full.arms.iter().map(|x| &x.metrics).collect::<Vec<_>>()).unwrap(),
+        serde_json::to_value(full.arms.iter().map(|x| &x.metrics).collect::<Vec<_>>()).unwrap(),
         serde_json::to_value(
-            &continued
+            continued
                 .arms
                 .iter()
                 .map(|x| &x.metrics)
@@ -149,13 +149,13 @@ fn compare_trains_every_arm_and_seed_continues_after_an_interruption_and_tables_
     let before: Vec<_> = continued
         .arms
         .iter()
-        .flat_map(|x| x.runs.iter().map(modified))
+        .flat_map(|x| x.runs.iter().map(|p| modified(p)))
         .collect();
     compare(&spec(&config, &b)).unwrap();
     let after: Vec<_> = continued
         .arms
         .iter()
-        .flat_map(|x| x.runs.iter().map(modified))
+        .flat_map(|x| x.runs.iter().map(|p| modified(p)))
         .collect();
     assert_eq!(before, after);
 

@@ -373,6 +373,50 @@ fn hrnet_and_aspp_models_train_a_few_steps() {
     }
 }
 
+/// The baselines on a segmenter (NCHW features, labels resampled to the feature map): each
+/// applies its feature term from the first step, has no h_ψ or L_aux, and the prototype arm's
+/// EMA resumes bit-identically.
+#[test]
+fn baseline_arms_train_a_segmenter() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = [
+        "train.iters=4",
+        "data.mosaic_train=12",
+        "data.mosaic_test=4",
+    ];
+    for kind in ["cr", "car", "prototype"] {
+        let set = format!("sar.kind=\"{kind}\"");
+        let mut over = small.to_vec();
+        over.push(&set);
+        let r = train(
+            &config(&dir.path().join(kind), &over),
+            &TrainOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.steps, 4, "{kind}");
+        assert!(
+            r.loss.total.is_finite() && r.loss.p2a > 0.0,
+            "{kind}: {:?}",
+            r.loss
+        );
+        assert_eq!((r.loss.aux, r.sar_params), (0.0, 0), "{kind}");
+    }
+    let mut cut = small.to_vec();
+    cut.extend(["sar.kind=\"prototype\"", "train.max_steps=2"]);
+    let b = dir.path().join("cut");
+    train(&config(&b, &cut), &TrainOptions::default()).unwrap();
+    cut.pop();
+    let opts = TrainOptions {
+        resume: Some(b.clone()),
+        ..TrainOptions::default()
+    };
+    train(&config(&b, &cut), &opts).unwrap();
+    assert_eq!(
+        final_tensors(&b),
+        final_tensors(&dir.path().join("prototype"))
+    );
+}
+
 /// The demo's segmentation setup with SAR, shortened to 500 iterations: far above chance.
 /// Chance here is what needs no digit recognition: predicting background everywhere gives
 /// IoU_bg = the background share of the test pixels and 0 elsewhere, so mIoU = share / 11

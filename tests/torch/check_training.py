@@ -139,9 +139,12 @@ def main():
             cmd += ["--set", s]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         mirror = [sys.executable, os.path.join(HERE, "train_mirror.py"), out, os.path.join(d, "dump")]
-        # Gate: every step from the run's own state of the step before, in f32 (rounding only).
-        # On Fashion-MNIST the state is judged against PyTorch in f64 (see train_mirror --rounding).
-        rounding = ["--rounding"] if args.fashion_mnist else []
+        # Gate: every step from the run's own state of the step before, in f32 (rounding only),
+        # the state judged against PyTorch in f64 (train_mirror --rounding): ours must stay
+        # within 4x of PyTorch f32's distance to f64. A direct f32-vs-f32 tolerance is not a
+        # fair gate: on some CPUs PyTorch's own f32 step lands 1e-1 away from f64 on the digits
+        # (baseline, step 3, a near-degenerate BatchNorm channel) while ours stays at 4e-7.
+        rounding = ["--rounding"]
         tf = subprocess.run(mirror + rounding + ["--teacher-forced", "--tol", "1e-5", "--tol-state", "1e-4",
                                       "--json", os.path.join(d, "teacher-forced.json")],
                             text=True, capture_output=True)

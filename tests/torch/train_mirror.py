@@ -419,6 +419,7 @@ def main():
         if args.teacher_forced or step + 1 == len(batches):
             state_errs = state_errors(mirror_state(m, params, opt, sar, state), ckpt(step + 1))
             row["state_err"] = max(state_errs.values())
+            row["state_worst"] = max(state_errs, key=state_errs.get)
             worst_state = max(worst_state, row["state_err"])
         rows.append(row)
         worst = max(worst, max(row["rel_err"].values()))
@@ -441,6 +442,8 @@ def main():
     for r in rows:
         e = r["rel_err"]
         st = f"{r['state_err']:.2e}" if "state_err" in r else "        "
+        if r.get("state_err", 0.0) > args.tol_state:
+            st += f" ({r['state_worst']})"
         if "torch_vs_torch" in r:
             st = f"torch vs perturbed torch {r['torch_vs_torch']:.2e}"
         print(f"{r['step']:4d}   {r['lr']:.6f}   {r['loss']:.6f}   {e['loss']:.2e}       {e['ce']:.2e}     "

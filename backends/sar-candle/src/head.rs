@@ -312,15 +312,7 @@ impl SarHead {
             }
         };
         if let Some(p) = baseline {
-            return Ok(SarStepOutput {
-                loss: p.loss,
-                loss_aux: 0.0,
-                loss_p2a: p.value,
-                gate_passed: true,
-                class_pass: vec![true; self.classes],
-                valid: p.valid,
-                updated_classes: 0,
-            });
+            return Ok(self.baseline_output(p));
         }
         let (e, z) = self.embed_and_classify(classifier)?;
         let step = self.state.step(&self.backend, &z, &e, features, labels)?;
@@ -362,15 +354,7 @@ impl SarHead {
                 let p = self
                     .backend
                     .p2a_mixup(features, mixup, &self.anchors, ignore, None, weight)?;
-                return Ok(SarStepOutput {
-                    loss: p.loss,
-                    loss_aux: 0.0,
-                    loss_p2a: p.value,
-                    gate_passed: true,
-                    class_pass: vec![true; self.classes],
-                    valid: p.valid,
-                    updated_classes: 0,
-                });
+                return Ok(self.baseline_output(p));
             }
             RegularizerKind::Car | RegularizerKind::Prototype => {
                 return Err(SarCandleError::Shape(format!(
@@ -384,6 +368,19 @@ impl SarHead {
             .state
             .step_mixup(&self.backend, &z, &e, features, mixup)?;
         self.finish(step)
+    }
+
+    /// A baseline's loss as a step output: no L_aux, the term always applied.
+    fn baseline_output(&self, p: sar_math::backend::P2aOutput<Tensor>) -> SarStepOutput {
+        SarStepOutput {
+            loss: p.loss,
+            loss_aux: 0.0,
+            loss_p2a: p.value,
+            gate_passed: true,
+            class_pass: vec![true; self.classes],
+            valid: p.valid,
+            updated_classes: 0,
+        }
     }
 
     fn embed_and_classify(

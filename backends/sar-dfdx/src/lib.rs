@@ -643,24 +643,7 @@ impl<E: Float, D: SarDevice<E>> DfdxBackend<E, D> {
             ));
         };
         let a = anchors.matrix(classes, d);
-        let (rows, labels) = match (&features.shape[..], &labels.shape[..]) {
-            (&[b, fd, h, w], &[lb, _, _]) if fd == d && b == lb => {
-                let y = self.resample(labels, (h, w))?;
-                let rows = traced
-                    .reshape_like(&(b, d, h, w))
-                    .permute::<_, Axes4<0, 2, 3, 1>>()
-                    .reshape_like(&(b * h * w, d));
-                (rows, y.data)
-            }
-            (&[n, fd], &[ln]) if fd == d && n == ln => {
-                (traced.reshape_like(&(n, d)), labels.data.clone())
-            }
-            (f, l) => {
-                return shape_err(format!(
-                    "p2a: features {f:?} and labels {l:?} must be [B, {d}, H, W] with [B, H', W'], or [N, {d}] with [N]"
-                ))
-            }
-        };
+        let (rows, labels) = feature_rows(self, "p2a", features, traced, labels, Some(d))?;
         let (loss, value, valid) = p2a_rows(rows, &labels, &a, ignore_index, class_active, weight)?;
         Ok(P2aOutput {
             loss: DfdxLoss::new(loss),
@@ -745,8 +728,39 @@ pub fn ema_rows<E: Float, D: SarDevice<E>>(
     Ok(updated)
 }
 
-/// The baselines' rows: `[B, D, H, W]` features (any tape) permuted to `[B·H·W, D]` with the
-/// labels resampled to the map, or `[N, D]` with `[N]`; labels checked against `classes`.
+/// Features as rows: `[B, D, H, W]` (any tape) permuted to `[B·H·W, D]` with the labels
+/// resampled to the map, or `[N, D]` with `[N]`. With `dim`, D must be it. Labels unchecked.
+fn feature_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    backend: &DfdxBackend<E, D>,
+    op: &str,
+    features: &DfdxTensor<E, D>,
+    traced: Flat<E, D, T>,
+    labels: &DfdxLabels,
+    dim: Option<usize>,
+) -> Result<(Matrix<E, D, T>, Vec<i64>)> {
+    let fits = |fd: usize| dim.is_none_or(|d| d == fd);
+    match (&features.shape[..], &labels.shape[..]) {
+        (&[b, d, h, w], &[lb, _, _]) if b == lb && fits(d) => {
+            let y = backend.resample(labels, (h, w))?;
+            let rows = traced
+                .reshape_like(&(b, d, h, w))
+                .permute::<_, Axes4<0, 2, 3, 1>>()
+                .reshape_like(&(b * h * w, d));
+            Ok((rows, y.data))
+        }
+        (&[n, d], &[ln]) if n == ln && fits(d) => {
+            Ok((traced.reshape_like(&(n, d)), labels.data.clone()))
+        }
+        (f, l) => {
+            let d = dim.map_or("D".to_string(), |d| d.to_string());
+            shape_err(format!(
+                "{op}: features {f:?} and labels {l:?} must be [B, {d}, H, W] with [B, H', W'], or [N, {d}] with [N]"
+            ))
+        }
+    }
+}
+
+/// The baselines' rows ([`feature_rows`]), labels checked against `classes`.
 fn baseline_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     backend: &DfdxBackend<E, D>,
     op: &str,
@@ -756,22 +770,7 @@ fn baseline_rows<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     classes: usize,
     ignore_index: i64,
 ) -> Result<(Matrix<E, D, T>, Vec<i64>)> {
-    let (rows, y) = match (&features.shape[..], &labels.shape[..]) {
-        (&[b, d, h, w], &[lb, _, _]) if b == lb => {
-            let y = backend.resample(labels, (h, w))?;
-            let rows = traced
-                .reshape_like(&(b, d, h, w))
-                .permute::<_, Axes4<0, 2, 3, 1>>()
-                .reshape_like(&(b * h * w, d));
-            (rows, y.data)
-        }
-        (&[n, d], &[ln]) if n == ln => (traced.reshape_like(&(n, d)), labels.data.clone()),
-        (f, l) => {
-            return shape_err(format!(
-                "{op}: features {f:?} and labels {l:?} must be [B, D, H, W] with [B, H', W'], or [N, D] with [N]"
-            ))
-        }
-    };
+    let (rows, y) = feature_rows(backend, op, features, traced, labels, None)?;
     validate_labels(&y, classes, ignore_index)?;
     Ok((rows, y))
 }

@@ -5,6 +5,12 @@
 //! initial weights and sees the same batches, since both follow `run.seed` alone. Run folders
 //! are `OUTPUT/NAME/seed-S`; a folder that already holds `report.json` is read, not retrained,
 //! and one with checkpoints is resumed, so an interrupted comparison continues where it stopped.
+//! Either only if the folder's `config.toml` is the arm's config (for an interrupted run,
+//! `train.max_steps` aside): a run of another config is refused, naming the keys that differ,
+//! so a changed `--set` never tables stale results; `overwrite` deletes and retrains instead.
+//! The output folder is locked while the comparison runs. A report's `null` (JSON's NaN: a
+//! class absent from a segmentation test set's truth and prediction) reads as NaN, and the
+//! per-class means leave NaNs out.
 //!
 //! The table: per arm the mean ± sample standard deviation over seeds of the headline metric
 //! and the three frequency groups (classification: top-1 / head / medium / tail accuracy;
@@ -15,7 +21,8 @@
 //! was higher. Written as `compare.json`, `compare.md` and `compare-per-class.png` (per-class
 //! accuracy or IoU of every arm, mean over seeds) beside the run folders.
 
-use crate::config::{load, TrainConfig};
+use crate::config::{load, parse, TrainConfig};
+use crate::run::folder::RunFolder;
 use crate::train::{train, TrainOptions};
 use anyhow::{bail, ensure, Context};
 use serde::Serialize;
@@ -68,11 +75,43 @@ impl Arm {
     }
 }
 
+/// The config every arm starts from.
+#[derive(Debug, Clone)]
+pub enum BaseConfig {
+    /// A TOML file (`sar compare --config`).
+    File(PathBuf),
+    /// TOML text held by the caller (the demo's presets), with a label for the table.
+    Text {
+        /// How the table names it.
+        label: String,
+        /// The TOML.
+        toml: String,
+    },
+}
+
+impl BaseConfig {
+    fn label(&self) -> String {
+        match self {
+            BaseConfig::File(p) => p.display().to_string(),
+            BaseConfig::Text { label, .. } => label.clone(),
+        }
+    }
+
+    fn with(&self, overrides: &[String]) -> anyhow::Result<TrainConfig> {
+        match self {
+            BaseConfig::File(p) => load(p, overrides),
+            BaseConfig::Text { label, toml } => {
+                parse(toml, overrides).with_context(|| format!("config {label}"))
+            }
+        }
+    }
+}
+
 /// What `sar compare` runs.
 #[derive(Debug, Clone)]
 pub struct CompareSpec {
-    /// The base config file.
-    pub config: PathBuf,
+    /// The base config.
+    pub config: BaseConfig,
     /// The arms, the first being the reference of the paired differences.
     pub arms: Vec<Arm>,
     /// `run.seed` of each repetition.
@@ -81,8 +120,10 @@ pub struct CompareSpec {
     pub common: Vec<String>,
     /// Where the run folders and the table go.
     pub output: PathBuf,
-    /// Progress bars and per-run lines.
+    /// Progress bars.
     pub verbose: bool,
+    /// Delete every arm's earlier run and train it again, instead of reading or resuming it.
+    pub overwrite: bool,
 }
 
 /// One metric of one arm over the seeds.
@@ -122,7 +163,8 @@ pub struct ArmResult {
     pub metrics: Vec<Summary>,
     /// Against the first arm (absent for the first).
     pub paired: Option<Vec<Paired>>,
-    /// Per-class accuracy (or IoU) in percent, mean over seeds.
+    /// Per-class accuracy (or IoU) in percent, mean over the seeds where it is defined (NaN,
+    /// written `null`, where it is defined on none: a class absent from truth and prediction).
     pub per_class: Vec<f64>,
     /// Training wall time summed over seeds, seconds.
     pub wall_seconds: f64,
@@ -132,15 +174,67 @@ pub struct ArmResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// The base config.
-    pub config: PathBuf,
+    pub config: String,
     /// The common overrides.
     pub common: Vec<String>,
     /// The seeds.
     pub seeds: Vec<u64>,
     /// Metric names.
     pub metrics: Vec<String>,
+    /// Training images (segmentation: labelled pixels) per class, from the first run.
+    pub train_counts: Vec<u64>,
     /// One per arm.
     pub arms: Vec<ArmResult>,
+}
+
+/// One run of a comparison, trained now or read: what the `on_run` callback is told.
+#[derive(Debug, Clone)]
+pub struct RunDone {
+    /// The arm's name.
+    pub arm: String,
+    /// `run.seed`.
+    pub seed: u64,
+    /// Position among all runs, from 1.
+    pub index: usize,
+    /// Number of runs.
+    pub total: usize,
+    /// Trained (or resumed) now; false when an earlier report was read.
+    pub trained: bool,
+    /// The headline metric and the three groups, in percent, by name.
+    pub metrics: Vec<(String, f64)>,
+    /// Training wall time of the run, seconds.
+    pub wall_seconds: f64,
+    /// The run folder.
+    pub dir: PathBuf,
+}
+
+impl RunDone {
+    /// A one-line account: `[3/6] sar seed 1: top1 71.23  head … (12.3 s)`.
+    pub fn line(&self) -> String {
+        let m: Vec<String> = self
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect();
+        format!(
+            "[{}/{}] {} seed {}: {}  ({})",
+            self.index,
+            self.total,
+            self.arm,
+            self.seed,
+            m.join("  "),
+            if self.trained {
+                format!("{:.1} s", self.wall_seconds)
+            } else {
+                format!("read from {}", self.dir.join("report.json").display())
+            }
+        )
+    }
+}
+
+/// A number of a report; `null` (how JSON writes NaN) reads as NaN.
+fn number(v: &serde_json::Value) -> Option<f64> {
+    v.as_f64().or(v.is_null().then_some(f64::NAN))
 }
 
 /// The metrics of one `report.json`: headline and groups, in percent, and per class.
@@ -148,8 +242,9 @@ fn metrics_of(
     report: &serde_json::Value,
 ) -> anyhow::Result<(Vec<&'static str>, Vec<f64>, Vec<f64>)> {
     let num = |k: &str| -> anyhow::Result<f64> {
-        report[k]
-            .as_f64()
+        report
+            .get(k)
+            .and_then(number)
             .map(|v| 100.0 * v)
             .with_context(|| format!("report.json lacks `{k}`"))
     };
@@ -159,27 +254,22 @@ fn metrics_of(
             .with_context(|| format!("report.json lacks `{k}`"))?
             .iter()
             .map(|v| {
-                v.as_f64()
+                number(v)
                     .map(|x| 100.0 * x)
-                    .context("a non-number in the report")
+                    .with_context(|| format!("`{k}` holds a non-number: {v}"))
             })
             .collect()
     };
-    if report.get("top1").is_some() {
-        let names = vec!["top1", "head", "medium", "tail"];
-        let v = names
-            .iter()
-            .map(|k| num(k))
-            .collect::<anyhow::Result<_>>()?;
-        Ok((names, v, list("per_class_accuracy")?))
+    let (names, per_class) = if report.get("top1").is_some() {
+        (vec!["top1", "head", "medium", "tail"], "per_class_accuracy")
     } else {
-        let names = vec!["miou", "mhead", "mbody", "mtail"];
-        let v = names
-            .iter()
-            .map(|k| num(k))
-            .collect::<anyhow::Result<_>>()?;
-        Ok((names, v, list("per_class_iou")?))
-    }
+        (vec!["miou", "mhead", "mbody", "mtail"], "per_class_iou")
+    };
+    let v = names
+        .iter()
+        .map(|k| num(k))
+        .collect::<anyhow::Result<_>>()?;
+    Ok((names, v, list(per_class)?))
 }
 
 fn summary(values: Vec<f64>) -> Summary {
@@ -217,8 +307,13 @@ pub fn paired(arm: &[f64], first: &[f64]) -> Paired {
     }
 }
 
+/// The run folder of an arm and seed.
+fn run_dir(spec: &CompareSpec, arm: &Arm, seed: u64) -> PathBuf {
+    spec.output.join(&arm.name).join(format!("seed-{seed}"))
+}
+
 /// The config of one arm and seed.
-fn arm_config(spec: &CompareSpec, arm: &Arm, seed: u64, dir: &Path) -> anyhow::Result<TrainConfig> {
+pub fn arm_config(spec: &CompareSpec, arm: &Arm, seed: u64) -> anyhow::Result<TrainConfig> {
     let mut o = spec.common.clone();
     o.extend(arm.overrides.iter().cloned());
     o.push(format!("run.seed={seed}"));
@@ -228,14 +323,144 @@ fn arm_config(spec: &CompareSpec, arm: &Arm, seed: u64, dir: &Path) -> anyhow::R
     ));
     o.push(format!(
         "run.output={}",
-        serde_json::to_string(&dir.display().to_string())?
+        serde_json::to_string(&run_dir(spec, arm, seed).display().to_string())?
     ));
-    load(&spec.config, &o).with_context(|| format!("arm {}", arm.name))
+    spec.config
+        .with(&o)
+        .with_context(|| format!("arm {}", arm.name))
 }
 
-/// Trains (or reads) every arm × seed and builds the table; writes `compare.json` and
-/// `compare.md` into the output folder.
-pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
+/// A config as `section.key` → value, for naming what two configs differ in.
+fn flat(cfg: &TrainConfig) -> std::collections::BTreeMap<String, String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(v) = toml::Value::try_from(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// The keys in which `old` (a run folder's) and `new` (this comparison's) differ, as
+/// `key = old (in the folder) / new (here)`.
+fn differences(old: &TrainConfig, new: &TrainConfig) -> String {
+    let (a, b) = (flat(old), flat(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let unset = "(unset)".to_string();
+    let d: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k} = {} in the folder, {} here",
+                a.get(k).unwrap_or(&unset),
+                b.get(k).unwrap_or(&unset)
+            )
+        })
+        .collect();
+    if d.is_empty() {
+        "no key differs in its TOML form".into()
+    } else {
+        d.join("; ")
+    }
+}
+
+/// What an arm's run folder holds when the comparison reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Nothing to keep: train from the start.
+    Nothing,
+    /// A finished run of this very config: read its report.
+    Finished,
+    /// Checkpoints of this config without a report: resume.
+    Interrupted,
+}
+
+/// Looks at an arm's run folder. A run of another config there is refused (its results would
+/// be tabled as this arm's), unless `overwrite`, which deletes it.
+fn inspect(dir: &Path, cfg: &TrainConfig, overwrite: bool) -> anyhow::Result<Found> {
+    if overwrite {
+        if dir.exists() {
+            let folder = RunFolder::lock(dir)?;
+            let removed = folder.clear()?;
+            if !removed.is_empty() {
+                eprintln!(
+                    "--overwrite: removed the previous run's files from {}: {}",
+                    dir.display(),
+                    removed.join(", ")
+                );
+            }
+        }
+        return Ok(Found::Nothing);
+    }
+    let has_report = dir.join("report.json").exists();
+    let has_checkpoint = crate::checkpoint::latest(&dir.join("checkpoints"))
+        .ok()
+        .flatten()
+        .is_some();
+    if !has_report && !has_checkpoint {
+        return Ok(Found::Nothing);
+    }
+    let stored = dir.join("config.toml");
+    let old = load(&stored, &[]).with_context(|| {
+        format!(
+            "{} holds a run but its config.toml cannot be read: pass --overwrite to train this \
+             arm again, or choose another --output",
+            dir.display()
+        )
+    })?;
+    let found = if has_report {
+        Found::Finished
+    } else {
+        Found::Interrupted
+    };
+    let mut comparable = old.clone();
+    if found == Found::Interrupted {
+        // An interrupted run may have been stopped on purpose with `train.max_steps`; where it
+        // stopped is not part of what it trains.
+        comparable.train.max_steps = cfg.train.max_steps;
+    }
+    ensure!(
+        comparable == *cfg,
+        "{} holds a {} run of another config than this arm's ({}): pass --overwrite to train \
+         it again, or choose another --output",
+        dir.display(),
+        if has_report { "finished" } else { "partial" },
+        differences(&comparable, cfg)
+    );
+    Ok(found)
+}
+
+/// Trains (or reads) every arm × seed and builds the table; writes `compare.json`,
+/// `compare.md` and `compare-per-class.png` into the output folder, which it locks for the
+/// duration. `on_run` is told of each run as it is done.
+pub fn compare(spec: &CompareSpec, on_run: &mut dyn FnMut(&RunDone)) -> anyhow::Result<Comparison> {
+    let _lock = RunFolder::lock(&spec.output)?;
+    compare_locked(spec, on_run)
+}
+
+/// [`compare`] for a caller that holds the output folder's lock.
+pub(crate) fn compare_locked(
+    spec: &CompareSpec,
+    on_run: &mut dyn FnMut(&RunDone),
+) -> anyhow::Result<Comparison> {
     ensure!(
         !spec.arms.is_empty(),
         "sar compare needs at least one --arm"
@@ -251,51 +476,50 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
         names.len() == spec.arms.len(),
         "two arms have the same name"
     );
-    // Every config first, so that a typo fails before hours of training.
+    let mut seeds = spec.seeds.clone();
+    seeds.sort_unstable();
+    seeds.dedup();
+    ensure!(seeds.len() == spec.seeds.len(), "a seed is given twice");
+    // Every config and every folder first, so that a typo or a stale folder fails before
+    // hours of training.
+    let mut plan = Vec::new();
     for arm in &spec.arms {
         for &seed in &spec.seeds {
-            let dir = spec.output.join(&arm.name).join(format!("seed-{seed}"));
-            arm_config(spec, arm, seed, &dir)?;
+            let cfg = arm_config(spec, arm, seed)?;
+            let dir = run_dir(spec, arm, seed);
+            if !spec.overwrite {
+                inspect(&dir, &cfg, false)?;
+            }
+            plan.push((arm, seed, cfg, dir));
         }
     }
+    let total = plan.len();
     let mut metric_names = Vec::new();
     let mut train_counts: Vec<u64> = Vec::new();
     let mut arms: Vec<ArmResult> = Vec::new();
+    let mut index = 0;
     for arm in &spec.arms {
         let (mut per_seed, mut per_class, mut runs, mut wall) =
             (Vec::new(), Vec::new(), Vec::new(), 0.0);
-        for &seed in &spec.seeds {
-            let dir = spec.output.join(&arm.name).join(format!("seed-{seed}"));
+        for (_, seed, cfg, dir) in plan.iter().filter(|p| p.0.name == arm.name) {
+            let seed = *seed;
             let report_path = dir.join("report.json");
-            if !report_path.exists() {
-                let cfg = arm_config(spec, arm, seed, &dir)?;
-                let resume = crate::checkpoint::latest(&dir.join("checkpoints"))
-                    .ok()
-                    .flatten()
-                    .map(|_| dir.clone());
+            let found = inspect(dir, cfg, spec.overwrite)?;
+            if found != Found::Finished {
                 let opts = TrainOptions {
-                    overwrite: resume.is_none(),
-                    resume,
+                    overwrite: found == Found::Nothing,
+                    resume: (found == Found::Interrupted).then(|| dir.clone()),
                     progress: spec.verbose,
                     ..TrainOptions::default()
                 };
-                let r =
-                    train(&cfg, &opts).with_context(|| format!("arm {} seed {seed}", arm.name))?;
-                if spec.verbose {
-                    eprintln!("{} seed {seed}: done in {:.1} s", arm.name, r.wall_seconds);
-                }
-            } else if spec.verbose {
-                eprintln!(
-                    "{} seed {seed}: {} exists, not retrained",
-                    arm.name,
-                    report_path.display()
-                );
+                train(cfg, &opts).with_context(|| format!("arm {} seed {seed}", arm.name))?;
             }
             let text = std::fs::read_to_string(&report_path)
                 .with_context(|| format!("reading {}", report_path.display()))?;
             let report: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", report_path.display()))?;
-            let (names, values, classes) = metrics_of(&report)?;
+            let (names, values, classes) = metrics_of(&report)
+                .with_context(|| format!("reading {}", report_path.display()))?;
             if metric_names.is_empty() {
                 metric_names = names.iter().map(|s| s.to_string()).collect();
             }
@@ -306,16 +530,32 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
                 names[0],
                 metric_names[0]
             );
-            wall += report["wall_seconds"].as_f64().unwrap_or(0.0);
+            let run_wall = report["wall_seconds"].as_f64().unwrap_or(0.0);
+            wall += run_wall;
             if train_counts.is_empty() {
                 train_counts = report["train_counts"]
                     .as_array()
                     .map(|v| v.iter().filter_map(|x| x.as_u64()).collect())
                     .unwrap_or_default();
             }
+            index += 1;
+            on_run(&RunDone {
+                arm: arm.name.clone(),
+                seed,
+                index,
+                total,
+                trained: found != Found::Finished,
+                metrics: names
+                    .iter()
+                    .map(|s| s.to_string())
+                    .zip(values.iter().copied())
+                    .collect(),
+                wall_seconds: run_wall,
+                dir: dir.clone(),
+            });
             per_seed.push(values);
             per_class.push(classes);
-            runs.push(dir);
+            runs.push(dir.clone());
         }
         let k = metric_names.len();
         let metrics = (0..k)
@@ -327,9 +567,10 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
             "arm {}: class counts differ",
             arm.name
         );
-        let n = per_class.len() as f64;
         let per_class = (0..classes)
-            .map(|c| per_class.iter().map(|v| v[c]).sum::<f64>() / n)
+            .map(|c| {
+                sar_math::metrics::nan_mean(&per_class.iter().map(|v| v[c]).collect::<Vec<_>>())
+            })
             .collect();
         arms.push(ArmResult {
             arm: arm.clone(),
@@ -351,13 +592,13 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
         );
     }
     let out = Comparison {
-        config: spec.config.clone(),
+        config: spec.config.label(),
         common: spec.common.clone(),
         seeds: spec.seeds.clone(),
         metrics: metric_names,
+        train_counts,
         arms,
     };
-    std::fs::create_dir_all(&spec.output)?;
     crate::tensorio::write_atomic(
         &spec.output.join("compare.json"),
         serde_json::to_string_pretty(&out)?.as_bytes(),
@@ -368,15 +609,20 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
         .iter()
         .map(|a| (a.arm.name.clone(), a.per_class.clone()))
         .collect();
+    let (what, unit) = if out.metrics[0] == "top1" {
+        ("test accuracy", "accuracy (%)")
+    } else {
+        ("test IoU", "IoU (%)")
+    };
     crate::plots::grouped_bars(
         &spec.output.join("compare-per-class.png"),
-        "per class, mean over seeds",
-        if out.metrics[0] == "top1" {
-            "accuracy (%)"
-        } else {
-            "IoU (%)"
-        },
-        &crate::plots::class_labels(&train_counts),
+        &format!(
+            "{}: {what} per class, mean of {} seeds",
+            out.config,
+            out.seeds.len()
+        ),
+        unit,
+        &crate::plots::class_labels(&out.train_counts),
         &series,
     )?;
     Ok(out)
@@ -386,7 +632,7 @@ pub fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
 pub fn markdown(c: &Comparison) -> String {
     let mut s = format!(
         "Base config `{}`{}; seeds {:?}. Percent; mean ± sample std over seeds.\n\n",
-        c.config.display(),
+        c.config,
         if c.common.is_empty() {
             String::new()
         } else {
@@ -456,6 +702,48 @@ mod tests {
         assert!(Arm::parse("a/b").is_err());
         assert!(Arm::parse(":x=1").is_err());
         assert!(Arm::parse("a:junk").is_err());
+    }
+
+    #[test]
+    fn a_null_in_a_report_reads_as_nan_and_per_class_means_leave_it_out() {
+        let r: serde_json::Value = serde_json::from_str(
+            r#"{"miou": 0.5, "mhead": 0.75, "mbody": 0.5, "mtail": 0.25, "per_class_iou": [0.5, null, 1.0]}"#,
+        )
+        .unwrap();
+        let (names, v, per_class) = metrics_of(&r).unwrap();
+        assert_eq!(names, ["miou", "mhead", "mbody", "mtail"]);
+        assert_eq!(v, [50.0, 75.0, 50.0, 25.0]);
+        assert_eq!(per_class[0], 50.0);
+        assert!(per_class[1].is_nan());
+        let bad: serde_json::Value =
+            serde_json::from_str(r#"{"top1": 0.5, "head": 0.5, "medium": 0.5, "tail": 0.5, "per_class_accuracy": ["x"]}"#)
+                .unwrap();
+        let err = metrics_of(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("per_class_accuracy") && err.contains("non-number"),
+            "{err}"
+        );
+        assert!(metrics_of(&serde_json::json!({"top1": 0.5})).is_err());
+    }
+
+    #[test]
+    fn differences_name_each_changed_key() {
+        let a = parse(
+            "[data]\ndataset = \"digits\"\n[model]\narch = \"small-cnn\"\n[train]\nepochs = 2\n",
+            &[],
+        )
+        .unwrap();
+        let b = parse(
+            "[data]\ndataset = \"digits\"\n[model]\narch = \"small-cnn\"\n[train]\nepochs = 3\n[optim]\nlr = 0.5\n",
+            &[],
+        )
+        .unwrap();
+        let d = differences(&a, &b);
+        assert!(
+            d.contains("train.epochs = 2 in the folder, 3 here") && d.contains("optim.lr = "),
+            "{d}"
+        );
+        assert_eq!(differences(&a, &a), "no key differs in its TOML form");
     }
 
     #[test]

@@ -22,15 +22,24 @@
 //! deviation over seeds and the paired differences, and says plainly when a difference is
 //! within noise (|mean| < 2 standard errors).
 //!
-//! Outputs under `output`: one run folder per seed and arm (config, metrics log, checkpoints,
-//! plots), `report.json`, and the comparison plots `per_class_baseline_vs_sar.png` (mean over
-//! seeds) and `loss_baseline_vs_sar.png` (first seed).
+//! The demo is a preset of `sar compare` ([`crate::compare`]): its base config (SAR on) with
+//! the arms `baseline` (`sar.enabled=false`) and `sar`. So it behaves as a comparison does: a
+//! second demo with the same settings into the same folder reads the finished runs and
+//! resumes interrupted ones, one with other settings is refused (naming the keys that differ)
+//! until `overwrite`.
+//!
+//! Outputs under `output`: `baseline/seed-S` and `sar/seed-S`, one run folder per arm and seed
+//! (config, metrics log, checkpoints, plots); the comparison's `compare.json`, `compare.md`
+//! and `compare-per-class.png` (per-class accuracy or IoU of both arms, mean over seeds);
+//! `demo.toml`, the base config, so that `sar compare --config OUTPUT/demo.toml --arm
+//! baseline:sar.enabled=false --arm sar --seeds …` reruns it; `report.json`, the demo's report
+//! (settings, every run's report); and `loss_baseline_vs_sar.png` (first seed's training
+//! cross-entropy of both arms).
 
-use crate::config::{parse, TrainConfig};
-use crate::evaluation::TaskEvaluation;
+use crate::compare::{Arm, BaseConfig, CompareSpec, Comparison, RunDone};
+use crate::config::TrainConfig;
 use crate::run::folder::RunFolder;
-use crate::run::{loss_series, RunReport};
-use crate::train::{train, TrainOptions};
+use crate::run::loss_series;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
@@ -61,7 +70,7 @@ pub struct DemoConfig {
     pub output: PathBuf,
     /// Write plots.
     pub plots: bool,
-    /// Delete an earlier demo's files in `output` instead of refusing to start.
+    /// Delete an earlier demo's runs in `output` and train them again.
     pub overwrite: bool,
 }
 
@@ -99,9 +108,23 @@ impl DemoConfig {
 pub struct DemoRun {
     /// Seed.
     pub seed: u64,
-    /// The trainer's report.
+    /// `baseline` or `sar`.
+    pub arm: String,
+    /// The run's `report.json`.
     #[serde(flatten)]
-    pub report: RunReport,
+    pub report: serde_json::Value,
+}
+
+impl DemoRun {
+    /// A number of the report (`null`, JSON's NaN, and a missing key read as NaN).
+    pub fn number(&self, key: &str) -> f64 {
+        self.report[key].as_f64().unwrap_or(f64::NAN)
+    }
+
+    /// Whether SAR was on.
+    pub fn sar(&self) -> bool {
+        self.report["sar"].as_bool().unwrap_or(false)
+    }
 }
 
 /// The whole demo.
@@ -115,21 +138,21 @@ pub struct DemoReport {
     pub test_images: usize,
     /// Class names.
     pub class_names: Vec<String>,
-    /// Every run.
+    /// The comparison of the two arms (`compare.json`).
+    pub comparison: Comparison,
+    /// Every run, by seed and then arm (baseline first).
     pub runs: Vec<DemoRun>,
 }
 
-/// The trainer configuration of one demo run.
-pub fn run_config(cfg: &DemoConfig, seed: u64, sar: bool) -> anyhow::Result<TrainConfig> {
-    let arm = if sar { "sar" } else { "baseline" };
-    let out = cfg.output.join(format!("seed{seed}-{arm}"));
+/// The demo's arms: the reference first.
+const ARMS: [&str; 2] = ["baseline:sar.enabled=false", "sar"];
+
+/// The base config of the demo (SAR on; `sar compare` sets seed, name and output per run).
+pub fn base_config(cfg: &DemoConfig) -> String {
     if cfg.task == DemoTask::Seg {
-        let text = format!(
-            r#"
-[run]
-name = "seed {seed} {arm}"
-seed = {seed}
-output = {out:?}
+        return format!(
+            r#"[run]
+name = "demo-seg"
 [data]
 dataset = "mosaic"
 imbalance = {imbalance:?}
@@ -150,7 +173,7 @@ schedule = "poly"
 power = 0.9
 min_lr = 1e-4
 [sar]
-enabled = {sar}
+enabled = true
 [train]
 iters = {iters}
 batch_size = 8
@@ -161,16 +184,11 @@ plots = {plots}
             imbalance = cfg.imbalance,
             iters = cfg.iters,
             plots = cfg.plots,
-            out = out.display().to_string(),
         );
-        return parse(&text, &[]);
     }
-    let text = format!(
-        r#"
-[run]
-name = "seed {seed} {arm}"
-seed = {seed}
-output = {out:?}
+    format!(
+        r#"[run]
+name = "demo"
 [data]
 dataset = "digits"
 imbalance = {imbalance:?}
@@ -186,7 +204,7 @@ weight_decay = 5e-4
 nesterov = true
 schedule = "cosine"
 [sar]
-enabled = {sar}
+enabled = true
 [train]
 epochs = {epochs}
 batch_size = 64
@@ -201,200 +219,113 @@ medium_end = 7
         imbalance = cfg.imbalance,
         epochs = cfg.epochs,
         plots = cfg.plots,
-        out = out.display().to_string(),
-    );
-    parse(&text, &[])
+    )
 }
 
-/// Runs every seed, baseline and SAR, and collects the report. `progress` is told each run.
+/// The comparison the demo runs.
+pub fn compare_spec(cfg: &DemoConfig) -> anyhow::Result<CompareSpec> {
+    Ok(CompareSpec {
+        config: BaseConfig::Text {
+            label: "demo.toml".into(),
+            toml: base_config(cfg),
+        },
+        arms: ARMS
+            .iter()
+            .map(|a| Arm::parse(a))
+            .collect::<Result<_, _>>()?,
+        seeds: cfg.seeds.clone(),
+        common: Vec::new(),
+        output: cfg.output.clone(),
+        verbose: false,
+        overwrite: cfg.overwrite,
+    })
+}
+
+/// The trainer configuration of one demo run, exactly as the demo trains it.
+pub fn run_config(cfg: &DemoConfig, seed: u64, sar: bool) -> anyhow::Result<TrainConfig> {
+    let spec = compare_spec(cfg)?;
+    crate::compare::arm_config(&spec, &spec.arms[usize::from(sar)], seed)
+}
+
+/// Runs every seed, baseline and SAR, through [`crate::compare`] and collects the report.
+/// `progress` is told each run.
 pub fn run_demo(
     cfg: &DemoConfig,
-    progress: &mut dyn FnMut(&DemoRun),
+    progress: &mut dyn FnMut(&RunDone),
 ) -> anyhow::Result<DemoReport> {
-    let _lock = prepare_output(cfg)?;
+    let spec = compare_spec(cfg)?;
+    let _lock = RunFolder::lock(&cfg.output)?;
+    let seed = *cfg
+        .seeds
+        .first()
+        .context("the demo needs at least one seed")?;
+    let first = crate::compare::arm_config(&spec, &spec.arms[1], seed)?;
+    let (test_images, class_names) = match cfg.task {
+        DemoTask::Cls => (
+            crate::cls::load_data(&first)?.test.len(),
+            (0..10).map(|d| format!("digit {d}")).collect(),
+        ),
+        DemoTask::Seg => {
+            let d = crate::seg::load_seg_data(&first)?;
+            (d.test.len(), d.test.class_names.clone())
+        }
+    };
+    let comparison = crate::compare::compare_locked(&spec, progress)?;
+    let base = comparison.arms.first().context("the demo has no arms")?;
     let mut runs = Vec::new();
-    let mut test_images = 0;
-    let mut class_names = Vec::new();
-    for &seed in &cfg.seeds {
-        for sar in [false, true] {
-            let rc = run_config(cfg, seed, sar)?;
-            if test_images == 0 {
-                (test_images, class_names) = match cfg.task {
-                    DemoTask::Cls => (
-                        crate::cls::load_data(&rc)?.test.len(),
-                        (0..10).map(|d| format!("digit {d}")).collect(),
-                    ),
-                    DemoTask::Seg => {
-                        let d = crate::seg::load_seg_data(&rc)?;
-                        (d.test.len(), d.test.class_names.clone())
-                    }
-                };
-            }
-            let report = train(&rc, &TrainOptions::default())?;
-            let run = DemoRun { seed, report };
-            progress(&run);
-            runs.push(run);
+    for (i, &seed) in cfg.seeds.iter().enumerate() {
+        for arm in &comparison.arms {
+            let path = arm.runs[i].join("report.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            runs.push(DemoRun {
+                seed,
+                arm: arm.arm.name.clone(),
+                report: serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            });
         }
     }
+    debug_assert_eq!(base.arm.name, "baseline");
     let report = DemoReport {
         config: cfg.clone(),
-        train_counts: runs
-            .first()
-            .map(|r| r.report.train_counts.clone())
-            .unwrap_or_default(),
+        train_counts: comparison.train_counts.clone(),
         test_images,
         class_names,
+        comparison,
         runs,
     };
+    crate::tensorio::write_atomic(&cfg.output.join("demo.toml"), base_config(cfg).as_bytes())?;
     crate::tensorio::write_atomic(
         &cfg.output.join("report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     if cfg.plots {
-        comparison_plots(&report, &cfg.output)?;
+        loss_plot(&report, &cfg.output)?;
     }
     Ok(report)
 }
 
-/// Files the demo writes at the top of its output folder, beside its run folders.
-const DEMO_FILES: &[&str] = &[
-    "report.json",
-    "per_class_baseline_vs_sar.png",
-    "loss_baseline_vs_sar.png",
-];
-
-/// Whether `name` is one of the demo's run folders (`seed<N>-baseline`, `seed<N>-sar`).
-fn is_demo_run(name: &str) -> bool {
-    name.strip_prefix("seed")
-        .and_then(|r| {
-            r.strip_suffix("-baseline")
-                .or_else(|| r.strip_suffix("-sar"))
-        })
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Locks the output folder for the demo's whole run. An earlier demo there (its files or a run
-/// folder holding a run) is refused, or with `overwrite` deleted (said on stderr), so that the
-/// folder never mixes two demos.
-fn prepare_output(cfg: &DemoConfig) -> anyhow::Result<RunFolder> {
-    let lock = RunFolder::lock(&cfg.output)?;
-    let mut found: Vec<String> = DEMO_FILES
-        .iter()
-        .filter(|f| cfg.output.join(f).exists())
-        .map(|f| f.to_string())
-        .collect();
-    let mut runs = Vec::new();
-    for entry in std::fs::read_dir(&cfg.output)
-        .with_context(|| format!("cannot read {}", cfg.output.display()))?
-    {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if is_demo_run(&name) && entry.path().is_dir() {
-            let run = RunFolder::lock(&entry.path())?;
-            if !run.existing_run()?.is_empty() {
-                found.push(format!("{name}/"));
-                runs.push(run);
-            }
-        }
-    }
-    if found.is_empty() {
-        return Ok(lock);
-    }
-    found.sort();
-    anyhow::ensure!(
-        cfg.overwrite,
-        "{} already holds a demo ({}); pass `--overwrite` to delete it and run again, or \
-         choose another `--output`",
-        cfg.output.display(),
-        found.join(", ")
-    );
-    for f in DEMO_FILES {
-        let p = cfg.output.join(f);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-        }
-    }
-    for run in &runs {
-        run.clear()?;
-    }
-    eprintln!(
-        "--overwrite: removed the previous demo from {}: {}",
-        cfg.output.display(),
-        found.join(", ")
-    );
-    Ok(lock)
-}
-
-/// Per-class test accuracy (classification) or IoU (segmentation) of a run.
-fn per_class(r: &RunReport) -> Vec<f64> {
-    match &r.eval {
-        TaskEvaluation::Classification(e) => e.per_class_accuracy.clone(),
-        TaskEvaluation::Segmentation(e) => e.per_class_iou.clone(),
-    }
-}
-
-/// Mean over the runs of an arm, per class, NaNs (classes absent from a test set) left out.
-fn mean_per_class(report: &DemoReport, sar: bool) -> Vec<f64> {
-    let runs: Vec<Vec<f64>> = report
-        .runs
-        .iter()
-        .filter(|r| r.report.sar == sar)
-        .map(|r| per_class(&r.report))
-        .collect();
-    (0..report.train_counts.len())
-        .map(|k| sar_math::metrics::nan_mean(&runs.iter().map(|v| v[k]).collect::<Vec<_>>()))
-        .collect()
-}
-
-fn comparison_plots(report: &DemoReport, out: &Path) -> anyhow::Result<()> {
-    let pct = |v: Vec<f64>| v.into_iter().map(|x| 100.0 * x).collect::<Vec<_>>();
-    let labels = crate::plots::class_labels(&report.train_counts);
-    let (what, unit) = match report.config.task {
-        DemoTask::Cls => ("long-tailed digits: test accuracy per class", "accuracy %"),
-        DemoTask::Seg => ("glyph mosaic: test IoU per class", "IoU %"),
+/// The first seed's training cross-entropy of both arms.
+fn loss_plot(report: &DemoReport, out: &Path) -> anyhow::Result<()> {
+    let Some(&seed) = report.config.seeds.first() else {
+        return Ok(());
     };
-    crate::plots::grouped_bars(
-        &out.join("per_class_baseline_vs_sar.png"),
-        &format!("{what}, mean of {} seeds", report.config.seeds.len()),
-        unit,
-        &labels,
-        &[
-            ("baseline".to_string(), pct(mean_per_class(report, false))),
-            ("SAR".to_string(), pct(mean_per_class(report, true))),
-        ],
-    )?;
-    if let Some(&seed) = report.config.seeds.first() {
-        let mut series = Vec::new();
-        for arm in ["baseline", "sar"] {
-            let log = out.join(format!("seed{seed}-{arm}")).join("metrics.jsonl");
-            if let Some((_, s)) = loss_series(&log)?.into_iter().find(|s| s.0 == "ce") {
-                series.push((format!("{arm}: cross-entropy"), s));
-            }
+    let mut series = Vec::new();
+    for arm in &report.comparison.arms {
+        let log = arm.runs[0].join("metrics.jsonl");
+        if let Some((_, s)) = loss_series(&log)?.into_iter().find(|s| s.0 == "ce") {
+            series.push((format!("{}: cross-entropy", arm.arm.name), s));
         }
-        crate::plots::curves(
-            &out.join("loss_baseline_vs_sar.png"),
-            &format!("seed {seed}: training cross-entropy"),
-            "step",
-            "loss",
-            &series,
-        )?;
     }
-    Ok(())
+    crate::plots::curves(
+        &out.join("loss_baseline_vs_sar.png"),
+        &format!("seed {seed}: training cross-entropy"),
+        "step",
+        "loss",
+        &series,
+    )
 }
-
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
-
-/// A reported metric: its column name and how to read it from a run.
-type Metric = (&'static str, fn(&RunReport) -> f64);
 
 /// The table printed by `sar demo`.
 pub fn summary(report: &DemoReport) -> String {
@@ -410,36 +341,11 @@ pub fn summary(report: &DemoReport) -> String {
     out
 }
 
-/// The reports of one arm.
-fn arm(report: &DemoReport, sar: bool) -> impl Iterator<Item = &RunReport> {
-    report
-        .runs
-        .iter()
-        .filter(move |r| r.report.sar == sar)
-        .map(|r| &r.report)
-}
-
-/// The four metrics of the task's table.
-fn metrics(task: DemoTask) -> [Metric; 4] {
-    fn cls(r: &RunReport) -> Option<&crate::evaluation::Evaluation> {
-        r.eval.classification().ok()
-    }
-    fn seg(r: &RunReport) -> Option<&crate::seg::SegEvaluation> {
-        r.eval.segmentation().ok()
-    }
+/// The column names of the task's four metrics.
+fn metric_labels(task: DemoTask) -> [&'static str; 4] {
     match task {
-        DemoTask::Cls => [
-            ("top-1", |r| cls(r).map_or(f64::NAN, |e| e.top1)),
-            ("head 0-2", |r| cls(r).map_or(f64::NAN, |e| e.head)),
-            ("medium 3-6", |r| cls(r).map_or(f64::NAN, |e| e.medium)),
-            ("tail 7-9", |r| cls(r).map_or(f64::NAN, |e| e.tail)),
-        ],
-        DemoTask::Seg => [
-            ("mIoU", |r| seg(r).map_or(f64::NAN, |e| e.miou)),
-            ("mHead", |r| seg(r).map_or(f64::NAN, |e| e.mhead)),
-            ("mBody", |r| seg(r).map_or(f64::NAN, |e| e.mbody)),
-            ("mTail", |r| seg(r).map_or(f64::NAN, |e| e.mtail)),
-        ],
+        DemoTask::Cls => ["top-1", "head 0-2", "medium 3-6", "tail 7-9"],
+        DemoTask::Seg => ["mIoU", "mHead", "mBody", "mTail"],
     }
 }
 
@@ -469,9 +375,8 @@ fn headline(report: &DemoReport) -> String {
 
 /// Mean ± standard deviation of each arm, the paired differences and their verdicts.
 fn metric_table(report: &DemoReport) -> String {
-    let n = report.config.seeds.len();
-    let metrics = metrics(report.config.task);
-    let col = |sar: bool, f: fn(&RunReport) -> f64| arm(report, sar).map(f).collect::<Vec<_>>();
+    let labels = metric_labels(report.config.task);
+    let c = &report.comparison;
     let mut out = format!(
         "{:<16}",
         match report.config.task {
@@ -479,40 +384,34 @@ fn metric_table(report: &DemoReport) -> String {
             DemoTask::Seg => "test IoU %",
         }
     );
-    for (name, _) in metrics {
+    for name in labels {
         out += &format!("{name:>18}");
     }
     out += "\n";
-    for (label, sar) in [("baseline", false), ("SAR", true)] {
+    for (label, arm) in ["baseline", "SAR"].iter().zip(&c.arms) {
         out += &format!("{label:<16}");
-        for (_, f) in metrics {
-            let (m, s) = mean_sd(&col(sar, f));
-            out += &format!("{:>18}", format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s));
+        for m in &arm.metrics {
+            out += &format!("{:>18}", format!("{:.1} ± {:.1}", m.mean, m.std));
         }
         out += "\n";
     }
+    let Some(paired) = c.arms.get(1).and_then(|a| a.paired.as_ref()) else {
+        return out;
+    };
     out += &format!("{:<16}", "SAR − baseline");
     let mut verdicts = Vec::new();
-    for (name, f) in metrics {
-        let d: Vec<f64> = col(true, f)
-            .iter()
-            .zip(col(false, f))
-            .map(|(a, b)| a - b)
-            .collect();
-        let (m, s) = mean_sd(&d);
-        out += &format!("{:>18}", format!("{:+.1} ± {:.1}", 100.0 * m, 100.0 * s));
-        let stderr = s / (n as f64).sqrt();
-        let up = d.iter().filter(|&&x| x > 0.0).count();
-        verdicts.push(if n < 2 || m.abs() <= 2.0 * stderr {
-            format!("{name}: within noise ({up} of {n} seeds up)")
-        } else {
-            format!(
-                "{name}: {} beyond 2 standard errors ({up} of {n} seeds up)",
-                if m > 0.0 { "better" } else { "worse" }
-            )
+    for (name, p) in labels.iter().zip(paired) {
+        out += &format!("{:>18}", format!("{:+.1} ± {:.1}", p.mean, p.se));
+        let seeds = format!("{} of {} seeds up", p.up, p.n);
+        verdicts.push(match p.verdict.as_str() {
+            "better" | "worse" => {
+                format!("{name}: {} beyond 2 standard errors ({seeds})", p.verdict)
+            }
+            "one seed" => format!("{name}: one seed, no noise estimate ({seeds})"),
+            v => format!("{name}: {v} ({seeds})"),
         });
     }
-    out += "\n\n";
+    out += "\n(differences paired by seed, ± their standard error)\n\n";
     for v in verdicts {
         out += &format!("  {v}\n");
     }
@@ -521,21 +420,23 @@ fn metric_table(report: &DemoReport) -> String {
 
 /// When SAR's gate passed and how large its terms ended.
 fn gate_line(report: &DemoReport) -> String {
-    let sar_runs: Vec<&RunReport> = arm(report, true).collect();
+    let sar_runs: Vec<&DemoRun> = report.runs.iter().filter(|r| r.sar()).collect();
     let firsts: Vec<f64> = sar_runs
         .iter()
-        .filter_map(|r| r.gate_first_pass.map(|s| s as f64))
+        .filter_map(|r| r.report["gate_first_pass"].as_f64())
         .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let mean_of =
-        |f: fn(&RunReport) -> f64| mean_sd(&sar_runs.iter().map(|r| f(r)).collect::<Vec<_>>()).0;
+        |f: &dyn Fn(&DemoRun) -> f64| mean(&sar_runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+    let loss = |r: &DemoRun, k: &str| r.report["loss"][k].as_f64().unwrap_or(f64::NAN);
     format!(
         "\nSAR's gate passed in {} of {} runs, first at step {:.1} on average, then on {:.1}% of steps; last-epoch L_aux {:.4}, L_p2a {:.4} (mean)\n",
         firsts.len(),
         sar_runs.len(),
-        mean_sd(&firsts).0,
-        100.0 * mean_of(|r| r.gate_pass_rate),
-        mean_of(|r| r.loss.aux),
-        mean_of(|r| r.loss.p2a),
+        mean(&firsts),
+        100.0 * mean_of(&|r| r.number("gate_pass_rate")),
+        mean_of(&|r| loss(r, "aux")),
+        mean_of(&|r| loss(r, "p2a")),
     )
 }
 
@@ -546,17 +447,28 @@ fn per_class_iou_table(report: &DemoReport) -> String {
         "{:<22}{:>12}{:>12}{:>12}\n",
         "class", "baseline", "SAR", "difference"
     );
-    let (b, s) = (mean_per_class(report, false), mean_per_class(report, true));
+    let [b, s] = [0, 1].map(|i| {
+        report
+            .comparison
+            .arms
+            .get(i)
+            .map(|a| a.per_class.clone())
+            .unwrap_or_default()
+    });
     for (k, name) in report.class_names.iter().enumerate() {
+        let (b, s) = (
+            b.get(k).copied().unwrap_or(f64::NAN),
+            s.get(k).copied().unwrap_or(f64::NAN),
+        );
         out += &format!(
             "{:<22}{:>12.1}{:>12.1}{:>+12.1}\n",
             format!(
                 "{name} ({})",
                 report.train_counts.get(k).copied().unwrap_or(0)
             ),
-            100.0 * b[k],
-            100.0 * s[k],
-            100.0 * (s[k] - b[k])
+            b,
+            s,
+            s - b
         );
     }
     out

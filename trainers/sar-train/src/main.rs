@@ -74,6 +74,10 @@ struct CompareArgs {
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
+    /// Delete every arm's earlier run in the output folder and train it again (runs of the
+    /// same config are otherwise read or resumed, and runs of another config refused).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn compare(args: CompareArgs) -> anyhow::Result<()> {
@@ -83,14 +87,15 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         .map(|a| sar_train::compare::Arm::parse(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let spec = sar_train::compare::CompareSpec {
-        config: args.config,
+        config: sar_train::compare::BaseConfig::File(args.config),
         arms,
         seeds: args.seeds,
         common: args.overrides,
         output: args.output.clone(),
         verbose: !args.quiet,
+        overwrite: args.overwrite,
     };
-    let c = sar_train::compare::compare(&spec)?;
+    let c = sar_train::compare::compare(&spec, &mut |run| eprintln!("{}", run.line()))?;
     print!("{}", sar_train::compare::markdown(&c));
     println!(
         "\nwritten: {}/compare.{{json,md}}, compare-per-class.png",
@@ -154,7 +159,8 @@ struct DemoArgs {
     /// Also write the full report (every run, per-class accuracy) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Delete an earlier demo in the output folder first (it is refused otherwise).
+    /// Delete an earlier demo's runs in the output folder and train them again (a demo with
+    /// the same settings is otherwise read or continued, one with others refused).
     #[arg(long)]
     overwrite: bool,
 }
@@ -376,21 +382,12 @@ fn demo(
         overwrite,
         ..base
     };
-    let total = 2 * cfg.seeds.len();
-    let mut done = 0;
-    let r = sar_train::demo::run_demo(&cfg, &mut |run| {
-        done += 1;
-        let r = &run.report;
-        eprintln!(
-            "[{done}/{total}] seed {} {:<8} {}  ({:.1} s)",
-            run.seed,
-            if r.sar { "SAR" } else { "baseline" },
-            r.eval.summary(),
-            r.wall_seconds
-        );
-    })?;
+    let r = sar_train::demo::run_demo(&cfg, &mut |run| eprintln!("{}", run.line()))?;
     println!("\n{}", sar_train::demo::summary(&r));
-    println!("runs, report.json and plots in {}", cfg.output.display());
+    println!(
+        "runs, compare.{{md,json}}, report.json and plots in {}",
+        cfg.output.display()
+    );
     if let Some(path) = report {
         sar_train::tensorio::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
         println!("wrote {}", path.display());

@@ -249,3 +249,53 @@ fn arm_configs_that_mean_nothing_are_refused() {
         parse(&text(dir.path(), "candle"), &overrides).unwrap();
     }
 }
+
+/// Each `configs/arms/NAME.toml` is what its header says: the digits config with the
+/// `--arm` overrides quoted there (the README's Table 7 mapping), run name and folder aside.
+#[test]
+fn each_example_arm_config_is_its_documented_arm() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(root.join("configs/arms")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let quoted = text
+            .lines()
+            .find_map(|l| l.split_once("--arm ").map(|(_, a)| a))
+            .unwrap_or_else(|| panic!("{}: no --arm in its header", path.display()));
+        let quoted = quoted.split("` trains").next().unwrap();
+        let arm = sar_train::compare::Arm::parse(quoted.trim_matches('\'')).unwrap();
+        assert_eq!(
+            path.file_stem().unwrap().to_str().unwrap(),
+            arm.name,
+            "{}",
+            path.display()
+        );
+        let file = sar_train::config::load(&path, &[]).unwrap();
+        let mut want =
+            sar_train::config::load(&root.join("configs/digits-small-cnn.toml"), &arm.overrides)
+                .unwrap();
+        want.run.name = file.run.name.clone();
+        want.run.output = file.run.output.clone();
+        assert_eq!(file, want, "{}", path.display());
+        seen.push((arm.name, file.sar.enabled, file.sar.kind));
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "car",
+            "ce",
+            "cr-mes",
+            "cr-nd",
+            "cr-om",
+            "emb-aux",
+            "emb-aux-ema",
+            "prototype",
+            "sar"
+        ]
+    );
+    assert!(seen.iter().any(|s| !s.1), "the CE arm turns SAR off");
+    assert!(seen.iter().any(|s| s.2 == RegularizerKind::Car));
+}

@@ -1,7 +1,7 @@
 //! `sar compare` end to end on the embedded digits: three arms × two seeds, one run
 //! interrupted and continued, the table checked against the run reports.
 
-use sar_train::compare::{compare, Arm, CompareSpec};
+use sar_train::compare::{Arm, BaseConfig, CompareSpec, Comparison};
 use sar_train::config::load;
 use sar_train::train::{train, TrainOptions};
 use std::path::Path;
@@ -32,7 +32,7 @@ medium_end = 7
 
 fn spec(config: &Path, output: &Path) -> CompareSpec {
     CompareSpec {
-        config: config.to_path_buf(),
+        config: BaseConfig::File(config.to_path_buf()),
         arms: ["sar", "ce:sar.enabled=false", "cr:sar.kind=\"cr\""]
             .iter()
             .map(|a| Arm::parse(a).unwrap())
@@ -41,7 +41,12 @@ fn spec(config: &Path, output: &Path) -> CompareSpec {
         common: vec!["train.log_every=8".into()],
         output: output.to_path_buf(),
         verbose: false,
+        overwrite: false,
     }
+}
+
+fn compare(spec: &CompareSpec) -> anyhow::Result<Comparison> {
+    sar_train::compare::compare(spec, &mut |_| {})
 }
 
 fn report(dir: &Path) -> serde_json::Value {
@@ -158,6 +163,37 @@ fn compare_trains_every_arm_and_seed_continues_after_an_interruption_and_tables_
         .flat_map(|x| x.runs.iter().map(|p| modified(p)))
         .collect();
     assert_eq!(before, after);
+
+    // Another common override: the finished runs are of another config. That is refused
+    // before anything trains, naming the key; `overwrite` trains them again.
+    let mut changed = spec(&config, &b);
+    changed.common = vec!["train.log_every=4".into()];
+    let err = format!("{:#}", compare(&changed).unwrap_err());
+    assert!(
+        err.contains("another config")
+            && err.contains("train.log_every = 8 in the folder, 4 here")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    let untouched: Vec<_> = continued
+        .arms
+        .iter()
+        .flat_map(|x| x.runs.iter().map(|p| modified(p)))
+        .collect();
+    assert_eq!(before, untouched);
+    changed.arms.truncate(1);
+    changed.seeds = vec![0];
+    changed.overwrite = true;
+    let mut trained = Vec::new();
+    let redone = sar_train::compare::compare(&changed, &mut |r| trained.push(r.trained)).unwrap();
+    assert_eq!(trained, [true]);
+    let stored = std::fs::read_to_string(b.join("sar/seed-0/config.toml")).unwrap();
+    assert!(stored.contains("log_every = 4"), "{stored}");
+    // log_every changes nothing the model learns.
+    assert_eq!(
+        redone.arms[0].metrics[0].values[0],
+        full.arms[0].metrics[0].values[0]
+    );
 
     // A bad arm fails before anything trains.
     let mut bad = spec(&config, &root.path().join("c"));

@@ -358,13 +358,15 @@ fn cub_layout_trains_end_to_end_with_a_resnet18() {
 fn every_example_config_parses_and_validates() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            sar_train::config::load(&path, &[])
-                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            n += 1;
+    for dir in [dir.clone(), dir.join("arms")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                sar_train::config::load(&path, &[])
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
         }
     }
-    assert!(n >= 6, "{n} configs");
+    assert!(n >= 15, "{n} configs");
 }

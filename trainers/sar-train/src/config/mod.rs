@@ -13,7 +13,8 @@
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
 //! ```
 //! Every key except `data.dataset` and `model.arch` (or `model.backbone`) has a default (see the field docs). Example
-//! configurations are in `configs/`.
+//! configurations are in `configs/`. A top-level `base = "file.toml"` starts from another
+//! config file and changes only the keys given (see [`load`]).
 
 mod validate;
 
@@ -667,15 +668,69 @@ impl Default for EvalConfig {
 
 /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax; a bare word is
 /// taken as a string) and validates.
+///
+/// A file may start from another: a top-level `base = "other.toml"` (relative to the file)
+/// loads that file first and lays this one's keys over it, section by section, so that a
+/// variant states only what it changes (`configs/arms/`). Bases may chain, at most
+/// [`MAX_BASE_DEPTH`] deep (a cycle fails there).
 pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<TrainConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse(&text, overrides).with_context(|| format!("config {}", path.display()))
+    let table = load_table(path, 0)?;
+    from_table(table, overrides).with_context(|| format!("config {}", path.display()))
 }
 
-/// [`load`] on TOML text.
+/// How many `base` files a config may chain through.
+pub const MAX_BASE_DEPTH: usize = 8;
+
+/// A config file's table with its `base` chain resolved.
+fn load_table(path: &Path, depth: usize) -> anyhow::Result<toml::Table> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+    match table.remove("base") {
+        None => Ok(table),
+        Some(toml::Value::String(base)) => {
+            ensure!(
+                depth < MAX_BASE_DEPTH,
+                "config {}: `base` chains more than {MAX_BASE_DEPTH} files deep (a cycle?)",
+                path.display()
+            );
+            let base_path = path.parent().unwrap_or(Path::new(".")).join(&base);
+            let mut merged = load_table(&base_path, depth + 1)
+                .with_context(|| format!("the base {base:?} of config {}", path.display()))?;
+            merge_over(&mut merged, table);
+            Ok(merged)
+        }
+        Some(other) => bail!(
+            "config {}: `base` must be a file name in quotes, not {other}",
+            path.display()
+        ),
+    }
+}
+
+/// Lays `over` onto `into`: tables merge key by key, anything else replaces.
+fn merge_over(into: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_over(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// [`load`] on TOML text (without `base`, which needs a file to be relative to).
 pub fn parse(text: &str, overrides: &[String]) -> anyhow::Result<TrainConfig> {
-    let mut table: toml::Table = toml::from_str(text)?;
+    let table: toml::Table = toml::from_str(text)?;
+    ensure!(
+        !table.contains_key("base"),
+        "`base` names a file relative to the config file, so only a config loaded from a file          may have it"
+    );
+    from_table(table, overrides)
+}
+
+fn from_table(mut table: toml::Table, overrides: &[String]) -> anyhow::Result<TrainConfig> {
     for o in overrides {
         apply_override(&mut table, o)?;
     }

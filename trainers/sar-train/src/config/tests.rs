@@ -130,3 +130,74 @@ fn unknown_keys_and_bad_values_are_named() {
         assert!(e.contains(want), "expected `{want}` in: {e}");
     }
 }
+
+#[test]
+fn a_base_file_is_laid_under_the_variant_section_by_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.toml");
+    std::fs::write(
+        &base,
+        "[data]\ndataset = \"digits\"\nimbalance = 10.0\n[model]\narch = \"small-cnn\"\n\
+         [sar]\nlambda_p2a = 0.3\n[train]\nepochs = 7\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("arms")).unwrap();
+    let arm = dir.path().join("arms/cr.toml");
+    std::fs::write(
+        &arm,
+        "base = \"../base.toml\"\n[sar]\nkind = \"cr\"\n[train]\nbatch_size = 16\n",
+    )
+    .unwrap();
+    let cfg = load(&arm, &["train.epochs=2".into()]).unwrap();
+    // The variant's keys replace, the base's other keys of the same section stay, the
+    // override comes last.
+    assert_eq!(cfg.sar.kind, sar_math::RegularizerKind::Cr);
+    assert_eq!(cfg.sar.lambda_p2a, 0.3);
+    assert_eq!((cfg.train.batch_size, cfg.train.epochs), (16, 2));
+    assert_eq!(cfg.data.imbalance, Some(10.0));
+    assert_eq!(
+        cfg,
+        load(
+            &base,
+            &[
+                "sar.kind=\"cr\"".into(),
+                "train.batch_size=16".into(),
+                "train.epochs=2".into()
+            ]
+        )
+        .unwrap()
+    );
+    // A chain works; a cycle, a missing base and a non-string base are named.
+    let chained = dir.path().join("arms/cr-om.toml");
+    std::fs::write(
+        &chained,
+        "base = \"cr.toml\"\n[sar]\nanchors = \"orthogonal\"\n",
+    )
+    .unwrap();
+    let c = load(&chained, &[]).unwrap();
+    assert_eq!(
+        (c.sar.kind, c.train.batch_size, c.sar.anchors),
+        (
+            sar_math::RegularizerKind::Cr,
+            16,
+            sar_math::anchors::AnchorKind::Orthogonal
+        )
+    );
+    let cyc = dir.path().join("cycle.toml");
+    std::fs::write(&cyc, "base = \"cycle.toml\"\n").unwrap();
+    let e = format!("{:#}", load(&cyc, &[]).unwrap_err());
+    assert!(e.contains("more than 8 files deep"), "{e}");
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(&missing, "base = \"nowhere.toml\"\n").unwrap();
+    let e = format!("{:#}", load(&missing, &[]).unwrap_err());
+    assert!(
+        e.contains("nowhere.toml") && e.contains("missing.toml"),
+        "{e}"
+    );
+    let number = dir.path().join("number.toml");
+    std::fs::write(&number, "base = 3\n").unwrap();
+    let e = format!("{:#}", load(&number, &[]).unwrap_err());
+    assert!(e.contains("`base` must be a file name"), "{e}");
+    let e = format!("{:#}", parse("base = \"x.toml\"\n", &[]).unwrap_err());
+    assert!(e.contains("only a config loaded from a file"), "{e}");
+}

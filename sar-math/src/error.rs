@@ -36,6 +36,8 @@ pub enum Op {
     Step,
     /// One SGD update ([`crate::sgd::sgd_step`]).
     Sgd,
+    /// MiSLAS's label-aware smoothing ([`crate::mislas`]).
+    Smoothing,
 }
 
 impl Op {
@@ -55,6 +57,7 @@ impl Op {
             Op::Config => "config",
             Op::Step => "step",
             Op::Sgd => "sgd",
+            Op::Smoothing => "smoothing",
         }
     }
 }

@@ -88,6 +88,76 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// A seeded Fisher–Yates shuffle of `items` in place.
+fn shuffle(items: &mut [usize], rng: &mut SeededRng) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// A list visited in turn, reshuffled each time it starts over (Decoupling's
+/// `RandomCycleIter`: the first visit is shuffled too).
+struct Cycle {
+    items: Vec<usize>,
+    next: usize,
+}
+
+impl Cycle {
+    fn take(&mut self, rng: &mut SeededRng) -> usize {
+        if self.next == 0 {
+            shuffle(&mut self.items, rng);
+        }
+        let v = self.items[self.next];
+        self.next = (self.next + 1) % self.items.len();
+        v
+    }
+}
+
+/// The class-balanced order of one epoch (the `ClassAwareSampler` of Decoupling and MiSLAS):
+/// `labels[i]` is sample i's class; an epoch has C·max_c n_c samples (C the classes that have
+/// samples). Classes are visited from a cycle of the classes, reshuffled whenever it starts
+/// over; each visit takes `per_class` consecutive samples from that class's own reshuffled
+/// cycle. So every class is drawn about equally often, whatever its size.
+///
+/// Unlike Decoupling's sampler, whose cycles carry on from one epoch to the next, the cycles
+/// start afresh each epoch from a generator of (seed, epoch), so that an epoch's order is a
+/// function of the seed and the epoch alone, as exact resume needs.
+pub fn class_balanced_order(
+    labels: &[usize],
+    per_class: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
+    let classes = labels.iter().max().map_or(0, |&m| m + 1);
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, &y) in labels.iter().enumerate() {
+        members[y].push(i);
+    }
+    let mut cycles: Vec<Cycle> = members
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .map(|items| Cycle { items, next: 0 })
+        .collect();
+    let Some(largest) = cycles.iter().map(|c| c.items.len()).max() else {
+        return Vec::new();
+    };
+    let total = largest * cycles.len();
+    let mut rng = sample_rng(seed ^ 0x0043_4C41_5353, epoch, u64::MAX);
+    let mut class_cycle = Cycle {
+        items: (0..cycles.len()).collect(),
+        next: 0,
+    };
+    let per_class = per_class.max(1);
+    let mut order = Vec::with_capacity(total);
+    while order.len() < total {
+        let c = class_cycle.take(&mut rng);
+        for _ in 0..per_class.min(total - order.len()) {
+            order.push(cycles[c].take(&mut rng));
+        }
+    }
+    order
+}
+
 /// The random choices of one sample: the crop's offset (dy, dx) ∈ [−pad, pad]² from the
 /// image's own position and whether it is flipped. Output pixel (y, x) is stored pixel
 /// (y + dy, x' + dx) with x' = W − 1 − x when flipped (x otherwise), zero outside the image;
@@ -237,6 +307,52 @@ pub fn mixup(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn class_balanced_order_draws_every_class_equally() {
+        // Classes of 8, 2 and 1 samples (labels interleaved), one class index unused.
+        let mut labels = vec![0usize; 8];
+        labels.extend([1, 1, 3]);
+        let order = class_balanced_order(&labels, 1, 7, 0);
+        assert_eq!(order.len(), 3 * 8, "C · max n_c, over the classes present");
+        let mut per_class = [0usize; 4];
+        for &i in &order {
+            per_class[labels[i]] += 1;
+        }
+        // One class per visit from a cycle of the 3 classes: 8 visits each.
+        assert_eq!(per_class, [8, 8, 0, 8]);
+        // The class cycle is a permutation of the classes every 3 draws.
+        for chunk in order.chunks(3) {
+            let mut c: Vec<usize> = chunk.iter().map(|&i| labels[i]).collect();
+            c.sort_unstable();
+            assert_eq!(c, [0, 1, 3]);
+        }
+        // Within a class, its cycle visits each member once before repeating.
+        let ones: Vec<usize> = order.iter().copied().filter(|&i| labels[i] == 1).collect();
+        for pair in ones.chunks(2) {
+            let mut p = pair.to_vec();
+            p.sort_unstable();
+            assert_eq!(p, [8, 9]);
+        }
+        let zeros: Vec<usize> = order.iter().copied().filter(|&i| labels[i] == 0).collect();
+        let mut z = zeros.clone();
+        z.sort_unstable();
+        assert_eq!(z, (0..8).collect::<Vec<_>>());
+        // A function of seed and epoch.
+        assert_eq!(order, class_balanced_order(&labels, 1, 7, 0));
+        assert_ne!(order, class_balanced_order(&labels, 1, 7, 1));
+        assert!(class_balanced_order(&[], 1, 7, 0).is_empty());
+    }
+
+    #[test]
+    fn class_balanced_order_takes_runs_of_one_class() {
+        let labels = [0usize, 0, 0, 0, 1, 1];
+        let order = class_balanced_order(&labels, 2, 3, 5);
+        assert_eq!(order.len(), 8);
+        for pair in order.chunks(2) {
+            assert_eq!(labels[pair[0]], labels[pair[1]], "{order:?}");
+        }
+    }
     use super::*;
 
     fn set() -> ImageSet {

@@ -52,6 +52,10 @@ pub struct CheckpointState {
     /// written before this field existed resume with empty sums.
     #[serde(default)]
     pub sums: RunningSums,
+    /// `stage.init_from`: where the run's starting weights came from (kept so that the report
+    /// names it after a resume without the first stage's checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<crate::run::InitFrom>,
 }
 
 /// Loss sums a run carries between log lines and across an epoch (see
@@ -334,6 +338,7 @@ mod tests {
                 },
                 ..Default::default()
             },
+            init_from: None,
         };
         (tensors, state)
     }

@@ -10,7 +10,7 @@
 //! ([`crate::evaluation`]). The data sets, batch rendering and evaluation here are shared with
 //! the dfdx trainee (`crate::trainees::dfdx`).
 
-use crate::config::{AugmentKind, DatasetKind, TrainConfig};
+use crate::config::{AugmentKind, DatasetKind, StageKind, TrainConfig};
 use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
 use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
@@ -194,10 +194,40 @@ pub(crate) struct ClsTask {
     pub(crate) groups: Vec<Group>,
     pub(crate) counts: Vec<u64>,
     augment: Augment,
+    /// MiSLAS stage 2 (`stage.kind = "mislas"`): ε per class and the LWS scale.
+    mislas: Option<Mislas>,
     /// Debug: every rendered batch is written here (see `ClsTask::dump_batch`).
     pub(crate) dump: Option<std::path::PathBuf>,
     /// Debug: with `dump`, write the plan of each step instead (see `ClsTask::dump_plan`).
     pub(crate) dump_plan: bool,
+}
+
+/// The state of MiSLAS's second stage.
+pub(crate) struct Mislas {
+    /// ε_c of label-aware smoothing, `[C]` (f32, on the device).
+    epsilon: Tensor,
+    /// The learnable weight scaling s `[C]` (`stage.lws_scale`), if on.
+    lws: Option<Tensor>,
+    /// BatchNorm of the frozen extractor in training mode ("shift learning").
+    shift_bn: bool,
+}
+
+/// The name of MiSLAS's learnable weight scaling in the varmap and checkpoints.
+pub const LWS_SCALE: &str = "stage.lws_scale";
+
+/// The label-aware smoothed cross-entropy of `logits` `[N, C]` ([`sar_math::mislas`]) in
+/// candle ops: mean_i [(1 − ε_i)(−log p_{i,y_i}) + ε_i·mean_c(−log p_ic)], ε_i = ε_{y_i}.
+pub fn smoothed_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    epsilon: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let smooth = logp.mean(1)?.neg()?;
+    let eps = epsilon.index_select(labels, 0)?;
+    let keep = eps.affine(-1.0, 1.0)?;
+    ((keep * nll)? + (eps * smooth)?)?.mean(0)
 }
 
 /// One rendered classification batch.
@@ -288,6 +318,43 @@ impl ClsTask {
                 flip: cfg.data.flip,
             },
         };
+        let mislas = match cfg.stage.kind {
+            StageKind::None => None,
+            StageKind::Mislas => {
+                let st = &cfg.stage;
+                let mut eps = vec![0.0; counts.len()];
+                sar_math::mislas::label_aware_smoothing(
+                    &counts,
+                    st.smooth_head,
+                    st.smooth_tail,
+                    st.shape(),
+                    &mut eps,
+                )
+                .map_err(|e| anyhow::anyhow!("stage.kind = \"mislas\": {e}"))?;
+                let dev = &setup.device;
+                let epsilon = Tensor::from_vec(
+                    eps.iter().map(|&e| e as f32).collect::<Vec<_>>(),
+                    counts.len(),
+                    dev,
+                )?;
+                let lws = if st.lws {
+                    Some(setup.varmap.get(
+                        counts.len(),
+                        LWS_SCALE,
+                        candle_nn::Init::Const(1.0),
+                        DType::F32,
+                        dev,
+                    )?)
+                } else {
+                    None
+                };
+                Some(Mislas {
+                    epsilon,
+                    lws,
+                    shift_bn: st.shift_bn,
+                })
+            }
+        };
         Ok(ClsTask {
             cfg: cfg.clone(),
             setup,
@@ -296,6 +363,7 @@ impl ClsTask {
             groups,
             counts,
             augment,
+            mislas,
             dump: None,
             dump_plan: false,
         })
@@ -434,6 +502,23 @@ impl Task for ClsTask {
         let model = &self.setup.model;
         let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
         let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
+        if let Some(m) = &self.mislas {
+            // Stage 2: the extractor is frozen (no gradient reaches it); with shift_bn its
+            // BatchNorm normalises by the batch and updates its running statistics.
+            let feats = model.features(&x, m.shift_bn)?.detach();
+            let mut logits = model.classify(&feats)?;
+            if let Some(s) = &m.lws {
+                logits = logits.broadcast_mul(s)?;
+            }
+            let loss = smoothed_cross_entropy(&logits, &y_t, &m.epsilon)?;
+            let loss = if ctx.poison_loss {
+                (loss * f64::INFINITY)?
+            } else {
+                loss
+            };
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+        }
         let feats = model.features(&x, true)?;
         let logits = model.classify(&feats)?;
         let ce = match &mix {
@@ -465,14 +550,53 @@ impl Task for ClsTask {
     }
 
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
-        Ok(TaskEvaluation::Classification(evaluate(
-            self.setup.model.as_ref(),
+        let Some(scale) = self.mislas.as_ref().and_then(|m| m.lws.as_ref()) else {
+            return Ok(TaskEvaluation::Classification(evaluate(
+                self.setup.model.as_ref(),
+                &self.data.test,
+                &self.norm,
+                &self.groups,
+                self.cfg.eval.batch_size,
+                &self.setup.device,
+            )?));
+        };
+        let (model, dev) = (&self.setup.model, &self.setup.device);
+        Ok(TaskEvaluation::Classification(evaluate_with(
             &self.data.test,
             &self.norm,
             &self.groups,
             self.cfg.eval.batch_size,
-            &self.setup.device,
+            &mut |x, shape| {
+                let x = Tensor::from_vec(x, shape, dev)?;
+                let logits = model.forward(&x, false)?.broadcast_mul(scale)?;
+                Ok(logits.flatten_all()?.to_vec1()?)
+            },
         )?))
+    }
+
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        Some(
+            self.data
+                .train
+                .labels()
+                .iter()
+                .map(|&y| y as usize)
+                .collect(),
+        )
+    }
+
+    fn trainable(&self, name: &str) -> bool {
+        match &self.mislas {
+            None => true,
+            Some(_) => name.starts_with("fc.") || name == LWS_SCALE,
+        }
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        match &self.mislas {
+            Some(_) if name.starts_with("fc.") => self.cfg.stage.classifier_lr_factor,
+            _ => 1.0,
+        }
     }
 
     fn cost(&self) -> sar_models::Cost {

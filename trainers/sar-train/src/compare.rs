@@ -1,7 +1,9 @@
 //! `sar compare`: several arms (config variants) × seeds through the same trainer, and a table.
 //!
 //! An arm is `NAME[:key=value,key=value…]`: the base config with those `--set` overrides (the
-//! values are TOML, as for `sar train --set`). Every arm of one seed starts from the same
+//! values are TOML, as for `sar train --set`); `{seed}` in an override (an arm's or a common
+//! one) becomes the run's seed, so that a second stage can start from its own seed's first
+//! stage: `'mislas:stage.init_from="runs/s1/sar/seed-{seed}"'`. Every arm of one seed starts from the same
 //! initial weights and sees the same batches, since both follow `run.seed` alone. Run folders
 //! are `OUTPUT/NAME/seed-S`; a folder that already holds `report.json` is read, not retrained,
 //! and one with checkpoints is resumed, so an interrupted comparison continues where it stopped.
@@ -12,9 +14,10 @@
 //! class absent from a segmentation test set's truth and prediction) reads as NaN, and the
 //! per-class means leave NaNs out.
 //!
-//! The table: per arm the mean ± sample standard deviation over seeds of the headline metric
-//! and the three frequency groups (classification: top-1 / head / medium / tail accuracy;
-//! segmentation: mIoU / mHead / mBody / mTail IoU), in percent. Every arm after the first is
+//! The table: per arm the mean ± sample standard deviation over seeds of the headline metric,
+//! the three frequency groups (classification: top-1 / head / medium / tail accuracy;
+//! segmentation: mIoU / mHead / mBody / mTail IoU) and the expected calibration error (15
+//! bins; smaller is better, which its verdict follows), in percent. Every arm after the first is
 //! then compared with the first **paired by seed**: d_s = arm_s − first_s, mean d̄ ± SE with
 //! SE = sd(d)/√n, and the verdict "better" if d̄ > 2·SE, "worse" if d̄ < −2·SE, else "within
 //! noise" (with one seed there is no SE: "one seed"), with the number of seeds where the arm
@@ -260,15 +263,20 @@ fn metrics_of(
             })
             .collect()
     };
-    let (names, per_class) = if report.get("top1").is_some() {
+    let (mut names, per_class) = if report.get("top1").is_some() {
         (vec!["top1", "head", "medium", "tail"], "per_class_accuracy")
     } else {
         (vec!["miou", "mhead", "mbody", "mtail"], "per_class_iou")
     };
-    let v = names
+    let mut v = names
         .iter()
         .map(|k| num(k))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Calibration, where the report has it (reports before ECE existed lack it).
+    if let Some(ece) = report.get("calibration").and_then(|c| c.get("ece")) {
+        names.push("ece");
+        v.push(100.0 * number(ece).context("`calibration.ece` is not a number")?);
+    }
     Ok((names, v, list(per_class)?))
 }
 
@@ -283,18 +291,36 @@ fn summary(values: Vec<f64>) -> Summary {
     Summary { values, mean, std }
 }
 
-/// The paired comparison of `arm` against `first` (same seeds, same order).
+/// Whether a larger value of metric `name` is better (ECE is an error: smaller is).
+pub fn higher_is_better(name: &str) -> bool {
+    name != "ece"
+}
+
+/// The paired comparison of `arm` against `first` (same seeds, same order) for a metric where
+/// larger is better; see [`paired_metric`].
 pub fn paired(arm: &[f64], first: &[f64]) -> Paired {
+    paired_metric(arm, first, true)
+}
+
+/// The paired comparison of `arm` against `first`: the verdict says "better" when the mean
+/// difference is beyond 2 SE in the good direction (`higher_is_better`), "worse" in the other.
+/// `up` counts the seeds where the arm is higher, whichever is better.
+pub fn paired_metric(arm: &[f64], first: &[f64], higher_is_better: bool) -> Paired {
     let d: Vec<f64> = arm.iter().zip(first).map(|(a, b)| a - b).collect();
     let s = summary(d.clone());
     let n = d.len();
     let se = s.std / (n as f64).sqrt();
+    let (up, down) = if higher_is_better {
+        ("better", "worse")
+    } else {
+        ("worse", "better")
+    };
     let verdict = if n < 2 {
         "one seed"
     } else if s.mean > 2.0 * se {
-        "better"
+        up
     } else if s.mean < -2.0 * se {
-        "worse"
+        down
     } else {
         "within noise"
     };
@@ -314,8 +340,12 @@ fn run_dir(spec: &CompareSpec, arm: &Arm, seed: u64) -> PathBuf {
 
 /// The config of one arm and seed.
 pub fn arm_config(spec: &CompareSpec, arm: &Arm, seed: u64) -> anyhow::Result<TrainConfig> {
-    let mut o = spec.common.clone();
-    o.extend(arm.overrides.iter().cloned());
+    let mut o: Vec<String> = spec
+        .common
+        .iter()
+        .chain(&arm.overrides)
+        .map(|v| v.replace("{seed}", &seed.to_string()))
+        .collect();
     o.push(format!("run.seed={seed}"));
     o.push(format!(
         "run.name={}",
@@ -587,7 +617,8 @@ pub(crate) fn compare_locked(
             a.metrics
                 .iter()
                 .zip(&first)
-                .map(|(m, f)| paired(&m.values, f))
+                .zip(&metric_names)
+                .map(|((m, f), name)| paired_metric(&m.values, f, higher_is_better(name)))
                 .collect(),
         );
     }
@@ -762,5 +793,9 @@ mod tests {
         let p = paired(&[8.0, 8.5, 8.2], &[10.0, 10.0, 10.0]);
         assert_eq!(p.verdict, "worse");
         assert_eq!(paired(&[1.0], &[0.0]).verdict, "one seed");
+        // An error metric: lower is better, "up" still counts the higher seeds.
+        let p = paired_metric(&[8.0, 8.5, 8.2], &[10.0, 10.0, 10.0], false);
+        assert_eq!((p.verdict.as_str(), p.up), ("better", 0));
+        assert!(!higher_is_better("ece") && higher_is_better("top1"));
     }
 }

@@ -342,10 +342,10 @@ pub fn summary(report: &DemoReport) -> String {
 }
 
 /// The column names of the task's four metrics.
-fn metric_labels(task: DemoTask) -> [&'static str; 4] {
+fn metric_labels(task: DemoTask) -> [&'static str; 5] {
     match task {
-        DemoTask::Cls => ["top-1", "head 0-2", "medium 3-6", "tail 7-9"],
-        DemoTask::Seg => ["mIoU", "mHead", "mBody", "mTail"],
+        DemoTask::Cls => ["top-1", "head 0-2", "medium 3-6", "tail 7-9", "ECE"],
+        DemoTask::Seg => ["mIoU", "mHead", "mBody", "mTail", "ECE"],
     }
 }
 
@@ -373,7 +373,8 @@ fn headline(report: &DemoReport) -> String {
     }
 }
 
-/// Mean ± standard deviation of each arm, the paired differences and their verdicts.
+/// Mean ± standard deviation of each arm, the paired differences and their verdicts (ECE:
+/// smaller is better).
 fn metric_table(report: &DemoReport) -> String {
     let labels = metric_labels(report.config.task);
     let c = &report.comparison;
@@ -384,6 +385,7 @@ fn metric_table(report: &DemoReport) -> String {
             DemoTask::Seg => "test IoU %",
         }
     );
+    let labels = &labels[..c.metrics.len().min(labels.len())];
     for name in labels {
         out += &format!("{name:>18}");
     }

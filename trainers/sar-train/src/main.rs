@@ -180,6 +180,10 @@ struct TrainArgs {
     /// Continue from a checkpoint file, or from the newest checkpoint of a run folder.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start a new run from another run's weights only (a checkpoint file or a run folder's
+    /// newest; same as `--set stage.init_from=...`), e.g. a second stage on a first.
+    #[arg(long, value_name = "CHECKPOINT_OR_RUN")]
+    init_from: Option<PathBuf>,
     /// Start over in an output folder that holds a run: delete that run's files first
     /// (with `--resume`: the checkpoints after the one resumed, or another run's files).
     #[arg(long)]
@@ -401,6 +405,7 @@ fn train(
         overrides,
         output,
         resume,
+        init_from,
         overwrite,
         debug_step_delay_ms,
         debug_dump,
@@ -418,6 +423,12 @@ fn train(
         overrides.push(format!(
             "run.output={}",
             toml_string(&o.display().to_string())
+        ));
+    }
+    if let Some(i) = init_from {
+        overrides.push(format!(
+            "stage.init_from={}",
+            toml_string(&i.display().to_string())
         ));
     }
     let cfg = sar_train::config::load(&config, &overrides)?;

@@ -27,6 +27,8 @@ pub struct Sgd {
     pub nesterov: bool,
     /// Apply the rule as candle ops on CPU too (tests compare the two paths).
     device_ops: bool,
+    /// Per variable, the factor of `lr` it steps with (1 by default; MiSLAS's `lr_factor`).
+    lr_scales: Vec<f64>,
 }
 
 impl Sgd {
@@ -59,7 +61,14 @@ impl Sgd {
             weight_decay,
             nesterov,
             device_ops: false,
+            lr_scales: vec![1.0; n],
         }
+    }
+
+    /// Each variable steps with `lr · scale(name)`.
+    pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
+        self.lr_scales = self.names.iter().map(|n| scale(n)).collect();
+        self
     }
 
     /// The momentum buffers that exist, by variable name.
@@ -100,15 +109,20 @@ impl Sgd {
     /// over the host values; on other devices by `device_step`, the same rule as candle ops
     /// in the kernel's order (so both round alike; `tests::device_ops_follow_the_kernel`).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let cfg = SgdConfig {
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-            nesterov: self.nesterov,
-        };
-        for (var, buf) in self.vars.iter().zip(self.momentum_buffers.iter_mut()) {
+        for ((var, buf), scale) in self
+            .vars
+            .iter()
+            .zip(self.momentum_buffers.iter_mut())
+            .zip(&self.lr_scales)
+        {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
+            };
+            let cfg = SgdConfig {
+                lr: self.lr * scale,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                nesterov: self.nesterov,
             };
             match var.dtype() {
                 DType::F32 if var.device().is_cpu() && !self.device_ops => {
@@ -183,6 +197,14 @@ pub enum Schedule {
     Constant,
     /// lr₀·½(1 + cos(π t/T)).
     Cosine,
+    /// lr₀·½(1 + cos(π e/E)) with e = ⌊t / steps_per_epoch⌋ and E epochs: constant within an
+    /// epoch (MiSLAS's stage 2, `adjust_learning_rate` once per epoch).
+    CosineEpoch {
+        /// Steps per epoch.
+        steps_per_epoch: usize,
+        /// E.
+        epochs: usize,
+    },
     /// lr₀·γ^(number of milestones ≤ t).
     Step {
         /// Steps at which the rate is multiplied by γ.
@@ -209,6 +231,13 @@ pub fn learning_rate(schedule: &Schedule, base: f64, t: usize, total: usize, war
         Schedule::Cosine => {
             base * 0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())
         }
+        Schedule::CosineEpoch {
+            steps_per_epoch,
+            epochs,
+        } => {
+            let e = t / (*steps_per_epoch).max(1);
+            base * 0.5 * (1.0 + (std::f64::consts::PI * e as f64 / (*epochs).max(1) as f64).cos())
+        }
         Schedule::Step { milestones, gamma } => {
             base * gamma.powi(milestones.iter().filter(|&&m| m <= t).count() as i32)
         }
@@ -223,6 +252,49 @@ pub fn learning_rate(schedule: &Schedule, base: f64, t: usize, total: usize, war
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn cosine_by_epoch_is_constant_within_an_epoch() {
+        let s = Schedule::CosineEpoch {
+            steps_per_epoch: 3,
+            epochs: 4,
+        };
+        let lr: Vec<f64> = (0..12).map(|t| learning_rate(&s, 0.1, t, 12, 0)).collect();
+        // e = 0, 1, 2, 3: 0.1·½(1 + cos(πe/4)) = 0.1, 0.0853…, 0.05, 0.0146…
+        let want = [
+            0.1,
+            0.05 * (1.0 + std::f64::consts::FRAC_1_SQRT_2),
+            0.05,
+            0.05 * (1.0 - std::f64::consts::FRAC_1_SQRT_2),
+        ];
+        for (t, v) in lr.iter().enumerate() {
+            assert!((v - want[t / 3]).abs() < 1e-15, "step {t}: {v}");
+        }
+    }
+
+    #[test]
+    fn a_variable_steps_with_its_own_lr_factor() {
+        // L = a + b: gradient 1 each; lr 0.1, no momentum or decay; b at 0.2 × lr.
+        let a = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = Sgd::named(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            0.1,
+            0.0,
+            0.0,
+            false,
+        )
+        .with_lr_scales(|n| if n == "b" { 0.2 } else { 1.0 });
+        let grads = (a.as_tensor() + b.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        opt.step(&grads).unwrap();
+        let v = |x: &Var| x.as_tensor().to_vec1::<f64>().unwrap()[0];
+        assert!((v(&a) - 0.9).abs() < 1e-15 && (v(&b) - 0.98).abs() < 1e-15);
+    }
 
     /// Two steps by hand, w₀ = 1, ∇ = 2w (L = w²), lr 0.1, μ 0.9, wd 0.1.
     /// Step 1: g = 2 + 0.1 = 2.1, b = 2.1, Nesterov d = 2.1 + 0.9·2.1 = 3.99, w = 1 − 0.399 = 0.601.

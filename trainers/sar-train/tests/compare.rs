@@ -108,14 +108,21 @@ fn compare_trains_every_arm_and_seed_continues_after_an_interruption_and_tables_
     );
 
     // The table against the reports.
-    assert_eq!(full.metrics, ["top1", "head", "medium", "tail"]);
+    assert_eq!(full.metrics, ["top1", "head", "medium", "tail", "ece"]);
     for arm in &full.arms {
         assert_eq!(arm.runs.len(), 2);
         for (m, key) in full.metrics.iter().enumerate() {
             let values: Vec<f64> = arm
                 .runs
                 .iter()
-                .map(|d| 100.0 * report(d)[key.as_str()].as_f64().unwrap())
+                .map(|d| {
+                    let r = report(d);
+                    let v = match key.as_str() {
+                        "ece" => &r["calibration"]["ece"],
+                        k => &r[k],
+                    };
+                    100.0 * v.as_f64().unwrap()
+                })
                 .collect();
             let mean = (values[0] + values[1]) / 2.0;
             let std = (values[0] - values[1]).abs() / 2f64.sqrt();

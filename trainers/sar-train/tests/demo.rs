@@ -113,7 +113,7 @@ fn short_segmentation_demo_runs_both_arms() {
     assert_eq!(sar.report["per_class_iou"].as_array().unwrap().len(), 11);
     assert_eq!(
         report.comparison.metrics,
-        ["miou", "mhead", "mbody", "mtail"]
+        ["miou", "mhead", "mbody", "mtail", "ece"]
     );
     let table = summary(&report);
     for want in ["mIoU", "mHead", "mBody", "mTail", "digit 9", "background"] {

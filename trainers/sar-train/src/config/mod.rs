@@ -9,8 +9,9 @@
 //! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
 //! [sar]      # enabled, kind, aux_ce, ema, reweight, anchors, tau, delta, alpha, lambda_aux,
 //!            # lambda_p2a, gate, weights
-//! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots
+//! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots, sampler, samples_per_class
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
+//! [stage]    # kind ("none" | "mislas"), init_from, smooth_head, smooth_tail, smooth_shape, smooth_power, shift_bn
 //! ```
 //! Every key except `data.dataset` and `model.arch` (or `model.backbone`) has a default (see the field docs). Example
 //! configurations are in `configs/`. A top-level `base = "file.toml"` starts from another
@@ -50,6 +51,110 @@ pub struct TrainConfig {
     /// Evaluation and head/medium/tail grouping.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// A second stage on a first stage's weights (MiSLAS).
+    #[serde(default)]
+    pub stage: StageConfig,
+}
+
+/// Which second-stage method a run is (`stage.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageKind {
+    /// An ordinary run (default).
+    #[default]
+    None,
+    /// MiSLAS stage 2: the feature extractor frozen (BatchNorm's running statistics may shift),
+    /// the classifier retrained under label-aware smoothing.
+    Mislas,
+}
+
+/// The curve of label-aware smoothing between head and tail (`stage.smooth_shape`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmoothShape {
+    /// sin(r·π/2) (MiSLAS's default).
+    Concave,
+    /// r.
+    Linear,
+    /// 1 + sin(3π/2 + r·π/2) (written from the head down).
+    Convex,
+    /// r^`smooth_power`.
+    Exp,
+}
+
+/// `[stage]`: start from another run's weights, and the second-stage method (defaults:
+/// MiSLAS's CIFAR-100-LT, imbalance 100, values; see `docs/spec.md` §8.4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageConfig {
+    /// "none" (an ordinary run) or "mislas".
+    pub kind: StageKind,
+    /// Weights to start from: a checkpoint file, or a run folder (its newest checkpoint). Only
+    /// the model's weights and BatchNorm statistics are taken; the schedule, optimiser state
+    /// and SAR's buffers start afresh (`sar train --init-from`). Required by "mislas".
+    pub init_from: Option<PathBuf>,
+    /// MiSLAS: ε of the most common class (0.4).
+    pub smooth_head: f64,
+    /// MiSLAS: ε of the rarest class (0.1).
+    pub smooth_tail: f64,
+    /// MiSLAS: how ε runs between them ("concave").
+    pub smooth_shape: SmoothShape,
+    /// MiSLAS: the exponent of `smooth_shape = "exp"` (1.0).
+    pub smooth_power: f64,
+    /// MiSLAS: run the frozen feature extractor with BatchNorm in training mode, so that its
+    /// running statistics follow the stage's batches ("shift learning"; true).
+    pub shift_bn: bool,
+    /// MiSLAS: learnable weight scaling, logits ← s ⊙ logits with s `[C]` from ones, trained
+    /// with the classifier (`stage.lws_scale` in checkpoints; true).
+    pub lws: bool,
+    /// MiSLAS: the classifier's learning rate is `optim.lr` times this (its `lr_factor`, 0.2
+    /// for CIFAR-100-LT at imbalance 100); the LWS scale takes `optim.lr` itself.
+    pub classifier_lr_factor: f64,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        StageConfig {
+            kind: StageKind::None,
+            init_from: None,
+            smooth_head: 0.4,
+            smooth_tail: 0.1,
+            smooth_shape: SmoothShape::Concave,
+            smooth_power: 1.0,
+            shift_bn: true,
+            lws: true,
+            classifier_lr_factor: 0.2,
+        }
+    }
+}
+
+impl StageConfig {
+    /// The sar-math shape.
+    pub fn shape(&self) -> sar_math::mislas::SmoothingShape {
+        use sar_math::mislas::SmoothingShape as S;
+        match self.smooth_shape {
+            SmoothShape::Concave => S::Concave,
+            SmoothShape::Linear => S::Linear,
+            SmoothShape::Convex => S::Convex,
+            SmoothShape::Exp => S::Exp {
+                power: self.smooth_power,
+            },
+        }
+    }
+}
+
+/// The order in which an epoch visits the training set (`train.sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplerKind {
+    /// Every image once, in a seeded shuffled order (default).
+    #[default]
+    Shuffle,
+    /// Class-balanced (MiSLAS's and Decoupling's `ClassAwareSampler`): classes drawn in turn
+    /// from a reshuffled cycle, `samples_per_class` images of each from the class's own
+    /// reshuffled cycle. An epoch takes as many images as the training set has (MiSLAS's loop
+    /// cuts the sampler's C·max_c n_c there), so it has as many steps as a shuffled epoch.
+    ClassBalanced,
 }
 
 /// Where the computation runs.
@@ -413,6 +518,8 @@ pub enum ScheduleKind {
     Constant,
     /// Cosine to 0 over the run.
     Cosine,
+    /// Cosine over epochs, constant within each (MiSLAS's stage 2).
+    CosineEpoch,
     /// ×γ at each milestone epoch.
     Step,
     /// (lr − min_lr)(1 − t/T)^power + min_lr.
@@ -575,6 +682,10 @@ pub struct LoopConfig {
     pub eval_every_steps: usize,
     /// Write PNG plots at the end: loss.png, per_class.png, features.png, reliability.png (true).
     pub plots: bool,
+    /// Epoch order: "shuffle" (default) or "class-balanced" (classification).
+    pub sampler: SamplerKind,
+    /// "class-balanced": consecutive images drawn from one class before the next (1).
+    pub samples_per_class: usize,
 }
 
 impl Default for LoopConfig {
@@ -591,6 +702,8 @@ impl Default for LoopConfig {
             iters: None,
             eval_every_steps: 0,
             plots: true,
+            sampler: SamplerKind::Shuffle,
+            samples_per_class: 1,
         }
     }
 }

@@ -15,7 +15,59 @@ impl TrainConfig {
         self.validate_optim_and_train()?;
         self.validate_eval()?;
         self.validate_sar()?;
+        self.validate_stage()?;
         self.validate_run()
+    }
+
+    /// `[stage]` and `train.sampler`: what a second stage needs and refuses.
+    fn validate_stage(&self) -> anyhow::Result<()> {
+        let (st, t) = (&self.stage, &self.train);
+        let seg = self.data.dataset.is_segmentation();
+        ensure!(
+            t.samples_per_class >= 1,
+            "train.samples_per_class must be ≥ 1"
+        );
+        ensure!(
+            !(seg && t.sampler == SamplerKind::ClassBalanced),
+            "train.sampler = \"class-balanced\" draws images by their class; segmentation images have many classes (use \"shuffle\")"
+        );
+        ensure!(
+            !(st.init_from.is_some() && self.model.pretrained().is_some()),
+            "stage.init_from and model.pretrained both give starting weights; keep one"
+        );
+        ensure!(
+            st.classifier_lr_factor.is_finite() && st.classifier_lr_factor > 0.0,
+            "stage.classifier_lr_factor must be > 0, got {}",
+            st.classifier_lr_factor
+        );
+        if st.kind == StageKind::Mislas {
+            ensure!(
+                !seg,
+                "stage.kind = \"mislas\" retrains a classifier; it is for classification"
+            );
+            ensure!(
+                st.init_from.is_some(),
+                "stage.kind = \"mislas\" retrains the classifier of a first stage: name its checkpoint or run folder in stage.init_from (sar train --init-from)"
+            );
+            ensure!(
+                !self.sar.enabled,
+                "stage.kind = \"mislas\" is a second stage without SAR (SAR is a first-stage regulariser in the paper's Table 10); set sar.enabled = false"
+            );
+            ensure!(
+                self.data.mixup_alpha == 0.0,
+                "stage.kind = \"mislas\" trains without MixUp (MiSLAS's stage 2); set data.mixup_alpha = 0"
+            );
+            let mut eps = [0.0; 2];
+            sar_math::mislas::label_aware_smoothing(
+                &[1, 2],
+                st.smooth_head,
+                st.smooth_tail,
+                st.shape(),
+                &mut eps,
+            )
+            .map_err(|e| anyhow::anyhow!("[stage]: {e}"))?;
+        }
+        Ok(())
     }
 
     /// `[sar]`: the hyper-parameters' domains, and the regulariser kind with its switches.
@@ -242,6 +294,10 @@ impl TrainConfig {
             ensure!(
                 self.model.pretrained().is_none(),
                 "run.backend = \"dfdx\" starts from its seeded initialisation; model.pretrained is not supported there"
+            );
+            ensure!(
+                self.stage.kind == StageKind::None && self.stage.init_from.is_none(),
+                "run.backend = \"dfdx\" has no second stage yet: stage.kind and stage.init_from run on candle"
             );
         }
         Ok(())

@@ -22,7 +22,7 @@ pub mod log;
 pub mod stop;
 
 use crate::checkpoint::{self, CheckpointState};
-use crate::config::{NonFinitePolicy, ScheduleKind, TrainConfig};
+use crate::config::{NonFinitePolicy, SamplerKind, ScheduleKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
 use crate::optim::{learning_rate, Schedule};
 use anyhow::{bail, ensure, Context};
@@ -99,6 +99,22 @@ pub struct RunReport {
     pub model_cost: sar_models::Cost,
     /// Parameters SAR adds (h_ψ); SAR adds no inference cost.
     pub sar_params: u64,
+    /// `stage.init_from`: the checkpoint the weights came from, its run and step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// Where a run's starting weights came from (`stage.init_from`).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct InitFrom {
+    /// The checkpoint file.
+    pub checkpoint: String,
+    /// `run.name` of the run that wrote it.
+    pub run: String,
+    /// Its step.
+    pub step: u64,
+    /// Whether SAR was on in that run.
+    pub sar: bool,
 }
 
 /// Options of a training run beyond the config.
@@ -195,6 +211,18 @@ pub(crate) trait Trainee {
     fn cost(&self) -> sar_models::Cost;
     /// PNG plots beyond the loss curves.
     fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()>;
+    /// The class of each training sample (for `train.sampler = "class-balanced"`).
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        None
+    }
+    /// `stage.init_from`: the model's weights and BatchNorm statistics from a checkpoint's
+    /// tensors; returns how many were loaded and the names left at their initialisation.
+    fn init_weights(
+        &mut self,
+        _tensors: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        anyhow::bail!("this backend cannot start from another run's weights (stage.init_from)")
+    }
 }
 
 /// The loss parts, or a message naming the first that is NaN or infinite.
@@ -258,6 +286,10 @@ impl Plan {
         let schedule = match o.schedule {
             ScheduleKind::Constant => Schedule::Constant,
             ScheduleKind::Cosine => Schedule::Cosine,
+            ScheduleKind::CosineEpoch => Schedule::CosineEpoch {
+                steps_per_epoch,
+                epochs,
+            },
             ScheduleKind::Step => Schedule::Step {
                 milestones: o.milestones.iter().map(|e| e * steps_per_epoch).collect(),
                 gamma: o.gamma,
@@ -344,6 +376,13 @@ pub(crate) fn run(
     let stale = checkpoint::remove_stale_temporaries(&ckpt_dir)?;
     let mut trainee = make_trainee()?;
     let plan = Plan::new(cfg, trainee.train_len());
+    let balanced_labels =
+        match cfg.train.sampler {
+            SamplerKind::Shuffle => None,
+            SamplerKind::ClassBalanced => Some(trainee.train_labels().context(
+                "train.sampler = \"class-balanced\" needs one class per training sample",
+            )?),
+        };
     let metrics = out.join("metrics.jsonl");
     let dropped = match &resume_from {
         Some((_, ck)) if own_checkpoint => log::truncate_to(&metrics, ck.state.step)?,
@@ -390,6 +429,7 @@ pub(crate) fn run(
         last_epoch_loss: LossParts::default(),
         consecutive_skips: 0,
         clock: Instant::now(),
+        balanced_labels,
     };
     if lp.state.batch_in_epoch == 0 {
         // A checkpoint at an epoch's end holds that epoch's sums: close it as the loop does.
@@ -409,6 +449,20 @@ fn start(
         let (loaded, kept) = trainee.load_pretrained(cfg, p)?;
         log.write(serde_json::json!({"kind": "pretrained", "file": p.display().to_string(), "loaded": loaded, "kept": kept}))?;
     }
+    let mut init_from = None;
+    if let Some(from) = &cfg.stage.init_from {
+        let (path, ck) = init_checkpoint(cfg, from)?;
+        let (loaded, fresh) = trainee
+            .init_weights(&ck.tensors)
+            .with_context(|| format!("stage.init_from {}", path.display()))?;
+        log.write(serde_json::json!({"kind": "init_from", "file": path.display().to_string(), "run": ck.state.config.run.name, "step": ck.state.step, "loaded": loaded, "fresh": fresh}))?;
+        init_from = Some(InitFrom {
+            checkpoint: path.display().to_string(),
+            run: ck.state.config.run.name.clone(),
+            step: ck.state.step,
+            sar: ck.state.config.sar.enabled,
+        });
+    }
     Ok(CheckpointState {
         format: checkpoint::FORMAT.into(),
         step: 0,
@@ -420,6 +474,7 @@ fn start(
         skipped_steps: 0,
         elapsed_seconds: 0.0,
         sums: Default::default(),
+        init_from,
     })
 }
 
@@ -435,6 +490,31 @@ fn resume_path(from: &Path) -> anyhow::Result<PathBuf> {
         from.to_path_buf()
     };
     checkpoint::latest(&dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))
+}
+
+/// The checkpoint `stage.init_from` names, verified, after checking that it holds this
+/// model on this data set.
+fn init_checkpoint(
+    cfg: &TrainConfig,
+    from: &Path,
+) -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
+    let path = resume_path(from).with_context(|| format!("stage.init_from {}", from.display()))?;
+    let ck =
+        checkpoint::load(&path).with_context(|| format!("stage.init_from {}", path.display()))?;
+    let old = &ck.state.config;
+    ensure!(
+        old.model == cfg.model,
+        "stage.init_from {}: it holds another [model] than this config's",
+        path.display()
+    );
+    ensure!(
+        old.data.dataset == cfg.data.dataset,
+        "stage.init_from {}: it was trained on data.dataset = {:?}, this config has {:?}",
+        path.display(),
+        old.data.dataset,
+        cfg.data.dataset
+    );
+    Ok((path, ck))
 }
 
 /// The checkpoint `from` names, verified, after checking that it is of this run (same model,
@@ -511,17 +591,31 @@ struct Loop<'a> {
     consecutive_skips: usize,
     /// Training time since it was last added to `state.elapsed_seconds`.
     clock: Instant,
+    /// `train.sampler = "class-balanced"`: each training sample's class.
+    balanced_labels: Option<Vec<usize>>,
 }
 
 impl Loop<'_> {
     /// Every remaining epoch, each followed by its evaluation when `eval_every` says.
     fn epochs(&mut self) -> anyhow::Result<()> {
         while self.epoch < self.plan.epochs {
-            let order = sar_data::augment::epoch_order(
-                self.plan.train_len,
-                self.cfg.run.seed,
-                self.epoch as u64,
-            );
+            let order = match &self.balanced_labels {
+                None => sar_data::augment::epoch_order(
+                    self.plan.train_len,
+                    self.cfg.run.seed,
+                    self.epoch as u64,
+                ),
+                Some(labels) => {
+                    let mut o = sar_data::augment::class_balanced_order(
+                        labels,
+                        self.cfg.train.samples_per_class,
+                        self.cfg.run.seed,
+                        self.epoch as u64,
+                    );
+                    o.truncate(self.plan.train_len);
+                    o
+                }
+            };
             let first_batch = if self.epoch as u64 == self.state.epoch {
                 self.state.batch_in_epoch as usize
             } else {
@@ -774,6 +868,7 @@ impl Loop<'_> {
             wall_seconds: s.elapsed_seconds,
             model_cost: self.trainee.cost(),
             sar_params: self.trainee.sar_params(),
+            init_from: s.init_from.clone(),
         };
         let out = &cfg.run.output;
         crate::tensorio::write_atomic(

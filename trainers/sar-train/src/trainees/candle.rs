@@ -36,14 +36,20 @@ pub fn restore_vars(
         let t = tensors
             .get(name)
             .with_context(|| format!("the checkpoint lacks {name} (another model?)"))?;
-        ensure!(
-            t.dims() == var.dims(),
-            "checkpoint tensor {name} has shape {:?}, the model needs {:?} (another model?)",
-            t.dims(),
-            var.dims()
-        );
-        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        set_var(name, var, t)?;
     }
+    Ok(())
+}
+
+/// `var` ← `t` (moved to its device and dtype) after checking the shapes.
+fn set_var(name: &str, var: &candle_core::Var, t: &Tensor) -> anyhow::Result<()> {
+    ensure!(
+        t.dims() == var.dims(),
+        "checkpoint tensor {name} has shape {:?}, the model needs {:?} (another model?)",
+        t.dims(),
+        var.dims()
+    );
+    var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     Ok(())
 }
 
@@ -131,6 +137,44 @@ pub(crate) trait Task {
     fn cost(&self) -> sar_models::Cost;
     /// PNG plots beyond the loss curves.
     fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()>;
+    /// The class of each training sample, for a class-balanced sampler (none: the task has
+    /// no single class per sample).
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        None
+    }
+    /// Whether the optimiser updates variable `name` (a second stage freezes most).
+    fn trainable(&self, _name: &str) -> bool {
+        true
+    }
+    /// The factor of the scheduled learning rate for variable `name`.
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
+}
+
+/// Sets every variable of `varmap` that `tensors` has (shapes equal) and returns the names
+/// it lacks, which must all be of parts a first stage may not have (SAR's `sar.*`, the
+/// second stage's `stage.*`); any other missing variable is an error.
+pub fn init_vars(
+    varmap: &VarMap,
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> anyhow::Result<(usize, Vec<String>)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let (mut loaded, mut fresh) = (0, Vec::new());
+    for (name, var) in data.iter() {
+        let Some(t) = tensors.get(name) else {
+            ensure!(
+                name.starts_with("sar.") || name.starts_with("stage."),
+                "the checkpoint lacks {name} (another model?)"
+            );
+            fresh.push(name.clone());
+            continue;
+        };
+        set_var(name, var, t)?;
+        loaded += 1;
+    }
+    fresh.sort();
+    Ok((loaded, fresh))
 }
 
 /// Checks the loss parts for NaN/inf and packs the outcome. `head_aux` is the auxiliary
@@ -177,12 +221,13 @@ impl CandleTrainee {
             .lock()
             .expect("varmap lock")
             .iter()
-            .filter(|(n, _)| !sar_models::params::is_running_stat(n))
+            .filter(|(n, _)| !sar_models::params::is_running_stat(n) && task.trainable(n))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let o = &cfg.optim;
-        let opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov);
+        let opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov)
+            .with_lr_scales(|n| task.lr_scale(n));
         Ok(CandleTrainee {
             task,
             opt,
@@ -309,6 +354,15 @@ impl Trainee for CandleTrainee {
     }
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
         self.task.evaluate()
+    }
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        self.task.train_labels()
+    }
+    fn init_weights(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        init_vars(self.task.varmap(), tensors)
     }
     fn cost(&self) -> sar_models::Cost {
         self.task.cost()

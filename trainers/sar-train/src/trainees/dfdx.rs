@@ -134,6 +134,9 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
     fn train_counts(&self) -> &[u64] {
         self.inner.train_counts()
     }
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        crate::trainees::candle::Task::train_labels(&self.inner)
+    }
 
     fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>> {
         self.pending = None;

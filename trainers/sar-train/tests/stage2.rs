@@ -1,0 +1,322 @@
+//! Two-stage training (`stage.init_from`, `stage.kind = "mislas"`): the label-aware smoothed
+//! cross-entropy in candle against sar-math, a second stage that changes exactly the
+//! classifier, the LWS scale and (with shift_bn) BatchNorm's running statistics, exact resume
+//! of a second stage, and the refusals.
+
+use candle_core::{Device, Tensor, Var};
+use sar_train::checkpoint;
+use sar_train::config::{parse, TrainConfig};
+use sar_train::train::{train, TrainOptions};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn stage1(out: &Path) -> String {
+    format!(
+        r#"
+[run]
+name = "stage1"
+seed = 2
+output = {out:?}
+[data]
+dataset = "digits"
+imbalance = 10.0
+pad = 1
+flip = false
+[model]
+arch = "small-cnn"
+[optim]
+lr = 0.05
+nesterov = true
+[train]
+epochs = 2
+batch_size = 64
+log_every = 4
+plots = false
+[eval]
+groups = "index"
+head_end = 3
+medium_end = 7
+"#
+    )
+}
+
+fn stage2(first: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut o: Vec<String> = vec![
+        "run.name=\"stage2\"".into(),
+        format!("run.output={:?}", out.display().to_string()),
+        "sar.enabled=false".into(),
+        "stage.kind=\"mislas\"".into(),
+        format!("stage.init_from={:?}", first.display().to_string()),
+        "train.sampler=\"class-balanced\"".into(),
+        "train.samples_per_class=4".into(),
+        "optim.schedule=\"cosine-epoch\"".into(),
+        "optim.nesterov=false".into(),
+        "train.epochs=2".into(),
+        "train.keep_checkpoints=100".into(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    parse(&stage1(out), &o).unwrap()
+}
+
+fn tensors(dir: &Path) -> HashMap<String, Tensor> {
+    let ck = checkpoint::latest(&dir.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    checkpoint::load(&ck).unwrap().tensors
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    let (a, b) = (
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len()
+}
+
+#[test]
+fn candle_smoothed_cross_entropy_is_the_sar_math_kernel() {
+    let z = [
+        0.3f32, -1.2, 2.0, 0.7, 0.1, -0.4, 1.5, -2.2, 0.0, 0.9, 0.4, -0.3,
+    ];
+    let (y, eps) = ([1i64, 3, 0], [0.3f64, 0.05, 0.2, 0.4]);
+    let mut want_grad = [0.0f32; 12];
+    let want =
+        sar_math::mislas::smoothed_cross_entropy(&z, &y, &eps, Some(&mut want_grad)).unwrap();
+    let dev = Device::Cpu;
+    let zv = Var::from_tensor(&Tensor::from_vec(z.to_vec(), (3, 4), &dev).unwrap()).unwrap();
+    let e = Tensor::from_vec(eps.map(|v| v as f32).to_vec(), 4, &dev).unwrap();
+    let yt = Tensor::from_vec(y.to_vec(), 3, &dev).unwrap();
+    let loss = sar_train::cls::smoothed_cross_entropy(zv.as_tensor(), &yt, &e).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    let g = loss.backward().unwrap();
+    let g = g.get(zv.as_tensor()).unwrap().flatten_all().unwrap();
+    for (a, b) in g.to_vec1::<f32>().unwrap().iter().zip(want_grad) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn mislas_stage_two_changes_exactly_the_classifier_lws_and_running_statistics() {
+    let root = tempfile::tempdir().unwrap();
+    let first = root.path().join("s1");
+    let s1 = train(
+        &parse(&stage1(&first), &[]).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    assert!(s1.sar && s1.init_from.is_none());
+    let before = tensors(&first);
+
+    let out = root.path().join("s2");
+    let r = train(&stage2(&first, &out, &[]), &TrainOptions::default()).unwrap();
+    let from = r.init_from.as_ref().expect("the report names stage 1");
+    assert_eq!((from.run.as_str(), from.sar), ("stage1", true));
+    assert_eq!(from.step, s1.steps);
+    assert!(from.checkpoint.contains("s1"), "{}", from.checkpoint);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(
+        log.contains("\"kind\":\"init_from\"") && log.contains("stage.lws_scale"),
+        "the log names the fresh LWS scale"
+    );
+    let after = tensors(&out);
+    let mut changed = Vec::new();
+    for (name, t) in &after {
+        if name.starts_with("optim.") {
+            continue;
+        }
+        match before.get(name) {
+            Some(b) if same(b, t) => {}
+            Some(_) => changed.push(name.clone()),
+            None => {
+                assert_eq!(name, "stage.lws_scale", "a new tensor");
+                changed.push(name.clone());
+            }
+        }
+    }
+    changed.sort();
+    let running = |n: &str| n.ends_with("running_mean") || n.ends_with("running_var");
+    let (stats, learned): (Vec<_>, Vec<_>) = changed.iter().partition(|n| running(n));
+    assert_eq!(learned, ["fc.bias", "fc.weight", "stage.lws_scale"]);
+    assert!(!stats.is_empty(), "shift_bn updates running statistics");
+    // Stage 1's SAR head does not come along: stage 2 has no SAR.
+    assert!(!after.keys().any(|n| n.starts_with("sar.")));
+    // Momentum only for what stage 2 trains.
+    let mut momentum: Vec<&String> = after
+        .keys()
+        .filter(|n| n.starts_with("optim.momentum."))
+        .collect();
+    momentum.sort();
+    assert_eq!(
+        momentum,
+        [
+            "optim.momentum.fc.bias",
+            "optim.momentum.fc.weight",
+            "optim.momentum.stage.lws_scale"
+        ]
+    );
+    let e = r.eval.classification().unwrap();
+    assert!(e.top1 > 0.3, "top-1 {}", e.top1);
+
+    // Without shift_bn, the running statistics stay too.
+    let frozen = root.path().join("s2-frozen");
+    train(
+        &stage2(
+            &first,
+            &frozen,
+            &["stage.shift_bn=false", "stage.lws=false"],
+        ),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let f = tensors(&frozen);
+    let moved: Vec<&String> = f
+        .iter()
+        .filter(|(n, t)| !n.starts_with("optim.") && !same(&before[*n], t))
+        .map(|(n, _)| n)
+        .collect();
+    let mut moved: Vec<&str> = moved.iter().map(|s| s.as_str()).collect();
+    moved.sort();
+    assert_eq!(moved, ["fc.bias", "fc.weight"]);
+}
+
+#[test]
+fn an_interrupted_second_stage_resumes_to_the_same_bits() {
+    let root = tempfile::tempdir().unwrap();
+    let first = root.path().join("s1");
+    train(
+        &parse(&stage1(&first), &["train.epochs=1".into()]).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let whole = root.path().join("whole");
+    let w = train(&stage2(&first, &whole, &[]), &TrainOptions::default()).unwrap();
+    let cut = root.path().join("cut");
+    train(
+        &stage2(&first, &cut, &["train.max_steps=5"]),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    // The first stage's checkpoint is not needed to resume the second.
+    std::fs::remove_dir_all(first.join("checkpoints")).unwrap();
+    let c = train(
+        &stage2(&first, &cut, &[]),
+        &TrainOptions {
+            resume: Some(cut.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.init_from, w.init_from, "the report still names stage 1");
+    let (a, b) = (tensors(&whole), tensors(&cut));
+    for (name, t) in &a {
+        assert!(same(t, &b[name]), "{name} differs after resume");
+    }
+    assert_eq!(
+        c.eval.classification().unwrap().per_class_accuracy,
+        w.eval.classification().unwrap().per_class_accuracy
+    );
+}
+
+#[test]
+fn configs_a_second_stage_cannot_mean_are_refused() {
+    let out = Path::new("/nonexistent/out");
+    let base = stage1(out);
+    for (over, want) in [
+        (
+            vec!["stage.kind=\"mislas\"", "sar.enabled=false"],
+            "stage.init_from",
+        ),
+        (
+            vec!["stage.kind=\"mislas\"", "stage.init_from=\"x\""],
+            "sar.enabled = false",
+        ),
+        (
+            vec![
+                "stage.kind=\"mislas\"",
+                "stage.init_from=\"x\"",
+                "sar.enabled=false",
+                "data.mixup_alpha=1.0",
+            ],
+            "MixUp",
+        ),
+        (
+            vec![
+                "stage.kind=\"mislas\"",
+                "stage.init_from=\"x\"",
+                "sar.enabled=false",
+                "stage.smooth_head=1.5",
+            ],
+            "smooth_head",
+        ),
+        (
+            vec!["stage.init_from=\"x\"", "run.backend=\"dfdx\""],
+            "run.backend = \"dfdx\" has no second stage",
+        ),
+        (vec!["train.samples_per_class=0"], "samples_per_class"),
+        (vec!["stage.classifier_lr_factor=0"], "classifier_lr_factor"),
+    ] {
+        let o: Vec<String> = over.iter().map(|s| s.to_string()).collect();
+        let e = format!("{:#}", parse(&base, &o).unwrap_err());
+        assert!(e.contains(want), "{over:?}: expected `{want}` in {e}");
+    }
+    // init_from of another model is named when the run starts.
+    let root = tempfile::tempdir().unwrap();
+    let first = root.path().join("s1");
+    train(
+        &parse(&stage1(&first), &["train.max_steps=1".into()]).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let other = stage2(
+        &first,
+        &root.path().join("s2"),
+        &["model.arch=\"cnn-pool\""],
+    );
+    let e = format!("{:#}", train(&other, &TrainOptions::default()).unwrap_err());
+    assert!(e.contains("another [model]"), "{e}");
+    let missing = stage2(&root.path().join("nowhere"), &root.path().join("s3"), &[]);
+    let e = format!(
+        "{:#}",
+        train(&missing, &TrainOptions::default()).unwrap_err()
+    );
+    assert!(e.contains("nowhere"), "{e}");
+}
+
+/// The class-balanced sampler feeds both backends the same batches: their first steps' losses
+/// agree as on shuffled epochs.
+#[test]
+fn class_balanced_batches_are_the_same_on_candle_and_dfdx() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = Vec::new();
+    for backend in ["candle", "dfdx"] {
+        let out = root.path().join(backend);
+        let cfg = parse(
+            &stage1(&out),
+            &[
+                format!("run.backend=\"{backend}\""),
+                "train.sampler=\"class-balanced\"".into(),
+                "train.samples_per_class=4".into(),
+                "train.log_every=1".into(),
+                "train.max_steps=3".into(),
+            ],
+        )
+        .unwrap();
+        train(&cfg, &TrainOptions::default()).unwrap();
+        let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let ce: Vec<f64> = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "train")
+            .map(|v| v["ce"].as_f64().unwrap())
+            .collect();
+        assert_eq!(ce.len(), 3, "{backend}");
+        first.push(ce[0]);
+    }
+    assert!(
+        ((first[0] - first[1]) / first[0]).abs() < 1e-4,
+        "first-step cross-entropy: candle {} dfdx {}",
+        first[0],
+        first[1]
+    );
+}

@@ -38,6 +38,8 @@ pub enum Op {
     Sgd,
     /// MiSLAS's label-aware smoothing ([`crate::mislas`]).
     Smoothing,
+    /// DisAlign's calibration and re-weighting ([`crate::disalign`]).
+    DisAlign,
 }
 
 impl Op {
@@ -58,6 +60,7 @@ impl Op {
             Op::Step => "step",
             Op::Sgd => "sgd",
             Op::Smoothing => "smoothing",
+            Op::DisAlign => "disalign",
         }
     }
 }

@@ -18,6 +18,7 @@
 //! | [`prototype`] | Eq. 1/3, §7 | class prototypes, CAR intra-class loss (CR = p2a to A) |
 //! | [`metrics`] | | confusion matrix, top-1, per-class accuracy, IoU/mIoU, head/medium/tail |
 //! | [`longtail`] | §8 | CIFAR-LT per-class counts |
+//! | [`disalign`] | §8.5 | DisAlign: adaptive calibration (both released forms) with gradients, generalized re-weighting |
 //! | [`mislas`] | §8.4 | MiSLAS stage 2: label-aware smoothing ε_c and its cross-entropy with gradient |
 //! | [`config`] | Eq. 9 | [`SarConfig`] with the paper's defaults and validation |
 //! | [`state`] | §4 order | [`SarState::step`]: L_aux → gate → EMA → L_p2a |
@@ -66,6 +67,7 @@ pub mod anchors;
 pub mod backend;
 pub mod batch_norm;
 pub mod config;
+pub mod disalign;
 pub mod ema;
 pub mod error;
 pub mod longtail;

@@ -196,6 +196,8 @@ pub(crate) struct ClsTask {
     augment: Augment,
     /// MiSLAS stage 2 (`stage.kind = "mislas"`): ε per class and the LWS scale.
     mislas: Option<Mislas>,
+    /// DisAlign (`stage.kind = "disalign"`): the calibration's variables and the class weights.
+    disalign: Option<DisAlign>,
     /// Debug: every rendered batch is written here (see `ClsTask::dump_batch`).
     pub(crate) dump: Option<std::path::PathBuf>,
     /// Debug: with `dump`, write the plan of each step instead (see `ClsTask::dump_plan`).
@@ -214,6 +216,70 @@ pub(crate) struct Mislas {
 
 /// The name of MiSLAS's learnable weight scaling in the varmap and checkpoints.
 pub const LWS_SCALE: &str = "stage.lws_scale";
+
+/// The prefix of DisAlign's variables (`scale`, `bias` `[C]`; `gate.weight` `[D]`,
+/// `gate.bias` `[1]`).
+pub const DISALIGN: &str = "stage.disalign.";
+
+/// DisAlign's classification calibration on a frozen model ([`sar_math::disalign`]).
+pub(crate) struct DisAlign {
+    scale: Tensor,
+    bias: Tensor,
+    gate_weight: Tensor,
+    gate_bias: Tensor,
+    /// The generalized re-weighting w `[C]` (f32).
+    weights: Tensor,
+    shift_bn: bool,
+}
+
+impl DisAlign {
+    /// The calibrated logits (1 + σ s) z + σ m, σ = sigmoid(x·v + b), of features `x` `[N, D]`
+    /// and frozen logits `z` `[N, C]`.
+    fn calibrate(&self, x: &Tensor, z: &Tensor) -> candle_core::Result<Tensor> {
+        let g = x
+            .matmul(&self.gate_weight.unsqueeze(1)?)?
+            .broadcast_add(&self.gate_bias)?;
+        let sigma = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let a = z.broadcast_mul(&self.scale)?.broadcast_add(&self.bias)?;
+        z + sigma.broadcast_mul(&a)?
+    }
+}
+
+/// The class-weighted cross-entropy with PyTorch's weighted mean, Σ w_{y_i} nll_i / Σ w_{y_i}
+/// ([`sar_math::disalign::weighted_cross_entropy`]), in candle ops.
+pub fn weighted_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let nll = candle_nn::ops::log_softmax(logits, 1)?
+        .gather(&labels.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    let w = weights.index_select(labels, 0)?;
+    w.mul(&nll)?.sum_all()?.broadcast_div(&w.sum_all()?)
+}
+
+/// The DisAlign calibration the trainer computes, for tests against sar-math: features `x`,
+/// frozen logits `z`, gate weight `v` `[D]` and bias `b` `[1]`, scale and margin `[C]`.
+pub fn disalign_logits(
+    x: &Tensor,
+    z: &Tensor,
+    v: &Tensor,
+    b: &Tensor,
+    scale: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    DisAlign {
+        scale: scale.clone(),
+        bias: bias.clone(),
+        gate_weight: v.clone(),
+        gate_bias: b.clone(),
+        weights: scale.clone(),
+        shift_bn: false,
+    }
+    .calibrate(x, z)
+}
 
 /// The label-aware smoothed cross-entropy of `logits` `[N, C]` ([`sar_math::mislas`]) in
 /// candle ops: mean_i [(1 − ε_i)(−log p_{i,y_i}) + ε_i·mean_c(−log p_ic)], ε_i = ε_{y_i}.
@@ -319,7 +385,7 @@ impl ClsTask {
             },
         };
         let mislas = match cfg.stage.kind {
-            StageKind::None => None,
+            StageKind::None | StageKind::Disalign => None,
             StageKind::Mislas => {
                 let st = &cfg.stage;
                 let mut eps = vec![0.0; counts.len()];
@@ -355,6 +421,39 @@ impl ClsTask {
                 })
             }
         };
+        let disalign = match cfg.stage.kind {
+            StageKind::Disalign => {
+                let mut w = vec![0.0; counts.len()];
+                sar_math::disalign::grw_weights(&counts, cfg.stage.grw_rho, &mut w)
+                    .map_err(|e| anyhow::anyhow!("stage.kind = \"disalign\": {e}"))?;
+                let (vm, dev, c) = (&setup.varmap, &setup.device, counts.len());
+                let d = setup.model.feature_dim();
+                let var = |name: &str, n: usize, v: f64| {
+                    vm.get(
+                        n,
+                        &format!("{DISALIGN}{name}"),
+                        candle_nn::Init::Const(v),
+                        DType::F32,
+                        dev,
+                    )
+                };
+                Some(DisAlign {
+                    scale: var("scale", c, 1.0)?,
+                    bias: var("bias", c, 0.0)?,
+                    // The released DisAlignLinear sets the gate's weight to 0.1; its bias keeps
+                    // PyTorch's random default, here 0 (so a run depends on its seed only).
+                    gate_weight: var("gate.weight", d, 0.1)?,
+                    gate_bias: var("gate.bias", 1, 0.0)?,
+                    weights: Tensor::from_vec(
+                        w.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                        c,
+                        dev,
+                    )?,
+                    shift_bn: cfg.stage.shift_bn,
+                })
+            }
+            _ => None,
+        };
         Ok(ClsTask {
             cfg: cfg.clone(),
             setup,
@@ -364,6 +463,7 @@ impl ClsTask {
             counts,
             augment,
             mislas,
+            disalign,
             dump: None,
             dump_plan: false,
         })
@@ -502,6 +602,20 @@ impl Task for ClsTask {
         let model = &self.setup.model;
         let x = Tensor::from_vec(x, (n, c, h, w), &dev)?;
         let y_t = Tensor::from_vec(labels.clone(), n, &dev)?;
+        if let Some(da) = &self.disalign {
+            // The whole model is frozen; only the calibration learns.
+            let feats = model.features(&x, da.shift_bn)?.detach();
+            let z = model.classify(&feats)?.detach();
+            let logits = da.calibrate(&feats, &z)?;
+            let loss = weighted_cross_entropy(&logits, &y_t, &da.weights)?;
+            let loss = if ctx.poison_loss {
+                (loss * f64::INFINITY)?
+            } else {
+                loss
+            };
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+        }
         if let Some(m) = &self.mislas {
             // Stage 2: the extractor is frozen (no gradient reaches it); with shift_bn its
             // BatchNorm normalises by the batch and updates its running statistics.
@@ -550,6 +664,21 @@ impl Task for ClsTask {
     }
 
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
+        if let Some(da) = &self.disalign {
+            let (model, dev) = (&self.setup.model, &self.setup.device);
+            return Ok(TaskEvaluation::Classification(evaluate_with(
+                &self.data.test,
+                &self.norm,
+                &self.groups,
+                self.cfg.eval.batch_size,
+                &mut |x, shape| {
+                    let x = Tensor::from_vec(x, shape, dev)?;
+                    let feats = model.features(&x, false)?;
+                    let logits = da.calibrate(&feats, &model.classify(&feats)?)?;
+                    Ok(logits.flatten_all()?.to_vec1()?)
+                },
+            )?));
+        }
         let Some(scale) = self.mislas.as_ref().and_then(|m| m.lws.as_ref()) else {
             return Ok(TaskEvaluation::Classification(evaluate(
                 self.setup.model.as_ref(),
@@ -586,9 +715,10 @@ impl Task for ClsTask {
     }
 
     fn trainable(&self, name: &str) -> bool {
-        match &self.mislas {
-            None => true,
-            Some(_) => name.starts_with("fc.") || name == LWS_SCALE,
+        match self.cfg.stage.kind {
+            StageKind::None => true,
+            StageKind::Mislas => name.starts_with("fc.") || name == LWS_SCALE,
+            StageKind::Disalign => name.starts_with(DISALIGN),
         }
     }
 

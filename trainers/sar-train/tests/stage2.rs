@@ -320,3 +320,150 @@ fn class_balanced_batches_are_the_same_on_candle_and_dfdx() {
         first[1]
     );
 }
+
+#[test]
+fn candle_disalign_calibration_and_weighted_loss_are_the_sar_math_kernels() {
+    use sar_math::disalign::{
+        calibrate, calibrate_backward, weighted_cross_entropy, CalibrationForm,
+    };
+    let dev = Device::Cpu;
+    let (n, c, d) = (3usize, 4usize, 2usize);
+    let x = [0.5f32, -1.0, 2.0, 0.25, -0.5, 1.5];
+    let z = [
+        0.3f32, -1.2, 2.0, 0.7, 0.1, -0.4, 1.5, -2.2, 0.0, 0.9, 0.4, -0.3,
+    ];
+    let (v, b) = ([0.1f32, -0.3], [0.2f32]);
+    let (s, m) = ([1.2f32, 0.7, 1.0, 0.4], [0.1f32, -0.3, 0.6, 0.0]);
+    let (y, w) = ([1i64, 3, 0], [0.5f64, 2.0, 1.0, 1.5]);
+    // sar-math: g = x·v + b, z' = calibrate, L = weighted CE, then the chain back.
+    let g: Vec<f32> = (0..n)
+        .map(|i| x[i * d] * v[0] + x[i * d + 1] * v[1] + b[0])
+        .collect();
+    let mut zc = [0.0f32; 12];
+    calibrate(&z, &g, &s, &m, CalibrationForm::Classification, &mut zc).unwrap();
+    let mut gz = [0.0f32; 12];
+    let want = weighted_cross_entropy(&zc, &y, &w, Some(&mut gz)).unwrap();
+    let (mut gs, mut gm, mut gg) = ([0.0f32; 4], [0.0f32; 4], [0.0f32; 3]);
+    calibrate_backward(
+        &z,
+        &g,
+        &s,
+        &m,
+        CalibrationForm::Classification,
+        &gz,
+        &mut gs,
+        &mut gm,
+        &mut gg,
+    )
+    .unwrap();
+    let gv: Vec<f32> = (0..d)
+        .map(|k| (0..n).map(|i| gg[i] * x[i * d + k]).sum())
+        .collect();
+    let gb: f32 = gg.iter().sum();
+
+    let var = |v: &[f32]| Var::from_tensor(&Tensor::new(v, &dev).unwrap()).unwrap();
+    let (sv, mv, vv, bv) = (var(&s), var(&m), var(&v), var(&b));
+    let xt = Tensor::from_vec(x.to_vec(), (n, d), &dev).unwrap();
+    let zt = Tensor::from_vec(z.to_vec(), (n, c), &dev).unwrap();
+    let logits = sar_train::cls::disalign_logits(
+        &xt,
+        &zt,
+        vv.as_tensor(),
+        bv.as_tensor(),
+        sv.as_tensor(),
+        mv.as_tensor(),
+    )
+    .unwrap();
+    let got_z = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (a, b) in got_z.iter().zip(zc) {
+        assert!((a - b).abs() < 1e-6, "calibrated logits {a} vs {b}");
+    }
+    let wt = Tensor::new(&w.map(|v| v as f32), &dev).unwrap();
+    let yt = Tensor::new(&y, &dev).unwrap();
+    let loss = sar_train::cls::weighted_cross_entropy(&logits, &yt, &wt).unwrap();
+    assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
+    let grads = loss.backward().unwrap();
+    let close = |var: &Var, want: &[f32], what: &str| {
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{what}: {got:?} vs {want:?}");
+        }
+    };
+    close(&sv, &gs, "scale");
+    close(&mv, &gm, "bias");
+    close(&vv, &gv, "gate weight");
+    close(&bv, &[gb], "gate bias");
+}
+
+#[test]
+fn disalign_trains_only_its_calibration_on_the_frozen_model() {
+    let root = tempfile::tempdir().unwrap();
+    let first = root.path().join("s1");
+    train(
+        &parse(&stage1(&first), &[]).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let before = tensors(&first);
+    let out = root.path().join("da");
+    let cfg = parse(
+        &stage1(&out),
+        &[
+            "run.name=\"disalign\"".into(),
+            "sar.enabled=false".into(),
+            "stage.kind=\"disalign\"".into(),
+            format!("stage.init_from={:?}", first.display().to_string()),
+            "stage.grw_rho=1.0".into(),
+            "train.epochs=2".into(),
+        ],
+    )
+    .unwrap();
+    let r = train(&cfg, &TrainOptions::default()).unwrap();
+    assert_eq!(r.init_from.as_ref().unwrap().run, "stage1");
+    let after = tensors(&out);
+    let mut learned: Vec<&str> = after
+        .iter()
+        .filter(|(n, _)| {
+            !n.starts_with("optim.") && !n.ends_with("running_mean") && !n.ends_with("running_var")
+        })
+        .filter(|(n, t)| before.get(*n).is_none_or(|b| !same(b, t)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    learned.sort();
+    assert_eq!(
+        learned,
+        [
+            "stage.disalign.bias",
+            "stage.disalign.gate.bias",
+            "stage.disalign.gate.weight",
+            "stage.disalign.scale"
+        ]
+    );
+    let e = r.eval.classification().unwrap();
+    assert!(e.top1 > 0.3, "top-1 {}", e.top1);
+    // The evaluation of a checkpoint goes through the calibration too.
+    let ck = checkpoint::latest(&out.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let (_, again) = sar_train::train::eval_checkpoint(&ck, None).unwrap();
+    assert_eq!(
+        again.classification().unwrap().per_class_accuracy,
+        e.per_class_accuracy
+    );
+    let seg = format!(
+        "{:#}",
+        parse(
+            "[data]\ndataset = \"mosaic\"\n[model]\nbackbone = \"resnet18-v1c\"\n[sar]\nenabled = false\n[stage]\nkind = \"disalign\"\ninit_from = \"x\"\n",
+            &[]
+        )
+        .unwrap_err()
+    );
+    assert!(
+        seg.contains("segmentation DisAlign head is not built yet"),
+        "{seg}"
+    );
+}

@@ -11,7 +11,7 @@
 //!            # lambda_p2a, gate, weights
 //! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots, sampler, samples_per_class
 //! [eval]     # groups ("count" | "rank" | "index"), many, few, head_end, medium_end, batch_size
-//! [stage]    # kind ("none" | "mislas"), init_from, smooth_head, smooth_tail, smooth_shape, smooth_power, shift_bn
+//! [stage]    # kind ("none" | "mislas" | "disalign"), init_from, smooth_head, smooth_tail, smooth_shape, smooth_power, shift_bn, lws, classifier_lr_factor, grw_rho
 //! ```
 //! Every key except `data.dataset` and `model.arch` (or `model.backbone`) has a default (see the field docs). Example
 //! configurations are in `configs/`. A top-level `base = "file.toml"` starts from another
@@ -66,6 +66,10 @@ pub enum StageKind {
     /// MiSLAS stage 2: the feature extractor frozen (BatchNorm's running statistics may shift),
     /// the classifier retrained under label-aware smoothing.
     Mislas,
+    /// DisAlign: the whole model frozen (BatchNorm's running statistics may shift), its logits
+    /// calibrated by a learned per-class scale and margin behind a confidence gate, trained
+    /// with the generalized re-weighting of the cross-entropy.
+    Disalign,
 }
 
 /// The curve of label-aware smoothing between head and tail (`stage.smooth_shape`).
@@ -83,11 +87,12 @@ pub enum SmoothShape {
 }
 
 /// `[stage]`: start from another run's weights, and the second-stage method (defaults:
-/// MiSLAS's CIFAR-100-LT, imbalance 100, values; see `docs/spec.md` §8.4).
+/// MiSLAS's CIFAR-100-LT, imbalance 100, values and DisAlign's classification ρ; see
+/// `docs/spec.md` §8.4–8.5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StageConfig {
-    /// "none" (an ordinary run) or "mislas".
+    /// "none" (an ordinary run), "mislas" or "disalign".
     pub kind: StageKind,
     /// Weights to start from: a checkpoint file, or a run folder (its newest checkpoint). Only
     /// the model's weights and BatchNorm statistics are taken; the schedule, optimiser state
@@ -101,8 +106,8 @@ pub struct StageConfig {
     pub smooth_shape: SmoothShape,
     /// MiSLAS: the exponent of `smooth_shape = "exp"` (1.0).
     pub smooth_power: f64,
-    /// MiSLAS: run the frozen feature extractor with BatchNorm in training mode, so that its
-    /// running statistics follow the stage's batches ("shift learning"; true).
+    /// MiSLAS and DisAlign: run the frozen feature extractor with BatchNorm in training mode,
+    /// so that its running statistics follow the stage's batches ("shift learning"; true).
     pub shift_bn: bool,
     /// MiSLAS: learnable weight scaling, logits ← s ⊙ logits with s `[C]` from ones, trained
     /// with the classifier (`stage.lws_scale` in checkpoints; true).
@@ -110,6 +115,9 @@ pub struct StageConfig {
     /// MiSLAS: the classifier's learning rate is `optim.lr` times this (its `lr_factor`, 0.2
     /// for CIFAR-100-LT at imbalance 100); the LWS scale takes `optim.lr` itself.
     pub classifier_lr_factor: f64,
+    /// DisAlign: the exponent ρ of the generalized re-weighting, w_c ∝ (n_c/N)^(−ρ) (1.2, the
+    /// released ImageNet-LT value; its ADE20K segmentation config uses 0.2).
+    pub grw_rho: f64,
 }
 
 impl Default for StageConfig {
@@ -124,6 +132,7 @@ impl Default for StageConfig {
             shift_bn: true,
             lws: true,
             classifier_lr_factor: 0.2,
+            grw_rho: 1.2,
         }
     }
 }

@@ -40,6 +40,25 @@ impl TrainConfig {
             "stage.classifier_lr_factor must be > 0, got {}",
             st.classifier_lr_factor
         );
+        ensure!(
+            st.grw_rho.is_finite() && st.grw_rho >= 0.0,
+            "stage.grw_rho must be ≥ 0, got {}",
+            st.grw_rho
+        );
+        if st.kind == StageKind::Disalign {
+            ensure!(
+                !seg,
+                "stage.kind = \"disalign\" runs on classification here; the segmentation DisAlign head is not built yet"
+            );
+            ensure!(
+                st.init_from.is_some(),
+                "stage.kind = \"disalign\" calibrates a first stage: name its checkpoint or run folder in stage.init_from (sar train --init-from)"
+            );
+            ensure!(
+                !self.sar.enabled && self.data.mixup_alpha == 0.0,
+                "stage.kind = \"disalign\" is a second stage without SAR and MixUp; set sar.enabled = false and data.mixup_alpha = 0"
+            );
+        }
         if st.kind == StageKind::Mislas {
             ensure!(
                 !seg,

@@ -424,7 +424,7 @@ impl ClsTask {
         let disalign = match cfg.stage.kind {
             StageKind::Disalign => {
                 let mut w = vec![0.0; counts.len()];
-                sar_math::disalign::grw_weights(&counts, cfg.stage.grw_rho, &mut w)
+                sar_math::disalign::grw_weights(&counts, cfg.stage.rho(false), &mut w)
                     .map_err(|e| anyhow::anyhow!("stage.kind = \"disalign\": {e}"))?;
                 let (vm, dev, c) = (&setup.varmap, &setup.device, counts.len());
                 let d = setup.model.feature_dim();

@@ -20,7 +20,7 @@
 //! the classes grouped by their labelled pixels in the training set (thirds by rank, or as
 //! `eval.groups` says).
 
-use crate::config::{DatasetKind, InferenceMode, TrainConfig};
+use crate::config::{DatasetKind, InferenceMode, StageKind, TrainConfig};
 pub use crate::evaluation::SegEvaluation;
 use crate::evaluation::{metrics_from_confusion, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
@@ -182,6 +182,178 @@ pub fn dropout2d(
     x.broadcast_mul(&Tensor::from_vec(m, (n, d, 1, 1), x.device())?.to_dtype(x.dtype())?)
 }
 
+/// DisAlign's segmentation head on a frozen segmenter (`stage.kind = "disalign"`, spec §8.5):
+/// a per-pixel gate σ = sigmoid(relu(BN(conv1×1(F)))) from the decode head's features F, the
+/// per-class scale s and margin m, z' = σ(s z + m) + (1 − σ) z. Variables under
+/// `stage.disalign.` (`scale`, `bias`, `gate.conv.weight`, `gate.bn.*`).
+pub struct SegDisAlign {
+    scale: Tensor,
+    bias: Tensor,
+    conv: sar_models::layers::Conv,
+    bn: sar_models::layers::Bn,
+    /// The generalized re-weighting w `[K]`.
+    weights: Vec<f32>,
+}
+
+impl SegDisAlign {
+    /// Builds the head's variables in `varmap` (`seed` draws the gate's conv weight).
+    pub fn new(
+        varmap: &VarMap,
+        dev: &Device,
+        seed: u64,
+        channels: usize,
+        weights: &[f64],
+    ) -> anyhow::Result<Self> {
+        use sar_models::layers::{Bn, Conv, ConvInit, ConvSpec};
+        let root = sar_models::params::Scope::new(varmap, dev.clone(), DType::F32, seed ^ 0x4441);
+        let p = root.pp("stage").pp("disalign");
+        let k = weights.len();
+        let var = |name: &str, v: f64| {
+            varmap.get(
+                k,
+                &format!("stage.disalign.{name}"),
+                candle_nn::Init::Const(v),
+                DType::F32,
+                dev,
+            )
+        };
+        Ok(SegDisAlign {
+            scale: var("scale", 1.0)?.reshape((1, k, 1, 1))?,
+            bias: var("bias", 0.0)?.reshape((1, k, 1, 1))?,
+            // mmcv's ConvModule: a bias-free conv (Kaiming, fan_out) → BatchNorm → ReLU.
+            conv: Conv::new(
+                &p.pp("gate").pp("conv"),
+                ConvSpec::new(channels, 1, 1),
+                ConvInit::KaimingFanOut,
+            )?,
+            bn: Bn::new(&p.pp("gate").pp("bn"), 1)?,
+            weights: weights.iter().map(|&v| v as f32).collect(),
+        })
+    }
+
+    /// Calibrated logits `[N, K, h, w]` of features `f` `[N, D, h, w]` and frozen logits `z`.
+    pub fn calibrate(&self, f: &Tensor, z: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let g = self.bn.forward_relu(&self.conv.forward(f)?, train)?;
+        let sigma = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let a = (z.broadcast_mul(&self.scale)?.broadcast_add(&self.bias)? - z)?;
+        z + a.broadcast_mul(&sigma)?
+    }
+}
+
+/// [`seg_cross_entropy`] with class weights w as mmsegmentation reduces it:
+/// Σ_valid w_y·nll / (N·H·W), all pixels in the denominator.
+pub fn seg_weighted_cross_entropy(
+    logits: &Tensor,
+    labels: &[u8],
+    (n, h, w): (usize, usize, usize),
+    weights: &[f32],
+) -> candle_core::Result<Tensor> {
+    let up = resize_bilinear(logits, h, w)?;
+    let lsm = candle_nn::ops::log_softmax(&up, 1)?;
+    let dev = logits.device();
+    let idx: Vec<u32> = labels
+        .iter()
+        .map(|&l| if l == IGNORE { 0 } else { l as u32 })
+        .collect();
+    let pixel_w: Vec<f32> = labels
+        .iter()
+        .map(|&l| {
+            if l == IGNORE {
+                0.0
+            } else {
+                weights[l as usize]
+            }
+        })
+        .collect();
+    let idx = Tensor::from_vec(idx, (n, 1, h, w), dev)?;
+    let pw = Tensor::from_vec(pixel_w, (n, 1, h, w), dev)?.to_dtype(lsm.dtype())?;
+    (lsm.gather(&idx, 1)? * pw)?.sum_all()?.neg()? / (n * h * w) as f64
+}
+
+/// A segmenter whose logits go through a DisAlign head (evaluation of a DisAlign run).
+struct Calibrated<'a> {
+    model: &'a dyn Segmenter,
+    head: &'a SegDisAlign,
+}
+
+impl Segmenter for Calibrated<'_> {
+    fn features(
+        &self,
+        images: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<sar_models::seg::SegFeatures> {
+        self.model.features(images, train)
+    }
+    fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.classify(features)
+    }
+    fn classify_aux(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.classify_aux(features)
+    }
+    fn feature_dim(&self) -> usize {
+        self.model.feature_dim()
+    }
+    fn classes(&self) -> usize {
+        self.model.classes()
+    }
+    fn has_aux(&self) -> bool {
+        self.model.has_aux()
+    }
+    fn output_stride(&self) -> usize {
+        self.model.output_stride()
+    }
+    fn cost(&self, height: usize, width: usize) -> sar_models::Cost {
+        self.model.cost(height, width)
+    }
+    fn aux_params(&self) -> u64 {
+        self.model.aux_params()
+    }
+    fn logits(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let f = self.model.features(images, false)?.main;
+        self.head.calibrate(&f, &self.model.classify(&f)?, false)
+    }
+}
+
+/// A borrowed segmenter as a boxed one.
+struct ByRef<'a>(&'a dyn Segmenter);
+
+impl Segmenter for ByRef<'_> {
+    fn features(
+        &self,
+        images: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<sar_models::seg::SegFeatures> {
+        self.0.features(images, train)
+    }
+    fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.classify(features)
+    }
+    fn classify_aux(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.classify_aux(features)
+    }
+    fn feature_dim(&self) -> usize {
+        self.0.feature_dim()
+    }
+    fn classes(&self) -> usize {
+        self.0.classes()
+    }
+    fn has_aux(&self) -> bool {
+        self.0.has_aux()
+    }
+    fn output_stride(&self) -> usize {
+        self.0.output_stride()
+    }
+    fn cost(&self, height: usize, width: usize) -> sar_models::Cost {
+        self.0.cost(height, width)
+    }
+    fn aux_params(&self) -> u64 {
+        self.0.aux_params()
+    }
+    fn logits(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.logits(images)
+    }
+}
+
 /// The segmentation task.
 pub struct SegTask {
     cfg: TrainConfig,
@@ -189,6 +361,7 @@ pub struct SegTask {
     data: SegData,
     counts: Vec<u64>,
     groups: Vec<Group>,
+    disalign: Option<SegDisAlign>,
 }
 
 impl SegTask {
@@ -198,18 +371,40 @@ impl SegTask {
         let counts = data.train.class_pixel_counts()?;
         let groups = crate::evaluation::class_groups(cfg, &counts)?;
         let setup = build_seg(cfg, data.train.classes())?;
+        let disalign = match cfg.stage.kind {
+            StageKind::Disalign => {
+                let mut w = vec![0.0; counts.len()];
+                sar_math::disalign::grw_weights(&counts, cfg.stage.rho(true), &mut w)
+                    .map_err(|e| anyhow::anyhow!("stage.kind = \"disalign\": {e}"))?;
+                Some(SegDisAlign::new(
+                    &setup.varmap,
+                    &setup.device,
+                    cfg.run.seed,
+                    setup.model.feature_dim(),
+                    &w,
+                )?)
+            }
+            _ => None,
+        };
         Ok(SegTask {
             cfg: cfg.clone(),
             setup,
             data,
             counts,
             groups,
+            disalign,
         })
     }
 
-    /// The network.
-    pub fn model(&self) -> &dyn Segmenter {
-        self.setup.model.as_ref()
+    /// The network as it predicts (through the DisAlign head in a DisAlign run).
+    pub fn model(&self) -> Box<dyn Segmenter + '_> {
+        match &self.disalign {
+            None => Box::new(ByRef(self.setup.model.as_ref())),
+            Some(head) => Box::new(Calibrated {
+                model: self.setup.model.as_ref(),
+                head,
+            }),
+        }
     }
 
     fn augment_for(&self, s: &SegSample) -> SegAugment {
@@ -423,10 +618,25 @@ impl Task for SegTask {
         let dev = self.setup.device.clone();
         let model = &self.setup.model;
         let x = Tensor::from_vec(x, (n, 3, h, w), &dev)?;
-        let f = model.features(&x, true)?;
         let mut rng = sar_data::augment::sample_rng(self.cfg.run.seed ^ 0x4452_4F50, step, 0);
         let m = self.cfg.model.segmenter()?;
         let p = m.dropout;
+        if let Some(da) = &self.disalign {
+            // The segmenter is frozen (its BatchNorm statistics shift with shift_bn, its
+            // dropout stays as in training); the auxiliary head's loss weight is 0.
+            let f = model.features(&x, self.cfg.stage.shift_bn)?.main.detach();
+            let z = model.classify(&dropout2d(&f, p, &mut rng)?)?.detach();
+            let logits = da.calibrate(&f, &z, true)?;
+            let loss = seg_weighted_cross_entropy(&logits, &y, (n, h, w), &da.weights)?;
+            let loss = if ctx.poison_loss {
+                (loss * f64::INFINITY)?
+            } else {
+                loss
+            };
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+        }
+        let f = model.features(&x, true)?;
         let logits = model.classify(&dropout2d(&f.main, p, &mut rng)?)?;
         let ce = seg_cross_entropy(&logits, &y, (n, h, w))?;
         let ce = if ctx.poison_loss {
@@ -455,9 +665,16 @@ impl Task for SegTask {
         finish_step(step, loss, ce_value, head_aux, aux, p2a, gate, valid, n)
     }
 
+    fn trainable(&self, name: &str) -> bool {
+        match self.cfg.stage.kind {
+            StageKind::Disalign => name.starts_with("stage.disalign."),
+            _ => true,
+        }
+    }
+
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
         Ok(TaskEvaluation::Segmentation(evaluate_seg(
-            self.setup.model.as_ref(),
+            self.model().as_ref(),
             &self.data.test,
             &self.groups,
             &self.cfg,
@@ -499,7 +716,7 @@ impl Task for SegTask {
             let mut rows = Vec::new();
             for i in 0..shown {
                 let s = self.data.test.get(i)?;
-                let (pred, _) = infer(self.model(), &s, cfg, &self.setup.device)?;
+                let (pred, _) = infer(self.model().as_ref(), &s, cfg, &self.setup.device)?;
                 rows.push((s, pred));
             }
             crate::plots::segmentation_panel(

@@ -454,16 +454,146 @@ fn disalign_trains_only_its_calibration_on_the_frozen_model() {
         again.classification().unwrap().per_class_accuracy,
         e.per_class_accuracy
     );
-    let seg = format!(
-        "{:#}",
-        parse(
-            "[data]\ndataset = \"mosaic\"\n[model]\nbackbone = \"resnet18-v1c\"\n[sar]\nenabled = false\n[stage]\nkind = \"disalign\"\ninit_from = \"x\"\n",
-            &[]
-        )
-        .unwrap_err()
+}
+
+#[test]
+fn segmentation_disalign_head_is_the_sar_math_form_and_its_loss_is_mmsegmentations() {
+    use sar_math::disalign::{calibrate, CalibrationForm};
+    use sar_train::seg::{seg_cross_entropy, seg_weighted_cross_entropy, SegDisAlign};
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let (d, k) = (3usize, 2usize);
+    let head = SegDisAlign::new(&varmap, &dev, 5, d, &[0.5, 1.5]).unwrap();
+    // Move scale and margin off their start so that both terms count.
+    let vars = varmap.data().lock().unwrap().clone();
+    vars["stage.disalign.scale"]
+        .set(&Tensor::new(&[1.5f32, 0.5], &dev).unwrap())
+        .unwrap();
+    vars["stage.disalign.bias"]
+        .set(&Tensor::new(&[0.25f32, -0.5], &dev).unwrap())
+        .unwrap();
+    let f: Vec<f32> = (0..d * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+    let z: Vec<f32> = (0..k * 4).map(|i| (i as f32 * 0.91).cos()).collect();
+    let ft = Tensor::from_vec(f.clone(), (1, d, 2, 2), &dev).unwrap();
+    let zt = Tensor::from_vec(z.clone(), (1, k, 2, 2), &dev).unwrap();
+    let got = head
+        .calibrate(&ft, &zt, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // The gate in evaluation mode at BatchNorm's start: relu(conv(F) / √(1 + ε)).
+    let wconv = vars["stage.disalign.gate.conv.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let gate: Vec<f32> = (0..4)
+        .map(|p| {
+            let c: f32 = (0..d).map(|j| wconv[j] * f[j * 4 + p]).sum();
+            (c / (1.0f32 + 1e-5).sqrt()).max(0.0)
+        })
+        .collect();
+    // sar-math works on rows [pixels, K].
+    let rows: Vec<f32> = (0..4)
+        .flat_map(|p| (0..k).map(move |c| (p, c)))
+        .map(|(p, c)| z[c * 4 + p])
+        .collect();
+    let mut want = vec![0.0f32; 8];
+    calibrate(
+        &rows,
+        &gate,
+        &[1.5, 0.5],
+        &[0.25, -0.5],
+        CalibrationForm::Segmentation,
+        &mut want,
+    )
+    .unwrap();
+    for p in 0..4 {
+        for c in 0..k {
+            let (a, b) = (got[c * 4 + p], want[p * k + c]);
+            assert!((a - b).abs() < 1e-6, "pixel {p} class {c}: {a} vs {b}");
+        }
+    }
+    // With unit weights the weighted loss is the plain one (mean over all pixels, ignored
+    // ones included); a weight scales exactly its class's pixels.
+    let labels = [0u8, 1, 255, 1];
+    let plain = seg_cross_entropy(&zt, &labels, (1, 2, 2)).unwrap();
+    let unit = seg_weighted_cross_entropy(&zt, &labels, (1, 2, 2), &[1.0, 1.0]).unwrap();
+    let (p, u) = (
+        plain.to_scalar::<f32>().unwrap(),
+        unit.to_scalar::<f32>().unwrap(),
     );
-    assert!(
-        seg.contains("segmentation DisAlign head is not built yet"),
-        "{seg}"
+    assert!((p - u).abs() < 1e-7);
+    let lsm = candle_nn::ops::log_softmax(&zt, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let nll = |pix: usize, c: usize| -lsm[c * 4 + pix];
+    let hand = (2.0 * nll(0, 0) + 0.5 * nll(1, 1) + 0.5 * nll(3, 1)) / 4.0;
+    let weighted = seg_weighted_cross_entropy(&zt, &labels, (1, 2, 2), &[2.0, 0.5])
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((weighted - hand).abs() < 1e-6, "{weighted} vs {hand}");
+}
+
+#[test]
+fn segmentation_disalign_trains_only_its_head_on_the_frozen_segmenter() {
+    let root = tempfile::tempdir().unwrap();
+    let demo = sar_train::demo::DemoConfig {
+        iters: 30,
+        output: root.path().to_path_buf(),
+        plots: false,
+        ..sar_train::demo::DemoConfig::segmentation()
+    };
+    let mut s1 = sar_train::demo::run_config(&demo, 0, true).unwrap();
+    s1.run.output = root.path().join("s1");
+    train(&s1, &TrainOptions::default()).unwrap();
+    let before = tensors(&s1.run.output);
+    let mut s2 = s1.clone();
+    s2.run.output = root.path().join("s2");
+    s2.run.name = "disalign".into();
+    s2.sar.enabled = false;
+    s2.stage.kind = sar_train::config::StageKind::Disalign;
+    s2.stage.init_from = Some(s1.run.output.clone());
+    s2.train.iters = Some(12);
+    s2.validate().unwrap();
+    let r = train(&s2, &TrainOptions::default()).unwrap();
+    assert_eq!(r.init_from.as_ref().unwrap().run, s1.run.name);
+    let after = tensors(&s2.run.output);
+    let stat = |n: &str| n.ends_with("running_mean") || n.ends_with("running_var");
+    let mut learned: Vec<&str> = after
+        .iter()
+        .filter(|(n, _)| !n.starts_with("optim.") && !stat(n))
+        .filter(|(n, t)| before.get(*n).is_none_or(|b| !same(b, t)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    learned.sort();
+    assert_eq!(
+        learned,
+        [
+            "stage.disalign.bias",
+            "stage.disalign.gate.bn.bias",
+            "stage.disalign.gate.bn.weight",
+            "stage.disalign.gate.conv.weight",
+            "stage.disalign.scale"
+        ]
     );
+    // The frozen segmenter's weights, the auxiliary head's included, are stage 1's.
+    for (n, t) in &before {
+        if !n.starts_with("sar.") && !n.starts_with("optim.") && !stat(n) {
+            assert!(same(t, &after[n]), "{n} moved");
+        }
+    }
+    let e = r.eval.segmentation().unwrap();
+    assert!(e.miou.is_finite() && e.miou > 0.0, "{e:?}");
+    let ck = checkpoint::latest(&s2.run.output.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let (_, again) = sar_train::train::eval_checkpoint(&ck, None).unwrap();
+    assert_eq!(again.segmentation().unwrap().miou, e.miou);
 }

@@ -115,9 +115,10 @@ pub struct StageConfig {
     /// MiSLAS: the classifier's learning rate is `optim.lr` times this (its `lr_factor`, 0.2
     /// for CIFAR-100-LT at imbalance 100); the LWS scale takes `optim.lr` itself.
     pub classifier_lr_factor: f64,
-    /// DisAlign: the exponent ρ of the generalized re-weighting, w_c ∝ (n_c/N)^(−ρ) (1.2, the
-    /// released ImageNet-LT value; its ADE20K segmentation config uses 0.2).
-    pub grw_rho: f64,
+    /// DisAlign: the exponent ρ of the generalized re-weighting, w_c ∝ (n_c/N)^(−ρ) (default:
+    /// the released configs' 1.2 for classification, ImageNet-LT, and 0.2 for segmentation,
+    /// ADE20K).
+    pub grw_rho: Option<f64>,
 }
 
 impl Default for StageConfig {
@@ -132,12 +133,17 @@ impl Default for StageConfig {
             shift_bn: true,
             lws: true,
             classifier_lr_factor: 0.2,
-            grw_rho: 1.2,
+            grw_rho: None,
         }
     }
 }
 
 impl StageConfig {
+    /// ρ of the generalized re-weighting: `grw_rho`, or the released default of the task.
+    pub fn rho(&self, segmentation: bool) -> f64 {
+        self.grw_rho.unwrap_or(if segmentation { 0.2 } else { 1.2 })
+    }
+
     /// The sar-math shape.
     pub fn shape(&self) -> sar_math::mislas::SmoothingShape {
         use sar_math::mislas::SmoothingShape as S;

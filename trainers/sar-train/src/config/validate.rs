@@ -40,16 +40,13 @@ impl TrainConfig {
             "stage.classifier_lr_factor must be > 0, got {}",
             st.classifier_lr_factor
         );
-        ensure!(
-            st.grw_rho.is_finite() && st.grw_rho >= 0.0,
-            "stage.grw_rho must be ≥ 0, got {}",
-            st.grw_rho
-        );
-        if st.kind == StageKind::Disalign {
+        if let Some(rho) = st.grw_rho {
             ensure!(
-                !seg,
-                "stage.kind = \"disalign\" runs on classification here; the segmentation DisAlign head is not built yet"
+                rho.is_finite() && rho >= 0.0,
+                "stage.grw_rho must be ≥ 0, got {rho}"
             );
+        }
+        if st.kind == StageKind::Disalign {
             ensure!(
                 st.init_from.is_some(),
                 "stage.kind = \"disalign\" calibrates a first stage: name its checkpoint or run folder in stage.init_from (sar train --init-from)"

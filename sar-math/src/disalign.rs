@@ -166,17 +166,8 @@ pub fn weighted_cross_entropy<F: Real, L: crate::real::Label>(
     grad: Option<&mut [F]>,
 ) -> Result<F> {
     let op = Op::DisAlign;
-    let (n, c) = (labels.len(), weights.len());
-    if n == 0 || c == 0 {
-        return Err(SarError::Shape {
-            op,
-            what: "need at least one row and one class",
-        });
-    }
-    check_len(op, "logits", logits.len(), mul_dims(op, &[n, c])?)?;
-    if let Some(g) = &grad {
-        check_len(op, "grad", g.len(), n * c)?;
-    }
+    let c = weights.len();
+    crate::mislas::check_class_rows(op, logits, labels, c, grad.as_deref().map(<[F]>::len))?;
     if let Some(&w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
         return Err(SarError::Param {
             op,
@@ -185,27 +176,12 @@ pub fn weighted_cross_entropy<F: Real, L: crate::real::Label>(
             domain: "[0, inf)",
         });
     }
-    let mut total_w = 0.0;
-    for (index, y) in labels.iter().enumerate() {
-        let label = y.to_i64();
-        if !(0..c as i64).contains(&label) {
-            return Err(SarError::Label {
-                op,
-                index,
-                label,
-                classes: c,
-            });
-        }
-        total_w += weights[label as usize];
-    }
+    let total_w: f64 = labels.iter().map(|y| weights[y.to_i64() as usize]).sum();
     if total_w <= 0.0 {
         return Err(SarError::Shape {
             op,
             what: "the batch's labels all have weight 0",
         });
-    }
-    if logits.iter().any(|z| !z.is_finite()) {
-        return Err(SarError::NonFinite { op, what: "logits" });
     }
     let inv = F::from_f64(1.0 / total_w);
     let mut total = F::zero();
@@ -214,8 +190,7 @@ pub fn weighted_cross_entropy<F: Real, L: crate::real::Label>(
         let y = y.to_i64() as usize;
         let w = F::from_f64(weights[y]);
         let row = &logits[i * c..(i + 1) * c];
-        let m = row.iter().copied().fold(F::neg_infinity(), F::max);
-        let log_sum = m + row.iter().fold(F::zero(), |a, &z| a + (z - m).exp()).ln();
+        let log_sum = crate::mislas::log_sum_exp(row);
         total = total + w * (log_sum - row[y]);
         if let Some(g) = grad.as_deref_mut() {
             for (k, (gk, &z)) in g[i * c..(i + 1) * c].iter_mut().zip(row).enumerate() {

@@ -105,6 +105,49 @@ pub fn label_aware_smoothing(
     Ok(())
 }
 
+/// Checks a cross-entropy's input: logits `[N, C]` with N = `labels.len()` ≥ 1 and C ≥ 1, every
+/// label a class, every logit finite, and a gradient buffer (its length) of the logits' size.
+pub(crate) fn check_class_rows<F: Real, L: Label>(
+    op: Op,
+    logits: &[F],
+    labels: &[L],
+    classes: usize,
+    grad_len: Option<usize>,
+) -> Result<()> {
+    let n = labels.len();
+    if n == 0 || classes == 0 {
+        return Err(SarError::Shape {
+            op,
+            what: "need at least one row and one class",
+        });
+    }
+    check_len(op, "logits", logits.len(), mul_dims(op, &[n, classes])?)?;
+    if let Some(len) = grad_len {
+        check_len(op, "grad", len, n * classes)?;
+    }
+    for (index, y) in labels.iter().enumerate() {
+        let label = y.to_i64();
+        if !(0..classes as i64).contains(&label) {
+            return Err(SarError::Label {
+                op,
+                index,
+                label,
+                classes,
+            });
+        }
+    }
+    if logits.iter().any(|z| !z.is_finite()) {
+        return Err(SarError::NonFinite { op, what: "logits" });
+    }
+    Ok(())
+}
+
+/// log Σ_k exp z_k of a row, shifted by its maximum.
+pub(crate) fn log_sum_exp<F: Real>(row: &[F]) -> F {
+    let m = row.iter().copied().fold(F::neg_infinity(), F::max);
+    m + row.iter().fold(F::zero(), |a, &z| a + (z - m).exp()).ln()
+}
+
 /// The label-aware smoothed cross-entropy L of `logits` `[N, C]` and `labels` `[N]` with the
 /// per-class smoothing `epsilon` `[C]`; with `grad`, writes ∂L/∂z `[N, C]`. Every label must be
 /// a class (there is no ignore index here).
@@ -116,16 +159,7 @@ pub fn smoothed_cross_entropy<F: Real, L: Label>(
 ) -> Result<F> {
     let op = Op::Smoothing;
     let (n, c) = (labels.len(), epsilon.len());
-    if n == 0 || c == 0 {
-        return Err(SarError::Shape {
-            op,
-            what: "need at least one row and one class",
-        });
-    }
-    check_len(op, "logits", logits.len(), mul_dims(op, &[n, c])?)?;
-    if let Some(g) = &grad {
-        check_len(op, "grad", g.len(), n * c)?;
-    }
+    check_class_rows(op, logits, labels, c, grad.as_deref().map(<[F]>::len))?;
     if let Some(&e) = epsilon
         .iter()
         .find(|e| !(e.is_finite() && (0.0..=1.0).contains(*e)))
@@ -137,28 +171,13 @@ pub fn smoothed_cross_entropy<F: Real, L: Label>(
             domain: "[0, 1]",
         });
     }
-    for (index, y) in labels.iter().enumerate() {
-        let label = y.to_i64();
-        if !(0..c as i64).contains(&label) {
-            return Err(SarError::Label {
-                op,
-                index,
-                label,
-                classes: c,
-            });
-        }
-    }
-    if logits.iter().any(|z| !z.is_finite()) {
-        return Err(SarError::NonFinite { op, what: "logits" });
-    }
     let (inv_n, inv_c) = (F::one() / F::from_usize(n), F::one() / F::from_usize(c));
     let mut total = F::zero();
     let mut grad = grad;
     for (i, y) in labels.iter().enumerate() {
         let y = y.to_i64() as usize;
         let row = &logits[i * c..(i + 1) * c];
-        let m = row.iter().copied().fold(F::neg_infinity(), F::max);
-        let log_sum = m + row.iter().fold(F::zero(), |a, &z| a + (z - m).exp()).ln();
+        let log_sum = log_sum_exp(row);
         let eps = F::from_f64(epsilon[y]);
         let nll = log_sum - row[y];
         let mean_nll = row.iter().fold(F::zero(), |a, &z| a + (log_sum - z)) * inv_c;

@@ -148,7 +148,18 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
 pub fn seg_cross_entropy(
     logits: &Tensor,
     labels: &[u8],
+    dims: (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    pixel_weighted_nll(logits, labels, dims, |_| 1.0)
+}
+
+/// Σ over labelled pixels of `weight(label)`·(−log p_label) of logits `[N, K, h, w]` resized to
+/// labels `[N, H, W]`, divided by all N·H·W pixels (mmsegmentation's mean; 255 ignored).
+fn pixel_weighted_nll(
+    logits: &Tensor,
+    labels: &[u8],
     (n, h, w): (usize, usize, usize),
+    weight: impl Fn(u8) -> f32,
 ) -> candle_core::Result<Tensor> {
     let up = resize_bilinear(logits, h, w)?;
     let lsm = candle_nn::ops::log_softmax(&up, 1)?;
@@ -157,11 +168,13 @@ pub fn seg_cross_entropy(
         .iter()
         .map(|&l| if l == IGNORE { 0 } else { l as u32 })
         .collect();
-    let mask: Vec<f32> = labels.iter().map(|&l| (l != IGNORE) as u8 as f32).collect();
+    let pixel_w: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == IGNORE { 0.0 } else { weight(l) })
+        .collect();
     let idx = Tensor::from_vec(idx, (n, 1, h, w), dev)?;
-    let mask = Tensor::from_vec(mask, (n, 1, h, w), dev)?.to_dtype(lsm.dtype())?;
-    let picked = lsm.gather(&idx, 1)?;
-    (picked * mask)?.sum_all()?.neg()? / (n * h * w) as f64
+    let pw = Tensor::from_vec(pixel_w, (n, 1, h, w), dev)?.to_dtype(lsm.dtype())?;
+    (lsm.gather(&idx, 1)? * pw)?.sum_all()?.neg()? / (n * h * w) as f64
 }
 
 /// `Dropout2d`: whole channels of `x` `[N, D, h, w]` zeroed with probability `p`, the rest
@@ -245,29 +258,10 @@ impl SegDisAlign {
 pub fn seg_weighted_cross_entropy(
     logits: &Tensor,
     labels: &[u8],
-    (n, h, w): (usize, usize, usize),
+    dims: (usize, usize, usize),
     weights: &[f32],
 ) -> candle_core::Result<Tensor> {
-    let up = resize_bilinear(logits, h, w)?;
-    let lsm = candle_nn::ops::log_softmax(&up, 1)?;
-    let dev = logits.device();
-    let idx: Vec<u32> = labels
-        .iter()
-        .map(|&l| if l == IGNORE { 0 } else { l as u32 })
-        .collect();
-    let pixel_w: Vec<f32> = labels
-        .iter()
-        .map(|&l| {
-            if l == IGNORE {
-                0.0
-            } else {
-                weights[l as usize]
-            }
-        })
-        .collect();
-    let idx = Tensor::from_vec(idx, (n, 1, h, w), dev)?;
-    let pw = Tensor::from_vec(pixel_w, (n, 1, h, w), dev)?.to_dtype(lsm.dtype())?;
-    (lsm.gather(&idx, 1)? * pw)?.sum_all()?.neg()? / (n * h * w) as f64
+    pixel_weighted_nll(logits, labels, dims, |l| weights[l as usize])
 }
 
 /// A segmenter whose logits go through a DisAlign head (evaluation of a DisAlign run).

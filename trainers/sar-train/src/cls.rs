@@ -13,7 +13,7 @@
 use crate::config::{AugmentKind, DatasetKind, StageKind, TrainConfig};
 use crate::evaluation::{class_groups, Evaluation, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
-use crate::trainees::candle::{device, finish_step, StepOutcome, Task};
+use crate::trainees::candle::{device, finish_single_loss, finish_step, StepOutcome, Task};
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -608,13 +608,7 @@ impl Task for ClsTask {
             let z = model.classify(&feats)?.detach();
             let logits = da.calibrate(&feats, &z)?;
             let loss = weighted_cross_entropy(&logits, &y_t, &da.weights)?;
-            let loss = if ctx.poison_loss {
-                (loss * f64::INFINITY)?
-            } else {
-                loss
-            };
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+            return finish_single_loss(ctx, loss, n);
         }
         if let Some(m) = &self.mislas {
             // Stage 2: the extractor is frozen (no gradient reaches it); with shift_bn its
@@ -625,13 +619,7 @@ impl Task for ClsTask {
                 logits = logits.broadcast_mul(s)?;
             }
             let loss = smoothed_cross_entropy(&logits, &y_t, &m.epsilon)?;
-            let loss = if ctx.poison_loss {
-                (loss * f64::INFINITY)?
-            } else {
-                loss
-            };
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+            return finish_single_loss(ctx, loss, n);
         }
         let feats = model.features(&x, true)?;
         let logits = model.classify(&feats)?;
@@ -664,31 +652,6 @@ impl Task for ClsTask {
     }
 
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
-        if let Some(da) = &self.disalign {
-            let (model, dev) = (&self.setup.model, &self.setup.device);
-            return Ok(TaskEvaluation::Classification(evaluate_with(
-                &self.data.test,
-                &self.norm,
-                &self.groups,
-                self.cfg.eval.batch_size,
-                &mut |x, shape| {
-                    let x = Tensor::from_vec(x, shape, dev)?;
-                    let feats = model.features(&x, false)?;
-                    let logits = da.calibrate(&feats, &model.classify(&feats)?)?;
-                    Ok(logits.flatten_all()?.to_vec1()?)
-                },
-            )?));
-        }
-        let Some(scale) = self.mislas.as_ref().and_then(|m| m.lws.as_ref()) else {
-            return Ok(TaskEvaluation::Classification(evaluate(
-                self.setup.model.as_ref(),
-                &self.data.test,
-                &self.norm,
-                &self.groups,
-                self.cfg.eval.batch_size,
-                &self.setup.device,
-            )?));
-        };
         let (model, dev) = (&self.setup.model, &self.setup.device);
         Ok(TaskEvaluation::Classification(evaluate_with(
             &self.data.test,
@@ -697,7 +660,18 @@ impl Task for ClsTask {
             self.cfg.eval.batch_size,
             &mut |x, shape| {
                 let x = Tensor::from_vec(x, shape, dev)?;
-                let logits = model.forward(&x, false)?.broadcast_mul(scale)?;
+                // What the run predicts with: DisAlign's calibrated logits, or MiSLAS's scaled
+                // ones, or the model's own.
+                let logits = if let Some(da) = &self.disalign {
+                    let feats = model.features(&x, false)?;
+                    da.calibrate(&feats, &model.classify(&feats)?)?
+                } else {
+                    let logits = model.forward(&x, false)?;
+                    match self.mislas.as_ref().and_then(|m| m.lws.as_ref()) {
+                        Some(scale) => logits.broadcast_mul(scale)?,
+                        None => logits,
+                    }
+                };
                 Ok(logits.flatten_all()?.to_vec1()?)
             },
         )?))

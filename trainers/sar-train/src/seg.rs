@@ -24,7 +24,7 @@ use crate::config::{DatasetKind, InferenceMode, StageKind, TrainConfig};
 pub use crate::evaluation::SegEvaluation;
 use crate::evaluation::{metrics_from_confusion, TaskEvaluation};
 use crate::run::{RunReport, StepCtx};
-use crate::trainees::candle::{finish_step, StepOutcome, Task};
+use crate::trainees::candle::{finish_single_loss, finish_step, StepOutcome, Task};
 use anyhow::ensure;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -622,13 +622,7 @@ impl Task for SegTask {
             let z = model.classify(&dropout2d(&f, p, &mut rng)?)?.detach();
             let logits = da.calibrate(&f, &z, true)?;
             let loss = seg_weighted_cross_entropy(&logits, &y, (n, h, w), &da.weights)?;
-            let loss = if ctx.poison_loss {
-                (loss * f64::INFINITY)?
-            } else {
-                loss
-            };
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            return finish_step(step, loss, value, 0.0, 0.0, 0.0, false, 0, n);
+            return finish_single_loss(ctx, loss, n);
         }
         let f = model.features(&x, true)?;
         let logits = model.classify(&dropout2d(&f.main, p, &mut rng)?)?;

@@ -204,6 +204,22 @@ pub(crate) fn finish_step(
     })
 }
 
+/// The outcome of a step whose whole loss is one term (a second stage): poisoned when the
+/// fault injection asks, reported as the cross-entropy part.
+pub(crate) fn finish_single_loss(
+    ctx: &StepCtx,
+    loss: Tensor,
+    images: usize,
+) -> anyhow::Result<StepOutcome> {
+    let loss = if ctx.poison_loss {
+        (loss * f64::INFINITY)?
+    } else {
+        loss
+    };
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    finish_step(ctx.step, loss, value, 0.0, 0.0, 0.0, false, 0, images)
+}
+
 /// A candle `Task` with its optimiser and the pending loss.
 pub(crate) struct CandleTrainee {
     task: Box<dyn Task>,

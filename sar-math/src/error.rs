@@ -36,6 +36,8 @@ pub enum Op {
     Step,
     /// One SGD update ([`crate::sgd::sgd_step`]).
     Sgd,
+    /// One AdamW update ([`crate::adamw::adamw_step`]).
+    AdamW,
     /// MiSLAS's label-aware smoothing ([`crate::mislas`]).
     Smoothing,
     /// DisAlign's calibration and re-weighting ([`crate::disalign`]).
@@ -59,6 +61,7 @@ impl Op {
             Op::Config => "config",
             Op::Step => "step",
             Op::Sgd => "sgd",
+            Op::AdamW => "adamw",
             Op::Smoothing => "smoothing",
             Op::DisAlign => "disalign",
         }

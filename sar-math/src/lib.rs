@@ -61,6 +61,7 @@ extern crate alloc;
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
+pub mod adamw;
 pub mod anchor_ce;
 pub mod anchors;
 #[cfg(feature = "alloc")]

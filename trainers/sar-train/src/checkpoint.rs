@@ -1,7 +1,8 @@
 //! Checkpoints: one safetensors file per checkpoint, written atomically, verified on load.
 //!
 //! Contents: every model variable under its model name (`conv1.weight`, `bn1.running_mean`,
-//! `sar.embed.fc1.weight`, …), SGD momentum buffers as `optim.momentum.{name}`, and the SAR
+//! `sar.embed.fc1.weight`, …), SGD momentum buffers as `optim.momentum.{name}` (AdamW: `optim.exp_avg.{name}`,
+//! `optim.exp_avg_sq.{name}`, `optim.step.{name}`), and the SAR
 //! buffers (`sar.anchors`, `sar.semantic_anchors`, `sar.initialized`). The safetensors metadata
 //! holds `sar.state` (the JSON [`CheckpointState`]: step, sampler position, config, …) and
 //! `sar.sha256`, a SHA-256 over the state JSON and every tensor's name, dtype, shape and bytes

@@ -1,16 +1,30 @@
-//! SGD with momentum, Nesterov and weight decay, and learning-rate schedules, with PyTorch's
-//! semantics (`torch.optim.SGD`, dampening 0):
+//! The optimisers, with PyTorch's semantics, and learning-rate schedules.
 //!
-//! g ← ∇w + wd·w; b ← g on the first step, else b ← μ·b + g; d ← g + μ·b (Nesterov) or b;
-//! w ← w − lr·d. The rule is defined once, by [`sar_math::sgd::sgd_step`] (which sar-dfdx's
-//! optimiser applies too); see [`Sgd::step`].
+//! **SGD** (`torch.optim.SGD`, dampening 0): g ← ∇w + wd·w; b ← g on the first step, else
+//! b ← μ·b + g; d ← g + μ·b (Nesterov) or b; w ← w − lr·d. The rule is defined once, by
+//! [`sar_math::sgd::sgd_step`] (which sar-dfdx's optimiser applies too); see [`Sgd::step`].
 //!
-//! Schedules: constant, cosine (`lr₀·½(1 + cos(π t/T))`) and step (×γ at given steps), each
-//! after an optional linear warm-up from lr₀/warm-up to lr₀ (PyTorch-CIFAR style: step t < W
-//! uses lr₀·(t+1)/W).
+//! **AdamW** (`torch.optim.AdamW`, decoupled weight decay, no AMSGrad): w ← w·(1 − lr·wd);
+//! m ← m + (1 − β1)(g − m); v ← β2·v + (1 − β2)g²; w ← w − lr/(1 − β1ᵗ) · m/(√v/√(1 − β2ᵗ) + ε),
+//! defined by [`sar_math::adamw::adamw_step`]; see [`AdamW`].
+//!
+//! **Parameter groups** ([`CustomKey`]): mmcv's `paramwise_cfg.custom_keys`. Each parameter
+//! takes the multipliers of the first key that is a substring of its name, keys tried longest
+//! first and, at equal length, in alphabetical order (mmcv's `DefaultOptimizerConstructor`);
+//! its initial rate is lr·`lr_mult` and its weight decay wd·`decay_mult`. The schedule is then
+//! applied to each group's initial rate ([`Optimizer::step`] takes the schedule as a function
+//! of the initial rate), as mmcv's `LrUpdaterHook` does per group.
+//!
+//! Schedules: constant, cosine (`lr₀·½(1 + cos(π t/T))`), step (×γ at given steps) and poly,
+//! each after an optional [`Warmup`]: linear from lr₀/W to lr₀ over W steps (PyTorch-CIFAR
+//! style: step t < W uses lr₀·(t+1)/W), or mmcv's linear warm-up by iterations with a ratio
+//! (step t < W uses lr(t)·(1 − (1 − t/W)(1 − ratio)), lr(t) the schedule's rate).
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use sar_math::adamw::AdamWConfig;
 use sar_math::sgd::SgdConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// SGD over a set of variables.
 pub struct Sgd {
@@ -27,8 +41,11 @@ pub struct Sgd {
     pub nesterov: bool,
     /// Apply the rule as candle ops on CPU too (tests compare the two paths).
     device_ops: bool,
-    /// Per variable, the factor of `lr` it steps with (1 by default; MiSLAS's `lr_factor`).
+    /// Per variable, the factor of `lr` it steps with (1 by default; MiSLAS's `lr_factor`,
+    /// a [`CustomKey`]'s `lr_mult`).
     lr_scales: Vec<f64>,
+    /// Per variable, the factor of `weight_decay` (a [`CustomKey`]'s `decay_mult`).
+    decay_scales: Vec<f64>,
 }
 
 impl Sgd {
@@ -62,12 +79,30 @@ impl Sgd {
             nesterov,
             device_ops: false,
             lr_scales: vec![1.0; n],
+            decay_scales: vec![1.0; n],
         }
     }
 
-    /// Each variable steps with `lr · scale(name)`.
+    /// Each variable steps with `lr · scale(name)` (times the factors already set).
     pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
-        self.lr_scales = self.names.iter().map(|n| scale(n)).collect();
+        for (s, n) in self.lr_scales.iter_mut().zip(&self.names) {
+            *s *= scale(n);
+        }
+        self
+    }
+
+    /// Each variable takes its [`CustomKey`] multipliers of lr and weight decay.
+    pub fn with_custom_keys(mut self, keys: &BTreeMap<String, CustomKey>) -> Self {
+        for ((l, d), n) in self
+            .lr_scales
+            .iter_mut()
+            .zip(self.decay_scales.iter_mut())
+            .zip(&self.names)
+        {
+            let k = custom_key(keys, n);
+            *l *= k.lr_mult;
+            *d *= k.decay_mult;
+        }
         self
     }
 
@@ -109,19 +144,26 @@ impl Sgd {
     /// over the host values; on other devices by `device_step`, the same rule as candle ops
     /// in the kernel's order (so both round alike; `tests::device_ops_follow_the_kernel`).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        for ((var, buf), scale) in self
+        self.step_scheduled(grads, &|initial| initial)
+    }
+
+    /// [`Sgd::step`] with each variable's rate `rate(lr · its scale)`: the schedule applied to
+    /// its group's initial rate.
+    pub fn step_scheduled(&mut self, grads: &GradStore, rate: &dyn Fn(f64) -> f64) -> Result<()> {
+        for (((var, buf), scale), decay) in self
             .vars
             .iter()
             .zip(self.momentum_buffers.iter_mut())
             .zip(&self.lr_scales)
+            .zip(&self.decay_scales)
         {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
             let cfg = SgdConfig {
-                lr: self.lr * scale,
+                lr: rate(self.lr * scale),
                 momentum: self.momentum,
-                weight_decay: self.weight_decay,
+                weight_decay: self.weight_decay * decay,
                 nesterov: self.nesterov,
             };
             match var.dtype() {
@@ -190,6 +232,345 @@ fn device_step(cfg: &SgdConfig, var: &Var, grad: &Tensor, buf: &mut Option<Tenso
     var.set(&(w - (g * cfg.lr)?)?)
 }
 
+/// mmcv's `custom_keys` entry: multipliers of the rate and the weight decay of the parameters
+/// whose names contain the key (see the module docs for the matching rule).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CustomKey {
+    /// Factor of the learning rate (1).
+    pub lr_mult: f64,
+    /// Factor of the weight decay (1).
+    pub decay_mult: f64,
+}
+
+impl Default for CustomKey {
+    fn default() -> Self {
+        CustomKey {
+            lr_mult: 1.0,
+            decay_mult: 1.0,
+        }
+    }
+}
+
+/// The multipliers of parameter `name`: the first key contained in the name, longest keys
+/// first, ties alphabetical (mmcv's rule); 1 and 1 when none matches.
+pub fn custom_key(keys: &BTreeMap<String, CustomKey>, name: &str) -> CustomKey {
+    // BTreeMap iterates alphabetically; a stable sort by descending length keeps that order
+    // among keys of one length, as mmcv's `sorted(sorted(keys), key=len, reverse=True)`.
+    let mut sorted: Vec<(&String, &CustomKey)> = keys.iter().collect();
+    sorted.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    sorted
+        .into_iter()
+        .find(|(k, _)| name.contains(k.as_str()))
+        .map_or_else(CustomKey::default, |(_, m)| *m)
+}
+
+/// AdamW over named variables ([`sar_math::adamw::adamw_step`]): per variable the moments m,
+/// v and its own step count, as PyTorch keeps them.
+pub struct AdamW {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    /// m and v, created at a variable's first step.
+    moments: Vec<Option<(Tensor, Tensor)>>,
+    steps: Vec<u64>,
+    /// Initial learning rate (before the multipliers and the schedule).
+    pub lr: f64,
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    lr_scales: Vec<f64>,
+    decay_scales: Vec<f64>,
+    device_ops: bool,
+}
+
+impl AdamW {
+    /// An optimiser for named variables (the names key its state in checkpoints).
+    pub fn named(
+        vars: Vec<(String, Var)>,
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+    ) -> Self {
+        let n = vars.len();
+        let (names, vars) = vars.into_iter().unzip();
+        AdamW {
+            names,
+            vars,
+            moments: vec![None; n],
+            steps: vec![0; n],
+            lr,
+            beta1: betas.0,
+            beta2: betas.1,
+            eps,
+            weight_decay,
+            lr_scales: vec![1.0; n],
+            decay_scales: vec![1.0; n],
+            device_ops: false,
+        }
+    }
+
+    /// Each variable steps with `lr · scale(name)` (times the factors already set).
+    pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
+        for (s, n) in self.lr_scales.iter_mut().zip(&self.names) {
+            *s *= scale(n);
+        }
+        self
+    }
+
+    /// Each variable takes its [`CustomKey`] multipliers of lr and weight decay.
+    pub fn with_custom_keys(mut self, keys: &BTreeMap<String, CustomKey>) -> Self {
+        for ((l, d), n) in self
+            .lr_scales
+            .iter_mut()
+            .zip(self.decay_scales.iter_mut())
+            .zip(&self.names)
+        {
+            let k = custom_key(keys, n);
+            *l *= k.lr_mult;
+            *d *= k.decay_mult;
+        }
+        self
+    }
+
+    /// One update, each variable at rate `rate(lr · its scale)`; variables without a gradient
+    /// are left alone and their step count does not move (PyTorch skips them too).
+    pub fn step(&mut self, grads: &GradStore, rate: &dyn Fn(f64) -> f64) -> Result<()> {
+        for i in 0..self.vars.len() {
+            let var = &self.vars[i];
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            self.steps[i] += 1;
+            let cfg = AdamWConfig {
+                lr: rate(self.lr * self.lr_scales[i]),
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay * self.decay_scales[i],
+            };
+            let moments = match self.moments[i].take() {
+                Some(m) => m,
+                None => {
+                    let z = var.as_tensor().zeros_like()?.detach();
+                    (z.clone(), z)
+                }
+            };
+            let step = self.steps[i];
+            self.moments[i] = Some(match var.dtype() {
+                DType::F32 if var.device().is_cpu() && !self.device_ops => {
+                    adamw_host::<f32>(&cfg, var, grad, moments, step)?
+                }
+                DType::F64 if var.device().is_cpu() && !self.device_ops => {
+                    adamw_host::<f64>(&cfg, var, grad, moments, step)?
+                }
+                _ => adamw_device(&cfg, var, grad, moments, step)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The state by name: `exp_avg.{var}`, `exp_avg_sq.{var}` and `step.{var}` (the count as
+    /// a one-element f64 tensor), for the variables that have stepped.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for ((n, m), &t) in self.names.iter().zip(&self.moments).zip(&self.steps) {
+            if let Some((m, v)) = m {
+                out.push((format!("exp_avg.{n}"), m.clone()));
+                out.push((format!("exp_avg_sq.{n}"), v.clone()));
+                out.push((format!("step.{n}"), Tensor::new(&[t as f64], &Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores [`AdamW::state`]; a variable without state starts fresh. An unknown name, a
+    /// moment of the wrong shape, a missing half or a step count that is not a whole number
+    /// ≥ 1 is an error.
+    pub fn load_state(&mut self, state: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+        let n = self.vars.len();
+        let (mut m, mut v, mut t) = (vec![None; n], vec![None; n], vec![None; n]);
+        for (name, tensor) in state {
+            let (kind, var) = name
+                .split_once('.')
+                .ok_or_else(|| anyhow::anyhow!("AdamW state `{name}` has no kind prefix"))?;
+            let i =
+                self.names.iter().position(|x| x == var).ok_or_else(|| {
+                    anyhow::anyhow!("AdamW state `{name}` for an unknown variable")
+                })?;
+            match kind {
+                "exp_avg" | "exp_avg_sq" => {
+                    anyhow::ensure!(
+                        tensor.dims() == self.vars[i].dims(),
+                        "AdamW state {name} has shape {:?}, the variable {:?}",
+                        tensor.dims(),
+                        self.vars[i].dims()
+                    );
+                    let x = tensor
+                        .to_dtype(self.vars[i].dtype())?
+                        .to_device(self.vars[i].device())?;
+                    if kind == "exp_avg" {
+                        m[i] = Some(x);
+                    } else {
+                        v[i] = Some(x);
+                    }
+                }
+                "step" => {
+                    let c: Vec<f64> = tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+                    anyhow::ensure!(
+                        c.len() == 1 && c[0] >= 1.0 && c[0].fract() == 0.0 && c[0] < 2f64.powi(53),
+                        "AdamW state {name} must hold one whole step count ≥ 1, got {c:?}"
+                    );
+                    t[i] = Some(c[0] as u64);
+                }
+                _ => anyhow::bail!("unknown AdamW state `{name}` (exp_avg, exp_avg_sq, step)"),
+            }
+        }
+        for i in 0..n {
+            let name = &self.names[i];
+            match (m[i].take(), v[i].take(), t[i]) {
+                (Some(a), Some(b), Some(c)) => {
+                    self.moments[i] = Some((a, b));
+                    self.steps[i] = c;
+                }
+                (None, None, None) => {
+                    self.moments[i] = None;
+                    self.steps[i] = 0;
+                }
+                _ => anyhow::bail!(
+                    "AdamW state of {name} is incomplete: exp_avg, exp_avg_sq and step go together"
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`sar_math::adamw::adamw_step`] on a CPU variable's host values.
+fn adamw_host<F: candle_core::WithDType + sar_math::Real>(
+    cfg: &AdamWConfig,
+    var: &Var,
+    grad: &Tensor,
+    (m, v): (Tensor, Tensor),
+    step: u64,
+) -> Result<(Tensor, Tensor)> {
+    let shape = var.shape().clone();
+    let host = |t: &Tensor| -> Result<Vec<F>> { t.flatten_all()?.to_vec1() };
+    let (mut w, g, mut m, mut v) = (host(var.as_tensor())?, host(grad)?, host(&m)?, host(&v)?);
+    sar_math::adamw::adamw_step(cfg, &mut w, &g, &mut m, &mut v, step)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    var.set(&Tensor::from_vec(w, &shape, &Device::Cpu)?)?;
+    Ok((
+        Tensor::from_vec(m, &shape, &Device::Cpu)?,
+        Tensor::from_vec(v, &shape, &Device::Cpu)?,
+    ))
+}
+
+/// [`sar_math::adamw::adamw_step`]'s rule as candle ops (CUDA), in the kernel's order and with
+/// its f64 scalars: affine ops multiply by a scalar rounded to the dtype, and the division by
+/// √(1 − β2ᵗ) is a true division (candle's `tensor / f64` multiplies by the reciprocal).
+fn adamw_device(
+    cfg: &AdamWConfig,
+    var: &Var,
+    grad: &Tensor,
+    (m, v): (Tensor, Tensor),
+    step: u64,
+) -> Result<(Tensor, Tensor)> {
+    cfg.validate()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let [decay, one_minus_b1, one_minus_b2, step_size, bc2_sqrt] =
+        sar_math::adamw::step_scalars(cfg, step);
+    let w = var.as_tensor().detach();
+    let g = grad.detach();
+    let w = if cfg.weight_decay != 0.0 {
+        w.affine(decay, 0.0)?
+    } else {
+        w
+    };
+    let m = (&m + (&g - &m)?.affine(one_minus_b1, 0.0)?)?;
+    let v = (v.affine(cfg.beta2, 0.0)? + g.sqr()?.affine(one_minus_b2, 0.0)?)?;
+    let bc2 = Tensor::new(bc2_sqrt, var.device())?.to_dtype(var.dtype())?;
+    let denom = v.sqrt()?.broadcast_div(&bc2)?.affine(1.0, cfg.eps)?;
+    var.set(&(w - (&m / &denom)?.affine(step_size, 0.0)?)?)?;
+    Ok((m, v))
+}
+
+/// The trainer's optimiser: `optim.kind`.
+pub enum Optimizer {
+    /// SGD.
+    Sgd(Sgd),
+    /// AdamW.
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    /// One update; each variable's rate is `rate(initial)`, `initial` its group's initial rate
+    /// (lr × multipliers).
+    pub fn step(&mut self, grads: &GradStore, rate: &dyn Fn(f64) -> f64) -> Result<()> {
+        match self {
+            Optimizer::Sgd(o) => o.step_scheduled(grads, rate),
+            Optimizer::AdamW(o) => o.step(grads, rate),
+        }
+    }
+
+    /// The state by name, without the checkpoint's `optim.` prefix (`momentum.{var}`;
+    /// `exp_avg.{var}`, `exp_avg_sq.{var}`, `step.{var}`).
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Optimizer::Sgd(o) => Ok(o
+                .momentum_state()
+                .into_iter()
+                .map(|(n, t)| (format!("momentum.{n}"), t))
+                .collect()),
+            Optimizer::AdamW(o) => o.state(),
+        }
+    }
+
+    /// Restores [`Optimizer::state`]; state of the other optimiser is an error.
+    pub fn load_state(&mut self, state: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+        match self {
+            Optimizer::Sgd(o) => {
+                let mut momentum = Vec::with_capacity(state.len());
+                for (n, t) in state {
+                    let var = n.strip_prefix("momentum.").ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "optimiser state `optim.{n}` is not SGD's (optim.momentum.*)"
+                        )
+                    })?;
+                    momentum.push((var.to_string(), t));
+                }
+                o.load_momentum_state(momentum)
+            }
+            Optimizer::AdamW(o) => o.load_state(state),
+        }
+    }
+}
+
+/// A warm-up before the schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Warmup {
+    /// None.
+    None,
+    /// Linear from lr₀/W to lr₀: step t < W uses lr₀·(t+1)/W (PyTorch-CIFAR style).
+    Linear {
+        /// W.
+        steps: usize,
+    },
+    /// mmcv's `warmup = "linear"`: step t < W uses lr(t)·(1 − (1 − t/W)(1 − ratio)), lr(t)
+    /// the schedule's rate at t.
+    LinearRatio {
+        /// W.
+        steps: usize,
+        /// The factor at t = 0.
+        ratio: f64,
+    },
+}
+
 /// A learning-rate schedule over `total` steps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
@@ -221,11 +602,26 @@ pub enum Schedule {
     },
 }
 
-/// The rate at step `t` of `total`, with `warmup` linear warm-up steps.
-pub fn learning_rate(schedule: &Schedule, base: f64, t: usize, total: usize, warmup: usize) -> f64 {
-    if t < warmup {
-        return base * (t + 1) as f64 / warmup as f64;
+/// The rate at step `t` of `total`, after `warmup`.
+pub fn learning_rate(
+    schedule: &Schedule,
+    base: f64,
+    t: usize,
+    total: usize,
+    warmup: Warmup,
+) -> f64 {
+    match warmup {
+        Warmup::Linear { steps } if t < steps => base * (t + 1) as f64 / steps as f64,
+        Warmup::LinearRatio { steps, ratio } if t < steps => {
+            let k = (1.0 - t as f64 / steps as f64) * (1.0 - ratio);
+            scheduled_rate(schedule, base, t, total) * (1.0 - k)
+        }
+        _ => scheduled_rate(schedule, base, t, total),
     }
+}
+
+/// The schedule's rate at step `t` of `total`, without warm-up.
+fn scheduled_rate(schedule: &Schedule, base: f64, t: usize, total: usize) -> f64 {
     match schedule {
         Schedule::Constant => base,
         Schedule::Cosine => {
@@ -259,7 +655,9 @@ mod tests {
             steps_per_epoch: 3,
             epochs: 4,
         };
-        let lr: Vec<f64> = (0..12).map(|t| learning_rate(&s, 0.1, t, 12, 0)).collect();
+        let lr: Vec<f64> = (0..12)
+            .map(|t| learning_rate(&s, 0.1, t, 12, Warmup::None))
+            .collect();
         // e = 0, 1, 2, 3: 0.1·½(1 + cos(πe/4)) = 0.1, 0.0853…, 0.05, 0.0146…
         let want = [
             0.1,
@@ -367,27 +765,46 @@ mod tests {
 
     #[test]
     fn schedules() {
-        assert_eq!(learning_rate(&Schedule::Constant, 0.1, 5, 10, 0), 0.1);
-        assert!((learning_rate(&Schedule::Cosine, 0.1, 5, 10, 0) - 0.05).abs() < 1e-15);
-        assert_eq!(learning_rate(&Schedule::Cosine, 0.1, 0, 10, 0), 0.1);
+        assert_eq!(
+            learning_rate(&Schedule::Constant, 0.1, 5, 10, Warmup::None),
+            0.1
+        );
+        assert!((learning_rate(&Schedule::Cosine, 0.1, 5, 10, Warmup::None) - 0.05).abs() < 1e-15);
+        assert_eq!(
+            learning_rate(&Schedule::Cosine, 0.1, 0, 10, Warmup::None),
+            0.1
+        );
         let step = Schedule::Step {
             milestones: vec![160, 180],
             gamma: 0.1,
         };
-        assert_eq!(learning_rate(&step, 0.1, 159, 200, 5), 0.1);
-        assert!((learning_rate(&step, 0.1, 160, 200, 5) - 0.01).abs() < 1e-15);
-        assert!((learning_rate(&step, 0.1, 199, 200, 5) - 0.001).abs() < 1e-15);
+        assert_eq!(
+            learning_rate(&step, 0.1, 159, 200, Warmup::Linear { steps: 5 }),
+            0.1
+        );
+        assert!(
+            (learning_rate(&step, 0.1, 160, 200, Warmup::Linear { steps: 5 }) - 0.01).abs() < 1e-15
+        );
+        assert!(
+            (learning_rate(&step, 0.1, 199, 200, Warmup::Linear { steps: 5 }) - 0.001).abs()
+                < 1e-15
+        );
         // Warm-up: 5 steps from lr/5 to lr.
-        assert!((learning_rate(&step, 0.1, 0, 200, 5) - 0.02).abs() < 1e-15);
-        assert_eq!(learning_rate(&step, 0.1, 4, 200, 5), 0.1);
+        assert!(
+            (learning_rate(&step, 0.1, 0, 200, Warmup::Linear { steps: 5 }) - 0.02).abs() < 1e-15
+        );
+        assert_eq!(
+            learning_rate(&step, 0.1, 4, 200, Warmup::Linear { steps: 5 }),
+            0.1
+        );
         // Poly 0.9 to 1e-4 (mmseg): half-way (0.01 − 1e-4)·0.5^0.9 + 1e-4.
         let poly = Schedule::Poly {
             power: 0.9,
             min_lr: 1e-4,
         };
         let want = (0.01 - 1e-4) * 0.5f64.powf(0.9) + 1e-4;
-        assert!((learning_rate(&poly, 0.01, 50, 100, 0) - want).abs() < 1e-15);
-        assert_eq!(learning_rate(&poly, 0.01, 100, 100, 0), 1e-4);
+        assert!((learning_rate(&poly, 0.01, 50, 100, Warmup::None) - want).abs() < 1e-15);
+        assert_eq!(learning_rate(&poly, 0.01, 100, 100, Warmup::None), 1e-4);
     }
 
     #[test]
@@ -422,5 +839,250 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("shape"));
+    }
+    /// Three steps of L = Σ w³/3 (∇ = w²) against `torch.optim.AdamW` in f64 (lr 0.01,
+    /// betas (0.9, 0.99), eps 1e-6, weight decay 0.1), values printed by PyTorch 2.x.
+    #[test]
+    fn adamw_matches_pytorch() {
+        let w =
+            Var::from_tensor(&Tensor::new(&[0.5f64, -1.25, 2.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::named(vec![("w".into(), w.clone())], 0.01, (0.9, 0.99), 1e-6, 0.1);
+        for _ in 0..3 {
+            let loss = (w.as_tensor().powf(3.0).unwrap().sum_all().unwrap() / 3.0).unwrap();
+            opt.step(&loss.backward().unwrap(), &|lr| lr).unwrap();
+        }
+        let got = w.as_tensor().to_vec1::<f64>().unwrap();
+        for (g, want) in
+            got.iter()
+                .zip([0.468577217271321, -1.2762349821057788, 1.9640471736670049])
+        {
+            assert!((g - want).abs() < 1e-14, "{got:?}");
+        }
+        let state = opt.state().unwrap();
+        let get = |k: &str| {
+            let t = &state.iter().find(|(n, _)| n == k).unwrap().1;
+            t.to_vec1::<f64>().unwrap()
+        };
+        for (g, want) in get("exp_avg.w").iter().zip([
+            0.06476122305878498,
+            0.4298173229248672,
+            1.070156509106109,
+        ]) {
+            assert!((g - want).abs() < 1e-14);
+        }
+        for (g, want) in get("exp_avg_sq.w").iter().zip([
+            0.0017074846452363862,
+            0.07459180777084001,
+            0.46391026100743776,
+        ]) {
+            assert!((g - want).abs() < 1e-15);
+        }
+        assert_eq!(get("step.w"), vec![3.0]);
+    }
+
+    /// The candle-ops path (CUDA's) and the kernel path agree bit for bit on CPU.
+    #[test]
+    fn adamw_device_ops_follow_the_kernel() {
+        for dtype in [DType::F32, DType::F64] {
+            for wd in [0.0, 0.05] {
+                let init: Vec<f64> = (0..7).map(|i| (i as f64 * 0.7).sin()).collect();
+                let make = || {
+                    let t = Tensor::new(init.as_slice(), &Device::Cpu).unwrap();
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (a, b) = (make(), make());
+                let mut host =
+                    AdamW::named(vec![("a".into(), a.clone())], 0.01, (0.9, 0.999), 1e-8, wd);
+                let mut ops =
+                    AdamW::named(vec![("b".into(), b.clone())], 0.01, (0.9, 0.999), 1e-8, wd);
+                ops.device_ops = true;
+                for _ in 0..4 {
+                    for (opt, v) in [(&mut host, &a), (&mut ops, &b)] {
+                        let loss = v.as_tensor().powf(4.0).unwrap().sum_all().unwrap();
+                        opt.step(&loss.backward().unwrap(), &|lr| lr * 0.5).unwrap();
+                    }
+                    let host_w = a.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>();
+                    let ops_w = b.as_tensor().to_dtype(DType::F64).unwrap().to_vec1::<f64>();
+                    assert_eq!(host_w.unwrap(), ops_w.unwrap(), "{dtype:?} wd {wd}");
+                }
+            }
+        }
+    }
+
+    /// Saving the state after 2 steps and loading it into a fresh optimiser gives the same
+    /// bits after 2 more as 4 uninterrupted steps; bad state is named.
+    #[test]
+    fn adamw_state_resumes_exactly() {
+        let make =
+            || Var::from_tensor(&Tensor::new(&[0.3f32, -0.8, 1.1], &Device::Cpu).unwrap()).unwrap();
+        let loss = |v: &Var| {
+            v.as_tensor()
+                .sqr()
+                .unwrap()
+                .sin()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let new = |v: &Var| {
+            AdamW::named(
+                vec![("w".into(), v.clone())],
+                0.05,
+                (0.9, 0.999),
+                1e-8,
+                0.01,
+            )
+        };
+        let (a, b) = (make(), make());
+        let mut straight = new(&a);
+        for _ in 0..4 {
+            straight
+                .step(&loss(&a).backward().unwrap(), &|lr| lr)
+                .unwrap();
+        }
+        let mut first = new(&b);
+        for _ in 0..2 {
+            first.step(&loss(&b).backward().unwrap(), &|lr| lr).unwrap();
+        }
+        let saved = first.state().unwrap();
+        let mut resumed = new(&b);
+        resumed.load_state(saved.clone()).unwrap();
+        for _ in 0..2 {
+            resumed
+                .step(&loss(&b).backward().unwrap(), &|lr| lr)
+                .unwrap();
+        }
+        assert_eq!(
+            a.as_tensor().to_vec1::<f32>().unwrap(),
+            b.as_tensor().to_vec1::<f32>().unwrap()
+        );
+        let mut fresh = new(&b);
+        let missing: Vec<_> = saved
+            .iter()
+            .filter(|(n, _)| !n.starts_with("step."))
+            .cloned()
+            .collect();
+        assert!(fresh
+            .load_state(missing)
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete"));
+        let unknown = vec![("exp_avg.nope".to_string(), saved[0].1.clone())];
+        assert!(fresh
+            .load_state(unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown variable"));
+        let mut sgd_state = Optimizer::AdamW(new(&b));
+        let e = sgd_state
+            .load_state(vec![("momentum.w".to_string(), saved[0].1.clone())])
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown AdamW state"), "{e}");
+    }
+
+    /// mmcv's matching: longest key first, then alphabetical; a substring of the full name.
+    #[test]
+    fn custom_keys_follow_mmcv() {
+        let keys: BTreeMap<String, CustomKey> = [
+            (
+                "head",
+                CustomKey {
+                    lr_mult: 10.0,
+                    decay_mult: 1.0,
+                },
+            ),
+            (
+                "norm",
+                CustomKey {
+                    lr_mult: 1.0,
+                    decay_mult: 0.0,
+                },
+            ),
+            (
+                "head.norm",
+                CustomKey {
+                    lr_mult: 2.0,
+                    decay_mult: 0.5,
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(
+            custom_key(&keys, "decode_head.conv_seg.weight").lr_mult,
+            10.0
+        );
+        assert_eq!(
+            custom_key(&keys, "backbone.layers.0.1.0.norm1.weight").decay_mult,
+            0.0
+        );
+        assert_eq!(custom_key(&keys, "decode_head.norm.bias").lr_mult, 2.0);
+        // "head" and "norm" have one length: "head" wins alphabetically.
+        assert_eq!(custom_key(&keys, "head_norm").lr_mult, 10.0);
+        assert_eq!(
+            custom_key(&keys, "backbone.layers.0.2.weight"),
+            CustomKey::default()
+        );
+    }
+
+    /// SGD with groups: lr×10 and no decay where the keys say; the rate function sees each
+    /// group's initial rate.
+    #[test]
+    fn sgd_takes_custom_keys() {
+        let a = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+        let keys: BTreeMap<String, CustomKey> = [(
+            "head".to_string(),
+            CustomKey {
+                lr_mult: 10.0,
+                decay_mult: 0.0,
+            },
+        )]
+        .into();
+        let mut opt = Sgd::named(
+            vec![
+                ("backbone.a".into(), a.clone()),
+                ("head.b".into(), b.clone()),
+            ],
+            0.01,
+            0.0,
+            0.5,
+            false,
+        )
+        .with_custom_keys(&keys);
+        let grads = (a.as_tensor() + b.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // Poly-like floor: rate(initial) = initial/2 + 0.001.
+        opt.step_scheduled(&grads, &|lr| lr / 2.0 + 0.001).unwrap();
+        let v = |x: &Var| x.as_tensor().to_vec1::<f64>().unwrap()[0];
+        // a: lr 0.006, g = 1 + 0.5 = 1.5; b: lr 0.051, g = 1.
+        assert!((v(&a) - (1.0 - 0.006 * 1.5)).abs() < 1e-15, "{}", v(&a));
+        assert!((v(&b) - (1.0 - 0.051)).abs() < 1e-15, "{}", v(&b));
+    }
+
+    /// mmcv's linear warm-up with a ratio: t = 0 gives lr(0)·ratio, t = W/2 about half of
+    /// lr(W/2), and from W on the schedule alone.
+    #[test]
+    fn linear_ratio_warmup() {
+        let poly = Schedule::Poly {
+            power: 1.0,
+            min_lr: 0.0,
+        };
+        let w = Warmup::LinearRatio {
+            steps: 10,
+            ratio: 1e-6,
+        };
+        assert!((learning_rate(&poly, 6e-5, 0, 100, w) - 6e-5 * 1e-6).abs() < 1e-20);
+        let half = 6e-5 * 0.95 * (1.0 - 0.5 * (1.0 - 1e-6));
+        assert!((learning_rate(&poly, 6e-5, 5, 100, w) - half).abs() < 1e-18);
+        assert_eq!(
+            learning_rate(&poly, 6e-5, 10, 100, w),
+            learning_rate(&poly, 6e-5, 10, 100, Warmup::None)
+        );
     }
 }

@@ -6,7 +6,8 @@
 //! [data]     # dataset, root, imbalance, augment, pad, flip, crop, resize, mixup_alpha, test_fraction, split_seed
 //! [model]    # classification: arch ("small-cnn" | "resnet32" | "resnet18" | "resnet50"), stem, init, pretrained
 //!            # segmentation: backbone, head, aux, aux_weight, dropout, width, pretrained
-//! [optim]    # lr, momentum, weight_decay, nesterov, schedule, warmup_epochs, milestones, gamma, power, min_lr
+//! [optim]    # kind (sgd|adamw), lr, momentum, weight_decay, nesterov, betas, eps, custom_keys,
+//!            # schedule, warmup_epochs, warmup_iters, warmup_ratio, milestones, gamma, power, min_lr
 //! [sar]      # enabled, kind, aux_ce, ema, reweight, anchors, tau, delta, alpha, lambda_aux,
 //!            # lambda_p2a, gate, weights
 //! [train]    # epochs, batch_size, eval_every, checkpoint_every_steps, keep_checkpoints, log_every, on_nonfinite, max_steps, plots, sampler, samples_per_class
@@ -541,16 +542,42 @@ pub enum ScheduleKind {
     Poly,
 }
 
+/// The optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with momentum (`torch.optim.SGD`).
+    Sgd,
+    /// AdamW (`torch.optim.AdamW`): decoupled weight decay; `momentum` and `nesterov` unused.
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
 /// `[optim]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
+    /// The optimiser ("sgd").
+    pub kind: OptimizerKind,
     /// Peak learning rate (0.1).
     pub lr: f64,
-    /// Momentum (0.9).
+    /// Momentum (0.9; SGD).
     pub momentum: f64,
-    /// Weight decay (5e-4).
+    /// Weight decay (5e-4): L2 added to the gradient (SGD), decoupled (AdamW).
     pub weight_decay: f64,
+    /// AdamW's (β1, β2) ([0.9, 0.999]).
+    pub betas: [f64; 2],
+    /// AdamW's ε (1e-8).
+    pub eps: f64,
+    /// mmcv's `paramwise_cfg.custom_keys`: `{ head = { lr_mult = 10.0 }, norm = { decay_mult =
+    /// 0.0 } }` gives parameters whose names contain the key these multipliers (longest key
+    /// first, then alphabetical; see [`crate::optim`]). Empty by default.
+    pub custom_keys: std::collections::BTreeMap<String, crate::optim::CustomKey>,
+    /// mmcv's linear warm-up by iterations (0: none): step t < W runs at the schedule's rate
+    /// times 1 − (1 − t/W)(1 − `warmup_ratio`).
+    pub warmup_iters: usize,
+    /// The warm-up's starting factor (1e-6, mmsegmentation's SegFormer and Swin configs).
+    pub warmup_ratio: f64,
     /// Nesterov momentum (false).
     pub nesterov: bool,
     /// Schedule ("cosine").
@@ -570,9 +597,15 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
+            kind: OptimizerKind::Sgd,
             lr: 0.1,
             momentum: 0.9,
             weight_decay: 5e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            custom_keys: Default::default(),
+            warmup_iters: 0,
+            warmup_ratio: 1e-6,
             nesterov: false,
             schedule: ScheduleKind::Cosine,
             warmup_epochs: 0,

@@ -270,6 +270,45 @@ impl TrainConfig {
             "train.keep_checkpoints must be ≥ 1"
         );
         ensure!(
+            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "optim.betas must both be in [0, 1), got {:?}",
+            o.betas
+        );
+        ensure!(
+            o.eps.is_finite() && o.eps > 0.0,
+            "optim.eps must be > 0, got {}",
+            o.eps
+        );
+        for (key, m) in &o.custom_keys {
+            ensure!(
+                !key.is_empty(),
+                "optim.custom_keys: a key must not be empty"
+            );
+            ensure!(
+                m.lr_mult.is_finite() && m.lr_mult >= 0.0,
+                "optim.custom_keys.{key}.lr_mult must be ≥ 0, got {}",
+                m.lr_mult
+            );
+            ensure!(
+                m.decay_mult.is_finite() && m.decay_mult >= 0.0,
+                "optim.custom_keys.{key}.decay_mult must be ≥ 0, got {}",
+                m.decay_mult
+            );
+        }
+        ensure!(
+            (0.0..=1.0).contains(&o.warmup_ratio),
+            "optim.warmup_ratio must be in [0, 1], got {}",
+            o.warmup_ratio
+        );
+        ensure!(
+            o.warmup_epochs == 0 || o.warmup_iters == 0,
+            "optim.warmup_epochs and optim.warmup_iters are two warm-ups: set one"
+        );
+        ensure!(
+            o.kind == super::OptimizerKind::Sgd || !o.nesterov,
+            "optim.nesterov is SGD's; optim.kind = \"adamw\" has no Nesterov variant"
+        );
+        ensure!(
             o.warmup_epochs <= t.epochs,
             "optim.warmup_epochs ({}) exceeds train.epochs ({})",
             o.warmup_epochs,

@@ -24,7 +24,7 @@ pub mod stop;
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{NonFinitePolicy, SamplerKind, ScheduleKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
-use crate::optim::{learning_rate, Schedule};
+use crate::optim::{learning_rate, Schedule, Warmup};
 use anyhow::{bail, ensure, Context};
 use candle_core::Tensor;
 use folder::RunFolder;
@@ -185,8 +185,10 @@ pub(crate) trait Trainee {
     fn train_counts(&self) -> &[u64];
     /// Forward pass and loss of one batch; `Err(message)` for a non-finite input or loss part.
     fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>>;
-    /// Backward of the last forward's loss and one SGD step at rate `lr`.
-    fn update(&mut self, lr: f64) -> anyhow::Result<()>;
+    /// Backward of the last forward's loss and one optimiser step; `rate(initial)` is the
+    /// scheduled rate of a parameter group whose initial rate is `initial` (`optim.lr` times
+    /// its multipliers).
+    fn update(&mut self, rate: &dyn Fn(f64) -> f64) -> anyhow::Result<()>;
     /// Deep copies of the state a forward pass changes (BatchNorm running statistics, SAR
     /// buffers), to undo a skipped step.
     fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>>;
@@ -263,7 +265,7 @@ struct Plan {
     epochs: usize,
     /// Where this invocation stops (`train.max_steps` cuts a run short).
     last_step: u64,
-    warmup_steps: usize,
+    warmup: Warmup,
     schedule: Schedule,
 }
 
@@ -306,7 +308,18 @@ impl Plan {
             total_steps,
             epochs,
             last_step,
-            warmup_steps: o.warmup_epochs * steps_per_epoch,
+            warmup: if o.warmup_iters > 0 {
+                Warmup::LinearRatio {
+                    steps: o.warmup_iters,
+                    ratio: o.warmup_ratio,
+                }
+            } else if o.warmup_epochs > 0 {
+                Warmup::Linear {
+                    steps: o.warmup_epochs * steps_per_epoch,
+                }
+            } else {
+                Warmup::None
+            },
             schedule,
         }
     }
@@ -318,7 +331,7 @@ impl Plan {
             base,
             step as usize,
             self.total_steps as usize,
-            self.warmup_steps,
+            self.warmup,
         )
     }
 }
@@ -669,7 +682,8 @@ impl Loop<'_> {
             Ok(report) => {
                 self.consecutive_skips = 0;
                 self.lr = self.plan.lr(self.cfg.optim.lr, step);
-                self.trainee.update(self.lr)?;
+                let plan = &self.plan;
+                self.trainee.update(&|initial| plan.lr(initial, step))?;
                 if report.gate {
                     self.state.gate_first_pass.get_or_insert(step);
                     self.state.gate_passes += 1;

@@ -1,15 +1,16 @@
-//! The candle trainee: any candle `Task` (classification, segmentation) with its SGD
-//! optimiser, as the loop ([`crate::run`]) sees it through `Trainee`.
+//! The candle trainee: any candle `Task` (classification, segmentation) with its optimiser
+//! (SGD or AdamW), as the loop ([`crate::run`]) sees it through `Trainee`.
 //!
 //! A task renders its batch and computes the loss (task loss plus SAR's λ1·L_aux + λ2·L_p2a)
 //! in candle's graph; this trainee keeps that loss until the loop asks for the update, then
-//! runs candle's backward and one SGD step. Checkpoint state: every variable, the momentum
-//! buffers as `optim.momentum.<name>` and the SAR head's buffers, under the names every
-//! backend shares.
+//! runs candle's backward and one optimiser step. Checkpoint state: every variable, the
+//! optimiser's state (SGD: `optim.momentum.<name>`; AdamW: `optim.exp_avg.<name>`,
+//! `optim.exp_avg_sq.<name>`, `optim.step.<name>`) and the SAR head's buffers, under the names
+//! every backend shares.
 
-use crate::config::{DeviceKind, TrainConfig};
+use crate::config::{DeviceKind, OptimizerKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
-use crate::optim::Sgd;
+use crate::optim::{AdamW, Optimizer, Sgd};
 use crate::run::{loss_parts, LossParts, RunReport, StepCtx, StepReport, Trainee};
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor};
@@ -223,13 +224,13 @@ pub(crate) fn finish_single_loss(
 /// A candle `Task` with its optimiser and the pending loss.
 pub(crate) struct CandleTrainee {
     task: Box<dyn Task>,
-    opt: Sgd,
+    opt: Optimizer,
     pending: Option<Tensor>,
 }
 
 impl CandleTrainee {
-    /// `task` trained by SGD as `cfg.optim` says (every variable but the BatchNorm running
-    /// statistics).
+    /// `task` trained by the optimiser `cfg.optim` says (every variable but the BatchNorm
+    /// running statistics), with its parameter groups.
     pub(crate) fn new(task: Box<dyn Task>, cfg: &TrainConfig) -> anyhow::Result<Self> {
         let mut named: Vec<(String, candle_core::Var)> = task
             .varmap()
@@ -242,8 +243,18 @@ impl CandleTrainee {
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let o = &cfg.optim;
-        let opt = Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov)
-            .with_lr_scales(|n| task.lr_scale(n));
+        let opt = match o.kind {
+            OptimizerKind::Sgd => Optimizer::Sgd(
+                Sgd::named(named, o.lr, o.momentum, o.weight_decay, o.nesterov)
+                    .with_lr_scales(|n| task.lr_scale(n))
+                    .with_custom_keys(&o.custom_keys),
+            ),
+            OptimizerKind::AdamW => Optimizer::AdamW(
+                AdamW::named(named, o.lr, (o.betas[0], o.betas[1]), o.eps, o.weight_decay)
+                    .with_lr_scales(|n| task.lr_scale(n))
+                    .with_custom_keys(&o.custom_keys),
+            ),
+        };
         Ok(CandleTrainee {
             task,
             opt,
@@ -280,14 +291,13 @@ impl Trainee for CandleTrainee {
             }
         })
     }
-    fn update(&mut self, lr: f64) -> anyhow::Result<()> {
+    fn update(&mut self, rate: &dyn Fn(f64) -> f64) -> anyhow::Result<()> {
         let loss = self
             .pending
             .take()
             .context("update without a forward pass")?;
         let grads = loss.backward()?;
-        self.opt.lr = lr;
-        self.opt.step(&grads)?;
+        self.opt.step(&grads, rate)?;
         Ok(())
     }
     fn snapshot(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
@@ -312,8 +322,8 @@ impl Trainee for CandleTrainee {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        for (n, t) in self.opt.momentum_state() {
-            tensors.push((format!("optim.momentum.{n}"), t));
+        for (n, t) in self.opt.state()? {
+            tensors.push((format!("optim.{n}"), t));
         }
         if let Some(h) = self.task.head() {
             tensors.extend(h.buffers()?);
@@ -323,13 +333,13 @@ impl Trainee for CandleTrainee {
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
         let dev = self.task.device().clone();
         restore_vars(self.task.varmap(), tensors)?;
-        let mut momentum = Vec::new();
+        let mut optim = Vec::new();
         for (name, t) in tensors {
-            if let Some(v) = name.strip_prefix("optim.momentum.") {
-                momentum.push((v.to_string(), t.to_device(&dev)?));
+            if let Some(v) = name.strip_prefix("optim.") {
+                optim.push((v.to_string(), t.to_device(&dev)?));
             }
         }
-        self.opt.load_momentum_state(momentum)?;
+        self.opt.load_state(optim)?;
         if let Some(h) = self.task.head_mut() {
             h.load_buffers(&|n| tensors.get(n).and_then(|t| t.to_device(&dev).ok()))?;
         }

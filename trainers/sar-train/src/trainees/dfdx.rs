@@ -51,6 +51,8 @@ struct DfdxTrainee<D: SarDevice<f32>> {
     cache: RefCell<GatherCache<D>>,
     head: Option<SarHead<D>>,
     opt: Sgd<D>,
+    /// `optim.lr` (one parameter group).
+    base_lr: f64,
     pending: Option<Loss<D>>,
 }
 
@@ -105,7 +107,16 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         };
         let (params, head) = on_dfdx(&inner.setup, &device)?;
         let o = &cfg.optim;
+        anyhow::ensure!(
+            o.kind == crate::config::OptimizerKind::Sgd,
+            "the dfdx backend trains with SGD only; optim.kind = \"adamw\" needs --backend candle"
+        );
+        anyhow::ensure!(
+            o.custom_keys.is_empty(),
+            "the dfdx backend has no parameter groups; optim.custom_keys needs --backend candle"
+        );
         Ok(DfdxTrainee {
+            base_lr: o.lr,
             inner,
             net: Classifier::new(arch)?,
             params,
@@ -211,7 +222,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         })
     }
 
-    fn update(&mut self, lr: f64) -> anyhow::Result<()> {
+    fn update(&mut self, rate: &dyn Fn(f64) -> f64) -> anyhow::Result<()> {
         let loss = self
             .pending
             .take()
@@ -219,7 +230,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
-        self.opt.lr = lr;
+        self.opt.lr = rate(self.base_lr);
         self.opt.step(&mut self.params, &mut grads)?;
         Ok(())
     }

@@ -63,6 +63,7 @@ fn main() {
             in_channels: 3,
             classes: 19,
             seed: 0,
+            drop_path: 0.1,
         };
         let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
         let cost = m.cost(1024, 1024);
@@ -73,6 +74,34 @@ fn main() {
             d,
             cost.params,
             m.aux_params(),
+            cost.macs as f64 / 1e9,
+            3 * d * d + 2 * d + 6 * d
+        );
+    }
+    // SegFormer at 512×512 with 150 classes (ADE20K; the SegFormer paper's Table 1 setting).
+    println!(
+        "\n{:<28} {:>6} {:>12} {:>16} {:>10}",
+        "SegFormer (150 classes)", "D", "parameters", "GMACs @512²", "SAR h_ψ"
+    );
+    for backbone in [B::MitB0, B::MitB1, B::MitB2, B::MitB3, B::MitB4, B::MitB5] {
+        let spec = SegSpec {
+            backbone,
+            head: H::Segformer,
+            aux: false,
+            width: 64,
+            in_channels: 3,
+            classes: 150,
+            seed: 0,
+            drop_path: 0.1,
+        };
+        let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
+        let cost = m.cost(512, 512);
+        let d = m.feature_dim() as u64;
+        println!(
+            "{:<28} {:>6} {:>12} {:>16.1} {:>10}",
+            format!("SegFormer {backbone}"),
+            d,
+            cost.params,
             cost.macs as f64 / 1e9,
             3 * d * d + 2 * d + 6 * d
         );

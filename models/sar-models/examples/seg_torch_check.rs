@@ -29,6 +29,7 @@ fn main() {
         in_channels: 3,
         classes: 7,
         seed: 3,
+        drop_path: 0.1,
     };
     let m = build_segmenter(&spec, &varmap, &dev, DType::F32).unwrap();
     // Random BatchNorm running statistics, so that eval mode tests them.

@@ -123,6 +123,7 @@ fn segmenter_names_and_shapes_are_unchanged() {
             in_channels: 3,
             classes: 19,
             seed: 1,
+            drop_path: 0.1,
         };
         build_segmenter(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
         check(&file, &varmap);

@@ -14,6 +14,7 @@ fn spec(backbone: SegBackbone, head: SegHeadKind, aux: bool, width: usize) -> Se
         in_channels: 3,
         classes: 19,
         seed: 7,
+        drop_path: 0.1,
     }
 }
 
@@ -301,4 +302,51 @@ fn backbone_weights_load_by_the_documented_mapping() {
         e.contains("backbone.layer4.1.bn2.running_var is missing"),
         "{e}"
     );
+}
+
+/// SegFormer's parameters and multiply-adds at 512² with 150 classes against the SegFormer
+/// paper's Table 1 (B0 3.8 M / 8.4 G, B2 27.5 M / 62.4 G), and its output stride and width.
+#[test]
+fn segformer_costs_match_the_published_figures() {
+    for (backbone, params, gmacs, d) in [
+        (SegBackbone::MitB0, 3.8e6, 8.4, 256),
+        (SegBackbone::MitB2, 27.5e6, 62.4, 768),
+    ] {
+        let s = SegSpec {
+            classes: 150,
+            ..spec(backbone, SegHeadKind::Segformer, false, 64)
+        };
+        let m = build_segmenter(&s, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
+        let c = m.cost(512, 512);
+        assert!(
+            (c.params as f64 / params - 1.0).abs() < 0.02,
+            "{backbone}: {c:?}"
+        );
+        assert!(
+            (c.macs as f64 / 1e9 / gmacs - 1.0).abs() < 0.01,
+            "{backbone}: {c:?}"
+        );
+        assert_eq!(
+            (m.feature_dim(), m.output_stride(), m.has_aux()),
+            (d, 4, false)
+        );
+        let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let f = m.features(&x, false).unwrap();
+        assert_eq!(f.main.dims(), &[1, d, 16, 16]);
+    }
+    // Wrong pairings are named.
+    let vm = VarMap::new();
+    for s in [
+        spec(SegBackbone::MitB0, SegHeadKind::Fcn, false, 64),
+        spec(SegBackbone::ResNet18V1c, SegHeadKind::Segformer, false, 64),
+        spec(SegBackbone::MitB0, SegHeadKind::Segformer, true, 64),
+    ] {
+        let e = build_segmenter(&s, &vm, &Device::Cpu, DType::F32)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("segformer") || e.to_string().contains("auxiliary"),
+            "{e}"
+        );
+    }
 }

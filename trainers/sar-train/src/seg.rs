@@ -117,11 +117,12 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
     let spec = SegSpec {
         backbone: m.backbone,
         head: m.head,
-        aux: m.aux,
+        aux: m.aux(),
         width: m.width,
         in_channels: 3,
         classes,
         seed: cfg.run.seed,
+        drop_path: m.drop_path,
     };
     let model = sar_models::seg::build_segmenter(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {
@@ -278,6 +279,14 @@ impl Segmenter for Calibrated<'_> {
     ) -> candle_core::Result<sar_models::seg::SegFeatures> {
         self.model.features(images, train)
     }
+    fn features_with_noise(
+        &self,
+        images: &Tensor,
+        train: bool,
+        noise: Option<&mut sar_math::rng::SeededRng>,
+    ) -> candle_core::Result<sar_models::seg::SegFeatures> {
+        self.model.features_with_noise(images, train, noise)
+    }
     fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         self.model.classify(features)
     }
@@ -318,6 +327,14 @@ impl Segmenter for ByRef<'_> {
         train: bool,
     ) -> candle_core::Result<sar_models::seg::SegFeatures> {
         self.0.features(images, train)
+    }
+    fn features_with_noise(
+        &self,
+        images: &Tensor,
+        train: bool,
+        noise: Option<&mut sar_math::rng::SeededRng>,
+    ) -> candle_core::Result<sar_models::seg::SegFeatures> {
+        self.0.features_with_noise(images, train, noise)
     }
     fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         self.0.classify(features)
@@ -624,7 +641,9 @@ impl Task for SegTask {
             let loss = seg_weighted_cross_entropy(&logits, &y, (n, h, w), &da.weights)?;
             return finish_single_loss(ctx, loss, n);
         }
-        let f = model.features(&x, true)?;
+        // Stochastic depth (SegFormer) draws first, then the dropout masks; networks without
+        // random layers draw nothing here.
+        let f = model.features_with_noise(&x, true, Some(&mut rng))?;
         let logits = model.classify(&dropout2d(&f.main, p, &mut rng)?)?;
         let ce = seg_cross_entropy(&logits, &y, (n, h, w))?;
         let ce = if ctx.poison_loss {

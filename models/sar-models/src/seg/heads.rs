@@ -150,6 +150,11 @@ fn backbone(bb: &Scope, spec: &SegSpec) -> Result<Backbone> {
         SegBackbone::ResNet101V1c => Backbone::ResNet(resnet(V1cDepth::R101)?),
         SegBackbone::HrNetV2W18 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 18)?),
         SegBackbone::HrNetV2W48 => Backbone::HrNet(HrNetV2::new(bb, spec.in_channels, 48)?),
+        other => {
+            return Err(ModelError::Config(format!(
+                "{other} is built by the segformer module, not this one"
+            )))
+        }
     })
 }
 
@@ -184,6 +189,11 @@ fn resnet_decode(head: &Scope, kind: SegHeadKind, cin: usize) -> Result<Decode> 
                 bottleneck: ConvBn::module(&head.pp("bottleneck"), ConvSpec::new(5 * ch, ch, 3))?
                     .into(),
             }
+        }
+        SegHeadKind::Segformer => {
+            return Err(ModelError::Config(
+                "the segformer head takes a mit-b0 … mit-b5 backbone".into(),
+            ))
         }
     })
 }

@@ -14,12 +14,14 @@
 //! |---|---|---|
 //! | `resnet18-v1c`, `resnet50-v1c`, `resnet101-v1c` | [`resnet_v1c`]: deep stem (three 3×3 convs 32/32/64), max-pool, 4 stages with strides 1/2/1/1 and dilations 1/1/2/4 (output stride 8), `contract_dilation` | 64/128/256/512 (×4 for Bottlenecks) |
 //! | `hrnetv2-w18`, `hrnetv2-w48` | [`hrnet`]: HRNetV2, 4 parallel branches at strides 4/8/16/32, fused by repeated multi-resolution exchange | W/2W/4W/8W |
+//! | `mit-b0` … `mit-b5` | [`mit`]: Mix Transformer, 4 stages of overlapping patch embedding and efficient self-attention blocks at strides 4/8/16/32 | E·(1, 2, 5, 8), E = 32 (B0) or 64 |
 //!
 //! | [`SegHeadKind`] | structure (mmsegmentation) | D |
 //! |---|---|---|
 //! | `fcn` on a ResNet | two 3×3 ConvModules (conv-BN-ReLU) on stage 4, concatenated with the input, a third 3×3 ConvModule (`convs.0`, `convs.1`, `conv_cat`) | stage-4 width / 4 (512 for R50/101, 128 for R18) |
 //! | `fcn` on HRNetV2 | the 4 branches resized to stride 4 and concatenated, one 1×1 ConvModule | 15·W (270 for W18, 720 for W48) |
 //! | `aspp` (DeepLabV3) on a ResNet | image pool (1×1) + 1×1 + three 3×3 atrous branches (dilations 12, 24, 36), concatenated, 3×3 `bottleneck` | stage-4 width / 4 |
+//! | `segformer` on a MiT | [`segformer`]: a 1×1 ConvModule per stage, resized to stride 4, concatenated, a 1×1 `fusion_conv` | 256 (B0, B1), 768 (B2–B5) |
 //!
 //! The auxiliary head (ResNets, `aux = true`) is mmsegmentation's: an FCN head with one 3×3
 //! ConvModule on stage 3, width stage-3 / 4, its own `conv_seg`, loss weight 0.4 (set by the
@@ -36,7 +38,9 @@
 
 pub mod heads;
 pub mod hrnet;
+pub mod mit;
 pub mod resnet_v1c;
+pub mod segformer;
 
 use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
 use crate::params::{Init, Scope};
@@ -58,6 +62,17 @@ pub trait Segmenter: Send + Sync {
     /// Features of images `[N, C, H, W]`; `train` selects BatchNorm's batch statistics and
     /// computes the auxiliary features (when there is an auxiliary head).
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<SegFeatures>;
+    /// [`Segmenter::features`] with the network's own random layers (SegFormer's stochastic
+    /// depth) drawn from `noise` in training; networks without any ignore it.
+    fn features_with_noise(
+        &self,
+        images: &Tensor,
+        train: bool,
+        noise: Option<&mut sar_math::rng::SeededRng>,
+    ) -> candle_core::Result<SegFeatures> {
+        let _ = noise;
+        self.features(images, train)
+    }
     /// The decode head's `conv_seg`: `[N, D, h, w]` → `[N, K, h, w]`, or `[M, D]` → `[M, K]`.
     fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor>;
     /// The auxiliary head's `conv_seg` on auxiliary features.
@@ -100,6 +115,39 @@ pub enum SegBackbone {
     /// HRNetV2-W48.
     #[serde(rename = "hrnetv2-w48")]
     HrNetV2W48,
+    /// Mix Transformer B0 (SegFormer).
+    #[serde(rename = "mit-b0")]
+    MitB0,
+    /// Mix Transformer B1.
+    #[serde(rename = "mit-b1")]
+    MitB1,
+    /// Mix Transformer B2.
+    #[serde(rename = "mit-b2")]
+    MitB2,
+    /// Mix Transformer B3.
+    #[serde(rename = "mit-b3")]
+    MitB3,
+    /// Mix Transformer B4.
+    #[serde(rename = "mit-b4")]
+    MitB4,
+    /// Mix Transformer B5.
+    #[serde(rename = "mit-b5")]
+    MitB5,
+}
+
+impl SegBackbone {
+    /// The Mix Transformer variant, for the `mit-*` backbones.
+    pub fn mit(self) -> Option<mit::MitVariant> {
+        Some(mit::MitVariant::B(match self {
+            SegBackbone::MitB0 => 0,
+            SegBackbone::MitB1 => 1,
+            SegBackbone::MitB2 => 2,
+            SegBackbone::MitB3 => 3,
+            SegBackbone::MitB4 => 4,
+            SegBackbone::MitB5 => 5,
+            _ => return None,
+        }))
+    }
 }
 
 impl std::fmt::Display for SegBackbone {
@@ -110,6 +158,12 @@ impl std::fmt::Display for SegBackbone {
             SegBackbone::ResNet101V1c => "resnet101-v1c",
             SegBackbone::HrNetV2W18 => "hrnetv2-w18",
             SegBackbone::HrNetV2W48 => "hrnetv2-w48",
+            SegBackbone::MitB0 => "mit-b0",
+            SegBackbone::MitB1 => "mit-b1",
+            SegBackbone::MitB2 => "mit-b2",
+            SegBackbone::MitB3 => "mit-b3",
+            SegBackbone::MitB4 => "mit-b4",
+            SegBackbone::MitB5 => "mit-b5",
         })
     }
 }
@@ -122,6 +176,8 @@ pub enum SegHeadKind {
     Fcn,
     /// DeepLabV3's ASPP (ResNet backbones).
     Aspp,
+    /// SegFormer's all-MLP head (MiT backbones).
+    Segformer,
 }
 
 /// What to build.
@@ -142,6 +198,9 @@ pub struct SegSpec {
     pub classes: usize,
     /// Seed of the initial weights.
     pub seed: u64,
+    /// Stochastic depth's largest rate (MiT backbones: 0.1 in mmsegmentation; others ignore
+    /// it).
+    pub drop_path: f64,
 }
 
 /// Builds the network, registering its parameters in `varmap` (parameters already there are
@@ -165,7 +224,26 @@ pub fn build_segmenter(
         )));
     }
     let init = Scope::new(varmap, device.clone(), dtype, spec.seed);
-    heads::SegModel::new(&init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>)
+    match (spec.backbone.mit(), spec.head) {
+        (Some(variant), SegHeadKind::Segformer) => {
+            if spec.aux {
+                return Err(ModelError::Config(
+                    "SegFormer has no auxiliary head (set model.aux = false)".into(),
+                ));
+            }
+            segformer::SegFormer::new(&init, spec, variant, spec.drop_path)
+                .map(|m| Box::new(m) as Box<dyn Segmenter>)
+        }
+        (Some(_), head) => Err(ModelError::Config(format!(
+            "a {} backbone takes the segformer head, not {head:?}",
+            spec.backbone
+        ))),
+        (None, SegHeadKind::Segformer) => Err(ModelError::Config(format!(
+            "the segformer head takes a mit-b0 … mit-b5 backbone, not {}",
+            spec.backbone
+        ))),
+        (None, _) => heads::SegModel::new(&init, spec).map(|m| Box::new(m) as Box<dyn Segmenter>),
+    }
 }
 
 /// mmcv's ConvModule without bias: conv → BatchNorm → ReLU, named `{name}.conv` / `{name}.bn`

@@ -421,18 +421,23 @@ pub struct SegmenterConfig {
     /// Decode head ("fcn").
     #[serde(default = "default_head")]
     pub head: SegHeadKind,
-    /// Auxiliary FCN head on stage 3 (ResNet backbones; true).
-    #[serde(default = "default_aux")]
-    pub aux: bool,
+    /// Auxiliary FCN head on stage 3. Unset: the model's own, as mmsegmentation's configs
+    /// have it (ResNets yes; HRNetV2 and MiT/SegFormer no). See [`SegmenterConfig::aux`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux: Option<bool>,
     /// Weight of the auxiliary head's cross-entropy (0.4).
     #[serde(default = "default_aux_weight")]
     pub aux_weight: f64,
     /// Dropout2d rate before each `conv_seg` (0.1).
     #[serde(default = "default_dropout")]
     pub dropout: f64,
-    /// Base width of the ResNet stages (64; smaller for quick CPU runs).
+    /// Base width of the ResNet stages (64; smaller for quick CPU runs). MiT: the embedding
+    /// and head widths scale by width/64.
     #[serde(default = "default_width")]
     pub width: usize,
+    /// Stochastic depth's largest rate (MiT backbones; 0.1 as mmsegmentation's SegFormer).
+    #[serde(default = "default_drop_path")]
+    pub drop_path: f64,
     /// Pretrained weights (safetensors: a backbone, or a whole mmsegmentation model whose
     /// classifiers are not loaded).
     #[serde(default)]
@@ -441,7 +446,15 @@ pub struct SegmenterConfig {
 
 /// The keys only a segmenter has, dropped from the flat `[model]` of checkpoints written
 /// before the section was split (their JSON held every key, the unused ones null or default).
-const SEGMENTER_ONLY: &[&str] = &["backbone", "head", "aux", "aux_weight", "dropout", "width"];
+const SEGMENTER_ONLY: &[&str] = &[
+    "backbone",
+    "head",
+    "aux",
+    "aux_weight",
+    "dropout",
+    "width",
+    "drop_path",
+];
 
 impl<'de> Deserialize<'de> for ModelConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -513,8 +526,19 @@ fn default_stem() -> Stem {
 fn default_head() -> SegHeadKind {
     SegHeadKind::Fcn
 }
-fn default_aux() -> bool {
-    true
+fn default_drop_path() -> f64 {
+    0.1
+}
+
+impl SegmenterConfig {
+    /// Whether the model has the auxiliary head: `model.aux`, else true for the ResNet
+    /// backbones only.
+    pub fn aux(&self) -> bool {
+        self.aux.unwrap_or(matches!(
+            self.backbone,
+            SegBackbone::ResNet18V1c | SegBackbone::ResNet50V1c | SegBackbone::ResNet101V1c
+        ))
+    }
 }
 fn default_aux_weight() -> f64 {
     0.4

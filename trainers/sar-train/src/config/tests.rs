@@ -79,7 +79,7 @@ fn model_keys_of_the_other_task_are_rejected_and_old_checkpoints_still_read() {
     let m: ModelConfig = serde_json::from_str(old_seg).unwrap();
     let seg = m.segmenter().unwrap();
     assert_eq!(
-        (seg.head, seg.aux, seg.width),
+        (seg.head, seg.aux(), seg.width),
         (SegHeadKind::Aspp, false, 16)
     );
     let m = parse(&(MIN.to_string() + "init = \"torch-default\"\n"), &[]).unwrap();

@@ -3,6 +3,7 @@
 
 use super::*;
 use anyhow::{bail, ensure};
+use sar_models::seg::SegHeadKind;
 
 impl TrainConfig {
     /// Checks every value; the error names the key.
@@ -144,6 +145,22 @@ impl TrainConfig {
             m.aux_weight.is_finite() && m.aux_weight >= 0.0,
             "model.aux_weight must be ≥ 0, got {}",
             m.aux_weight
+        );
+        ensure!(
+            (0.0..1.0).contains(&m.drop_path),
+            "model.drop_path must be in [0, 1), got {}",
+            m.drop_path
+        );
+        let mit = m.backbone.mit().is_some();
+        ensure!(
+            mit == (m.head == SegHeadKind::Segformer),
+            "model.head = \"segformer\" goes with the mit-b0 … mit-b5 backbones and only with them (backbone {}, head {:?})",
+            m.backbone,
+            m.head
+        );
+        ensure!(
+            !(mit && m.aux()),
+            "SegFormer has no auxiliary head: model.aux = true needs a ResNet backbone"
         );
         ensure!(
             m.width >= 4 && m.width.is_multiple_of(4),

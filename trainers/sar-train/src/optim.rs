@@ -41,11 +41,41 @@ pub struct Sgd {
     pub nesterov: bool,
     /// Apply the rule as candle ops on CPU too (tests compare the two paths).
     device_ops: bool,
-    /// Per variable, the factor of `lr` it steps with (1 by default; MiSLAS's `lr_factor`,
-    /// a [`CustomKey`]'s `lr_mult`).
-    lr_scales: Vec<f64>,
-    /// Per variable, the factor of `weight_decay` (a [`CustomKey`]'s `decay_mult`).
-    decay_scales: Vec<f64>,
+    scales: GroupScales,
+}
+
+/// Per variable, the factors of the rate (1 by default; MiSLAS's `lr_factor`, a
+/// [`CustomKey`]'s `lr_mult`) and of the weight decay (a [`CustomKey`]'s `decay_mult`): what
+/// both optimisers' parameter groups are.
+#[derive(Debug, Clone)]
+struct GroupScales {
+    lr: Vec<f64>,
+    decay: Vec<f64>,
+}
+
+impl GroupScales {
+    fn new(n: usize) -> Self {
+        GroupScales {
+            lr: vec![1.0; n],
+            decay: vec![1.0; n],
+        }
+    }
+
+    /// Multiplies each variable's rate factor by `scale(name)`.
+    fn scale_lr(&mut self, names: &[String], scale: impl Fn(&str) -> f64) {
+        for (s, n) in self.lr.iter_mut().zip(names) {
+            *s *= scale(n);
+        }
+    }
+
+    /// Multiplies in each variable's [`CustomKey`] factors.
+    fn apply_custom_keys(&mut self, names: &[String], keys: &BTreeMap<String, CustomKey>) {
+        for ((l, d), n) in self.lr.iter_mut().zip(self.decay.iter_mut()).zip(names) {
+            let k = custom_key(keys, n);
+            *l *= k.lr_mult;
+            *d *= k.decay_mult;
+        }
+    }
 }
 
 impl Sgd {
@@ -78,31 +108,19 @@ impl Sgd {
             weight_decay,
             nesterov,
             device_ops: false,
-            lr_scales: vec![1.0; n],
-            decay_scales: vec![1.0; n],
+            scales: GroupScales::new(n),
         }
     }
 
     /// Each variable steps with `lr · scale(name)` (times the factors already set).
     pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
-        for (s, n) in self.lr_scales.iter_mut().zip(&self.names) {
-            *s *= scale(n);
-        }
+        self.scales.scale_lr(&self.names, scale);
         self
     }
 
     /// Each variable takes its [`CustomKey`] multipliers of lr and weight decay.
     pub fn with_custom_keys(mut self, keys: &BTreeMap<String, CustomKey>) -> Self {
-        for ((l, d), n) in self
-            .lr_scales
-            .iter_mut()
-            .zip(self.decay_scales.iter_mut())
-            .zip(&self.names)
-        {
-            let k = custom_key(keys, n);
-            *l *= k.lr_mult;
-            *d *= k.decay_mult;
-        }
+        self.scales.apply_custom_keys(&self.names, keys);
         self
     }
 
@@ -154,8 +172,8 @@ impl Sgd {
             .vars
             .iter()
             .zip(self.momentum_buffers.iter_mut())
-            .zip(&self.lr_scales)
-            .zip(&self.decay_scales)
+            .zip(&self.scales.lr)
+            .zip(&self.scales.decay)
         {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
@@ -283,8 +301,7 @@ pub struct AdamW {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
-    lr_scales: Vec<f64>,
-    decay_scales: Vec<f64>,
+    scales: GroupScales,
     device_ops: bool,
 }
 
@@ -309,32 +326,20 @@ impl AdamW {
             beta2: betas.1,
             eps,
             weight_decay,
-            lr_scales: vec![1.0; n],
-            decay_scales: vec![1.0; n],
+            scales: GroupScales::new(n),
             device_ops: false,
         }
     }
 
     /// Each variable steps with `lr · scale(name)` (times the factors already set).
     pub fn with_lr_scales(mut self, scale: impl Fn(&str) -> f64) -> Self {
-        for (s, n) in self.lr_scales.iter_mut().zip(&self.names) {
-            *s *= scale(n);
-        }
+        self.scales.scale_lr(&self.names, scale);
         self
     }
 
     /// Each variable takes its [`CustomKey`] multipliers of lr and weight decay.
     pub fn with_custom_keys(mut self, keys: &BTreeMap<String, CustomKey>) -> Self {
-        for ((l, d), n) in self
-            .lr_scales
-            .iter_mut()
-            .zip(self.decay_scales.iter_mut())
-            .zip(&self.names)
-        {
-            let k = custom_key(keys, n);
-            *l *= k.lr_mult;
-            *d *= k.decay_mult;
-        }
+        self.scales.apply_custom_keys(&self.names, keys);
         self
     }
 
@@ -348,11 +353,11 @@ impl AdamW {
             };
             self.steps[i] += 1;
             let cfg = AdamWConfig {
-                lr: rate(self.lr * self.lr_scales[i]),
+                lr: rate(self.lr * self.scales.lr[i]),
                 beta1: self.beta1,
                 beta2: self.beta2,
                 eps: self.eps,
-                weight_decay: self.weight_decay * self.decay_scales[i],
+                weight_decay: self.weight_decay * self.scales.decay[i],
             };
             let moments = match self.moments[i].take() {
                 Some(m) => m,

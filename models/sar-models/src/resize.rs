@@ -2,7 +2,8 @@
 //! resize mmsegmentation uses for logits, HRNet's branch fusion and the ASPP image pool.
 //!
 //! Output pixel `o` of an axis of `input → output` samples source coordinate
-//! `s = max((o + ½)·(input/output) − ½, 0)` (computed in f32, as PyTorch's CPU kernel does),
+//! `s = max((o + ½)·(input/output) − ½, 0)` (computed in the tensor's precision, f32 for f32 and
+//! below, f64 for f64, as PyTorch's CPU kernel does with its `opmath` type),
 //! blending `i0 = ⌊s⌋` and `i1 = min(i0 + 1, input − 1)` with weights `1 − (s − i0)` and
 //! `s − i0`. The resize is separable and linear, so it is two matrix products with fixed
 //! interpolation matrices `R_h` `[OH, H]` and `R_w` `[OW, W]`:
@@ -12,19 +13,33 @@
 
 use candle_core::Tensor;
 
-/// The `[output, input]` interpolation matrix of one axis (row-major f32).
+/// The `[output, input]` interpolation matrix of one axis (row-major f32), coordinates in f32.
 pub fn interpolation_matrix(input: usize, output: usize) -> Vec<f32> {
-    let mut m = vec![0.0f32; output * input];
+    interpolation_matrix_in::<f32>(input, output)
+}
+
+/// [`interpolation_matrix`] with coordinates and weights in f64, for f64 tensors.
+pub fn interpolation_matrix_f64(input: usize, output: usize) -> Vec<f64> {
+    interpolation_matrix_in::<f64>(input, output)
+}
+
+fn interpolation_matrix_in<T: num_traits::Float + std::ops::AddAssign>(
+    input: usize,
+    output: usize,
+) -> Vec<T> {
+    let mut m = vec![T::zero(); output * input];
     if input == 0 || output == 0 {
         return m;
     }
-    let scale = input as f32 / output as f32;
+    let of = |v: usize| T::from(v).unwrap_or_else(T::zero);
+    let half = T::from(0.5).unwrap_or_else(T::zero);
+    let scale = of(input) / of(output);
     for o in 0..output {
-        let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src as usize).min(input - 1);
+        let src = ((of(o) + half) * scale - half).max(T::zero());
+        let i0 = src.to_usize().unwrap_or(0).min(input - 1);
         let i1 = (i0 + 1).min(input - 1);
-        let l1 = src - i0 as f32;
-        m[o * input + i0] += 1.0 - l1;
+        let l1 = src - of(i0);
+        m[o * input + i0] += T::one() - l1;
         m[o * input + i1] += l1;
     }
     m
@@ -42,7 +57,11 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> candle_core::R
     }
     let (dev, dtype) = (x.device(), x.dtype());
     let matrix = |i: usize, o: usize| -> candle_core::Result<Tensor> {
-        Tensor::from_vec(interpolation_matrix(i, o), (o, i), dev)?.to_dtype(dtype)
+        if dtype == candle_core::DType::F64 {
+            Tensor::from_vec(interpolation_matrix_f64(i, o), (o, i), dev)
+        } else {
+            Tensor::from_vec(interpolation_matrix(i, o), (o, i), dev)?.to_dtype(dtype)
+        }
     };
     // Width: [N·C·H, W] · R_wᵀ [W, OW].
     let mut y = x.contiguous()?.reshape((n * c * h, w))?;
@@ -74,7 +93,7 @@ pub fn broadcast_1x1(x: &Tensor, out_h: usize, out_w: usize) -> candle_core::Res
     x.broadcast_as((n, c, out_h, out_w))?.contiguous()
 }
 
-/// Direct f64 evaluation of the module's formula, for tests.
+/// Direct f64 evaluation of the module's formula (coordinates in f64), for tests.
 #[doc(hidden)]
 pub fn reference_bilinear(
     x: &[f64],
@@ -83,10 +102,10 @@ pub fn reference_bilinear(
     ow: usize,
 ) -> Vec<f64> {
     let axis = |input: usize, output: usize, o: usize| {
-        let scale = input as f32 / output as f32;
-        let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+        let scale = input as f64 / output as f64;
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
         let i0 = (src as usize).min(input - 1);
-        (i0, (i0 + 1).min(input - 1), (src - i0 as f32) as f64)
+        (i0, (i0 + 1).min(input - 1), src - i0 as f64)
     };
     let mut out = vec![0.0; n * c * oh * ow];
     for p in 0..n * c {
@@ -164,6 +183,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An f64 map is resized with f64 coordinates (PyTorch's f64 kernel): at a scale f32
+    /// cannot represent (12 → 23) the result is the f64 formula's to rounding, where f32
+    /// coordinates would be off by ~1e-7.
+    #[test]
+    fn f64_maps_use_f64_coordinates() {
+        let (n, c, h, w, oh, ow) = (1, 2, 12, 7, 23, 13);
+        let x = randn((n, c, h, w)).to_dtype(DType::F64).unwrap();
+        let y = flat(&resize_bilinear(&x, oh, ow).unwrap());
+        let want = reference_bilinear(&flat(&x), (n, c, h, w), oh, ow);
+        let worst = y
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-14, "{worst}");
+        let m32 = interpolation_matrix(12, 23);
+        let m64 = interpolation_matrix_f64(12, 23);
+        assert!(m32
+            .iter()
+            .zip(&m64)
+            .any(|(a, b)| (*a as f64 - b).abs() > 1e-9));
     }
 
     #[test]

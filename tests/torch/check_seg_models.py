@@ -178,9 +178,57 @@ class HRNetV2(nn.Module):
         return ys
 
 
+class SelfAttentionBlock(nn.Module):
+    """mmseg's _SelfAttentionBlock as ObjectAttentionBlock configures it: 2 key/query
+    ConvModules, 1 value and 1 out ConvModule, matmul_norm, no downsampling."""
+
+    def __init__(self, cin, ch):
+        super().__init__()
+        self.key_project = nn.Sequential(conv_bn(cin, ch, 1), conv_bn(ch, ch, 1))
+        self.query_project = nn.Sequential(conv_bn(cin, ch, 1), conv_bn(ch, ch, 1))
+        self.value_project = conv_bn(cin, ch, 1)
+        self.out_project = conv_bn(ch, cin, 1)
+        self.bottleneck = conv_bn(2 * cin, cin, 1)
+        self.ch = ch
+
+    def forward(self, query_feats, key_feats):
+        b = query_feats.size(0)
+        q = self.query_project(query_feats)
+        q = q.reshape(*q.shape[:2], -1).permute(0, 2, 1)
+        k = self.key_project(key_feats)
+        v = self.value_project(key_feats)
+        k = k.reshape(*k.shape[:2], -1)
+        v = v.reshape(*v.shape[:2], -1).permute(0, 2, 1)
+        sim = F.softmax((self.ch ** -0.5) * torch.matmul(q, k), dim=-1)
+        ctx = torch.matmul(sim, v).permute(0, 2, 1).reshape(b, -1, *query_feats.shape[2:])
+        ctx = self.out_project(ctx)
+        return self.bottleneck(torch.cat([ctx, query_feats], 1))
+
+
+def spatial_gather(feats, probs):
+    """mmseg's SpatialGatherModule (scale 1): [b, c, k, 1] object representations."""
+    b, k, h, w = probs.shape
+    probs = F.softmax(probs.view(b, k, -1), dim=2)
+    ctx = torch.matmul(probs, feats.view(b, feats.size(1), -1).permute(0, 2, 1))
+    return ctx.permute(0, 2, 1).contiguous().unsqueeze(3)
+
+
 class Seg(nn.Module):
     def __init__(self, kind, classes):
         super().__init__()
+        if kind == "ocr-hr18":
+            # CascadeEncoderDecoder: decode_head = [FCNHead (regions), OCRHead].
+            self.backbone = HRNetV2(18)
+            d = 270
+            fcn, ocr = nn.Module(), nn.Module()
+            fcn.convs = nn.ModuleList([conv_bn(d, d, 1)])
+            fcn.conv_seg = nn.Conv2d(d, classes, 1)
+            ocr.bottleneck = conv_bn(d, 512, 3)
+            ocr.object_context_block = SelfAttentionBlock(512, 256)
+            ocr.conv_seg = nn.Conv2d(512, classes, 1)
+            self.decode_head = nn.ModuleList([fcn, ocr])
+            self.kind, self.aux = "ocr", False
+            return
         if kind == "fcn-hr18":
             self.backbone = HRNetV2(18)
             d = 270
@@ -215,6 +263,14 @@ class Seg(nn.Module):
     def forward(self, x):
         s = self.backbone(x)
         h = self.decode_head
+        if self.kind == "ocr":
+            size = s[0].shape[2:]
+            x = torch.cat([F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in s], 1)
+            fcn, ocr = h[0], h[1]
+            regions = fcn.conv_seg(fcn.convs[0](x))
+            feats = ocr.bottleneck(x)
+            f = ocr.object_context_block(feats, spatial_gather(feats, regions))
+            return {"main": ocr.conv_seg(f), "aux": regions}
         if self.kind == "hr":
             size = s[0].shape[2:]
             f = h.convs[0](torch.cat([F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in s], 1))
@@ -235,7 +291,7 @@ class Seg(nn.Module):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keep")
-    ap.add_argument("--models", default="fcn-r18,aspp-r18,fcn-hr18,fcn-r50")
+    ap.add_argument("--models", default="fcn-r18,aspp-r18,fcn-hr18,fcn-r50,ocr-hr18")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "sar-models", "--example", "seg_torch_check"],
@@ -271,17 +327,41 @@ def main():
         m64.train()
         with torch.no_grad():
             out = m(x)
-            out64 = m64(x.double())
+        out64 = m64(x.double())
         rows.append(("train logits", out64["main"], io["logits_train"], out["main"]))
         if "aux" in out:
             rows.append(("train aux logits", out64["aux"], io["aux_logits_train"], out["aux"]))
+        # Parameter gradients in f64 on both sides, of L = sum(logits * R) (+ the auxiliary
+        # head's, with its own R). A parameter whose gradient vanishes in exact arithmetic (a
+        # bias before a train-mode BatchNorm) is measured against 1e-6 of the largest gradient.
+        if "loss_weights" in io:
+            loss = (out64["main"] * io["loss_weights"]).sum()
+            if "aux" in out64:
+                loss = loss + (out64["aux"] * io["aux_loss_weights"]).sum()
+            m64.zero_grad()
+            loss.backward()
+            scale = max(p.grad.abs().max().item() for p in m64.parameters() if p.grad is not None)
+            worst, at, count = 0.0, "", 0
+            for pname, p in m64.named_parameters():
+                g = io.get("grad." + pname)
+                if g is None or p.grad is None:
+                    print(f"{kind}: gradient of {pname} missing on one side")
+                    ok = False
+                    continue
+                count += 1
+                r = (g.double() - p.grad).abs().max().item() / max(p.grad.abs().max().item(), 1e-6 * scale)
+                if r > worst:
+                    worst, at = r, pname
+            good = worst < 1e-9
+            ok &= good
+            print(f"{kind:9} f64 gradients ({count} parameters)  worst max |ours - torch| / max|torch| = {worst:.2e} at {at}  {'ok' if good else 'FAIL'}")
         for row in rows:
             what, ref, ours = row[:3]
             if ref.shape != ours.shape:
                 print(f"{kind} {what}: shape {tuple(ours.shape)} vs torch {tuple(ref.shape)}")
                 ok = False
                 continue
-            ref = ref.double()
+            ref = ref.detach().double()
             rel = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
             if len(row) == 4:
                 torch_rel = ((row[3].double() - ref).abs().max() / ref.abs().max()).item()

@@ -54,6 +54,8 @@ fn main() {
         (B::ResNet50V1c, H::Aspp, true),
         (B::HrNetV2W18, H::Fcn, false),
         (B::HrNetV2W48, H::Fcn, false),
+        (B::HrNetV2W18, H::Ocr, true),
+        (B::HrNetV2W48, H::Ocr, true),
     ] {
         let spec = SegSpec {
             backbone,
@@ -64,6 +66,7 @@ fn main() {
             classes: 19,
             seed: 0,
             drop_path: 0.1,
+            window: None,
         };
         let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
         let cost = m.cost(1024, 1024);
@@ -93,6 +96,7 @@ fn main() {
             classes: 150,
             seed: 0,
             drop_path: 0.1,
+            window: None,
         };
         let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
         let cost = m.cost(512, 512);
@@ -102,6 +106,37 @@ fn main() {
             format!("SegFormer {backbone}"),
             d,
             cost.params,
+            cost.macs as f64 / 1e9,
+            3 * d * d + 2 * d + 6 * d
+        );
+    }
+    // UPerNet on Swin at 512×2048 with 150 classes (the Swin paper's Table 3 setting for
+    // ADE20K, window 7; parameters include the auxiliary head, as the paper counts them).
+    println!(
+        "\n{:<28} {:>6} {:>12} {:>12} {:>17} {:>10}",
+        "UPerNet (150 classes)", "D", "parameters", "aux head", "GMACs @512×2048", "SAR h_ψ"
+    );
+    for backbone in [B::SwinT, B::SwinS, B::SwinB, B::SwinL] {
+        let spec = SegSpec {
+            backbone,
+            head: H::Uper,
+            aux: true,
+            width: 64,
+            in_channels: 3,
+            classes: 150,
+            seed: 0,
+            drop_path: 0.3,
+            window: None,
+        };
+        let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
+        let cost = m.cost(512, 2048);
+        let d = m.feature_dim() as u64;
+        println!(
+            "{:<28} {:>6} {:>12} {:>12} {:>17.1} {:>10}",
+            format!("UPerNet {backbone}"),
+            d,
+            cost.params + m.aux_params(),
+            m.aux_params(),
             cost.macs as f64 / 1e9,
             3 * d * d + 2 * d + 6 * d
         );

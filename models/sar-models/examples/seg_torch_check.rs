@@ -1,5 +1,6 @@
 //! Writes a segmentation model's weights (BatchNorm statistics randomised), an input batch and
-//! its outputs (eval-mode and train-mode logits, auxiliary logits) as safetensors, for
+//! its outputs (eval-mode and train-mode logits, auxiliary logits, and the f64 train-mode
+//! gradients of every parameter for a random linear loss) as safetensors, for
 //! `tests/torch/check_seg_models.py` to compare against an independent PyTorch
 //! implementation that loads the same names strictly.
 //!
@@ -16,6 +17,7 @@ fn main() {
         "fcn-r50" => (SegBackbone::ResNet50V1c, SegHeadKind::Fcn, true),
         "aspp-r18" => (SegBackbone::ResNet18V1c, SegHeadKind::Aspp, true),
         "fcn-hr18" => (SegBackbone::HrNetV2W18, SegHeadKind::Fcn, false),
+        "ocr-hr18" => (SegBackbone::HrNetV2W18, SegHeadKind::Ocr, true),
         other => panic!("unknown model {other}"),
     };
     let prefix = &args[2];
@@ -30,6 +32,7 @@ fn main() {
         classes: 7,
         seed: 3,
         drop_path: 0.1,
+        window: None,
     };
     let m = build_segmenter(&spec, &varmap, &dev, DType::F32).unwrap();
     // Random BatchNorm running statistics, so that eval mode tests them.
@@ -68,6 +71,37 @@ fn main() {
     ]);
     if let Some(a) = &f.aux {
         io.insert("aux_logits_train".into(), m.classify_aux(a).unwrap());
+    }
+    // Train-mode gradients of L = Σ logits ⊙ R (+ Σ aux logits ⊙ R_aux), computed in f64 from
+    // the same weights (in f32 a ReLU mask flips now and then at its kink, on either side).
+    let varmap64 = VarMap::new();
+    let m64 = build_segmenter(&spec, &varmap64, &dev, DType::F64).unwrap();
+    for (name, var) in varmap64.data().lock().unwrap().iter() {
+        var.set(&weights[name].to_dtype(DType::F64).unwrap())
+            .unwrap();
+    }
+    let f64s = m64
+        .features(&io["input"].to_dtype(DType::F64).unwrap(), true)
+        .unwrap();
+    let mut random_like = |t: &Tensor| {
+        let v: Vec<f64> = (0..t.elem_count()).map(|_| rng.next_normal()).collect();
+        Tensor::from_vec(v, t.shape(), &dev).unwrap()
+    };
+    let main = m64.classify(&f64s.main).unwrap();
+    let r = random_like(&main);
+    let mut loss = (&main * &r).unwrap().sum_all().unwrap();
+    io.insert("loss_weights".into(), r);
+    if let Some(a) = &f64s.aux {
+        let aux = m64.classify_aux(a).unwrap();
+        let ra = random_like(&aux);
+        loss = (loss + (&aux * &ra).unwrap().sum_all().unwrap()).unwrap();
+        io.insert("aux_loss_weights".into(), ra);
+    }
+    let grads = loss.backward().unwrap();
+    for (name, var) in varmap64.data().lock().unwrap().iter() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            io.insert(format!("grad.{name}"), g.clone());
+        }
     }
     candle_core::safetensors::save(&io, format!("{prefix}.io.safetensors")).unwrap();
     println!("wrote {prefix}.weights.safetensors and {prefix}.io.safetensors");

@@ -35,6 +35,7 @@ fn main() {
         classes: 7,
         seed: 3,
         drop_path: 0.1,
+        window: None,
     };
     let init = Scope::new(&varmap, dev.clone(), DType::F32, spec.seed);
     let m = SegFormer::new(&init, &spec, backbone.mit().unwrap(), spec.drop_path).unwrap();

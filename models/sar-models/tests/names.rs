@@ -124,6 +124,7 @@ fn segmenter_names_and_shapes_are_unchanged() {
             classes: 19,
             seed: 1,
             drop_path: 0.1,
+            window: None,
         };
         build_segmenter(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
         check(&file, &varmap);

@@ -15,6 +15,7 @@ fn spec(backbone: SegBackbone, head: SegHeadKind, aux: bool, width: usize) -> Se
         classes: 19,
         seed: 7,
         drop_path: 0.1,
+        window: None,
     }
 }
 
@@ -347,6 +348,179 @@ fn segformer_costs_match_the_published_figures() {
         assert!(
             e.to_string().contains("segformer") || e.to_string().contains("auxiliary"),
             "{e}"
+        );
+    }
+}
+
+/// OCRNet on HRNetV2-W18: F has 512 channels at stride 4, the FCN regions are its auxiliary
+/// output (training only), and the OCR head's loss reaches the FCN head (the regions are not
+/// detached, as in mmsegmentation).
+#[test]
+fn ocrnet_cascade_shapes_and_gradients() {
+    let vm = VarMap::new();
+    let dev = Device::Cpu;
+    let s = spec(SegBackbone::HrNetV2W18, SegHeadKind::Ocr, true, 64);
+    let m = build_segmenter(&s, &vm, &dev, DType::F32).unwrap();
+    assert_eq!(
+        (m.feature_dim(), m.output_stride(), m.has_aux()),
+        (512, 4, true)
+    );
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+    let f = m.features(&x, true).unwrap();
+    assert_eq!(f.main.dims(), &[2, 512, 8, 8]);
+    let aux = f.aux.as_ref().unwrap();
+    assert_eq!(m.classify_aux(aux).unwrap().dims(), &[2, 19, 8, 8]);
+    assert!(m.features(&x, false).unwrap().aux.is_none());
+    let grads = m
+        .classify(&f.main)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let data = vm.data().lock().unwrap();
+    for name in [
+        "decode_head.0.convs.0.conv.weight",
+        "decode_head.0.conv_seg.weight",
+        "decode_head.1.object_context_block.key_project.1.conv.weight",
+        "decode_head.1.object_context_block.bottleneck.conv.weight",
+        "backbone.conv1.weight",
+    ] {
+        let v = data.get(name).unwrap_or_else(|| panic!("no {name}"));
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
+    }
+    drop(data);
+    let bad = spec(SegBackbone::HrNetV2W18, SegHeadKind::Ocr, false, 64);
+    let e = build_segmenter(&bad, &VarMap::new(), &dev, DType::F32)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("cascade"), "{e}");
+    let bad = spec(SegBackbone::ResNet18V1c, SegHeadKind::Ocr, true, 16);
+    assert!(build_segmenter(&bad, &VarMap::new(), &dev, DType::F32).is_err());
+}
+
+/// UPerNet on Swin-T (narrow): stride-4 features of D = 512·width/64, the auxiliary head on
+/// stage 3, shapes at an input that needs padding (odd token grids, windows larger than the
+/// last stages), a gradient reaching every parameter, and the pairings that are refused.
+#[test]
+fn upernet_swin_shapes_names_and_gradients() {
+    let vm = VarMap::new();
+    let dev = Device::Cpu;
+    let s = SegSpec {
+        window: Some(4),
+        ..spec(SegBackbone::SwinT, SegHeadKind::Uper, true, 16)
+    };
+    let m = build_segmenter(&s, &vm, &dev, DType::F32).unwrap();
+    assert_eq!(
+        (m.feature_dim(), m.output_stride(), m.has_aux()),
+        (128, 4, true)
+    );
+    // 44 × 60: 11 × 15 tokens, padded to windows of 4; stage 4 is 2 × 2.
+    let x = images(2, 44, 60);
+    let f = m.features(&x, true).unwrap();
+    assert_eq!(f.main.dims(), &[2, 128, 11, 15]);
+    let aux = f.aux.as_ref().unwrap();
+    assert_eq!(aux.dims(), &[2, 64, 3, 4]);
+    assert_eq!(m.classify_aux(aux).unwrap().dims(), &[2, 19, 3, 4]);
+    assert!(m.features(&x, false).unwrap().aux.is_none());
+    let loss = (m
+        .classify(&f.main)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        + m.classify_aux(aux)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    for want in [
+        "backbone.patch_embed.projection.weight",
+        "backbone.stages.0.blocks.1.attn.w_msa.relative_position_bias_table",
+        "backbone.stages.2.blocks.5.ffn.layers.0.0.weight",
+        "backbone.stages.2.downsample.reduction.weight",
+        "backbone.norm3.weight",
+        "decode_head.psp_modules.3.1.conv.weight",
+        "decode_head.fpn_bottleneck.bn.weight",
+        "auxiliary_head.convs.0.conv.weight",
+    ] {
+        assert!(data.contains_key(want), "no {want}");
+    }
+    assert!(!data.contains_key("backbone.stages.3.downsample.norm.weight"));
+    for (name, v) in data.iter() {
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            continue;
+        }
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm.is_finite(), "{name}: {norm}");
+        // BatchNorm removes any per-channel shift of a conv-free bias only at a norm's
+        // output; every weight here sees the loss.
+        if name.ends_with("weight") && !name.contains("norm3") {
+            assert!(norm > 0.0, "{name}: zero gradient");
+        }
+    }
+    drop(data);
+    let vm = VarMap::new();
+    for bad in [
+        spec(SegBackbone::SwinT, SegHeadKind::Fcn, true, 16),
+        spec(SegBackbone::ResNet18V1c, SegHeadKind::Uper, true, 16),
+        SegSpec {
+            window: Some(1),
+            ..spec(SegBackbone::SwinT, SegHeadKind::Uper, true, 16)
+        },
+    ] {
+        let e = build_segmenter(&bad, &vm, &dev, DType::F32).err().unwrap();
+        let e = e.to_string();
+        assert!(e.contains("uper") || e.contains("window"), "{e}");
+    }
+}
+
+/// UPerNet's parameters against the Swin paper's ADE20K table (150 classes, auxiliary head
+/// included): Swin-T 60 M, Swin-S 81 M, Swin-B 121 M.
+#[test]
+fn upernet_swin_parameters_match_the_published_figures() {
+    for (backbone, params) in [
+        (SegBackbone::SwinT, 60e6),
+        (SegBackbone::SwinS, 81e6),
+        (SegBackbone::SwinB, 121e6),
+    ] {
+        let s = SegSpec {
+            classes: 150,
+            ..spec(backbone, SegHeadKind::Uper, true, 64)
+        };
+        let m = build_segmenter(&s, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
+        let c = m.cost(512, 512);
+        let total = (c.params + m.aux_params()) as f64;
+        assert!(
+            (total / params - 1.0).abs() < 0.01,
+            "{backbone}: {c:?} + aux {}",
+            m.aux_params()
         );
     }
 }

@@ -122,7 +122,8 @@ pub fn build_seg(cfg: &TrainConfig, classes: usize) -> anyhow::Result<SegSetup> 
         in_channels: 3,
         classes,
         seed: cfg.run.seed,
-        drop_path: m.drop_path,
+        drop_path: m.drop_path(),
+        window: m.window,
     };
     let model = sar_models::seg::build_segmenter(&spec, &varmap, &device, DType::F32)?;
     let head = if cfg.sar.enabled {

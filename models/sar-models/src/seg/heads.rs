@@ -190,10 +190,10 @@ fn resnet_decode(head: &Scope, kind: SegHeadKind, cin: usize) -> Result<Decode> 
                     .into(),
             }
         }
-        SegHeadKind::Segformer => {
-            return Err(ModelError::Config(
-                "the segformer head takes a mit-b0 … mit-b5 backbone".into(),
-            ))
+        SegHeadKind::Segformer | SegHeadKind::Ocr | SegHeadKind::Uper => {
+            return Err(ModelError::Config(format!(
+                "the {kind:?} head does not take a ResNet backbone (segformer: mit-b0 … mit-b5; ocr: hrnetv2-w18/w48; uper: swin-t/s/b/l)"
+            )))
         }
     })
 }

@@ -39,6 +39,7 @@
 //! uniform (PyTorch's `MultiheadAttention`), convs N(0, 2/fan_out) with fan_out = k²·out/groups,
 //! biases 0, LayerNorms 1/0.
 
+use super::transformer::{drop_path, gelu, linear, to_map, to_tokens, LayerNorm};
 use crate::params::{Init, Scope};
 use crate::{Cost, Result};
 use candle_core::{Tensor, D};
@@ -69,58 +70,6 @@ impl MitVariant {
             _ => (64, [3, 6, 40, 3]),
         }
     }
-}
-
-/// LayerNorm over the last dimension, ε = 1e-6, as composite ops (candle-nn's fused
-/// `layer_norm` has no backward).
-pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    pub(crate) fn new(p: &Scope, channels: usize) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: p.get_or_insert("weight", &[channels], Init::Const(1.0))?,
-            bias: p.get_or_insert("bias", &[channels], Init::Const(0.0))?,
-        })
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + LN_EPS)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-
-    fn params(&self) -> u64 {
-        2 * self.weight.elem_count() as u64
-    }
-}
-
-/// `x` `[N, L, in]` times `weight` `[out, in]` (or a 1×1 conv's `[out, in, 1, 1]`) plus `bias`.
-fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, l, c) = x.dims3()?;
-    let out = weight.dim(0)?;
-    let w = weight.reshape((out, c))?;
-    x.reshape((n * l, c))?
-        .matmul(&w.t()?)?
-        .broadcast_add(bias)?
-        .reshape((n, l, out))
-}
-
-/// Tokens `[N, h·w, C]` to a map `[N, C, h, w]`.
-fn to_map(x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
-    let (n, _, c) = x.dims3()?;
-    x.transpose(1, 2)?.reshape((n, c, h, w))
-}
-
-/// A map `[N, C, h, w]` to tokens `[N, h·w, C]`.
-fn to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()
 }
 
 /// A dense conv with bias: weight `[out, in, k, k]`.
@@ -200,40 +149,6 @@ fn depthwise3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Resu
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
 
-/// Exact GELU, x·½(1 + erf(x/√2)), as composite ops: candle's fused `gelu_erf` computes the
-/// same forward, but its backward uses 0.398942 for 1/√(2π) (relative error 7e-7, visible
-/// against PyTorch in f64); through `erf` the gradient is exact.
-fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-    (x * cdf)? * 0.5
-}
-
-/// Per-sample stochastic depth of a residual branch `[N, …]` (identity outside training or at
-/// p = 0).
-fn drop_path(x: &Tensor, p: f64, noise: Option<&mut SeededRng>) -> candle_core::Result<Tensor> {
-    let Some(rng) = noise else {
-        return Ok(x.clone());
-    };
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let n = x.dim(0)?;
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.next_f64() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mut shape = vec![1usize; x.rank()];
-    shape[0] = n;
-    let m = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&m)
-}
-
 /// Efficient self-attention (mmsegmentation's `EfficientMultiheadAttention`).
 struct Attention {
     in_proj_weight: Tensor,
@@ -252,7 +167,7 @@ impl Attention {
         let reduce = if sr > 1 {
             Some((
                 BiasConv::new(&p.pp("sr"), channels, channels, sr, sr, 0)?,
-                LayerNorm::new(&p.pp("norm"), channels)?,
+                LayerNorm::new(&p.pp("norm"), channels, LN_EPS)?,
             ))
         } else {
             None
@@ -427,7 +342,7 @@ impl MixVisionTransformer {
                 stride,
                 kernel / 2,
             )?;
-            let embed_norm = LayerNorm::new(&embed_scope.pp("norm"), c)?;
+            let embed_norm = LayerNorm::new(&embed_scope.pp("norm"), c, LN_EPS)?;
             let mut blocks = Vec::with_capacity(depths[i]);
             for j in 0..depths[i] {
                 let b = s.pp(1).pp(j);
@@ -438,9 +353,9 @@ impl MixVisionTransformer {
                     0.0
                 };
                 blocks.push(Block {
-                    norm1: LayerNorm::new(&b.pp("norm1"), c)?,
+                    norm1: LayerNorm::new(&b.pp("norm1"), c, LN_EPS)?,
                     attn: Attention::new(&b.pp("attn"), c, HEADS[i], REDUCTION[i])?,
-                    norm2: LayerNorm::new(&b.pp("norm2"), c)?,
+                    norm2: LayerNorm::new(&b.pp("norm2"), c, LN_EPS)?,
                     ffn: MixFfn::new(&b.pp("ffn"), c)?,
                     drop_path: rate,
                 });
@@ -450,7 +365,7 @@ impl MixVisionTransformer {
                 embed: patch,
                 embed_norm,
                 blocks,
-                norm: LayerNorm::new(&s.pp(2), c)?,
+                norm: LayerNorm::new(&s.pp(2), c, LN_EPS)?,
                 channels: c,
             });
             cin = c;

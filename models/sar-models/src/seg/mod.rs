@@ -15,13 +15,16 @@
 //! | `resnet18-v1c`, `resnet50-v1c`, `resnet101-v1c` | [`resnet_v1c`]: deep stem (three 3×3 convs 32/32/64), max-pool, 4 stages with strides 1/2/1/1 and dilations 1/1/2/4 (output stride 8), `contract_dilation` | 64/128/256/512 (×4 for Bottlenecks) |
 //! | `hrnetv2-w18`, `hrnetv2-w48` | [`hrnet`]: HRNetV2, 4 parallel branches at strides 4/8/16/32, fused by repeated multi-resolution exchange | W/2W/4W/8W |
 //! | `mit-b0` … `mit-b5` | [`mit`]: Mix Transformer, 4 stages of overlapping patch embedding and efficient self-attention blocks at strides 4/8/16/32 | E·(1, 2, 5, 8), E = 32 (B0) or 64 |
+//! | `swin-t`, `swin-s`, `swin-b`, `swin-l` | [`swin`]: Swin Transformer, 4×4 patch embedding, shifted-window attention blocks, patch merging, strides 4/8/16/32 | E·(1, 2, 4, 8), E = 96 (T, S), 128 (B), 192 (L) |
 //!
 //! | [`SegHeadKind`] | structure (mmsegmentation) | D |
 //! |---|---|---|
 //! | `fcn` on a ResNet | two 3×3 ConvModules (conv-BN-ReLU) on stage 4, concatenated with the input, a third 3×3 ConvModule (`convs.0`, `convs.1`, `conv_cat`) | stage-4 width / 4 (512 for R50/101, 128 for R18) |
 //! | `fcn` on HRNetV2 | the 4 branches resized to stride 4 and concatenated, one 1×1 ConvModule | 15·W (270 for W18, 720 for W48) |
 //! | `aspp` (DeepLabV3) on a ResNet | image pool (1×1) + 1×1 + three 3×3 atrous branches (dilations 12, 24, 36), concatenated, 3×3 `bottleneck` | stage-4 width / 4 |
+//! | `ocr` (OCRNet) on HRNetV2 | [`ocr`]: the FCN head's region logits (weight 0.4) gather object representations from a 3×3 bottleneck's pixel features; object attention, a 1×1 fusion | 512 |
 //! | `segformer` on a MiT | [`segformer`]: a 1×1 ConvModule per stage, resized to stride 4, concatenated, a 1×1 `fusion_conv` | 256 (B0, B1), 768 (B2–B5) |
+//! | `uper` (UPerNet) on a Swin | [`uper`]: pyramid pooling on stage 4, an FPN with lateral and 3×3 convs, the four levels resized to stride 4, concatenated, a 3×3 `fpn_bottleneck`; auxiliary FCN head on stage 3 (256 channels) | 512 |
 //!
 //! The auxiliary head (ResNets, `aux = true`) is mmsegmentation's: an FCN head with one 3×3
 //! ConvModule on stage 3, width stage-3 / 4, its own `conv_seg`, loss weight 0.4 (set by the
@@ -39,8 +42,12 @@
 pub mod heads;
 pub mod hrnet;
 pub mod mit;
+pub mod ocr;
 pub mod resnet_v1c;
 pub mod segformer;
+pub mod swin;
+pub(crate) mod transformer;
+pub mod uper;
 
 use crate::layers::{Bn, Conv, ConvInit, ConvSpec};
 use crate::params::{Init, Scope};
@@ -133,6 +140,18 @@ pub enum SegBackbone {
     /// Mix Transformer B5.
     #[serde(rename = "mit-b5")]
     MitB5,
+    /// Swin-T (UPerNet).
+    #[serde(rename = "swin-t")]
+    SwinT,
+    /// Swin-S.
+    #[serde(rename = "swin-s")]
+    SwinS,
+    /// Swin-B.
+    #[serde(rename = "swin-b")]
+    SwinB,
+    /// Swin-L.
+    #[serde(rename = "swin-l")]
+    SwinL,
 }
 
 impl SegBackbone {
@@ -147,6 +166,17 @@ impl SegBackbone {
             SegBackbone::MitB5 => 5,
             _ => return None,
         }))
+    }
+
+    /// The Swin Transformer variant, for the `swin-*` backbones.
+    pub fn swin(self) -> Option<swin::SwinVariant> {
+        Some(match self {
+            SegBackbone::SwinT => swin::SwinVariant::Tiny,
+            SegBackbone::SwinS => swin::SwinVariant::Small,
+            SegBackbone::SwinB => swin::SwinVariant::Base,
+            SegBackbone::SwinL => swin::SwinVariant::Large,
+            _ => return None,
+        })
     }
 }
 
@@ -164,6 +194,10 @@ impl std::fmt::Display for SegBackbone {
             SegBackbone::MitB3 => "mit-b3",
             SegBackbone::MitB4 => "mit-b4",
             SegBackbone::MitB5 => "mit-b5",
+            SegBackbone::SwinT => "swin-t",
+            SegBackbone::SwinS => "swin-s",
+            SegBackbone::SwinB => "swin-b",
+            SegBackbone::SwinL => "swin-l",
         })
     }
 }
@@ -178,6 +212,10 @@ pub enum SegHeadKind {
     Aspp,
     /// SegFormer's all-MLP head (MiT backbones).
     Segformer,
+    /// OCRNet's cascade of an FCN head and the OCR head (HRNetV2 backbones).
+    Ocr,
+    /// UPerNet's pyramid pooling and FPN head (Swin backbones).
+    Uper,
 }
 
 /// What to build.
@@ -198,9 +236,12 @@ pub struct SegSpec {
     pub classes: usize,
     /// Seed of the initial weights.
     pub seed: u64,
-    /// Stochastic depth's largest rate (MiT backbones: 0.1 in mmsegmentation; others ignore
-    /// it).
+    /// Stochastic depth's largest rate (mmsegmentation: 0.1 for MiT, 0.3 for Swin; other
+    /// backbones ignore it).
     pub drop_path: f64,
+    /// Swin's attention window M (`None`: the variant's, see [`swin`]; other backbones ignore
+    /// it).
+    pub window: Option<usize>,
 }
 
 /// Builds the network, registering its parameters in `varmap` (parameters already there are
@@ -238,6 +279,39 @@ pub fn build_segmenter(
             "a {} backbone takes the segformer head, not {head:?}",
             spec.backbone
         ))),
+        (None, head) if spec.backbone.swin().is_some() || head == SegHeadKind::Uper => {
+            match (spec.backbone.swin(), head) {
+                (Some(variant), SegHeadKind::Uper) => {
+                    uper::UperNet::new(&init, spec, variant, spec.window)
+                        .map(|m| Box::new(m) as Box<dyn Segmenter>)
+                }
+                (Some(_), head) => Err(ModelError::Config(format!(
+                    "a {} backbone takes the uper head, not {head:?}",
+                    spec.backbone
+                ))),
+                (None, _) => Err(ModelError::Config(format!(
+                    "the uper head takes a swin-t, swin-s, swin-b or swin-l backbone, not {}",
+                    spec.backbone
+                ))),
+            }
+        }
+        (None, SegHeadKind::Ocr) => {
+            let width = match spec.backbone {
+                SegBackbone::HrNetV2W18 => 18,
+                SegBackbone::HrNetV2W48 => 48,
+                other => {
+                    return Err(ModelError::Config(format!(
+                        "the ocr head takes an hrnetv2-w18 or hrnetv2-w48 backbone, not {other}"
+                    )))
+                }
+            };
+            if !spec.aux {
+                return Err(ModelError::Config(
+                    "OCRNet's FCN head is part of its cascade (its regions feed the OCR head): model.aux cannot be false".into(),
+                ));
+            }
+            ocr::OcrNet::new(&init, spec, width).map(|m| Box::new(m) as Box<dyn Segmenter>)
+        }
         (None, SegHeadKind::Segformer) => Err(ModelError::Config(format!(
             "the segformer head takes a mit-b0 … mit-b5 backbone, not {}",
             spec.backbone

@@ -422,7 +422,8 @@ pub struct SegmenterConfig {
     #[serde(default = "default_head")]
     pub head: SegHeadKind,
     /// Auxiliary FCN head on stage 3. Unset: the model's own, as mmsegmentation's configs
-    /// have it (ResNets yes; HRNetV2 and MiT/SegFormer no). See [`SegmenterConfig::aux`].
+    /// have it (ResNets and OCRNet yes; HRNetV2's FCN and MiT/SegFormer no). See
+    /// [`SegmenterConfig::aux`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aux: Option<bool>,
     /// Weight of the auxiliary head's cross-entropy (0.4).
@@ -431,13 +432,17 @@ pub struct SegmenterConfig {
     /// Dropout2d rate before each `conv_seg` (0.1).
     #[serde(default = "default_dropout")]
     pub dropout: f64,
-    /// Base width of the ResNet stages (64; smaller for quick CPU runs). MiT: the embedding
-    /// and head widths scale by width/64.
+    /// Base width of the ResNet stages (64; smaller for quick CPU runs). MiT and Swin: the
+    /// embedding and head widths scale by width/64; OCRNet: its head's.
     #[serde(default = "default_width")]
     pub width: usize,
-    /// Stochastic depth's largest rate (MiT backbones; 0.1 as mmsegmentation's SegFormer).
-    #[serde(default = "default_drop_path")]
-    pub drop_path: f64,
+    /// Stochastic depth's largest rate (transformer backbones). Unset: mmsegmentation's, 0.1
+    /// for MiT (SegFormer) and 0.3 for Swin (UPerNet). See [`SegmenterConfig::drop_path`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_path: Option<f64>,
+    /// Swin's attention window. Unset: the variant's (7 for T, S, B; 12 for L).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
     /// Pretrained weights (safetensors: a backbone, or a whole mmsegmentation model whose
     /// classifiers are not loaded).
     #[serde(default)]
@@ -454,6 +459,7 @@ const SEGMENTER_ONLY: &[&str] = &[
     "dropout",
     "width",
     "drop_path",
+    "window",
 ];
 
 impl<'de> Deserialize<'de> for ModelConfig {
@@ -526,18 +532,29 @@ fn default_stem() -> Stem {
 fn default_head() -> SegHeadKind {
     SegHeadKind::Fcn
 }
-fn default_drop_path() -> f64 {
-    0.1
-}
 
 impl SegmenterConfig {
+    /// `model.drop_path`, else mmsegmentation's rate for the backbone: 0.3 for Swin, 0.1
+    /// otherwise (only the transformers use it).
+    pub fn drop_path(&self) -> f64 {
+        self.drop_path.unwrap_or(if self.backbone.swin().is_some() {
+            0.3
+        } else {
+            0.1
+        })
+    }
+
     /// Whether the model has the auxiliary head: `model.aux`, else true for the ResNet
-    /// backbones only.
+    /// backbones, UPerNet and OCRNet (whose FCN head is its cascade's first stage), false
+    /// for HRNet's FCN and SegFormer.
     pub fn aux(&self) -> bool {
-        self.aux.unwrap_or(matches!(
-            self.backbone,
-            SegBackbone::ResNet18V1c | SegBackbone::ResNet50V1c | SegBackbone::ResNet101V1c
-        ))
+        self.aux.unwrap_or(
+            matches!(self.head, SegHeadKind::Ocr | SegHeadKind::Uper)
+                || matches!(
+                    self.backbone,
+                    SegBackbone::ResNet18V1c | SegBackbone::ResNet50V1c | SegBackbone::ResNet101V1c
+                ),
+        )
     }
 }
 fn default_aux_weight() -> f64 {

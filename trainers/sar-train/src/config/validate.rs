@@ -147,16 +147,34 @@ impl TrainConfig {
             m.aux_weight
         );
         ensure!(
-            (0.0..1.0).contains(&m.drop_path),
+            (0.0..1.0).contains(&m.drop_path()),
             "model.drop_path must be in [0, 1), got {}",
-            m.drop_path
+            m.drop_path()
         );
         let mit = m.backbone.mit().is_some();
+        let swin = m.backbone.swin().is_some();
+        ensure!(
+            swin == (m.head == SegHeadKind::Uper),
+            "model.head = \"uper\" goes with the swin-t, swin-s, swin-b and swin-l backbones and only with them (backbone {}, head {:?})",
+            m.backbone,
+            m.head
+        );
+        if let Some(window) = m.window {
+            ensure!(
+                swin && window >= 2,
+                "model.window is Swin's attention window: it needs a swin-* backbone and at least 2, got {window} with {}",
+                m.backbone
+            );
+        }
         ensure!(
             mit == (m.head == SegHeadKind::Segformer),
             "model.head = \"segformer\" goes with the mit-b0 … mit-b5 backbones and only with them (backbone {}, head {:?})",
             m.backbone,
             m.head
+        );
+        ensure!(
+            m.head != SegHeadKind::Ocr || m.aux(),
+            "OCRNet's FCN head is part of its cascade (its regions feed the OCR head): model.aux cannot be false"
         );
         ensure!(
             !(mit && m.aux()),

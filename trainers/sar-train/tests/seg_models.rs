@@ -54,6 +54,22 @@ fn final_tensors(out: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// Asserts that runs `a` and `b` end with the same bits in every checkpointed tensor and that
+/// the names `must_have` are among them; returns `a`'s tensors.
+fn assert_same_final_tensors(a: &Path, b: &Path, must_have: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let (ta, tb) = (final_tensors(a), final_tensors(b));
+    let names: Vec<&str> = ta.iter().map(|(n, _)| n.as_str()).collect();
+    for want in must_have {
+        assert!(names.contains(want), "{want} not in the checkpoint");
+    }
+    assert_eq!(ta.len(), tb.len());
+    for ((na, xa), (nb, xb)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(xa == xb, "{na} differs after resume");
+    }
+    ta
+}
+
 /// `configs/mosaic-segformer-b0.toml` as shipped (300 iterations): all-background prediction
 /// gives mIoU = background share / 11 (about 5 %); the run must reach twice that, find the two
 /// most common digits (IoU > 0.25 and > 0.1), and SAR's gate must pass early and stay open.
@@ -111,23 +127,15 @@ fn segformer_adamw_resume_is_bit_identical() {
     };
     let r = train(&mosaic(&dir.path().join("part"), &common), &opts).unwrap();
     assert_eq!(r.steps, 16);
-    let (a, b) = (
-        final_tensors(&dir.path().join("full")),
-        final_tensors(&dir.path().join("part")),
+    let a = assert_same_final_tensors(
+        &dir.path().join("full"),
+        &dir.path().join("part"),
+        &[
+            "optim.exp_avg.backbone.layers.0.1.0.attn.attn.in_proj_weight",
+            "optim.exp_avg_sq.decode_head.conv_seg.weight",
+            "optim.step.backbone.layers.3.2.weight",
+        ],
     );
-    let names: Vec<&str> = a.iter().map(|(n, _)| n.as_str()).collect();
-    for want in [
-        "optim.exp_avg.backbone.layers.0.1.0.attn.attn.in_proj_weight",
-        "optim.exp_avg_sq.decode_head.conv_seg.weight",
-        "optim.step.backbone.layers.3.2.weight",
-    ] {
-        assert!(names.contains(&want), "{want} not in the checkpoint");
-    }
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta == tb, "{na} differs after resume");
-    }
     // A different stochastic-depth rate changes the run (the masks are drawn).
     let other = mosaic(
         &dir.path().join("other"),
@@ -144,33 +152,47 @@ fn segformer_adamw_resume_is_bit_identical() {
 #[test]
 fn ocrnet_learns_the_mosaic() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = shipped("mosaic-ocr-hr18.toml", dir.path(), &[]);
+    assert_learns_the_mosaic("mosaic-ocr-hr18.toml", dir.path());
+    // OCRNet's FCN head is its cascade's first stage: switching it off is refused.
+    let e = config_error("mosaic-ocr-hr18.toml", dir.path(), "model.aux=false");
+    assert!(e.contains("cascade"), "{e}");
+}
+
+/// Trains shipped config `file` as it is and asserts it well above all-background (1.6× its
+/// mIoU), the most common digit segmented (IoU > 0.15), the auxiliary head's loss present
+/// and SAR's gate passing.
+fn assert_learns_the_mosaic(file: &str, out: &Path) {
+    let cfg = shipped(file, out, &[]);
     let all_background = all_background_miou(&cfg);
     let r = train(&cfg, &TrainOptions::default()).unwrap();
     let e = r.eval.segmentation().unwrap();
     assert!(
         r.sar && r.gate_first_pass.is_some() && r.gate_pass_rate > 0.5,
-        "{r:?}"
+        "{file}: {r:?}"
     );
-    assert!(r.loss.head_aux > 0.0 && r.loss.p2a > 0.0, "{:?}", r.loss);
+    assert!(
+        r.loss.head_aux > 0.0 && r.loss.p2a > 0.0,
+        "{file}: {:?}",
+        r.loss
+    );
     assert!(
         e.miou > 1.6 * all_background,
-        "mIoU {} vs all-background {all_background}",
+        "{file}: mIoU {} vs all-background {all_background}",
         e.miou
     );
-    assert!(e.per_class_iou[1] > 0.15, "{:?}", e.per_class_iou);
-    // OCRNet's FCN head is its cascade's first stage: switching it off is refused.
-    let off = [
-        format!(
-            "run.output={:?}",
-            dir.path().join("off").display().to_string()
-        ),
-        "model.aux=false".into(),
+    assert!(e.per_class_iou[1] > 0.15, "{file}: {:?}", e.per_class_iou);
+}
+
+/// The error of loading shipped config `file` with override `over` and training it.
+fn config_error(file: &str, out: &Path, over: &str) -> String {
+    let o = [
+        format!("run.output={:?}", out.join("bad").display().to_string()),
+        over.to_string(),
     ];
-    let e = load(&root().join("configs/mosaic-ocr-hr18.toml"), &off)
+    let e = load(&root().join("configs").join(file), &o)
         .and_then(|c| train(&c, &TrainOptions::default()).map(|_| ()))
         .unwrap_err();
-    assert!(format!("{e:#}").contains("cascade"), "{e:#}");
+    format!("{e:#}")
 }
 
 /// `configs/mosaic-upernet-swin-t.toml` as shipped: UPerNet on Swin-T (width 16, window 4)
@@ -179,21 +201,7 @@ fn ocrnet_learns_the_mosaic() {
 #[test]
 fn upernet_swin_learns_the_mosaic() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = shipped("mosaic-upernet-swin-t.toml", dir.path(), &[]);
-    let all_background = all_background_miou(&cfg);
-    let r = train(&cfg, &TrainOptions::default()).unwrap();
-    let e = r.eval.segmentation().unwrap();
-    assert!(
-        r.sar && r.gate_first_pass.is_some() && r.gate_pass_rate > 0.5,
-        "{r:?}"
-    );
-    assert!(r.loss.head_aux > 0.0 && r.loss.p2a > 0.0, "{:?}", r.loss);
-    assert!(
-        e.miou > 1.6 * all_background,
-        "mIoU {} vs all-background {all_background}",
-        e.miou
-    );
-    assert!(e.per_class_iou[1] > 0.15, "{:?}", e.per_class_iou);
+    assert_learns_the_mosaic("mosaic-upernet-swin-t.toml", dir.path());
 }
 
 /// UPerNet on Swin stopped at step 4 and resumed ends with the same bits as a run straight
@@ -233,38 +241,21 @@ fn upernet_swin_resume_is_bit_identical() {
         ..Default::default()
     };
     assert_eq!(train(&cfg, &opts).unwrap().steps, 8);
-    let (a, b) = (
-        final_tensors(&dir.path().join("full")),
-        final_tensors(&dir.path().join("part")),
+    assert_same_final_tensors(
+        &dir.path().join("full"),
+        &dir.path().join("part"),
+        &[
+            "optim.exp_avg.backbone.stages.1.blocks.1.attn.w_msa.relative_position_bias_table",
+            "optim.exp_avg_sq.decode_head.fpn_bottleneck.conv.weight",
+            "auxiliary_head.convs.0.bn.running_var",
+        ],
     );
-    let names: Vec<&str> = a.iter().map(|(n, _)| n.as_str()).collect();
-    for want in [
-        "optim.exp_avg.backbone.stages.1.blocks.1.attn.w_msa.relative_position_bias_table",
-        "optim.exp_avg_sq.decode_head.fpn_bottleneck.conv.weight",
-        "auxiliary_head.convs.0.bn.running_var",
-    ] {
-        assert!(names.contains(&want), "{want} not in the checkpoint");
-    }
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta == tb, "{na} differs after resume");
-    }
     for (over, want) in [
         ("model.window=1", "model.window"),
         ("model.head=\"fcn\"", "uper"),
     ] {
-        let o = [
-            format!(
-                "run.output={:?}",
-                dir.path().join("bad").display().to_string()
-            ),
-            over.to_string(),
-        ];
-        let e = load(&root().join("configs/mosaic-upernet-swin-t.toml"), &o)
-            .and_then(|c| train(&c, &TrainOptions::default()).map(|_| ()))
-            .unwrap_err();
-        assert!(format!("{e:#}").contains(want), "{over}: {e:#}");
+        let e = config_error("mosaic-upernet-swin-t.toml", dir.path(), over);
+        assert!(e.contains(want), "{over}: {e}");
     }
 }
 
@@ -281,12 +272,8 @@ fn bad_segformer_configs_are_named() {
         ("optim.betas=[0.9, 1.0]", "optim.betas"),
         ("optim.warmup_epochs=1", "warmup"),
     ] {
-        let mut o = vec![format!("run.output={:?}", dir.path().display().to_string())];
-        o.push(over.to_string());
-        let e = load(&root().join("configs/mosaic-segformer-b0.toml"), &o)
-            .and_then(|c| train(&c, &TrainOptions::default()).map(|_| ()))
-            .unwrap_err();
-        assert!(format!("{e:#}").contains(want), "{over}: {e:#}");
+        let e = config_error("mosaic-segformer-b0.toml", dir.path(), over);
+        assert!(e.contains(want), "{over}: {e}");
     }
 }
 

@@ -14,6 +14,8 @@ use sar_models::seg::segformer::SegFormer;
 use sar_models::seg::{SegBackbone, SegHeadKind, SegSpec, Segmenter};
 use std::collections::HashMap;
 
+mod common;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let backbone = match args[1].as_str() {
@@ -42,34 +44,7 @@ fn main() {
     drop(init);
     let mut rng =
         sar_math::rng::SeededRng::new(std::env::var("SEED").map_or(9, |s| s.parse().unwrap()));
-    // In name order: the map's own order changes from run to run.
-    let mut vars: Vec<_> = varmap.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in &vars {
-        let n = var.elem_count();
-        let (lo, hi) = if name.ends_with("running_var") {
-            (0.5, 2.0)
-        } else if name.ends_with("running_mean") {
-            (-0.3, 0.3)
-        } else if name.contains("norm") && name.ends_with("weight") {
-            // Non-trivial LayerNorm affine parameters, so that their names are tested.
-            (0.5, 1.5)
-        } else if name.ends_with("bias") {
-            (-0.1, 0.1)
-        } else {
-            continue;
-        };
-        let v: Vec<f32> = (0..n)
-            .map(|_| (lo + (hi - lo) * rng.next_f64()) as f32)
-            .collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
-            .unwrap();
-    }
-    let mut weights = HashMap::new();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        weights.insert(name.clone(), var.as_tensor().copy().unwrap());
-    }
-    candle_core::safetensors::save(&weights, format!("{prefix}.weights.safetensors")).unwrap();
+    let weights = common::randomise_and_save(&varmap, &mut rng, &dev, prefix);
     let x: Vec<f32> = (0..2 * 3 * 64 * 96)
         .map(|_| rng.next_normal() as f32)
         .collect();
@@ -88,10 +63,7 @@ fn main() {
     let init64 = Scope::new(&varmap64, dev.clone(), DType::F64, spec.seed);
     let m64 = SegFormer::new(&init64, &spec, backbone.mit().unwrap(), spec.drop_path).unwrap();
     drop(init64);
-    for (name, var) in varmap64.data().lock().unwrap().iter() {
-        var.set(&weights[name].to_dtype(DType::F64).unwrap())
-            .unwrap();
-    }
+    common::load_f64(&varmap64, &weights);
     let x64 = x.to_dtype(DType::F64).unwrap();
     let train64 = m64
         .classify(&m64.features(&x64, true).unwrap().main)

@@ -15,6 +15,8 @@ use sar_models::seg::uper::UperNet;
 use sar_models::seg::{SegBackbone, SegHeadKind, SegSpec, Segmenter};
 use std::collections::HashMap;
 
+mod common;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 5 {
@@ -50,37 +52,7 @@ fn main() {
     drop(init);
     let mut rng =
         sar_math::rng::SeededRng::new(std::env::var("SEED").map_or(9, |s| s.parse().unwrap()));
-    // In name order: the map's own order changes from run to run.
-    let mut vars: Vec<_> = varmap.data().lock().unwrap().clone().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in &vars {
-        let n = var.elem_count();
-        let (lo, hi) = if name.ends_with("running_var") {
-            (0.5, 2.0)
-        } else if name.ends_with("running_mean") {
-            (-0.3, 0.3)
-        } else if name.contains("norm") && name.ends_with("weight") {
-            // Non-trivial LayerNorm affine parameters, so that their names are tested.
-            (0.5, 1.5)
-        } else if name.ends_with("bias") {
-            (-0.1, 0.1)
-        } else if name.ends_with("relative_position_bias_table") {
-            // Larger than the 0.02 initialisation, so that a wrong index shows.
-            (-1.0, 1.0)
-        } else {
-            continue;
-        };
-        let v: Vec<f32> = (0..n)
-            .map(|_| (lo + (hi - lo) * rng.next_f64()) as f32)
-            .collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
-            .unwrap();
-    }
-    let mut weights = HashMap::new();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        weights.insert(name.clone(), var.as_tensor().copy().unwrap());
-    }
-    candle_core::safetensors::save(&weights, format!("{prefix}.weights.safetensors")).unwrap();
+    let weights = common::randomise_and_save(&varmap, &mut rng, &dev, prefix);
     // INPUT=HxW (default 62x90: not a multiple of the patch, so the corner padding of the
     // embedding, of the windows (grids 16 × 23, 8 × 12, 4 × 6, 2 × 3) and of patch merging
     // all run).
@@ -113,10 +85,7 @@ fn main() {
     let init64 = Scope::new(&varmap64, dev.clone(), DType::F64, spec.seed);
     let m64 = UperNet::new(&init64, &spec, variant, spec.window).unwrap();
     drop(init64);
-    for (name, var) in varmap64.data().lock().unwrap().iter() {
-        var.set(&weights[name].to_dtype(DType::F64).unwrap())
-            .unwrap();
-    }
+    common::load_f64(&varmap64, &weights);
     let x64 = x.to_dtype(DType::F64).unwrap();
     let f64s = m64.features(&x64, true).unwrap();
     let train64 = m64.classify(&f64s.main).unwrap();

@@ -387,8 +387,11 @@ def main():
             stages = m64.backbone(x.double())
             for i, s in enumerate(stages):
                 report(name, f"eval Swin stage {i}", s.shape, rel(io[f"stage{i}"], s), 1e-4)
+            logits64, aux_logits64 = m64(x.double())
             report(name, "eval logits", io["logits_eval"].shape,
-                   rel(io["logits_eval"], m64(x.double())[0]), 1e-4)
+                   rel(io["logits_eval"], logits64), 1e-4)
+            report(name, "eval aux logits", io["aux_logits_eval"].shape,
+                   rel(io["aux_logits_eval"], aux_logits64), 1e-4)
         # Train mode: BatchNorm with batch statistics; the reference is torch in f64, our f32
         # logits must be within 3x torch's own f32 error against it (1e-4 passes in any case).
         m.train(), m64.train()
@@ -456,6 +459,8 @@ def main():
                            rel(io[f"stage{i}"], s), 1e-4)
                 report(name, f"HF transformers {v} decode logits", io["logits_eval"].shape,
                        rel(io["logits_eval"], hf.decode_head(feats)), 1e-4)
+                report(name, f"HF transformers {v} aux logits", io["aux_logits_eval"].shape,
+                       rel(io["aux_logits_eval"], hf.auxiliary_head(feats)), 1e-4)
         elif transformers is not None:
             print(f"{name:16s} Hugging Face part skipped: a stage grid {grids} is not larger than "
                   f"the window {window}")

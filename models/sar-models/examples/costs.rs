@@ -116,7 +116,15 @@ fn main() {
         "\n{:<28} {:>6} {:>12} {:>12} {:>17} {:>10}",
         "UPerNet (150 classes)", "D", "parameters", "aux head", "GMACs @512×2048", "SAR h_ψ"
     );
-    for backbone in [B::SwinT, B::SwinS, B::SwinB, B::SwinL] {
+    // The † rows are the paper's ImageNet-22K models: window 12, 640×2560.
+    for (backbone, window, (h, w)) in [
+        (B::SwinT, None, (512, 2048)),
+        (B::SwinS, None, (512, 2048)),
+        (B::SwinB, None, (512, 2048)),
+        (B::SwinL, None, (512, 2048)),
+        (B::SwinB, Some(12), (640, 2560)),
+        (B::SwinL, Some(12), (640, 2560)),
+    ] {
         let spec = SegSpec {
             backbone,
             head: H::Uper,
@@ -126,14 +134,18 @@ fn main() {
             classes: 150,
             seed: 0,
             drop_path: 0.3,
-            window: None,
+            window,
         };
         let m = build_segmenter(&spec, &VarMap::new(), &Device::Cpu, DType::F32).unwrap();
-        let cost = m.cost(512, 2048);
+        let cost = m.cost(h, w);
         let d = m.feature_dim() as u64;
+        let name = match window {
+            Some(_) => format!("UPerNet {backbone}† {h}×{w}"),
+            None => format!("UPerNet {backbone}"),
+        };
         println!(
             "{:<28} {:>6} {:>12} {:>12} {:>17.1} {:>10}",
-            format!("UPerNet {backbone}"),
+            name,
             d,
             cost.params + m.aux_params(),
             m.aux_params(),

@@ -68,6 +68,7 @@ fn main() {
         .collect();
     let x = Tensor::from_vec(x, (2, 3, h, w), &dev).unwrap();
     let eval = m.logits(&x).unwrap();
+    let aux_eval = m.auxiliary_logits_eval(&x).unwrap();
     let f = m.features(&x, true).unwrap();
     let train = m.classify(&f.main).unwrap();
     let aux = m.classify_aux(f.aux.as_ref().unwrap()).unwrap();
@@ -105,6 +106,7 @@ fn main() {
         ("logits_eval".to_string(), eval),
         ("logits_train".to_string(), train),
         ("aux_logits_train".to_string(), aux),
+        ("aux_logits_eval".to_string(), aux_eval),
         ("loss_weights".to_string(), r),
         ("aux_loss_weights".to_string(), r_aux),
     ]);

@@ -43,16 +43,33 @@ pub fn load_pretrained(varmap: &VarMap, path: &Path, skip_prefixes: &[&str]) -> 
 }
 
 /// File prefixes of ImageNet classification heads, ignored by [`load_backbone`]: torchvision's
-/// and mmcls' `fc.`, timm's `classifier.`/`head.`, and the HRNet classification branch
-/// (`incre_modules.`, `downsamp_modules.`, `final_layer.`).
-pub const CLASSIFIER_PREFIXES: [&str; 6] = [
+/// and mmcls' `fc.`, timm's `classifier.`/`head.`, the HRNet classification branch
+/// (`incre_modules.`, `downsamp_modules.`, `final_layer.`) and the Swin classifier's final
+/// LayerNorm `norm.` (before its pooling and `head`).
+pub const CLASSIFIER_PREFIXES: [&str; 7] = [
     "fc.",
     "classifier.",
     "head.",
     "incre_modules.",
     "downsamp_modules.",
     "final_layer.",
+    "norm.",
 ];
+
+/// File tensor suffixes of buffers that a backbone derives from its configuration, ignored by
+/// [`load_backbone`]: Swin's `relative_position_index` and shift `attn_mask` (recomputed from
+/// the window; a different window shows in the bias tables' shapes, which must match).
+pub const DERIVED_BUFFER_SUFFIXES: [&str; 2] = [".relative_position_index", ".attn_mask"];
+
+/// Whether `name` is one of the output LayerNorms `backbone.norm{i}.*` that mmsegmentation's
+/// Swin adds for the segmentation outputs: not in an ImageNet checkpoint, so they keep their
+/// initialisation (ones and zeros), as mmsegmentation's non-strict load leaves them.
+fn is_swin_output_norm(name: &str) -> bool {
+    name.strip_prefix("backbone.norm").is_some_and(|rest| {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && rest[digits..].starts_with('.')
+    })
+}
 
 /// Loads ImageNet-pretrained backbone weights into a segmentation model: file tensor `N`
 /// loads into `backbone.N` (the names of mmsegmentation's `ResNetV1c` and `HRNet`, which
@@ -61,15 +78,24 @@ pub const CLASSIFIER_PREFIXES: [&str; 6] = [
 /// variable must be in the file; the heads keep their initialisation. A file whose names
 /// already start with `backbone.` (a whole mmsegmentation checkpoint) loads with the identity
 /// mapping through [`load_pretrained`] instead.
+///
+/// Swin: the file is the official ImageNet checkpoint converted by mmsegmentation's
+/// `swin2mmseg.py` (names `patch_embed.projection`, `stages.{i}.blocks.{j}.attn.w_msa.*`,
+/// `ffn.layers.*`, `stages.{i}.downsample.*` in `nn.Unfold`'s order). Its derived buffers
+/// ([`DERIVED_BUFFER_SUFFIXES`]) and final `norm.` are ignored, and the output norms
+/// `backbone.norm{i}` are not required, which is what mmsegmentation's `init_weights` makes of
+/// the same file; everything else must match strictly. Bias tables of another window size are
+/// refused (mmsegmentation would resize them bicubically; set `model.window` to the file's).
 pub fn load_backbone(varmap: &VarMap, path: &Path) -> Result<LoadReport> {
     load_mapped(
         varmap,
         path,
         &|name: &str| {
-            (!CLASSIFIER_PREFIXES.iter().any(|p| name.starts_with(p)))
-                .then(|| format!("backbone.{name}"))
+            let ignored = CLASSIFIER_PREFIXES.iter().any(|p| name.starts_with(p))
+                || DERIVED_BUFFER_SUFFIXES.iter().any(|s| name.ends_with(s));
+            (!ignored).then(|| format!("backbone.{name}"))
         },
-        &|name: &str| name.starts_with("backbone."),
+        &|name: &str| name.starts_with("backbone.") && !is_swin_output_norm(name),
     )
 }
 
@@ -127,8 +153,23 @@ pub fn load_mapped(
             .tensor(name)
             .map_err(|e| err(format!("tensor {name}: {e}")))?;
         if view.shape() != var.dims() {
+            let hint = match (view.shape(), var.dims()) {
+                ([file_rows, _], [model_rows, _])
+                    if name.ends_with(".relative_position_bias_table") =>
+                {
+                    // (2M − 1)² rows for an M × M window.
+                    let window = |rows: usize| rows.isqrt().div_ceil(2);
+                    format!(
+                        " (a window of {} where the model's is {}: set model.window to the \
+                         file's; bias tables are not resized)",
+                        window(*file_rows),
+                        window(*model_rows)
+                    )
+                }
+                _ => String::new(),
+            };
             return Err(err(format!(
-                "tensor {name} has shape {:?}, the model needs {:?}",
+                "tensor {name} has shape {:?}, the model needs {:?}{hint}",
                 view.shape(),
                 var.dims()
             )));

@@ -501,14 +501,16 @@ fn upernet_swin_shapes_names_and_gradients() {
     }
 }
 
-/// UPerNet's parameters against the Swin paper's ADE20K table (150 classes, auxiliary head
-/// included): Swin-T 60 M, Swin-S 81 M, Swin-B 121 M.
+/// UPerNet's parameters and multiply-adds against the Swin paper's ADE20K table (150 classes,
+/// window 7; parameters include the auxiliary head, multiply-adds at 512×2048 count the decode
+/// path only, as mmcv's counter on mmsegmentation's `forward_dummy`): Swin-T 60 M / 945 G,
+/// Swin-S 81 M / 1038 G, Swin-B 121 M / 1188 G.
 #[test]
-fn upernet_swin_parameters_match_the_published_figures() {
-    for (backbone, params) in [
-        (SegBackbone::SwinT, 60e6),
-        (SegBackbone::SwinS, 81e6),
-        (SegBackbone::SwinB, 121e6),
+fn upernet_swin_costs_match_the_published_figures() {
+    for (backbone, params, gmacs) in [
+        (SegBackbone::SwinT, 60e6, 945.0),
+        (SegBackbone::SwinS, 81e6, 1038.0),
+        (SegBackbone::SwinB, 121e6, 1188.0),
     ] {
         let s = SegSpec {
             classes: 150,
@@ -522,5 +524,94 @@ fn upernet_swin_parameters_match_the_published_figures() {
             "{backbone}: {c:?} + aux {}",
             m.aux_params()
         );
+        let c = m.cost(512, 2048);
+        assert!(
+            (c.macs as f64 / 1e9 / gmacs - 1.0).abs() < 0.002,
+            "{backbone}: {c:?}"
+        );
     }
+}
+
+/// An ImageNet Swin checkpoint as mmsegmentation's `swin2mmseg.py` writes it (no `backbone.`
+/// prefix, the classifier's `norm.` and `head.`, the derived `relative_position_index` and
+/// `attn_mask` buffers, no output norms `norm{i}`) loads into `backbone.*`; the output norms
+/// and the heads keep their values; a bias table of another window is refused naming both
+/// windows; a missing block tensor is an error naming it.
+#[test]
+fn swin_imagenet_checkpoint_loads_as_mmsegmentation_loads_it() {
+    let dev = Device::Cpu;
+    let s = SegSpec {
+        window: Some(4),
+        ..spec(SegBackbone::SwinT, SegHeadKind::Uper, true, 8)
+    };
+    let (a, b) = (VarMap::new(), VarMap::new());
+    build_segmenter(&s, &a, &dev, DType::F32).unwrap();
+    build_segmenter(&SegSpec { seed: 99, ..s }, &b, &dev, DType::F32).unwrap();
+    let mut file = std::collections::HashMap::new();
+    for (name, v) in a.data().lock().unwrap().iter() {
+        if let Some(rest) = name.strip_prefix("backbone.") {
+            if !rest.starts_with("norm") {
+                file.insert(rest.to_string(), v.as_tensor().clone());
+            }
+        }
+    }
+    let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &dev).unwrap();
+    file.insert("norm.weight".into(), zeros(&[24], DType::F32));
+    file.insert("head.weight".into(), zeros(&[1000, 24], DType::F32));
+    file.insert(
+        "stages.0.blocks.0.attn.w_msa.relative_position_index".into(),
+        zeros(&[16, 16], DType::I64),
+    );
+    file.insert(
+        "stages.0.blocks.1.attn_mask".into(),
+        zeros(&[4, 16, 16], DType::F32),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swin_t.safetensors");
+    candle_core::safetensors::save(&file, &path).unwrap();
+    let r = sar_models::pretrained::load_backbone(&b, &path).unwrap();
+    assert_eq!(r.ignored.len(), 4, "{:?}", r.ignored);
+    let norms: Vec<&String> = r
+        .kept
+        .iter()
+        .filter(|n| n.starts_with("backbone."))
+        .collect();
+    assert_eq!(norms.len(), 8, "{norms:?}");
+    let values = |m: &VarMap, name: &str| -> Vec<f32> {
+        m.data().lock().unwrap()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let names: Vec<String> = a.data().lock().unwrap().keys().cloned().collect();
+    for name in &names {
+        let same = values(&a, name) == values(&b, name);
+        if name.starts_with("backbone.") && !name.starts_with("backbone.norm") {
+            assert!(same, "{name} was not loaded");
+        } else if name.ends_with("conv_seg.weight") {
+            assert!(!same, "{name} was overwritten");
+        }
+    }
+    assert_eq!(r.loaded.len(), file.len() - 4);
+    // A window-7 table (169 rows) for the window-4 model (49 rows).
+    let table = "stages.1.blocks.0.attn.w_msa.relative_position_bias_table";
+    let heads = file[table].dim(1).unwrap();
+    let mut wrong = file.clone();
+    wrong.insert(table.into(), zeros(&[169, heads], DType::F32));
+    candle_core::safetensors::save(&wrong, &path).unwrap();
+    let e = sar_models::pretrained::load_backbone(&b, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a window of 7 where the model's is 4"), "{e}");
+    file.remove("stages.2.blocks.3.ffn.layers.1.weight");
+    candle_core::safetensors::save(&file, &path).unwrap();
+    let e = sar_models::pretrained::load_backbone(&b, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("backbone.stages.2.blocks.3.ffn.layers.1.weight is missing"),
+        "{e}"
+    );
 }

@@ -156,6 +156,16 @@ impl UperNet {
         self.backbone.forward(images, None)
     }
 
+    /// The auxiliary head's eval-mode logits `[N, K, H/16, W/16]` (the trainer computes them
+    /// only in training, as mmsegmentation does; this serves cross-checks of the head).
+    pub fn auxiliary_logits_eval(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let stages = self.backbone.forward(images, None)?;
+        match &self.aux {
+            Some((conv, seg)) => seg.forward(&conv.forward(&stages[2], false)?),
+            None => candle_core::bail!("this UPerNet has no auxiliary head"),
+        }
+    }
+
     fn decode(&self, stages: &[Tensor], train: bool) -> candle_core::Result<Tensor> {
         let top = &stages[3];
         let (_, _, h3, w3) = top.dims4()?;

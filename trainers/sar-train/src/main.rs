@@ -153,9 +153,13 @@ struct ReferenceArgs {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Which workloads: seg, cls, resnet32, seg-step (FCN on a dilated ResNet-18, batch 2,
-    /// 512²), or all.
+    /// 512²), seg-models (OCRNet, SegFormer-B0, UPerNet-Swin-T, batch 2, 256²), or all.
     #[arg(long, default_value = "all")]
     workload: String,
+    /// A Python with PyTorch: seg-models then times the PyTorch peer's step of each model
+    /// (tests/torch/seg_models_step_peer.py) interleaved with ours, and prints the ratio.
+    #[arg(long, value_name = "PYTHON")]
+    torch: Option<PathBuf>,
     /// Timed repetitions per variant (median reported).
     #[arg(long, default_value_t = 9)]
     reps: usize,
@@ -346,24 +350,32 @@ fn bench(
         workload,
         reps,
         json,
+        torch,
     }: BenchArgs,
 ) -> anyhow::Result<()> {
     use sar_train::bench::{run_resnet32, run_seg_step, run_workload, table, Workload};
-    let (workloads, resnet, seg_step) = match workload.as_str() {
-        "seg" => (vec![Workload::seg()], false, false),
-        "cls" => (vec![Workload::cls()], false, false),
-        "resnet32" => (vec![], true, false),
-        "seg-step" => (vec![], false, true),
-        "all" => (vec![Workload::seg(), Workload::cls()], true, true),
-        other => {
-            anyhow::bail!("unknown workload `{other}` (seg, cls, resnet32, seg-step or all)")
-        }
+    let (workloads, resnet, seg_step, seg_models) = match workload.as_str() {
+        "seg" => (vec![Workload::seg()], false, false, false),
+        "cls" => (vec![Workload::cls()], false, false, false),
+        "resnet32" => (vec![], true, false, false),
+        "seg-step" => (vec![], false, true, false),
+        "seg-models" => (vec![], false, false, true),
+        "all" => (vec![Workload::seg(), Workload::cls()], true, true, true),
+        other => anyhow::bail!(
+            "unknown workload `{other}` (seg, cls, resnet32, seg-step, seg-models or all)"
+        ),
     };
+    anyhow::ensure!(
+        torch.is_none() || seg_models,
+        "--torch times the PyTorch peer of seg-models only (workload seg-models or all)"
+    );
     let mut rows = Vec::new();
     for w in &workloads {
         rows.extend(run_workload(w, reps.max(1))?);
     }
-    print!("{}", table(&rows));
+    if !rows.is_empty() {
+        print!("{}", table(&rows));
+    }
     if resnet {
         let r = run_resnet32(reps.max(1))?;
         print!("{}", sar_train::bench::model_step_table("model step", &r));
@@ -375,6 +387,12 @@ fn bench(
             "{}",
             sar_train::bench::model_step_table("segmentation step", &r)
         );
+        rows.extend(r);
+    }
+    if seg_models {
+        use sar_train::bench::seg_models::{run_seg_models, seg_models_table};
+        let (r, header) = run_seg_models(reps.max(1), torch.as_deref())?;
+        print!("{}", seg_models_table(&r, header.as_ref()));
         rows.extend(r);
     }
     if let Some(path) = json {

@@ -179,6 +179,46 @@ fn pixel_weighted_nll(
     (lsm.gather(&idx, 1)? * pw)?.sum_all()?.neg()? / (n * h * w) as f64
 }
 
+/// The network's part of a training step's loss (SAR's is the head's, added by the caller).
+pub struct SegForward {
+    /// SAR's features F `[N, D, h, w]` (before dropout).
+    pub features: Tensor,
+    /// Cross-entropy of the main logits.
+    pub ce: Tensor,
+    /// `aux_weight` × the auxiliary head's cross-entropy, when the network has one.
+    pub aux_ce: Option<Tensor>,
+}
+
+/// The training-mode forward of images `x` `[N, 3, H, W]` with labels `y` (`N·H·W`, 255
+/// ignored) and the network's losses. Stochastic depth (SegFormer, Swin) draws from `rng`
+/// first, then the `Dropout2d` masks (rate `dropout`) of the main and the auxiliary features;
+/// networks without random layers draw nothing.
+pub fn seg_forward_losses(
+    model: &dyn Segmenter,
+    x: &Tensor,
+    y: &[u8],
+    dropout: f64,
+    aux_weight: f64,
+    rng: &mut sar_math::rng::SeededRng,
+) -> candle_core::Result<SegForward> {
+    let (n, _, h, w) = x.dims4()?;
+    let f = model.features_with_noise(x, true, Some(&mut *rng))?;
+    let logits = model.classify(&dropout2d(&f.main, dropout, rng)?)?;
+    let ce = seg_cross_entropy(&logits, y, (n, h, w))?;
+    let aux_ce = match &f.aux {
+        Some(a) => {
+            let la = model.classify_aux(&dropout2d(a, dropout, rng)?)?;
+            Some((seg_cross_entropy(&la, y, (n, h, w))? * aux_weight)?)
+        }
+        None => None,
+    };
+    Ok(SegForward {
+        features: f.main,
+        ce,
+        aux_ce,
+    })
+}
+
 /// `Dropout2d`: whole channels of `x` `[N, D, h, w]` zeroed with probability `p`, the rest
 /// scaled by 1/(1 − p); masks from `rng`.
 pub fn dropout2d(
@@ -642,22 +682,16 @@ impl Task for SegTask {
             let loss = seg_weighted_cross_entropy(&logits, &y, (n, h, w), &da.weights)?;
             return finish_single_loss(ctx, loss, n);
         }
-        // Stochastic depth (SegFormer) draws first, then the dropout masks; networks without
-        // random layers draw nothing here.
-        let f = model.features_with_noise(&x, true, Some(&mut rng))?;
-        let logits = model.classify(&dropout2d(&f.main, p, &mut rng)?)?;
-        let ce = seg_cross_entropy(&logits, &y, (n, h, w))?;
+        let fw = seg_forward_losses(model.as_ref(), &x, &y, p, m.aux_weight, &mut rng)?;
         let ce = if ctx.poison_loss {
-            (ce * f64::INFINITY)?
+            (fw.ce * f64::INFINITY)?
         } else {
-            ce
+            fw.ce
         };
         let ce_value = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let mut loss = ce;
         let mut head_aux = 0.0;
-        if let Some(a) = &f.aux {
-            let la = model.classify_aux(&dropout2d(a, p, &mut rng)?)?;
-            let ca = (seg_cross_entropy(&la, &y, (n, h, w))? * m.aux_weight)?;
+        if let Some(ca) = fw.aux_ce {
             head_aux = ca.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss = (loss + ca)?;
         }
@@ -666,7 +700,7 @@ impl Task for SegTask {
             let labels: Vec<i64> = y.iter().map(|&v| v as i64).collect();
             let y_t = Tensor::from_vec(labels, (n, h, w), &dev)?;
             let classify = |e: &Tensor| model.classify(e);
-            let s = hd.step(&classify, &f.main, &y_t)?;
+            let s = hd.step(&classify, &fw.features, &y_t)?;
             (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
             loss = (loss + s.loss)?;
         }

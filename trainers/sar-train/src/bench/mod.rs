@@ -6,11 +6,17 @@
 //!   (random classes, the top 40 rows ignored), C = 19;
 //! - **cls**: CIFAR scale, f32 features `[128, 64]`, labels `[128]`, C = 100.
 //!
+//! Whole training steps: **resnet32** (ResNet-32 b128 ± SAR, candle and dfdx), **seg-step**
+//! (FCN-R18-D8 b2 512² ± SAR) and **seg-models** ([`seg_models`]: OCRNet, SegFormer, UPerNet
+//! at b2 256² ± SAR, beside the PyTorch peer's step when one is given).
+//!
 //! A step is L_aux (with dL/dZ), the gate, the EMA, and λ2·L_p2a with dL/dF materialised:
 //! ndarray and the candle fused op get the gradient from the fused kernel, candle's composite
 //! path from autograd. Anchor logits are N(0,1) plus 12·I, so that the gate passes and p2a runs
 //! on every step (the peer adds 8·I and applies p2a whether or not its gate passes). The floor is reading the features and writing their gradient once,
 //! which is what the copy moves.
+
+pub mod seg_models;
 
 use candle_core::{DType, Device, Tensor, Var};
 use ndarray::{ArrayD, IxDyn};

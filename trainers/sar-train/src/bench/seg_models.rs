@@ -1,0 +1,274 @@
+//! `sar bench --workload seg-models`: one training step of each of the paper's newer
+//! segmentation models at a small size, without and with SAR, and (with `--torch PYTHON`) the
+//! PyTorch peer's step of the same network, interleaved in one run.
+//!
+//! Models: OCRNet on HRNetV2-W18, SegFormer MiT-B0, UPerNet on Swin-T (window 7), full widths,
+//! 19 classes. Step: a batch of 2 random 256 × 256 images and labels, the trainer's
+//! training-mode forward and losses ([`crate::seg::seg_forward_losses`]: cross-entropy on
+//! logits resized to 256 × 256, + 0.4 × the auxiliary or soft-region head's), SAR's
+//! λ1·L_aux + λ2·L_p2a with its gate held open (the anchor logits shifted as in the FCN step,
+//! so that L_p2a runs on every timed step), backward, AdamW (lr 6e-5, weight decay 0.01).
+//! Neither side applies dropout or stochastic depth here (the peer's modules have none).
+//!
+//! The peer is `tests/torch/seg_models_step_peer.py --serve THREADS`, kept running: each of
+//! its steps is requested in turn with ours (ours, ours + SAR, PyTorch, ours, …), so drift of
+//! the machine affects all alike; its steps are timed by the same clock here (the pipe's
+//! round trip is microseconds beside steps of 100 ms and more).
+
+use super::{gate_opening, interleaved, BenchRow, Runner};
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use sar_math::rng::SeededRng;
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::rc::Rc;
+
+/// Classes, batch and crop of every model's step.
+const CLASSES: usize = 19;
+const BATCH: usize = 2;
+const SIZE: usize = 256;
+
+/// One benchmarked network: the name the peer knows it by, the label of its rows and its
+/// `[model]` config keys.
+pub struct SegBenchModel {
+    /// The peer's name.
+    pub name: &'static str,
+    /// Row label.
+    pub label: &'static str,
+    /// `[model]` keys.
+    pub keys: &'static str,
+}
+
+/// The models `seg-models` times.
+pub const SEG_BENCH_MODELS: [SegBenchModel; 3] = [
+    SegBenchModel {
+        name: "ocr-hr18",
+        label: "OCRNet HRNetV2-W18",
+        keys: "backbone = \"hrnetv2-w18\"\nhead = \"ocr\"",
+    },
+    SegBenchModel {
+        name: "segformer-b0",
+        label: "SegFormer MiT-B0",
+        keys: "backbone = \"mit-b0\"\nhead = \"segformer\"\ndrop_path = 0.0",
+    },
+    SegBenchModel {
+        name: "upernet-swin-t",
+        label: "UPerNet Swin-T",
+        keys: "backbone = \"swin-t\"\nhead = \"uper\"\nwindow = 7\ndrop_path = 0.0",
+    },
+];
+
+/// One training step of `m` (see the module docs), with SAR's loss when `sar`.
+pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> {
+    let cfg = crate::config::parse(
+        &format!(
+            "[data]\ndataset = \"mosaic\"\nseg_crop = [{SIZE}, {SIZE}]\n[model]\n{}\n\
+             dropout = 0.0\n[sar]\nenabled = {sar}\n",
+            m.keys
+        ),
+        &[],
+    )?;
+    let aux_weight = cfg.model.segmenter()?.aux_weight;
+    let setup = crate::seg::build_seg(&cfg, CLASSES)?;
+    let mut rng = SeededRng::new(13);
+    let x: Vec<f32> = (0..BATCH * 3 * SIZE * SIZE)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y: Vec<u8> = (0..BATCH * SIZE * SIZE)
+        .map(|_| (rng.next_u64() % CLASSES as u64) as u8)
+        .collect();
+    let y64: Vec<i64> = y.iter().map(|&v| v as i64).collect();
+    let x = Tensor::from_vec(x, (BATCH, 3, SIZE, SIZE), &Device::Cpu)?;
+    let y_t = Tensor::from_vec(y64, (BATCH, SIZE, SIZE), &Device::Cpu)?;
+    let mut named: Vec<(String, candle_core::Var)> = setup
+        .varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .filter(|(n, _)| !sar_models::params::is_running_stat(n))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = crate::optim::AdamW::named(named, 6e-5, (0.9, 0.999), 1e-8, 0.01);
+    let crate::seg::SegSetup {
+        model, mut head, ..
+    } = setup;
+    Ok(Box::new(move || {
+        let mut noise = SeededRng::new(1);
+        let fw =
+            crate::seg::seg_forward_losses(model.as_ref(), &x, &y, 0.0, aux_weight, &mut noise)?;
+        let mut loss = fw.ce;
+        if let Some(a) = fw.aux_ce {
+            loss = (loss + a)?;
+        }
+        if let Some(hd) = head.as_mut() {
+            let s = hd.step(&|e| gate_opening(model.classify(e)?), &fw.features, &y_t)?;
+            anyhow::ensure!(s.gate_passed, "the benchmark's SAR gate did not pass");
+            loss = (loss + s.loss)?;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads, &|lr| lr)?;
+        Ok(())
+    }))
+}
+
+/// The running PyTorch peer.
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// Its first line: torch version and threads.
+    header: serde_json::Value,
+}
+
+impl Peer {
+    fn start(python: &Path, script: &Path, threads: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            script.is_file(),
+            "the PyTorch peer {} is missing (run from a checkout of the repository)",
+            script.display()
+        );
+        let mut child = Command::new(python)
+            .arg(script)
+            .arg("--serve")
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", python.display()))?;
+        let stdin = child.stdin.take().context("the peer's stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("the peer's stdout")?);
+        let header = read_json(&mut stdout).context("the PyTorch peer did not start")?;
+        Ok(Peer {
+            child,
+            stdin,
+            stdout,
+            header,
+        })
+    }
+
+    /// Asks for one step of `name`; its seconds, as the peer timed it.
+    fn step(&mut self, name: &str) -> anyhow::Result<f64> {
+        writeln!(self.stdin, "{name}")?;
+        self.stdin.flush()?;
+        let v = read_json(&mut self.stdout)
+            .with_context(|| format!("the PyTorch peer failed on {name}"))?;
+        v["seconds"]
+            .as_f64()
+            .with_context(|| format!("the PyTorch peer answered {v}"))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_json(r: &mut impl BufRead) -> anyhow::Result<serde_json::Value> {
+    let mut line = String::new();
+    anyhow::ensure!(r.read_line(&mut line)? > 0, "it closed its output");
+    serde_json::from_str(&line).with_context(|| format!("not JSON: {line:?}"))
+}
+
+/// Every model's step without and with SAR and, given `torch` (a Python with PyTorch), the
+/// peer's, interleaved per model; `gb_per_s` holds images per second. Also returns the peer's
+/// header (torch version, threads) when it ran.
+pub fn run_seg_models(
+    reps: usize,
+    torch: Option<&Path>,
+) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
+    let threads = rayon::current_num_threads();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/torch/seg_models_step_peer.py");
+    let peer = match torch {
+        Some(python) => Some(Rc::new(RefCell::new(Peer::start(
+            python, &script, threads,
+        )?))),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for m in &SEG_BENCH_MODELS {
+        let plain = format!("{} b{BATCH} {SIZE}² step", m.label);
+        let with_sar = format!("{plain} + SAR");
+        let ours = [seg_model_runner(m, false)?, seg_model_runner(m, true)?];
+        match &peer {
+            Some(p) => {
+                let p = Rc::clone(p);
+                let name = m.name;
+                let peer_step: Runner = Box::new(move || {
+                    p.borrow_mut().step(name)?;
+                    Ok(())
+                });
+                let [a, b] = ours;
+                let torch_label = format!("PyTorch: {plain}");
+                rows.extend(interleaved(
+                    [a, b, peer_step],
+                    [plain.as_str(), with_sar.as_str(), torch_label.as_str()],
+                    "seg-models",
+                    BATCH as f64,
+                    reps,
+                )?);
+            }
+            None => rows.extend(interleaved(
+                ours,
+                [plain.as_str(), with_sar.as_str()],
+                "seg-models",
+                BATCH as f64,
+                reps,
+            )?),
+        }
+    }
+    let header = peer.map(|p| p.borrow().header.clone());
+    Ok((rows, header))
+}
+
+/// The table of [`run_seg_models`]' rows: per model, ours, ours + SAR, the peer's and the
+/// ratio of ours to it.
+pub fn seg_models_table(rows: &[BenchRow], header: Option<&serde_json::Value>) -> String {
+    let mut out = format!(
+        "\nsegmentation models, b{BATCH} {SIZE}², {CLASSES} classes (median ms; {} threads{})\n\
+         {:<22} {:>10} {:>10} {:>10} {:>12}\n",
+        rayon::current_num_threads(),
+        header.map_or(String::new(), |h| format!(", torch {}", h["torch"])),
+        "model",
+        "ours",
+        "ours+SAR",
+        "PyTorch",
+        "ours/PyTorch"
+    );
+    for m in &SEG_BENCH_MODELS {
+        let find = |prefix: &str| {
+            rows.iter()
+                .find(|r| r.variant.starts_with(prefix) && r.variant.contains(m.label))
+                .map(|r| r.seconds)
+        };
+        let plain = rows
+            .iter()
+            .find(|r| r.variant.starts_with(m.label) && !r.variant.ends_with("+ SAR"))
+            .map(|r| r.seconds);
+        let sar = rows
+            .iter()
+            .find(|r| r.variant.starts_with(m.label) && r.variant.ends_with("+ SAR"))
+            .map(|r| r.seconds);
+        let torch = find("PyTorch: ");
+        let ms = |s: Option<f64>| s.map_or("–".to_string(), |s| format!("{:.1}", s * 1e3));
+        let ratio = match (plain, torch) {
+            (Some(a), Some(b)) => format!("{:.2}×", a / b),
+            _ => "–".into(),
+        };
+        out += &format!(
+            "{:<22} {:>10} {:>10} {:>10} {:>12}\n",
+            m.label,
+            ms(plain),
+            ms(sar),
+            ms(torch),
+            ratio
+        );
+    }
+    out
+}

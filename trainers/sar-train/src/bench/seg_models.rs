@@ -60,6 +60,18 @@ pub const SEG_BENCH_MODELS: [SegBenchModel; 3] = [
     },
 ];
 
+impl SegBenchModel {
+    /// The variant names of its rows: ours, ours with SAR, the peer's.
+    fn variants(&self) -> [String; 3] {
+        let plain = format!("{} b{BATCH} {SIZE}² step", self.label);
+        [
+            plain.clone(),
+            format!("{plain} + SAR"),
+            format!("PyTorch: {plain}"),
+        ]
+    }
+}
+
 /// One training step of `m` (see the module docs), with SAR's loss when `sar`.
 pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> {
     let cfg = crate::config::parse(
@@ -193,8 +205,7 @@ pub fn run_seg_models(
     };
     let mut rows = Vec::new();
     for m in &SEG_BENCH_MODELS {
-        let plain = format!("{} b{BATCH} {SIZE}² step", m.label);
-        let with_sar = format!("{plain} + SAR");
+        let [plain, with_sar, torch_label] = m.variants();
         let ours = [seg_model_runner(m, false)?, seg_model_runner(m, true)?];
         match &peer {
             Some(p) => {
@@ -205,7 +216,6 @@ pub fn run_seg_models(
                     Ok(())
                 });
                 let [a, b] = ours;
-                let torch_label = format!("PyTorch: {plain}");
                 rows.extend(interleaved(
                     [a, b, peer_step],
                     [plain.as_str(), with_sar.as_str(), torch_label.as_str()],
@@ -242,20 +252,9 @@ pub fn seg_models_table(rows: &[BenchRow], header: Option<&serde_json::Value>) -
         "ours/PyTorch"
     );
     for m in &SEG_BENCH_MODELS {
-        let find = |prefix: &str| {
-            rows.iter()
-                .find(|r| r.variant.starts_with(prefix) && r.variant.contains(m.label))
-                .map(|r| r.seconds)
-        };
-        let plain = rows
-            .iter()
-            .find(|r| r.variant.starts_with(m.label) && !r.variant.ends_with("+ SAR"))
-            .map(|r| r.seconds);
-        let sar = rows
-            .iter()
-            .find(|r| r.variant.starts_with(m.label) && r.variant.ends_with("+ SAR"))
-            .map(|r| r.seconds);
-        let torch = find("PyTorch: ");
+        let [plain, sar, torch] = m
+            .variants()
+            .map(|v| rows.iter().find(|r| r.variant == v).map(|r| r.seconds));
         let ms = |s: Option<f64>| s.map_or("–".to_string(), |s| format!("{:.1}", s * 1e3));
         let ratio = match (plain, torch) {
             (Some(a), Some(b)) => format!("{:.2}×", a / b),
@@ -271,4 +270,49 @@ pub fn seg_models_table(rows: &[BenchRow], header: Option<&serde_json::Value>) -
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table pairs each model's rows by name: ratio of ours to the peer's, a dash where
+    /// the peer did not run.
+    #[test]
+    fn table_pairs_rows_by_model() {
+        let row = |variant: &str, seconds: f64| BenchRow {
+            workload: "seg-models".into(),
+            variant: variant.into(),
+            seconds,
+            gb_per_s: 0.0,
+        };
+        let [a, b, c] = SEG_BENCH_MODELS[0].variants();
+        let [d, e, _] = SEG_BENCH_MODELS[1].variants();
+        let rows = [
+            row(&a, 2.0),
+            row(&b, 2.1),
+            row(&c, 0.8),
+            row(&d, 0.5),
+            row(&e, 0.6),
+        ];
+        let t = seg_models_table(&rows, None);
+        let line = |label: &str| {
+            t.lines()
+                .find(|l| l.starts_with(label))
+                .unwrap()
+                .to_string()
+        };
+        let ocr = line(SEG_BENCH_MODELS[0].label);
+        assert!(
+            ocr.contains("2000.0") && ocr.contains("2100.0") && ocr.contains("800.0"),
+            "{t}"
+        );
+        assert!(ocr.ends_with("2.50×"), "{t}");
+        let segformer = line(SEG_BENCH_MODELS[1].label);
+        assert!(
+            segformer.contains("500.0") && segformer.ends_with('–'),
+            "{t}"
+        );
+        assert!(line(SEG_BENCH_MODELS[2].label).contains('–'), "{t}");
+    }
 }

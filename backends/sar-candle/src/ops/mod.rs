@@ -10,14 +10,60 @@
 //! |---|---|---|
 //! | [`conv`] | y_n = W · im2col(x_n); dx_n = col2im(Wᵀ · dy_n); dW = Σ_n dy_n · im2col(x_n)ᵀ | x `[N, C, H, W]`, W `[O, C, k, k]` → y `[N, O, OH, OW]` (stride, padding, dilation; no groups, no bias) |
 //! | [`batch_norm`] | y = γ·(x − μ_c)/√(σ²_c + ε) + β (+ ReLU), batch or running statistics; relu(a + b) | x `[N, C, …]`, γ, β `[C]` → y like x |
+//! | [`bias`] | y = x + b_c along one axis; db_c = Σ dy | x `[outer, C, inner]`, b `[C]` → y like x |
+//! | [`layer_norm`] | y = γ·(x − μ)/√(σ² + ε) + β over the last axis | x `[…, C]`, γ, β `[C]` → y like x |
+//! | [`gelu`] | y = x·Φ(x) (exact, through erf); dy/dx = Φ(x) + x·φ(x) | any shape |
+//! | [`depthwise`] | y_c = b_c + w_c ⋆ x_c, k×k, stride 1, padding k/2 | x `[N, C, H, W]`, w `[C, 1, k, k]`, b `[C]` → y like x |
 //! | [`pool`] | y = max over the k×k window (padding −∞), gradient to the window's first maximum | x `[N, C, H, W]` → y `[N, C, OH, OW]` |
 //!
 //! Layout: contiguous row-major NCHW; the ops make their inputs contiguous. Sums over images
 //! and channels run in fixed orders, so results do not depend on the thread count (rayon).
 
 pub mod batch_norm;
+pub mod bias;
 pub mod conv;
+pub mod depthwise;
+pub mod gelu;
+pub mod layer_norm;
 pub mod pool;
+
+/// Σ v in eight f32 lanes (so that it vectorises), returned in f64.
+pub(crate) fn sum_f32(v: &[f32]) -> f64 {
+    dot_f32(v, None)
+}
+
+/// Σ a·b (or Σ a without `b`) in eight f32 lanes, returned in f64.
+pub(crate) fn dot_f32(a: &[f32], b: Option<&[f32]>) -> f64 {
+    let mut lanes = [0.0f32; 8];
+    let mut tail = 0.0f64;
+    match b {
+        None => {
+            let chunks = a.chunks_exact(8);
+            for r in chunks.remainder() {
+                tail += f64::from(*r);
+            }
+            for ch in chunks {
+                for (l, v) in lanes.iter_mut().zip(ch) {
+                    *l += v;
+                }
+            }
+        }
+        Some(b) => {
+            let n = a.len().min(b.len());
+            let (a, b) = (&a[..n], &b[..n]);
+            let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+            for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+                tail += f64::from(*x) * f64::from(*y);
+            }
+            for (x, y) in ca.zip(cb) {
+                for ((l, u), v) in lanes.iter_mut().zip(x).zip(y) {
+                    *l += u * v;
+                }
+            }
+        }
+    }
+    lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + tail
+}
 
 /// The f32 values of a contiguous CPU storage, for these custom ops; errors name the op and
 /// the operand.

@@ -102,7 +102,7 @@ impl BiasConv {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = sar_candle::ops::conv::conv2d(x, &self.weight, self.stride, self.padding, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        sar_candle::ops::bias::bias_add(&y, &self.bias, 1)
     }
 
     fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
@@ -122,31 +122,6 @@ impl BiasConv {
             ow,
         )
     }
-}
-
-/// Depth-wise 3×3 conv (padding 1, bias) on `[N, C, h, w]`: nine shifted, per-channel scaled
-/// copies summed — device-generic ops with candle's gradients (candle runs a grouped conv as
-/// one conv per group, thousands here).
-fn depthwise3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
-    let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut acc: Option<Tensor> = None;
-    for dy in 0..3 {
-        for dx in 0..3 {
-            let tap = padded.narrow(2, dy, h)?.narrow(3, dx, w)?;
-            let k = weight
-                .narrow(2, dy, 1)?
-                .narrow(3, dx, 1)?
-                .reshape((1, c, 1, 1))?;
-            let term = tap.broadcast_mul(&k)?;
-            acc = Some(match acc {
-                None => term,
-                Some(a) => (a + term)?,
-            });
-        }
-    }
-    acc.expect("nine taps")
-        .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
 
 /// Efficient self-attention (mmsegmentation's `EfficientMultiheadAttention`).
@@ -278,7 +253,11 @@ impl MixFfn {
 
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
         let y = linear(x, &self.fc1.0, &self.fc1.1)?;
-        let y = gelu(&depthwise3x3(&to_map(&y, h, w)?, &self.dw.0, &self.dw.1)?)?;
+        let y = gelu(&sar_candle::ops::depthwise::depthwise_conv2d(
+            &to_map(&y, h, w)?,
+            &self.dw.0,
+            &self.dw.1,
+        )?)?;
         linear(&to_tokens(&y)?, &self.fc2.0, &self.fc2.1)
     }
 

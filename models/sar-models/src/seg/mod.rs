@@ -388,10 +388,13 @@ impl ConvSeg {
         match x.rank() {
             2 => {
                 let w = self.weight.reshape((self.outputs, self.inputs))?;
-                x.matmul(&w.t()?)?.broadcast_add(&self.bias)
+                sar_candle::ops::bias::bias_add(&x.matmul(&w.t()?)?, &self.bias, 1)
             }
-            4 => sar_candle::ops::conv::conv2d(x, &self.weight, 1, 0, 1)?
-                .broadcast_add(&self.bias.reshape((1, self.outputs, 1, 1))?),
+            4 => sar_candle::ops::bias::bias_add(
+                &sar_candle::ops::conv::conv2d(x, &self.weight, 1, 0, 1)?,
+                &self.bias,
+                1,
+            ),
             r => candle_core::bail!(
                 "conv_seg takes [N, D, h, w] maps or [M, D] rows, got rank {r} ({:?})",
                 x.dims()

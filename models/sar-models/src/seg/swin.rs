@@ -202,8 +202,16 @@ impl WindowAttention {
             .index_select(&self.index, 0)?
             .reshape((l, l, self.heads))?
             .permute((2, 0, 1))?
-            .contiguous()?;
-        let mut scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
+            .flatten_all()?;
+        // The bias [heads, M², M²] is one "channel" axis of the scores [B, heads·M⁴]; the op's
+        // backward sums windows in parallel (candle's reduction over the leading axis is serial).
+        let mut scores = sar_candle::ops::bias::bias_add(
+            &q.matmul(&k.t()?.contiguous()?)?
+                .reshape((b, self.heads * l * l))?,
+            &bias,
+            1,
+        )?
+        .reshape((b, self.heads, l, l))?;
         if let Some(mask) = mask {
             let nw = mask.dim(0)?;
             scores = scores
@@ -459,8 +467,11 @@ impl SwinTransformer {
         let x = x
             .pad_with_zeros(2, 0, ih.div_ceil(PATCH) * PATCH - ih)?
             .pad_with_zeros(3, 0, iw.div_ceil(PATCH) * PATCH - iw)?;
-        let map = sar_candle::ops::conv::conv2d(&x, &self.embed_weight, PATCH, 0, 1)?
-            .broadcast_add(&self.embed_bias.reshape((1, (), 1, 1))?)?;
+        let map = sar_candle::ops::bias::bias_add(
+            &sar_candle::ops::conv::conv2d(&x, &self.embed_weight, PATCH, 0, 1)?,
+            &self.embed_bias,
+            1,
+        )?;
         let (_, _, mut h, mut w) = map.dims4()?;
         let mut t = self.embed_norm.forward(&to_tokens(&map)?)?;
         let mut outs = Vec::with_capacity(4);

@@ -4,11 +4,11 @@
 
 use crate::params::{Init, Scope};
 use crate::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use sar_math::rng::SeededRng;
 
-/// LayerNorm over the last dimension with its ε, as composite ops (candle-nn's fused
-/// `layer_norm` has no backward).
+/// LayerNorm over the last dimension with its ε: `sar_candle`'s fused op on the CPU for f32,
+/// the same formula as candle ops elsewhere (candle-nn's fused `layer_norm` has no backward).
 pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -27,12 +27,7 @@ impl LayerNorm {
 
     /// Normalises `x` `[…, C]` over C.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        sar_candle::ops::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
     pub(crate) fn params(&self) -> u64 {
@@ -45,10 +40,8 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core:
     let (n, l, c) = x.dims3()?;
     let out = weight.dim(0)?;
     let w = weight.reshape((out, c))?;
-    x.reshape((n * l, c))?
-        .matmul(&w.t()?)?
-        .broadcast_add(bias)?
-        .reshape((n, l, out))
+    let y = x.reshape((n * l, c))?.matmul(&w.t()?)?;
+    sar_candle::ops::bias::bias_add(&y, bias, 1)?.reshape((n, l, out))
 }
 
 /// Tokens `[N, h·w, C]` to a map `[N, C, h, w]`.
@@ -63,12 +56,12 @@ pub(crate) fn to_tokens(x: &Tensor) -> candle_core::Result<Tensor> {
     x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()
 }
 
-/// Exact GELU, x·½(1 + erf(x/√2)), as composite ops: candle's fused `gelu_erf` computes the
+/// Exact GELU, x·½(1 + erf(x/√2)), with its exact gradient (`sar_candle`'s op on the CPU for
+/// f32, composite candle ops through `erf` elsewhere): candle's fused `gelu_erf` computes the
 /// same forward, but its backward uses 0.398942 for 1/√(2π) (relative error 7e-7, visible
-/// against PyTorch in f64); through `erf` the gradient is exact.
+/// against PyTorch in f64).
 pub(crate) fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-    (x * cdf)? * 0.5
+    sar_candle::ops::gelu::gelu_erf(x)
 }
 
 /// Per-sample stochastic depth of a residual branch `[N, …]` (identity outside training or at

@@ -20,7 +20,8 @@
 //! style: step t < W uses lr₀·(t+1)/W), or mmcv's linear warm-up by iterations with a ratio
 //! (step t < W uses lr(t)·(1 − (1 − t/W)(1 − ratio)), lr(t) the schedule's rate).
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, Device, Result, Tensor, Var};
+use rayon::prelude::*;
 use sar_math::adamw::AdamWConfig;
 use sar_math::sgd::SgdConfig;
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,7 @@ use std::collections::BTreeMap;
 pub struct Sgd {
     names: Vec<String>,
     vars: Vec<Var>,
-    momentum_buffers: Vec<Option<Tensor>>,
+    momentum_buffers: Vec<Option<StateBuf>>,
     /// Learning rate of the next step.
     pub lr: f64,
     /// μ.
@@ -124,13 +125,21 @@ impl Sgd {
         self
     }
 
-    /// The momentum buffers that exist, by variable name.
-    pub fn momentum_state(&self) -> Vec<(String, Tensor)> {
-        self.names
+    /// The momentum buffers that exist, by variable name (copies: later steps do not change
+    /// them).
+    pub fn momentum_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for ((n, b), var) in self
+            .names
             .iter()
             .zip(&self.momentum_buffers)
-            .filter_map(|(n, b)| b.as_ref().map(|b| (n.clone(), b.clone())))
-            .collect()
+            .zip(&self.vars)
+        {
+            if let Some(b) = b {
+                out.push((n.clone(), b.to_tensor(var)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Restores momentum buffers saved by [`Sgd::momentum_state`]; a variable without one
@@ -151,7 +160,7 @@ impl Sgd {
                 t.dims(),
                 self.vars[i].dims()
             );
-            self.momentum_buffers[i] = Some(t.to_dtype(self.vars[i].dtype())?);
+            self.momentum_buffers[i] = Some(StateBuf::for_var(&t, &self.vars[i], self.device_ops)?);
         }
         Ok(())
     }
@@ -184,43 +193,40 @@ impl Sgd {
                 weight_decay: self.weight_decay * decay,
                 nesterov: self.nesterov,
             };
-            match var.dtype() {
-                DType::F32 if var.device().is_cpu() && !self.device_ops => {
-                    host_step::<f32>(&cfg, var, grad, buf)?
-                }
-                DType::F64 if var.device().is_cpu() && !self.device_ops => {
-                    host_step::<f64>(&cfg, var, grad, buf)?
-                }
-                _ => device_step(&cfg, var, grad, buf)?,
+            if steps_on_host(var, self.device_ops) {
+                host_sgd(&cfg, var, grad, buf)?
+            } else {
+                let mut b = buf.take().map(|b| b.to_tensor(var)).transpose()?;
+                device_step(&cfg, var, grad, &mut b)?;
+                *buf = b.map(StateBuf::Device);
             }
         }
         Ok(())
     }
 }
 
-/// [`sar_math::sgd::sgd_step`] on a CPU variable's host values; the momentum buffer is kept
-/// as a tensor (for checkpoints).
-fn host_step<F: candle_core::WithDType + sar_math::Real + Default>(
-    cfg: &SgdConfig,
-    var: &Var,
-    grad: &Tensor,
-    buf: &mut Option<Tensor>,
-) -> Result<()> {
-    let shape = var.shape().clone();
-    let mut w: Vec<F> = var.as_tensor().flatten_all()?.to_vec1()?;
-    let g: Vec<F> = grad.flatten_all()?.to_vec1()?;
+/// [`sar_math::sgd::sgd_step`] on a CPU variable's values in place, with a host momentum
+/// buffer (created zero; the kernel's `fresh` takes the gradient on the first step).
+fn host_sgd(cfg: &SgdConfig, var: &Var, grad: &Tensor, buf: &mut Option<StateBuf>) -> Result<()> {
     let fresh = buf.is_none();
-    let mut b: Vec<F> = match buf.as_ref() {
-        Some(b) => b.flatten_all()?.to_vec1()?,
-        None if cfg.momentum != 0.0 => vec![F::default(); w.len()],
-        None => Vec::new(),
+    let mut b = match buf.take() {
+        Some(b) => b.into_host(var)?,
+        None if cfg.momentum != 0.0 => StateBuf::zeros(var)?,
+        None => StateBuf::zeros_empty(var)?,
     };
-    sar_math::sgd::sgd_step(cfg, &mut w, &g, &mut b, fresh)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    if cfg.momentum != 0.0 {
-        *buf = Some(Tensor::from_vec(b, &shape, &Device::Cpu)?);
+    match &mut b {
+        StateBuf::F32(v) => in_place::<f32>(var, grad, vec![v.as_mut_slice()], &|w, g, ex| {
+            sar_math::sgd::sgd_step(cfg, w, g, ex.pop().unwrap_or_default(), fresh)
+        })?,
+        StateBuf::F64(v) => in_place::<f64>(var, grad, vec![v.as_mut_slice()], &|w, g, ex| {
+            sar_math::sgd::sgd_step(cfg, w, g, ex.pop().unwrap_or_default(), fresh)
+        })?,
+        StateBuf::Device(_) => candle_core::bail!("host SGD step with a device buffer"),
     }
-    var.set(&Tensor::from_vec(w, &shape, &Device::Cpu)?)
+    if cfg.momentum != 0.0 {
+        *buf = Some(b);
+    }
+    Ok(())
 }
 
 /// [`sar_math::sgd::sgd_step`]'s rule as candle ops, for variables on other devices (CUDA):
@@ -289,7 +295,7 @@ pub struct AdamW {
     names: Vec<String>,
     vars: Vec<Var>,
     /// m and v, created at a variable's first step.
-    moments: Vec<Option<(Tensor, Tensor)>>,
+    moments: Vec<Option<(StateBuf, StateBuf)>>,
     steps: Vec<u64>,
     /// Initial learning rate (before the multipliers and the schedule).
     pub lr: f64,
@@ -359,35 +365,45 @@ impl AdamW {
                 eps: self.eps,
                 weight_decay: self.weight_decay * self.scales.decay[i],
             };
-            let moments = match self.moments[i].take() {
-                Some(m) => m,
-                None => {
-                    let z = var.as_tensor().zeros_like()?.detach();
-                    (z.clone(), z)
-                }
-            };
             let step = self.steps[i];
-            self.moments[i] = Some(match var.dtype() {
-                DType::F32 if var.device().is_cpu() && !self.device_ops => {
-                    adamw_host::<f32>(&cfg, var, grad, moments, step)?
-                }
-                DType::F64 if var.device().is_cpu() && !self.device_ops => {
-                    adamw_host::<f64>(&cfg, var, grad, moments, step)?
-                }
-                _ => adamw_device(&cfg, var, grad, moments, step)?,
+            let moments = self.moments[i].take();
+            self.moments[i] = Some(if steps_on_host(var, self.device_ops) {
+                let (mut m, mut v) = match moments {
+                    Some((m, v)) => (m.into_host(var)?, v.into_host(var)?),
+                    None => (StateBuf::zeros(var)?, StateBuf::zeros(var)?),
+                };
+                adamw_host(&cfg, var, grad, (&mut m, &mut v), step)?;
+                (m, v)
+            } else {
+                let (m, v) = match moments {
+                    Some((m, v)) => (m.to_tensor(var)?, v.to_tensor(var)?),
+                    None => {
+                        let z = var.as_tensor().zeros_like()?.detach();
+                        (z.clone(), z)
+                    }
+                };
+                let (m, v) = adamw_device(&cfg, var, grad, (m, v), step)?;
+                (StateBuf::Device(m), StateBuf::Device(v))
             });
         }
         Ok(())
     }
 
     /// The state by name: `exp_avg.{var}`, `exp_avg_sq.{var}` and `step.{var}` (the count as
-    /// a one-element f64 tensor), for the variables that have stepped.
+    /// a one-element f64 tensor), for the variables that have stepped (copies: later steps do
+    /// not change them).
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for ((n, m), &t) in self.names.iter().zip(&self.moments).zip(&self.steps) {
+        for (((n, m), &t), var) in self
+            .names
+            .iter()
+            .zip(&self.moments)
+            .zip(&self.steps)
+            .zip(&self.vars)
+        {
             if let Some((m, v)) = m {
-                out.push((format!("exp_avg.{n}"), m.clone()));
-                out.push((format!("exp_avg_sq.{n}"), v.clone()));
+                out.push((format!("exp_avg.{n}"), m.to_tensor(var)?));
+                out.push((format!("exp_avg_sq.{n}"), v.to_tensor(var)?));
                 out.push((format!("step.{n}"), Tensor::new(&[t as f64], &Device::Cpu)?));
             }
         }
@@ -440,7 +456,11 @@ impl AdamW {
             let name = &self.names[i];
             match (m[i].take(), v[i].take(), t[i]) {
                 (Some(a), Some(b), Some(c)) => {
-                    self.moments[i] = Some((a, b));
+                    let var = &self.vars[i];
+                    self.moments[i] = Some((
+                        StateBuf::for_var(&a, var, self.device_ops)?,
+                        StateBuf::for_var(&b, var, self.device_ops)?,
+                    ));
                     self.steps[i] = c;
                 }
                 (None, None, None) => {
@@ -456,24 +476,29 @@ impl AdamW {
     }
 }
 
-/// [`sar_math::adamw::adamw_step`] on a CPU variable's host values.
-fn adamw_host<F: candle_core::WithDType + sar_math::Real>(
+/// [`sar_math::adamw::adamw_step`] on a CPU variable's values and host moments, in place.
+fn adamw_host(
     cfg: &AdamWConfig,
     var: &Var,
     grad: &Tensor,
-    (m, v): (Tensor, Tensor),
+    (m, v): (&mut StateBuf, &mut StateBuf),
     step: u64,
-) -> Result<(Tensor, Tensor)> {
-    let shape = var.shape().clone();
-    let host = |t: &Tensor| -> Result<Vec<F>> { t.flatten_all()?.to_vec1() };
-    let (mut w, g, mut m, mut v) = (host(var.as_tensor())?, host(grad)?, host(&m)?, host(&v)?);
-    sar_math::adamw::adamw_step(cfg, &mut w, &g, &mut m, &mut v, step)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    var.set(&Tensor::from_vec(w, &shape, &Device::Cpu)?)?;
-    Ok((
-        Tensor::from_vec(m, &shape, &Device::Cpu)?,
-        Tensor::from_vec(v, &shape, &Device::Cpu)?,
-    ))
+) -> Result<()> {
+    match (m, v) {
+        (StateBuf::F32(m), StateBuf::F32(v)) => {
+            in_place::<f32>(var, grad, vec![m, v], &|w, g, ex| match ex.as_mut_slice() {
+                [m, v] => sar_math::adamw::adamw_step(cfg, w, g, m, v, step),
+                _ => unreachable!("two moment chunks"),
+            })
+        }
+        (StateBuf::F64(m), StateBuf::F64(v)) => {
+            in_place::<f64>(var, grad, vec![m, v], &|w, g, ex| match ex.as_mut_slice() {
+                [m, v] => sar_math::adamw::adamw_step(cfg, w, g, m, v, step),
+                _ => unreachable!("two moment chunks"),
+            })
+        }
+        _ => candle_core::bail!("host AdamW step with moments of another dtype or device"),
+    }
 }
 
 /// [`sar_math::adamw::adamw_step`]'s rule as candle ops (CUDA), in the kernel's order and with
@@ -505,6 +530,193 @@ fn adamw_device(
     Ok((m, v))
 }
 
+/// Whether `var` steps through the sar-math kernels on host memory (CPU f32 or f64, unless the
+/// tests ask for the device ops).
+fn steps_on_host(var: &Var, device_ops: bool) -> bool {
+    var.device().is_cpu() && !device_ops && matches!(var.dtype(), DType::F32 | DType::F64)
+}
+
+/// One variable's optimiser state (a momentum buffer, an Adam moment): host values beside a
+/// CPU variable that steps on host memory, updated in place with it; a tensor on the
+/// variable's device otherwise. Both hold the variable's shape, flattened on the host.
+#[derive(Debug, Clone)]
+enum StateBuf {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Device(Tensor),
+}
+
+impl StateBuf {
+    /// Zeros the size of `var` on the host.
+    fn zeros(var: &Var) -> Result<Self> {
+        let n = var.elem_count();
+        match var.dtype() {
+            DType::F32 => Ok(StateBuf::F32(vec![0.0; n])),
+            DType::F64 => Ok(StateBuf::F64(vec![0.0; n])),
+            d => candle_core::bail!("optimiser state on the host for a {d:?} variable"),
+        }
+    }
+
+    /// An empty host buffer of `var`'s dtype (SGD without momentum keeps none).
+    fn zeros_empty(var: &Var) -> Result<Self> {
+        match var.dtype() {
+            DType::F32 => Ok(StateBuf::F32(Vec::new())),
+            DType::F64 => Ok(StateBuf::F64(Vec::new())),
+            d => candle_core::bail!("optimiser state on the host for a {d:?} variable"),
+        }
+    }
+
+    /// Saved or loaded state `t` in the form `var` steps with.
+    fn for_var(t: &Tensor, var: &Var, device_ops: bool) -> Result<Self> {
+        let t = t.to_dtype(var.dtype())?;
+        if steps_on_host(var, device_ops) {
+            StateBuf::Device(t).into_host(var)
+        } else {
+            Ok(StateBuf::Device(t.to_device(var.device())?))
+        }
+    }
+
+    /// As host values of `var`'s dtype.
+    fn into_host(self, var: &Var) -> Result<Self> {
+        match self {
+            StateBuf::Device(t) => {
+                let t = t.to_dtype(var.dtype())?.flatten_all()?;
+                match var.dtype() {
+                    DType::F32 => Ok(StateBuf::F32(t.to_vec1()?)),
+                    DType::F64 => Ok(StateBuf::F64(t.to_vec1()?)),
+                    d => candle_core::bail!("optimiser state on the host for a {d:?} variable"),
+                }
+            }
+            host => Ok(host),
+        }
+    }
+
+    /// A tensor of `var`'s shape on its device (a copy of host values).
+    fn to_tensor(&self, var: &Var) -> Result<Tensor> {
+        match self {
+            StateBuf::F32(v) => {
+                Tensor::from_slice(v, var.shape(), &Device::Cpu)?.to_device(var.device())
+            }
+            StateBuf::F64(v) => {
+                Tensor::from_slice(v, var.shape(), &Device::Cpu)?.to_device(var.device())
+            }
+            StateBuf::Device(t) => Ok(t.clone()),
+        }
+    }
+}
+
+/// A CPU float whose storage the in-place step can borrow mutably.
+trait HostFloat: candle_core::WithDType + sar_math::Real + Send + Sync {
+    fn storage_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
+}
+
+impl HostFloat for f32 {
+    fn storage_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl HostFloat for f64 {
+    fn storage_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Elements per parallel task of an in-place step.
+const STEP_CHUNK: usize = 1 << 15;
+
+/// A kernel over one chunk: the variable's values, its gradient, the state buffers' chunks.
+type ChunkKernel<'k, F> = dyn Fn(&mut [F], &[F], &mut Vec<&mut [F]>) -> std::result::Result<(), sar_math::SarError>
+    + Sync
+    + 'k;
+
+/// `kernel` over `var`'s own storage (no copy in or out), its gradient and `state` (each
+/// empty or `var`'s length), in parallel chunks of [`STEP_CHUNK`]. The kernels are
+/// element-wise, so the chunking does not change a bit of the result.
+fn in_place<F: HostFloat>(
+    var: &Var,
+    grad: &Tensor,
+    state: Vec<&mut [F]>,
+    kernel: &ChunkKernel<'_, F>,
+) -> Result<()> {
+    let grad = grad.contiguous()?;
+    var.as_tensor().inplace_op2(
+        &grad,
+        &InPlaceStep {
+            state: std::sync::Mutex::new(Some(state)),
+            kernel,
+        },
+    )
+}
+
+struct InPlaceStep<'a, F> {
+    state: std::sync::Mutex<Option<Vec<&'a mut [F]>>>,
+    kernel: &'a ChunkKernel<'a, F>,
+}
+
+impl<F: HostFloat> candle_core::InplaceOp2 for InPlaceStep<'_, F> {
+    fn name(&self) -> &'static str {
+        "sar-optimiser-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &candle_core::Layout,
+        src: &CpuStorage,
+        src_l: &candle_core::Layout,
+    ) -> Result<()> {
+        let (Some((a, b)), Some((ga, gb))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("optimiser step on a non-contiguous variable or gradient");
+        };
+        let w = match F::storage_mut(dst) {
+            Some(v) => &mut v[a..b],
+            None => candle_core::bail!("optimiser step: the variable is not {:?}", F::DTYPE),
+        };
+        let g = &F::cpu_storage_as_slice(src)?[ga..gb];
+        if g.len() != w.len() {
+            candle_core::bail!(
+                "optimiser step: gradient of {} for {} values",
+                g.len(),
+                w.len()
+            );
+        }
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("optimiser state lock poisoned".into()))?
+            .take()
+            .unwrap_or_default();
+        // Per chunk, each state buffer's matching chunk (an empty buffer gives empty chunks).
+        let chunks = w.len().div_ceil(STEP_CHUNK).max(1);
+        let mut per_chunk: Vec<Vec<&mut [F]>> = (0..chunks).map(|_| Vec::new()).collect();
+        for buf in state {
+            if buf.is_empty() {
+                per_chunk.iter_mut().for_each(|c| c.push(&mut []));
+            } else if buf.len() != w.len() {
+                candle_core::bail!("optimiser state of {} for {} values", buf.len(), w.len());
+            } else {
+                for (c, part) in per_chunk.iter_mut().zip(buf.chunks_mut(STEP_CHUNK)) {
+                    c.push(part);
+                }
+            }
+        }
+        w.par_chunks_mut(STEP_CHUNK)
+            .zip(g.par_chunks(STEP_CHUNK))
+            .zip(per_chunk.par_iter_mut())
+            .try_for_each(|((w, g), ex)| (self.kernel)(w, g, ex))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
 /// The trainer's optimiser: `optim.kind`.
 pub enum Optimizer {
     /// SGD.
@@ -528,7 +740,7 @@ impl Optimizer {
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
             Optimizer::Sgd(o) => Ok(o
-                .momentum_state()
+                .momentum_state()?
                 .into_iter()
                 .map(|(n, t)| (format!("momentum.{n}"), t))
                 .collect()),
@@ -722,7 +934,7 @@ mod tests {
         }
         // The buffers carry no op graph: before the fix, each momentum buffer was the result
         // of an op over the previous one, so memory grew with every step.
-        for (_, b) in opt.momentum_state() {
+        for (_, b) in opt.momentum_state().unwrap() {
             assert!(!b.track_op(), "momentum buffer records an op graph");
         }
         // Plain momentum (PyTorch's default): step 1 is w − lr·g.
@@ -827,13 +1039,16 @@ mod tests {
             .backward()
             .unwrap();
         opt.step(&grads).unwrap();
-        let state = opt.momentum_state();
+        let state = opt.momentum_state().unwrap();
         assert_eq!(state.len(), 1, "only w had a gradient");
         assert_eq!(state[0].0, "w");
         let mut fresh = Sgd::named(vars, 0.1, 0.9, 0.0, false);
         fresh.load_momentum_state(state.clone()).unwrap();
         assert_eq!(
-            fresh.momentum_state()[0].1.to_vec1::<f64>().unwrap(),
+            fresh.momentum_state().unwrap()[0]
+                .1
+                .to_vec1::<f64>()
+                .unwrap(),
             state[0].1.to_vec1::<f64>().unwrap()
         );
         let bad = vec![("nope".to_string(), state[0].1.clone())];
@@ -912,6 +1127,87 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The in-place host steps over a variable of several parallel chunks (and a ragged last
+    /// one) give the bits of the sar-math kernels run once over the whole slice, for AdamW and
+    /// SGD with momentum; the saved state is a copy that later steps leave alone.
+    #[test]
+    fn in_place_steps_over_chunks_equal_one_kernel_call() {
+        let n = 2 * STEP_CHUNK + 1_234;
+        let w0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let g0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let grad = Tensor::from_slice(&g0, n, &Device::Cpu).unwrap();
+        // d(Σ w·g)/dw = g: the gradient store holds exactly g0.
+        let grads_for = |v: &Var| {
+            (v.as_tensor() * &grad)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let var = Var::from_slice(&w0, n, &Device::Cpu).unwrap();
+        let mut adam = AdamW::named(
+            vec![("w".into(), var.clone())],
+            0.01,
+            (0.9, 0.999),
+            1e-8,
+            0.05,
+        );
+        let cfg = AdamWConfig {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        };
+        let (mut w, mut m, mut v) = (w0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+        for step in 1..=3 {
+            adam.step(&grads_for(&var), &|lr| lr).unwrap();
+            sar_math::adamw::adamw_step(&cfg, &mut w, &g0, &mut m, &mut v, step).unwrap();
+            assert_eq!(
+                var.as_tensor().to_vec1::<f32>().unwrap(),
+                w,
+                "AdamW step {step}"
+            );
+        }
+        let saved = adam.state().unwrap();
+        let exp_avg = saved
+            .iter()
+            .find(|(k, _)| k == "exp_avg.w")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(exp_avg.to_vec1::<f32>().unwrap(), m);
+        adam.step(&grads_for(&var), &|lr| lr).unwrap();
+        assert_eq!(
+            exp_avg.to_vec1::<f32>().unwrap(),
+            m,
+            "the saved moment changed"
+        );
+
+        let var = Var::from_slice(&w0, n, &Device::Cpu).unwrap();
+        let mut sgd = Sgd::named(vec![("w".into(), var.clone())], 0.1, 0.9, 1e-4, true);
+        let cfg = SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            nesterov: true,
+        };
+        let (mut w, mut b) = (w0.clone(), vec![0.0f32; n]);
+        for step in 0..3 {
+            sgd.step(&grads_for(&var)).unwrap();
+            sar_math::sgd::sgd_step(&cfg, &mut w, &g0, &mut b, step == 0).unwrap();
+            assert_eq!(
+                var.as_tensor().to_vec1::<f32>().unwrap(),
+                w,
+                "SGD step {step}"
+            );
+        }
+        let buf = sgd.momentum_state().unwrap()[0].1.clone();
+        sgd.step(&grads_for(&var)).unwrap();
+        assert_eq!(buf.to_vec1::<f32>().unwrap(), b, "the saved buffer changed");
     }
 
     /// Saving the state after 2 steps and loading it into a fresh optimiser gives the same

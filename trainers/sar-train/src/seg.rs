@@ -164,7 +164,6 @@ fn pixel_weighted_nll(
     weight: impl Fn(u8) -> f32,
 ) -> candle_core::Result<Tensor> {
     let up = resize_bilinear(logits, h, w)?;
-    let lsm = candle_nn::ops::log_softmax(&up, 1)?;
     let dev = logits.device();
     let idx: Vec<u32> = labels
         .iter()
@@ -175,8 +174,8 @@ fn pixel_weighted_nll(
         .map(|&l| if l == IGNORE { 0.0 } else { weight(l) })
         .collect();
     let idx = Tensor::from_vec(idx, (n, 1, h, w), dev)?;
-    let pw = Tensor::from_vec(pixel_w, (n, 1, h, w), dev)?.to_dtype(lsm.dtype())?;
-    (lsm.gather(&idx, 1)? * pw)?.sum_all()?.neg()? / (n * h * w) as f64
+    let pw = Tensor::from_vec(pixel_w, (n, 1, h, w), dev)?.to_dtype(up.dtype())?;
+    sar_candle::ops::cross_entropy::weighted_pixel_nll(&up, &idx, &pw, (n * h * w) as f64)
 }
 
 /// The network's part of a training step's loss (SAR's is the head's, added by the caller).

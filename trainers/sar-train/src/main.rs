@@ -26,7 +26,8 @@ static JEMALLOC_CONF: &[u8; 36] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
 /// Measured on the small CNN over one Fashion-MNIST-LT epoch (2 cores): 1.8 M minor page faults
 /// and 6–7 s of system time become 36 k and 0.5 s, and the run's wall time falls from ~23.5 to
 /// ~19.3 s, at the same peak RSS. Blocks above 32 MiB (segmentation scale) are still mapped
-/// afresh: the `jemalloc` feature covers those. A `GLIBC_TUNABLES` with malloc settings wins.
+/// afresh; even so, on the segmentation steps this beat mimalloc and the `jemalloc` feature
+/// (README, Benchmarks). A `GLIBC_TUNABLES` with malloc settings wins.
 #[cfg(all(not(feature = "jemalloc"), target_os = "linux", target_env = "gnu"))]
 fn retain_freed_memory() {
     if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {

@@ -209,7 +209,7 @@ impl CustomOp3 for PixelNllGrad {
     }
 }
 
-/// Σ_p w_p·(−log softmax(z_p)[y_p]) / `denominator` of logits `[N, K, H, W]`, labels
+/// `Σ_p w_p·(−log softmax(z_p)[y_p]) / denominator` of logits `[N, K, H, W]`, labels
 /// `[N, 1, H, W]` (u32) and weights `[N, 1, H, W]`, as a scalar: this op on the CPU for f32,
 /// [`weighted_pixel_nll_composite`] otherwise. Only the logits get a gradient.
 pub fn weighted_pixel_nll(

@@ -3,9 +3,9 @@
 //!
 //! x `[N, C, H, W]`, w `[C, 1, k, k]`, b `[C]`, p = k/2, y like x:
 //!
-//! - y[n,c,i,j] = b_c + Σ_{u,v<k} w[c,u,v]·x[n,c,i+u−p,j+v−p] (x = 0 outside the map);
-//! - dx[n,c,i,j] = Σ_{u,v} w[c,u,v]·dy[n,c,i−u+p,j−v+p];
-//! - dw[c,u,v] = Σ_{n,i,j} dy[n,c,i,j]·x[n,c,i+u−p,j+v−p], db_c = Σ_{n,i,j} dy[n,c,i,j].
+//! - `y[n,c,i,j] = b[c] + Σ_{u,v<k} w[c,u,v]·x[n,c,i+u−p,j+v−p]` (x = 0 outside the map);
+//! - `dx[n,c,i,j] = Σ_{u,v} w[c,u,v]·dy[n,c,i−u+p,j−v+p]`;
+//! - `dw[c,u,v] = Σ_{n,i,j} dy[n,c,i,j]·x[n,c,i+u−p,j+v−p]`, `db[c] = Σ_{n,i,j} dy[n,c,i,j]`.
 //!
 //! The forward adds the taps in row-major order (u, then v) and the bias last, the order of
 //! the composite of k² shifted, scaled copies ([`depthwise_conv2d_composite`], the path other

@@ -13,7 +13,7 @@
 //! | [`bias`] | y = x + b_c along one axis; db_c = Σ dy | x `[outer, C, inner]`, b `[C]` → y like x |
 //! | [`layer_norm`] | y = γ·(x − μ)/√(σ² + ε) + β over the last axis | x `[…, C]`, γ, β `[C]` → y like x |
 //! | [`gelu`] | y = x·Φ(x) (exact, through erf); dy/dx = Φ(x) + x·φ(x) | any shape |
-//! | [`cross_entropy`] | L = Σ_p w_p·(−log softmax(z_p)[y_p]) / M; dz = w·(softmax − onehot)/M | z `[N, K, H, W]`, y (u32), w `[N, 1, H, W]` → scalar |
+//! | [`cross_entropy`] | `L = Σ_p w_p·(−log softmax(z_p)[y_p]) / M`; dz = w·(softmax − onehot)/M | z `[N, K, H, W]`, y (u32), w `[N, 1, H, W]` → scalar |
 //! | [`depthwise`] | y_c = b_c + w_c ⋆ x_c, k×k, stride 1, padding k/2 | x `[N, C, H, W]`, w `[C, 1, k, k]`, b `[C]` → y like x |
 //! | [`pool`] | y = max over the k×k window (padding −∞), gradient to the window's first maximum | x `[N, C, H, W]` → y `[N, C, OH, OW]` |
 //!

@@ -476,6 +476,15 @@ impl AdamW {
     }
 }
 
+/// The error for an AdamW chunk without exactly its two moment chunks (cannot happen:
+/// [`in_place`] gives every chunk one piece of each buffer).
+fn two_moments() -> sar_math::SarError {
+    sar_math::SarError::Shape {
+        op: sar_math::Op::AdamW,
+        what: "a chunk needs its two moment chunks",
+    }
+}
+
 /// [`sar_math::adamw::adamw_step`] on a CPU variable's values and host moments, in place.
 fn adamw_host(
     cfg: &AdamWConfig,
@@ -488,13 +497,13 @@ fn adamw_host(
         (StateBuf::F32(m), StateBuf::F32(v)) => {
             in_place::<f32>(var, grad, vec![m, v], &|w, g, ex| match ex.as_mut_slice() {
                 [m, v] => sar_math::adamw::adamw_step(cfg, w, g, m, v, step),
-                _ => unreachable!("two moment chunks"),
+                _ => Err(two_moments()),
             })
         }
         (StateBuf::F64(m), StateBuf::F64(v)) => {
             in_place::<f64>(var, grad, vec![m, v], &|w, g, ex| match ex.as_mut_slice() {
                 [m, v] => sar_math::adamw::adamw_step(cfg, w, g, m, v, step),
-                _ => unreachable!("two moment chunks"),
+                _ => Err(two_moments()),
             })
         }
         _ => candle_core::bail!("host AdamW step with moments of another dtype or device"),

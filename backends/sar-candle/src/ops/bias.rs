@@ -138,11 +138,7 @@ impl CustomOp1 for BiasGrad {
 /// `x + b` with `b` `[C]` broadcast along `axis` of `x` (C = `x.dim(axis)`): this op on the
 /// CPU for f32, candle's `broadcast_add` otherwise.
 pub fn bias_add(x: &Tensor, b: &Tensor, axis: usize) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && b.dtype() == candle_core::DType::F32
-        && b.rank() == 1
-    {
+    if super::all_cpu_f32(&[x, b]) && b.rank() == 1 {
         x.contiguous()?
             .apply_op2(&b.contiguous()?, BiasAdd { axis })
     } else {

@@ -218,11 +218,7 @@ pub fn weighted_pixel_nll(
     weights: &Tensor,
     denominator: f64,
 ) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu()
-        && logits.dtype() == DType::F32
-        && weights.dtype() == DType::F32
-        && labels.dtype() == DType::U32
-    {
+    if super::all_cpu_f32(&[logits, weights]) && labels.dtype() == DType::U32 {
         logits.contiguous()?.apply_op3(
             &labels.contiguous()?,
             &weights.contiguous()?,

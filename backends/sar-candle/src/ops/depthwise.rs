@@ -237,11 +237,7 @@ impl CustomOp2 for DepthwiseGradParams {
 /// Depth-wise k×k conv of `x` with `weight` `[C, 1, k, k]` and `bias` `[C]` (stride 1,
 /// padding k/2): this op on the CPU for f32, [`depthwise_conv2d_composite`] otherwise.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu()
-        && [x, weight, bias]
-            .iter()
-            .all(|t| t.dtype() == candle_core::DType::F32)
-    {
+    if super::all_cpu_f32(&[x, weight, bias]) {
         x.contiguous()?
             .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Depthwise)
     } else {
@@ -286,17 +282,8 @@ pub fn depthwise_conv2d_composite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::randn;
-    use candle_core::{DType, Var};
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
+    use crate::ops::test_util::{flat, randn};
+    use candle_core::Var;
 
     /// Direct f64 loops over the definition in the module docs: y, dx, dw, db.
     fn naive(

@@ -83,7 +83,7 @@ impl CustomOp2 for GeluGrad {
 /// Exact GELU of `x`: this op on the CPU for f32, candle's `erf` composite otherwise (whose
 /// gradient, through `erf`, is also exact).
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if super::all_cpu_f32(&[x]) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         gelu_erf_composite(x)

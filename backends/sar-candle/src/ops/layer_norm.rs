@@ -193,11 +193,7 @@ pub fn layer_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu()
-        && [x, weight, bias]
-            .iter()
-            .all(|t| t.dtype() == candle_core::DType::F32)
-    {
+    if super::all_cpu_f32(&[x, weight, bias]) {
         x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
@@ -226,17 +222,8 @@ pub fn layer_norm_composite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::randn;
+    use crate::ops::test_util::{flat, randn};
     use candle_core::{DType, Var};
-
-    fn flat(t: &Tensor) -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
 
     /// Forward and the three gradients of the f32 op against the composite formula run in
     /// f64 on the same values, for several row counts and widths (one with a large mean, where

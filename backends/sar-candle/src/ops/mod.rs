@@ -29,6 +29,13 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod pool;
 
+/// Whether the custom CPU ops apply: every tensor on the CPU and f32 (else callers take the
+/// composite path).
+pub(crate) fn all_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
 /// Σ v in eight f32 lanes (so that it vectorises), returned in f64.
 pub(crate) fn sum_f32(v: &[f32]) -> f64 {
     dot_f32(v, None)
@@ -87,6 +94,16 @@ pub(crate) fn cpu_f32<'a>(
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{Device, Tensor};
+
+    /// A tensor's values as f64, flattened.
+    pub fn flat(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
 
     /// Deterministic N(0, 1) test data (each call draws the next seed).
     pub fn randn<S: Into<candle_core::Shape>>(shape: S) -> Tensor {

@@ -35,14 +35,7 @@ fn main() {
     let dev = Cpu::default();
     for (h, c) in [(32, 16), (16, 32), (8, 64)] {
         let n = 128;
-        let geom = ConvGeometry {
-            n,
-            h,
-            w: h,
-            k: 3,
-            stride: 1,
-            pad: 1,
-        };
+        let geom = ConvGeometry::new(n, (h, h), 3, 1, 1);
         let x: Rows = dev.sample_normal_like(&(n * h * h, c));
         let kernel: Rows = dev.sample_normal_like(&(9 * c, c));
         let (mut op_cache, mut generic_cache) = (GatherCache::default(), GatherCache::default());

@@ -7,16 +7,17 @@
 //! 1. Activations are **NHWC rows** `X [N·H·W, C]` (row `(n·H + y)·W + x` holds the C channels
 //!    of one pixel). One zero row is appended: `X̃ [N·H·W + 1, C]`.
 //! 2. A **row gather** with an index `I [M, K·K]`, M = N·OH·OW, where `I[(n, oy, ox), (ky, kx)]`
-//!    is the row of input pixel (oy·s − p + ky, ox·s − p + kx) of image n, or the zero row when
-//!    that pixel lies in the padding: `P = X̃[I]` `[M, K·K, C]`, viewed as `[M, K·K·C]`
+//!    is the row of input pixel (oy·s − p + ky·d, ox·s − p + kx·d) of image n (d the
+//!    dilation), or the zero row when that pixel lies in the padding: `P = X̃[I]` `[M, K·K, C]`, viewed as `[M, K·K·C]`
 //!    (im2col, tap-major, channel-minor). Its backward scatter-adds into X̃ (the zero row's
 //!    gradient is dropped with the concatenation's backward).
 //! 3. A **matmul** with the kernel: the weight `W [Cout, Cin, K, K]` (PyTorch's layout, the
 //!    names and layout every backend shares) permuted to `[K, K, Cin, Cout]` and viewed as
 //!    `W' [K·K·Cin, Cout]`: `Y = P·W' [M, Cout]`, already NHWC rows of the output.
 //!
-//! `y[n, o, oy, ox] = Σ_{c, ky, kx} w[o, c, ky, kx] · x[n, c, oy·s − p + ky, ox·s − p + kx]`
-//! (zero outside the image), exactly PyTorch's `conv2d` without bias and dilation 1.
+//! `y[n, o, oy, ox] = Σ_{c, ky, kx} w[o, c, ky, kx] · x[n, c, oy·s − p + ky·d, ox·s − p + kx·d]`
+//! (zero outside the image), exactly PyTorch's `conv2d` without bias or groups; OH =
+//! ⌊(H + 2p − d·(K − 1) − 1)/s⌋ + 1.
 //!
 //! On other devices than the CPU (CUDA), these are dfdx's `concat_along`, `gather` and `matmul`
 //! ([`conv_rows_generic`]). On dfdx's `Cpu`, steps 2–3 are one op with its own backward, the
@@ -25,10 +26,11 @@
 //! option-A shortcut of the CIFAR ResNets (keep every `s`-th row and column, zero-pad the
 //! channels on both sides) is a row gather followed by a concatenation with zero columns.
 //!
-//! 2×2 max-pooling with stride 2 ([`max_pool_2x2`]) is four row gathers (the window's taps in
-//! row-major order) folded by `choose(tap > best, tap, best)`: ties keep the earlier tap, so the
-//! gradient of each output goes to the first maximum of its window, as in PyTorch (dfdx's own
-//! `maximum` would split it between tied values).
+//! Max-pooling ([`max_pool2d`]: K×K windows, stride s, padding p; [`max_pool_2x2`]) is K·K row
+//! gathers from the rows with one −∞ row appended (the padding), the window's taps in
+//! row-major order, folded by `choose(tap > best, tap, best)`: ties keep the earlier tap, so
+//! the gradient of each output goes to the first maximum of its window, as in PyTorch (dfdx's
+//! own `maximum` would split it between tied values).
 
 use crate::{shape_err, Float, Result, SarDevice};
 use dfdx::prelude::*;
@@ -52,18 +54,42 @@ pub struct ConvGeometry {
     pub stride: usize,
     /// Zero padding on every side.
     pub pad: usize,
+    /// Dilation d (atrous convolution: tap k reads input offset k·d; 1 is a plain conv).
+    pub dilation: usize,
 }
 
 impl ConvGeometry {
-    /// Output height and width: ⌊(H + 2p − K)/s⌋ + 1.
+    /// A K×K convolution of `n` images of `h`×`w` pixels with `stride` and `pad`, dilation 1.
+    pub fn new(n: usize, (h, w): (usize, usize), k: usize, stride: usize, pad: usize) -> Self {
+        ConvGeometry {
+            n,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+            dilation: 1,
+        }
+    }
+
+    /// The same geometry with dilation `d`.
+    pub fn dilated(self, d: usize) -> Self {
+        ConvGeometry {
+            dilation: d,
+            ..self
+        }
+    }
+
+    /// Output height and width: ⌊(H + 2p − d·(K − 1) − 1)/s⌋ + 1.
     pub fn out_hw(&self) -> Result<(usize, usize)> {
-        let (h, w, k, s, p) = (self.h, self.w, self.k, self.stride, self.pad);
-        if k == 0 || s == 0 || h + 2 * p < k || w + 2 * p < k {
+        let (h, w, k, s, p, d) = (self.h, self.w, self.k, self.stride, self.pad, self.dilation);
+        let extent = d * k.saturating_sub(1) + 1;
+        if k == 0 || s == 0 || d == 0 || h + 2 * p < extent || w + 2 * p < extent {
             return shape_err(format!(
-                "conv: kernel {k}, stride {s}, padding {p} do not fit a {h}×{w} input"
+                "conv: kernel {k}, stride {s}, padding {p}, dilation {d} do not fit a {h}×{w} input"
             ));
         }
-        Ok(((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1))
+        Ok(((h + 2 * p - extent) / s + 1, (w + 2 * p - extent) / s + 1))
     }
 
     /// The im2col row indices `[N·OH·OW, K·K]` (see the module docs); `N·H·W` is the zero row.
@@ -77,8 +103,10 @@ impl ConvGeometry {
                 for ox in 0..ow {
                     for ky in 0..k {
                         for kx in 0..k {
-                            let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                            let (sy, sx) = (oy * self.stride, ox * self.stride);
+                            let d = self.dilation;
+                            let iy = (sy + ky * d) as isize - self.pad as isize;
+                            let ix = (sx + kx * d) as isize - self.pad as isize;
                             idx.push(if (0..h).contains(&iy) && (0..w).contains(&ix) {
                                 (b * self.h + iy as usize) * self.w + ix as usize
                             } else {
@@ -99,7 +127,7 @@ pub struct GatherCache<D: Storage<usize>> {
     conv: HashMap<ConvGeometry, Tensor<(usize, usize), usize, D>>,
     host: HashMap<ConvGeometry, std::sync::Arc<Vec<usize>>>,
     subsample: HashMap<(usize, usize, usize, usize), crate::Flat<usize, D>>,
-    pool: HashMap<(usize, usize, usize), Vec<crate::Flat<usize, D>>>,
+    pool: HashMap<PoolKey, Vec<crate::Flat<usize, D>>>,
 }
 
 impl<D: Storage<usize>> Default for GatherCache<D> {
@@ -123,6 +151,9 @@ impl<D: Storage<usize>> std::fmt::Debug for GatherCache<D> {
         )
     }
 }
+
+/// A max-pool's gather indices by (N, H, W, K, stride, padding).
+type PoolKey = (usize, usize, usize, usize, usize, usize);
 
 /// The convolution proper, `Y = im2col(X)·W'` (see the module docs), with its backward on the
 /// tape: `x` NHWC rows `[N·H·W, Cin]`, `kernel` the matrix `W' [K·K·Cin, Cout]`; returns the
@@ -479,45 +510,77 @@ pub fn option_a<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
 }
 
 /// 2×2 max-pool with stride 2 over NHWC rows `[N·H·W, C]` of `(n, h, w)` pixels (odd sizes are
-/// floored, like PyTorch's `nn.MaxPool2d(2)`); returns the rows `[N·(H/2)·(W/2), C]` and the
-/// output (h, w). Each output takes the first maximum of its window in row-major order (a NaN
-/// wins, as in PyTorch), and its gradient goes there alone. Any dfdx device.
+/// floored, like PyTorch's `nn.MaxPool2d(2)`): [`max_pool2d`] with K = 2, s = 2, p = 0.
 pub fn max_pool_2x2<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     cache: &mut GatherCache<D>,
     x: Tensor<(usize, usize), E, D, T>,
     (n, h, w): (usize, usize, usize),
 ) -> Result<crate::ConvOut<E, D, T>> {
-    let (rows, _) = *x.shape();
-    if rows != n * h * w || h < 2 || w < 2 {
+    max_pool2d(cache, x, (n, h, w), 2, 2, 0)
+}
+
+/// K×K max-pool with stride `s` and padding `p` (−∞) over NHWC rows `[N·H·W, C]` of
+/// `(n, h, w)` pixels, PyTorch's `nn.MaxPool2d(k, s, p)`: output ⌊(H + 2p − K)/s⌋ + 1 per side
+/// (floored), p at most K/2. Returns the rows `[N·OH·OW, C]` and (OH, OW). Each output takes
+/// the first maximum of its window in row-major order (a NaN wins, as in PyTorch), and its
+/// gradient goes there alone. Any dfdx device.
+pub fn max_pool2d<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    cache: &mut GatherCache<D>,
+    x: Tensor<(usize, usize), E, D, T>,
+    (n, h, w): (usize, usize, usize),
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Result<crate::ConvOut<E, D, T>> {
+    let (rows, c) = *x.shape();
+    if rows != n * h * w || k == 0 || s == 0 || 2 * p > k || h + 2 * p < k || w + 2 * p < k {
         return shape_err(format!(
-            "2×2 max-pool: {rows} rows for {n}×{h}×{w} pixels (each side needs at least 2)"
+            "{k}×{k} max-pool (stride {s}, padding {p}): {rows} rows for {n}×{h}×{w} pixels (the window must fit the padded input, and the padding be at most half the window)"
         ));
     }
-    let (oh, ow) = (h / 2, w / 2);
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
     let dev = x.device().clone();
+    // Index `rows` is the appended −∞ row: a padding tap never wins over a pixel.
     let taps = cache
         .pool
-        .entry((n, h, w))
+        .entry((n, h, w, k, s, p))
         .or_insert_with(|| {
-            [(0, 0), (0, 1), (1, 0), (1, 1)]
-                .into_iter()
-                .map(|(dy, dx)| {
+            let mut per_tap = Vec::with_capacity(k * k);
+            for ky in 0..k {
+                for kx in 0..k {
                     let mut v = Vec::with_capacity(n * oh * ow);
                     for b in 0..n {
                         for y in 0..oh {
                             for xx in 0..ow {
-                                v.push((b * h + 2 * y + dy) * w + 2 * xx + dx);
+                                let iy = (y * s + ky) as isize - p as isize;
+                                let ix = (xx * s + kx) as isize - p as isize;
+                                v.push(
+                                    if (0..h as isize).contains(&iy)
+                                        && (0..w as isize).contains(&ix)
+                                    {
+                                        (b * h + iy as usize) * w + ix as usize
+                                    } else {
+                                        rows
+                                    },
+                                );
                             }
                         }
                     }
-                    dev.tensor_from_vec(v, (n * oh * ow,))
-                })
-                .collect()
+                    per_tap.push(dev.tensor_from_vec(v, (n * oh * ow,)));
+                }
+            }
+            per_tap
         })
         .clone();
+    let source = if p > 0 {
+        let neg = dev.tensor_from_vec(vec![E::neg_infinity(); c], (1, c));
+        (x, neg).concat_along(Axis::<0>)
+    } else {
+        x
+    };
     let mut best: Option<Tensor<(usize, usize), E, D, T>> = None;
     for idx in taps {
-        let tap: Tensor<(usize, usize), E, D, T> = x.retaped::<T>().gather(idx);
+        let tap: Tensor<(usize, usize), E, D, T> = source.retaped::<T>().gather(idx);
         best = Some(match best {
             None => tap,
             Some(b) => {
@@ -528,12 +591,12 @@ pub fn max_pool_2x2<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
             }
         });
     }
-    // The taps were gathered from copies with fresh tapes: the input's own tape (everything
-    // before the pool) joins the output's here.
-    let out = best.expect("four taps");
+    // The taps were gathered from copies with fresh tapes: the source's own tape (everything
+    // before the pool, and the padding's concatenation) joins the output's here.
+    let out = best.ok_or_else(|| crate::SarDfdxError::Shape("max-pool: no taps".into()))?;
     let (out, tape) = out.split_tape();
-    let (_, x_tape) = x.split_tape();
-    Ok((out.put_tape(tape.merge(x_tape)), (oh, ow)))
+    let (_, source_tape) = source.split_tape();
+    Ok((out.put_tape(tape.merge(source_tape)), (oh, ow)))
 }
 
 /// NCHW values (host) to NHWC rows (host): `[N, C, H, W]` → `[N·H·W, C]`.
@@ -596,5 +659,76 @@ mod tests {
         assert!(y[0].is_nan() && y[1] == 8.0, "{y:?}");
         let bad: Tensor<(usize, usize), f64, Cpu> = dev.zeros_like(&(3, 1));
         assert!(max_pool_2x2(&mut cache, bad, (1, 1, 3)).is_err());
+    }
+
+    /// The ImageNet stem's pool (3×3, stride 2, padding 1) on a 4×4 image, by hand: windows
+    /// overlap, so pixel (0, 1), the first maximum of two windows, takes both gradients; the
+    /// −∞ padding never wins, also when every pixel is negative.
+    #[test]
+    fn max_pool_3x3_s2_p1_by_hand() {
+        let dev = Cpu::default();
+        #[rustfmt::skip]
+        let v: Vec<f64> = vec![
+            1.0, 5.0, 2.0, 0.0,
+            3.0, 4.0, 5.0, 1.0,
+            0.0, 2.0, 9.0, 9.0,
+            6.0, 1.0, 2.0, 3.0,
+        ];
+        let mut cache = GatherCache::default();
+        for offset in [0.0, -20.0] {
+            let vals: Vec<f64> = v.iter().map(|a| a + offset).collect();
+            let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(vals, (16, 1));
+            let (y, hw) = max_pool2d(&mut cache, x.leaky_trace(), (1, 4, 4), 3, 2, 1).unwrap();
+            assert_eq!(hw, (2, 2));
+            let want: Vec<f64> = [5.0, 5.0, 6.0, 9.0].iter().map(|a| a + offset).collect();
+            assert_eq!(y.as_vec(), want);
+            let up = dev.tensor_from_vec(vec![10.0, 100.0, 1000.0, 10000.0], (4, 1));
+            let grads = (y * up).sum::<Rank0, _>().backward();
+            let mut want = vec![0.0; 16];
+            want[1] = 110.0;
+            want[12] = 1000.0;
+            want[10] = 10000.0;
+            assert_eq!(grads.get(&x).as_vec(), want);
+        }
+        let x: Tensor<(usize, usize), f64, Cpu> = dev.zeros_like(&(16, 1));
+        assert!(
+            max_pool2d(&mut cache, x.clone(), (1, 4, 4), 3, 2, 2).is_err(),
+            "p > k/2"
+        );
+        assert!(
+            max_pool2d(&mut cache, x.clone(), (1, 4, 4), 3, 0, 1).is_err(),
+            "stride 0"
+        );
+        assert!(
+            max_pool2d(&mut cache, x, (1, 4, 3), 3, 2, 1).is_err(),
+            "rows"
+        );
+    }
+
+    /// Dilation moves the taps: a 3×3 kernel with d = 2 on a 5×5 input without padding has one
+    /// output, reading pixels (0, 0), (0, 2), …, (4, 4).
+    #[test]
+    fn dilated_im2col_rows_by_hand() {
+        let g = ConvGeometry::new(1, (5, 5), 3, 1, 0).dilated(2);
+        assert_eq!(g.out_hw().unwrap(), (1, 1));
+        assert_eq!(g.im2col_rows().unwrap(), [0, 2, 4, 10, 12, 14, 20, 22, 24]);
+        // Padding 2 keeps the size (the segmentation backbones' rule p = d).
+        let g = ConvGeometry::new(2, (4, 3), 3, 1, 2).dilated(2);
+        assert_eq!(g.out_hw().unwrap(), (4, 3));
+        let rows = g.im2col_rows().unwrap();
+        // Output (image 1, 1, 1): taps at rows −1, 1, 3 and columns −1, 1, 3 → only (1, 1)
+        // and (3, 1) are inside.
+        let at = ((4 * 3) + (3 + 1)) * 9;
+        let zero = 2 * 4 * 3;
+        let want = [zero, zero, zero, zero, 12 + 4, zero, zero, 12 + 10, zero];
+        assert_eq!(&rows[at..at + 9], want);
+        assert!(ConvGeometry::new(1, (3, 3), 3, 1, 0)
+            .dilated(2)
+            .out_hw()
+            .is_err());
+        assert!(ConvGeometry::new(1, (3, 3), 3, 1, 0)
+            .dilated(0)
+            .out_hw()
+            .is_err());
     }
 }

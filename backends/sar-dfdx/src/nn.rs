@@ -15,7 +15,8 @@
 
 use crate::SarDfdxError;
 use crate::{
-    dev_err, shape_err, DfdxLabels, DfdxLoss, DfdxTensor, Result, SarDevice, TapedBackend, Traced,
+    dev_err, shape_err, DfdxLabels, DfdxLoss, DfdxTensor, Float, Result, SarDevice, TapedBackend,
+    Traced,
 };
 use dfdx::prelude::*;
 use sar_math::backend::{car_step, prototype_step, BackendSarState, Mixup, SarBackend};
@@ -23,30 +24,35 @@ use sar_math::sgd::{sgd_step, SgdConfig};
 use sar_math::{RegularizerKind, SarConfig};
 use std::collections::BTreeMap;
 
-/// Rows `[R, C]` of f32 on device `D` with tape `T`.
-pub type Rows<D, T> = Tensor<(usize, usize), f32, D, T>;
+/// Rows `[R, C]` of element type `E` (f32 unless named) on device `D` with tape `T`.
+pub type Rows<D, T, E = f32> = Tensor<(usize, usize), E, D, T>;
 
 /// A tensor on the host: shape and values.
-pub type HostTensor = (Vec<usize>, Vec<f32>);
+pub type HostTensor<E = f32> = (Vec<usize>, Vec<E>);
 
 /// Whether a variable is a BatchNorm running statistic (`sar-math`'s one definition).
 pub use sar_math::batch_norm::is_running_stat;
 use sar_math::batch_norm::EPS as BN_EPS;
 
-/// Variables by name (see the module docs). Cloning shares the values (they are immutable;
-/// updates replace them).
+/// Variables by name (see the module docs), of element type `E` (f32 for training; f64 for
+/// the cross-checks against candle). Cloning shares the values (they are immutable; updates
+/// replace them).
 #[derive(Clone)]
-pub struct Params<D: SarDevice<f32>> {
-    values: BTreeMap<String, Tensor<(usize,), f32, D>>,
+pub struct Params<D, E = f32>
+where
+    E: Float,
+    D: SarDevice<E>,
+{
+    values: BTreeMap<String, Tensor<(usize,), E, D>>,
     shapes: BTreeMap<String, Vec<usize>>,
     device: D,
 }
 
-impl<D: SarDevice<f32>> Params<D> {
+impl<E: Float, D: SarDevice<E>> Params<D, E> {
     /// Variables from host values `(name, shape, values)`.
     pub fn from_host(
         device: &D,
-        entries: impl IntoIterator<Item = (String, Vec<usize>, Vec<f32>)>,
+        entries: impl IntoIterator<Item = (String, Vec<usize>, Vec<E>)>,
     ) -> Result<Self> {
         let mut p = Params {
             values: BTreeMap::new(),
@@ -87,14 +93,14 @@ impl<D: SarDevice<f32>> Params<D> {
     }
 
     /// The values of `name`.
-    pub fn get(&self, name: &str) -> Result<&Tensor<(usize,), f32, D>> {
+    pub fn get(&self, name: &str) -> Result<&Tensor<(usize,), E, D>> {
         self.values.get(name).ok_or_else(|| {
             SarDfdxError::Shape(format!("the model needs variable {name}, which is missing"))
         })
     }
 
     /// Replaces the values of `name` (same number of elements).
-    pub fn set(&mut self, name: &str, v: Vec<f32>) -> Result<()> {
+    pub fn set(&mut self, name: &str, v: Vec<E>) -> Result<()> {
         let n = self.shape(name)?.iter().product::<usize>();
         if v.len() != n {
             return shape_err(format!("variable {name}: {} values for {n}", v.len()));
@@ -105,12 +111,12 @@ impl<D: SarDevice<f32>> Params<D> {
     }
 
     /// Replaces the tensor of `name` (same length; used by the optimiser).
-    fn replace(&mut self, name: &str, t: Tensor<(usize,), f32, D>) {
+    fn replace(&mut self, name: &str, t: Tensor<(usize,), E, D>) {
         self.values.insert(name.to_string(), t);
     }
 
     /// Every variable on the host: `(name, shape, values)`, sorted by name.
-    pub fn to_host(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    pub fn to_host(&self) -> Vec<(String, Vec<usize>, Vec<E>)> {
         self.values
             .iter()
             .map(|(n, t)| (n.clone(), self.shapes[n].clone(), t.as_vec()))
@@ -127,13 +133,13 @@ impl<D: SarDevice<f32>> Params<D> {
     }
 
     /// `name` with an empty tape of type `T` (its gradient accumulates under its id).
-    pub fn taped<T: Tape<f32, D>>(&self, name: &str) -> Result<Tensor<(usize,), f32, D, T>> {
+    pub fn taped<T: Tape<E, D>>(&self, name: &str) -> Result<Tensor<(usize,), E, D, T>> {
         Ok(self.get(name)?.retaped::<T>())
     }
 
     /// A gradient store with a zero gradient allocated for every trained variable, to trace
     /// the input with: every variable then has a gradient after backward, reached or not.
-    pub fn alloc_grads(&self) -> Result<Gradients<f32, D>> {
+    pub fn alloc_grads(&self) -> Result<Gradients<E, D>> {
         let mut g = Gradients::leaky();
         for n in self.trainable() {
             g.try_alloc_for(&self.values[&n]).map_err(dev_err)?;
@@ -142,17 +148,17 @@ impl<D: SarDevice<f32>> Params<D> {
     }
 
     /// The gradient of `name` from `grads`, on the host.
-    pub fn gradient(&self, grads: &Gradients<f32, D>, name: &str) -> Result<Vec<f32>> {
+    pub fn gradient(&self, grads: &Gradients<E, D>, name: &str) -> Result<Vec<E>> {
         Ok(grads.get(self.get(name)?).as_vec())
     }
 }
 
 /// `x W^T + b` with `{prefix}.weight [out, in]` and (if present) `{prefix}.bias [out]`.
-pub fn linear<D: SarDevice<f32>, T: Tape<f32, D>>(
-    params: &Params<D>,
-    x: Rows<D, T>,
+pub fn linear<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    params: &Params<D, E>,
+    x: Rows<D, T, E>,
     prefix: &str,
-) -> Result<Rows<D, T>> {
+) -> Result<Rows<D, T, E>> {
     let (n, inputs) = *x.shape();
     let wname = format!("{prefix}.weight");
     let &[out, win] = params.shape(&wname)? else {

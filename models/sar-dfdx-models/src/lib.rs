@@ -2,7 +2,9 @@
 //!
 //! The networks of `sar-models` (candle) written over `sar-dfdx`'s [`Params`], with the same
 //! variable names, shapes and layouts, so a checkpoint written by one library loads in the
-//! other. Activations are NHWC rows `[N·H·W, C]` (see [`sar_dfdx::conv`]).
+//! other (and torchvision's ImageNet weights load into the ResNets). Activations are NHWC rows
+//! `[N·H·W, C]` (see [`sar_dfdx::conv`]). Every network runs in f32 (training) and f64 (the
+//! cross-checks against candle), on any dfdx device.
 //!
 //! - [`Forward`]: a forward pass's variables, gather indices and mode, with conv / BatchNorm /
 //!   linear layers by name. BatchNorm in training mode normalises with the batch's biased
@@ -11,44 +13,73 @@
 //!   running statistics.
 //! - [`Classifier`]: the small CNN (three conv3×3-BN-ReLU stages, 32/64/128 channels, strides
 //!   1/2/2, global average pooling, `fc`), its max-pooling variant `cnn-pool` (strides 1, a 2×2
-//!   max-pool after the first two stages, [`max_pool_2x2`]) and the CIFAR ResNets (depth 6n+2, option-A
-//!   shortcuts, global average pooling, `fc`).
+//!   max-pool after the first two stages, [`max_pool_2x2`]), the CIFAR ResNets (depth 6n+2,
+//!   option-A shortcuts, global average pooling, `fc`) and torchvision's ResNet-18 / ResNet-50
+//!   (v1.5: a Bottleneck's stride is on its 3×3 conv) with either stem — [`Stem::Imagenet`]:
+//!   `conv1` 7×7/2 (padding 3) → `bn1` → ReLU → max-pool 3×3/2 (padding 1, [`max_pool2d`]);
+//!   [`Stem::Cifar`]: `conv1` 3×3/1 (padding 1) → `bn1` → ReLU — then `layer1..4` (base widths
+//!   64/128/256/512, stride 2 from `layer2` on, projection shortcuts
+//!   `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`), global average pooling to the 512-d
+//!   (ResNet-18) or 2048-d (ResNet-50) feature, `fc`.
 //! - [`cross_entropy`] against soft targets (MixUp) and [`one_hot`].
 //!
 //! SAR itself on dfdx (the backend, the SAR head, conv/norm ops, [`Params`], SGD) is
 //! `sar-dfdx`.
 
-use sar_dfdx::conv::{conv2d, max_pool_2x2, option_a, ConvGeometry, GatherCache};
+use num_traits::NumCast;
+use sar_dfdx::conv::{conv2d, max_pool2d, max_pool_2x2, option_a, ConvGeometry, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{linear, Params, Rows};
-use sar_dfdx::{Result, SarDevice, SarDfdxError};
+use sar_dfdx::{ConvOut, Float, Result, SarDevice, SarDfdxError};
 use sar_math::batch_norm::{EPS as BN_EPS, MOMENTUM as BN_MOMENTUM};
 
 fn shape_err<T>(msg: String) -> Result<T> {
     Err(SarDfdxError::Shape(msg))
 }
 
+/// `v` in element type `E` (f32 and f64 represent every value these conversions see).
+fn cast<E: Float>(v: f64) -> E {
+    <E as NumCast>::from(v).unwrap_or_else(E::nan)
+}
+
 /// What a forward pass needs besides the input: variables, gather indices, the mode.
-pub struct Forward<'a, D: SarDevice<f32>> {
+pub struct Forward<'a, D, E = f32>
+where
+    E: Float,
+    D: SarDevice<E>,
+{
     /// Variables (running statistics are updated in training mode).
-    pub params: &'a mut Params<D>,
+    pub params: &'a mut Params<D, E>,
     /// Gather indices by geometry.
     pub cache: &'a mut GatherCache<D>,
     /// Training mode (BatchNorm batch statistics).
     pub train: bool,
 }
 
-impl<D: SarDevice<f32>> Forward<'_, D> {
+impl<E: Float, D: SarDevice<E>> Forward<'_, D, E> {
     /// A conv without bias, `{prefix}.weight [cout, cin, k, k]`, over NHWC rows of `(n, h, w)`
     /// pixels; returns the rows and the output (h, w).
-    pub fn conv<T: Tape<f32, D>>(
+    pub fn conv<T: Tape<E, D>>(
         &mut self,
-        x: Rows<D, T>,
+        x: Rows<D, T, E>,
         prefix: &str,
         (n, h, w): (usize, usize, usize),
         stride: usize,
         pad: usize,
-    ) -> Result<(Rows<D, T>, (usize, usize))> {
+    ) -> Result<ConvOut<E, D, T>> {
+        self.conv_dilated(x, prefix, (n, h, w), stride, pad, 1)
+    }
+
+    /// [`Forward::conv`] with dilation `dilation`.
+    pub fn conv_dilated<T: Tape<E, D>>(
+        &mut self,
+        x: Rows<D, T, E>,
+        prefix: &str,
+        (n, h, w): (usize, usize, usize),
+        stride: usize,
+        pad: usize,
+        dilation: usize,
+    ) -> Result<ConvOut<E, D, T>> {
         let name = format!("{prefix}.weight");
         let &[cout, cin, k, k2] = self.params.shape(&name)? else {
             return shape_err(format!("{name} must be [Cout, Cin, K, K]"));
@@ -60,25 +91,18 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
                 x.shape().1
             ));
         }
-        let geom = ConvGeometry {
-            n,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-        };
+        let geom = ConvGeometry::new(n, (h, w), k, stride, pad).dilated(dilation);
         conv2d(self.cache, x, self.params.taped(&name)?, geom, cout)
     }
 
     /// BatchNorm over rows `[R, C]` (`{prefix}.{weight,bias,running_mean,running_var}`),
     /// optionally followed by ReLU. See the module docs for the two modes.
-    pub fn bn<T: Tape<f32, D>>(
+    pub fn bn<T: Tape<E, D>>(
         &mut self,
-        x: Rows<D, T>,
+        x: Rows<D, T, E>,
         prefix: &str,
         relu: bool,
-    ) -> Result<Rows<D, T>> {
+    ) -> Result<Rows<D, T, E>> {
         let (r, c) = *x.shape();
         let p = |s: &str| format!("{prefix}.{s}");
         let gamma = self.params.taped::<T>(&p("weight"))?;
@@ -99,17 +123,16 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
             };
             let rm = self.params.get(&p("running_mean"))?.as_vec();
             let rv = self.params.get(&p("running_var"))?.as_vec();
+            let f = |v: &E| v.to_f64().unwrap_or(f64::NAN);
             let new_mean = rm
                 .iter()
                 .zip(&mean)
-                .map(|(&a, &b)| ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64) as f32)
+                .map(|(a, b)| cast((1.0 - BN_MOMENTUM) * f(a) + BN_MOMENTUM * f(b)))
                 .collect();
             let new_var = rv
                 .iter()
                 .zip(&var)
-                .map(|(&a, &b)| {
-                    ((1.0 - BN_MOMENTUM) * a as f64 + BN_MOMENTUM * b as f64 * unbias) as f32
-                })
+                .map(|(a, b)| cast((1.0 - BN_MOMENTUM) * f(a) + BN_MOMENTUM * f(b) * unbias))
                 .collect();
             self.params.set(&p("running_mean"), new_mean)?;
             self.params.set(&p("running_var"), new_var)?;
@@ -117,7 +140,7 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
         }
         let rm = self.params.get(&p("running_mean"))?.clone();
         let rv = self.params.get(&p("running_var"))?.clone();
-        let inv = (rv + BN_EPS as f32).sqrt().recip();
+        let inv = (rv + cast::<E>(BN_EPS)).sqrt().recip();
         let normed = (x - rm.broadcast_like::<_, Axis<0>>(&(r, c)))
             * inv.broadcast_like::<_, Axis<0>>(&(r, c));
         let y = normed * gamma.broadcast_like::<_, Axis<0>>(&(r, c))
@@ -126,9 +149,86 @@ impl<D: SarDevice<f32>> Forward<'_, D> {
     }
 
     /// `x W^T + b` with `{prefix}.weight [out, in]`, `{prefix}.bias [out]`.
-    pub fn linear<T: Tape<f32, D>>(&mut self, x: Rows<D, T>, prefix: &str) -> Result<Rows<D, T>> {
+    pub fn linear<T: Tape<E, D>>(
+        &mut self,
+        x: Rows<D, T, E>,
+        prefix: &str,
+    ) -> Result<Rows<D, T, E>> {
         linear(self.params, x, prefix)
     }
+
+    /// torchvision's residual block `name` (`layerX.i`) on rows of `(n, h, w)` pixels with
+    /// `cin` channels: BasicBlock (3×3 `conv1` with `stride` → `bn1` → ReLU → 3×3 `conv2` →
+    /// `bn2`) or Bottleneck (1×1 `conv1` → `bn1` → ReLU → 3×3 `conv2` with `stride` → `bn2` →
+    /// ReLU → 1×1 `conv3` → `bn3`), 3×3 convs dilated by `dilation` (padding = dilation), plus
+    /// the shortcut (`downsample.0` 1×1 conv with `stride` → `downsample.1` BN when the stride
+    /// or the width changes, else the identity), then ReLU. Returns the rows and (h, w).
+    pub fn residual_block<T: Tape<E, D>>(
+        &mut self,
+        x: Rows<D, T, E>,
+        name: &str,
+        (n, h, w): (usize, usize, usize),
+        block: Block,
+    ) -> Result<ConvOut<E, D, T>> {
+        let Block {
+            bottleneck,
+            width,
+            stride,
+            dilation,
+        } = block;
+        let cin = x.shape().1;
+        let out = if bottleneck { 4 * width } else { width };
+        let shortcut = if stride != 1 || cin != out {
+            let (s, _) = self.conv(
+                x.retaped::<T>(),
+                &format!("{name}.downsample.0"),
+                (n, h, w),
+                stride,
+                0,
+            )?;
+            self.bn(s, &format!("{name}.downsample.1"), false)?
+        } else {
+            x.retaped::<T>()
+        };
+        let d = dilation;
+        let (y, hw) = if bottleneck {
+            let (y, _) = self.conv(x, &format!("{name}.conv1"), (n, h, w), 1, 0)?;
+            let y = self.bn(y, &format!("{name}.bn1"), true)?;
+            let (y, hw) =
+                self.conv_dilated(y, &format!("{name}.conv2"), (n, h, w), stride, d, d)?;
+            let y = self.bn(y, &format!("{name}.bn2"), true)?;
+            let (y, _) = self.conv(y, &format!("{name}.conv3"), (n, hw.0, hw.1), 1, 0)?;
+            (self.bn(y, &format!("{name}.bn3"), false)?, hw)
+        } else {
+            let (y, hw) =
+                self.conv_dilated(x, &format!("{name}.conv1"), (n, h, w), stride, d, d)?;
+            let y = self.bn(y, &format!("{name}.bn1"), true)?;
+            let (y, _) =
+                self.conv_dilated(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, d, d)?;
+            (self.bn(y, &format!("{name}.bn2"), false)?, hw)
+        };
+        if *y.shape() != *shortcut.shape() {
+            return shape_err(format!(
+                "{name}: the block's output {:?} and its shortcut {:?} differ",
+                y.shape(),
+                shortcut.shape()
+            ));
+        }
+        Ok(((y + shortcut).relu(), hw))
+    }
+}
+
+/// One residual block of [`Forward::residual_block`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// Bottleneck (1×1, 3×3, 1×1, output 4·width) or BasicBlock (3×3, 3×3, output width).
+    pub bottleneck: bool,
+    /// Base width (64, 128, 256, 512 in torchvision's stages).
+    pub width: usize,
+    /// Stride of the block's strided conv and of its shortcut.
+    pub stride: usize,
+    /// Dilation of its 3×3 convs (1 in the classification networks).
+    pub dilation: usize,
 }
 
 /// Which network.
@@ -143,6 +243,31 @@ pub enum Arch {
         /// Depth (32 for ResNet-32).
         depth: usize,
     },
+    /// torchvision's ResNet-18 or ResNet-50 with a stem.
+    ResNet {
+        /// ResNet-18 or ResNet-50.
+        depth: Depth,
+        /// The ImageNet or the CIFAR stem.
+        stem: Stem,
+    },
+}
+
+/// Which torchvision ResNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// BasicBlocks [2, 2, 2, 2].
+    R18,
+    /// Bottlenecks [3, 4, 6, 3].
+    R50,
+}
+
+/// The first layers of a torchvision ResNet (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stem {
+    /// `conv1` 7×7/2, `bn1`, ReLU, max-pool 3×3/2.
+    Imagenet,
+    /// `conv1` 3×3/1, `bn1`, ReLU.
+    Cifar,
 }
 
 /// A classification network over NHWC rows (see the module docs).
@@ -170,16 +295,22 @@ impl Classifier {
         match self.arch {
             Arch::SmallCnn | Arch::CnnPool => 128,
             Arch::CifarResNet { .. } => 64,
+            Arch::ResNet {
+                depth: Depth::R18, ..
+            } => 512,
+            Arch::ResNet {
+                depth: Depth::R50, ..
+            } => 2048,
         }
     }
 
     /// Features `[N, D]` of images given as NHWC rows `[N·H·W, C]`.
-    pub fn features<D: SarDevice<f32>, T: Tape<f32, D>>(
+    pub fn features<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         &self,
-        f: &mut Forward<D>,
-        x: Rows<D, T>,
+        f: &mut Forward<D, E>,
+        x: Rows<D, T, E>,
         (n, mut h, mut w): (usize, usize, usize),
-    ) -> Result<Rows<D, T>> {
+    ) -> Result<Rows<D, T, E>> {
         let mut x = x;
         match self.arch {
             Arch::SmallCnn | Arch::CnnPool => {
@@ -225,6 +356,35 @@ impl Classifier {
                     }
                 }
             }
+            Arch::ResNet { depth, stem } => {
+                let (y, hw) = match stem {
+                    Stem::Imagenet => f.conv(x, "conv1", (n, h, w), 2, 3)?,
+                    Stem::Cifar => f.conv(x, "conv1", (n, h, w), 1, 1)?,
+                };
+                x = f.bn(y, "bn1", true)?;
+                (h, w) = hw;
+                if stem == Stem::Imagenet {
+                    (x, (h, w)) = max_pool2d(f.cache, x, (n, h, w), 3, 2, 1)?;
+                }
+                let (counts, bottleneck) = match depth {
+                    Depth::R18 => ([2usize, 2, 2, 2], false),
+                    Depth::R50 => ([3, 4, 6, 3], true),
+                };
+                for (stage, (&count, width)) in
+                    counts.iter().zip([64usize, 128, 256, 512]).enumerate()
+                {
+                    for i in 0..count {
+                        let block = Block {
+                            bottleneck,
+                            width,
+                            stride: if stage > 0 && i == 0 { 2 } else { 1 },
+                            dilation: 1,
+                        };
+                        let name = format!("layer{}.{i}", stage + 1);
+                        (x, (h, w)) = f.residual_block(x, &name, (n, h, w), block)?;
+                    }
+                }
+            }
         }
         // Global average pooling: [N·H·W, C] → [N, C].
         let ch = x.shape().1;
@@ -233,21 +393,21 @@ impl Classifier {
     }
 
     /// Logits `[N, K]` = `fc`(features).
-    pub fn classify<D: SarDevice<f32>, T: Tape<f32, D>>(
+    pub fn classify<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         &self,
-        params: &Params<D>,
-        features: Rows<D, T>,
-    ) -> Result<Rows<D, T>> {
+        params: &Params<D, E>,
+        features: Rows<D, T, E>,
+    ) -> Result<Rows<D, T, E>> {
         linear(params, features, "fc")
     }
 }
 
 /// Mean cross-entropy of logits `[N, K]` against soft targets `[N, K]` (one-hot labels, or
 /// λ·onehot(a) + (1−λ)·onehot(b) for MixUp): −(1/N) Σ_n Σ_k t_nk log_softmax(z)_nk.
-pub fn cross_entropy<D: SarDevice<f32>, T: Tape<f32, D>>(
-    logits: Rows<D, T>,
-    targets: Vec<f32>,
-) -> Result<Tensor<Rank0, f32, D, T>> {
+pub fn cross_entropy<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    logits: Rows<D, T, E>,
+    targets: Vec<E>,
+) -> Result<Tensor<Rank0, E, D, T>> {
     let (n, k) = *logits.shape();
     if targets.len() != n * k || n == 0 {
         return shape_err(format!(
@@ -256,7 +416,7 @@ pub fn cross_entropy<D: SarDevice<f32>, T: Tape<f32, D>>(
         ));
     }
     let t = logits.device().tensor_from_vec(targets, (n, k));
-    Ok((logits.log_softmax::<Axis<1>>() * t).sum::<Rank0, _>() * (-1.0 / n as f32))
+    Ok((logits.log_softmax::<Axis<1>>() * t).sum::<Rank0, _>() * cast::<E>(-1.0 / n as f64))
 }
 
 /// One-hot rows `[N, K]` for labels `y` (checked to be in `0..K`).

@@ -6,7 +6,7 @@ use candle_nn::VarMap;
 use sar_dfdx::conv::{conv2d, nchw_to_rows, rows_to_nchw, ConvGeometry, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{Params, SarHead, SarHeadConfig};
-use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
+use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
 use sar_math::rng::SeededRng;
 
 fn normals(seed: u64, n: usize) -> Vec<f32> {
@@ -51,14 +51,7 @@ fn conv_matches_candle_forward_and_gradients() {
         let x = normals(100 + case as u64, n * cin * h * w);
         let wt = normals(200 + case as u64, cout * cin * k * k);
         // Upstream gradient: a fixed random weighting of the outputs, so every output matters.
-        let geom = ConvGeometry {
-            n,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-        };
+        let geom = ConvGeometry::new(n, (h, w), k, stride, pad);
         let (oh, ow) = geom.out_hw().unwrap();
         let r = normals(300 + case as u64, n * cout * oh * ow);
 
@@ -124,26 +117,12 @@ fn conv_rejects_bad_geometry_without_panicking() {
     let mut cache = GatherCache::default();
     let x: sar_dfdx::nn::Rows<Cpu, NoneTape> = dev.zeros_like(&(4, 2));
     let w = dev.zeros_like(&(18,));
-    let geom = ConvGeometry {
-        n: 1,
-        h: 2,
-        w: 2,
-        k: 3,
-        stride: 1,
-        pad: 0,
-    };
+    let geom = ConvGeometry::new(1, (2, 2), 3, 1, 0);
     assert!(
         conv2d(&mut cache, x.clone(), w.clone(), geom, 1).is_err(),
         "kernel larger than the input"
     );
-    let geom = ConvGeometry {
-        n: 1,
-        h: 2,
-        w: 2,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let geom = ConvGeometry::new(1, (2, 2), 3, 1, 1);
     assert!(
         conv2d(&mut cache, x.clone(), w, geom, 2).is_err(),
         "weight size for 2 outputs is 36"
@@ -157,8 +136,26 @@ fn conv_rejects_bad_geometry_without_panicking() {
     assert!(err.to_string().contains("[17, 3]"), "{err}");
 }
 
-/// Every variable of a candle varmap as dfdx parameters.
-fn params_from(varmap: &VarMap) -> Params<Cpu> {
+/// A float type both libraries compute in.
+trait Elem: sar_dfdx::Float + candle_core::WithDType {
+    fn of_f32(v: f32) -> Self;
+}
+impl Elem for f32 {
+    fn of_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Elem for f64 {
+    fn of_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
+/// Every variable of a candle varmap as dfdx parameters (f32 unless named).
+fn params_from<E: Elem>(varmap: &VarMap) -> Params<Cpu, E>
+where
+    Cpu: sar_dfdx::SarDevice<E>,
+{
     let data = varmap.data().lock().unwrap();
     let entries: Vec<_> = data
         .iter()
@@ -167,7 +164,7 @@ fn params_from(varmap: &VarMap) -> Params<Cpu> {
             (
                 n.clone(),
                 t.dims().to_vec(),
-                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                t.flatten_all().unwrap().to_vec1::<E>().unwrap(),
             )
         })
         .collect();
@@ -176,12 +173,15 @@ fn params_from(varmap: &VarMap) -> Params<Cpu> {
 
 /// Features `[N, D]` of NCHW images on dfdx in training mode, traced with every variable's
 /// gradient allocated.
-fn dfdx_features(
-    params: &mut Params<Cpu>,
+fn dfdx_features<E: Elem>(
+    params: &mut Params<Cpu, E>,
     arch: Arch,
-    x: &[f32],
+    x: &[E],
     (n, c, h, w): (usize, usize, usize, usize),
-) -> sar_dfdx::nn::Rows<Cpu, OwnedTape<f32, Cpu>> {
+) -> sar_dfdx::nn::Rows<Cpu, OwnedTape<E, Cpu>, E>
+where
+    Cpu: sar_dfdx::SarDevice<E>,
+{
     let dev = Cpu::default();
     let xr = dev.tensor_from_vec(nchw_to_rows(x, n, c, h, w), (n * h * w, c));
     let traced = xr.traced(params.alloc_grads().unwrap());
@@ -197,27 +197,56 @@ fn dfdx_features(
         .unwrap()
 }
 
-/// One training forward/backward of a whole network on both backends: logits, the loss, the
-/// gradient of every parameter and the updated running statistics agree.
-fn model_matches(
-    arch: sar_models::Arch,
+/// |a − b| ≤ tol·(1 + max|b|) everywhere, in f64.
+fn assert_close_in<E: Elem>(what: &str, got: &[E], want: &[E], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let f = |v: &E| num_traits::ToPrimitive::to_f64(v).unwrap();
+    let scale = 1.0 + want.iter().fold(0.0f64, |m, v| m.max(f(v).abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (f(g) - f(w)).abs() <= tol * scale,
+            "{what}[{i}]: dfdx {}, candle {} (scale {scale})",
+            f(g),
+            f(w)
+        );
+    }
+}
+
+/// One training forward/backward of a whole network on both backends in element type `E`:
+/// logits, the loss, the gradient of every parameter and the updated running statistics
+/// agree within `tol` (relative to each tensor's scale); then the evaluation-mode logits.
+fn model_matches_in<E: Elem>(
+    (arch, stem): (sar_models::Arch, sar_models::Stem),
     dfdx_arch: Arch,
     (n, c, h, w): (usize, usize, usize, usize),
     classes: usize,
-) {
+    tol: f64,
+) where
+    Cpu: sar_dfdx::SarDevice<E>,
+{
     let varmap = VarMap::new();
     let spec = sar_models::ModelSpec {
         arch,
-        stem: sar_models::Stem::Cifar,
+        stem,
         in_channels: c,
         classes,
         seed: 7,
         init: Default::default(),
     };
-    let model = sar_models::build(&spec, &varmap, &Device::Cpu, DType::F32).unwrap();
-    let mut params = params_from(&varmap);
-    let x = normals(1, n * c * h * w);
+    let model = sar_models::build(
+        &spec,
+        &varmap,
+        &Device::Cpu,
+        <E as candle_core::WithDType>::DTYPE,
+    )
+    .unwrap();
+    let mut params = params_from::<E>(&varmap);
+    let x: Vec<E> = normals(1, n * c * h * w)
+        .into_iter()
+        .map(E::of_f32)
+        .collect();
     let y: Vec<i64> = (0..n as i64).map(|i| i % classes as i64).collect();
+    let host = |t: &Tensor| -> Vec<E> { t.flatten_all().unwrap().to_vec1().unwrap() };
 
     // candle, training mode
     let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
@@ -229,47 +258,45 @@ fn model_matches(
     // dfdx, training mode
     let dev = Cpu::default();
     let net = Classifier::new(dfdx_arch).unwrap();
+    assert_eq!(net.feature_dim(), model.feature_dim());
     let mut cache = GatherCache::default();
     let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
     let feats = dfdx_features(&mut params, dfdx_arch, &x, (n, c, h, w));
     let logits_d = net.classify(&params, feats).unwrap();
     let logits_host = logits_d.as_vec();
-    let loss_d = cross_entropy(logits_d, one_hot(&y, classes).unwrap()).unwrap();
-    let loss_value = loss_d.as_vec()[0];
+    let targets = one_hot(&y, classes)
+        .unwrap()
+        .into_iter()
+        .map(E::of_f32)
+        .collect();
+    let loss_d = cross_entropy(logits_d, targets).unwrap();
+    let loss_value = loss_d.as_vec();
     let grads_d = loss_d.backward();
 
-    let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
-    assert_close("logits", &logits_host, &lc, 1e-4);
-    let lv: f32 = loss_c.to_scalar().unwrap();
-    assert!(
-        (loss_value - lv).abs() < 1e-4 * (1.0 + lv.abs()),
-        "loss {loss_value} vs {lv}"
-    );
+    assert_close_in("logits", &logits_host, &host(&logits_c), tol);
+    assert_close_in("loss", &loss_value, &host(&loss_c), tol);
     let data = varmap.data().lock().unwrap();
-    let mut checked = 0;
+    let (mut checked, mut stats) = (0, 0);
     for (name, var) in data.iter() {
         if sar_dfdx::nn::is_running_stat(name) {
-            let want: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            assert_close(
+            assert_close_in(
                 &format!("{name} after the step"),
                 &params.get(name).unwrap().as_vec(),
-                &want,
-                1e-4,
+                &host(var.as_tensor()),
+                tol,
             );
+            stats += 1;
             continue;
         }
-        let want: Vec<f32> = grads_c
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let want = host(grads_c.get(var.as_tensor()).unwrap());
         let got = params.gradient(&grads_d, name).unwrap();
-        assert_close(&format!("dL/d{name}"), &got, &want, 2e-4);
+        assert_close_in(&format!("dL/d{name}"), &got, &want, tol);
         checked += 1;
     }
-    assert!(checked > 5);
+    assert!(
+        checked > 5 && stats > 1,
+        "{checked} gradients, {stats} statistics"
+    );
     drop(data);
 
     // Evaluation mode uses the running statistics on both sides.
@@ -281,8 +308,18 @@ fn model_matches(
     };
     let feats = net.features(&mut f, xr.clone(), (n, h, w)).unwrap();
     let logits_d = net.classify(&params, feats).unwrap();
-    let lc: Vec<f32> = logits_c.flatten_all().unwrap().to_vec1().unwrap();
-    assert_close("eval logits", &logits_d.as_vec(), &lc, 1e-4);
+    assert_close_in("eval logits", &logits_d.as_vec(), &host(&logits_c), tol);
+}
+
+/// [`model_matches_in`] in f32 with the CIFAR stem.
+fn model_matches(
+    arch: sar_models::Arch,
+    dfdx_arch: Arch,
+    shape: (usize, usize, usize, usize),
+    classes: usize,
+) {
+    let cifar = sar_models::Stem::Cifar;
+    model_matches_in::<f32>((arch, cifar), dfdx_arch, shape, classes, 2e-4);
 }
 
 #[test]
@@ -306,6 +343,56 @@ fn resnet32_matches_candle() {
         (3, 3, 9, 9),
         5,
     );
+}
+
+/// torchvision's ResNet-18 with both stems, in f64 (to 1e-10) and f32. 33×33 inputs keep
+/// every strided size odd-then-even (33 → 17 → 9 → 5 → 3 → 2), so the windows of the 7×7/2
+/// conv, the 3×3/2 max-pool and the strided blocks hang over the padding on one side only.
+#[test]
+fn resnet18_matches_candle_in_f64_and_f32() {
+    use sar_models::Stem as S;
+    for (stem, dstem, hw) in [
+        (S::Imagenet, Stem::Imagenet, 33),
+        (S::Cifar, Stem::Cifar, 9),
+    ] {
+        let arch = Arch::ResNet {
+            depth: Depth::R18,
+            stem: dstem,
+        };
+        let a = (sar_models::Arch::ResNet18, stem);
+        model_matches_in::<f64>(a, arch, (2, 3, hw, hw), 5, 1e-10);
+        model_matches_in::<f32>(a, arch, (2, 3, hw, hw), 5, 2e-4);
+    }
+}
+
+/// ResNet-50 (Bottlenecks, v1.5 strides) with both stems in f64. (In f32 its gradients are
+/// too ill-conditioned for a direct comparison: see
+/// [`resnet50_in_f32_is_as_accurate_as_candle_in_f32`].)
+#[test]
+fn resnet50_matches_candle_in_f64() {
+    use sar_models::Stem as S;
+    for (stem, dstem, hw) in [
+        (S::Imagenet, Stem::Imagenet, 33),
+        (S::Cifar, Stem::Cifar, 9),
+    ] {
+        let arch = Arch::ResNet {
+            depth: Depth::R50,
+            stem: dstem,
+        };
+        let a = (sar_models::Arch::ResNet50, stem);
+        model_matches_in::<f64>(a, arch, (2, 3, hw, hw), 4, 1e-10);
+    }
+}
+
+/// The networks that were already there, in f64 too.
+#[test]
+fn small_cnn_and_resnet32_match_candle_in_f64() {
+    let cifar = sar_models::Stem::Cifar;
+    let a = (sar_models::Arch::SmallCnn, cifar);
+    model_matches_in::<f64>(a, Arch::SmallCnn, (3, 1, 9, 9), 10, 1e-10);
+    let a = (sar_models::Arch::ResNet32, cifar);
+    let arch = Arch::CifarResNet { depth: 32 };
+    model_matches_in::<f64>(a, arch, (3, 3, 9, 9), 5, 1e-10);
 }
 
 #[test]
@@ -417,14 +504,7 @@ fn cpu_conv_kernel_matches_the_generic_path() {
     .iter()
     .enumerate()
     {
-        let geom = ConvGeometry {
-            n,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-        };
+        let geom = ConvGeometry::new(n, (h, w), k, stride, pad);
         let (oh, ow) = geom.out_hw().unwrap();
         let m = n * oh * ow;
         let f64s = |seed: u64, len: usize| -> Vec<f64> {
@@ -472,14 +552,7 @@ fn cpu_conv_kernel_matches_the_generic_path() {
 /// gradients on a 1-thread and a 2-thread pool (resumed runs rely on it).
 #[test]
 fn cpu_conv_kernel_does_not_depend_on_the_thread_count() {
-    let geom = ConvGeometry {
-        n: 33,
-        h: 6,
-        w: 6,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let geom = ConvGeometry::new(33, (6, 6), 3, 1, 1);
     let (c, cout) = (4, 5);
     let run = |threads: usize| {
         on_threads(threads, || {
@@ -608,5 +681,124 @@ fn cpu_batch_norm_is_deterministic_keeps_nan_and_checks_shapes() {
         let err = <Cpu as BatchNormKernel<f32>>::batch_norm_train(x, p.clone(), p, 1e-5, true)
             .unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
+    }
+}
+
+/// A randomly initialised ResNet-50 on a batch of two small images is badly conditioned in f32
+/// (BatchNorm over a handful of values in `layer4`, sixteen blocks to back-propagate through):
+/// candle's own f32 gradients are up to ~3 % of a tensor's scale away from the f64 gradients of
+/// the same f32-rounded weights. So the f32 check is against that f64 truth: no parameter's
+/// dfdx f32 gradient may be more than ten times as far from it as candle's worst f32 gradient
+/// (plus 1e-5 of the scale), and the logits and running statistics must match closely.
+/// Measured (2026-12-07): ImageNet stem, dfdx 3.2e-2 against candle 3.1e-2; CIFAR stem, dfdx
+/// 5.6e-2 against candle 8.3e-3 (why dfdx rounds worse there is not yet known; the f64 check
+/// above agrees to 5e-13).
+#[test]
+fn resnet50_in_f32_is_as_accurate_as_candle_in_f32() {
+    let (n, c, h, w, classes) = (2usize, 3usize, 33usize, 33usize, 4usize);
+    for (stem, dstem) in [
+        (sar_models::Stem::Imagenet, Stem::Imagenet),
+        (sar_models::Stem::Cifar, Stem::Cifar),
+    ] {
+        let spec = sar_models::ModelSpec {
+            arch: sar_models::Arch::ResNet50,
+            stem,
+            in_channels: c,
+            classes,
+            seed: 7,
+            init: Default::default(),
+        };
+        let (vm64, vm32) = (VarMap::new(), VarMap::new());
+        let m64 = sar_models::build(&spec, &vm64, &Device::Cpu, DType::F64).unwrap();
+        let m32 = sar_models::build(&spec, &vm32, &Device::Cpu, DType::F32).unwrap();
+        {
+            // The truth runs on the f32 weights, widened.
+            let (d64, d32) = (vm64.data().lock().unwrap(), vm32.data().lock().unwrap());
+            for (name, v) in d32.iter() {
+                let wide = v.as_tensor().to_dtype(DType::F64).unwrap();
+                d64[name].set(&wide).unwrap();
+            }
+        }
+        let mut params = params_from::<f32>(&vm32);
+        let x = normals(1, n * c * h * w);
+        let y: Vec<i64> = (0..n as i64).map(|i| i % classes as i64).collect();
+        let yt = Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap();
+        let x32 = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+        let x64 = x32.to_dtype(DType::F64).unwrap();
+        let logits64 = m64.forward(&x64, true).unwrap();
+        let truth = candle_nn::loss::cross_entropy(&logits64, &yt)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let logits32 = m32.forward(&x32, true).unwrap();
+        let candle = candle_nn::loss::cross_entropy(&logits32, &yt)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let arch = Arch::ResNet {
+            depth: Depth::R50,
+            stem: dstem,
+        };
+        let net = Classifier::new(arch).unwrap();
+        let feats = dfdx_features(&mut params, arch, &x, (n, c, h, w));
+        let logits = net.classify(&params, feats).unwrap();
+        let want: Vec<f64> = logits64.flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f64> = logits.as_vec().iter().map(|&v| v as f64).collect();
+        assert_close_in("logits", &got, &want, 1e-4);
+        let ours = cross_entropy(logits, one_hot(&y, classes).unwrap())
+            .unwrap()
+            .backward();
+        let (d64, d32) = (vm64.data().lock().unwrap(), vm32.data().lock().unwrap());
+        let (mut checked, mut worst, mut offs) = (0, (0.0f64, 0.0f64), Vec::new());
+        for (name, var) in d64.iter() {
+            let host64 = |t: &Tensor| -> Vec<f64> {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            if sar_dfdx::nn::is_running_stat(name) {
+                let got: Vec<f64> = params
+                    .get(name)
+                    .unwrap()
+                    .as_vec()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                assert_close_in(name, &got, &host64(var.as_tensor()), 1e-4);
+                continue;
+            }
+            let t = host64(truth.get(var.as_tensor()).unwrap());
+            let cg = host64(candle.get(d32[name].as_tensor()).unwrap());
+            let dg = params.gradient(&ours, name).unwrap();
+            let scale = 1.0 + t.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let off = |g: &mut dyn Iterator<Item = f64>| {
+                t.iter()
+                    .zip(g)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max)
+                    / scale
+            };
+            let candle_off = off(&mut cg.iter().copied());
+            let dfdx_off = off(&mut dg.iter().map(|&v| v as f64));
+            offs.push((name.clone(), dfdx_off));
+            worst = (worst.0.max(dfdx_off), worst.1.max(candle_off));
+            checked += 1;
+        }
+        // Rounding is noise tensor by tensor: each of dfdx's is held to candle's worst.
+        for (name, dfdx_off) in offs {
+            assert!(
+                dfdx_off <= 10.0 * worst.1 + 1e-5,
+                "{stem:?} dL/d{name}: dfdx f32 is {dfdx_off:e} from the f64 gradient, candle f32 at most {:e}",
+                worst.1
+            );
+        }
+        assert!(checked > 150, "{checked} gradients");
+        eprintln!(
+            "ResNet-50 {stem:?} f32, worst gradient off the f64 truth: dfdx {:.2e}, candle {:.2e}",
+            worst.0, worst.1
+        );
     }
 }

@@ -376,15 +376,6 @@ impl TrainConfig {
                 !self.data.dataset.is_segmentation(),
                 "run.backend = \"dfdx\" trains classification only; segmentation runs on candle"
             );
-            let arch = self.model.classifier()?.arch;
-            ensure!(
-                matches!(arch, Arch::SmallCnn | Arch::CnnPool | Arch::ResNet32),
-                "run.backend = \"dfdx\" has the small CNNs (small-cnn, cnn-pool) and the CIFAR ResNet-32, not model.arch = {arch}"
-            );
-            ensure!(
-                self.model.pretrained().is_none(),
-                "run.backend = \"dfdx\" starts from its seeded initialisation; model.pretrained is not supported there"
-            );
             ensure!(
                 self.stage.kind == StageKind::None && self.stage.init_from.is_none(),
                 "run.backend = \"dfdx\" has no second stage yet: stage.kind and stage.init_from run on candle"

@@ -1,4 +1,6 @@
-//! Classification training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`).
+//! Classification training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`): the
+//! small CNNs, ResNet-32 and torchvision's ResNet-18/50 with either stem (CUB-200 with
+//! ImageNet weights included).
 //!
 //! The same run as on candle, step for step: the batch comes from the candle task's renderer
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
@@ -21,7 +23,7 @@ use sar_dfdx::conv::{nchw_to_rows, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{Params, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
-use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Forward};
+use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
@@ -96,15 +98,31 @@ fn on_dfdx<D: SarDevice<f32>>(
     Ok((params, head))
 }
 
+/// The dfdx network of a classifier config (every architecture candle builds).
+fn dfdx_arch(c: &crate::config::ClassifierConfig) -> anyhow::Result<Arch> {
+    let stem = match c.stem {
+        sar_models::Stem::Imagenet => Stem::Imagenet,
+        sar_models::Stem::Cifar => Stem::Cifar,
+    };
+    Ok(match c.arch {
+        sar_models::Arch::SmallCnn => Arch::SmallCnn,
+        sar_models::Arch::CnnPool => Arch::CnnPool,
+        sar_models::Arch::ResNet32 => Arch::CifarResNet { depth: 32 },
+        sar_models::Arch::ResNet18 => Arch::ResNet {
+            depth: Depth::R18,
+            stem,
+        },
+        sar_models::Arch::ResNet50 => Arch::ResNet {
+            depth: Depth::R50,
+            stem,
+        },
+    })
+}
+
 impl<D: SarDevice<f32>> DfdxTrainee<D> {
     fn new(cfg: &TrainConfig, device: D) -> anyhow::Result<Self> {
         let inner = ClsTask::new(cfg)?;
-        let arch = match cfg.model.classifier()?.arch {
-            sar_models::Arch::SmallCnn => Arch::SmallCnn,
-            sar_models::Arch::CnnPool => Arch::CnnPool,
-            sar_models::Arch::ResNet32 => Arch::CifarResNet { depth: 32 },
-            other => bail!("the dfdx backend has the small CNNs and ResNet-32, not {other:?}"),
-        };
+        let arch = dfdx_arch(cfg.model.classifier()?)?;
         let (params, head) = on_dfdx(&inner.setup, &device)?;
         let o = &cfg.optim;
         anyhow::ensure!(
@@ -307,12 +325,24 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         Ok(())
     }
 
+    /// torchvision / timm weights (everything but `fc.`), read strictly by `sar-models`' loader
+    /// into the seeded candle variables, then copied over: a file that does not fit the
+    /// network changes nothing on either side.
     fn load_pretrained(
         &mut self,
         _: &TrainConfig,
-        _: &Path,
+        p: &Path,
     ) -> anyhow::Result<(usize, Vec<String>)> {
-        bail!("run.backend = \"dfdx\" does not load pretrained weights (train on candle, or resume a candle checkpoint)")
+        let varmap = &self.inner.setup.varmap;
+        let r = sar_models::pretrained::load_pretrained(varmap, p, &["fc."])?;
+        let data = varmap.data().lock().expect("varmap lock");
+        for name in &r.loaded {
+            let var = data
+                .get(name)
+                .with_context(|| format!("pretrained: {name} is not a variable"))?;
+            self.params.set(name, to_host(var.as_tensor())?.1)?;
+        }
+        Ok((r.loaded.len(), r.kept))
     }
 
     fn sar_params(&self) -> u64 {

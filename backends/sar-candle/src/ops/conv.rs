@@ -409,15 +409,48 @@ pub fn conv2d(
             },
         )
     } else {
-        x.conv2d(w, padding, stride, dilation, 1)
+        conv2d_composite(x, w, stride, padding, dilation)
     }
+}
+
+/// candle's `conv2d`, made safe for its backward. candle 0.11 takes the transposed
+/// convolution's output padding of the input gradient from the height alone and applies it to
+/// both axes, so a strided conv whose height and width leave different remainders
+/// ((H + 2p − e) mod s ≠ (W + 2p − e) mod s, e = d·(K − 1) + 1; e.g. 9×8 with a 3×3/2 kernel)
+/// fails in backward with a shape error. Such inputs are padded explicitly and the rows and
+/// columns no output reads are cut off, so both remainders are 0: the same sums, and a
+/// backward that fits (the cut's gradient is zero, as it is in truth).
+fn conv2d_composite(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let (eh, ew) = (
+        dilation * (kh.max(1) - 1) + 1,
+        dilation * (kw.max(1) - 1) + 1,
+    );
+    let (ph, pw) = (h + 2 * padding, wd + 2 * padding);
+    if stride <= 1 || ph < eh || pw < ew || (ph - eh) % stride == (pw - ew) % stride {
+        return x.conv2d(w, padding, stride, dilation, 1);
+    }
+    let used_h = (ph - eh) / stride * stride + eh;
+    let used_w = (pw - ew) / stride * stride + ew;
+    x.pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?
+        .narrow(2, 0, used_h)?
+        .narrow(3, 0, used_w)?
+        .conv2d(w, 0, stride, dilation, 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::test_util::randn;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Direct f64 loops: y, dx and dw for upstream gradient `up`.
     #[allow(clippy::type_complexity)]
@@ -491,12 +524,16 @@ mod tests {
             ((1, 2, 13, 13, 2, 3, 1, 12), 12),
             ((1, 2, 6, 6, 2, 3, 1, 1), 2),
         ];
-        for (geo, dil) in plain.iter().map(|&g| (g, 1)).chain(dilated) {
+        // f32 on the CPU runs this op; f64 runs candle's conv2d (as other devices do), whose
+        // backward needed a fix for strided convs with different remainders per axis
+        // (e.g. 6×7 and 4×5 with stride 2).
+        let cases = plain.iter().map(|&g| (g, 1)).chain(dilated);
+        for ((geo, dil), dtype) in cases.flat_map(|c| [(c, DType::F32), (c, DType::F64)]) {
             let (n, c, h, w, o, k, stride, pad) = geo;
-            let x = Var::from_tensor(&randn((n, c, h, w))).unwrap();
-            let wt = Var::from_tensor(&randn((o, c, k, k))).unwrap();
+            let x = Var::from_tensor(&randn((n, c, h, w)).to_dtype(dtype).unwrap()).unwrap();
+            let wt = Var::from_tensor(&randn((o, c, k, k)).to_dtype(dtype).unwrap()).unwrap();
             let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad, dil).unwrap();
-            let up = randn(ours.dims());
+            let up = randn(ours.dims()).to_dtype(dtype).unwrap();
             let flat = |t: &Tensor| -> Vec<f64> {
                 t.flatten_all()
                     .unwrap()
@@ -528,7 +565,7 @@ mod tests {
                 for (u, v) in a.iter().zip(&b) {
                     assert!(
                         (u - v).abs() < 1e-5 * scale,
-                        "{what} {geo:?} dilation {dil}: {u} vs {v}"
+                        "{what} {geo:?} dilation {dil} {dtype:?}: {u} vs {v}"
                     );
                 }
             }

@@ -153,7 +153,8 @@ impl<E: Float, D: SarDevice<E>> Params<D, E> {
     }
 }
 
-/// `x W^T + b` with `{prefix}.weight [out, in]` and (if present) `{prefix}.bias [out]`.
+/// `x W^T + b` with `{prefix}.weight [out, in]` (or a 1×1 conv's `[out, in, 1, 1]`) and (if
+/// present) `{prefix}.bias [out]`.
 pub fn linear<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     params: &Params<D, E>,
     x: Rows<D, T, E>,
@@ -161,8 +162,10 @@ pub fn linear<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
 ) -> Result<Rows<D, T, E>> {
     let (n, inputs) = *x.shape();
     let wname = format!("{prefix}.weight");
-    let &[out, win] = params.shape(&wname)? else {
-        return shape_err(format!("{wname} must be [out, in]"));
+    // A 1×1 conv's weight `[out, in, 1, 1]` (segmentation's `conv_seg`) is the same matrix.
+    let (out, win) = match *params.shape(&wname)? {
+        [out, win] | [out, win, 1, 1] => (out, win),
+        _ => return shape_err(format!("{wname} must be [out, in] or [out, in, 1, 1]")),
     };
     if win != inputs {
         return shape_err(format!(

@@ -22,6 +22,8 @@
 //!   `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`), global average pooling to the 512-d
 //!   (ResNet-18) or 2048-d (ResNet-50) feature, `fc`.
 //! - [`cross_entropy`] against soft targets (MixUp) and [`one_hot`].
+//! - [`seg`]: the segmentation networks on the dilated ResNet V1c (FCN and DeepLabV3's ASPP
+//!   decode heads, the auxiliary FCN head, `conv_seg`) under mmsegmentation's names.
 //!
 //! SAR itself on dfdx (the backend, the SAR head, conv/norm ops, [`Params`], SGD) is
 //! `sar-dfdx`.
@@ -32,6 +34,8 @@ use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{linear, Params, Rows};
 use sar_dfdx::{ConvOut, Float, Result, SarDevice, SarDfdxError};
 use sar_math::batch_norm::{EPS as BN_EPS, MOMENTUM as BN_MOMENTUM};
+
+pub mod seg;
 
 fn shape_err<T>(msg: String) -> Result<T> {
     Err(SarDfdxError::Shape(msg))
@@ -160,7 +164,8 @@ impl<E: Float, D: SarDevice<E>> Forward<'_, D, E> {
     /// torchvision's residual block `name` (`layerX.i`) on rows of `(n, h, w)` pixels with
     /// `cin` channels: BasicBlock (3×3 `conv1` with `stride` → `bn1` → ReLU → 3×3 `conv2` →
     /// `bn2`) or Bottleneck (1×1 `conv1` → `bn1` → ReLU → 3×3 `conv2` with `stride` → `bn2` →
-    /// ReLU → 1×1 `conv3` → `bn3`), 3×3 convs dilated by `dilation` (padding = dilation), plus
+    /// ReLU → 1×1 `conv3` → `bn3`), the strided 3×3 conv dilated by `dilation` (padding =
+    /// dilation; a BasicBlock's second conv is never dilated, as in mmsegmentation), plus
     /// the shortcut (`downsample.0` 1×1 conv with `stride` → `downsample.1` BN when the stride
     /// or the width changes, else the identity), then ReLU. Returns the rows and (h, w).
     pub fn residual_block<T: Tape<E, D>>(
@@ -200,11 +205,12 @@ impl<E: Float, D: SarDevice<E>> Forward<'_, D, E> {
             let (y, _) = self.conv(y, &format!("{name}.conv3"), (n, hw.0, hw.1), 1, 0)?;
             (self.bn(y, &format!("{name}.bn3"), false)?, hw)
         } else {
+            // mmsegmentation dilates only a BasicBlock's first conv (torchvision's BasicBlock
+            // has no dilation at all).
             let (y, hw) =
                 self.conv_dilated(x, &format!("{name}.conv1"), (n, h, w), stride, d, d)?;
             let y = self.bn(y, &format!("{name}.bn1"), true)?;
-            let (y, _) =
-                self.conv_dilated(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, d, d)?;
+            let (y, _) = self.conv(y, &format!("{name}.conv2"), (n, hw.0, hw.1), 1, 1)?;
             (self.bn(y, &format!("{name}.bn2"), false)?, hw)
         };
         if *y.shape() != *shortcut.shape() {

@@ -802,3 +802,189 @@ fn resnet50_in_f32_is_as_accurate_as_candle_in_f32() {
         );
     }
 }
+
+/// A segmentation network on both libraries from the same weights (BatchNorm's affine
+/// parameters and the classifiers' biases randomised, so they matter), in element type `E`:
+/// training-mode decode and auxiliary features, both classifiers' logits, the gradient of
+/// every parameter through a fixed random weighting of all four, the updated running
+/// statistics, then the evaluation-mode features, all within `tol` of each tensor's scale.
+fn seg_matches_in<E: Elem>(
+    backbone: sar_models::seg::SegBackbone,
+    head: sar_models::seg::SegHeadKind,
+    net: sar_dfdx_models::seg::SegNet,
+    tol: f64,
+) where
+    Cpu: sar_dfdx::SarDevice<E>,
+{
+    use sar_models::seg::{build_segmenter, SegSpec};
+    let (n, c, h, w, classes) = (2, 3, 33, 29, 5);
+    let spec = SegSpec {
+        backbone,
+        head,
+        aux: net.aux,
+        width: net.width,
+        in_channels: c,
+        classes,
+        seed: 7,
+        drop_path: 0.0,
+        window: None,
+    };
+    let varmap = VarMap::new();
+    let model = build_segmenter(
+        &spec,
+        &varmap,
+        &Device::Cpu,
+        <E as candle_core::WithDType>::DTYPE,
+    )
+    .unwrap();
+    {
+        let data = varmap.data().lock().unwrap();
+        for (i, (name, var)) in data.iter().enumerate() {
+            let dims = var.as_tensor().dims().to_vec();
+            if dims.len() == 1 && !sar_dfdx::nn::is_running_stat(name) {
+                let base = if name.ends_with("weight") { 1.0 } else { 0.0 };
+                let v: Vec<E> = normals(900 + i as u64, dims[0])
+                    .into_iter()
+                    .map(|z| E::of_f32(base + 0.2 * z))
+                    .collect();
+                var.set(&Tensor::from_vec(v, dims[0], &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+    }
+    let mut params = params_from::<E>(&varmap);
+    let to_e = |v: Vec<f32>| -> Vec<E> { v.into_iter().map(E::of_f32).collect() };
+    let x = to_e(normals(1, n * c * h * w));
+    let host = |t: &Tensor| -> Vec<E> { t.flatten_all().unwrap().to_vec1().unwrap() };
+
+    // candle, training mode: L = Σ r₁·F + Σ r₂·F_aux + Σ r₃·conv_seg(F) + Σ r₄·aux conv_seg.
+    let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+    let feats = model.features(&xt, true).unwrap();
+    let aux = feats.aux.clone().unwrap();
+    let (fh, fw) = (feats.main.dims4().unwrap().2, feats.main.dims4().unwrap().3);
+    let (d, da) = (net.feature_dim(), net.aux_dim());
+    let logits = model.classify(&feats.main).unwrap();
+    let aux_logits = model.classify_aux(&aux).unwrap();
+    let weights: Vec<(Vec<E>, usize)> = [d, da, classes, classes]
+        .iter()
+        .enumerate()
+        .map(|(i, &ch)| (to_e(normals(50 + i as u64, n * ch * fh * fw)), ch))
+        .collect();
+    let mut loss_c = Tensor::zeros((), <E as candle_core::WithDType>::DTYPE, &Device::Cpu).unwrap();
+    for (t, (r, ch)) in [&feats.main, &aux, &logits, &aux_logits]
+        .into_iter()
+        .zip(&weights)
+    {
+        let r = Tensor::from_vec(r.clone(), (n, *ch, fh, fw), &Device::Cpu).unwrap();
+        loss_c = (loss_c + (t * r).unwrap().sum_all().unwrap()).unwrap();
+    }
+    let grads_c = loss_c.backward().unwrap();
+
+    // dfdx, training mode, on NHWC rows.
+    let dev = Cpu::default();
+    let rows = |v: &[E], ch: usize| nchw_to_rows(v, n, ch, fh, fw);
+    let xr = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
+    let traced = xr.clone().traced(params.alloc_grads().unwrap());
+    let mut cache = GatherCache::default();
+    let mut f = Forward {
+        params: &mut params,
+        cache: &mut cache,
+        train: true,
+    };
+    let out = net.features(&mut f, traced, (n, h, w)).unwrap();
+    assert_eq!(out.hw, (fh, fw));
+    let main = out.main;
+    let aux_d = out.aux.unwrap();
+    let logits_d = net.classify(&params, main.retaped(), false).unwrap();
+    let aux_logits_d = net.classify(&params, aux_d.retaped(), true).unwrap();
+    let checks = [
+        ("features", main.as_vec(), host(&feats.main), d),
+        ("aux features", aux_d.as_vec(), host(&aux), da),
+        ("logits", logits_d.as_vec(), host(&logits), classes),
+        (
+            "aux logits",
+            aux_logits_d.as_vec(),
+            host(&aux_logits),
+            classes,
+        ),
+    ];
+    for (what, got, want, ch) in checks {
+        assert_close_in(what, &got, &rows(&want, ch), tol);
+    }
+    let weighted = |t: sar_dfdx::nn::Rows<Cpu, OwnedTape<E, Cpu>, E>, (r, ch): &(Vec<E>, usize)| {
+        let r = dev.tensor_from_vec(rows(r, *ch), (n * fh * fw, *ch));
+        (t * r).sum::<Rank0, _>()
+    };
+    let loss_d = weighted(main, &weights[0])
+        + weighted(aux_d, &weights[1])
+        + weighted(logits_d, &weights[2])
+        + weighted(aux_logits_d, &weights[3]);
+    assert_close_in("loss", &loss_d.as_vec(), &host(&loss_c), tol);
+    let grads_d = loss_d.backward();
+    let data = varmap.data().lock().unwrap();
+    let (mut checked, mut stats) = (0, 0);
+    for (name, var) in data.iter() {
+        if sar_dfdx::nn::is_running_stat(name) {
+            let got = params.get(name).unwrap().as_vec();
+            assert_close_in(
+                &format!("{name} after the step"),
+                &got,
+                &host(var.as_tensor()),
+                tol,
+            );
+            stats += 1;
+            continue;
+        }
+        let want = host(grads_c.get(var.as_tensor()).unwrap());
+        assert_close_in(
+            &format!("dL/d{name}"),
+            &params.gradient(&grads_d, name).unwrap(),
+            &want,
+            tol,
+        );
+        checked += 1;
+    }
+    assert_eq!(checked + stats, data.len());
+    assert!(
+        checked > 20 && stats > 10,
+        "{checked} gradients, {stats} statistics"
+    );
+    drop(data);
+
+    // Evaluation mode: the running statistics, no auxiliary features.
+    let feats = model.features(&xt, false).unwrap();
+    let mut f = Forward {
+        params: &mut params,
+        cache: &mut cache,
+        train: false,
+    };
+    let out = net.features(&mut f, xr, (n, h, w)).unwrap();
+    assert!(out.aux.is_none());
+    assert_close_in(
+        "eval features",
+        &out.main.as_vec(),
+        &rows(&host(&feats.main), d),
+        tol,
+    );
+}
+
+/// FCN on the dilated ResNet V1c-18 and -50 and DeepLabV3 (ASPP) on V1c-18, each with the
+/// auxiliary head, against candle in f64 (1e-10) and f32 (V1c-18, 2e-4; ASPP 1e-3). 33×29 inputs give
+/// odd sizes at every stride (33×29 → 17×15 → 9×8 → 5×4), and ASPP's dilations (12–36) reach
+/// far past such maps, so most of their taps read padding.
+#[test]
+fn seg_networks_match_candle() {
+    use sar_dfdx_models::seg::{SegHead, SegNet, V1cDepth};
+    use sar_models::seg::{SegBackbone as B, SegHeadKind as K};
+    let r18_fcn = SegNet::new(V1cDepth::R18, SegHead::Fcn, true, 8).unwrap();
+    let r18_aspp = SegNet::new(V1cDepth::R18, SegHead::Aspp, true, 8).unwrap();
+    let r50_fcn = SegNet::new(V1cDepth::R50, SegHead::Fcn, true, 4).unwrap();
+    seg_matches_in::<f64>(B::ResNet18V1c, K::Fcn, r18_fcn, 1e-10);
+    seg_matches_in::<f64>(B::ResNet18V1c, K::Aspp, r18_aspp, 1e-10);
+    seg_matches_in::<f64>(B::ResNet50V1c, K::Fcn, r50_fcn, 1e-10);
+    seg_matches_in::<f32>(B::ResNet18V1c, K::Fcn, r18_fcn, 2e-4);
+    // ASPP's image-pool BatchNorm normalises over the N = 2 pooled rows, where f32 rounding
+    // grows (measured 2.6e-4 on `image_pool.1.conv.weight`).
+    seg_matches_in::<f32>(B::ResNet18V1c, K::Aspp, r18_aspp, 1e-3);
+    assert!(SegNet::new(V1cDepth::R18, SegHead::Fcn, true, 6).is_err());
+}

@@ -9,6 +9,11 @@
 //!   all in **f32** (f64 or integer arithmetic picks another pixel for some sizes, e.g. 26 → 22).
 //!
 //! Layout: labels are row-major `[B, H, W]`.
+//!
+//! [`bilinear_source`] is the per-axis rule of PyTorch's bilinear `align_corners=False` resize
+//! of feature maps and logits (mmsegmentation's `resize`): output index `o` samples source
+//! coordinate `s = max((o + ½)·(input/output) − ½, 0)` in the tensor's own precision, blending
+//! `i0 = ⌊s⌋` and `i1 = min(i0 + 1, input − 1)` with weights `1 − (s − i0)` and `s − i0`.
 
 use crate::error::{check_len, mul_dims, Op, Result, SarError};
 
@@ -31,6 +36,32 @@ pub fn nearest_source_index(input: usize, output: usize, dst: usize) -> usize {
         // product cannot wrap, and the min keeps it in range.
         ((dst as f32 * scale) as usize).min(input.saturating_sub(1))
     }
+}
+
+/// The two source indices and the weight of the second, `(i0, i1, s − i0)`, of output index
+/// `dst` of a bilinear `align_corners=False` resize from `input` to `output` elements, in
+/// precision `F` (see the module docs; `input` and `output` at least 1).
+///
+/// ```
+/// use sar_math::resample::bilinear_source;
+/// assert_eq!(bilinear_source::<f64>(4, 8, 0), (0, 1, 0.0)); // clamped at the first pixel
+/// assert_eq!(bilinear_source::<f64>(4, 8, 3), (1, 2, 0.25));
+/// assert_eq!(bilinear_source::<f64>(4, 8, 7), (3, 3, 0.25)); // the last pixel twice
+/// assert_eq!(bilinear_source::<f32>(8, 2, 1), (5, 6, 0.5));
+/// ```
+#[inline]
+pub fn bilinear_source<F: num_traits::float::FloatCore>(
+    input: usize,
+    output: usize,
+    dst: usize,
+) -> (usize, usize, F) {
+    let of = |v: usize| F::from(v).unwrap_or_else(F::zero);
+    let half = F::from(0.5).unwrap_or_else(F::zero);
+    let scale = of(input) / of(output);
+    let src = ((of(dst) + half) * scale - half).max(F::zero());
+    let last = input.saturating_sub(1);
+    let i0 = src.to_usize().unwrap_or(0).min(last);
+    ((i0), (i0 + 1).min(last), src - of(i0))
 }
 
 /// Resamples `[batch, in_h, in_w]` labels to `[batch, out_h, out_w]` into `out`.

@@ -212,6 +212,8 @@ pub struct SarHead<D: SarDevice<f32>> {
     classes: usize,
     dim: usize,
     regularizer: RegularizerKind,
+    classifier: String,
+    segmentation: bool,
 }
 
 /// What a [`SarHead`] is built from (besides its anchors): SAR's hyper-parameters, C, D and
@@ -228,6 +230,13 @@ pub struct SarHeadConfig {
     pub dim: usize,
     /// SAR or a baseline (default SAR), as in `sar-candle`: the baselines have no h_ψ.
     pub regularizer: RegularizerKind,
+    /// The name prefix of the model's classifier that also classifies the embedded anchors
+    /// (default `fc`; `decode_head.conv_seg` for the segmentation networks).
+    pub classifier: String,
+    /// The segmentation embedding (default false): h_ψ ends in a 1×1 conv without bias
+    /// `{prefix}.embed.conv` → BatchNorm `{prefix}.embed.bn3` → ReLU, as `sar-candle`'s
+    /// `EmbeddingKind::Segmentation`.
+    pub segmentation: bool,
 }
 
 impl SarHeadConfig {
@@ -239,7 +248,17 @@ impl SarHeadConfig {
             classes,
             dim,
             regularizer: RegularizerKind::Sar,
+            classifier: "fc".to_string(),
+            segmentation: false,
         }
+    }
+
+    /// For a segmentation network: the segmentation embedding and the classifier
+    /// `decode_head.conv_seg`.
+    pub fn segmentation(mut self) -> Self {
+        self.segmentation = true;
+        self.classifier = "decode_head.conv_seg".to_string();
+        self
     }
 
     /// With a baseline regulariser instead of SAR.
@@ -265,6 +284,8 @@ impl<D: SarDevice<f32>> SarHead<D> {
             classes,
             dim,
             regularizer,
+            ref classifier,
+            segmentation,
         } = *cfg;
         config.validate()?;
         if anchors.len() != classes * dim {
@@ -284,6 +305,8 @@ impl<D: SarDevice<f32>> SarHead<D> {
             classes,
             dim,
             regularizer,
+            classifier: classifier.clone(),
+            segmentation,
         })
     }
 
@@ -322,11 +345,19 @@ impl<D: SarDevice<f32>> SarHead<D> {
         self.state.fully_initialized()
     }
 
-    /// E = h_ψ(A) `[C, D]`, BatchNorm over the C anchors in training mode.
+    /// E = h_ψ(A) `[C, D]`, BatchNorm over the C anchors in training mode (with the
+    /// segmentation embedding's conv block when configured).
     pub fn embed<T: Tape<f32, D>>(&self, params: &Params<D>) -> Result<Rows<D, T>> {
         let mut x: Rows<D, T> = self.anchors.retaped::<T>();
         let (c, d) = (self.classes, self.dim);
-        for (fc, bn) in [("fc1", "bn1"), ("fc2", "bn2")] {
+        // The segmentation embedding's 1×1 conv on the C anchor rows is a D×D matrix without
+        // bias, which `linear` applies.
+        let blocks: &[(&str, &str)] = if self.segmentation {
+            &[("fc1", "bn1"), ("fc2", "bn2"), ("conv", "bn3")]
+        } else {
+            &[("fc1", "bn1"), ("fc2", "bn2")]
+        };
+        for (fc, bn) in blocks {
             let y = linear(params, x, &format!("{}.embed.{fc}", self.prefix))?;
             let g = params.taped::<T>(&format!("{}.embed.{bn}.weight", self.prefix))?;
             let b = params.taped::<T>(&format!("{}.embed.{bn}.bias", self.prefix))?;
@@ -375,7 +406,7 @@ impl<D: SarDevice<f32>> SarHead<D> {
             data: e.retaped::<NoneTape>().reshape_like(&(c * dim,)),
             shape: vec![c, dim],
         };
-        let z = linear(params, e, "fc")?;
+        let z = linear(params, e, &self.classifier)?;
         if *z.shape() != (c, c) {
             return shape_err(format!(
                 "the classifier maps the [{c}, {dim}] anchors to {:?}, expected [{c}, {c}]",

@@ -259,3 +259,136 @@ fn conv_bn<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     let (y, hw) = f.conv_dilated(x, &format!("{name}.conv"), size, 1, pad, dilation)?;
     Ok((f.bn(y, &format!("{name}.bn"), true)?, hw))
 }
+
+/// Bilinear resize (PyTorch's `align_corners=False`,
+/// [`sar_math::resample::bilinear_source`] per axis, coordinates in `E`) of NHWC rows
+/// `[N·H·W, C]` of `(n, h, w)` pixels to `(oh, ow)`: rows `[N·OH·OW, C]`. Each output row is
+/// the weighted sum of four gathered source rows (the same row twice at a border), so its
+/// backward is dfdx's scatter-add; any dfdx device. The same size returns `x`.
+pub fn resize_bilinear<E, D, T>(
+    x: Rows<D, T, E>,
+    (n, h, w): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Rows<D, T, E>>
+where
+    E: Float + num_traits::float::FloatCore,
+    D: SarDevice<E>,
+    T: Tape<E, D>,
+{
+    let (rows, c) = *x.shape();
+    if rows != n * h * w || h == 0 || w == 0 || oh == 0 || ow == 0 {
+        return config_err(format!(
+            "resize: {rows} rows for {n}×{h}×{w} pixels, to {oh}×{ow}"
+        ));
+    }
+    if (h, w) == (oh, ow) {
+        return Ok(x);
+    }
+    let ys: Vec<(usize, usize, E)> = (0..oh)
+        .map(|o| sar_math::resample::bilinear_source::<E>(h, oh, o))
+        .collect();
+    let xs: Vec<(usize, usize, E)> = (0..ow)
+        .map(|o| sar_math::resample::bilinear_source::<E>(w, ow, o))
+        .collect();
+    let m = n * oh * ow;
+    // Taps (y0, x0), (y0, x1), (y1, x0), (y1, x1): source rows and weights per output pixel.
+    let mut idx: [Vec<usize>; 4] = std::array::from_fn(|_| Vec::with_capacity(m));
+    let mut wts: [Vec<E>; 4] = std::array::from_fn(|_| Vec::with_capacity(m));
+    for b in 0..n {
+        for &(y0, y1, ly) in &ys {
+            for &(x0, x1, lx) in &xs {
+                let taps = [
+                    (y0, x0, (E::one() - ly) * (E::one() - lx)),
+                    (y0, x1, (E::one() - ly) * lx),
+                    (y1, x0, ly * (E::one() - lx)),
+                    (y1, x1, ly * lx),
+                ];
+                for (k, (yy, xx, wt)) in taps.into_iter().enumerate() {
+                    idx[k].push((b * h + yy) * w + xx);
+                    wts[k].push(wt);
+                }
+            }
+        }
+    }
+    let dev = x.device().clone();
+    let mut out: Option<Rows<D, T, E>> = None;
+    for (i, wt) in idx.into_iter().zip(wts) {
+        let tap: Rows<D, T, E> = x.retaped::<T>().gather(dev.tensor_from_vec(i, (m,)));
+        let wt: Tensor<(usize,), E, D> = dev.tensor_from_vec(wt, (m,));
+        let term = tap * wt.broadcast_like::<_, Axis<1>>(&(m, c));
+        out = Some(match out {
+            None => term,
+            Some(o) => o + term,
+        });
+    }
+    let out = out.ok_or_else(|| SarDfdxError::Shape("resize: no taps".into()))?;
+    // The taps were gathered from copies with empty tapes: `x`'s own joins here.
+    let (out, tape) = out.split_tape();
+    let (_, x_tape) = x.split_tape();
+    Ok(out.put_tape(tape.merge(x_tape)))
+}
+
+/// mmsegmentation's pixel cross-entropy of logit rows `[M, K]` (already at label resolution)
+/// against `labels` (`M`, `ignore` skipped): Σ over labelled pixels of −log softmax(z)_label,
+/// divided by all M pixels. A label ≥ K other than `ignore` is an error naming its position.
+pub fn seg_cross_entropy<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    logits: Rows<D, T, E>,
+    labels: &[u8],
+    ignore: u8,
+) -> Result<Tensor<Rank0, E, D, T>> {
+    let (m, k) = *logits.shape();
+    if labels.len() != m || m == 0 {
+        return config_err(format!(
+            "segmentation cross-entropy: {} labels for {m} logit rows",
+            labels.len()
+        ));
+    }
+    if let Some(i) = labels.iter().position(|&l| l != ignore && l as usize >= k) {
+        return config_err(format!(
+            "segmentation cross-entropy: label {} at pixel {i} is not a class (K = {k}) nor the ignore index {ignore}",
+            labels[i]
+        ));
+    }
+    let dev = logits.device().clone();
+    let idx: Vec<usize> = labels
+        .iter()
+        .map(|&l| if l == ignore { 0 } else { l as usize })
+        .collect();
+    let keep: Vec<E> = labels
+        .iter()
+        .map(|&l| if l == ignore { E::zero() } else { E::one() })
+        .collect();
+    let picked: Tensor<(usize,), E, D, T> = logits
+        .log_softmax::<Axis<1>>()
+        .select(dev.tensor_from_vec(idx, (m,)));
+    let total = E::from(m).unwrap_or_else(E::one);
+    Ok((picked * dev.tensor_from_vec(keep, (m,))).sum::<Rank0, _>() * (-E::one() / total))
+}
+
+/// `Dropout2d` on NHWC rows `[N·h·w, C]` of `n` images: whole channels of an image zeroed with
+/// probability `p`, the rest scaled by 1/(1 − p), the masks drawn from `rng` image by image
+/// and channel by channel (`rng.next_f64() < p` drops), as the candle trainer draws them.
+pub fn dropout2d<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    x: Rows<D, T, E>,
+    n: usize,
+    p: f64,
+    rng: &mut sar_math::rng::SeededRng,
+) -> Result<Rows<D, T, E>> {
+    if p <= 0.0 {
+        return Ok(x);
+    }
+    let (rows, c) = *x.shape();
+    if n == 0 || rows % n != 0 {
+        return config_err(format!("dropout: {rows} rows for {n} images"));
+    }
+    let keep = E::from((1.0 / (1.0 - p)) as f32).unwrap_or_else(E::one);
+    let mask: Vec<E> = (0..n * c)
+        .map(|_| if rng.next_f64() < p { E::zero() } else { keep })
+        .collect();
+    let per = rows / n;
+    let full: Vec<E> = (0..rows)
+        .flat_map(|r| mask[(r / per) * c..(r / per + 1) * c].iter().copied())
+        .collect();
+    let dev = x.device().clone();
+    Ok(x * dev.tensor_from_vec(full, (rows, c)))
+}

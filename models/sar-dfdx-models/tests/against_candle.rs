@@ -988,3 +988,59 @@ fn seg_networks_match_candle() {
     seg_matches_in::<f32>(B::ResNet18V1c, K::Aspp, r18_aspp, 1e-3);
     assert!(SegNet::new(V1cDepth::R18, SegHead::Fcn, true, 6).is_err());
 }
+
+/// The segmentation losses' pieces against candle's in f64: the bilinear resize (up on one
+/// axis, down on the other, and ×8 up as for logits) with its gradient, and the pixel
+/// cross-entropy with ignored pixels by hand.
+#[test]
+fn resize_and_pixel_cross_entropy_match() {
+    use sar_dfdx_models::seg::{resize_bilinear, seg_cross_entropy};
+    let dev = Cpu::default();
+    for (n, c, h, w, oh, ow) in [(2, 3, 5, 7, 9, 4), (1, 2, 4, 3, 32, 24), (2, 1, 6, 6, 6, 6)] {
+        let x: Vec<f64> = normals(7, n * c * h * w)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let r: Vec<f64> = normals(8, n * c * oh * ow)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let xv = Var::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+        let y = sar_models::resize::resize_bilinear(xv.as_tensor(), oh, ow).unwrap();
+        let rt = Tensor::from_vec(r.clone(), (n, c, oh, ow), &Device::Cpu).unwrap();
+        let g = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let want_dx: Vec<f64> = g
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_y: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+
+        let xr: Tensor2 = dev.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c));
+        let yr = resize_bilinear(xr.leaky_trace(), (n, h, w), (oh, ow)).unwrap();
+        let got_y = rows_to_nchw(&yr.as_vec(), n, c, oh, ow);
+        let rr = dev.tensor_from_vec(nchw_to_rows(&r, n, c, oh, ow), (n * oh * ow, c));
+        let grads = (yr * rr).sum::<Rank0, _>().backward();
+        let got_dx = rows_to_nchw(&grads.get(&xr).as_vec(), n, c, h, w);
+        let what = format!("{h}×{w} → {oh}×{ow}");
+        assert_close_in(&format!("resize {what}"), &got_y, &want_y, 1e-12);
+        assert_close_in(&format!("resize gradient {what}"), &got_dx, &want_dx, 1e-12);
+    }
+    // Two pixels of three classes and one ignored (255): the mean is over all three.
+    let logits: Tensor2 =
+        dev.tensor_from_vec(vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 5.0, -1.0, 0.5], (3, 3));
+    let lse = |a: f64, b: f64, c: f64| (a.exp() + b.exp() + c.exp()).ln();
+    let want = ((lse(1.0, 2.0, 3.0) - 2.0) + (lse(0.0, 0.0, 0.0) - 0.0)) / 3.0;
+    let got = seg_cross_entropy(logits.clone(), &[1, 0, 255], 255)
+        .unwrap()
+        .as_vec()[0];
+    assert!((got - want).abs() < 1e-14, "{got} vs {want}");
+    let e = seg_cross_entropy(logits, &[1, 3, 255], 255)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 3 at pixel 1"), "{e}");
+}
+
+type Tensor2 = sar_dfdx::dfdx::tensor::Tensor<(usize, usize), f64, Cpu>;

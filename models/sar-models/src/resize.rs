@@ -2,6 +2,7 @@
 //! resize mmsegmentation uses for logits, HRNet's branch fusion and the ASPP image pool.
 //!
 //! Output pixel `o` of an axis of `input → output` samples source coordinate
+//! ([`sar_math::resample::bilinear_source`])
 //! `s = max((o + ½)·(input/output) − ½, 0)` (computed in the tensor's precision, f32 for f32 and
 //! below, f64 for f64, as PyTorch's CPU kernel does with its `opmath` type),
 //! blending `i0 = ⌊s⌋` and `i1 = min(i0 + 1, input − 1)` with weights `1 − (s − i0)` and
@@ -23,7 +24,9 @@ pub fn interpolation_matrix_f64(input: usize, output: usize) -> Vec<f64> {
     interpolation_matrix_in::<f64>(input, output)
 }
 
-fn interpolation_matrix_in<T: num_traits::Float + std::ops::AddAssign>(
+fn interpolation_matrix_in<
+    T: num_traits::Float + num_traits::float::FloatCore + std::ops::AddAssign,
+>(
     input: usize,
     output: usize,
 ) -> Vec<T> {
@@ -31,14 +34,8 @@ fn interpolation_matrix_in<T: num_traits::Float + std::ops::AddAssign>(
     if input == 0 || output == 0 {
         return m;
     }
-    let of = |v: usize| T::from(v).unwrap_or_else(T::zero);
-    let half = T::from(0.5).unwrap_or_else(T::zero);
-    let scale = of(input) / of(output);
     for o in 0..output {
-        let src = ((of(o) + half) * scale - half).max(T::zero());
-        let i0 = src.to_usize().unwrap_or(0).min(input - 1);
-        let i1 = (i0 + 1).min(input - 1);
-        let l1 = src - of(i0);
+        let (i0, i1, l1) = sar_math::resample::bilinear_source::<T>(input, output, o);
         m[o * input + i0] += T::one() - l1;
         m[o * input + i1] += l1;
     }

@@ -407,11 +407,11 @@ impl Segmenter for ByRef<'_> {
 
 /// The segmentation task.
 pub struct SegTask {
-    cfg: TrainConfig,
-    setup: SegSetup,
-    data: SegData,
+    pub(crate) cfg: TrainConfig,
+    pub(crate) setup: SegSetup,
+    pub(crate) data: SegData,
     counts: Vec<u64>,
-    groups: Vec<Group>,
+    pub(crate) groups: Vec<Group>,
     disalign: Option<SegDisAlign>,
 }
 
@@ -471,7 +471,7 @@ impl SegTask {
     }
 
     /// Normalised images `[n, 3, H, W]` and labels `[n·H·W]` of training samples `idx`.
-    fn render(
+    pub(crate) fn render(
         &self,
         idx: &[usize],
         epoch: u64,

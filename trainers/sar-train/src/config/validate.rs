@@ -372,10 +372,21 @@ impl TrainConfig {
             bail!("run.device = \"cuda\" needs sar built with --features cuda");
         }
         if self.run.backend == BackendKind::Dfdx {
-            ensure!(
-                !self.data.dataset.is_segmentation(),
-                "run.backend = \"dfdx\" trains classification only; segmentation runs on candle"
-            );
+            if self.data.dataset.is_segmentation() {
+                use sar_models::seg::SegBackbone as B;
+                let m = self.model.segmenter()?;
+                ensure!(
+                    matches!(m.backbone, B::ResNet18V1c | B::ResNet50V1c | B::ResNet101V1c)
+                        && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Aspp),
+                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
+                    m.backbone,
+                    m.head
+                );
+                ensure!(
+                    self.optim.kind == OptimizerKind::Sgd && self.optim.custom_keys.is_empty(),
+                    "run.backend = \"dfdx\" trains with SGD and one parameter group; optim.kind = \"adamw\" and optim.custom_keys need --backend candle"
+                );
+            }
             ensure!(
                 self.stage.kind == StageKind::None && self.stage.init_from.is_none(),
                 "run.backend = \"dfdx\" has no second stage yet: stage.kind and stage.init_from run on candle"

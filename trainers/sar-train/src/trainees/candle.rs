@@ -54,6 +54,28 @@ fn set_var(name: &str, var: &candle_core::Var, t: &Tensor) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `model.pretrained` into `varmap`: a classifier's weights but `fc.`; a whole segmentation
+/// checkpoint but its classifiers (the class count may differ); or an ImageNet backbone under
+/// the segmentation backbone. Strict: a file that does not fit changes nothing.
+pub(crate) fn load_pretrained_into(
+    varmap: &VarMap,
+    cfg: &TrainConfig,
+    p: &Path,
+) -> anyhow::Result<sar_models::pretrained::LoadReport> {
+    use sar_models::pretrained::{load_backbone, load_pretrained, tensor_names};
+    Ok(if !cfg.data.dataset.is_segmentation() {
+        load_pretrained(varmap, p, &["fc."])?
+    } else if tensor_names(p)?.iter().any(|n| n.starts_with("backbone.")) {
+        load_pretrained(
+            varmap,
+            p,
+            &["decode_head.conv_seg.", "auxiliary_head.conv_seg."],
+        )?
+    } else {
+        load_backbone(varmap, p)?
+    })
+}
+
 /// Deep copies of the state a forward pass changes: BatchNorm running statistics and the SAR
 /// buffers.
 struct Snapshot {
@@ -350,21 +372,7 @@ impl Trainee for CandleTrainee {
         cfg: &TrainConfig,
         p: &Path,
     ) -> anyhow::Result<(usize, Vec<String>)> {
-        use sar_models::pretrained::{load_backbone, load_pretrained, tensor_names};
-        let varmap = self.task.varmap();
-        let r = if !cfg.data.dataset.is_segmentation() {
-            load_pretrained(varmap, p, &["fc."])?
-        } else if tensor_names(p)?.iter().any(|n| n.starts_with("backbone.")) {
-            // A whole segmentation checkpoint: everything but the classifiers (the class
-            // count may differ).
-            load_pretrained(
-                varmap,
-                p,
-                &["decode_head.conv_seg.", "auxiliary_head.conv_seg."],
-            )?
-        } else {
-            load_backbone(varmap, p)?
-        };
+        let r = load_pretrained_into(self.task.varmap(), cfg, p)?;
         Ok((r.loaded.len(), r.kept))
     }
     fn sar_params(&self) -> u64 {

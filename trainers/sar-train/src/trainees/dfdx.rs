@@ -30,7 +30,7 @@ use sar_dfdx::conv::{nchw_to_rows, rows_to_nchw, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{Params, Rows, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
-use sar_dfdx_models::seg::{self, SegHead, SegNet, V1cDepth};
+use sar_dfdx_models::seg::{self, SegBackbone, SegHead, SegNet, V1cDepth};
 use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
 use sar_models::seg::{SegFeatures, Segmenter};
 use std::cell::RefCell;
@@ -126,21 +126,24 @@ fn on_dfdx<D: SarDevice<f32>>(
     Ok((params, head))
 }
 
-/// The dfdx network of a segmenter config: the dilated ResNets with FCN or ASPP.
+/// The dfdx network of a segmenter config: the dilated ResNets with FCN or ASPP, HRNetV2 with
+/// FCN.
 fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
-    use sar_models::seg::{SegBackbone, SegHeadKind};
-    let depth = match c.backbone {
-        SegBackbone::ResNet18V1c => V1cDepth::R18,
-        SegBackbone::ResNet50V1c => V1cDepth::R50,
-        SegBackbone::ResNet101V1c => V1cDepth::R101,
-        other => bail!("run.backend = \"dfdx\" has the dilated ResNets (resnet18-v1c, resnet50-v1c, resnet101-v1c), not model.backbone = {other}; train it with --backend candle"),
+    use sar_models::seg::{SegBackbone as B, SegHeadKind};
+    let (backbone, width) = match c.backbone {
+        B::ResNet18V1c => (SegBackbone::ResNetV1c(V1cDepth::R18), c.width),
+        B::ResNet50V1c => (SegBackbone::ResNetV1c(V1cDepth::R50), c.width),
+        B::ResNet101V1c => (SegBackbone::ResNetV1c(V1cDepth::R101), c.width),
+        B::HrNetV2W18 => (SegBackbone::HrNetV2, 18),
+        B::HrNetV2W48 => (SegBackbone::HrNetV2, 48),
+        other => bail!("run.backend = \"dfdx\" has the dilated ResNets and HRNetV2, not model.backbone = {other}; train it with --backend candle"),
     };
     let head = match c.head {
         SegHeadKind::Fcn => SegHead::Fcn,
         SegHeadKind::Aspp => SegHead::Aspp,
         other => bail!("run.backend = \"dfdx\" has the fcn and aspp heads, not {other:?}; train it with --backend candle"),
     };
-    Ok(SegNet::new(depth, head, c.aux(), c.width)?)
+    Ok(SegNet::new(backbone, head, c.aux(), width)?)
 }
 
 /// The dfdx network of a classifier config (every architecture candle builds).

@@ -7,7 +7,8 @@
 #
 # 1. candle-CUDA conformance: the suite of tests/conformance against candle on the GPU, f32
 #    and f64 (SAR_REQUIRE_CUDA=1 makes a missing device fail instead of skip).
-#    Then dfdx-CUDA conformance, and a short digits training on the GPU with each backend.
+#    Then dfdx-CUDA conformance, a short digits training and a short mosaic segmentation
+#    training on the GPU with each backend.
 # 2. `sar reference` against an independent PyTorch implementation, on the CPU and on the GPU.
 # Prints a short table at the end; exits non-zero if any part failed.
 set -uo pipefail
@@ -60,6 +61,14 @@ if [ -x "$dir/sar-cuda" ] || chmod +x "$dir/sar-cuda" 2>/dev/null; then
       --output "$out/train-$backend" 2>&1 | tail -n 3 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     results+=("train on CUDA ($backend): $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $(grep -o '"top1": [0-9.]*' "$out/train-$backend/report.json" 2>/dev/null)")
+  done
+  say "== 1d. segmentation on the GPU: the glyph mosaic, FCN-R18-V1c + SAR, 200 iterations, dfdx and candle"
+  for backend in dfdx candle; do
+    "$dir/sar-cuda" train --config configs/mosaic-fcn-r18.toml --backend "$backend" --quiet \
+      --set run.device='"cuda"' --set train.iters=200 --set train.plots=false \
+      --output "$out/seg-$backend" 2>&1 | tail -n 3 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    results+=("segmentation on CUDA ($backend): $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $(grep -o '"miou": [0-9.]*' "$out/seg-$backend/report.json" 2>/dev/null)")
   done
 else
   say "missing: $dir/sar-cuda"; results+=("train on CUDA: NOT RUN")

@@ -1,7 +1,7 @@
 //! The `sar` command-line program.
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Training allocates and frees feature-sized tensors (hundreds of MB) every step. glibc serves
 /// each with a fresh mmap, so every step pays a page fault and a kernel zero-fill per 4 KiB,
@@ -153,8 +153,9 @@ struct ReferenceArgs {
 /// Arguments of `sar bench`.
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Which workloads: seg, cls, resnet32, seg-step (FCN on a dilated ResNet-18, batch 2,
-    /// 512²), seg-models (OCRNet, SegFormer-B0, UPerNet-Swin-T, batch 2, 256²), or all.
+    /// Which workloads: seg, cls, resnet32, resnet18 (ImageNet stem, batch 16 of 224², 200
+    /// classes, candle and dfdx; not in all), seg-step (FCN on a dilated ResNet-18, batch 2,
+    /// 512², candle and dfdx), seg-models (OCRNet, SegFormer-B0, UPerNet-Swin-T, batch 2, 256²), or all.
     #[arg(long, default_value = "all")]
     workload: String,
     /// A Python with PyTorch: seg-models then times the PyTorch peer's step of each model
@@ -359,11 +360,16 @@ fn bench(
         "seg" => (vec![Workload::seg()], false, false, false),
         "cls" => (vec![Workload::cls()], false, false, false),
         "resnet32" => (vec![], true, false, false),
+        "resnet18" => {
+            let r = sar_train::bench::run_resnet18(reps.max(1), 16)?;
+            print!("{}", sar_train::bench::model_step_table("model step", &r));
+            return write_json(json.as_deref(), &r);
+        }
         "seg-step" => (vec![], false, true, false),
         "seg-models" => (vec![], false, false, true),
         "all" => (vec![Workload::seg(), Workload::cls()], true, true, true),
         other => anyhow::bail!(
-            "unknown workload `{other}` (seg, cls, resnet32, seg-step, seg-models or all)"
+            "unknown workload `{other}` (seg, cls, resnet32, resnet18, seg-step, seg-models or all)"
         ),
     };
     anyhow::ensure!(
@@ -396,9 +402,14 @@ fn bench(
         print!("{}", seg_models_table(&r, header.as_ref()));
         rows.extend(r);
     }
-    if let Some(path) = json {
-        let bytes = serde_json::to_vec_pretty(&rows)?;
-        sar_train::tensorio::write_atomic(&path, &bytes)?;
+    write_json(json.as_deref(), &rows)
+}
+
+/// `--json PATH`: the benchmark's rows, written atomically.
+fn write_json(path: Option<&Path>, rows: &[sar_train::bench::BenchRow]) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        let bytes = serde_json::to_vec_pretty(rows)?;
+        sar_train::tensorio::write_atomic(path, &bytes)?;
     }
     Ok(())
 }

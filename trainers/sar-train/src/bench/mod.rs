@@ -276,18 +276,82 @@ pub fn table(rows: &[BenchRow]) -> String {
 /// mode, cross-entropy, with SAR's λ1·L_aux + λ2·L_p2a when `sar`, backward, SGD), the peer's
 /// `resnet32_step` workload. Random images; the SAR head's classifier is the model's `fc`.
 pub fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<Runner> {
-    let text = format!(
-        "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
-    );
-    let cfg = crate::config::parse(&text, &[])?;
-    let setup = crate::cls::build(&cfg, 3, 100)?;
-    let mut rng = SeededRng::new(11);
-    let x: Vec<f32> = (0..batch * 3 * 32 * 32)
-        .map(|_| rng.next_normal() as f32)
-        .collect();
-    let y: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 100) as i64).collect();
-    let x = Tensor::from_vec(x, (batch, 3, 32, 32), &Device::Cpu)?;
-    let y = Tensor::from_vec(y, batch, &Device::Cpu)?;
+    cls_step_runner(&ClsStep::resnet32(batch), sar)
+}
+
+/// A classification training step to time: the `[model]` table, the images' shape, the
+/// classes, the batch, and the seed of its random batch.
+pub struct ClsStep {
+    /// `[model]` keys, e.g. `arch = "resnet18"\nstem = "imagenet"`.
+    pub model: &'static str,
+    /// Channels, height, width.
+    pub shape: (usize, usize, usize),
+    /// Classes.
+    pub classes: usize,
+    /// Images per batch.
+    pub batch: usize,
+    /// Seed of the random images and labels.
+    pub seed: u64,
+}
+
+impl ClsStep {
+    /// ResNet-32 on CIFAR-100 images.
+    pub fn resnet32(batch: usize) -> Self {
+        ClsStep {
+            model: "arch = \"resnet32\"",
+            shape: (3, 32, 32),
+            classes: 100,
+            batch,
+            seed: 11,
+        }
+    }
+
+    /// ResNet-18 with the ImageNet stem on CUB-200's 224×224 crops.
+    pub fn resnet18_cub(batch: usize) -> Self {
+        ClsStep {
+            model: "arch = \"resnet18\"\nstem = \"imagenet\"",
+            shape: (3, 224, 224),
+            classes: 200,
+            batch,
+            seed: 12,
+        }
+    }
+
+    /// The config and the candle setup (seeded weights and SAR head) of this step.
+    pub(crate) fn setup(
+        &self,
+        sar: bool,
+    ) -> anyhow::Result<(crate::config::TrainConfig, crate::cls::Setup)> {
+        let text = format!(
+            "[data]\ndataset = \"digits\"\n[model]\n{}\n[sar]\nenabled = {sar}\n",
+            self.model
+        );
+        let cfg = crate::config::parse(&text, &[])?;
+        let setup = crate::cls::build(&cfg, self.shape.0, self.classes)?;
+        Ok((cfg, setup))
+    }
+
+    /// Random images (NCHW, host) and labels of one batch.
+    pub(crate) fn batch_data(&self) -> (Vec<f32>, Vec<i64>) {
+        let (c, h, w) = self.shape;
+        let mut rng = SeededRng::new(self.seed);
+        let x: Vec<f32> = (0..self.batch * c * h * w)
+            .map(|_| rng.next_normal() as f32)
+            .collect();
+        let y = (0..self.batch)
+            .map(|_| (rng.next_u64() % self.classes as u64) as i64)
+            .collect();
+        (x, y)
+    }
+}
+
+/// One training step of `step` on candle (see [`resnet32_runner`]).
+pub fn cls_step_runner(step: &ClsStep, sar: bool) -> anyhow::Result<Runner> {
+    let (_, setup) = step.setup(sar)?;
+    let (x, y) = step.batch_data();
+    let (c, h, w) = step.shape;
+    let x = Tensor::from_vec(x, (step.batch, c, h, w), &Device::Cpu)?;
+    let y = Tensor::from_vec(y, step.batch, &Device::Cpu)?;
     let vars = setup.varmap.all_vars();
     let mut opt = crate::optim::Sgd::new(vars, 0.1, 0.9, 5e-4, false);
     let crate::cls::Setup {
@@ -330,7 +394,7 @@ pub fn sar_head_runner() -> anyhow::Result<Runner> {
 
 /// The config of the segmentation step benchmark: FCN with the auxiliary head on a dilated
 /// ResNet-18 V1c (full width), 19 classes, crop 512 × 512, batch 2.
-fn seg_bench_config(sar: bool) -> anyhow::Result<crate::config::TrainConfig> {
+pub(crate) fn seg_bench_config(sar: bool) -> anyhow::Result<crate::config::TrainConfig> {
     crate::config::parse(
         &format!(
             "[data]\ndataset = \"mosaic\"\nseg_crop = [512, 512]\n[model]\nbackbone = \"resnet18-v1c\"\n[sar]\nenabled = {sar}\n"
@@ -424,8 +488,18 @@ pub fn seg_head_runner() -> anyhow::Result<Runner> {
 /// `gb_per_s` holds images per second.
 pub fn run_seg_step(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
     let mut rows = interleaved(
-        [seg_step_runner(false)?, seg_step_runner(true)?],
-        ["FCN-R18-d8 b2 512² step", "FCN-R18-d8 b2 512² step + SAR"],
+        [
+            seg_step_runner(false)?,
+            seg_step_runner(true)?,
+            crate::trainees::dfdx::seg_step_runner(false)?,
+            crate::trainees::dfdx::seg_step_runner(true)?,
+        ],
+        [
+            "FCN-R18-d8 b2 512² step",
+            "FCN-R18-d8 b2 512² step + SAR",
+            "dfdx: FCN-R18-d8 b2 512² step",
+            "dfdx: step + SAR (L_aux only)",
+        ],
         "seg-step",
         2.0,
         reps,
@@ -502,6 +576,29 @@ pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
     out
 }
 
+/// The ResNet-18 step (ImageNet stem, batch `batch` of 224² CUB-size crops, 200 classes) on
+/// candle and dfdx, without and with SAR, interleaved, from the same weights and batch.
+pub fn run_resnet18(reps: usize, batch: usize) -> anyhow::Result<Vec<BenchRow>> {
+    let step = ClsStep::resnet18_cub(batch);
+    interleaved(
+        [
+            cls_step_runner(&step, false)?,
+            cls_step_runner(&step, true)?,
+            crate::trainees::dfdx::cls_step_runner(&step, false)?,
+            crate::trainees::dfdx::cls_step_runner(&step, true)?,
+        ],
+        [
+            "ResNet-18 224² step",
+            "ResNet-18 224² step + SAR",
+            "dfdx: ResNet-18 224² step",
+            "dfdx: ResNet-18 224² step + SAR",
+        ],
+        "r18",
+        batch as f64,
+        reps,
+    )
+}
+
 /// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
 /// the machine affects both alike. `gb_per_s` holds images per second here.
 pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
@@ -510,8 +607,8 @@ pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
         [
             resnet32_runner(false, 128)?,
             resnet32_runner(true, 128)?,
-            crate::trainees::dfdx::resnet32_runner(false, 128)?,
-            crate::trainees::dfdx::resnet32_runner(true, 128)?,
+            crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), false)?,
+            crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), true)?,
         ],
         [
             "ResNet-32 b128 step",

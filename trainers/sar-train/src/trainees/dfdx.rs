@@ -708,26 +708,21 @@ impl<D: SarDevice<f32> + Send + Sync> DfdxSegmenter<'_, D> {
     }
 }
 
-/// `sar bench --workload resnet32` on dfdx: one ResNet-32 training step (forward in training
-/// mode, cross-entropy, with `sar` SAR's step, backward, SGD) on a fixed random batch of
-/// `batch` 3×32×32 images and 100 classes, from the same initial weights as candle's runner.
-pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::bench::Runner> {
-    use sar_math::rng::SeededRng;
-    let text = format!(
-        "[data]\ndataset = \"digits\"\n[model]\narch = \"resnet32\"\n[sar]\nenabled = {sar}\n"
-    );
-    let cfg = crate::config::parse(&text, &[])?;
-    let setup = crate::cls::build(&cfg, 3, 100)?;
+/// `sar bench` on dfdx: one training step of `step` (forward in training mode, cross-entropy,
+/// with `sar` SAR's step, backward, SGD) on its fixed random batch, from the same initial
+/// weights as candle's runner (`crate::bench::cls_step_runner`).
+pub(crate) fn cls_step_runner(
+    step: &crate::bench::ClsStep,
+    sar: bool,
+) -> anyhow::Result<crate::bench::Runner> {
+    let (cfg, setup) = step.setup(sar)?;
     let dev = Cpu::default();
     let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), false, &dev)?;
-    let mut rng = SeededRng::new(11);
-    let x: Vec<f32> = (0..batch * 3 * 32 * 32)
-        .map(|_| rng.next_normal() as f32)
-        .collect();
-    let y: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 100) as i64).collect();
-    let x = dev.tensor_from_vec(nchw_to_rows(&x, batch, 3, 32, 32), (batch * 32 * 32, 3));
-    let targets = one_hot(&y, 100)?;
-    let net = Classifier::new(Arch::CifarResNet { depth: 32 })?;
+    let (x, y) = step.batch_data();
+    let (batch, (c, h, w)) = (step.batch, step.shape);
+    let x = rows_of(&dev, x, (batch, c, h, w));
+    let targets = one_hot(&y, step.classes)?;
+    let net = Classifier::new(dfdx_arch(cfg.model.classifier()?)?)?;
     let mut cache = GatherCache::default();
     let mut opt = Sgd::new(0.1, 0.9, 5e-4, false);
     Ok(Box::new(move || {
@@ -737,15 +732,78 @@ pub(crate) fn resnet32_runner(sar: bool, batch: usize) -> anyhow::Result<crate::
             cache: &mut cache,
             train: true,
         };
-        let feats = net.features(&mut f, traced, (batch, 32, 32))?;
+        let feats = net.features(&mut f, traced, (batch, h, w))?;
         let loss = match head.as_mut() {
-            Some(h) => {
+            Some(hd) => {
                 let logits = net.classify(&params, feats.retaped())?;
                 let ce = cross_entropy(logits, targets.clone())?;
-                ce + h.step(&params, feats, &y, None)?.loss
+                ce + hd.step(&params, feats, &y, None)?.loss
             }
             None => cross_entropy(net.classify(&params, feats)?, targets.clone())?,
         };
+        let mut grads = loss
+            .try_backward()
+            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        opt.step(&mut params, &mut grads)?;
+        Ok(())
+    }))
+}
+
+/// `sar bench --workload seg-step` on dfdx: the candle benchmark's FCN-R18-d8 step (batch 2 of
+/// 512² random images and labels over 19 classes, Dropout2d, logits resized to the labels,
+/// cross-entropy + 0.4 × the auxiliary head's, SGD) from the same initial weights. With `sar`
+/// the head's step runs as in training: SAR's gate stays closed on these random weights, so
+/// the step times L_aux and not L_p2a (which candle's benchmark forces open; L_p2a is a few
+/// milliseconds there).
+pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner> {
+    let cfg = crate::bench::seg_bench_config(sar)?;
+    let setup = crate::seg::build_seg(&cfg, 19)?;
+    let dev = Cpu::default();
+    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), true, &dev)?;
+    let net = dfdx_segnet(cfg.model.segmenter()?)?;
+    let (n, h, w) = (2usize, 512usize, 512usize);
+    // The candle runner's images and labels.
+    let mut rng = sar_math::rng::SeededRng::new(13);
+    let x: Vec<f32> = (0..n * 3 * h * w)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y: Vec<u8> = (0..n * h * w)
+        .map(|_| (rng.next_u64() % 19) as u8)
+        .collect();
+    let x = rows_of(&dev, x, (n, 3, h, w));
+    let mut cache = GatherCache::default();
+    let mut opt = Sgd::new(0.01, 0.9, 5e-4, false);
+    Ok(Box::new(move || {
+        let traced = x.trace(params.alloc_grads()?);
+        let mut f = Forward {
+            params: &mut params,
+            cache: &mut cache,
+            train: true,
+        };
+        let out = net.features(&mut f, traced, (n, h, w))?;
+        let (fh, fw) = out.hw;
+        let mut drop_rng = sar_math::rng::SeededRng::new(1);
+        let mut pixel_ce = |feats: Rows<Cpu, OwnedTape<f32, Cpu>>, aux: bool| {
+            let dropped = seg::dropout2d(feats, n, 0.1, &mut drop_rng)?;
+            let logits = net.classify(&params, dropped, aux)?;
+            let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
+            seg::seg_cross_entropy(up, &y, IGNORE)
+        };
+        // With SAR, F goes on to the head carrying the network's tape (as in training).
+        let (ce_feats, sar_feats) = match head {
+            Some(_) => (out.main.retaped(), Some(out.main)),
+            None => (out.main, None),
+        };
+        let mut loss = pixel_ce(ce_feats, false)?;
+        if let Some(a) = out.aux {
+            loss = loss + pixel_ce(a, true)? * 0.4;
+        }
+        if let (Some(hd), Some(feats)) = (head.as_mut(), sar_feats) {
+            let mut small = vec![0u8; n * fh * fw];
+            sar_math::resample::resample_labels_nearest(&y, n, (h, w), (fh, fw), &mut small)?;
+            let labels: Vec<i64> = small.iter().map(|&v| v as i64).collect();
+            loss = loss + hd.step(&params, feats, &labels, None)?.loss;
+        }
         let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;

@@ -385,7 +385,7 @@ struct StepLoss<D: SarDevice<f32>> {
     images: usize,
 }
 
-impl<D: SarDevice<f32> + Send + Sync> Trainee for DfdxTrainee<D> {
+impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
     fn train_len(&self) -> usize {
         self.work.task().train_len()
     }
@@ -570,9 +570,12 @@ impl<D: SarDevice<f32> + Send + Sync> Trainee for DfdxTrainee<D> {
                 Ok(TaskEvaluation::Classification(e))
             }
             Work::Seg { inner, net } => {
+                // On the CPU, from a copy of the weights: the shared inference takes a
+                // `Segmenter`, which must be Send + Sync, and dfdx's CUDA device is neither.
+                let cpu = Cpu::default();
                 let model = DfdxSegmenter {
                     net: *net,
-                    params: Mutex::new(params),
+                    params: Mutex::new(Params::from_host(&cpu, params.to_host())?),
                     cache: Mutex::new(GatherCache::default()),
                     shape: inner.setup.model.as_ref(),
                 };
@@ -616,12 +619,12 @@ impl<D: SarDevice<f32> + Send + Sync> Trainee for DfdxTrainee<D> {
 
 /// A dfdx segmentation network behind the candle [`Segmenter`] interface, so the shared
 /// inference (whole image or sliding windows), metrics and plots run it: images and feature
-/// maps cross as host NCHW values, the network runs on dfdx in evaluation mode. The candle
-/// model of the same config answers the questions about its shape and cost.
-pub(crate) struct DfdxSegmenter<'a, D: SarDevice<f32>> {
+/// maps cross as host NCHW values, the network runs on dfdx's CPU device in evaluation mode.
+/// The candle model of the same config answers the questions about its shape and cost.
+pub(crate) struct DfdxSegmenter<'a> {
     net: SegNet,
-    params: Mutex<Params<D>>,
-    cache: Mutex<GatherCache<D>>,
+    params: Mutex<Params<Cpu>>,
+    cache: Mutex<GatherCache<Cpu>>,
     shape: &'a dyn Segmenter,
 }
 
@@ -632,7 +635,7 @@ fn candle_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl<D: SarDevice<f32>> DfdxSegmenter<'_, D> {
+impl DfdxSegmenter<'_> {
     /// NCHW `[N, C, h, w]` host values of a candle map and its dims.
     fn host(t: &Tensor) -> candle_core::Result<(Vec<f32>, Nchw)> {
         let dims = t.dims4()?;
@@ -649,7 +652,7 @@ impl<D: SarDevice<f32>> DfdxSegmenter<'_, D> {
     }
 }
 
-impl<D: SarDevice<f32> + Send + Sync> Segmenter for DfdxSegmenter<'_, D> {
+impl Segmenter for DfdxSegmenter<'_> {
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<SegFeatures> {
         if train {
             candle_core::bail!("the dfdx segmenter adapter evaluates only (train on the trainee)");
@@ -697,7 +700,7 @@ impl<D: SarDevice<f32> + Send + Sync> Segmenter for DfdxSegmenter<'_, D> {
     }
 }
 
-impl<D: SarDevice<f32> + Send + Sync> DfdxSegmenter<'_, D> {
+impl DfdxSegmenter<'_> {
     /// `conv_seg` (or the auxiliary one) on a candle map `[N, D, h, w]`.
     fn conv_seg(&self, features: &Tensor, aux: bool) -> candle_core::Result<Tensor> {
         let (v, (n, d, h, w)) = Self::host(features)?;

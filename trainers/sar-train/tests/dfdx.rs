@@ -443,8 +443,8 @@ prediction_images = 2
 
 /// Segmentation on dfdx: the first steps' losses are candle's (same weights, crops and
 /// dropout masks), SAR's gate opens, a mid-run checkpoint resumes bit-identically, a candle
-/// checkpoint finishes on dfdx, and each backend evaluates the other's checkpoint to the
-/// same mIoU.
+/// checkpoint finishes on dfdx and a dfdx one on candle, and each backend evaluates the
+/// other's checkpoint to the same mIoU.
 #[test]
 fn dfdx_segments_like_candle_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,10 +491,19 @@ fn dfdx_segments_like_candle_and_resumes_exactly() {
         let same = va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "{na} differs after resume");
     }
-    // The candle run's step-30 checkpoint finishes on dfdx.
+    // The candle run's step-30 checkpoint finishes on dfdx, and dfdx's on candle.
     let on = train(&seg_config(&dc, "dfdx", &[]), &resuming(&dc)).unwrap();
     assert_eq!(on.steps, 60);
     assert!(on.loss.total.is_finite());
+    let dr = dir.path().join("reverse");
+    train(
+        &seg_config(&dr, "dfdx", &["train.max_steps=30"]),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let back = train(&seg_config(&dr, "candle", &[]), &resuming(&dr)).unwrap();
+    assert_eq!(back.steps, 60);
+    assert!(back.loss.total.is_finite() && back.gate_first_pass.is_some());
     // Either backend evaluates the other's checkpoint.
     let (_, on_candle) = eval_checkpoint(&last(&dd), Some(BackendKind::Candle)).unwrap();
     let (_, on_dfdx) = eval_checkpoint(&last(&dd), Some(BackendKind::Dfdx)).unwrap();

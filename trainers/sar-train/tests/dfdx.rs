@@ -621,3 +621,27 @@ fn dfdx_trains_hrnet_and_aspp_like_candle() {
         }
     }
 }
+
+/// The NaN policy on a dfdx segmentation run: a poisoned step is skipped (weights, statistics
+/// and SAR buffers as before it), the rest train.
+#[test]
+fn dfdx_segmentation_skips_nan_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = seg_config(
+        dir.path(),
+        "dfdx",
+        &[
+            "train.iters=4",
+            "train.on_nonfinite=\"skip\"",
+            "data.mosaic_train=12",
+            "data.mosaic_test=4",
+        ],
+    );
+    let opts = TrainOptions {
+        poison_steps: vec![1, 2],
+        ..TrainOptions::default()
+    };
+    let r = train(&cfg, &opts).unwrap();
+    assert_eq!((r.steps, r.skipped_steps), (4, 2));
+    assert!(r.loss.total.is_finite());
+}

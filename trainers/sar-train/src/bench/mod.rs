@@ -403,6 +403,22 @@ pub(crate) fn seg_bench_config(sar: bool) -> anyhow::Result<crate::config::Train
     )
 }
 
+/// The segmentation step's batch: 2 images of 512 × 512.
+pub(crate) const SEG_BENCH_SIZE: (usize, usize, usize) = (2, 512, 512);
+
+/// The segmentation step's random images (NCHW) and labels over 19 classes.
+pub(crate) fn seg_bench_batch() -> (Vec<f32>, Vec<u8>) {
+    let (n, h, w) = SEG_BENCH_SIZE;
+    let mut rng = SeededRng::new(13);
+    let x = (0..n * 3 * h * w)
+        .map(|_| rng.next_normal() as f32)
+        .collect();
+    let y = (0..n * h * w)
+        .map(|_| (rng.next_u64() % 19) as u8)
+        .collect();
+    (x, y)
+}
+
 /// One segmentation training step (the benchmark): FCN + auxiliary head on a dilated
 /// ResNet-18 V1c, batch 2, 512 × 512 random images and labels over 19 classes; forward in
 /// training mode, Dropout2d, logits resized to 512 × 512, cross-entropy (+0.4 × auxiliary),
@@ -412,14 +428,8 @@ pub(crate) fn seg_bench_config(sar: bool) -> anyhow::Result<crate::config::Train
 pub fn seg_step_runner(sar: bool) -> anyhow::Result<Runner> {
     let cfg = seg_bench_config(sar)?;
     let setup = crate::seg::build_seg(&cfg, 19)?;
-    let (n, h, w) = (2usize, 512usize, 512usize);
-    let mut rng = SeededRng::new(13);
-    let x: Vec<f32> = (0..n * 3 * h * w)
-        .map(|_| rng.next_normal() as f32)
-        .collect();
-    let y: Vec<u8> = (0..n * h * w)
-        .map(|_| (rng.next_u64() % 19) as u8)
-        .collect();
+    let (n, h, w) = SEG_BENCH_SIZE;
+    let (x, y) = seg_bench_batch();
     let y64: Vec<i64> = y.iter().map(|&v| v as i64).collect();
     let x = Tensor::from_vec(x, (n, 3, h, w), &Device::Cpu)?;
     let y_t = Tensor::from_vec(y64, (n, h, w), &Device::Cpu)?;

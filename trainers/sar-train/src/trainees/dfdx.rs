@@ -304,64 +304,113 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             )));
         }
         let m = cfg.model.segmenter()?;
-        // The candle trainer's generator and order: the main features' dropout masks, then
-        // the auxiliary features'.
+        // The candle trainer's generator: the main features' dropout masks, then the
+        // auxiliary features'.
         let mut rng = sar_data::augment::sample_rng(cfg.run.seed ^ 0x4452_4F50, step, 0);
-        let x = rows_of(self.params.device(), x, (n, 3, h, w)).traced(self.params.alloc_grads()?);
+        let x = rows_of(self.params.device(), x, (n, 3, h, w));
         let mut cache = self.cache.borrow_mut();
-        let mut f = Forward {
+        let batch = SegBatch {
+            x,
+            y: &y,
+            size: (n, h, w),
+            dropout: m.dropout,
+            aux_weight: m.aux_weight,
+            poison_loss: ctx.poison_loss,
+        };
+        let model = SegStepModel {
+            net,
             params: &mut self.params,
             cache: &mut cache,
-            train: true,
+            head: self.head.as_mut(),
         };
-        let out = net.features(&mut f, x, (n, h, w))?;
-        let (fh, fw) = out.hw;
-        let pixel_ce =
-            |feats: Rows<D, OwnedTape<f32, D>>, aux: bool, rng: &mut sar_math::rng::SeededRng| {
-                let dropped = seg::dropout2d(feats, n, m.dropout, rng)?;
-                let logits = net.classify(&self.params, dropped, aux)?;
-                let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
-                seg::seg_cross_entropy(up, &y, IGNORE)
-            };
-        // With SAR, F goes on to p2a carrying the network's tape; the classifier gets a copy
-        // with an empty one (their gradients meet under the same tensor id).
-        let (ce_feats, sar_feats) = match self.head {
-            Some(_) => (out.main.retaped::<OwnedTape<f32, D>>(), Some(out.main)),
-            None => (out.main, None),
-        };
-        let mut ce = pixel_ce(ce_feats, false, &mut rng)?;
-        if ctx.poison_loss {
-            ce = ce * f32::INFINITY;
-        }
-        let ce_value = ce.as_vec()[0] as f64;
-        let mut loss = ce;
-        let mut head_aux = 0.0;
-        if let Some(a) = out.aux {
-            let la = pixel_ce(a, true, &mut rng)? * m.aux_weight as f32;
-            head_aux = la.as_vec()[0] as f64;
-            loss = loss + la;
-        }
-        let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
-        if let (Some(hd), Some(feats)) = (self.head.as_mut(), sar_feats) {
-            // Labels at feature resolution, in the rows' (image, y, x) order.
-            let mut small = vec![0u8; n * fh * fw];
-            sar_math::resample::resample_labels_nearest(&y, n, (h, w), (fh, fw), &mut small)?;
-            let labels: Vec<i64> = small.iter().map(|&v| v as i64).collect();
-            let s = hd.step(&self.params, feats, &labels, None)?;
-            (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
-            loss = loss + s.loss;
-        }
-        Ok(Ok(StepLoss {
-            loss,
-            ce: ce_value,
-            head_aux,
-            aux,
-            p2a,
-            gate,
-            valid,
-            images: n,
-        }))
+        Ok(Ok(seg_step_loss(model, batch, &mut rng)?))
     }
+}
+
+/// A segmentation network in training with its variables, gather cache and SAR head.
+struct SegStepModel<'a, D: SarDevice<f32>> {
+    net: &'a SegNet,
+    params: &'a mut Params<D>,
+    cache: &'a mut GatherCache<D>,
+    head: Option<&'a mut SarHead<D>>,
+}
+
+/// One segmentation batch: images as rows, labels `[N·H·W]` (255 ignored), the crop's size and
+/// the loss settings.
+struct SegBatch<'a, D: SarDevice<f32>> {
+    x: Rows<D, NoneTape>,
+    y: &'a [u8],
+    size: (usize, usize, usize),
+    dropout: f64,
+    aux_weight: f64,
+    /// Fault injection: an infinite cross-entropy.
+    poison_loss: bool,
+}
+
+/// A segmentation batch's loss as the candle trainer's `SegTask` step computes it: features,
+/// `Dropout2d` (masks from `rng`: the main features', then the auxiliary's), `conv_seg`,
+/// logits resized to the crop, pixel cross-entropy (+ `aux_weight` × the auxiliary head's),
+/// and with SAR the head's step on F (before dropout) with the labels resampled to F's size.
+fn seg_step_loss<D: SarDevice<f32>>(
+    m: SegStepModel<'_, D>,
+    b: SegBatch<'_, D>,
+    rng: &mut sar_math::rng::SeededRng,
+) -> anyhow::Result<StepLoss<D>> {
+    let (n, h, w) = b.size;
+    let x = b.x.traced(m.params.alloc_grads()?);
+    let mut f = Forward {
+        params: m.params,
+        cache: m.cache,
+        train: true,
+    };
+    let out = m.net.features(&mut f, x, (n, h, w))?;
+    let params: &Params<D> = f.params;
+    let (fh, fw) = out.hw;
+    let pixel_ce =
+        |feats: Rows<D, OwnedTape<f32, D>>, aux: bool, rng: &mut sar_math::rng::SeededRng| {
+            let dropped = seg::dropout2d(feats, n, b.dropout, rng)?;
+            let logits = m.net.classify(params, dropped, aux)?;
+            let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
+            seg::seg_cross_entropy(up, b.y, IGNORE)
+        };
+    // With SAR, F goes on to p2a carrying the network's tape; the classifier gets a copy with
+    // an empty one (their gradients meet under the same tensor id).
+    let (ce_feats, sar_feats) = match m.head {
+        Some(_) => (out.main.retaped::<OwnedTape<f32, D>>(), Some(out.main)),
+        None => (out.main, None),
+    };
+    let mut ce = pixel_ce(ce_feats, false, rng)?;
+    if b.poison_loss {
+        ce = ce * f32::INFINITY;
+    }
+    let ce_value = ce.as_vec()[0] as f64;
+    let mut loss = ce;
+    let mut head_aux = 0.0;
+    if let Some(a) = out.aux {
+        let la = pixel_ce(a, true, rng)? * b.aux_weight as f32;
+        head_aux = la.as_vec()[0] as f64;
+        loss = loss + la;
+    }
+    let (mut aux, mut p2a, mut gate, mut valid) = (0.0, 0.0, false, 0);
+    if let (Some(hd), Some(feats)) = (m.head, sar_feats) {
+        // Labels at feature resolution, in the rows' (image, y, x) order.
+        let mut small = vec![0u8; n * fh * fw];
+        sar_math::resample::resample_labels_nearest(b.y, n, (h, w), (fh, fw), &mut small)?;
+        let labels: Vec<i64> = small.iter().map(|&v| v as i64).collect();
+        let s = hd.step(params, feats, &labels, None)?;
+        (aux, p2a, gate, valid) = (s.loss_aux, s.loss_p2a, s.gate_passed, s.valid);
+        loss = loss + s.loss;
+    }
+    Ok(StepLoss {
+        loss,
+        ce: ce_value,
+        head_aux,
+        aux,
+        p2a,
+        gate,
+        valid,
+        images: n,
+    })
 }
 
 /// Images `[n, c, h, w]` (host, NCHW) as NHWC rows on `device`.
@@ -764,49 +813,27 @@ pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner>
     let dev = Cpu::default();
     let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), true, &dev)?;
     let net = dfdx_segnet(cfg.model.segmenter()?)?;
-    let (n, h, w) = (2usize, 512usize, 512usize);
-    // The candle runner's images and labels.
-    let mut rng = sar_math::rng::SeededRng::new(13);
-    let x: Vec<f32> = (0..n * 3 * h * w)
-        .map(|_| rng.next_normal() as f32)
-        .collect();
-    let y: Vec<u8> = (0..n * h * w)
-        .map(|_| (rng.next_u64() % 19) as u8)
-        .collect();
+    let (x, y) = crate::bench::seg_bench_batch();
+    let (n, h, w) = crate::bench::SEG_BENCH_SIZE;
     let x = rows_of(&dev, x, (n, 3, h, w));
     let mut cache = GatherCache::default();
     let mut opt = Sgd::new(0.01, 0.9, 5e-4, false);
     Ok(Box::new(move || {
-        let traced = x.trace(params.alloc_grads()?);
-        let mut f = Forward {
+        let model = SegStepModel {
+            net: &net,
             params: &mut params,
             cache: &mut cache,
-            train: true,
+            head: head.as_mut(),
         };
-        let out = net.features(&mut f, traced, (n, h, w))?;
-        let (fh, fw) = out.hw;
-        let mut drop_rng = sar_math::rng::SeededRng::new(1);
-        let mut pixel_ce = |feats: Rows<Cpu, OwnedTape<f32, Cpu>>, aux: bool| {
-            let dropped = seg::dropout2d(feats, n, 0.1, &mut drop_rng)?;
-            let logits = net.classify(&params, dropped, aux)?;
-            let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
-            seg::seg_cross_entropy(up, &y, IGNORE)
+        let batch = SegBatch {
+            x: x.clone(),
+            y: &y,
+            size: (n, h, w),
+            dropout: 0.1,
+            aux_weight: 0.4,
+            poison_loss: false,
         };
-        // With SAR, F goes on to the head carrying the network's tape (as in training).
-        let (ce_feats, sar_feats) = match head {
-            Some(_) => (out.main.retaped(), Some(out.main)),
-            None => (out.main, None),
-        };
-        let mut loss = pixel_ce(ce_feats, false)?;
-        if let Some(a) = out.aux {
-            loss = loss + pixel_ce(a, true)? * 0.4;
-        }
-        if let (Some(hd), Some(feats)) = (head.as_mut(), sar_feats) {
-            let mut small = vec![0u8; n * fh * fw];
-            sar_math::resample::resample_labels_nearest(&y, n, (h, w), (fh, fw), &mut small)?;
-            let labels: Vec<i64> = small.iter().map(|&v| v as i64).collect();
-            loss = loss + hd.step(&params, feats, &labels, None)?.loss;
-        }
+        let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
         let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;

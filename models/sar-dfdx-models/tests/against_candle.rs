@@ -846,7 +846,11 @@ fn seg_matches_in<E: Elem>(
     .unwrap();
     {
         let data = varmap.data().lock().unwrap();
-        for (i, (name, var)) in data.iter().enumerate() {
+        // By name: the VarMap is a HashMap, whose order (and so which parameter got which
+        // draw) changed from process to process and made the network differ between runs.
+        let mut sorted: Vec<_> = data.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (name, var)) in sorted.into_iter().enumerate() {
             let dims = var.as_tensor().dims().to_vec();
             if dims.len() == 1 && !sar_dfdx::nn::is_running_stat(name) {
                 let base = if name.ends_with("weight") { 1.0 } else { 0.0 };

@@ -271,17 +271,16 @@ impl RowsConv {
         let w = self.kernel_view(kernel)?;
         y.par_chunks_mut(per_out * cout)
             .zip(idx.par_chunks(per_out * self.taps))
-            .for_each_init(
-                || vec![E::zero(); per_out * width],
-                |patches, (y_b, taps)| {
+            .for_each(|(y_b, taps)| {
+                E::with_scratch(per_out * width, |patches| {
                     self.fill_patches(patches, x, taps);
                     let p = ArrayView2::from_shape((per_out, width), &patches[..]);
                     let y_b = ArrayViewMut2::from_shape((per_out, cout), y_b);
                     if let (Ok(p), Ok(mut y_b)) = (p, y_b) {
                         general_mat_mul(E::one(), &p, &w, E::zero(), &mut y_b);
                     }
-                },
-            );
+                })
+            });
         Ok(y)
     }
 
@@ -312,34 +311,35 @@ impl RowsConv {
             .enumerate()
             .map(|(group, ((g_x, g_y), taps))| {
                 let mut g_w = vec![E::zero(); width * cout];
-                let mut patches = vec![E::zero(); per_out * width];
-                let mut g_patches = vec![E::zero(); per_out * width];
-                // Input rows of this group receive only from its own output rows.
-                let first_row = group * per_group * self.per_in / cin;
-                for (g_y_b, taps_b) in g_y
-                    .chunks(per_out * cout)
-                    .zip(taps.chunks(per_out * self.taps))
-                {
-                    self.fill_patches(&mut patches, x, taps_b);
-                    let views = (
-                        ArrayView2::from_shape((per_out, width), &patches[..]),
-                        ArrayView2::from_shape((per_out, cout), g_y_b),
-                        ArrayViewMut2::from_shape((width, cout), &mut g_w[..]),
-                        ArrayViewMut2::from_shape((per_out, width), &mut g_patches[..]),
-                    );
-                    if let (Ok(p), Ok(g_y), Ok(mut g_w), Ok(mut g_p)) = views {
-                        general_mat_mul(E::one(), &p.t(), &g_y, E::one(), &mut g_w);
-                        general_mat_mul(E::one(), &g_y, &w.t(), E::zero(), &mut g_p);
-                    }
-                    for (g_tap, &src) in g_patches.chunks(cin).zip(taps_b) {
-                        if src < self.rows {
-                            let at = (src - first_row) * cin;
-                            for (d, &g) in g_x[at..at + cin].iter_mut().zip(g_tap) {
-                                *d += g;
+                E::with_scratch(2 * per_out * width, |scratch| {
+                    let (patches, g_patches) = scratch.split_at_mut(per_out * width);
+                    // Input rows of this group receive only from its own output rows.
+                    let first_row = group * per_group * self.per_in / cin;
+                    for (g_y_b, taps_b) in g_y
+                        .chunks(per_out * cout)
+                        .zip(taps.chunks(per_out * self.taps))
+                    {
+                        self.fill_patches(patches, x, taps_b);
+                        let views = (
+                            ArrayView2::from_shape((per_out, width), &patches[..]),
+                            ArrayView2::from_shape((per_out, cout), g_y_b),
+                            ArrayViewMut2::from_shape((width, cout), &mut g_w[..]),
+                            ArrayViewMut2::from_shape((per_out, width), &mut g_patches[..]),
+                        );
+                        if let (Ok(p), Ok(g_y), Ok(mut g_w), Ok(mut g_p)) = views {
+                            general_mat_mul(E::one(), &p.t(), &g_y, E::one(), &mut g_w);
+                            general_mat_mul(E::one(), &g_y, &w.t(), E::zero(), &mut g_p);
+                        }
+                        for (g_tap, &src) in g_patches.chunks(cin).zip(taps_b) {
+                            if src < self.rows {
+                                let at = (src - first_row) * cin;
+                                for (d, &g) in g_x[at..at + cin].iter_mut().zip(g_tap) {
+                                    *d += g;
+                                }
                             }
                         }
                     }
-                }
+                });
                 g_w
             })
             .collect();

@@ -240,6 +240,28 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     }
 }
 
+thread_local! {
+    /// This thread's im2col buffer, kept between calls. At segmentation scale one image's
+    /// matrix is tens of MB, above glibc's largest mmap threshold (32 MiB), so a fresh buffer
+    /// per call was mapped afresh and cost a page fault per 4 KiB on every call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` values of this thread's scratch buffer (grown when needed, contents
+/// unspecified: every user overwrites what it reads). A nested call, which none of this
+/// module's closures makes, gets a fresh buffer instead of panicking.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// A row-major `[rows, cols]` matrix view, possibly transposed (through its strides).
 #[derive(Clone, Copy)]
 struct Mat<'a> {
@@ -345,25 +367,17 @@ impl CustomOp2 for Conv2dCpu {
         let (ckk, p) = (g.ckk(), g.p());
         let mut y = vec![0.0f32; g.n * g.o * p];
         let image = g.c * g.h * g.w;
-        y.par_chunks_mut(g.o * p).enumerate().for_each_init(
-            || {
-                if g.pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0.0f32; ckk * p]
-                }
-            },
-            |col, (i, out)| {
-                let xi = &x[i * image..(i + 1) * image];
-                let col: &[f32] = if g.pointwise() {
-                    xi
-                } else {
-                    im2col(xi, &g, col);
-                    col
-                };
+        y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
+            let xi = &x[i * image..(i + 1) * image];
+            if g.pointwise() {
+                sgemm(g.o, p, ckk, rm(wt, ckk), rm(xi, p), out, false);
+                return;
+            }
+            with_scratch(ckk * p, |col| {
+                im2col(xi, &g, col);
                 sgemm(g.o, p, ckk, rm(wt, ckk), rm(col, p), out, false);
-            },
-        );
+            });
+        });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -402,24 +416,17 @@ impl CustomOp3 for GradInput {
         let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let mut dx = vec![0.0f32; g.n * image];
-        dx.par_chunks_mut(image).enumerate().for_each_init(
-            || {
-                if g.pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0.0f32; ckk * p]
-                }
-            },
-            |dcol, (i, out)| {
-                let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
-                if g.pointwise() {
-                    sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), out, false);
-                } else {
-                    sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), dcol, false);
-                    col2im_add(dcol, &g, out);
-                }
-            },
-        );
+        dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
+            let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+            if g.pointwise() {
+                sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), out, false);
+                return;
+            }
+            with_scratch(ckk * p, |dcol| {
+                sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), dcol, false);
+                col2im_add(dcol, &g, out);
+            });
+        });
         Ok((CpuStorage::F32(dx), Shape::from(l3.dims())))
     }
 }
@@ -456,23 +463,22 @@ impl CustomOp3 for GradWeight {
                 // Accumulated column-major ([C·k·k, O] row-major): the product then packs
                 // dy_n (O × P) instead of the C·k·k × P im2col matrix, 9× less for a 3×3 conv.
                 let mut dw_t = vec![0.0f32; g.o * ckk];
-                let mut col = if g.pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0.0f32; ckk * p]
-                };
-                for (j, i) in (grp * per_group..((grp + 1) * per_group).min(g.n)).enumerate() {
-                    let xi = &x[i * image..(i + 1) * image];
-                    let c: &[f32] = if g.pointwise() {
-                        xi
-                    } else {
-                        im2col(xi, &g, &mut col);
-                        &col
-                    };
-                    let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
-                    let dst = (&mut dw_t[..], 1, g.o as isize);
-                    sgemm_strided(g.o, ckk, p, rm(dyi, p), tr(c, p), dst, j > 0);
-                }
+                let images = grp * per_group..((grp + 1) * per_group).min(g.n);
+                let scratch = if g.pointwise() { 0 } else { ckk * p };
+                with_scratch(scratch, |col| {
+                    for (j, i) in images.enumerate() {
+                        let xi = &x[i * image..(i + 1) * image];
+                        let c: &[f32] = if g.pointwise() {
+                            xi
+                        } else {
+                            im2col(xi, &g, col);
+                            col
+                        };
+                        let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+                        let dst = (&mut dw_t[..], 1, g.o as isize);
+                        sgemm_strided(g.o, ckk, p, rm(dyi, p), tr(c, p), dst, j > 0);
+                    }
+                });
                 dw_t
             })
             .collect();

@@ -7,6 +7,7 @@ momentum 0.9, wd 5e-4). Without SAR: the peer times the plain step that our benc
 row times. Prints JSON with the median of REPS steps after one warm-up.
 
 Usage: python tests/torch/seg_step_peer.py [THREADS] [REPS]
+       python tests/torch/seg_step_peer.py --serve THREADS   # for sar bench --torch
 """
 import json, os, sys, time
 import torch
@@ -16,10 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_seg_models import Seg  # noqa: E402
 
 
-def main():
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-    torch.set_num_threads(threads)
+def stepper():
+    """The step (after one warm-up step); each call runs one and returns its seconds."""
     torch.manual_seed(0)
     m = Seg("fcn-r18", 19)
     m.train()
@@ -28,6 +27,7 @@ def main():
     y = torch.randint(0, 19, (2, 512, 512))
 
     def step():
+        t = time.perf_counter()
         out = m(x)
         main = F.interpolate(out["main"], size=(512, 512), mode="bilinear", align_corners=False)
         aux = F.interpolate(out["aux"], size=(512, 512), mode="bilinear", align_corners=False)
@@ -35,14 +35,38 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return time.perf_counter() - t
 
     step()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    times.sort()
+    return step
+
+
+def serve(threads):
+    """`--serve THREADS`: for `sar bench --workload seg-step --torch PYTHON`. Prints a JSON
+    header, then for each line read (`fcn-r18-d8`) runs one step and prints its seconds."""
+    torch.set_num_threads(threads)
+    print(json.dumps({"torch": torch.__version__, "threads": threads}), flush=True)
+    step = None
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            continue
+        if name != "fcn-r18-d8":
+            print(json.dumps({"error": f"unknown step {name!r}"}), flush=True)
+            continue
+        step = step or stepper()
+        print(json.dumps({"model": name, "seconds": step()}), flush=True)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+        return
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    torch.set_num_threads(threads)
+    step = stepper()
+    times = sorted(step() for _ in range(reps))
     print(json.dumps({"torch": torch.__version__, "threads": threads, "reps": reps,
                       "fcn_r18_d8_b2_512_step_s": times[len(times) // 2], "all_s": times}))
 

@@ -158,8 +158,9 @@ struct BenchArgs {
     /// 512², candle and dfdx), seg-models (OCRNet, SegFormer-B0, UPerNet-Swin-T, batch 2, 256²), or all.
     #[arg(long, default_value = "all")]
     workload: String,
-    /// A Python with PyTorch: seg-models then times the PyTorch peer's step of each model
-    /// (tests/torch/seg_models_step_peer.py) interleaved with ours, and prints the ratio.
+    /// A Python with PyTorch: resnet32, seg-step and seg-models then also time the project's
+    /// PyTorch peer of the same step (tests/torch/resnet32_step_peer.py, seg_step_peer.py,
+    /// seg_models_step_peer.py, kept running), interleaved with ours, and print ours / PyTorch.
     #[arg(long, value_name = "PYTHON")]
     torch: Option<PathBuf>,
     /// Timed repetitions per variant (median reported).
@@ -373,9 +374,15 @@ fn bench(
         ),
     };
     anyhow::ensure!(
-        torch.is_none() || seg_models,
-        "--torch times the PyTorch peer of seg-models only (workload seg-models or all)"
+        torch.is_none() || resnet || seg_step || seg_models,
+        "--torch times the PyTorch peers of resnet32, seg-step and seg-models (or all)"
     );
+    let peer_header = |h: Option<serde_json::Value>| {
+        if let Some(h) = h {
+            let torch = h["torch"].as_str().unwrap_or("?");
+            println!("PyTorch peer: torch {torch}, {} threads", h["threads"]);
+        }
+    };
     let mut rows = Vec::new();
     for w in &workloads {
         rows.extend(run_workload(w, reps.max(1))?);
@@ -384,16 +391,18 @@ fn bench(
         print!("{}", table(&rows));
     }
     if resnet {
-        let r = run_resnet32(reps.max(1))?;
+        let (r, header) = run_resnet32(reps.max(1), torch.as_deref())?;
         print!("{}", sar_train::bench::model_step_table("model step", &r));
+        peer_header(header);
         rows.extend(r);
     }
     if seg_step {
-        let r = run_seg_step(reps.max(1))?;
+        let (r, header) = run_seg_step(reps.max(1), torch.as_deref())?;
         print!(
             "{}",
             sar_train::bench::model_step_table("segmentation step", &r)
         );
+        peer_header(header);
         rows.extend(r);
     }
     if seg_models {

@@ -16,6 +16,7 @@
 //! on every step (the peer adds 8·I and applies p2a whether or not its gate passes). The floor is reading the features and writing their gradient once,
 //! which is what the copy moves.
 
+mod peer;
 pub mod seg_models;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,6 +27,9 @@ use sar_math::backend::{BackendSarState, SarBackend};
 use sar_math::rng::SeededRng;
 use sar_math::SarConfig;
 use sar_ndarray::NdarrayBackend;
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 /// One workload's host data.
@@ -496,46 +500,66 @@ pub fn seg_head_runner() -> anyhow::Result<Runner> {
 
 /// The segmentation step without and with SAR, interleaved, and SAR's head alone.
 /// `gb_per_s` holds images per second.
-pub fn run_seg_step(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
-    let mut rows = interleaved(
-        [
-            seg_step_runner(false)?,
-            seg_step_runner(true)?,
-            crate::trainees::dfdx::seg_step_runner(false)?,
-            crate::trainees::dfdx::seg_step_runner(true)?,
-        ],
-        [
-            "FCN-R18-d8 b2 512² step",
-            "FCN-R18-d8 b2 512² step + SAR",
-            "dfdx: FCN-R18-d8 b2 512² step",
-            "dfdx: step + SAR (L_aux only)",
-        ],
-        "seg-step",
-        2.0,
-        reps,
-    )?;
+///
+/// Given `torch`, the peer `tests/torch/seg_step_peer.py` (the same network and step, without
+/// SAR) runs interleaved with ours, as in [`run_resnet32`].
+pub fn run_seg_step(
+    reps: usize,
+    torch: Option<&Path>,
+) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
+    let mut runners = vec![
+        seg_step_runner(false)?,
+        seg_step_runner(true)?,
+        crate::trainees::dfdx::seg_step_runner(false)?,
+        crate::trainees::dfdx::seg_step_runner(true)?,
+    ];
+    let mut names = vec![
+        "FCN-R18-d8 b2 512² step".to_string(),
+        "FCN-R18-d8 b2 512² step + SAR".into(),
+        "dfdx: FCN-R18-d8 b2 512² step".into(),
+        "dfdx: step + SAR (L_aux only)".into(),
+    ];
+    let peer = start_peer(torch, "seg_step_peer.py")?;
+    if let Some(p) = &peer {
+        runners.push(peer_runner(p, "fcn-r18-d8"));
+        names.push(format!("{PEER_PREFIX}FCN-R18-d8 b2 512² step"));
+    }
+    let mut rows = interleaved_vec(runners, names, "seg-step", 2.0, reps)?;
     rows.push(BenchRow {
         workload: "seg-step".into(),
         variant: "SAR head alone, fwd+bwd".into(),
         seconds: median_secs(2, reps.max(5), seg_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok(rows)
+    Ok((rows, peer.map(|p| p.borrow().header.clone())))
 }
 
 /// Two runners timed alternately (A, B, A, B, …) after one warm-up each, so that drift of the
 /// machine affects both alike; medians, with `images / median` as the rate.
 fn interleaved<const N: usize>(
-    mut runners: [Runner; N],
+    runners: [Runner; N],
     names: [&str; N],
     workload: &str,
     images: f64,
     reps: usize,
 ) -> anyhow::Result<Vec<BenchRow>> {
+    let names = names.iter().map(|n| n.to_string()).collect();
+    interleaved_vec(runners.into(), names, workload, images, reps)
+}
+
+/// [`interleaved`] over any number of runners.
+fn interleaved_vec(
+    mut runners: Vec<Runner>,
+    names: Vec<String>,
+    workload: &str,
+    images: f64,
+    reps: usize,
+) -> anyhow::Result<Vec<BenchRow>> {
+    anyhow::ensure!(runners.len() == names.len(), "one name per runner");
     for r in runners.iter_mut() {
         r()?;
     }
-    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
     for _ in 0..reps {
         for (r, t) in runners.iter_mut().zip(times.iter_mut()) {
             let s = Instant::now();
@@ -551,7 +575,7 @@ fn interleaved<const N: usize>(
             let s = t[t.len() / 2];
             BenchRow {
                 workload: workload.into(),
-                variant: name.into(),
+                variant: name,
                 seconds: s,
                 gb_per_s: images / s,
             }
@@ -562,13 +586,34 @@ fn interleaved<const N: usize>(
 /// The table of a model-step benchmark ([`run_resnet32`], [`run_seg_step`]): rows without
 /// SAR, with SAR, and SAR's head alone, with ratios to the plain step.
 pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
+    let peer = |sar: bool| {
+        let plain = r
+            .iter()
+            .find(|x| x.variant.starts_with(PEER_PREFIX) && x.variant.contains("+ SAR") == sar);
+        plain.map(|x| x.seconds)
+    };
+    let (peer_plain, peer_sar) = (peer(false), peer(true));
+    let with_peer = peer_plain.is_some();
     let mut out = format!(
-        "\n{title:<32} {:>11} {:>9} {:>9}\n",
-        "median ms", "images/s", "x first"
+        "\n{title:<34} {:>11} {:>9} {:>9}{}\n",
+        "median ms",
+        "images/s",
+        "x first",
+        if with_peer { "  x PyTorch" } else { "" }
     );
     for x in r {
+        // Ours against the peer's step of the same kind (with SAR where it has one).
+        let versus = match x.variant.contains("+ SAR") {
+            true => peer_sar.or(peer_plain),
+            false => peer_plain,
+        };
+        let versus = match versus {
+            Some(t) if with_peer && x.gb_per_s > 0.0 => format!("{:>11.2}", x.seconds / t),
+            _ if with_peer => format!("{:>11}", "–"),
+            _ => String::new(),
+        };
         out += &format!(
-            "{:<32} {:>11.1} {:>9.2} {:>9.3}\n",
+            "{:<34} {:>11.1} {:>9.2} {:>9.3}{versus}\n",
             x.variant,
             x.seconds * 1e3,
             x.gb_per_s,
@@ -611,25 +656,35 @@ pub fn run_resnet18(reps: usize, batch: usize) -> anyhow::Result<Vec<BenchRow>> 
 
 /// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
 /// the machine affects both alike. `gb_per_s` holds images per second here.
-pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
+///
+/// Given `torch` (a Python with PyTorch), the project's peer `tests/torch/resnet32_step_peer.py`
+/// runs the same step ± SAR in a process kept alive, its steps interleaved with ours; its
+/// header (torch version, threads) is returned beside the rows.
+pub fn run_resnet32(
+    reps: usize,
+    torch: Option<&Path>,
+) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
     // candle and dfdx side by side, interleaved, from the same weights and batch.
-    let mut rows = interleaved(
-        [
-            resnet32_runner(false, 128)?,
-            resnet32_runner(true, 128)?,
-            crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), false)?,
-            crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), true)?,
-        ],
-        [
-            "ResNet-32 b128 step",
-            "ResNet-32 b128 step + SAR",
-            "dfdx: ResNet-32 b128 step",
-            "dfdx: ResNet-32 b128 step + SAR",
-        ],
-        "r32",
-        128.0,
-        reps,
-    )?;
+    let mut runners = vec![
+        resnet32_runner(false, 128)?,
+        resnet32_runner(true, 128)?,
+        crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), false)?,
+        crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), true)?,
+    ];
+    let mut names = vec![
+        "ResNet-32 b128 step".to_string(),
+        "ResNet-32 b128 step + SAR".into(),
+        "dfdx: ResNet-32 b128 step".into(),
+        "dfdx: ResNet-32 b128 step + SAR".into(),
+    ];
+    let peer = start_peer(torch, "resnet32_step_peer.py")?;
+    if let Some(p) = &peer {
+        runners.push(peer_runner(p, "resnet32"));
+        runners.push(peer_runner(p, "resnet32-sar"));
+        names.push(format!("{PEER_PREFIX}ResNet-32 b128 step"));
+        names.push(format!("{PEER_PREFIX}ResNet-32 b128 step + SAR"));
+    }
+    let mut rows = interleaved_vec(runners, names, "r32", 128.0, reps)?;
     // The two medians differ by less than the machine's drift between runs (several per
     // cent), so SAR's own work is also timed alone: the head's step (embed, classify, L_aux,
     // gate, EMA, p2a) and its backward on [128, 64] features.
@@ -639,5 +694,87 @@ pub fn run_resnet32(reps: usize) -> anyhow::Result<Vec<BenchRow>> {
         seconds: median_secs(3, reps.max(5) * 4, sar_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok(rows)
+    Ok((rows, peer.map(|p| p.borrow().header.clone())))
+}
+
+/// Rows timing a PyTorch peer start with this.
+pub const PEER_PREFIX: &str = "PyTorch: ";
+
+/// The peer `tests/torch/SCRIPT --serve THREADS` under `python`, when one is given.
+fn start_peer(
+    python: Option<&Path>,
+    script: &str,
+) -> anyhow::Result<Option<Rc<RefCell<peer::Peer>>>> {
+    let Some(python) = python else {
+        return Ok(None);
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/torch")
+        .join(script);
+    let threads = rayon::current_num_threads();
+    let p = peer::Peer::start(python, &script, threads)?;
+    Ok(Some(Rc::new(RefCell::new(p))))
+}
+
+/// A runner that asks the peer for one step of `name`.
+fn peer_runner(peer: &Rc<RefCell<peer::Peer>>, name: &'static str) -> Runner {
+    let peer = Rc::clone(peer);
+    Box::new(move || {
+        peer.borrow_mut().step(name)?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod peer_table_tests {
+    use super::*;
+
+    fn row(variant: &str, seconds: f64, images: f64) -> BenchRow {
+        BenchRow {
+            workload: "r32".into(),
+            variant: variant.into(),
+            seconds,
+            gb_per_s: images / seconds,
+        }
+    }
+
+    /// Each of our rows is divided by the peer's step of its kind (with SAR by the peer's SAR
+    /// step when there is one, else by its plain step); SAR's head alone has no ratio; without
+    /// peer rows the column is absent.
+    #[test]
+    fn ratios_to_the_peer_pair_rows_by_kind() {
+        let rows = [
+            row("ResNet-32 b128 step", 0.6, 128.0),
+            row("ResNet-32 b128 step + SAR", 0.9, 128.0),
+            row("dfdx: step + SAR (L_aux only)", 1.2, 128.0),
+            row("PyTorch: ResNet-32 b128 step", 0.4, 128.0),
+            row("PyTorch: ResNet-32 b128 step + SAR", 0.45, 128.0),
+            row("SAR head alone, fwd+bwd", 0.001, 0.0),
+        ];
+        let t = model_step_table("model step", &rows);
+        let ratio = |name: &str| {
+            let line = t.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().last().unwrap().to_string()
+        };
+        assert!(t.contains("x PyTorch"), "{t}");
+        assert_eq!(ratio("ResNet-32 b128 step  "), "1.50", "{t}");
+        assert_eq!(ratio("ResNet-32 b128 step + SAR"), "2.00", "{t}");
+        assert_eq!(ratio("dfdx: step + SAR"), "2.67", "{t}");
+        assert_eq!(ratio("SAR head alone"), "–", "{t}");
+        // Only a plain peer step (seg-step): SAR rows are held to it.
+        let t = model_step_table("seg", &[rows[1].clone(), rows[3].clone()]);
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("ResNet-32 b128 step + SAR"))
+            .unwrap();
+        assert!(line.ends_with("2.25"), "{t}");
+        let t = model_step_table("no peer", &rows[..3]);
+        assert!(!t.contains("PyTorch"), "{t}");
+    }
+
+    #[test]
+    fn interleaving_needs_one_name_per_runner() {
+        let r: Runner = Box::new(|| Ok(()));
+        assert!(interleaved_vec(vec![r], vec![], "x", 1.0, 1).is_err());
+    }
 }

@@ -16,13 +16,10 @@
 //! round trip is microseconds beside steps of 100 ms and more).
 
 use super::{gate_opening, interleaved, BenchRow, Runner};
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 use sar_math::rng::SeededRng;
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::rc::Rc;
 
 /// Classes, batch and crop of every model's step.
@@ -127,66 +124,6 @@ pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> 
     }))
 }
 
-/// The running PyTorch peer.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    /// Its first line: torch version and threads.
-    header: serde_json::Value,
-}
-
-impl Peer {
-    fn start(python: &Path, script: &Path, threads: usize) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            script.is_file(),
-            "the PyTorch peer {} is missing (run from a checkout of the repository)",
-            script.display()
-        );
-        let mut child = Command::new(python)
-            .arg(script)
-            .arg("--serve")
-            .arg(threads.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", python.display()))?;
-        let stdin = child.stdin.take().context("the peer's stdin")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("the peer's stdout")?);
-        let header = read_json(&mut stdout).context("the PyTorch peer did not start")?;
-        Ok(Peer {
-            child,
-            stdin,
-            stdout,
-            header,
-        })
-    }
-
-    /// Asks for one step of `name`; its seconds, as the peer timed it.
-    fn step(&mut self, name: &str) -> anyhow::Result<f64> {
-        writeln!(self.stdin, "{name}")?;
-        self.stdin.flush()?;
-        let v = read_json(&mut self.stdout)
-            .with_context(|| format!("the PyTorch peer failed on {name}"))?;
-        v["seconds"]
-            .as_f64()
-            .with_context(|| format!("the PyTorch peer answered {v}"))
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_json(r: &mut impl BufRead) -> anyhow::Result<serde_json::Value> {
-    let mut line = String::new();
-    anyhow::ensure!(r.read_line(&mut line)? > 0, "it closed its output");
-    serde_json::from_str(&line).with_context(|| format!("not JSON: {line:?}"))
-}
-
 /// Every model's step without and with SAR and, given `torch` (a Python with PyTorch), the
 /// peer's, interleaved per model; `gb_per_s` holds images per second. Also returns the peer's
 /// header (torch version, threads) when it ran.
@@ -198,7 +135,7 @@ pub fn run_seg_models(
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/torch/seg_models_step_peer.py");
     let peer = match torch {
-        Some(python) => Some(Rc::new(RefCell::new(Peer::start(
+        Some(python) => Some(Rc::new(RefCell::new(super::peer::Peer::start(
             python, &script, threads,
         )?))),
         None => None,

@@ -9,6 +9,11 @@
 //! `nearest`); each image's channel planes are then split into blocks, and the blocks run in
 //! parallel through [`sar_math::p2a::p2a_nchw_block`]. Block sums are added in block order, so
 //! the result has the same bits for any number of threads.
+//!
+//! [`scratch`]: per-thread buffers kept between calls, for the CPU convolutions' im2col
+//! matrices (candle's and dfdx's).
+
+pub mod scratch;
 
 use rayon::prelude::*;
 use sar_math::p2a::{p2a_nchw_block, p2a_valid_count_nchw, FeatureGeometry, P2aTargets};

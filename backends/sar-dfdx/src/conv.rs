@@ -37,6 +37,7 @@ use dfdx::prelude::*;
 use dfdx::tensor_ops::Device;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
+use sar_cpu::scratch::with_scratch;
 use std::collections::HashMap;
 
 /// The geometry of one convolution over NHWC rows.
@@ -272,7 +273,7 @@ impl RowsConv {
         y.par_chunks_mut(per_out * cout)
             .zip(idx.par_chunks(per_out * self.taps))
             .for_each(|(y_b, taps)| {
-                E::with_scratch(per_out * width, |patches| {
+                with_scratch::<E, _>(per_out * width, |patches| {
                     self.fill_patches(patches, x, taps);
                     let p = ArrayView2::from_shape((per_out, width), &patches[..]);
                     let y_b = ArrayViewMut2::from_shape((per_out, cout), y_b);
@@ -311,7 +312,7 @@ impl RowsConv {
             .enumerate()
             .map(|(group, ((g_x, g_y), taps))| {
                 let mut g_w = vec![E::zero(); width * cout];
-                E::with_scratch(2 * per_out * width, |scratch| {
+                with_scratch::<E, _>(2 * per_out * width, |scratch| {
                     let (patches, g_patches) = scratch.split_at_mut(per_out * width);
                     // Input rows of this group receive only from its own output rows.
                     let first_row = group * per_group * self.per_in / cin;

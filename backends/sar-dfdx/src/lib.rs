@@ -88,39 +88,12 @@ pub type ConvOut<E, D, T> = (Matrix<E, D, T>, (usize, usize));
 pub type P2aParts<E, D, T> = (Scalar<E, D, T>, f64, usize);
 
 /// A float type dfdx computes in (f32 or f64).
-pub trait Float: Dtype + num_traits::Float + ndarray::LinalgScalar {
-    /// Runs `f` on `len` values of this thread's scratch buffer of this type, kept between
-    /// calls (grown when needed; contents unspecified). The CPU convolution's patch matrices
-    /// are tens of MB at segmentation scale, above glibc's largest mmap threshold, so a fresh
-    /// buffer per call cost a page fault per 4 KiB on every call. A nested call gets a fresh
-    /// buffer.
-    #[doc(hidden)]
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+pub trait Float:
+    Dtype + num_traits::Float + ndarray::LinalgScalar + sar_cpu::scratch::ScratchElem
+{
 }
-
-macro_rules! float_with_scratch {
-    ($t:ty) => {
-        impl Float for $t {
-            fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
-                thread_local! {
-                    static SCRATCH: std::cell::RefCell<Vec<$t>> =
-                        const { std::cell::RefCell::new(Vec::new()) };
-                }
-                SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut buf) => {
-                        if buf.len() < len {
-                            buf.resize(len, 0.0);
-                        }
-                        f(&mut buf[..len])
-                    }
-                    Err(_) => f(&mut vec![0.0; len]),
-                })
-            }
-        }
-    };
-}
-float_with_scratch!(f32);
-float_with_scratch!(f64);
+impl Float for f32 {}
+impl Float for f64 {}
 
 /// A dfdx device that runs every op SAR and the models need, for element type `E`: dfdx's
 /// `Cpu` and (feature `cuda`) `Cuda`.

@@ -24,6 +24,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use sar_cpu::scratch::with_scratch;
 
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
@@ -238,28 +239,6 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
             }
         }
     }
-}
-
-thread_local! {
-    /// This thread's im2col buffer, kept between calls. At segmentation scale one image's
-    /// matrix is tens of MB, above glibc's largest mmap threshold (32 MiB), so a fresh buffer
-    /// per call was mapped afresh and cost a page fault per 4 KiB on every call.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on `len` values of this thread's scratch buffer (grown when needed, contents
-/// unspecified: every user overwrites what it reads). A nested call, which none of this
-/// module's closures makes, gets a fresh buffer instead of panicking.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        Err(_) => f(&mut vec![0.0; len]),
-    })
 }
 
 /// A row-major `[rows, cols]` matrix view, possibly transposed (through its strides).

@@ -17,9 +17,11 @@
 //! the columns that wrapped round a row edge (and the same shift, run backwards, for col2im).
 //! The weight gradient is accumulated column-major (`dWᵀ [C·k·k, O]`), so that the gemm crate
 //! packs `dy_n` `[O, P]` rather than `col_n` `[C·k·k, P]` for every image. Together these took
-//! ResNet-32's b128 step from 826–850 to 637–689 ms (README, Benchmarks). Layout NCHW, weights `[O, C, k, k]`,
-//! dilation (atrous convolution: tap `k` reads input offset `k·dilation`), no groups, no bias
-//! (the models put a BatchNorm after every conv).
+//! ResNet-32's b128 step from 826–850 to 637–689 ms (README, Benchmarks). The im2col buffers
+//! are each thread's [`sar_cpu::scratch`] buffer, kept between calls.
+//!
+//! Layout NCHW, weights `[O, C, k, k]`, dilation (atrous convolution: tap `k` reads input
+//! offset `k·dilation`), no groups, no bias (the models put a BatchNorm after every conv).
 //! Other devices and dtypes use candle's own `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -85,6 +87,24 @@ impl Geometry {
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
+    /// Stride 1 and the output the input's size: im2col rows are shifted planes.
+    fn same(&self) -> bool {
+        self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
+    /// For a [`same`](Self::same) conv, tap `(ky, kx)`'s row of im2col is
+    /// `row[q] = plane[q + shift]` for `q` in `first..end` (zero elsewhere, and in the wrapped
+    /// columns): returns `(first, end, first + shift)` (an empty run starts at 0: a tap
+    /// that reads only padding, e.g. a dilation beyond the map).
+    fn shifted_run(&self, ky: usize, kx: usize) -> (usize, usize, usize) {
+        let p = self.p() as isize;
+        let shift = ((ky * self.dil) as isize - self.pad as isize) * self.w as isize
+            + (kx * self.dil) as isize
+            - self.pad as isize;
+        let first = (-shift).clamp(0, p);
+        let end = (p - shift).clamp(first, p);
+        let from = if first < end { first + shift } else { 0 };
+        (first as usize, end as usize, from as usize)
+    }
 }
 
 /// Output columns `ox` whose input column `ox·stride + kx·dilation − pad` lies inside `[0, w)`.
@@ -102,7 +122,7 @@ fn valid_columns(g: &Geometry, kx: usize) -> (usize, usize) {
 
 fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
     let (p, ow, s) = (g.p(), g.ow, g.stride);
-    if s == 1 && g.oh == g.h && g.ow == g.w {
+    if g.same() {
         return im2col_same(x, g, col);
     }
     for c in 0..g.c {
@@ -143,22 +163,15 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
 /// is the whole plane shifted by `(ky·d − p)·W + kx·d − p`, so it is one copy (instead of one
 /// per output row), after which the few columns that wrapped round a row edge are zeroed.
 fn im2col_same(x: &[f32], g: &Geometry, col: &mut [f32]) {
-    let (p, w) = (g.p(), g.w);
+    let p = g.p();
     for (c, plane) in x.chunks_exact(p).enumerate().take(g.c) {
         for ky in 0..g.k {
             for kx in 0..g.k {
                 let row = &mut col[((c * g.k + ky) * g.k + kx) * p..][..p];
-                let shift = (ky * g.dil) as isize - g.pad as isize;
-                let shift = shift * w as isize + (kx * g.dil) as isize - g.pad as isize;
-                // out[q] = plane[q + shift] wherever q + shift lies in the plane.
-                let first = (-shift).clamp(0, p as isize) as usize;
-                let end = (p as isize - shift).clamp(first as isize, p as isize) as usize;
+                let (first, end, from) = g.shifted_run(ky, kx);
                 row[..first].fill(0.0);
                 row[end..].fill(0.0);
-                if first < end {
-                    let from = (first as isize + shift) as usize;
-                    row[first..end].copy_from_slice(&plane[from..from + (end - first)]);
-                }
+                row[first..end].copy_from_slice(&plane[from..from + (end - first)]);
                 zero_wrapped_columns(row, g, kx);
             }
         }
@@ -169,7 +182,7 @@ fn im2col_same(x: &[f32], g: &Geometry, col: &mut [f32]) {
 /// convolution zeroes its wrapped columns and adds each row as one shifted run.
 fn col2im_add(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     let (p, ow, s) = (g.p(), g.ow, g.stride);
-    if s == 1 && g.oh == g.h && g.ow == g.w {
+    if g.same() {
         return col2im_add_same(col, g, x);
     }
     for c in 0..g.c {
@@ -217,24 +230,15 @@ fn zero_wrapped_columns(row: &mut [f32], g: &Geometry, kx: usize) {
 
 /// The adjoint of [`im2col_same`] (see [`col2im_add`]).
 fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
-    let (p, w) = (g.p(), g.w);
+    let p = g.p();
     for (c, plane) in x.chunks_exact_mut(p).enumerate().take(g.c) {
         for ky in 0..g.k {
             for kx in 0..g.k {
                 let row = &mut col[((c * g.k + ky) * g.k + kx) * p..][..p];
                 zero_wrapped_columns(row, g, kx);
-                let shift = (ky * g.dil) as isize - g.pad as isize;
-                let shift = shift * w as isize + (kx * g.dil) as isize - g.pad as isize;
-                let first = (-shift).clamp(0, p as isize) as usize;
-                let end = (p as isize - shift).clamp(first as isize, p as isize) as usize;
-                if first < end {
-                    let from = (first as isize + shift) as usize;
-                    for (d, v) in plane[from..from + (end - first)]
-                        .iter_mut()
-                        .zip(&row[first..end])
-                    {
-                        *d += v;
-                    }
+                let (first, end, from) = g.shifted_run(ky, kx);
+                for (d, v) in plane[from..].iter_mut().zip(&row[first..end]) {
+                    *d += v;
                 }
             }
         }

@@ -520,35 +520,21 @@ pub fn run_seg_step(
         "dfdx: step + SAR (L_aux only)".into(),
     ];
     let peer = start_peer(torch, "seg_step_peer.py")?;
-    if let Some(p) = &peer {
-        runners.push(peer_runner(p, "fcn-r18-d8"));
-        names.push(format!("{PEER_PREFIX}FCN-R18-d8 b2 512² step"));
-    }
-    let mut rows = interleaved_vec(runners, names, "seg-step", 2.0, reps)?;
+    let steps = [("fcn-r18-d8", "FCN-R18-d8 b2 512² step")];
+    push_peer_steps(&peer, &steps, &mut runners, &mut names);
+    let mut rows = interleaved(runners, names, "seg-step", 2.0, reps)?;
     rows.push(BenchRow {
         workload: "seg-step".into(),
         variant: "SAR head alone, fwd+bwd".into(),
         seconds: median_secs(2, reps.max(5), seg_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok((rows, peer.map(|p| p.borrow().header.clone())))
+    Ok((rows, peer_header(&peer)))
 }
 
-/// Two runners timed alternately (A, B, A, B, …) after one warm-up each, so that drift of the
-/// machine affects both alike; medians, with `images / median` as the rate.
-fn interleaved<const N: usize>(
-    runners: [Runner; N],
-    names: [&str; N],
-    workload: &str,
-    images: f64,
-    reps: usize,
-) -> anyhow::Result<Vec<BenchRow>> {
-    let names = names.iter().map(|n| n.to_string()).collect();
-    interleaved_vec(runners.into(), names, workload, images, reps)
-}
-
-/// [`interleaved`] over any number of runners.
-fn interleaved_vec(
+/// Runners timed in turn (A, B, C, A, B, C, …) after one warm-up each, so that drift of the
+/// machine affects all alike; medians, with `images / median` as the rate.
+fn interleaved(
     mut runners: Vec<Runner>,
     names: Vec<String>,
     workload: &str,
@@ -636,17 +622,17 @@ pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
 pub fn run_resnet18(reps: usize, batch: usize) -> anyhow::Result<Vec<BenchRow>> {
     let step = ClsStep::resnet18_cub(batch);
     interleaved(
-        [
+        vec![
             cls_step_runner(&step, false)?,
             cls_step_runner(&step, true)?,
             crate::trainees::dfdx::cls_step_runner(&step, false)?,
             crate::trainees::dfdx::cls_step_runner(&step, true)?,
         ],
-        [
-            "ResNet-18 224² step",
-            "ResNet-18 224² step + SAR",
-            "dfdx: ResNet-18 224² step",
-            "dfdx: ResNet-18 224² step + SAR",
+        vec![
+            "ResNet-18 224² step".into(),
+            "ResNet-18 224² step + SAR".into(),
+            "dfdx: ResNet-18 224² step".into(),
+            "dfdx: ResNet-18 224² step + SAR".into(),
         ],
         "r18",
         batch as f64,
@@ -678,13 +664,12 @@ pub fn run_resnet32(
         "dfdx: ResNet-32 b128 step + SAR".into(),
     ];
     let peer = start_peer(torch, "resnet32_step_peer.py")?;
-    if let Some(p) = &peer {
-        runners.push(peer_runner(p, "resnet32"));
-        runners.push(peer_runner(p, "resnet32-sar"));
-        names.push(format!("{PEER_PREFIX}ResNet-32 b128 step"));
-        names.push(format!("{PEER_PREFIX}ResNet-32 b128 step + SAR"));
-    }
-    let mut rows = interleaved_vec(runners, names, "r32", 128.0, reps)?;
+    let steps = [
+        ("resnet32", "ResNet-32 b128 step"),
+        ("resnet32-sar", "ResNet-32 b128 step + SAR"),
+    ];
+    push_peer_steps(&peer, &steps, &mut runners, &mut names);
+    let mut rows = interleaved(runners, names, "r32", 128.0, reps)?;
     // The two medians differ by less than the machine's drift between runs (several per
     // cent), so SAR's own work is also timed alone: the head's step (embed, classify, L_aux,
     // gate, EMA, p2a) and its backward on [128, 64] features.
@@ -694,7 +679,7 @@ pub fn run_resnet32(
         seconds: median_secs(3, reps.max(5) * 4, sar_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok((rows, peer.map(|p| p.borrow().header.clone())))
+    Ok((rows, peer_header(&peer)))
 }
 
 /// Rows timing a PyTorch peer start with this.
@@ -714,6 +699,27 @@ fn start_peer(
     let threads = rayon::current_num_threads();
     let p = peer::Peer::start(python, &script, threads)?;
     Ok(Some(Rc::new(RefCell::new(p))))
+}
+
+/// The peer's header (torch version, threads), when it runs.
+fn peer_header(peer: &Option<Rc<RefCell<peer::Peer>>>) -> Option<serde_json::Value> {
+    peer.as_ref().map(|p| p.borrow().header.clone())
+}
+
+/// Adds the peer's steps `(its name, our label)` to the runners, labelled [`PEER_PREFIX`] +
+/// label, when it runs.
+fn push_peer_steps(
+    peer: &Option<Rc<RefCell<peer::Peer>>>,
+    steps: &[(&'static str, &str)],
+    runners: &mut Vec<Runner>,
+    names: &mut Vec<String>,
+) {
+    if let Some(p) = peer {
+        for &(name, label) in steps {
+            runners.push(peer_runner(p, name));
+            names.push(format!("{PEER_PREFIX}{label}"));
+        }
+    }
 }
 
 /// A runner that asks the peer for one step of `name`.
@@ -775,6 +781,6 @@ mod peer_table_tests {
     #[test]
     fn interleaving_needs_one_name_per_runner() {
         let r: Runner = Box::new(|| Ok(()));
-        assert!(interleaved_vec(vec![r], vec![], "x", 1.0, 1).is_err());
+        assert!(interleaved(vec![r], vec![], "x", 1.0, 1).is_err());
     }
 }

@@ -18,9 +18,7 @@
 use super::{gate_opening, interleaved, BenchRow, Runner};
 use candle_core::{Device, Tensor};
 use sar_math::rng::SeededRng;
-use std::cell::RefCell;
 use std::path::Path;
-use std::rc::Rc;
 
 /// Classes, batch and crop of every model's step.
 const CLASSES: usize = 19;
@@ -131,46 +129,20 @@ pub fn run_seg_models(
     reps: usize,
     torch: Option<&Path>,
 ) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
-    let threads = rayon::current_num_threads();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/torch/seg_models_step_peer.py");
-    let peer = match torch {
-        Some(python) => Some(Rc::new(RefCell::new(super::peer::Peer::start(
-            python, &script, threads,
-        )?))),
-        None => None,
-    };
+    let peer = super::start_peer(torch, "seg_models_step_peer.py")?;
     let mut rows = Vec::new();
     for m in &SEG_BENCH_MODELS {
         let [plain, with_sar, torch_label] = m.variants();
-        let ours = [seg_model_runner(m, false)?, seg_model_runner(m, true)?];
-        match &peer {
-            Some(p) => {
-                let p = Rc::clone(p);
-                let name = m.name;
-                let peer_step: Runner = Box::new(move || {
-                    p.borrow_mut().step(name)?;
-                    Ok(())
-                });
-                let [a, b] = ours;
-                rows.extend(interleaved(
-                    [a, b, peer_step],
-                    [plain.as_str(), with_sar.as_str(), torch_label.as_str()],
-                    "seg-models",
-                    BATCH as f64,
-                    reps,
-                )?);
-            }
-            None => rows.extend(interleaved(
-                ours,
-                [plain.as_str(), with_sar.as_str()],
-                "seg-models",
-                BATCH as f64,
-                reps,
-            )?),
+        let mut runners = vec![seg_model_runner(m, false)?, seg_model_runner(m, true)?];
+        let mut names = vec![plain, with_sar];
+        if let Some(p) = &peer {
+            runners.push(super::peer_runner(p, m.name));
+            names.push(torch_label);
         }
+        let batch = BATCH as f64;
+        rows.extend(interleaved(runners, names, "seg-models", batch, reps)?);
     }
-    let header = peer.map(|p| p.borrow().header.clone());
+    let header = super::peer_header(&peer);
     Ok((rows, header))
 }
 

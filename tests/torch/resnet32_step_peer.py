@@ -14,7 +14,7 @@ From random initialisation the gate stays closed on both sides, so L_p2a is not 
 as in ours.
 
     python tests/torch/resnet32_step_peer.py [THREADS] [REPS]
-    python tests/torch/resnet32_step_peer.py --serve THREADS   # for sar bench --torch
+    python tests/torch/resnet32_step_peer.py --serve THREADS   # for sar bench --torch (peer_serve.py)
 
 prints one JSON line with the median seconds of REPS steps (after two warm-up steps) of each.
 """
@@ -22,6 +22,7 @@ import json, math, sys, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peer_serve import serving
 
 CLASSES, BATCH = 100, 128
 TAU, DELTA, ALPHA, LAMBDA_AUX, LAMBDA_P2A = 0.9, 0.8, 0.999, 1.0, 0.1
@@ -110,29 +111,17 @@ def stepper(sar):
     return step
 
 
-def serve(threads):
-    """`--serve THREADS`: for `sar bench --workload resnet32 --torch PYTHON`. Prints a JSON
-    header, then for each line read (`resnet32` or `resnet32-sar`) runs one step and prints
-    its seconds as JSON."""
-    torch.set_num_threads(threads)
-    print(json.dumps({"torch": torch.__version__, "threads": threads}), flush=True)
-    steps = {}
-    for line in sys.stdin:
-        name = line.strip()
-        if not name:
-            continue
-        if name not in steps:
-            if name not in ("resnet32", "resnet32-sar"):
-                print(json.dumps({"error": f"unknown step {name!r}"}), flush=True)
-                continue
-            steps[name] = stepper(name == "resnet32-sar")
-            steps[name](), steps[name]()
-        print(json.dumps({"model": name, "seconds": steps[name]()}), flush=True)
+def serve_step(name):
+    """A step for peer_serve (`resnet32` or `resnet32-sar`), after two warm-up steps."""
+    if name not in ("resnet32", "resnet32-sar"):
+        return None
+    step = stepper(name == "resnet32-sar")
+    step(), step()
+    return step
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    if serving(sys.argv, serve_step):
         return
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 9

@@ -7,10 +7,9 @@ on either side): training-mode forward, logits resized bilinearly to 256 x 256, 
 torch.optim.AdamW (lr 6e-5, weight decay 0.01). Without SAR: the peer times the plain step
 our first row per model times.
 
-Serve mode (what `sar bench --torch PYTHON` runs): prints one JSON line with the torch version
-and threads, then reads model names from stdin, one per line; builds a model on first request
-(with one untimed warm-up step) and answers each line with one JSON line holding that step's
-seconds. Stand-alone: `python tests/torch/seg_models_step_peer.py [THREADS] [REPS]` prints the
+Serve mode (`--serve THREADS`, what `sar bench --torch PYTHON` runs; peer_serve.py): model
+names on stdin, one JSON line with each step's seconds back; a model is built on its first
+request, with one untimed warm-up step. Stand-alone: `python tests/torch/seg_models_step_peer.py [THREADS] [REPS]` prints the
 median of REPS steps per model.
 """
 import json, os, sys, time
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_seg_models import Seg  # noqa: E402
 from check_segformer import SegFormer  # noqa: E402
 from check_uper_swin import UperSwin  # noqa: E402
+from peer_serve import serving  # noqa: E402
 
 CLASSES, BATCH, SIZE = 19, 2, 256
 
@@ -36,7 +36,7 @@ def build(name):
         m = UperSwin("swin-t", 64, 7, CLASSES)
         heads = lambda x: m(x)
     else:
-        raise SystemExit(f"unknown model {name!r}")
+        return None
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=6e-5, weight_decay=0.01)
     g = torch.Generator().manual_seed(13)
@@ -60,23 +60,8 @@ def build(name):
     return step
 
 
-def serve(threads):
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    print(json.dumps({"torch": torch.__version__, "threads": threads}), flush=True)
-    steps = {}
-    for line in sys.stdin:
-        name = line.strip()
-        if not name:
-            continue
-        if name not in steps:
-            steps[name] = build(name)
-        print(json.dumps({"model": name, "seconds": steps[name]()}), flush=True)
-
-
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    if serving(sys.argv, build):
         return
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5

@@ -7,7 +7,7 @@ momentum 0.9, wd 5e-4). Without SAR: the peer times the plain step that our benc
 row times. Prints JSON with the median of REPS steps after one warm-up.
 
 Usage: python tests/torch/seg_step_peer.py [THREADS] [REPS]
-       python tests/torch/seg_step_peer.py --serve THREADS   # for sar bench --torch
+       python tests/torch/seg_step_peer.py --serve THREADS   # for sar bench --torch (peer_serve.py)
 """
 import json, os, sys, time
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_seg_models import Seg  # noqa: E402
+from peer_serve import serving  # noqa: E402
 
 
 def stepper():
@@ -41,26 +42,8 @@ def stepper():
     return step
 
 
-def serve(threads):
-    """`--serve THREADS`: for `sar bench --workload seg-step --torch PYTHON`. Prints a JSON
-    header, then for each line read (`fcn-r18-d8`) runs one step and prints its seconds."""
-    torch.set_num_threads(threads)
-    print(json.dumps({"torch": torch.__version__, "threads": threads}), flush=True)
-    step = None
-    for line in sys.stdin:
-        name = line.strip()
-        if not name:
-            continue
-        if name != "fcn-r18-d8":
-            print(json.dumps({"error": f"unknown step {name!r}"}), flush=True)
-            continue
-        step = step or stepper()
-        print(json.dumps({"model": name, "seconds": step()}), flush=True)
-
-
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    if serving(sys.argv, lambda name: stepper() if name == "fcn-r18-d8" else None):
         return
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5

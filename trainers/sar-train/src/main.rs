@@ -25,9 +25,13 @@ static JEMALLOC_CONF: &[u8; 36] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
 /// (32 MiB), never trimming and growing the heap in 256 MiB steps keeps that memory for reuse.
 /// Measured on the small CNN over one Fashion-MNIST-LT epoch (2 cores): 1.8 M minor page faults
 /// and 6–7 s of system time become 36 k and 0.5 s, and the run's wall time falls from ~23.5 to
-/// ~19.3 s, at the same peak RSS. Blocks above 32 MiB (segmentation scale) are still mapped
-/// afresh; even so, on the segmentation steps this beat mimalloc and the `jemalloc` feature
-/// (README, Benchmarks). A `GLIBC_TUNABLES` with malloc settings wins.
+/// ~19.3 s, at the same peak RSS. Blocks above 32 MiB (segmentation scale: features of hundreds
+/// of MB) would still be mapped afresh by the main thread, so mmap is switched off for it too
+/// (`M_MMAP_MAX` 0: the heap serves them and keeps them): SAR's math at Cityscapes scale through
+/// candle's composite ops 1,436 → 348 ms, the fused op 191 → 40 ms, the FCN-R18-d8 512² bench
+/// ~6 % less wall time, ResNet-32, OCRNet/SegFormer/UPerNet and a Fashion-MNIST epoch unchanged
+/// within noise, peak RSS within 2 % (`docs/results/glibc-mmap-max-2026-12-07.txt`). A `GLIBC_TUNABLES`
+/// with malloc settings wins.
 #[cfg(all(not(feature = "jemalloc"), target_os = "linux", target_env = "gnu"))]
 fn retain_freed_memory() {
     if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
@@ -37,8 +41,9 @@ fn retain_freed_memory() {
     // other thread exists, and a refused value (0 returned) leaves glibc's default in place.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 
@@ -169,6 +174,10 @@ struct BenchArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time only this library's steps in resnet32, resnet18 and seg-step (default: candle and
+    /// dfdx), so that the process's CPU time and peak memory, printed at the end, are its own.
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
 }
 
 /// Arguments of `sar demo`.
@@ -239,8 +248,8 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
-    /// Tensor library (same as `--set run.backend=...`): candle, or dfdx for classification
-    /// with the small CNN or ResNet-32.
+    /// Tensor library (same as `--set run.backend=...`): candle, or dfdx (classification,
+    /// and FCN / DeepLabV3 on the ResNet V1c and HRNetV2 backbones; the others need candle).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
 }
@@ -354,16 +363,19 @@ fn bench(
         reps,
         json,
         torch,
+        backend,
     }: BenchArgs,
 ) -> anyhow::Result<()> {
     use sar_train::bench::{run_resnet32, run_seg_step, run_workload, table, Workload};
+    let backend = backend.map(Backend::kind);
     let (workloads, resnet, seg_step, seg_models) = match workload.as_str() {
         "seg" => (vec![Workload::seg()], false, false, false),
         "cls" => (vec![Workload::cls()], false, false, false),
         "resnet32" => (vec![], true, false, false),
         "resnet18" => {
-            let r = sar_train::bench::run_resnet18(reps.max(1), 16)?;
+            let r = sar_train::bench::run_resnet18(reps.max(1), 16, backend)?;
             print!("{}", sar_train::bench::model_step_table("model step", &r));
+            print_usage(None);
             return write_json(json.as_deref(), &r);
         }
         "seg-step" => (vec![], false, true, false),
@@ -383,6 +395,7 @@ fn bench(
             println!("PyTorch peer: torch {torch}, {} threads", h["threads"]);
         }
     };
+    let mut peer_usage = None;
     let mut rows = Vec::new();
     for w in &workloads {
         rows.extend(run_workload(w, reps.max(1))?);
@@ -391,17 +404,19 @@ fn bench(
         print!("{}", table(&rows));
     }
     if resnet {
-        let (r, header) = run_resnet32(reps.max(1), torch.as_deref())?;
+        let (r, header) = run_resnet32(reps.max(1), torch.as_deref(), backend)?;
         print!("{}", sar_train::bench::model_step_table("model step", &r));
+        peer_usage = header.as_ref().map(|h| h["rusage"].clone());
         peer_header(header);
         rows.extend(r);
     }
     if seg_step {
-        let (r, header) = run_seg_step(reps.max(1), torch.as_deref())?;
+        let (r, header) = run_seg_step(reps.max(1), torch.as_deref(), backend)?;
         print!(
             "{}",
             sar_train::bench::model_step_table("segmentation step", &r)
         );
+        peer_usage = header.as_ref().map(|h| h["rusage"].clone());
         peer_header(header);
         rows.extend(r);
     }
@@ -409,9 +424,23 @@ fn bench(
         use sar_train::bench::seg_models::{run_seg_models, seg_models_table};
         let (r, header) = run_seg_models(reps.max(1), torch.as_deref())?;
         print!("{}", seg_models_table(&r, header.as_ref()));
+        peer_usage = header.as_ref().map(|h| h["rusage"].clone());
         rows.extend(r);
     }
+    print_usage(peer_usage);
     write_json(json.as_deref(), &rows)
+}
+
+/// The benchmark process's CPU time, system-time share and peak memory (everything it ran,
+/// setup included), and the PyTorch peer's as it reported them (of the last workload with one).
+fn print_usage(peer: Option<serde_json::Value>) {
+    use sar_train::bench::Rusage;
+    if let Some(ours) = Rusage::of_this_process() {
+        println!("this process: {}", ours.line());
+    }
+    if let Some(p) = peer.and_then(|v| serde_json::from_value::<Rusage>(v).ok()) {
+        println!("PyTorch peer: {}", p.line());
+    }
 }
 
 /// `--json PATH`: the benchmark's rows, written atomically.

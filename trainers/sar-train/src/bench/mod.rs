@@ -19,6 +19,9 @@
 mod peer;
 pub mod seg_models;
 
+use crate::config::BackendKind;
+pub use peer::Rusage;
+
 use candle_core::{DType, Device, Tensor, Var};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -506,19 +509,18 @@ pub fn seg_head_runner() -> anyhow::Result<Runner> {
 pub fn run_seg_step(
     reps: usize,
     torch: Option<&Path>,
+    backend: Option<BackendKind>,
 ) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
-    let mut runners = vec![
-        seg_step_runner(false)?,
-        seg_step_runner(true)?,
-        crate::trainees::dfdx::seg_step_runner(false)?,
-        crate::trainees::dfdx::seg_step_runner(true)?,
-    ];
-    let mut names = vec![
-        "FCN-R18-d8 b2 512² step".to_string(),
-        "FCN-R18-d8 b2 512² step + SAR".into(),
-        "dfdx: FCN-R18-d8 b2 512² step".into(),
-        "dfdx: step + SAR (L_aux only)".into(),
-    ];
+    use crate::trainees::dfdx::seg_step_runner as dfdx_runner;
+    let (mut runners, mut names) = variants(
+        backend,
+        vec![
+            candle("FCN-R18-d8 b2 512² step", || seg_step_runner(false)),
+            candle("FCN-R18-d8 b2 512² step + SAR", || seg_step_runner(true)),
+            dfdx("dfdx: FCN-R18-d8 b2 512² step", || dfdx_runner(false)),
+            dfdx("dfdx: step + SAR (L_aux only)", || dfdx_runner(true)),
+        ],
+    )?;
     let peer = start_peer(torch, "seg_step_peer.py")?;
     let steps = [("fcn-r18-d8", "FCN-R18-d8 b2 512² step")];
     push_peer_steps(&peer, &steps, &mut runners, &mut names);
@@ -529,7 +531,39 @@ pub fn run_seg_step(
         seconds: median_secs(2, reps.max(5), seg_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok((rows, peer_header(&peer)))
+    Ok((rows, peer_header(&peer)?))
+}
+
+/// A variant of a model-step benchmark: its library, its label and how to build its runner.
+type Variant = (
+    BackendKind,
+    &'static str,
+    Box<dyn FnOnce() -> anyhow::Result<Runner>>,
+);
+
+fn candle(name: &'static str, f: impl FnOnce() -> anyhow::Result<Runner> + 'static) -> Variant {
+    (BackendKind::Candle, name, Box::new(f))
+}
+
+fn dfdx(name: &'static str, f: impl FnOnce() -> anyhow::Result<Runner> + 'static) -> Variant {
+    (BackendKind::Dfdx, name, Box::new(f))
+}
+
+/// The runners and labels of the variants on `backend` (every variant when `None`); the
+/// others are not built, so their models take no memory.
+fn variants(
+    backend: Option<BackendKind>,
+    all: Vec<Variant>,
+) -> anyhow::Result<(Vec<Runner>, Vec<String>)> {
+    let mut runners = Vec::new();
+    let mut names = Vec::new();
+    for (kind, name, build) in all {
+        if backend.is_none_or(|b| b == kind) {
+            runners.push(build()?);
+            names.push(name.to_string());
+        }
+    }
+    Ok((runners, names))
 }
 
 /// Runners timed in turn (A, B, C, A, B, C, …) after one warm-up each, so that drift of the
@@ -619,25 +653,31 @@ pub fn model_step_table(title: &str, r: &[BenchRow]) -> String {
 
 /// The ResNet-18 step (ImageNet stem, batch `batch` of 224² CUB-size crops, 200 classes) on
 /// candle and dfdx, without and with SAR, interleaved, from the same weights and batch.
-pub fn run_resnet18(reps: usize, batch: usize) -> anyhow::Result<Vec<BenchRow>> {
-    let step = ClsStep::resnet18_cub(batch);
-    interleaved(
+pub fn run_resnet18(
+    reps: usize,
+    batch: usize,
+    backend: Option<BackendKind>,
+) -> anyhow::Result<Vec<BenchRow>> {
+    use crate::trainees::dfdx::cls_step_runner as dfdx_runner;
+    let step = Rc::new(ClsStep::resnet18_cub(batch));
+    let s = [0, 1, 2, 3].map(|_| Rc::clone(&step));
+    let [s0, s1, s2, s3] = s;
+    let (runners, names) = variants(
+        backend,
         vec![
-            cls_step_runner(&step, false)?,
-            cls_step_runner(&step, true)?,
-            crate::trainees::dfdx::cls_step_runner(&step, false)?,
-            crate::trainees::dfdx::cls_step_runner(&step, true)?,
+            candle("ResNet-18 224² step", move || cls_step_runner(&s0, false)),
+            candle("ResNet-18 224² step + SAR", move || {
+                cls_step_runner(&s1, true)
+            }),
+            dfdx("dfdx: ResNet-18 224² step", move || {
+                dfdx_runner(&s2, false)
+            }),
+            dfdx("dfdx: ResNet-18 224² step + SAR", move || {
+                dfdx_runner(&s3, true)
+            }),
         ],
-        vec![
-            "ResNet-18 224² step".into(),
-            "ResNet-18 224² step + SAR".into(),
-            "dfdx: ResNet-18 224² step".into(),
-            "dfdx: ResNet-18 224² step + SAR".into(),
-        ],
-        "r18",
-        batch as f64,
-        reps,
-    )
+    )?;
+    interleaved(runners, names, "r18", batch as f64, reps)
 }
 
 /// The ResNet-32 step without and with SAR, interleaved (A, B, A, B, …) so that drift of
@@ -649,20 +689,23 @@ pub fn run_resnet18(reps: usize, batch: usize) -> anyhow::Result<Vec<BenchRow>> 
 pub fn run_resnet32(
     reps: usize,
     torch: Option<&Path>,
+    backend: Option<BackendKind>,
 ) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
+    use crate::trainees::dfdx::cls_step_runner as dfdx_runner;
     // candle and dfdx side by side, interleaved, from the same weights and batch.
-    let mut runners = vec![
-        resnet32_runner(false, 128)?,
-        resnet32_runner(true, 128)?,
-        crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), false)?,
-        crate::trainees::dfdx::cls_step_runner(&ClsStep::resnet32(128), true)?,
-    ];
-    let mut names = vec![
-        "ResNet-32 b128 step".to_string(),
-        "ResNet-32 b128 step + SAR".into(),
-        "dfdx: ResNet-32 b128 step".into(),
-        "dfdx: ResNet-32 b128 step + SAR".into(),
-    ];
+    let (mut runners, mut names) = variants(
+        backend,
+        vec![
+            candle("ResNet-32 b128 step", || resnet32_runner(false, 128)),
+            candle("ResNet-32 b128 step + SAR", || resnet32_runner(true, 128)),
+            dfdx("dfdx: ResNet-32 b128 step", || {
+                dfdx_runner(&ClsStep::resnet32(128), false)
+            }),
+            dfdx("dfdx: ResNet-32 b128 step + SAR", || {
+                dfdx_runner(&ClsStep::resnet32(128), true)
+            }),
+        ],
+    )?;
     let peer = start_peer(torch, "resnet32_step_peer.py")?;
     let steps = [
         ("resnet32", "ResNet-32 b128 step"),
@@ -679,7 +722,7 @@ pub fn run_resnet32(
         seconds: median_secs(3, reps.max(5) * 4, sar_head_runner()?)?,
         gb_per_s: 0.0,
     });
-    Ok((rows, peer_header(&peer)))
+    Ok((rows, peer_header(&peer)?))
 }
 
 /// Rows timing a PyTorch peer start with this.
@@ -701,9 +744,18 @@ fn start_peer(
     Ok(Some(Rc::new(RefCell::new(p))))
 }
 
-/// The peer's header (torch version, threads), when it runs.
-fn peer_header(peer: &Option<Rc<RefCell<peer::Peer>>>) -> Option<serde_json::Value> {
-    peer.as_ref().map(|p| p.borrow().header.clone())
+/// The peer's header (torch version, threads) with its CPU time and peak memory so far under
+/// `rusage` ([`Rusage`]), when it runs.
+fn peer_header(
+    peer: &Option<Rc<RefCell<peer::Peer>>>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(p) = peer else {
+        return Ok(None);
+    };
+    let mut p = p.borrow_mut();
+    let mut header = p.header.clone();
+    header["rusage"] = serde_json::to_value(p.rusage()?)?;
+    Ok(Some(header))
 }
 
 /// Adds the peer's steps `(its name, our label)` to the runners, labelled [`PEER_PREFIX`] +

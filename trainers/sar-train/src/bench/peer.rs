@@ -54,6 +54,72 @@ impl Peer {
             .as_f64()
             .with_context(|| format!("the PyTorch peer answered {v}"))
     }
+
+    /// The peer process's CPU time so far and peak resident set, as it reports them.
+    pub(crate) fn rusage(&mut self) -> anyhow::Result<Rusage> {
+        writeln!(self.stdin, "rusage")?;
+        self.stdin.flush()?;
+        let v = read_json(&mut self.stdout).context("the PyTorch peer's rusage")?;
+        let field = |k: &str| {
+            v[k].as_f64()
+                .with_context(|| format!("the PyTorch peer's rusage lacks {k}: {v}"))
+        };
+        Ok(Rusage {
+            user_s: field("user_s")?,
+            sys_s: field("sys_s")?,
+            max_rss_kib: field("max_rss_kib")? as u64,
+        })
+    }
+}
+
+/// A process's CPU time and peak resident set (`getrusage(RUSAGE_SELF)`).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Rusage {
+    /// User CPU seconds.
+    pub user_s: f64,
+    /// System CPU seconds.
+    pub sys_s: f64,
+    /// Peak resident set, KiB.
+    pub max_rss_kib: u64,
+}
+
+impl Rusage {
+    /// This process's, on Linux (glibc builds, where libc is a dependency).
+    pub fn of_this_process() -> Option<Self> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // SAFETY: getrusage writes one plain struct that we own and reads nothing.
+            let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+            if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } != 0 {
+                return None;
+            }
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            Some(Rusage {
+                user_s: secs(r.ru_utime),
+                sys_s: secs(r.ru_stime),
+                // Linux reports KiB.
+                max_rss_kib: r.ru_maxrss as u64,
+            })
+        }
+        #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+        None
+    }
+
+    /// System time as a share of all CPU time, per cent.
+    pub fn sys_percent(&self) -> f64 {
+        100.0 * self.sys_s / (self.user_s + self.sys_s).max(1e-9)
+    }
+
+    /// `user 12.3 s, sys 0.4 s (3.1 %), peak RSS 841 MB`.
+    pub fn line(&self) -> String {
+        format!(
+            "user {:.1} s, sys {:.1} s ({:.1} % of CPU time), peak RSS {:.0} MB",
+            self.user_s,
+            self.sys_s,
+            self.sys_percent(),
+            self.max_rss_kib as f64 * 1024.0 / 1e6
+        )
+    }
 }
 
 impl Drop for Peer {

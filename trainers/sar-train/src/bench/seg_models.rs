@@ -142,7 +142,7 @@ pub fn run_seg_models(
         let batch = BATCH as f64;
         rows.extend(interleaved(runners, names, "seg-models", batch, reps)?);
     }
-    let header = super::peer_header(&peer);
+    let header = super::peer_header(&peer)?;
     Ok((rows, header))
 }
 

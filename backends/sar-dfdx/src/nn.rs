@@ -11,7 +11,10 @@
 //!   C anchors) → ReLU] ×2, Z = g_θ(h_ψ(A)) through the model's own `fc`, then L_aux → gate →
 //!   EMA → L_p2a in the spec's order.
 //! - [`Sgd`]: PyTorch's SGD (momentum, Nesterov, weight decay) on the parameters, with the
-//!   momentum buffers by name.
+//!   momentum buffers by name; [`AdamW`]: PyTorch's AdamW with m, v and the step count by
+//!   name. Both take each variable's learning rate and weight decay from the caller when
+//!   stepping ([`Sgd::step_grouped`], [`AdamW::step`]), so parameter groups (mmcv's
+//!   `custom_keys`) and schedules stay the trainer's.
 
 use crate::SarDfdxError;
 use crate::{
@@ -19,6 +22,7 @@ use crate::{
     Traced,
 };
 use dfdx::prelude::*;
+use sar_math::adamw::{adamw_step, AdamWConfig};
 use sar_math::backend::{car_step, prototype_step, BackendSarState, Mixup, SarBackend};
 use sar_math::sgd::{sgd_step, SgdConfig};
 use sar_math::{RegularizerKind, SarConfig};
@@ -590,13 +594,26 @@ impl<D: SarDevice<f32>> Sgd<D> {
     /// gradient in `grads` (the loss did not reach it, and the input was not traced with
     /// [`Params::alloc_grads`]) gets a zero one: weight decay and momentum still apply.
     pub fn step(&mut self, params: &mut Params<D>, grads: &mut Gradients<f32, D>) -> Result<()> {
-        let cfg = SgdConfig {
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-            nesterov: self.nesterov,
-        };
+        let (lr, wd) = (self.lr, self.weight_decay);
+        self.step_grouped(params, grads, &|_| (lr, wd))
+    }
+
+    /// [`Sgd::step`] with each variable's learning rate and weight decay `rate_and_decay(name)`
+    /// instead of [`Sgd::lr`] and [`Sgd::weight_decay`] (parameter groups).
+    pub fn step_grouped(
+        &mut self,
+        params: &mut Params<D>,
+        grads: &mut Gradients<f32, D>,
+        rate_and_decay: &dyn Fn(&str) -> (f64, f64),
+    ) -> Result<()> {
         for name in params.trainable() {
+            let (lr, weight_decay) = rate_and_decay(&name);
+            let cfg = SgdConfig {
+                lr,
+                momentum: self.momentum,
+                weight_decay,
+                nesterov: self.nesterov,
+            };
             let w = params.get(&name)?.clone();
             grads.try_alloc_for(&w).map_err(dev_err)?;
             let grad = grads.get(&w).as_vec();
@@ -648,6 +665,118 @@ impl<D: SarDevice<f32>> Sgd<D> {
     }
 }
 
+/// PyTorch's AdamW (decoupled weight decay, no AMSGrad), applied by
+/// [`sar_math::adamw::adamw_step`] (the one definition of the rule) over the host values: per
+/// variable m, v (on the device) and its own step count, by name. Every trained variable
+/// steps: the trainer's losses reach them all (candle's optimiser skips a variable no loss
+/// reaches; here it would step with a zero gradient).
+pub struct AdamW<D: SarDevice<f32>> {
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Per variable: m, v and the number of steps taken.
+    state: BTreeMap<String, AdamWState<D>>,
+}
+
+/// One variable's AdamW state.
+type AdamWState<D> = (Tensor<(usize,), f32, D>, Tensor<(usize,), f32, D>, u64);
+
+/// One variable's AdamW state on the host: its name, m, v and the steps taken.
+pub type HostAdamWState = (String, Vec<f32>, Vec<f32>, u64);
+
+impl<D: SarDevice<f32>> AdamW<D> {
+    /// An optimiser with no state yet.
+    pub fn new(betas: (f64, f64), eps: f64) -> Self {
+        AdamW {
+            beta1: betas.0,
+            beta2: betas.1,
+            eps,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// One update of every trained variable of `params` from `grads`, each at the learning
+    /// rate and weight decay `rate_and_decay(name)`. A variable without a gradient in `grads`
+    /// gets a zero one.
+    pub fn step(
+        &mut self,
+        params: &mut Params<D>,
+        grads: &mut Gradients<f32, D>,
+        rate_and_decay: &dyn Fn(&str) -> (f64, f64),
+    ) -> Result<()> {
+        for name in params.trainable() {
+            let (lr, weight_decay) = rate_and_decay(&name);
+            let cfg = AdamWConfig {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay,
+            };
+            let w = params.get(&name)?.clone();
+            grads.try_alloc_for(&w).map_err(dev_err)?;
+            let grad = grads.get(&w).as_vec();
+            let mut values = w.as_vec();
+            let n = values.len();
+            let (mut m, mut v, steps) = match self.state.remove(&name) {
+                Some((m, v, t)) => (m.as_vec(), v.as_vec(), t),
+                None => (vec![0.0; n], vec![0.0; n], 0),
+            };
+            adamw_step(&cfg, &mut values, &grad, &mut m, &mut v, steps + 1)?;
+            let dev = params.device().clone();
+            self.state.insert(
+                name.clone(),
+                (
+                    dev.tensor_from_vec(m, (n,)),
+                    dev.tensor_from_vec(v, (n,)),
+                    steps + 1,
+                ),
+            );
+            params.replace(&name, dev.tensor_from_vec(values, (n,)));
+        }
+        Ok(())
+    }
+
+    /// The state on the host, by variable name, for the variables that have stepped.
+    pub fn state(&self) -> Vec<HostAdamWState> {
+        self.state
+            .iter()
+            .map(|(n, (m, v, t))| (n.clone(), m.as_vec(), v.as_vec(), *t))
+            .collect()
+    }
+
+    /// Replaces the state (names, lengths and step counts ≥ 1 checked against `params`); a
+    /// variable without state starts fresh.
+    pub fn load_state(&mut self, params: &Params<D>, state: Vec<HostAdamWState>) -> Result<()> {
+        let mut map = BTreeMap::new();
+        for (name, m, v, t) in state {
+            let n: usize = params.shape(&name)?.iter().product();
+            if m.len() != n || v.len() != n || is_running_stat(&name) {
+                return shape_err(format!("AdamW state for {name} does not fit the variable"));
+            }
+            if t == 0 {
+                return shape_err(format!(
+                    "AdamW state for {name}: the step count starts at 1"
+                ));
+            }
+            let dev = params.device();
+            map.insert(
+                name,
+                (
+                    dev.tensor_from_vec(m, (n,)),
+                    dev.tensor_from_vec(v, (n,)),
+                    t,
+                ),
+            );
+        }
+        self.state = map;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +807,54 @@ mod tests {
                 assert!((buf[i] - want_b[i]).abs() < 1e-6, "b {buf:?} vs {want_b:?}");
             }
         }
+    }
+
+    /// Two AdamW steps by hand, two variables in two groups. `a` at lr 0.1, wd 0.01, with
+    /// gradient 2 (β 0.9/0.999): step 1 w = 1·(1 − 0.001) − 0.1·(m̂ = 2)/(√v̂ = 2) = 0.899;
+    /// step 2 w = 0.899·0.999 − 0.1·(0.38/0.19)/(√(0.007996/0.001999) = 2) = 0.798101. `b` at
+    /// lr 0.05, no decay: 0.95, then 0.9. The state round-trips through the host.
+    #[test]
+    fn adamw_by_hand_with_two_groups() {
+        let dev = Cpu::default();
+        let mut params = Params::from_host(
+            &dev,
+            [
+                ("a".to_string(), vec![1], vec![1.0f32]),
+                ("b".to_string(), vec![1], vec![1.0f32]),
+            ],
+        )
+        .unwrap();
+        let mut opt = AdamW::new((0.9, 0.999), 1e-8);
+        let group = |n: &str| if n == "a" { (0.1, 0.01) } else { (0.05, 0.0) };
+        for (want_a, want_b, steps) in [(0.899f32, 0.95f32, 1u64), (0.798_101, 0.9, 2)] {
+            let tape = params.alloc_grads().unwrap();
+            let (a, b) = (
+                params.get("a").unwrap().clone(),
+                params.get("b").unwrap().clone(),
+            );
+            let loss = ((a.trace(tape) + b) * 2.0).sum::<Rank0, _>();
+            let mut grads = loss.backward();
+            opt.step(&mut params, &mut grads, &group).unwrap();
+            let (a, b) = (
+                params.get("a").unwrap().as_vec(),
+                params.get("b").unwrap().as_vec(),
+            );
+            assert!((a[0] - want_a).abs() < 1e-6, "a {a:?} vs {want_a}");
+            assert!((b[0] - want_b).abs() < 1e-6, "b {b:?} vs {want_b}");
+            let state = opt.state();
+            assert_eq!(state.len(), 2);
+            assert!(state.iter().all(|(_, _, _, t)| *t == steps));
+        }
+        // m of `a` after two steps: 0.2, then 0.2 + 0.1·(2 − 0.2) = 0.38.
+        let state = opt.state();
+        assert!((state[0].1[0] - 0.38).abs() < 1e-6, "{state:?}");
+        let mut fresh = AdamW::new((0.9, 0.999), 1e-8);
+        fresh.load_state(&params, state.clone()).unwrap();
+        assert_eq!(fresh.state(), state);
+        let bad = vec![("a".to_string(), vec![0.0; 2], vec![0.0; 2], 1)];
+        assert!(fresh.load_state(&params, bad).is_err());
+        let zero = vec![("a".to_string(), vec![0.0], vec![0.0], 0)];
+        assert!(fresh.load_state(&params, zero).is_err());
     }
 
     #[test]

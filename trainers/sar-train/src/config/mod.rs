@@ -208,7 +208,7 @@ pub enum BackendKind {
     /// candle (every task and model).
     #[default]
     Candle,
-    /// dfdx (classification: small CNN, CIFAR ResNet-32).
+    /// dfdx (classification, and FCN / DeepLabV3 on the ResNet V1c and HRNetV2 backbones).
     Dfdx,
 }
 

@@ -387,10 +387,6 @@ impl TrainConfig {
                     m.backbone,
                     m.head
                 );
-                ensure!(
-                    self.optim.kind == OptimizerKind::Sgd && self.optim.custom_keys.is_empty(),
-                    "run.backend = \"dfdx\" trains with SGD and one parameter group; optim.kind = \"adamw\" and optim.custom_keys need --backend candle"
-                );
             }
             ensure!(
                 self.stage.kind == StageKind::None && self.stage.init_from.is_none(),

@@ -1,7 +1,7 @@
 //! Training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`): classification with
 //! the small CNNs, ResNet-32 and torchvision's ResNet-18/50 with either stem (CUB-200 with
 //! ImageNet weights included), and segmentation with FCN or DeepLabV3 (ASPP) on the dilated
-//! ResNet V1c.
+//! ResNet V1c and FCN on HRNetV2.
 //!
 //! The same run as on candle, step for step: the batch comes from the candle task's renderer
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
@@ -11,8 +11,9 @@
 //! segmentation: `Dropout2d` with the candle trainer's draws, logits resized bilinearly to the
 //! crop, mmsegmentation's pixel cross-entropy, the auxiliary head's at its weight), SAR
 //! (anchor embedding, L_aux through the shared classifier, gate, EMA, L_p2a on the feature
-//! rows with labels resampled by PyTorch's legacy `nearest`), backward on dfdx's tape, SGD,
-//! and evaluation (segmentation through [`DfdxSegmenter`], so the shared whole / sliding-window
+//! rows with labels resampled by PyTorch's legacy `nearest`), backward on dfdx's tape, SGD or
+//! AdamW with candle's parameter groups (`optim.custom_keys`, each group's schedule from its
+//! own initial rate) and optimiser state names, and evaluation (segmentation through [`DfdxSegmenter`], so the shared whole / sliding-window
 //! inference and metrics run the dfdx network). Checkpoints hold the same tensor names and
 //! layouts as candle's, so either backend resumes or evaluates the other's. Plots use the
 //! candle model with the dfdx weights copied in.
@@ -28,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use sar_data::seg::IGNORE;
 use sar_dfdx::conv::{nchw_to_rows, rows_to_nchw, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
-use sar_dfdx::nn::{Params, Rows, SarHead, SarHeadConfig, Sgd};
+use sar_dfdx::nn::{AdamW, Params, Rows, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
 use sar_dfdx_models::seg::{self, SegBackbone, SegHead, SegNet, V1cDepth};
 use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
@@ -55,6 +56,48 @@ pub(crate) fn trainee(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Trainee>> {
 
 type Loss<D> = sar_dfdx::dfdx::tensor::Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
 
+/// The AdamW state in a checkpoint (candle's names, see [`DfdxTrainee::state_tensors`]): m, v
+/// and the step count of each variable that has one; a half-present entry is an error.
+fn adamw_state(
+    tensors: &HashMap<String, Tensor>,
+) -> anyhow::Result<Vec<sar_dfdx::nn::HostAdamWState>> {
+    let mut out = Vec::new();
+    for (name, t) in tensors {
+        let Some(var) = name.strip_prefix("optim.exp_avg.") else {
+            continue;
+        };
+        let get = |kind: &str| {
+            tensors
+                .get(&format!("optim.{kind}.{var}"))
+                .with_context(|| format!("the checkpoint has {name} but not optim.{kind}.{var}"))
+        };
+        let v = to_host(get("exp_avg_sq")?)?.1;
+        let steps: Vec<f64> = get("step")?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        anyhow::ensure!(
+            steps.len() == 1
+                && steps[0] >= 1.0
+                && steps[0].fract() == 0.0
+                && steps[0] < 2f64.powi(53),
+            "optim.step.{var} must hold one whole step count ≥ 1, got {steps:?}"
+        );
+        out.push((var.to_string(), to_host(t)?.1, v, steps[0] as u64));
+    }
+    for name in tensors.keys() {
+        for kind in ["exp_avg_sq", "step"] {
+            if let Some(var) = name.strip_prefix(&format!("optim.{kind}.")) {
+                anyhow::ensure!(
+                    tensors.contains_key(&format!("optim.exp_avg.{var}")),
+                    "the checkpoint has {name} but not optim.exp_avg.{var}"
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The task and its dfdx network.
 enum Work {
     Cls { inner: ClsTask, net: Classifier },
@@ -76,10 +119,20 @@ struct DfdxTrainee<D: SarDevice<f32>> {
     params: Params<D>,
     cache: RefCell<GatherCache<D>>,
     head: Option<SarHead<D>>,
-    opt: Sgd<D>,
-    /// `optim.lr` (one parameter group).
+    opt: DfdxOptimizer<D>,
+    /// `optim.lr` and `optim.weight_decay`, before the groups' factors.
     base_lr: f64,
+    base_decay: f64,
+    /// Per trained variable, the factors of its rate and weight decay (the task's, e.g.
+    /// none, times its `optim.custom_keys` group's), as candle's optimisers apply them.
+    groups: HashMap<String, (f64, f64)>,
     pending: Option<Loss<D>>,
+}
+
+/// `optim.kind` on dfdx.
+enum DfdxOptimizer<D: SarDevice<f32>> {
+    Sgd(Sgd<D>),
+    AdamW(AdamW<D>),
 }
 
 fn host_tensor(name: &str, shape: &[usize], v: Vec<f32>) -> anyhow::Result<(String, Tensor)> {
@@ -191,21 +244,32 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             (Work::Cls { inner, net }, vars)
         };
         let o = &cfg.optim;
-        anyhow::ensure!(
-            o.kind == crate::config::OptimizerKind::Sgd,
-            "the dfdx backend trains with SGD only; optim.kind = \"adamw\" needs --backend candle"
-        );
-        anyhow::ensure!(
-            o.custom_keys.is_empty(),
-            "the dfdx backend has no parameter groups; optim.custom_keys needs --backend candle"
-        );
+        let groups = params
+            .trainable()
+            .into_iter()
+            .map(|n| {
+                let key = crate::optim::custom_key(&o.custom_keys, &n);
+                let lr = work.task().lr_scale(&n) * key.lr_mult;
+                (n, (lr, key.decay_mult))
+            })
+            .collect();
+        let opt = match o.kind {
+            crate::config::OptimizerKind::Sgd => {
+                DfdxOptimizer::Sgd(Sgd::new(o.lr, o.momentum, o.weight_decay, o.nesterov))
+            }
+            crate::config::OptimizerKind::AdamW => {
+                DfdxOptimizer::AdamW(AdamW::new((o.betas[0], o.betas[1]), o.eps))
+            }
+        };
         Ok(DfdxTrainee {
             base_lr: o.lr,
+            base_decay: o.weight_decay,
+            groups,
             work,
             params,
             cache: RefCell::new(GatherCache::default()),
             head,
-            opt: Sgd::new(o.lr, o.momentum, o.weight_decay, o.nesterov),
+            opt,
             pending: None,
         })
     }
@@ -480,8 +544,18 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         let mut grads = loss
             .try_backward()
             .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
-        self.opt.lr = rate(self.base_lr);
-        self.opt.step(&mut self.params, &mut grads)?;
+        // Each group's schedule starts from its own initial rate (mmcv's per-group update).
+        let (lr, wd, groups) = (self.base_lr, self.base_decay, &self.groups);
+        let rate_and_decay = |name: &str| {
+            let (l, d) = groups.get(name).copied().unwrap_or((1.0, 1.0));
+            (rate(lr * l), wd * d)
+        };
+        match &mut self.opt {
+            DfdxOptimizer::Sgd(o) => {
+                o.step_grouped(&mut self.params, &mut grads, &rate_and_decay)?
+            }
+            DfdxOptimizer::AdamW(o) => o.step(&mut self.params, &mut grads, &rate_and_decay)?,
+        }
         Ok(())
     }
 
@@ -518,9 +592,24 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         for (name, shape, v) in self.params.to_host() {
             out.push(host_tensor(&name, &shape, v)?);
         }
-        for (name, v) in self.opt.buffers() {
-            let shape = self.params.shape(&name)?.to_vec();
-            out.push(host_tensor(&format!("optim.momentum.{name}"), &shape, v)?);
+        // candle's names: SGD `optim.momentum.<var>`; AdamW `optim.exp_avg.<var>`,
+        // `optim.exp_avg_sq.<var>` and `optim.step.<var>` (the count, one f64).
+        match &self.opt {
+            DfdxOptimizer::Sgd(o) => {
+                for (name, v) in o.buffers() {
+                    let shape = self.params.shape(&name)?.to_vec();
+                    out.push(host_tensor(&format!("optim.momentum.{name}"), &shape, v)?);
+                }
+            }
+            DfdxOptimizer::AdamW(o) => {
+                for (name, m, v, t) in o.state() {
+                    let shape = self.params.shape(&name)?.to_vec();
+                    out.push(host_tensor(&format!("optim.exp_avg.{name}"), &shape, m)?);
+                    out.push(host_tensor(&format!("optim.exp_avg_sq.{name}"), &shape, v)?);
+                    let step = Tensor::new(&[t as f64], &Device::Cpu)?;
+                    out.push((format!("optim.step.{name}"), step));
+                }
+            }
         }
         if let Some(h) = &self.head {
             for (name, shape, v) in h.buffers() {
@@ -544,13 +633,26 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
             );
             self.params.set(&name, v)?;
         }
-        let mut momentum = Vec::new();
-        for (name, t) in tensors {
-            if let Some(v) = name.strip_prefix("optim.momentum.") {
-                momentum.push((v.to_string(), to_host(t)?.1));
+        // A checkpoint of the other optimiser is refused, as candle's optimisers refuse it.
+        let holds = |prefix: &str| tensors.keys().find(|n| n.starts_with(prefix));
+        match (&self.opt, holds("optim.momentum."), holds("optim.exp_avg")) {
+            (DfdxOptimizer::Sgd(_), _, Some(n)) | (DfdxOptimizer::AdamW(_), Some(n), _) => {
+                bail!("the checkpoint holds {n}, state of the other optimiser than optim.kind")
             }
+            _ => {}
         }
-        self.opt.load_buffers(&self.params, momentum)?;
+        match &mut self.opt {
+            DfdxOptimizer::Sgd(o) => {
+                let mut momentum = Vec::new();
+                for (name, t) in tensors {
+                    if let Some(v) = name.strip_prefix("optim.momentum.") {
+                        momentum.push((v.to_string(), to_host(t)?.1));
+                    }
+                }
+                o.load_buffers(&self.params, momentum)?;
+            }
+            DfdxOptimizer::AdamW(o) => o.load_state(&self.params, adamw_state(tensors)?)?,
+        }
         if let Some(h) = self.head.as_mut() {
             h.load_buffers(&|n| tensors.get(n).and_then(|t| to_host(t).ok()))?;
         }

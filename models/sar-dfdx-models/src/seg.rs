@@ -17,6 +17,12 @@
 //!   ConvModule, broadcast back to every pixel), `aspp_modules.0` 1×1 and `aspp_modules.1..3`
 //!   3×3 with dilations 12, 24, 36 (padding = dilation), concatenated in that order after the
 //!   pool (5·D channels), `bottleneck` 3×3 → D.
+//! - OCRNet on HRNetV2 ([`SegHead::Ocr`]; HRNet's branches resized and concatenated into X
+//!   `[N·h·w, 15W]`): the FCN head `decode_head.0` (1×1 ConvModule `convs.0`, its `conv_seg`
+//!   giving the soft object regions and the auxiliary loss) and the OCR head `decode_head.1`
+//!   (`bottleneck` 3×3 → pixel features, spatial gather, the object attention block
+//!   `object_context_block.*`, fused by its `bottleneck`); F is the OCR head's output, its
+//!   classifier `decode_head.1.conv_seg` the one SAR shares.
 //! - Auxiliary head on stage 3 (C₃ channels): `auxiliary_head.convs.0` 3×3 ConvModule →
 //!   C₃/4.
 //! - Classifiers: `decode_head.conv_seg` and `auxiliary_head.conv_seg`, 1×1 convs with bias
@@ -31,6 +37,9 @@ use sar_dfdx::conv::max_pool2d;
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{linear, Params, Rows};
 use sar_dfdx::{ConvOut, Float, Result, SarDevice, SarDfdxError};
+
+/// mmsegmentation's OCR head `channels` (its `ocr_channels` are half of it) at width 64.
+const OCR_CHANNELS: usize = 512;
 
 /// Depth of the dilated ResNet V1c.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +59,12 @@ pub enum SegHead {
     Fcn,
     /// DeepLabV3's ASPP.
     Aspp,
+    /// OCRNet on HRNetV2 (mmsegmentation's cascade `decode_head.0` FCN → `decode_head.1`
+    /// OCR); `width` scales the OCR head's 512 and 256 channels by width/64 (64: published).
+    Ocr {
+        /// The head's width (`sar-models`' `SegSpec::width`).
+        width: usize,
+    },
 }
 
 /// The backbone.
@@ -98,10 +113,21 @@ impl SegNet {
                     "the backbone width must be a multiple of 4 (≥ 4), got {width}"
                 ));
             }
-            SegBackbone::HrNetV2 if head != SegHead::Fcn || aux || width == 0 => {
-                return config_err(format!(
-                    "HRNetV2 takes the FCN head over its concatenated branches, without an auxiliary head (got {head:?}, aux {aux}, W = {width})"
-                ));
+            SegBackbone::HrNetV2 => {
+                let ok = match head {
+                    SegHead::Fcn => !aux,
+                    // OCRNet's FCN head (the soft regions) is its auxiliary head.
+                    SegHead::Ocr { width: w } => aux && w > 0,
+                    SegHead::Aspp => false,
+                };
+                if !ok || width == 0 {
+                    return config_err(format!(
+                        "HRNetV2 takes the FCN head over its concatenated branches without an auxiliary head, or OCRNet's heads with theirs (got {head:?}, aux {aux}, W = {width})"
+                    ));
+                }
+            }
+            SegBackbone::ResNetV1c(_) if matches!(head, SegHead::Ocr { .. }) => {
+                return config_err("OCRNet's heads take HRNetV2's branches, not a ResNet".into());
             }
             _ => {}
         }
@@ -128,17 +154,33 @@ impl SegNet {
         (self.width << s) * self.resnet().map_or(1, |r| r.1)
     }
 
-    /// D, the decode head's feature width (a ResNet's stage 4 / 4; HRNet's 15·W).
+    /// D, the decode head's feature width (a ResNet's stage 4 / 4; HRNet's 15·W; OCRNet's
+    /// 512·width/64).
     pub fn feature_dim(&self) -> usize {
-        match self.backbone {
-            SegBackbone::HrNetV2 => 15 * self.width,
-            SegBackbone::ResNetV1c(_) => self.stage_width(3) / 4,
+        match (self.backbone, self.head) {
+            (_, SegHead::Ocr { width }) => OCR_CHANNELS * width / 64,
+            (SegBackbone::HrNetV2, _) => 15 * self.width,
+            (SegBackbone::ResNetV1c(_), _) => self.stage_width(3) / 4,
         }
     }
 
-    /// The auxiliary head's feature width (a ResNet's stage 3 / 4).
+    /// The auxiliary head's feature width (a ResNet's stage 3 / 4; OCRNet's FCN: 15·W).
     pub fn aux_dim(&self) -> usize {
-        self.stage_width(2) / 4
+        match self.head {
+            SegHead::Ocr { .. } => 15 * self.width,
+            _ => self.stage_width(2) / 4,
+        }
+    }
+
+    /// The name of the classifier (`conv_seg`) of the decode head, or of the auxiliary head
+    /// with `aux` (OCRNet: `decode_head.1` and its FCN `decode_head.0`).
+    pub fn classifier_name(&self, aux: bool) -> &'static str {
+        match (self.head, aux) {
+            (SegHead::Ocr { .. }, false) => "decode_head.1.conv_seg",
+            (SegHead::Ocr { .. }, true) => "decode_head.0.conv_seg",
+            (_, false) => "decode_head.conv_seg",
+            (_, true) => "auxiliary_head.conv_seg",
+        }
     }
 
     /// Decode (and, in training mode with an auxiliary head, auxiliary) features of images
@@ -156,7 +198,17 @@ impl SegNet {
     {
         if self.backbone == SegBackbone::HrNetV2 {
             let (branches, sizes) = hrnet(f, x, (n, h, w), self.width)?;
-            let main = fcn_concat(f, branches, &sizes, n)?;
+            let cat = concat_branches(branches, &sizes, n)?;
+            let (fh, fw) = sizes[0];
+            if let SegHead::Ocr { .. } = self.head {
+                let (main, fcn) = ocr(f, cat, (n, fh, fw))?;
+                return Ok(SegOut {
+                    main,
+                    aux: f.train.then_some(fcn),
+                    hw: sizes[0],
+                });
+            }
+            let main = conv_bn(f, cat, "decode_head.convs.0", (n, fh, fw), (0, 1))?.0;
             return Ok(SegOut {
                 main,
                 aux: None,
@@ -177,8 +229,8 @@ impl SegNet {
             None
         };
         let main = match self.head {
-            SegHead::Fcn => self.fcn(f, stage4, (n, hw4.0, hw4.1))?,
             SegHead::Aspp => self.aspp(f, stage4, (n, hw4.0, hw4.1))?,
+            _ => self.fcn(f, stage4, (n, hw4.0, hw4.1))?,
         };
         Ok(SegOut { main, aux, hw: hw4 })
     }
@@ -191,8 +243,7 @@ impl SegNet {
         features: Rows<D, T, E>,
         aux: bool,
     ) -> Result<Rows<D, T, E>> {
-        let head = if aux { "auxiliary_head" } else { "decode_head" };
-        linear(params, features, &format!("{head}.conv_seg"))
+        linear(params, features, self.classifier_name(aux))
     }
 
     /// Stage 3 and stage 4 with their sizes.
@@ -317,6 +368,9 @@ fn join_tapes<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     }
     x.put_tape(tape)
 }
+
+/// Two row tensors (OCRNet's features and its FCN head's).
+type RowsPair<E, D, T> = (Rows<D, T, E>, Rows<D, T, E>);
 
 /// Branch outputs with their sizes.
 type Branches<E, D, T> = (Vec<Rows<D, T, E>>, Vec<(usize, usize)>);
@@ -470,10 +524,9 @@ where
     Ok(out)
 }
 
-/// HRNet's FCN head: the four branches resized to the first's size, concatenated in order,
-/// `decode_head.convs.0` (a 1×1 ConvModule, 15·W → 15·W).
-fn fcn_concat<E, D, T>(
-    f: &mut Forward<D, E>,
+/// HRNetV2's branches resized bilinearly to the first one's size and concatenated
+/// (mmsegmentation's `resize_concat`): X `[N·h·w, 15·W]`.
+fn concat_branches<E, D, T>(
     branches: Vec<Rows<D, T, E>>,
     sizes: &[(usize, usize)],
     n: usize,
@@ -492,8 +545,80 @@ where
             Some(c) => (c, up).concat_along(Axis::<1>),
         });
     }
-    let cat = cat.ok_or_else(|| SarDfdxError::Shape("HRNet without branches".into()))?;
-    Ok(conv_bn(f, cat, "decode_head.convs.0", (n, h, w), (0, 1))?.0)
+    cat.ok_or_else(|| SarDfdxError::Shape("HRNet without branches".into()))
+}
+
+/// OCRNet's heads on HRNet's concatenated branches X of size (n, h, w), as `sar-models`'
+/// `OcrNet`: `decode_head.0` (a 1×1 ConvModule, the FCN features, whose `conv_seg` gives the
+/// soft object regions R `[N·h·w, K]`) and `decode_head.1`: a 3×3 ConvModule `bottleneck` →
+/// pixel features P `[N·h·w, C]`; per image, softmax of R over the h·w positions times P →
+/// the regions' representations `[N·K, C]`; the object attention block
+/// (`object_context_block`): queries from P and keys from the regions by two 1×1 ConvModules
+/// each, values by one, softmax(q·kᵀ/√C') over the K regions, the context through
+/// `out_project`, concatenated [context, P] and fused by `bottleneck`. Returns (F, the FCN
+/// features); gradients reach the FCN head through R as well (not detached).
+fn ocr<E, D, T>(
+    f: &mut Forward<D, E>,
+    x: Rows<D, T, E>,
+    (n, h, w): (usize, usize, usize),
+) -> Result<RowsPair<E, D, T>>
+where
+    E: Float + num_traits::float::FloatCore,
+    D: SarDevice<E>,
+    T: Tape<E, D>,
+{
+    let hw = h * w;
+    let (fcn, _) = conv_bn(
+        f,
+        x.retaped::<T>(),
+        "decode_head.0.convs.0",
+        (n, h, w),
+        (0, 1),
+    )?;
+    let regions = linear(f.params, fcn.retaped::<T>(), "decode_head.0.conv_seg")?;
+    let k = regions.shape().1;
+    // `x`'s own tape (the backbone) goes on with the pixel features.
+    let (pixels, _) = conv_bn(f, x, "decode_head.1.bottleneck", (n, h, w), (1, 1))?;
+    let c = pixels.shape().1;
+    // Spatial gather: per image and class, a softmax over the positions weights the pixels.
+    // The softmax runs over axis 1 of the contiguous [N, h·w, K], not over the last axis of a
+    // permuted view: dfdx's softmax keeps its input's id across an internal subtraction whose
+    // output is laid out afresh, so on a permuted input its gradient lands transposed (wrong
+    // gradients, measured against candle).
+    let probs = regions.reshape_like(&(n, hw, k)).softmax::<Axis<1>>();
+    let objects = probs
+        .permute::<_, Axes3<0, 2, 1>>()
+        .matmul(pixels.retaped::<T>().reshape_like(&(n, hw, c)))
+        .reshape_like(&(n * k, c));
+    // Object attention: the pixels query the K region representations (maps K × 1).
+    let ocb = "decode_head.1.object_context_block";
+    let mut q = pixels.retaped::<T>();
+    let mut key = objects.retaped::<T>();
+    for i in 0..2 {
+        q = conv_bn(f, q, &format!("{ocb}.query_project.{i}"), (n, h, w), (0, 1))?.0;
+        key = conv_bn(f, key, &format!("{ocb}.key_project.{i}"), (n, k, 1), (0, 1))?.0;
+    }
+    let value = conv_bn(
+        f,
+        objects,
+        &format!("{ocb}.value_project"),
+        (n, k, 1),
+        (0, 1),
+    )?
+    .0;
+    let o = q.shape().1;
+    let scale = <E as num_traits::NumCast>::from((o as f64).powf(-0.5)).unwrap_or_else(E::zero);
+    let sim = q
+        .reshape_like(&(n, hw, o))
+        .matmul(key.reshape_like(&(n, k, o)).permute::<_, Axes3<0, 2, 1>>());
+    let sim = (sim * scale).softmax::<Axis<2>>();
+    let context = sim
+        .matmul(value.reshape_like(&(n, k, o)))
+        .reshape_like(&(n * hw, o));
+    let context = conv_bn(f, context, &format!("{ocb}.out_project"), (n, h, w), (0, 1))?.0;
+    let cat = (context, pixels).concat_along(Axis::<1>);
+    let main = conv_bn(f, cat, &format!("{ocb}.bottleneck"), (n, h, w), (0, 1))?.0;
+    Ok((main, fcn))
 }
 
 /// mmcv's ConvModule `{name}.conv` (no bias) → `{name}.bn` → ReLU, stride 1, with `(padding,

@@ -830,11 +830,11 @@ where
         backbone,
         head,
         aux: net.aux,
-        // HRNet's W comes from the backbone's name; candle ignores the width there.
-        width: if backbone.swin().is_none() && net.feature_dim() == 15 * net.width {
-            64
-        } else {
-            net.width
+        // HRNet's W comes from the backbone's name; candle's width is then the head's (OCR).
+        width: match (net.backbone, net.head) {
+            (_, sar_dfdx_models::seg::SegHead::Ocr { width }) => width,
+            (sar_dfdx_models::seg::SegBackbone::HrNetV2, _) => 64,
+            _ => net.width,
         },
         in_channels: c,
         classes,
@@ -1000,7 +1000,8 @@ where
 }
 
 /// FCN on the dilated ResNet V1c-18 and -50 and DeepLabV3 (ASPP) on V1c-18, each with the
-/// auxiliary head, and FCN on HRNetV2-W18, against candle in f64 (1e-10) and f32 (V1c-18
+/// auxiliary head, FCN on HRNetV2-W18 and OCRNet on HRNetV2-W18, against candle in f64 (1e-10;
+/// OCRNet 1e-9) and f32 (V1c-18
 /// 2e-4; ASPP 1e-3; HRNet's forward values 5e-3). 33×29 inputs give
 /// odd sizes at every stride (33×29 → 17×15 → 9×8 → 5×4), and ASPP's dilations (12–36) reach
 /// far past such maps, so most of their taps read padding.
@@ -1025,6 +1026,11 @@ fn seg_networks_match_candle() {
     );
     seg_matches_in::<f64>(B::ResNet50V1c, K::Fcn, r50_fcn, (33, 29), 1e-10, true, None);
     seg_matches_in::<f64>(B::HrNetV2W18, K::Fcn, hr18, (33, 29), 1e-10, true, None);
+    // OCRNet's heads at width 16 (OCR channels 128 and 64) on HRNetV2-W18. Its two softmaxes
+    // (over positions, over regions) on top of HRNet's amplification put the worst gradient
+    // difference at 3.4e-10 of its tensor's scale (measured), so 1e-9 here.
+    let ocr = SegNet::new(SegBackbone::HrNetV2, SegHead::Ocr { width: 16 }, true, 18).unwrap();
+    seg_matches_in::<f64>(B::HrNetV2W18, K::Ocr, ocr, (33, 29), 1e-9, true, None);
     // A randomly initialised HRNet amplifies f32 rounding through its 8 modules of fused
     // branches: here only its forward values are held to candle's (5.4e-4 of their scale);
     // its f32 gradients are held to the f64 truth in `hrnet_in_f32_is_as_accurate_as_candle`.
@@ -1044,6 +1050,9 @@ fn seg_networks_match_candle() {
     assert!(SegNet::new(resnet(V1cDepth::R18), SegHead::Fcn, true, 6).is_err());
     assert!(SegNet::new(SegBackbone::HrNetV2, SegHead::Fcn, true, 18).is_err());
     assert!(SegNet::new(SegBackbone::HrNetV2, SegHead::Aspp, false, 18).is_err());
+    let ocr16 = SegHead::Ocr { width: 16 };
+    assert!(SegNet::new(SegBackbone::HrNetV2, ocr16, false, 18).is_err());
+    assert!(SegNet::new(resnet(V1cDepth::R18), ocr16, true, 8).is_err());
 }
 
 /// HRNetV2-W18 + FCN in f32 against the f64 truth of the same f32-rounded weights (candle in

@@ -382,8 +382,8 @@ impl TrainConfig {
                 let hrnet = matches!(m.backbone, B::HrNetV2W18 | B::HrNetV2W48);
                 ensure!(
                     (resnet && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Aspp))
-                        || (hrnet && m.head == SegHeadKind::Fcn),
-                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, or fcn on hrnetv2-w18/w48, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
+                        || (hrnet && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Ocr)),
+                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, or fcn or ocr on hrnetv2-w18/w48, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
                     m.backbone,
                     m.head
                 );

@@ -147,11 +147,11 @@ fn to_host(t: &Tensor) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
 }
 
 /// The variables of a candle task (its seeded initial weights) and its SAR head's anchors, on
-/// dfdx; `segmentation` selects the segmentation head (embedding and classifier).
+/// dfdx; `segmentation` (the decode head's classifier) selects the segmentation head.
 fn on_dfdx<D: SarDevice<f32>>(
     varmap: &candle_nn::VarMap,
     head: Option<&sar_candle::SarHead>,
-    segmentation: bool,
+    segmentation: Option<&str>,
     device: &D,
 ) -> anyhow::Result<(Params<D>, Option<SarHead<D>>)> {
     let entries = varmap
@@ -169,8 +169,9 @@ fn on_dfdx<D: SarDevice<f32>>(
         Some(h) => {
             let mut c =
                 SarHeadConfig::new(*h.config(), h.classes(), h.dim()).regularizer(h.regularizer());
-            if segmentation {
+            if let Some(classifier) = segmentation {
                 c = c.segmentation();
+                c.classifier = classifier.to_string();
             }
             Some(SarHead::new(device, &c, to_host(&h.buffers()?[0].1)?.1)?)
         }
@@ -180,7 +181,7 @@ fn on_dfdx<D: SarDevice<f32>>(
 }
 
 /// The dfdx network of a segmenter config: the dilated ResNets with FCN or ASPP, HRNetV2 with
-/// FCN.
+/// FCN or OCRNet's heads.
 fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
     use sar_models::seg::{SegBackbone as B, SegHeadKind};
     let (backbone, width) = match c.backbone {
@@ -194,7 +195,8 @@ fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
     let head = match c.head {
         SegHeadKind::Fcn => SegHead::Fcn,
         SegHeadKind::Aspp => SegHead::Aspp,
-        other => bail!("run.backend = \"dfdx\" has the fcn and aspp heads, not {other:?}; train it with --backend candle"),
+        SegHeadKind::Ocr => SegHead::Ocr { width: c.width },
+        other => bail!("run.backend = \"dfdx\" has the fcn, aspp and ocr heads, not {other:?}; train it with --backend candle"),
     };
     Ok(SegNet::new(backbone, head, c.aux(), width)?)
 }
@@ -228,7 +230,7 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             let vars = on_dfdx(
                 &inner.setup.varmap,
                 inner.setup.head.as_ref(),
-                true,
+                Some(net.classifier_name(false)),
                 &device,
             )?;
             (Work::Seg { inner, net }, vars)
@@ -238,7 +240,7 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             let vars = on_dfdx(
                 &inner.setup.varmap,
                 inner.setup.head.as_ref(),
-                false,
+                None,
                 &device,
             )?;
             (Work::Cls { inner, net }, vars)
@@ -871,7 +873,7 @@ pub(crate) fn cls_step_runner(
 ) -> anyhow::Result<crate::bench::Runner> {
     let (cfg, setup) = step.setup(sar)?;
     let dev = Cpu::default();
-    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), false, &dev)?;
+    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), None, &dev)?;
     let (x, y) = step.batch_data();
     let (batch, (c, h, w)) = (step.batch, step.shape);
     let x = rows_of(&dev, x, (batch, c, h, w));
@@ -913,8 +915,9 @@ pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner>
     let cfg = crate::bench::seg_bench_config(sar)?;
     let setup = crate::seg::build_seg(&cfg, 19)?;
     let dev = Cpu::default();
-    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), true, &dev)?;
     let net = dfdx_segnet(cfg.model.segmenter()?)?;
+    let classifier = Some(net.classifier_name(false));
+    let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), classifier, &dev)?;
     let (x, y) = crate::bench::seg_bench_batch();
     let (n, h, w) = crate::bench::SEG_BENCH_SIZE;
     let x = rows_of(&dev, x, (n, 3, h, w));

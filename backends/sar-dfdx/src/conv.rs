@@ -396,7 +396,7 @@ where
         let (x, tape_x) = x.split_tape();
         let (kernel, tape_k) = kernel.split_tape();
         let mut tape = tape_x.merge(tape_k);
-        let (x_host, k_host) = (x.as_vec(), kernel.as_vec());
+        let (x_host, k_host) = (crate::cpu_values(&x), kernel.as_vec());
         let y = sizes.forward(&x_host, &k_host, &idx)?;
         let out = x
             .device()

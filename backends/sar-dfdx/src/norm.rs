@@ -121,24 +121,27 @@ struct CpuBatchNorm<E> {
 }
 
 impl<E: Float> CpuBatchNorm<E> {
-    /// x̂ and z = γ·x̂ + β of channel `ch` in `row`.
-    fn normed(&self, row: &[E], ch: usize) -> (E, E) {
-        let x_hat = (row[ch] - self.mean[ch]) * self.inv_std[ch];
-        (x_hat, x_hat * self.gamma[ch] + self.beta[ch])
-    }
-
     /// y = z, or max(z, 0) with ReLU. `z < 0` rather than `!(z > 0)`: a NaN must reach the
-    /// loss, which the trainer checks.
+    /// loss, which the trainer checks. x̂ = (x − μ)·(1/σ), z = x̂·γ + β, rounded in that order.
+    /// The per-channel loops zip slices (no index checks) so that the compiler vectorises them.
     fn forward(&self) -> Vec<E> {
         use rayon::prelude::*;
         let (c, block) = (self.channels, self.rows_per_block * self.channels);
         let mut y = vec![E::zero(); self.x.len()];
+        let per_channel = (
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &self.gamma[..c],
+            &self.beta[..c],
+        );
         y.par_chunks_mut(block)
             .zip(self.x.par_chunks(block))
             .for_each(|(y_block, x_block)| {
-                for (y_row, x_row) in y_block.chunks_mut(c).zip(x_block.chunks(c)) {
-                    for (ch, y) in y_row.iter_mut().enumerate() {
-                        let (_, z) = self.normed(x_row, ch);
+                let (mean, inv_std, gamma, beta) = per_channel;
+                for (y_row, x_row) in y_block.chunks_exact_mut(c).zip(x_block.chunks_exact(c)) {
+                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
+                    for (y, ((((&x, &m), &s), &g), &b)) in y_row.iter_mut().zip(channels) {
+                        let z = (x - m) * s * g + b;
                         *y = if self.relu && z < E::zero() {
                             E::zero()
                         } else {
@@ -150,48 +153,80 @@ impl<E: Float> CpuBatchNorm<E> {
         y
     }
 
-    /// dz = dy, or dy·[z > 0] with ReLU (its derivative is 0 at a NaN too).
-    fn dz(&self, z: E, dy: E) -> E {
-        if !self.relu || z > E::zero() {
-            dy
-        } else {
-            E::zero()
-        }
-    }
-
-    /// Adds ∂x into `g_x`; returns (∂γ, ∂β).
+    /// Adds ∂x into `g_x`; returns (∂γ, ∂β). dz = dy, or dy·[z > 0] with ReLU (its derivative
+    /// is 0 at a NaN too); x̂ and z as in [`CpuBatchNorm::forward`], loops zipped likewise.
     fn backward(&self, dy: &[E], g_x: &mut [E]) -> (Vec<E>, Vec<E>) {
         use rayon::prelude::*;
         let (c, block) = (self.channels, self.rows_per_block * self.channels);
-        // ∂β and ∂γ in one pass: acc = [Σ dz | Σ dz·x̂].
-        let sums = channel_sums(dy, c, 2 * c, self.rows_per_block, |i, dy_row, acc| {
-            let x_row = &self.x[i * c..(i + 1) * c];
-            for ch in 0..c {
-                let (x_hat, z) = self.normed(x_row, ch);
-                let d = to_f64(self.dz(z, dy_row[ch]));
-                acc[ch] += d;
-                acc[c + ch] += d * to_f64(x_hat);
+        let relu = self.relu;
+        let (mean, inv_std, gamma, beta) = (
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &self.gamma[..c],
+            &self.beta[..c],
+        );
+        // ∂β and ∂γ in one pass per block: [Σ dz | Σ dz·x̂] in f64, blocks added in order.
+        let partials: Vec<Vec<f64>> = dy
+            .par_chunks(block)
+            .zip(self.x.par_chunks(block))
+            .map(|(dy_block, x_block)| {
+                let mut acc = vec![0.0f64; 2 * c];
+                let (acc_beta, acc_gamma) = acc.split_at_mut(c);
+                for (dy_row, x_row) in dy_block.chunks_exact(c).zip(x_block.chunks_exact(c)) {
+                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
+                    let sums = acc_beta.iter_mut().zip(acc_gamma.iter_mut());
+                    for (((ab, ag), &dy), ((((&x, &m), &s), &g), &b)) in
+                        sums.zip(dy_row).zip(channels)
+                    {
+                        let x_hat = (x - m) * s;
+                        let z = x_hat * g + b;
+                        let d = to_f64(if !relu || z > E::zero() {
+                            dy
+                        } else {
+                            E::zero()
+                        });
+                        *ab += d;
+                        *ag += d * to_f64(x_hat);
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut sums = vec![0.0f64; 2 * c];
+        for p in partials {
+            for (t, v) in sums.iter_mut().zip(p) {
+                *t += v;
             }
-        });
+        }
         let d_beta: Vec<E> = sums[..c].iter().map(|&v| from_f64(v)).collect();
         let d_gamma: Vec<E> = sums[c..].iter().map(|&v| from_f64(v)).collect();
         let rows: E = from_f64((self.x.len() / c) as f64);
         let scale: Vec<E> = (0..c)
             .map(|ch| self.gamma[ch] * self.inv_std[ch] / rows)
             .collect();
+        let (d_beta_c, d_gamma_c, scale_c) = (&d_beta[..c], &d_gamma[..c], &scale[..c]);
         g_x.par_chunks_mut(block)
             .zip(dy.par_chunks(block))
             .zip(self.x.par_chunks(block))
             .for_each(|((gx_block, dy_block), x_block)| {
                 for ((gx_row, dy_row), x_row) in gx_block
-                    .chunks_mut(c)
-                    .zip(dy_block.chunks(c))
-                    .zip(x_block.chunks(c))
+                    .chunks_exact_mut(c)
+                    .zip(dy_block.chunks_exact(c))
+                    .zip(x_block.chunks_exact(c))
                 {
-                    for ch in 0..c {
-                        let (x_hat, z) = self.normed(x_row, ch);
-                        let dz = self.dz(z, dy_row[ch]);
-                        gx_row[ch] += scale[ch] * (rows * dz - d_beta[ch] - x_hat * d_gamma[ch]);
+                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
+                    let grads = d_beta_c.iter().zip(d_gamma_c).zip(scale_c);
+                    for (((gx, &dy), ((((&x, &m), &s), &g), &b)), ((&db, &dg), &sc)) in
+                        gx_row.iter_mut().zip(dy_row).zip(channels).zip(grads)
+                    {
+                        let x_hat = (x - m) * s;
+                        let z = x_hat * g + b;
+                        let dz = if !relu || z > E::zero() {
+                            dy
+                        } else {
+                            E::zero()
+                        };
+                        *gx += sc * (rows * dz - db - x_hat * dg);
                     }
                 }
             });
@@ -227,7 +262,7 @@ where
         let (gamma, tape_g) = gamma.split_tape();
         let (beta, tape_b) = beta.split_tape();
         let mut tape = tape.merge(tape_g).merge(tape_b);
-        let values = x.as_vec();
+        let values = crate::cpu_values(&x);
         let rows_per_block = r.div_ceil(CPU_BLOCKS).max(1);
         let sums = channel_sums(&values, c, c, rows_per_block, |_, row, acc| {
             for (a, &v) in acc.iter_mut().zip(row) {

@@ -249,7 +249,7 @@ struct TrainArgs {
     #[arg(long, short)]
     quiet: bool,
     /// Tensor library (same as `--set run.backend=...`): candle, or dfdx (classification,
-    /// and FCN / DeepLabV3 on the ResNet V1c and HRNetV2 backbones; the others need candle).
+    /// FCN / DeepLabV3 on the ResNet V1c, FCN / OCRNet on HRNetV2; the others need candle).
     #[arg(long, value_enum)]
     backend: Option<Backend>,
 }

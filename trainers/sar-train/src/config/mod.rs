@@ -208,7 +208,7 @@ pub enum BackendKind {
     /// candle (every task and model).
     #[default]
     Candle,
-    /// dfdx (classification, and FCN / DeepLabV3 on the ResNet V1c and HRNetV2 backbones).
+    /// dfdx (classification; FCN / DeepLabV3 on the ResNet V1c, FCN / OCRNet on HRNetV2).
     Dfdx,
 }
 

@@ -78,24 +78,21 @@ fn check(r: usize, c: usize, gamma: usize, beta: usize) -> Result<()> {
 /// Rows per block of the CPU op: R split into this many blocks (fewer when R is small).
 const CPU_BLOCKS: usize = 32;
 
-/// Sums accumulated by `f(row index, row, acc)` (`acc` of `width` f64s) over row blocks of
-/// `values` (`[R, C]`), the blocks' sums added in block order.
-fn channel_sums<E: Float + Send + Sync>(
+/// Per-channel sums (`width` f64s) over row blocks of `values` (`[R, C]`): `kernel(block,
+/// acc)` accumulates one block's rows in order, the blocks' sums are added in block order.
+fn block_sums<E: Float + Send + Sync>(
     values: &[E],
     c: usize,
     width: usize,
     rows_per_block: usize,
-    f: impl Fn(usize, &[E], &mut [f64]) + Sync,
+    kernel: impl Fn(&[E], &mut [f64]) + Sync,
 ) -> Vec<f64> {
     use rayon::prelude::*;
     let partials: Vec<Vec<f64>> = values
         .par_chunks(rows_per_block * c)
-        .enumerate()
-        .map(|(block, chunk)| {
+        .map(|chunk| {
             let mut acc = vec![0.0f64; width];
-            for (i, row) in chunk.chunks(c).enumerate() {
-                f(block * rows_per_block + i, row, &mut acc);
-            }
+            kernel(chunk, &mut acc);
             acc
         })
         .collect();
@@ -106,6 +103,125 @@ fn channel_sums<E: Float + Send + Sync>(
         }
     }
     total
+}
+
+/// The per-channel constants of a BatchNorm, each `[C]`.
+#[derive(Clone, Copy)]
+struct Channels<'a, E> {
+    mean: &'a [E],
+    inv_std: &'a [E],
+    gamma: &'a [E],
+    beta: &'a [E],
+}
+
+// The row kernels below are compiled twice, for baseline x86-64 and for AVX2 + FMA, and the
+// second runs where the CPU has it (`multiversion`): built for baseline x86-64 their loops
+// stayed scalar SSE2 (docs/results/profile-dfdx-resnet32-2026-12-07.txt). Every element's
+// arithmetic is the same in both (Rust never fuses a·b + c), so the results are bit-identical.
+
+/// Σ x per channel over the rows of `rows` (`[r, C]`) into `acc`, rows in order.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn sum_rows<E: Float>(rows: &[E], acc: &mut [f64]) {
+    for row in rows.chunks_exact(acc.len()) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += to_f64(v);
+        }
+    }
+}
+
+/// Σ (x − μ)² per channel over the rows of `rows` into `acc`, rows in order.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn square_rows<E: Float>(rows: &[E], mean: &[f64], acc: &mut [f64]) {
+    for row in rows.chunks_exact(acc.len()) {
+        for ((a, &v), &m) in acc.iter_mut().zip(row).zip(mean) {
+            let d = to_f64(v) - m;
+            *a += d * d;
+        }
+    }
+}
+
+/// y = z (or max(z, 0) with `relu`), z = (x − μ)·(1/σ)·γ + β, for the rows of `x`.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn forward_rows<E: Float>(y: &mut [E], x: &[E], k: Channels<'_, E>, relu: bool) {
+    let c = k.mean.len();
+    for (y_row, x_row) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        let channels = x_row
+            .iter()
+            .zip(k.mean)
+            .zip(k.inv_std)
+            .zip(k.gamma)
+            .zip(k.beta);
+        for (y, ((((&x, &m), &s), &g), &b)) in y_row.iter_mut().zip(channels) {
+            let z = (x - m) * s * g + b;
+            *y = if relu && z < E::zero() { E::zero() } else { z };
+        }
+    }
+}
+
+/// [Σ dz | Σ dz·x̂] per channel over the rows into `acc` (`[2C]`), rows in order.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn grad_sum_rows<E: Float>(dy: &[E], x: &[E], k: Channels<'_, E>, relu: bool, acc: &mut [f64]) {
+    let c = k.mean.len();
+    let (acc_beta, acc_gamma) = acc.split_at_mut(c);
+    for (dy_row, x_row) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
+        let channels = x_row
+            .iter()
+            .zip(k.mean)
+            .zip(k.inv_std)
+            .zip(k.gamma)
+            .zip(k.beta);
+        let sums = acc_beta.iter_mut().zip(acc_gamma.iter_mut());
+        for (((ab, ag), &dy), ((((&x, &m), &s), &g), &b)) in sums.zip(dy_row).zip(channels) {
+            let x_hat = (x - m) * s;
+            let z = x_hat * g + b;
+            let d = to_f64(if !relu || z > E::zero() {
+                dy
+            } else {
+                E::zero()
+            });
+            *ab += d;
+            *ag += d * to_f64(x_hat);
+        }
+    }
+}
+
+/// The BatchNorm's ∂x, added into `gx` for the rows: scale·(R·dz − ∂β − x̂·∂γ) per channel,
+/// with `per_grad` = (∂β, ∂γ, scale) and `rows` = R.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn dx_rows<E: Float>(
+    gx: &mut [E],
+    (dy, x): (&[E], &[E]),
+    k: Channels<'_, E>,
+    per_grad: (&[E], &[E], &[E]),
+    (rows, relu): (E, bool),
+) {
+    let c = k.mean.len();
+    let (d_beta, d_gamma, scale) = per_grad;
+    for ((gx_row, dy_row), x_row) in gx
+        .chunks_exact_mut(c)
+        .zip(dy.chunks_exact(c))
+        .zip(x.chunks_exact(c))
+    {
+        let channels = x_row
+            .iter()
+            .zip(k.mean)
+            .zip(k.inv_std)
+            .zip(k.gamma)
+            .zip(k.beta);
+        let grads = d_beta.iter().zip(d_gamma).zip(scale);
+        for (((gx, &dy), ((((&x, &m), &s), &g), &b)), ((&db, &dg), &sc)) in
+            gx_row.iter_mut().zip(dy_row).zip(channels).zip(grads)
+        {
+            let x_hat = (x - m) * s;
+            let z = x_hat * g + b;
+            let dz = if !relu || z > E::zero() {
+                dy
+            } else {
+                E::zero()
+            };
+            *gx += sc * (rows * dz - db - x_hat * dg);
+        }
+    }
 }
 
 /// What the CPU op keeps for its backward: the input and the per-channel constants.
@@ -121,74 +237,44 @@ struct CpuBatchNorm<E> {
 }
 
 impl<E: Float> CpuBatchNorm<E> {
+    /// The per-channel constants.
+    fn channels(&self) -> Channels<'_, E> {
+        let c = self.channels;
+        Channels {
+            mean: &self.mean[..c],
+            inv_std: &self.inv_std[..c],
+            gamma: &self.gamma[..c],
+            beta: &self.beta[..c],
+        }
+    }
+
     /// y = z, or max(z, 0) with ReLU. `z < 0` rather than `!(z > 0)`: a NaN must reach the
-    /// loss, which the trainer checks. x̂ = (x − μ)·(1/σ), z = x̂·γ + β, rounded in that order.
-    /// The per-channel loops zip slices (no index checks) so that the compiler vectorises them.
+    /// loss, which the trainer checks. x̂ = (x − μ)·(1/σ), z = x̂·γ + β, rounded in that order
+    /// ([`forward_rows`] per block of rows).
     fn forward(&self) -> Vec<E> {
         use rayon::prelude::*;
-        let (c, block) = (self.channels, self.rows_per_block * self.channels);
+        let block = self.rows_per_block * self.channels;
         let mut y = vec![E::zero(); self.x.len()];
-        let per_channel = (
-            &self.mean[..c],
-            &self.inv_std[..c],
-            &self.gamma[..c],
-            &self.beta[..c],
-        );
+        let k = self.channels();
         y.par_chunks_mut(block)
             .zip(self.x.par_chunks(block))
-            .for_each(|(y_block, x_block)| {
-                let (mean, inv_std, gamma, beta) = per_channel;
-                for (y_row, x_row) in y_block.chunks_exact_mut(c).zip(x_block.chunks_exact(c)) {
-                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
-                    for (y, ((((&x, &m), &s), &g), &b)) in y_row.iter_mut().zip(channels) {
-                        let z = (x - m) * s * g + b;
-                        *y = if self.relu && z < E::zero() {
-                            E::zero()
-                        } else {
-                            z
-                        };
-                    }
-                }
-            });
+            .for_each(|(y_block, x_block)| forward_rows(y_block, x_block, k, self.relu));
         y
     }
 
     /// Adds ∂x into `g_x`; returns (∂γ, ∂β). dz = dy, or dy·[z > 0] with ReLU (its derivative
-    /// is 0 at a NaN too); x̂ and z as in [`CpuBatchNorm::forward`], loops zipped likewise.
+    /// is 0 at a NaN too); x̂ and z as in [`CpuBatchNorm::forward`].
     fn backward(&self, dy: &[E], g_x: &mut [E]) -> (Vec<E>, Vec<E>) {
         use rayon::prelude::*;
         let (c, block) = (self.channels, self.rows_per_block * self.channels);
-        let relu = self.relu;
-        let (mean, inv_std, gamma, beta) = (
-            &self.mean[..c],
-            &self.inv_std[..c],
-            &self.gamma[..c],
-            &self.beta[..c],
-        );
+        let (k, relu) = (self.channels(), self.relu);
         // ∂β and ∂γ in one pass per block: [Σ dz | Σ dz·x̂] in f64, blocks added in order.
         let partials: Vec<Vec<f64>> = dy
             .par_chunks(block)
             .zip(self.x.par_chunks(block))
             .map(|(dy_block, x_block)| {
                 let mut acc = vec![0.0f64; 2 * c];
-                let (acc_beta, acc_gamma) = acc.split_at_mut(c);
-                for (dy_row, x_row) in dy_block.chunks_exact(c).zip(x_block.chunks_exact(c)) {
-                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
-                    let sums = acc_beta.iter_mut().zip(acc_gamma.iter_mut());
-                    for (((ab, ag), &dy), ((((&x, &m), &s), &g), &b)) in
-                        sums.zip(dy_row).zip(channels)
-                    {
-                        let x_hat = (x - m) * s;
-                        let z = x_hat * g + b;
-                        let d = to_f64(if !relu || z > E::zero() {
-                            dy
-                        } else {
-                            E::zero()
-                        });
-                        *ab += d;
-                        *ag += d * to_f64(x_hat);
-                    }
-                }
+                grad_sum_rows(dy_block, x_block, k, relu, &mut acc);
                 acc
             })
             .collect();
@@ -204,31 +290,12 @@ impl<E: Float> CpuBatchNorm<E> {
         let scale: Vec<E> = (0..c)
             .map(|ch| self.gamma[ch] * self.inv_std[ch] / rows)
             .collect();
-        let (d_beta_c, d_gamma_c, scale_c) = (&d_beta[..c], &d_gamma[..c], &scale[..c]);
+        let per_grad = (&d_beta[..c], &d_gamma[..c], &scale[..c]);
         g_x.par_chunks_mut(block)
             .zip(dy.par_chunks(block))
             .zip(self.x.par_chunks(block))
             .for_each(|((gx_block, dy_block), x_block)| {
-                for ((gx_row, dy_row), x_row) in gx_block
-                    .chunks_exact_mut(c)
-                    .zip(dy_block.chunks_exact(c))
-                    .zip(x_block.chunks_exact(c))
-                {
-                    let channels = x_row.iter().zip(mean).zip(inv_std).zip(gamma).zip(beta);
-                    let grads = d_beta_c.iter().zip(d_gamma_c).zip(scale_c);
-                    for (((gx, &dy), ((((&x, &m), &s), &g), &b)), ((&db, &dg), &sc)) in
-                        gx_row.iter_mut().zip(dy_row).zip(channels).zip(grads)
-                    {
-                        let x_hat = (x - m) * s;
-                        let z = x_hat * g + b;
-                        let dz = if !relu || z > E::zero() {
-                            dy
-                        } else {
-                            E::zero()
-                        };
-                        *gx += sc * (rows * dz - db - x_hat * dg);
-                    }
-                }
+                dx_rows(gx_block, (dy_block, x_block), k, per_grad, (rows, relu))
             });
         (d_gamma, d_beta)
     }
@@ -264,17 +331,12 @@ where
         let mut tape = tape.merge(tape_g).merge(tape_b);
         let values = crate::cpu_values(&x);
         let rows_per_block = r.div_ceil(CPU_BLOCKS).max(1);
-        let sums = channel_sums(&values, c, c, rows_per_block, |_, row, acc| {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += to_f64(v);
-            }
+        let sums = block_sums(&values, c, c, rows_per_block, |rows, acc| {
+            sum_rows(rows, acc)
         });
         let mean: Vec<f64> = sums.iter().map(|s| s / r as f64).collect();
-        let squares = channel_sums(&values, c, c, rows_per_block, |_, row, acc| {
-            for ((a, &v), m) in acc.iter_mut().zip(row).zip(&mean) {
-                let d = to_f64(v) - m;
-                *a += d * d;
-            }
+        let squares = block_sums(&values, c, c, rows_per_block, |rows, acc| {
+            square_rows(rows, &mean, acc)
         });
         let var: Vec<E> = squares.iter().map(|s| from_f64(s / r as f64)).collect();
         let op = CpuBatchNorm {

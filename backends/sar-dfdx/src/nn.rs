@@ -562,6 +562,18 @@ fn traced<D: SarDevice<f32>>(loss: DfdxLoss<f32, D>) -> Result<Traced<f32, D>> {
         .ok_or_else(|| SarDfdxError::Device("the loss's tape was consumed".into()))
 }
 
+/// A trained variable's values and its gradient on the host, what the optimisers update; a
+/// variable the loss did not reach gets a zero gradient.
+fn values_and_gradient<D: SarDevice<f32>>(
+    params: &Params<D>,
+    grads: &mut Gradients<f32, D>,
+    name: &str,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let w = params.get(name)?;
+    grads.try_alloc_for(w).map_err(dev_err)?;
+    Ok((w.as_vec(), grads.get(w).as_vec()))
+}
+
 /// PyTorch's SGD (dampening 0): g ← ∇w + wd·w; b ← g on the first step, else μ·b + g;
 /// d ← g + μ·b (Nesterov) or b; w ← w − lr·d, applied by [`sar_math::sgd::sgd_step`] (the one
 /// definition of the rule) over the host values. Momentum buffers by variable name, on the
@@ -614,10 +626,7 @@ impl<D: SarDevice<f32>> Sgd<D> {
                 weight_decay,
                 nesterov: self.nesterov,
             };
-            let w = params.get(&name)?.clone();
-            grads.try_alloc_for(&w).map_err(dev_err)?;
-            let grad = grads.get(&w).as_vec();
-            let mut values = w.as_vec();
+            let (mut values, grad) = values_and_gradient(params, grads, &name)?;
             let fresh = !self.buffers.contains_key(&name);
             let mut b = match self.buffers.remove(&name) {
                 Some(b) => b.as_vec(),
@@ -716,10 +725,7 @@ impl<D: SarDevice<f32>> AdamW<D> {
                 eps: self.eps,
                 weight_decay,
             };
-            let w = params.get(&name)?.clone();
-            grads.try_alloc_for(&w).map_err(dev_err)?;
-            let grad = grads.get(&w).as_vec();
-            let mut values = w.as_vec();
+            let (mut values, grad) = values_and_gradient(params, grads, &name)?;
             let n = values.len();
             let (mut m, mut v, steps) = match self.state.remove(&name) {
                 Some((m, v, t)) => (m.as_vec(), v.as_vec(), t),

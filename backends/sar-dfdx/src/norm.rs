@@ -114,6 +114,32 @@ struct Channels<'a, E> {
     beta: &'a [E],
 }
 
+impl<'a, E: Float> Channels<'a, E> {
+    /// Per channel of `x_row`: (x̂, z) with x̂ = (x − μ)·(1/σ) and z = x̂·γ + β, rounded in
+    /// that order.
+    #[inline(always)]
+    fn normed(self, x_row: &'a [E]) -> impl Iterator<Item = (E, E)> + 'a {
+        let channels = x_row.iter().zip(self.mean).zip(self.inv_std);
+        channels
+            .zip(self.gamma)
+            .zip(self.beta)
+            .map(|((((&x, &m), &s), &g), &b)| {
+                let x_hat = (x - m) * s;
+                (x_hat, x_hat * g + b)
+            })
+    }
+}
+
+/// dz = dy, or dy·[z > 0] with a fused ReLU (its derivative is 0 at a NaN too).
+#[inline(always)]
+fn relu_grad<E: Float>(relu: bool, z: E, dy: E) -> E {
+    if !relu || z > E::zero() {
+        dy
+    } else {
+        E::zero()
+    }
+}
+
 // The row kernels below are compiled twice, for baseline x86-64 and for AVX2 + FMA, and the
 // second runs where the CPU has it (`multiversion`): built for baseline x86-64 their loops
 // stayed scalar SSE2 (docs/results/profile-dfdx-resnet32-2026-12-07.txt). Every element's
@@ -145,14 +171,7 @@ fn square_rows<E: Float>(rows: &[E], mean: &[f64], acc: &mut [f64]) {
 fn forward_rows<E: Float>(y: &mut [E], x: &[E], k: Channels<'_, E>, relu: bool) {
     let c = k.mean.len();
     for (y_row, x_row) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        let channels = x_row
-            .iter()
-            .zip(k.mean)
-            .zip(k.inv_std)
-            .zip(k.gamma)
-            .zip(k.beta);
-        for (y, ((((&x, &m), &s), &g), &b)) in y_row.iter_mut().zip(channels) {
-            let z = (x - m) * s * g + b;
+        for (y, (_, z)) in y_row.iter_mut().zip(k.normed(x_row)) {
             *y = if relu && z < E::zero() { E::zero() } else { z };
         }
     }
@@ -164,21 +183,9 @@ fn grad_sum_rows<E: Float>(dy: &[E], x: &[E], k: Channels<'_, E>, relu: bool, ac
     let c = k.mean.len();
     let (acc_beta, acc_gamma) = acc.split_at_mut(c);
     for (dy_row, x_row) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
-        let channels = x_row
-            .iter()
-            .zip(k.mean)
-            .zip(k.inv_std)
-            .zip(k.gamma)
-            .zip(k.beta);
         let sums = acc_beta.iter_mut().zip(acc_gamma.iter_mut());
-        for (((ab, ag), &dy), ((((&x, &m), &s), &g), &b)) in sums.zip(dy_row).zip(channels) {
-            let x_hat = (x - m) * s;
-            let z = x_hat * g + b;
-            let d = to_f64(if !relu || z > E::zero() {
-                dy
-            } else {
-                E::zero()
-            });
+        for (((ab, ag), &dy), (x_hat, z)) in sums.zip(dy_row).zip(k.normed(x_row)) {
+            let d = to_f64(relu_grad(relu, z, dy));
             *ab += d;
             *ag += d * to_f64(x_hat);
         }
@@ -202,24 +209,14 @@ fn dx_rows<E: Float>(
         .zip(dy.chunks_exact(c))
         .zip(x.chunks_exact(c))
     {
-        let channels = x_row
-            .iter()
-            .zip(k.mean)
-            .zip(k.inv_std)
-            .zip(k.gamma)
-            .zip(k.beta);
         let grads = d_beta.iter().zip(d_gamma).zip(scale);
-        for (((gx, &dy), ((((&x, &m), &s), &g), &b)), ((&db, &dg), &sc)) in
-            gx_row.iter_mut().zip(dy_row).zip(channels).zip(grads)
+        for (((gx, &dy), (x_hat, z)), ((&db, &dg), &sc)) in gx_row
+            .iter_mut()
+            .zip(dy_row)
+            .zip(k.normed(x_row))
+            .zip(grads)
         {
-            let x_hat = (x - m) * s;
-            let z = x_hat * g + b;
-            let dz = if !relu || z > E::zero() {
-                dy
-            } else {
-                E::zero()
-            };
-            *gx += sc * (rows * dz - db - x_hat * dg);
+            *gx += sc * (rows * relu_grad(relu, z, dy) - db - x_hat * dg);
         }
     }
 }

@@ -441,14 +441,7 @@ impl AdamW {
                         v[i] = Some(x);
                     }
                 }
-                "step" => {
-                    let c: Vec<f64> = tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-                    anyhow::ensure!(
-                        c.len() == 1 && c[0] >= 1.0 && c[0].fract() == 0.0 && c[0] < 2f64.powi(53),
-                        "AdamW state {name} must hold one whole step count ≥ 1, got {c:?}"
-                    );
-                    t[i] = Some(c[0] as u64);
-                }
+                "step" => t[i] = Some(adamw_step_count(&name, &tensor)?),
                 _ => anyhow::bail!("unknown AdamW state `{name}` (exp_avg, exp_avg_sq, step)"),
             }
         }
@@ -474,6 +467,17 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// An AdamW step count as checkpoints hold it (one f64 element): a whole number ≥ 1 and
+/// below 2⁵³, else an error naming `name`.
+pub(crate) fn adamw_step_count(name: &str, tensor: &Tensor) -> anyhow::Result<u64> {
+    let c: Vec<f64> = tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    anyhow::ensure!(
+        c.len() == 1 && c[0] >= 1.0 && c[0].fract() == 0.0 && c[0] < 2f64.powi(53),
+        "AdamW state {name} must hold one whole step count ≥ 1, got {c:?}"
+    );
+    Ok(c[0] as u64)
 }
 
 /// The error for an AdamW chunk without exactly its two moment chunks (cannot happen:

@@ -659,21 +659,22 @@ pub fn run_resnet18(
     backend: Option<BackendKind>,
 ) -> anyhow::Result<Vec<BenchRow>> {
     use crate::trainees::dfdx::cls_step_runner as dfdx_runner;
-    let step = Rc::new(ClsStep::resnet18_cub(batch));
-    let s = [0, 1, 2, 3].map(|_| Rc::clone(&step));
-    let [s0, s1, s2, s3] = s;
+    // ClsStep is a description (config, shape, seed): each runner builds the same one.
+    let step = move || ClsStep::resnet18_cub(batch);
     let (runners, names) = variants(
         backend,
         vec![
-            candle("ResNet-18 224² step", move || cls_step_runner(&s0, false)),
+            candle("ResNet-18 224² step", move || {
+                cls_step_runner(&step(), false)
+            }),
             candle("ResNet-18 224² step + SAR", move || {
-                cls_step_runner(&s1, true)
+                cls_step_runner(&step(), true)
             }),
             dfdx("dfdx: ResNet-18 224² step", move || {
-                dfdx_runner(&s2, false)
+                dfdx_runner(&step(), false)
             }),
             dfdx("dfdx: ResNet-18 224² step + SAR", move || {
-                dfdx_runner(&s3, true)
+                dfdx_runner(&step(), true)
             }),
         ],
     )?;

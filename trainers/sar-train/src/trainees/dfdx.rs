@@ -72,18 +72,8 @@ fn adamw_state(
                 .with_context(|| format!("the checkpoint has {name} but not optim.{kind}.{var}"))
         };
         let v = to_host(get("exp_avg_sq")?)?.1;
-        let steps: Vec<f64> = get("step")?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        anyhow::ensure!(
-            steps.len() == 1
-                && steps[0] >= 1.0
-                && steps[0].fract() == 0.0
-                && steps[0] < 2f64.powi(53),
-            "optim.step.{var} must hold one whole step count ≥ 1, got {steps:?}"
-        );
-        out.push((var.to_string(), to_host(t)?.1, v, steps[0] as u64));
+        let steps = crate::optim::adamw_step_count(&format!("optim.step.{var}"), get("step")?)?;
+        out.push((var.to_string(), to_host(t)?.1, v, steps));
     }
     for name in tensors.keys() {
         for kind in ["exp_avg_sq", "step"] {

@@ -1,7 +1,7 @@
 //! Training on dfdx (`run.backend = "dfdx"`, `sar train --backend dfdx`): classification with
 //! the small CNNs, ResNet-32 and torchvision's ResNet-18/50 with either stem (CUB-200 with
 //! ImageNet weights included), and segmentation with FCN or DeepLabV3 (ASPP) on the dilated
-//! ResNet V1c and FCN on HRNetV2.
+//! ResNet V1c and FCN or OCRNet on HRNetV2.
 //!
 //! The same run as on candle, step for step: the batch comes from the candle task's renderer
 //! (augmentation, MixUp, fault injection), the weights start from the same seeded initialisers
@@ -13,8 +13,9 @@
 //! (anchor embedding, L_aux through the shared classifier, gate, EMA, L_p2a on the feature
 //! rows with labels resampled by PyTorch's legacy `nearest`), backward on dfdx's tape, SGD or
 //! AdamW with candle's parameter groups (`optim.custom_keys`, each group's schedule from its
-//! own initial rate) and optimiser state names, and evaluation (segmentation through [`DfdxSegmenter`], so the shared whole / sliding-window
-//! inference and metrics run the dfdx network). Checkpoints hold the same tensor names and
+//! own initial rate) and optimiser state names, and evaluation (segmentation through
+//! [`DfdxSegmenter`], so the shared whole / sliding-window inference and metrics run the dfdx
+//! network). Checkpoints hold the same tensor names and
 //! layouts as candle's, so either backend resumes or evaluates the other's. Plots use the
 //! candle model with the dfdx weights copied in.
 

@@ -35,7 +35,10 @@ use sar_dfdx::nn::{linear, Params, Rows};
 use sar_dfdx::{ConvOut, Float, Result, SarDevice, SarDfdxError};
 use sar_math::batch_norm::{EPS as BN_EPS, MOMENTUM as BN_MOMENTUM};
 
+pub mod mit;
 pub mod seg;
+pub mod swin;
+pub mod transformer;
 
 fn shape_err<T>(msg: String) -> Result<T> {
     Err(SarDfdxError::Shape(msg))

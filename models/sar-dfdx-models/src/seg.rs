@@ -65,6 +65,32 @@ pub enum SegHead {
         /// The head's width (`sar-models`' `SegSpec::width`).
         width: usize,
     },
+    /// SegFormer's all-MLP head on a Mix Transformer ([`crate::mit`]).
+    SegFormer,
+    /// UPerNet (pyramid pooling + FPN) on a Swin Transformer ([`crate::swin`]).
+    Uper,
+}
+
+/// Which Swin Transformer (see [`crate::swin`] for E, depths and heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwinVariant {
+    /// Swin-T.
+    Tiny,
+    /// Swin-S.
+    Small,
+    /// Swin-B.
+    Base,
+    /// Swin-L.
+    Large,
+}
+
+/// Stochastic depth in training: the largest rate (block k of K drops its residual branches
+/// per sample with probability `rate·k/(K − 1)`) and the generator its masks come from.
+pub struct DropPath<'r> {
+    /// The largest rate (mmsegmentation: 0.1 for MiT, 0.3 for Swin).
+    pub rate: f64,
+    /// The masks' generator (the trainer's, drawn before the dropout masks).
+    pub rng: &'r mut sar_math::rng::SeededRng,
 }
 
 /// The backbone.
@@ -74,6 +100,17 @@ pub enum SegBackbone {
     ResNetV1c(V1cDepth),
     /// HRNetV2 (output stride 4); [`SegNet::width`] is its W (18, 48).
     HrNetV2,
+    /// Mix Transformer B0 … B5 by number (output stride 4, SegFormer's head);
+    /// [`SegNet::width`] scales its E by width/64.
+    Mit(u8),
+    /// Swin Transformer with attention window M (output stride 4, UPerNet's head);
+    /// [`SegNet::width`] scales its E by width/64.
+    Swin {
+        /// Which Swin.
+        variant: SwinVariant,
+        /// The window M.
+        window: usize,
+    },
 }
 
 /// A segmentation network (see the module docs).
@@ -95,8 +132,11 @@ pub struct SegOut<E: Float, D: SarDevice<E>, T> {
     pub main: Rows<D, T, E>,
     /// The auxiliary head's features `[N·h·w, C₃/4]` (training mode, with an auxiliary head).
     pub aux: Option<Rows<D, T, E>>,
-    /// The features' (h, w): the input's / 8, rounded up per strided layer.
+    /// The features' (h, w): the input's / 8 (HRNet and the transformers: / 4), rounded up
+    /// per strided layer.
     pub hw: (usize, usize),
+    /// The auxiliary features' (h, w): `hw`, except UPerNet's (Swin's stage 2, stride 16).
+    pub aux_hw: (usize, usize),
 }
 
 fn config_err<T>(msg: String) -> Result<T> {
@@ -118,7 +158,7 @@ impl SegNet {
                     SegHead::Fcn => !aux,
                     // OCRNet's FCN head (the soft regions) is its auxiliary head.
                     SegHead::Ocr { width: w } => aux && w > 0,
-                    SegHead::Aspp => false,
+                    SegHead::Aspp | SegHead::SegFormer | SegHead::Uper => false,
                 };
                 if !ok || width == 0 {
                     return config_err(format!(
@@ -129,7 +169,35 @@ impl SegNet {
             SegBackbone::ResNetV1c(_) if matches!(head, SegHead::Ocr { .. }) => {
                 return config_err("OCRNet's heads take HRNetV2's branches, not a ResNet".into());
             }
+            SegBackbone::Mit(b) => {
+                let channels = if b <= 1 { 256 } else { 768 };
+                if head != SegHead::SegFormer
+                    || aux
+                    || b > 5
+                    || width < 4
+                    || !width.is_multiple_of(4)
+                    || !(width * channels).is_multiple_of(64)
+                {
+                    return config_err(format!(
+                        "MiT-B0 … B5 take SegFormer's head without an auxiliary head at a width that is a multiple of 4 (got B{b}, {head:?}, aux {aux}, width {width})"
+                    ));
+                }
+            }
+            SegBackbone::Swin { window, .. } => {
+                if head != SegHead::Uper || window == 0 || width < 4 || !width.is_multiple_of(4) {
+                    return config_err(format!(
+                        "a Swin takes UPerNet's head with a window ≥ 1 at a width that is a multiple of 4 (got {head:?}, window {window}, width {width})"
+                    ));
+                }
+            }
             _ => {}
+        }
+        if matches!(backbone, SegBackbone::ResNetV1c(_) | SegBackbone::HrNetV2)
+            && matches!(head, SegHead::SegFormer | SegHead::Uper)
+        {
+            return config_err(format!(
+                "the {head:?} head takes a transformer backbone (SegFormer: MiT, UPerNet: Swin), not {backbone:?}"
+            ));
         }
         Ok(SegNet {
             backbone,
@@ -145,7 +213,7 @@ impl SegNet {
             SegBackbone::ResNetV1c(V1cDepth::R18) => Some(([2, 2, 2, 2], 1)),
             SegBackbone::ResNetV1c(V1cDepth::R50) => Some(([3, 4, 6, 3], 4)),
             SegBackbone::ResNetV1c(V1cDepth::R101) => Some(([3, 4, 23, 3], 4)),
-            SegBackbone::HrNetV2 => None,
+            _ => None,
         }
     }
 
@@ -159,6 +227,8 @@ impl SegNet {
     pub fn feature_dim(&self) -> usize {
         match (self.backbone, self.head) {
             (_, SegHead::Ocr { width }) => OCR_CHANNELS * width / 64,
+            (SegBackbone::Mit(b), _) => crate::mit::head_channels(b, self.width),
+            (SegBackbone::Swin { .. }, _) => crate::swin::UPER_CHANNELS * self.width / 64,
             (SegBackbone::HrNetV2, _) => 15 * self.width,
             (SegBackbone::ResNetV1c(_), _) => self.stage_width(3) / 4,
         }
@@ -168,6 +238,8 @@ impl SegNet {
     pub fn aux_dim(&self) -> usize {
         match self.head {
             SegHead::Ocr { .. } => 15 * self.width,
+            SegHead::Uper => crate::swin::UPER_AUX_CHANNELS * self.width / 64,
+            SegHead::SegFormer => 0,
             _ => self.stage_width(2) / 4,
         }
     }
@@ -184,18 +256,57 @@ impl SegNet {
     }
 
     /// Decode (and, in training mode with an auxiliary head, auxiliary) features of images
-    /// given as NHWC rows `[N·H·W, C]`.
+    /// given as NHWC rows `[N·H·W, C]`, without stochastic depth.
     pub fn features<E, D, T>(
         &self,
         f: &mut Forward<D, E>,
         x: Rows<D, T, E>,
-        (n, h, w): (usize, usize, usize),
+        size: (usize, usize, usize),
     ) -> Result<SegOut<E, D, T>>
     where
         E: Float + num_traits::float::FloatCore,
         D: SarDevice<E>,
         T: Tape<E, D>,
     {
+        self.features_with_noise(f, x, size, None)
+    }
+
+    /// [`SegNet::features`] with the transformers' stochastic depth in training mode
+    /// (`drop`; the other networks have no random layers and ignore it).
+    pub fn features_with_noise<E, D, T>(
+        &self,
+        f: &mut Forward<D, E>,
+        x: Rows<D, T, E>,
+        (n, h, w): (usize, usize, usize),
+        drop: Option<DropPath<'_>>,
+    ) -> Result<SegOut<E, D, T>>
+    where
+        E: Float + num_traits::float::FloatCore,
+        D: SarDevice<E>,
+        T: Tape<E, D>,
+    {
+        let drop = if f.train { drop } else { None };
+        match self.backbone {
+            SegBackbone::Mit(b) => {
+                let (main, hw) = crate::mit::segformer(f, x, (n, h, w), b, self.width, drop)?;
+                return Ok(SegOut {
+                    main,
+                    aux: None,
+                    hw,
+                    aux_hw: hw,
+                });
+            }
+            SegBackbone::Swin { variant, window } => {
+                return crate::swin::upernet(
+                    f,
+                    x,
+                    (n, h, w),
+                    (variant, window, self.width, self.aux),
+                    drop,
+                );
+            }
+            _ => {}
+        }
         if self.backbone == SegBackbone::HrNetV2 {
             let (branches, sizes) = hrnet(f, x, (n, h, w), self.width)?;
             let cat = concat_branches(branches, &sizes, n)?;
@@ -206,6 +317,7 @@ impl SegNet {
                     main,
                     aux: f.train.then_some(fcn),
                     hw: sizes[0],
+                    aux_hw: sizes[0],
                 });
             }
             let main = conv_bn(f, cat, "decode_head.convs.0", (n, fh, fw), (0, 1))?.0;
@@ -213,6 +325,7 @@ impl SegNet {
                 main,
                 aux: None,
                 hw: sizes[0],
+                aux_hw: sizes[0],
             });
         }
         let (stage3, hw3, stage4, hw4) = self.resnet_backbone(f, x, (n, h, w))?;
@@ -232,7 +345,12 @@ impl SegNet {
             SegHead::Aspp => self.aspp(f, stage4, (n, hw4.0, hw4.1))?,
             _ => self.fcn(f, stage4, (n, hw4.0, hw4.1))?,
         };
-        Ok(SegOut { main, aux, hw: hw4 })
+        Ok(SegOut {
+            main,
+            aux,
+            hw: hw4,
+            aux_hw: hw3,
+        })
     }
 
     /// Logits `[M, K]` of feature rows: `decode_head.conv_seg`, or `auxiliary_head.conv_seg`
@@ -357,7 +475,7 @@ fn conv_bn_plain<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
 }
 
 /// Joins the tapes of `others` (copies of which the graph used with empty tapes) into `x`'s.
-fn join_tapes<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+pub(crate) fn join_tapes<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     x: Rows<D, T, E>,
     others: Vec<Rows<D, T, E>>,
 ) -> Rows<D, T, E> {
@@ -623,7 +741,7 @@ where
 
 /// mmcv's ConvModule `{name}.conv` (no bias) → `{name}.bn` → ReLU, stride 1, with `(padding,
 /// dilation)`.
-fn conv_bn<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+pub(crate) fn conv_bn<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     f: &mut Forward<D, E>,
     x: Rows<D, T, E>,
     name: &str,

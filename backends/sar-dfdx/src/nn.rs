@@ -26,7 +26,7 @@ use sar_math::adamw::{adamw_step, AdamWConfig};
 use sar_math::backend::{car_step, prototype_step, BackendSarState, Mixup, SarBackend};
 use sar_math::sgd::{sgd_step, SgdConfig};
 use sar_math::{RegularizerKind, SarConfig};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Rows `[R, C]` of element type `E` (f32 unless named) on device `D` with tape `T`.
 pub type Rows<D, T, E = f32> = Tensor<(usize, usize), E, D, T>;
@@ -49,6 +49,8 @@ where
 {
     values: BTreeMap<String, Tensor<(usize,), E, D>>,
     shapes: BTreeMap<String, Vec<usize>>,
+    /// Variables kept as they are (a second stage's frozen model): no gradient, no update.
+    frozen: BTreeSet<String>,
     device: D,
 }
 
@@ -61,6 +63,7 @@ impl<E: Float, D: SarDevice<E>> Params<D, E> {
         let mut p = Params {
             values: BTreeMap::new(),
             shapes: BTreeMap::new(),
+            frozen: BTreeSet::new(),
             device: device.clone(),
         };
         for (name, shape, v) in entries {
@@ -127,13 +130,25 @@ impl<E: Float, D: SarDevice<E>> Params<D, E> {
             .collect()
     }
 
-    /// Names of the trained variables (not running statistics), sorted.
+    /// Names of the trained variables (not running statistics, not frozen), sorted.
     pub fn trainable(&self) -> Vec<String> {
         self.values
             .keys()
-            .filter(|n| !is_running_stat(n))
+            .filter(|n| !is_running_stat(n) && !self.frozen.contains(*n))
             .cloned()
             .collect()
+    }
+
+    /// Freezes every variable for which `train` is false (a second stage trains a few): the
+    /// optimisers leave them as they are and [`Params::alloc_grads`] allocates no gradient
+    /// for them. Running statistics stay what BatchNorm makes of them.
+    pub fn freeze_unless(&mut self, train: impl Fn(&str) -> bool) {
+        self.frozen = self
+            .values
+            .keys()
+            .filter(|n| !is_running_stat(n) && !train(n))
+            .cloned()
+            .collect();
     }
 
     /// `name` with an empty tape of type `T` (its gradient accumulates under its id).

@@ -17,6 +17,7 @@ pub fn head_channels(b: u8, width: usize) -> usize {
 /// SegFormer on MiT-B`b` at `width` (E scaled by width/64) over NHWC rows of `(n, h, w)`
 /// images: the decode head's features F `[N·h₄·w₄, D]` (before dropout and `conv_seg`) and
 /// (h₄, w₄), the stage-0 grid (stride 4).
+#[allow(clippy::type_complexity)]
 pub fn segformer<E, D, T>(
     f: &mut Forward<D, E>,
     x: Rows<D, T, E>,

@@ -183,12 +183,15 @@ impl SegNet {
                     ));
                 }
             }
-            SegBackbone::Swin { window, .. } => {
-                if head != SegHead::Uper || window == 0 || width < 4 || !width.is_multiple_of(4) {
-                    return config_err(format!(
-                        "a Swin takes UPerNet's head with a window ≥ 1 at a width that is a multiple of 4 (got {head:?}, window {window}, width {width})"
-                    ));
-                }
+            SegBackbone::Swin { window, .. }
+                if head != SegHead::Uper
+                    || window == 0
+                    || width < 4
+                    || !width.is_multiple_of(4) =>
+            {
+                return config_err(format!(
+                    "a Swin takes UPerNet's head with a window ≥ 1 at a width that is a multiple of 4 (got {head:?}, window {window}, width {width})"
+                ));
             }
             _ => {}
         }
@@ -828,6 +831,36 @@ pub fn seg_cross_entropy<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
     labels: &[u8],
     ignore: u8,
 ) -> Result<Tensor<Rank0, E, D, T>> {
+    pixel_nll(logits, labels, ignore, |_| E::one())
+}
+
+/// [`seg_cross_entropy`] with class weights w `[K]` as mmsegmentation reduces it (DisAlign's
+/// generalized re-weighting): Σ over labelled pixels of w_label·(−log softmax(z)_label),
+/// divided by all M pixels.
+pub fn seg_weighted_cross_entropy<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    logits: Rows<D, T, E>,
+    labels: &[u8],
+    ignore: u8,
+    weights: &[E],
+) -> Result<Tensor<Rank0, E, D, T>> {
+    let k = logits.shape().1;
+    if weights.len() != k {
+        return config_err(format!(
+            "segmentation cross-entropy: {} class weights for K = {k}",
+            weights.len()
+        ));
+    }
+    pixel_nll(logits, labels, ignore, |l| weights[l as usize])
+}
+
+/// Σ over labelled pixels of `weight(label)`·(−log softmax(z)_label) / M (see
+/// [`seg_cross_entropy`]).
+fn pixel_nll<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
+    logits: Rows<D, T, E>,
+    labels: &[u8],
+    ignore: u8,
+    weight: impl Fn(u8) -> E,
+) -> Result<Tensor<Rank0, E, D, T>> {
     let (m, k) = *logits.shape();
     if labels.len() != m || m == 0 {
         return config_err(format!(
@@ -848,7 +881,7 @@ pub fn seg_cross_entropy<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         .collect();
     let keep: Vec<E> = labels
         .iter()
-        .map(|&l| if l == ignore { E::zero() } else { E::one() })
+        .map(|&l| if l == ignore { E::zero() } else { weight(l) })
         .collect();
     let picked: Tensor<(usize,), E, D, T> = logits
         .log_softmax::<Axis<1>>()

@@ -214,6 +214,23 @@ pub(crate) struct Mislas {
     shift_bn: bool,
 }
 
+/// A second stage's settings on the host, for a backend that runs the stage itself (dfdx):
+/// what [`ClsTask`] and [`crate::seg::SegTask`] computed from the config and the class counts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StageTwo {
+    /// MiSLAS (classification): ε per class `[C]`, whether `stage.lws_scale` scales the
+    /// logits, whether the frozen extractor's BatchNorm normalises by the batch.
+    Mislas {
+        epsilon: Vec<f32>,
+        lws: bool,
+        shift_bn: bool,
+    },
+    /// DisAlign on a classifier: the class weights w `[C]`, BatchNorm shifting.
+    DisAlign { weights: Vec<f32>, shift_bn: bool },
+    /// DisAlign on a segmenter: the class weights w `[K]`, BatchNorm shifting.
+    SegDisAlign { weights: Vec<f32>, shift_bn: bool },
+}
+
 /// The name of MiSLAS's learnable weight scaling in the varmap and checkpoints.
 pub const LWS_SCALE: &str = "stage.lws_scale";
 
@@ -466,6 +483,25 @@ impl ClsTask {
             disalign,
             dump: None,
             dump_plan: false,
+        })
+    }
+
+    /// The second stage this task runs, if any, on the host.
+    pub(crate) fn stage_two(&self) -> anyhow::Result<Option<StageTwo>> {
+        let host = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        Ok(match (&self.mislas, &self.disalign) {
+            (Some(m), _) => Some(StageTwo::Mislas {
+                epsilon: host(&m.epsilon)?,
+                lws: m.lws.is_some(),
+                shift_bn: m.shift_bn,
+            }),
+            (None, Some(d)) => Some(StageTwo::DisAlign {
+                weights: host(&d.weights)?,
+                shift_bn: d.shift_bn,
+            }),
+            (None, None) => None,
         })
     }
 

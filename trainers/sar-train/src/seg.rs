@@ -447,6 +447,16 @@ impl SegTask {
         })
     }
 
+    /// The second stage this task runs (DisAlign), if any, on the host.
+    pub(crate) fn stage_two(&self) -> Option<crate::cls::StageTwo> {
+        self.disalign
+            .as_ref()
+            .map(|d| crate::cls::StageTwo::SegDisAlign {
+                weights: d.weights.clone(),
+                shift_bn: self.cfg.stage.shift_bn,
+            })
+    }
+
     /// The network as it predicts (through the DisAlign head in a DisAlign run).
     pub fn model(&self) -> Box<dyn Segmenter + '_> {
         match &self.disalign {

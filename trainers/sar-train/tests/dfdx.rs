@@ -1,5 +1,6 @@
-//! `run.backend = "dfdx"`: the classification trainer on dfdx against the same run on candle,
-//! exact resume, checkpoints shared between the backends, and what dfdx refuses.
+//! `run.backend = "dfdx"`: the trainer on dfdx against the same run on candle (classification,
+//! every segmentation network, the second stages), exact resume, and checkpoints shared
+//! between the backends.
 
 use sar_train::checkpoint;
 use sar_train::config::{parse, BackendKind, TrainConfig};
@@ -204,13 +205,134 @@ fn dfdx_resnet32_steps_and_nan_steps_are_skipped() {
     assert_eq!(r.model_cost.params, 463_866);
 }
 
+/// The tensors of a run folder's newest checkpoint by name.
+fn newest(out: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let ck = checkpoint::latest(&out.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    tensors(&ck).into_iter().collect()
+}
+
+/// Names whose values differ between two checkpoints (or that only `after` has), optimiser
+/// state and BatchNorm statistics aside.
+fn learned(
+    before: &std::collections::BTreeMap<String, Vec<f32>>,
+    after: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> Vec<String> {
+    let stat = |n: &str| n.ends_with("running_mean") || n.ends_with("running_var");
+    after
+        .iter()
+        .filter(|(n, _)| !n.starts_with("optim.") && !stat(n))
+        .filter(|(n, v)| before.get(*n) != Some(*v))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Both losses per step agree within `tol` (relative to 1 + |candle's|).
+fn same_losses(what: &str, dfdx: &[f64], candle: &[f64], tol: f64) {
+    assert_eq!(dfdx.len(), candle.len(), "{what}: logged steps");
+    for (step, (&d, &c)) in dfdx.iter().zip(candle).enumerate() {
+        assert!(
+            (d - c).abs() < tol * (1.0 + c.abs()),
+            "{what} step {step}: loss dfdx {d} vs candle {c}"
+        );
+    }
+}
+
+/// The second stages on dfdx from a candle first stage: MiSLAS (classifier, LWS scale and
+/// shifted BatchNorm statistics) and DisAlign (its calibration only) take candle's losses
+/// step for step, learn exactly what candle's learn, evaluate through the stage's logits to
+/// candle's accuracy, and an interrupted dfdx second stage resumes to the same bits.
 #[test]
-fn dfdx_refuses_what_it_does_not_run() {
+fn dfdx_runs_the_second_stages_like_candle() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config(dir.path(), &[]).to_toml();
-    let e = parse(&text, &["stage.init_from=\"x\"".to_string()]).unwrap_err();
-    let e = format!("{e:#}");
-    assert!(e.contains("dfdx") && e.contains("second stage"), "{e}");
+    let first = dir.path().join("s1");
+    train(
+        &config(&first, &["run.backend=\"candle\"", "train.epochs=1"]),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let before = newest(&first);
+    let init = format!("stage.init_from={:?}", first.display().to_string());
+    let mislas = [
+        "sar.enabled=false",
+        "stage.kind=\"mislas\"",
+        &init,
+        "train.sampler=\"class-balanced\"",
+        "train.samples_per_class=4",
+        "optim.schedule=\"cosine-epoch\"",
+        "optim.nesterov=false",
+        "train.epochs=1",
+    ];
+    let disalign = [
+        "sar.enabled=false",
+        "stage.kind=\"disalign\"",
+        &init,
+        "stage.grw_rho=1.0",
+        "train.epochs=1",
+    ];
+    for (name, extra, want) in [
+        (
+            "mislas",
+            &mislas[..],
+            vec!["fc.bias", "fc.weight", "stage.lws_scale"],
+        ),
+        (
+            "disalign",
+            &disalign[..],
+            vec![
+                "stage.disalign.bias",
+                "stage.disalign.gate.bias",
+                "stage.disalign.gate.weight",
+                "stage.disalign.scale",
+            ],
+        ),
+    ] {
+        let mut runs = Vec::new();
+        for backend in ["dfdx", "candle"] {
+            let out = dir.path().join(format!("{name}-{backend}"));
+            let mut over = extra.to_vec();
+            let b = format!("run.backend=\"{backend}\"");
+            over.push(&b);
+            let r = train(&config(&out, &over), &TrainOptions::default()).unwrap();
+            assert_eq!(r.init_from.as_ref().unwrap().run, "dfdx", "{name}");
+            let after = newest(&out);
+            assert_eq!(learned(&before, &after), want, "{name} on {backend}");
+            let stats_moved = after
+                .iter()
+                .any(|(n, v)| n.ends_with("running_mean") && before[n] != *v);
+            assert!(
+                stats_moved,
+                "{name}: shift_bn (on by default) moves the statistics"
+            );
+            runs.push((train_losses(&out), r, after));
+        }
+        let ((ld, rd, td), (lc, rc, tc)) = (&runs[0], &runs[1]);
+        same_losses(name, ld, lc, 1e-4);
+        assert_eq!(
+            td.keys().collect::<Vec<_>>(),
+            tc.keys().collect::<Vec<_>>(),
+            "{name}: checkpoint names"
+        );
+        let (ed, ec) = (
+            rd.eval.classification().unwrap().top1,
+            rc.eval.classification().unwrap().top1,
+        );
+        // Ten classes: chance is 0.1 (the first stage had one epoch).
+        assert!(
+            ed > 0.15 && (ed - ec).abs() <= 0.02,
+            "{name}: top-1 dfdx {ed}, candle {ec}"
+        );
+    }
+    // A dfdx MiSLAS stage cut after 3 steps and resumed ends with the whole run's bits.
+    let whole = dir.path().join("mislas-dfdx");
+    let cut = dir.path().join("mislas-cut");
+    let mut over = mislas.to_vec();
+    over.push("train.max_steps=3");
+    train(&config(&cut, &over), &TrainOptions::default()).unwrap();
+    over.pop();
+    train(&config(&cut, &over), &resuming(&cut)).unwrap();
+    assert_eq!(newest(&cut), newest(&whole), "resumed second stage");
 }
 
 /// A CUB-200-2011 tree in the official layout: `classes` bird classes (1, 2, …), `per_class`
@@ -603,24 +725,121 @@ fn dfdx_trains_with_adamw_and_parameter_groups_like_candle() {
     assert!(format!("{e:#}").contains("optim"), "{e:#}");
 }
 
-/// What dfdx does not segment with is refused by name.
+/// DisAlign on a segmenter on dfdx from a candle first stage: candle's losses step for step,
+/// only the calibration head learns (the frozen FCN's weights stay), and either backend
+/// evaluates the dfdx checkpoint through the head to the same mIoU.
 #[test]
-fn dfdx_refuses_the_segmenters_it_does_not_have() {
+fn dfdx_seg_disalign_like_candle() {
     let dir = tempfile::tempdir().unwrap();
-    let text = seg_config(dir.path(), "dfdx", &[]).to_toml();
-    for (extra, words) in [
+    // Enough images for every class to have pixels (DisAlign weights every class).
+    let small = ["data.mosaic_train=48", "data.mosaic_test=4"];
+    let first = dir.path().join("s1");
+    let mut over = small.to_vec();
+    over.push("train.iters=4");
+    train(
+        &seg_config(&first, "candle", &over),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let before = newest(&first);
+    let init = format!("stage.init_from={:?}", first.display().to_string());
+    let mut over = small.to_vec();
+    over.extend([
+        "sar.enabled=false",
+        "stage.kind=\"disalign\"",
+        &init,
+        "train.iters=3",
+    ]);
+    let mut runs = Vec::new();
+    for backend in ["dfdx", "candle"] {
+        let out = dir.path().join(format!("da-{backend}"));
+        let r = train(&seg_config(&out, backend, &over), &TrainOptions::default()).unwrap();
+        let after = newest(&out);
+        assert_eq!(
+            learned(&before, &after),
+            [
+                "stage.disalign.bias",
+                "stage.disalign.gate.bn.bias",
+                "stage.disalign.gate.bn.weight",
+                "stage.disalign.gate.conv.weight",
+                "stage.disalign.scale"
+            ],
+            "{backend}"
+        );
+        runs.push((train_losses(&out), r.eval.segmentation().unwrap().miou, out));
+    }
+    same_losses("seg disalign", &runs[0].0, &runs[1].0, 1e-4);
+    let (md, mc) = (runs[0].1, runs[1].1);
+    assert!(
+        md > 0.0 && (md - mc).abs() < 1e-3,
+        "mIoU dfdx {md}, candle {mc}"
+    );
+    let ck = checkpoint::latest(&runs[0].2.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let (_, on_candle) = eval_checkpoint(&ck, Some(BackendKind::Candle)).unwrap();
+    let on_candle = on_candle.segmentation().unwrap().miou;
+    assert!(
+        (on_candle - md).abs() < 1e-3,
+        "dfdx's checkpoint on candle: {on_candle} vs {md}"
+    );
+}
+
+/// SegFormer (MiT-B0) and UPerNet on Swin-T, at the widths and settings of
+/// `configs/mosaic-segformer-b0.toml` and `configs/mosaic-upernet-swin-t.toml` (AdamW with
+/// their parameter groups, stochastic depth at mmsegmentation's 0.1 and 0.3), train on dfdx:
+/// the first steps' losses are candle's from the same weights, batches, drop-path and
+/// dropout masks.
+#[test]
+fn dfdx_trains_segformer_and_upernet_like_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let adamw = [
+        "optim.kind=\"adamw\"",
+        "optim.lr=0.001",
+        "optim.weight_decay=0.01",
+        "optim.warmup_iters=2",
+        "optim.warmup_ratio=1e-6",
+        "optim.power=1.0",
+        "optim.min_lr=0.0",
+    ];
+    for (name, extra) in [
         (
-            vec!["model.backbone=\"swin-t\"", "model.head=\"uper\""],
-            "swin-t",
+            "segformer",
+            vec![
+                "model.backbone=\"mit-b0\"",
+                "model.head=\"segformer\"",
+                "model.width=16",
+                "optim.custom_keys={ head = { lr_mult = 10.0 }, norm = { decay_mult = 0.0 } }",
+            ],
         ),
         (
-            vec!["model.backbone=\"mit-b0\"", "model.head=\"segformer\""],
-            "mit-b0",
+            "upernet",
+            vec![
+                "model.backbone=\"swin-t\"",
+                "model.head=\"uper\"",
+                "model.width=16",
+                "model.window=4",
+                "optim.custom_keys={ relative_position_bias_table = { decay_mult = 0.0 }, norm = { decay_mult = 0.0 } }",
+            ],
         ),
     ] {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let e = format!("{:#}", parse(&text, &extra).unwrap_err());
-        assert!(e.contains("dfdx") && e.contains(words), "{e}");
+        let mut over = vec![
+            "train.iters=3",
+            "data.mosaic_train=12",
+            "data.mosaic_test=4",
+        ];
+        over.extend(adamw);
+        over.extend(extra);
+        let mut losses = Vec::new();
+        for backend in ["dfdx", "candle"] {
+            let out = dir.path().join(format!("{name}-{backend}"));
+            let r = train(&seg_config(&out, backend, &over), &TrainOptions::default()).unwrap();
+            assert_eq!(r.steps, 3, "{name}");
+            assert!(r.loss.total.is_finite() && r.loss.aux > 0.0, "{name}: {:?}", r.loss);
+            assert_eq!(r.eval.segmentation().unwrap().per_class_iou.len(), 11);
+            losses.push(train_losses(&out));
+        }
+        same_losses(name, &losses[0], &losses[1], 1e-4);
     }
 }
 

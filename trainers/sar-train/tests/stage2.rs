@@ -249,10 +249,6 @@ fn configs_a_second_stage_cannot_mean_are_refused() {
             ],
             "smooth_head",
         ),
-        (
-            vec!["stage.init_from=\"x\"", "run.backend=\"dfdx\""],
-            "run.backend = \"dfdx\" has no second stage",
-        ),
         (vec!["train.samples_per_class=0"], "samples_per_class"),
         (vec!["stage.classifier_lr_factor=0"], "classifier_lr_factor"),
     ] {

@@ -366,32 +366,11 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// `[run]`: the device this build has, and what the chosen backend trains.
+    /// `[run]`: the device this build has. (Both backends train every model, data set and
+    /// stage.)
     fn validate_run(&self) -> anyhow::Result<()> {
         if self.run.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
             bail!("run.device = \"cuda\" needs sar built with --features cuda");
-        }
-        if self.run.backend == BackendKind::Dfdx {
-            if self.data.dataset.is_segmentation() {
-                use sar_models::seg::SegBackbone as B;
-                let m = self.model.segmenter()?;
-                let resnet = matches!(
-                    m.backbone,
-                    B::ResNet18V1c | B::ResNet50V1c | B::ResNet101V1c
-                );
-                let hrnet = matches!(m.backbone, B::HrNetV2W18 | B::HrNetV2W48);
-                ensure!(
-                    (resnet && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Aspp))
-                        || (hrnet && matches!(m.head, SegHeadKind::Fcn | SegHeadKind::Ocr)),
-                    "run.backend = \"dfdx\" segments with the fcn or aspp head on resnet18-v1c, resnet50-v1c or resnet101-v1c, or fcn or ocr on hrnetv2-w18/w48, not model.backbone = {} with model.head = {:?}; train it with --backend candle",
-                    m.backbone,
-                    m.head
-                );
-            }
-            ensure!(
-                self.stage.kind == StageKind::None && self.stage.init_from.is_none(),
-                "run.backend = \"dfdx\" has no second stage yet: stage.kind and stage.init_from run on candle"
-            );
         }
         Ok(())
     }

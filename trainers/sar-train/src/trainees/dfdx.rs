@@ -19,12 +19,13 @@
 //! layouts as candle's, so either backend resumes or evaluates the other's. Plots use the
 //! candle model with the dfdx weights copied in.
 
-use crate::cls::{evaluate_with, ClsBatch, ClsTask};
+use crate::cls::{evaluate_with, ClsBatch, ClsTask, StageTwo};
 use crate::config::{DeviceKind, TrainConfig};
 use crate::evaluation::TaskEvaluation;
 use crate::run::{loss_parts, RunReport, StepCtx, StepReport, Trainee};
 use crate::seg::SegTask;
 use crate::trainees::candle::{restore_vars, Task};
+use crate::trainees::dfdx_stage;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use sar_data::seg::IGNORE;
@@ -32,7 +33,7 @@ use sar_dfdx::conv::{nchw_to_rows, rows_to_nchw, GatherCache};
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{AdamW, Params, Rows, SarHead, SarHeadConfig, Sgd};
 use sar_dfdx::SarDevice;
-use sar_dfdx_models::seg::{self, SegBackbone, SegHead, SegNet, V1cDepth};
+use sar_dfdx_models::seg::{self, SegBackbone, SegHead, SegNet, SwinVariant, V1cDepth};
 use sar_dfdx_models::{cross_entropy, one_hot, Arch, Classifier, Depth, Forward, Stem};
 use sar_models::seg::{SegFeatures, Segmenter};
 use std::cell::RefCell;
@@ -117,6 +118,8 @@ struct DfdxTrainee<D: SarDevice<f32>> {
     /// Per trained variable, the factors of its rate and weight decay (the task's, e.g.
     /// none, times its `optim.custom_keys` group's), as candle's optimisers apply them.
     groups: HashMap<String, (f64, f64)>,
+    /// The second stage (its first-stage model frozen in `params`), if the config runs one.
+    stage: Option<StageTwo>,
     pending: Option<Loss<D>>,
 }
 
@@ -172,7 +175,7 @@ fn on_dfdx<D: SarDevice<f32>>(
 }
 
 /// The dfdx network of a segmenter config: the dilated ResNets with FCN or ASPP, HRNetV2 with
-/// FCN or OCRNet's heads.
+/// FCN or OCRNet's heads, SegFormer on MiT, UPerNet on Swin (every network candle builds).
 fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
     use sar_models::seg::{SegBackbone as B, SegHeadKind};
     let (backbone, width) = match c.backbone {
@@ -181,13 +184,29 @@ fn dfdx_segnet(c: &crate::config::SegmenterConfig) -> anyhow::Result<SegNet> {
         B::ResNet101V1c => (SegBackbone::ResNetV1c(V1cDepth::R101), c.width),
         B::HrNetV2W18 => (SegBackbone::HrNetV2, 18),
         B::HrNetV2W48 => (SegBackbone::HrNetV2, 48),
-        other => bail!("run.backend = \"dfdx\" has the dilated ResNets and HRNetV2, not model.backbone = {other}; train it with --backend candle"),
+        b => match (b.mit(), b.swin()) {
+            (Some(sar_models::seg::mit::MitVariant::B(v)), _) => (SegBackbone::Mit(v), c.width),
+            (_, Some(v)) => {
+                use sar_models::seg::swin::SwinVariant as S;
+                let variant = match v {
+                    S::Tiny => SwinVariant::Tiny,
+                    S::Small => SwinVariant::Small,
+                    S::Base => SwinVariant::Base,
+                    S::Large => SwinVariant::Large,
+                };
+                // Unset: the variant's window, as candle's network takes it.
+                let window = c.window.unwrap_or(v.dims().3);
+                (SegBackbone::Swin { variant, window }, c.width)
+            }
+            _ => bail!("run.backend = \"dfdx\" has no network for model.backbone = {b}"),
+        },
     };
     let head = match c.head {
         SegHeadKind::Fcn => SegHead::Fcn,
         SegHeadKind::Aspp => SegHead::Aspp,
         SegHeadKind::Ocr => SegHead::Ocr { width: c.width },
-        other => bail!("run.backend = \"dfdx\" has the fcn, aspp and ocr heads, not {other:?}; train it with --backend candle"),
+        SegHeadKind::Segformer => SegHead::SegFormer,
+        SegHeadKind::Uper => SegHead::Uper,
     };
     Ok(SegNet::new(backbone, head, c.aux(), width)?)
 }
@@ -236,6 +255,16 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             )?;
             (Work::Cls { inner, net }, vars)
         };
+        let (stage, mut params) = (
+            match &work {
+                Work::Cls { inner, .. } => inner.stage_two()?,
+                Work::Seg { inner, .. } => inner.stage_two(),
+            },
+            params,
+        );
+        // A second stage trains its own few variables; the rest stay as the first stage left
+        // them (no gradient, no weight decay, no momentum).
+        params.freeze_unless(|n| work.task().trainable(n));
         let o = &cfg.optim;
         let groups = params
             .trainable()
@@ -263,6 +292,7 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
             cache: RefCell::new(GatherCache::default()),
             head,
             opt,
+            stage,
             pending: None,
         })
     }
@@ -283,6 +313,40 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         };
         let (n, _, h, w) = shape;
         let classes = inner.data.train.classes();
+        if let Some(stage) = &self.stage {
+            // The first stage's extractor runs without a tape (frozen); with shift_bn its
+            // BatchNorm normalises by the batch and updates its running statistics.
+            // (The config refuses MixUp in a second stage.)
+            let shift_bn = match stage {
+                StageTwo::Mislas { shift_bn, .. } | StageTwo::DisAlign { shift_bn, .. } => {
+                    *shift_bn
+                }
+                StageTwo::SegDisAlign { .. } => {
+                    bail!("a segmentation stage in a classification run")
+                }
+            };
+            let x = rows_of(self.params.device(), x, shape);
+            let mut cache = self.cache.borrow_mut();
+            let mut f = Forward {
+                params: &mut self.params,
+                cache: &mut cache,
+                train: shift_bn,
+            };
+            let frozen = net.features(&mut f, x, (n, h, w))?;
+            let params: &Params<D> = f.params;
+            let feats = frozen.clone().traced(params.alloc_grads()?);
+            let loss = match stage {
+                StageTwo::Mislas { epsilon, lws, .. } => {
+                    dfdx_stage::mislas_loss(params, feats, &labels, epsilon, *lws)?
+                }
+                StageTwo::DisAlign { weights, .. } | StageTwo::SegDisAlign { weights, .. } => {
+                    let z = net.classify(params, frozen)?;
+                    let logits = dfdx_stage::cls_disalign_logits(params, feats, z)?;
+                    dfdx_stage::class_weighted_cross_entropy(logits, &labels, weights)?
+                }
+            };
+            return Ok(Ok(single_loss(loss, ctx.poison_loss, n)));
+        }
         let x = rows_of(self.params.device(), x, shape).traced(self.params.alloc_grads()?);
         let mut cache = self.cache.borrow_mut();
         let mut f = Forward {
@@ -366,12 +430,36 @@ impl<D: SarDevice<f32>> DfdxTrainee<D> {
         let mut rng = sar_data::augment::sample_rng(cfg.run.seed ^ 0x4452_4F50, step, 0);
         let x = rows_of(self.params.device(), x, (n, 3, h, w));
         let mut cache = self.cache.borrow_mut();
+        if let Some(stage) = &self.stage {
+            let StageTwo::SegDisAlign { weights, shift_bn } = stage else {
+                bail!("a classification stage in a segmentation run");
+            };
+            // The segmenter is frozen (no tape; its BatchNorm statistics shift with shift_bn,
+            // its dropout stays as in training); the auxiliary head's loss weight is 0.
+            let mut f = Forward {
+                params: &mut self.params,
+                cache: &mut cache,
+                train: *shift_bn,
+            };
+            let out = net.features(&mut f, x, (n, h, w))?;
+            let (fh, fw) = out.hw;
+            let dropped = seg::dropout2d(out.main.clone(), n, m.dropout, &mut rng)?;
+            let z = net.classify(f.params, dropped, false)?;
+            let feats = out.main.traced(f.params.alloc_grads()?);
+            // The DisAlign gate's own BatchNorm trains.
+            f.train = true;
+            let logits = dfdx_stage::seg_disalign_logits(&mut f, feats, z)?;
+            let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
+            let loss = seg::seg_weighted_cross_entropy(up, &y, IGNORE, weights)?;
+            return Ok(Ok(single_loss(loss, ctx.poison_loss, n)));
+        }
         let batch = SegBatch {
             x,
             y: &y,
             size: (n, h, w),
             dropout: m.dropout,
             aux_weight: m.aux_weight,
+            drop_path: m.drop_path(),
             poison_loss: ctx.poison_loss,
         };
         let model = SegStepModel {
@@ -400,12 +488,15 @@ struct SegBatch<'a, D: SarDevice<f32>> {
     size: (usize, usize, usize),
     dropout: f64,
     aux_weight: f64,
+    /// Stochastic depth's largest rate (the transformers; the others ignore it).
+    drop_path: f64,
     /// Fault injection: an infinite cross-entropy.
     poison_loss: bool,
 }
 
-/// A segmentation batch's loss as the candle trainer's `SegTask` step computes it: features,
-/// `Dropout2d` (masks from `rng`: the main features', then the auxiliary's), `conv_seg`,
+/// A segmentation batch's loss as the candle trainer's `SegTask` step computes it: features
+/// (the transformers' stochastic-depth masks drawn from `rng` first), `Dropout2d` (masks from
+/// `rng`: the main features', then the auxiliary's), `conv_seg`,
 /// logits resized to the crop, pixel cross-entropy (+ `aux_weight` × the auxiliary head's),
 /// and with SAR the head's step on F (before dropout) with the labels resampled to F's size.
 fn seg_step_loss<D: SarDevice<f32>>(
@@ -420,14 +511,22 @@ fn seg_step_loss<D: SarDevice<f32>>(
         cache: m.cache,
         train: true,
     };
-    let out = m.net.features(&mut f, x, (n, h, w))?;
+    let drop = seg::DropPath {
+        rate: b.drop_path,
+        rng: &mut *rng,
+    };
+    let out = m
+        .net
+        .features_with_noise(&mut f, x, (n, h, w), Some(drop))?;
     let params: &Params<D> = f.params;
     let (fh, fw) = out.hw;
+    let aux_hw = out.aux_hw;
     let pixel_ce =
         |feats: Rows<D, OwnedTape<f32, D>>, aux: bool, rng: &mut sar_math::rng::SeededRng| {
             let dropped = seg::dropout2d(feats, n, b.dropout, rng)?;
             let logits = m.net.classify(params, dropped, aux)?;
-            let up = seg::resize_bilinear(logits, (n, fh, fw), (h, w))?;
+            let (lh, lw) = if aux { aux_hw } else { (fh, fw) };
+            let up = seg::resize_bilinear(logits, (n, lh, lw), (h, w))?;
             seg::seg_cross_entropy(up, b.y, IGNORE)
         };
     // With SAR, F goes on to p2a carrying the network's tape; the classifier gets a copy with
@@ -477,6 +576,22 @@ fn rows_of<D: SarDevice<f32>>(
     (n, c, h, w): (usize, usize, usize, usize),
 ) -> Rows<D, NoneTape> {
     device.tensor_from_vec(nchw_to_rows(&x, n, c, h, w), (n * h * w, c))
+}
+
+/// A second stage's loss as the step's only part (candle's `finish_single_loss`): reported as
+/// the cross-entropy, infinite under fault injection.
+fn single_loss<D: SarDevice<f32>>(loss: Loss<D>, poison: bool, images: usize) -> StepLoss<D> {
+    let loss = if poison { loss * f32::INFINITY } else { loss };
+    StepLoss {
+        ce: loss.as_vec()[0] as f64,
+        loss,
+        head_aux: 0.0,
+        aux: 0.0,
+        p2a: 0.0,
+        gate: false,
+        valid: 0,
+        images,
+    }
 }
 
 /// One batch's loss with its tape, and its parts for the log.
@@ -673,6 +788,23 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
         Ok((r.loaded.len(), r.kept))
     }
 
+    /// `stage.init_from` as the candle trainee reads it (every variable the checkpoint has,
+    /// only `sar.*` and `stage.*` may be missing), then every variable copied over.
+    fn init_weights(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        let varmap = self.work.task().varmap();
+        let r = crate::trainees::candle::init_vars(varmap, tensors)?;
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, var) in data.iter() {
+            if self.params.shape(name).is_ok() {
+                self.params.set(name, to_host(var.as_tensor())?.1)?;
+            }
+        }
+        Ok(r)
+    }
+
     fn sar_params(&self) -> u64 {
         self.params
             .trainable()
@@ -707,7 +839,18 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
                             train: false,
                         };
                         let feats = net.features(&mut f, x, (n, h, w))?;
-                        let logits = net.classify(&params, feats)?;
+                        // What the run predicts with: DisAlign's calibrated logits, or
+                        // MiSLAS's scaled ones, or the model's own.
+                        let logits = match &self.stage {
+                            Some(StageTwo::Mislas { lws, .. }) => {
+                                dfdx_stage::mislas_logits(&params, feats, *lws)?
+                            }
+                            Some(StageTwo::DisAlign { .. }) => {
+                                let z = net.classify(&params, feats.clone())?;
+                                dfdx_stage::cls_disalign_logits(&params, feats, z)?
+                            }
+                            _ => net.classify(&params, feats)?,
+                        };
                         Ok(logits.as_vec())
                     },
                 )?;
@@ -722,6 +865,7 @@ impl<D: SarDevice<f32>> Trainee for DfdxTrainee<D> {
                     params: Mutex::new(Params::from_host(&cpu, params.to_host())?),
                     cache: Mutex::new(GatherCache::default()),
                     shape: inner.setup.model.as_ref(),
+                    disalign: matches!(self.stage, Some(StageTwo::SegDisAlign { .. })),
                 };
                 Ok(TaskEvaluation::Segmentation(crate::seg::evaluate_seg(
                     &model,
@@ -770,6 +914,8 @@ pub(crate) struct DfdxSegmenter<'a> {
     params: Mutex<Params<Cpu>>,
     cache: Mutex<GatherCache<Cpu>>,
     shape: &'a dyn Segmenter,
+    /// Predicts through the DisAlign head (`stage.disalign.*`) of a DisAlign run.
+    disalign: bool,
 }
 
 /// The dims `(N, C, h, w)` of a map.
@@ -841,6 +987,31 @@ impl Segmenter for DfdxSegmenter<'_> {
     }
     fn aux_params(&self) -> u64 {
         self.shape.aux_params()
+    }
+    fn logits(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.disalign {
+            return self.classify(&self.features(images, false)?.main);
+        }
+        let (x, (n, c, h, w)) = Self::host(images)?;
+        let mut params = self.params.lock().map_err(candle_err)?;
+        let x = rows_of(params.device(), x, (n, c, h, w));
+        let mut cache = self.cache.lock().map_err(candle_err)?;
+        let mut f = Forward {
+            params: &mut params,
+            cache: &mut cache,
+            train: false,
+        };
+        let out = self
+            .net
+            .features(&mut f, x, (n, h, w))
+            .map_err(candle_err)?;
+        let (fh, fw) = out.hw;
+        let z = self
+            .net
+            .classify(f.params, out.main.clone(), false)
+            .map_err(candle_err)?;
+        let logits = dfdx_stage::seg_disalign_logits(&mut f, out.main, z).map_err(candle_err)?;
+        Self::map(logits.as_vec(), (n, self.classes(), fh, fw))
     }
 }
 
@@ -927,6 +1098,7 @@ pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner>
             size: (n, h, w),
             dropout: 0.1,
             aux_weight: 0.4,
+            drop_path: 0.0,
             poison_loss: false,
         };
         let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;

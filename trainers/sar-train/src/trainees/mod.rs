@@ -1,5 +1,7 @@
 //! Each tensor library's trainee: what the loop ([`crate::run`]) trains through the
-//! `crate::run::Trainee` trait. candle runs every task; dfdx runs classification.
+//! `crate::run::Trainee` trait. candle and dfdx each run every task (classification,
+//! segmentation, the second stages).
 
 pub mod candle;
 pub(crate) mod dfdx;
+mod dfdx_stage;

@@ -7,8 +7,11 @@
 //!
 //! - [`layer_norm`]: y = (x − μ)/√(σ² + ε)·γ + β per row, σ² the biased variance over C
 //!   (PyTorch's `LayerNorm` over the last dimension), `{prefix}.weight`/`.bias` `[C]`.
-//! - [`gelu`]: exact GELU x·½(1 + erf(x/√2)) (dfdx's `accurate_gelu`, whose backward is the
-//!   exact derivative).
+//! - [`gelu`]: exact GELU x·Φ(x) = x·½(1 + erf(x/√2)) with its exact derivative
+//!   Φ(x) + x·φ(x), φ(x) = e^{−x²/2}/√(2π): dfdx's `accurate_gelu` for the value, plus a term
+//!   that is exactly 0 but corrects its gradient (dfdx 0.13's `accurate_gelu` backward, on the
+//!   CPU and in its CUDA kernel, computes Φ(x) + x·e^{−x²/2}/√π, √2 times too much in its
+//!   second term).
 //! - [`drop_path`]: per-sample stochastic depth of a residual branch.
 //! - [`conv_bias`]: a dense conv with bias (patch embeddings, MiT's spatial reduction).
 
@@ -40,9 +43,19 @@ pub fn layer_norm<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         + beta.broadcast_like::<_, Axis<0>>(&(r, c)))
 }
 
-/// Exact GELU (see the module docs).
+/// Exact GELU with its exact gradient (see the module docs):
+/// `accurate_gelu(x) + (g(x) − g̃)`, with g(x) = −κ·e^{−x²/2}, κ = (1/√2 − 1)/√π, and g̃ a
+/// copy of g(x)'s values off the tape (another tensor, so no gradient reaches g(x) through
+/// it). The difference is exactly 0 in the forward; its gradient g′(x) = κ·x·e^{−x²/2} turns
+/// `accurate_gelu`'s x·e^{−x²/2}/√π into x·e^{−x²/2}/√(2π) = x·φ(x).
 pub fn gelu<E: Float, D: SarDevice<E>, T: Tape<E, D>>(x: Rows<D, T, E>) -> Rows<D, T, E> {
-    x.accurate_gelu()
+    let kappa = (std::f64::consts::FRAC_1_SQRT_2 - 1.0) / std::f64::consts::PI.sqrt();
+    let to_e = |v: f64| <E as num_traits::NumCast>::from(v).unwrap_or_else(E::nan);
+    let g = (x.retaped::<T>().square() * to_e(-0.5)).exp() * to_e(-kappa);
+    // A new tensor (new id) with g's values and no tape: the subtraction's backward writes
+    // its (discarded) gradient there, not into g's.
+    let fixed = g.retaped::<NoneTape>() * E::one();
+    x.accurate_gelu() + (g - fixed)
 }
 
 /// Per-sample stochastic depth of a residual branch given as rows `[N·L, C]` of `n` samples:
@@ -106,4 +119,33 @@ pub fn conv_bias<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
         )));
     }
     Ok((y + bias.broadcast_like::<_, Axis<0>>(&(r, c)), hw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`gelu`]'s value and gradient against x·Φ(x) and Φ(x) + x·φ(x) in f64 (Φ from the
+    /// value: Φ(x) = gelu(x)/x away from 0).
+    #[test]
+    fn gelu_has_the_exact_gradient() {
+        let dev = Cpu::default();
+        let xs: Vec<f64> = (0..41).map(|i| -4.0 + 0.2 * i as f64 + 0.013).collect();
+        let x: Rows<Cpu, NoneTape, f64> = dev.tensor_from_vec(xs.clone(), (xs.len(), 1));
+        let y = gelu(x.leaky_trace());
+        let vals = y.as_vec();
+        let g = y.sum::<Rank0, _>().backward().get(&x).as_vec();
+        let plain = x.clone().accurate_gelu().as_vec();
+        for (i, &v) in xs.iter().enumerate() {
+            assert_eq!(vals[i], plain[i], "value at {v}");
+            let phi_cdf = vals[i] / v;
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = phi_cdf + v * pdf;
+            assert!(
+                (g[i] - want).abs() < 1e-14,
+                "gradient at {v}: {} vs {want}",
+                g[i]
+            );
+        }
+    }
 }

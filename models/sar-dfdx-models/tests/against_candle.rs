@@ -1102,7 +1102,11 @@ fn uper_swin_matches_candle() {
     };
     let net = SegNet::new(swin(4), SegHead::Uper, true, 16).unwrap();
     seg_matches_in::<f64>(B::SwinT, K::Uper, net, (33, 29), 1e-10, true, None);
-    seg_matches_in::<f32>(B::SwinT, K::Uper, net, (33, 29), 1e-3, true, None);
+    // In f32 the pyramid pooling's scale-1 branch normalises N = 2 pooled rows (as ASPP's image
+    // pool above), where rounding grows: measured worst 1.9e-3 of a tensor's scale between the
+    // libraries (`stages.3.blocks.1.attn.w_msa.qkv.bias`), with dfdx 1.2e-3 and candle 0.9e-3
+    // off the f64 truth of the same weights, in opposite directions.
+    seg_matches_in::<f32>(B::SwinT, K::Uper, net, (33, 29), 3e-3, true, None);
     assert!(SegNet::new(swin(4), SegHead::Fcn, true, 16).is_err());
     assert!(SegNet::new(swin(0), SegHead::Uper, true, 16).is_err());
 }

@@ -422,7 +422,7 @@ fn bench(
     }
     if seg_models {
         use sar_train::bench::seg_models::{run_seg_models, seg_models_table};
-        let (r, header) = run_seg_models(reps.max(1), torch.as_deref())?;
+        let (r, header) = run_seg_models(reps.max(1), torch.as_deref(), backend)?;
         print!("{}", seg_models_table(&r, header.as_ref()));
         peer_usage = header.as_ref().map(|h| h["rusage"].clone());
         rows.extend(r);

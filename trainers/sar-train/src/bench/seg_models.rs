@@ -3,7 +3,7 @@
 //! PyTorch peer's step of the same network, interleaved in one run.
 //!
 //! Models: OCRNet on HRNetV2-W18, SegFormer MiT-B0, UPerNet on Swin-T (window 7), full widths,
-//! 19 classes. Step: a batch of 2 random 256 × 256 images and labels, the trainer's
+//! 19 classes, on candle (± SAR) and on dfdx (without SAR; `--backend` picks one library). Step: a batch of 2 random 256 × 256 images and labels, the trainer's
 //! training-mode forward and losses ([`crate::seg::seg_forward_losses`]: cross-entropy on
 //! logits resized to 256 × 256, + 0.4 × the auxiliary or soft-region head's), SAR's
 //! λ1·L_aux + λ2·L_p2a with its gate held open (the anchor logits shifted as in the FCN step,
@@ -56,29 +56,32 @@ pub const SEG_BENCH_MODELS: [SegBenchModel; 3] = [
 ];
 
 impl SegBenchModel {
-    /// The variant names of its rows: ours, ours with SAR, the peer's.
-    fn variants(&self) -> [String; 3] {
+    /// The variant names of its rows: ours (candle), ours with SAR, the peer's, dfdx's.
+    fn variants(&self) -> [String; 4] {
         let plain = format!("{} b{BATCH} {SIZE}² step", self.label);
         [
             plain.clone(),
             format!("{plain} + SAR"),
             format!("PyTorch: {plain}"),
+            format!("dfdx: {plain}"),
         ]
     }
 }
 
-/// One training step of `m` (see the module docs), with SAR's loss when `sar`.
-pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> {
-    let cfg = crate::config::parse(
+/// The config of `m`'s step, with SAR when `sar`.
+fn step_config(m: &SegBenchModel, sar: bool) -> anyhow::Result<crate::config::TrainConfig> {
+    crate::config::parse(
         &format!(
             "[data]\ndataset = \"mosaic\"\nseg_crop = [{SIZE}, {SIZE}]\n[model]\n{}\n\
              dropout = 0.0\n[sar]\nenabled = {sar}\n",
             m.keys
         ),
         &[],
-    )?;
-    let aux_weight = cfg.model.segmenter()?.aux_weight;
-    let setup = crate::seg::build_seg(&cfg, CLASSES)?;
+    )
+}
+
+/// The step's random images `[N, 3, S, S]` and labels.
+fn step_batch() -> (Vec<f32>, Vec<u8>) {
     let mut rng = SeededRng::new(13);
     let x: Vec<f32> = (0..BATCH * 3 * SIZE * SIZE)
         .map(|_| rng.next_normal() as f32)
@@ -86,6 +89,27 @@ pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> 
     let y: Vec<u8> = (0..BATCH * SIZE * SIZE)
         .map(|_| (rng.next_u64() % CLASSES as u64) as u8)
         .collect();
+    (x, y)
+}
+
+/// `m`'s step on dfdx (without SAR), from the same weights and batch as candle's.
+pub fn dfdx_seg_model_runner(m: &SegBenchModel) -> anyhow::Result<Runner> {
+    let (x, y) = step_batch();
+    crate::trainees::dfdx::seg_model_runner(
+        &step_config(m, false)?,
+        CLASSES,
+        x,
+        y,
+        (BATCH, SIZE, SIZE),
+    )
+}
+
+/// One training step of `m` (see the module docs), with SAR's loss when `sar`.
+pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> {
+    let cfg = step_config(m, sar)?;
+    let aux_weight = cfg.model.segmenter()?.aux_weight;
+    let setup = crate::seg::build_seg(&cfg, CLASSES)?;
+    let (x, y) = step_batch();
     let y64: Vec<i64> = y.iter().map(|&v| v as i64).collect();
     let x = Tensor::from_vec(x, (BATCH, 3, SIZE, SIZE), &Device::Cpu)?;
     let y_t = Tensor::from_vec(y64, (BATCH, SIZE, SIZE), &Device::Cpu)?;
@@ -128,13 +152,22 @@ pub fn seg_model_runner(m: &SegBenchModel, sar: bool) -> anyhow::Result<Runner> 
 pub fn run_seg_models(
     reps: usize,
     torch: Option<&Path>,
+    backend: Option<crate::config::BackendKind>,
 ) -> anyhow::Result<(Vec<BenchRow>, Option<serde_json::Value>)> {
+    use crate::config::BackendKind;
     let peer = super::start_peer(torch, "seg_models_step_peer.py")?;
     let mut rows = Vec::new();
     for m in &SEG_BENCH_MODELS {
-        let [plain, with_sar, torch_label] = m.variants();
-        let mut runners = vec![seg_model_runner(m, false)?, seg_model_runner(m, true)?];
-        let mut names = vec![plain, with_sar];
+        let [plain, with_sar, torch_label, on_dfdx] = m.variants();
+        let (mut runners, mut names) = (Vec::new(), Vec::new());
+        if backend.is_none_or(|b| b == BackendKind::Candle) {
+            runners.extend([seg_model_runner(m, false)?, seg_model_runner(m, true)?]);
+            names.extend([plain, with_sar]);
+        }
+        if backend.is_none_or(|b| b == BackendKind::Dfdx) {
+            runners.push(dfdx_seg_model_runner(m)?);
+            names.push(on_dfdx);
+        }
         if let Some(p) = &peer {
             runners.push(super::peer_runner(p, m.name));
             names.push(torch_label);
@@ -146,36 +179,40 @@ pub fn run_seg_models(
     Ok((rows, header))
 }
 
-/// The table of [`run_seg_models`]' rows: per model, ours, ours + SAR, the peer's and the
-/// ratio of ours to it.
+/// The table of [`run_seg_models`]' rows: per model, ours (candle), ours + SAR, dfdx's, the
+/// peer's and the ratios of candle's and dfdx's steps to it.
 pub fn seg_models_table(rows: &[BenchRow], header: Option<&serde_json::Value>) -> String {
     let mut out = format!(
         "\nsegmentation models, b{BATCH} {SIZE}², {CLASSES} classes (median ms; {} threads{})\n\
-         {:<22} {:>10} {:>10} {:>10} {:>12}\n",
+         {:<22} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
         rayon::current_num_threads(),
         header.map_or(String::new(), |h| format!(", torch {}", h["torch"])),
         "model",
         "ours",
         "ours+SAR",
+        "dfdx",
         "PyTorch",
-        "ours/PyTorch"
+        "ours/PyTorch",
+        "dfdx/PyTorch"
     );
     for m in &SEG_BENCH_MODELS {
-        let [plain, sar, torch] = m
+        let [plain, sar, torch, on_dfdx] = m
             .variants()
             .map(|v| rows.iter().find(|r| r.variant == v).map(|r| r.seconds));
         let ms = |s: Option<f64>| s.map_or("–".to_string(), |s| format!("{:.1}", s * 1e3));
-        let ratio = match (plain, torch) {
+        let ratio = |a: Option<f64>| match (a, torch) {
             (Some(a), Some(b)) => format!("{:.2}×", a / b),
             _ => "–".into(),
         };
         out += &format!(
-            "{:<22} {:>10} {:>10} {:>10} {:>12}\n",
+            "{:<22} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
             m.label,
             ms(plain),
             ms(sar),
+            ms(on_dfdx),
             ms(torch),
-            ratio
+            ratio(plain),
+            ratio(on_dfdx)
         );
     }
     out
@@ -195,14 +232,15 @@ mod tests {
             seconds,
             gb_per_s: 0.0,
         };
-        let [a, b, c] = SEG_BENCH_MODELS[0].variants();
-        let [d, e, _] = SEG_BENCH_MODELS[1].variants();
+        let [a, b, c, f] = SEG_BENCH_MODELS[0].variants();
+        let [d, e, _, _] = SEG_BENCH_MODELS[1].variants();
         let rows = [
             row(&a, 2.0),
             row(&b, 2.1),
             row(&c, 0.8),
             row(&d, 0.5),
             row(&e, 0.6),
+            row(&f, 1.2),
         ];
         let t = seg_models_table(&rows, None);
         let line = |label: &str| {
@@ -216,7 +254,8 @@ mod tests {
             ocr.contains("2000.0") && ocr.contains("2100.0") && ocr.contains("800.0"),
             "{t}"
         );
-        assert!(ocr.ends_with("2.50×"), "{t}");
+        assert!(ocr.contains("1200.0") && ocr.contains("2.50×"), "{t}");
+        assert!(ocr.ends_with("1.50×"), "{t}");
         let segformer = line(SEG_BENCH_MODELS[1].label);
         assert!(
             segformer.contains("500.0") && segformer.ends_with('–'),

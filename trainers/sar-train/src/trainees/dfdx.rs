@@ -1067,6 +1067,52 @@ pub(crate) fn cls_step_runner(
     }))
 }
 
+/// `sar bench --workload seg-models` on dfdx: one training step of the network of `cfg`
+/// (`classes` classes) on images `x` (NCHW) with labels `y` of size `(n, h, w)`, as the candle
+/// runner's (`crate::bench::seg_models`): no dropout or stochastic depth, the auxiliary head
+/// at its weight, AdamW (lr 6e-5, weight decay 0.01) over every variable, without SAR.
+pub(crate) fn seg_model_runner(
+    cfg: &TrainConfig,
+    classes: usize,
+    x: Vec<f32>,
+    y: Vec<u8>,
+    (n, h, w): (usize, usize, usize),
+) -> anyhow::Result<crate::bench::Runner> {
+    let setup = crate::seg::build_seg(cfg, classes)?;
+    let dev = Cpu::default();
+    let m = cfg.model.segmenter()?;
+    let net = dfdx_segnet(m)?;
+    let (mut params, _) = on_dfdx(&setup.varmap, None, None, &dev)?;
+    drop(setup);
+    let x = rows_of(&dev, x, (n, 3, h, w));
+    let aux_weight = m.aux_weight;
+    let mut cache = GatherCache::default();
+    let mut opt = AdamW::new((0.9, 0.999), 1e-8);
+    Ok(Box::new(move || {
+        let model = SegStepModel {
+            net: &net,
+            params: &mut params,
+            cache: &mut cache,
+            head: None,
+        };
+        let batch = SegBatch {
+            x: x.clone(),
+            y: &y,
+            size: (n, h, w),
+            dropout: 0.0,
+            aux_weight,
+            drop_path: 0.0,
+            poison_loss: false,
+        };
+        let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
+        let mut grads = loss
+            .try_backward()
+            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        opt.step(&mut params, &mut grads, &|_| (6e-5, 0.01))?;
+        Ok(())
+    }))
+}
+
 /// `sar bench --workload seg-step` on dfdx: the candle benchmark's FCN-R18-d8 step (batch 2 of
 /// 512² random images and labels over 19 classes, Dropout2d, logits resized to the labels,
 /// cross-entropy + 0.4 × the auxiliary head's, SGD) from the same initial weights. With `sar`

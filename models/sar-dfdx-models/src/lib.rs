@@ -1,4 +1,4 @@
-//! # sar-dfdx-models: the classification networks on dfdx
+//! # sar-dfdx-models: sar-models' networks on dfdx
 //!
 //! The networks of `sar-models` (candle) written over `sar-dfdx`'s [`Params`], with the same
 //! variable names, shapes and layouts, so a checkpoint written by one library loads in the
@@ -22,8 +22,10 @@
 //!   `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`), global average pooling to the 512-d
 //!   (ResNet-18) or 2048-d (ResNet-50) feature, `fc`.
 //! - [`cross_entropy`] against soft targets (MixUp) and [`one_hot`].
-//! - [`seg`]: the segmentation networks on the dilated ResNet V1c (FCN and DeepLabV3's ASPP
-//!   decode heads, the auxiliary FCN head, `conv_seg`) under mmsegmentation's names.
+//! - [`seg`]: the segmentation networks under mmsegmentation's names: the dilated ResNet V1c
+//!   with FCN or DeepLabV3's ASPP and the auxiliary FCN head, HRNetV2 with FCN or OCRNet's
+//!   heads, SegFormer on a Mix Transformer ([`mit`]), UPerNet on a Swin Transformer
+//!   ([`swin`]), with the token pieces they share in [`transformer`].
 //!
 //! SAR itself on dfdx (the backend, the SAR head, conv/norm ops, [`Params`], SGD) is
 //! `sar-dfdx`.

@@ -31,7 +31,7 @@
 //!
 //! **Mix-FFN** (`ffn.layers`): 1×1 conv with bias C → 4C (`.0`), depth-wise 3×3 conv with bias
 //! (`.1`, weight `[4C, 1, 3, 3]`, padding 1), exact GELU, 1×1 conv with bias 4C → C (`.4`).
-//! The depth-wise conv is y[p, c] = b[c] + Σ_{u,v<3} w[c, u, v]·x[p + (u − 1, v − 1), c]
+//! The depth-wise conv is `y[p, c] = b[c] + Σ_{u,v<3} w[c, u, v]·x[p + (u − 1, v − 1), c]`
 //! (zero outside the image): the 9 taps of every pixel gathered as in the dense conv
 //! ([`sar_dfdx::conv::im2col_gather`], `[M, 9, C]`), times the weight as `[9, C]` broadcast over
 //! the pixels, summed over the taps. Only gather (backward: scatter-add), multiplication and a

@@ -1,7 +1,9 @@
 //! Segmentation networks on dfdx: mmsegmentation's dilated ResNet V1c with the FCN or
-//! DeepLabV3 (ASPP) decode head and the auxiliary FCN head, under the names `sar-models`' candle
-//! networks use (`backbone.*`, `decode_head.*`, `auxiliary_head.*`), so either library loads
-//! the other's checkpoints.
+//! DeepLabV3 (ASPP) decode head and the auxiliary FCN head, HRNetV2 with FCN or OCRNet, and
+//! (in their own modules, dispatched from here) SegFormer on MiT ([`crate::mit`]) and UPerNet
+//! on Swin ([`crate::swin`]), under the names `sar-models`' candle networks use
+//! (`backbone.*`, `decode_head.*`, `auxiliary_head.*`), so either library loads the other's
+//! checkpoints.
 //!
 //! Activations are NHWC rows `[N·h·w, C]` (see [`sar_dfdx::conv`]).
 //!

@@ -18,7 +18,7 @@
 //!   x ← x + DropPath(FFN(LN₂(x))):
 //!   - window partition: the normed tokens padded with zeros at the bottom and right to
 //!     Hp × Wp (multiples of the window M), in odd blocks cyclically shifted by −s = −⌊M/2⌋ on
-//!     both axes (`torch.roll`: shifted[y] = padded[(y + s) mod Hp]), cut into the
+//!     both axes (`torch.roll`: shifted\[y\] = padded\[(y + s) mod Hp\]), cut into the
 //!     nW = (Hp/M)·(Wp/M) windows of L = M² tokens: window rows `[N·nW·L, C]`, window
 //!     b = n·nW + wy·(Wp/M) + wx, token t = ty·M + tx. One gather.
 //!   - attention (`attn.w_msa`): `qkv` linear C → 3C, whose columns are (j, head, d) for
@@ -70,7 +70,7 @@
 //! - Auxiliary head (training, `auxiliary_head`): the 3×3 ConvModule `convs.0` on S₂ →
 //!   [`UPER_AUX_CHANNELS`]·width/64.
 //!
-//! A ConvModule is conv (no bias) → BatchNorm → ReLU ([`conv_bn`]). The classifiers
+//! A ConvModule is conv (no bias) → BatchNorm → ReLU (`seg::conv_bn`). The classifiers
 //! (`decode_head.conv_seg`, `auxiliary_head.conv_seg`) are the caller's.
 //!
 //! # dfdx notes

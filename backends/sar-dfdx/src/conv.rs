@@ -401,7 +401,9 @@ where
         let out = x
             .device()
             .tensor_from_vec(y, (geom.n * sizes.per_out, sizes.cout));
-        let (out_id, x_id, k_id) = (out.clone(), x.clone(), kernel.clone());
+        // Ghosts (id and shape, no buffer): the backward reads the host copies above, so the
+        // tape need not keep the input's and output's dfdx buffers alive until then.
+        let (out_id, x_id, k_id) = (out.ghost(), x.ghost(), kernel.ghost());
         tape.add_backward_op(move |grads| {
             // The output's gradient is complete here and read only here: take it, don't copy.
             let g_y: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);

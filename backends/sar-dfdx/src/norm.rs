@@ -351,7 +351,9 @@ where
         };
         let out = x.device().tensor_from_vec(op.forward(), (r, c));
         let batch_mean = op.mean.clone();
-        let (out_id, x_id, g_id, b_id) = (out.clone(), x.clone(), gamma.clone(), beta.clone());
+        // Ghosts (id and shape, no buffer): the backward reads the op's own copies, so the tape
+        // need not keep the input's and output's dfdx buffers alive until then.
+        let (out_id, x_id, g_id, b_id) = (out.ghost(), x.ghost(), gamma.ghost(), beta.ghost());
         tape.add_backward_op(move |grads| {
             // The output's gradient is complete here and read only here: take it.
             let dy: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);

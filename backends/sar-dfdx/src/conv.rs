@@ -211,6 +211,13 @@ pub fn conv_rows_generic<E: Float, D: Device<E> + Default, T: Tape<E, D>>(
 /// or on rayon's scheduling (resumed runs stay bit-identical).
 const CPU_GROUPS: usize = 16;
 
+/// Patch values the CPU op builds at once per thread: an image's patch matrix
+/// `[OH·OW, K·K·Cin]` is built and multiplied in blocks of output rows of at most this many
+/// values (16 MB in f32), so the per-thread buffers stay small at segmentation sizes (one
+/// 64×64 map of 3×3×512 patches is 75 MB) while each GEMM keeps hundreds of rows. Every
+/// ResNet-32 and ResNet-18 geometry fits whole.
+const PATCH_BLOCK: usize = 1 << 22;
+
 /// The sizes of one convolution over rows, as the CPU op uses them.
 #[derive(Clone, Copy)]
 struct RowsConv {
@@ -261,7 +268,12 @@ impl RowsConv {
         }
     }
 
-    /// `Y = P·W'` per image, in parallel over images.
+    /// Output rows per block of the patch matrix (see [`PATCH_BLOCK`]).
+    fn block_rows(&self) -> usize {
+        (PATCH_BLOCK / self.width.max(1)).clamp(1, self.per_out.max(1))
+    }
+
+    /// `Y = P·W'` per image, in parallel over images, each in blocks of output rows.
     fn forward<E: Float>(&self, x: &[E], kernel: &[E], idx: &[usize]) -> Result<Vec<E>> {
         use rayon::prelude::*;
         let (per_out, width, cout) = (self.per_out, self.width, self.cout);
@@ -270,15 +282,23 @@ impl RowsConv {
             return Ok(y);
         }
         let w = self.kernel_view(kernel)?;
+        let block = self.block_rows();
         y.par_chunks_mut(per_out * cout)
             .zip(idx.par_chunks(per_out * self.taps))
             .for_each(|(y_b, taps)| {
-                with_scratch::<E, _>(per_out * width, |patches| {
-                    self.fill_patches(patches, x, taps);
-                    let p = ArrayView2::from_shape((per_out, width), &patches[..]);
-                    let y_b = ArrayViewMut2::from_shape((per_out, cout), y_b);
-                    if let (Ok(p), Ok(mut y_b)) = (p, y_b) {
-                        general_mat_mul(E::one(), &p, &w, E::zero(), &mut y_b);
+                with_scratch::<E, _>(block * width, |scratch| {
+                    for (y_c, taps_c) in y_b
+                        .chunks_mut(block * cout)
+                        .zip(taps.chunks(block * self.taps))
+                    {
+                        let rows = y_c.len() / cout;
+                        let patches = &mut scratch[..rows * width];
+                        self.fill_patches(patches, x, taps_c);
+                        let p = ArrayView2::from_shape((rows, width), &patches[..]);
+                        let y_c = ArrayViewMut2::from_shape((rows, cout), y_c);
+                        if let (Ok(p), Ok(mut y_c)) = (p, y_c) {
+                            general_mat_mul(E::one(), &p, &w, E::zero(), &mut y_c);
+                        }
                     }
                 })
             });
@@ -305,6 +325,7 @@ impl RowsConv {
         let per_group = (idx.len() / (per_out * self.taps))
             .div_ceil(CPU_GROUPS)
             .max(1);
+        let block = self.block_rows();
         let partials: Vec<Vec<E>> = g_x
             .par_chunks_mut((per_group * self.per_in).max(1))
             .zip(g_y.par_chunks(per_group * per_out * cout))
@@ -312,20 +333,27 @@ impl RowsConv {
             .enumerate()
             .map(|(group, ((g_x, g_y), taps))| {
                 let mut g_w = vec![E::zero(); width * cout];
-                with_scratch::<E, _>(2 * per_out * width, |scratch| {
-                    let (patches, g_patches) = scratch.split_at_mut(per_out * width);
+                with_scratch::<E, _>(2 * block * width, |scratch| {
+                    let (patches, g_patches) = scratch.split_at_mut(block * width);
                     // Input rows of this group receive only from its own output rows.
                     let first_row = group * per_group * self.per_in / cin;
-                    for (g_y_b, taps_b) in g_y
+                    // Each image in blocks of output rows (a block never spans two images).
+                    let blocks = g_y
                         .chunks(per_out * cout)
-                        .zip(taps.chunks(per_out * self.taps))
-                    {
+                        .flat_map(|g| g.chunks(block * cout));
+                    let tap_blocks = taps
+                        .chunks(per_out * self.taps)
+                        .flat_map(|t| t.chunks(block * self.taps));
+                    for (g_y_b, taps_b) in blocks.zip(tap_blocks) {
+                        let rows = g_y_b.len() / cout;
+                        let patches = &mut patches[..rows * width];
+                        let g_patches = &mut g_patches[..rows * width];
                         self.fill_patches(patches, x, taps_b);
                         let views = (
-                            ArrayView2::from_shape((per_out, width), &patches[..]),
-                            ArrayView2::from_shape((per_out, cout), g_y_b),
+                            ArrayView2::from_shape((rows, width), &patches[..]),
+                            ArrayView2::from_shape((rows, cout), g_y_b),
                             ArrayViewMut2::from_shape((width, cout), &mut g_w[..]),
-                            ArrayViewMut2::from_shape((per_out, width), &mut g_patches[..]),
+                            ArrayViewMut2::from_shape((rows, width), &mut g_patches[..]),
                         );
                         if let (Ok(p), Ok(g_y), Ok(mut g_w), Ok(mut g_p)) = views {
                             general_mat_mul(E::one(), &p.t(), &g_y, E::one(), &mut g_w);

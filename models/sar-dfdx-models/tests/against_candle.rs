@@ -500,6 +500,9 @@ fn cpu_conv_kernel_matches_the_generic_path() {
         (2, 3, 5, 5, 5, 1, 2, 3),
         (17, 2, 5, 4, 3, 2, 1, 3),
         (20, 3, 6, 6, 3, 1, 1, 2),
+        // 3×3×512 patches: an image's 1,024 output rows exceed the op's block of 2²² patch
+        // values (910 rows), so each image is built and multiplied in two blocks.
+        (2, 512, 32, 32, 3, 1, 1, 2),
     ]
     .iter()
     .enumerate()

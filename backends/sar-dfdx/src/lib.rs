@@ -38,6 +38,7 @@ pub mod conv;
 pub mod nn;
 pub mod norm;
 mod taped;
+pub mod taps;
 
 pub(crate) use taped::TapedBackend;
 
@@ -98,11 +99,11 @@ impl Float for f64 {}
 /// A dfdx device that runs every op SAR and the models need, for element type `E`: dfdx's
 /// `Cpu` and (feature `cuda`) `Cuda`.
 pub trait SarDevice<E: Float>:
-    Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E>
+    Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E> + taps::TapKernel<E>
 {
 }
-impl<E: Float, D: Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E>> SarDevice<E>
-    for D
+impl<E: Float, D> SarDevice<E> for D where
+    D: Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E> + taps::TapKernel<E>
 {
 }
 

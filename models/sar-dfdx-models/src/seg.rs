@@ -760,8 +760,9 @@ pub(crate) fn conv_bn<E: Float, D: SarDevice<E>, T: Tape<E, D>>(
 /// Bilinear resize (PyTorch's `align_corners=False`,
 /// [`sar_math::resample::bilinear_source`] per axis, coordinates in `E`) of NHWC rows
 /// `[N·H·W, C]` of `(n, h, w)` pixels to `(oh, ow)`: rows `[N·OH·OW, C]`. Each output row is
-/// the weighted sum of four gathered source rows (the same row twice at a border), so its
-/// backward is dfdx's scatter-add; any dfdx device. The same size returns `x`.
+/// the weighted sum of four source rows (the same row twice at a border):
+/// [`sar_dfdx::taps::TapKernel`], one op with its own backward on the CPU, gathers and
+/// scatter-adds elsewhere. The same size returns `x`.
 pub fn resize_bilinear<E, D, T>(
     x: Rows<D, T, E>,
     (n, h, w): (usize, usize, usize),
@@ -772,7 +773,7 @@ where
     D: SarDevice<E>,
     T: Tape<E, D>,
 {
-    let (rows, c) = *x.shape();
+    let rows = x.shape().0;
     if rows != n * h * w || h == 0 || w == 0 || oh == 0 || ow == 0 {
         return config_err(format!(
             "resize: {rows} rows for {n}×{h}×{w} pixels, to {oh}×{ow}"
@@ -789,40 +790,26 @@ where
         .collect();
     let m = n * oh * ow;
     // Taps (y0, x0), (y0, x1), (y1, x0), (y1, x1): source rows and weights per output pixel.
-    let mut idx: [Vec<usize>; 4] = std::array::from_fn(|_| Vec::with_capacity(m));
-    let mut wts: [Vec<E>; 4] = std::array::from_fn(|_| Vec::with_capacity(m));
+    let mut taps: Vec<sar_dfdx::taps::Tap<E>> = (0..4)
+        .map(|_| (Vec::with_capacity(m), Vec::with_capacity(m)))
+        .collect();
     for b in 0..n {
         for &(y0, y1, ly) in &ys {
             for &(x0, x1, lx) in &xs {
-                let taps = [
+                let corners = [
                     (y0, x0, (E::one() - ly) * (E::one() - lx)),
                     (y0, x1, (E::one() - ly) * lx),
                     (y1, x0, ly * (E::one() - lx)),
                     (y1, x1, ly * lx),
                 ];
-                for (k, (yy, xx, wt)) in taps.into_iter().enumerate() {
-                    idx[k].push((b * h + yy) * w + xx);
-                    wts[k].push(wt);
+                for ((idx, wts), (yy, xx, wt)) in taps.iter_mut().zip(corners) {
+                    idx.push((b * h + yy) * w + xx);
+                    wts.push(wt);
                 }
             }
         }
     }
-    let dev = x.device().clone();
-    let mut out: Option<Rows<D, T, E>> = None;
-    for (i, wt) in idx.into_iter().zip(wts) {
-        let tap: Rows<D, T, E> = x.retaped::<T>().gather(dev.tensor_from_vec(i, (m,)));
-        let wt: Tensor<(usize,), E, D> = dev.tensor_from_vec(wt, (m,));
-        let term = tap * wt.broadcast_like::<_, Axis<1>>(&(m, c));
-        out = Some(match out {
-            None => term,
-            Some(o) => o + term,
-        });
-    }
-    let out = out.ok_or_else(|| SarDfdxError::Shape("resize: no taps".into()))?;
-    // The taps were gathered from copies with empty tapes: `x`'s own joins here.
-    let (out, tape) = out.split_tape();
-    let (_, x_tape) = x.split_tape();
-    Ok(out.put_tape(tape.merge(x_tape)))
+    D::weighted_taps(x, &taps)
 }
 
 /// mmsegmentation's pixel cross-entropy of logit rows `[M, K]` (already at label resolution)

@@ -81,6 +81,7 @@ pub mod resample;
 pub mod rng;
 pub mod sgd;
 pub mod state;
+pub mod windows;
 
 pub use anchors::AnchorKind;
 pub use config::{GateMode, RegularizerKind, SarConfig, WeightMode};

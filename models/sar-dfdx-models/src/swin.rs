@@ -431,19 +431,13 @@ fn merge_rows(b: usize, l: usize, heads: usize) -> Vec<usize> {
     idx
 }
 
-/// The relative-position index of an M × M window, `[M², M²]` row-major:
-/// (Δy + M − 1)·(2M − 1) + (Δx + M − 1) (mmsegmentation's `double_step_seq` construction).
+/// The relative-position index of an M × M window, `[M², M²]` row-major
+/// ([`sar_math::windows::relative_position`]: (Δy + M − 1)·(2M − 1) + (Δx + M − 1)).
 fn relative_position_index(m: usize) -> Vec<usize> {
     let l = m * m;
-    let mut idx = Vec::with_capacity(l * l);
-    for i in 0..l {
-        let (yi, xi) = (i / m, i % m);
-        for j in 0..l {
-            let (yj, xj) = (j / m, j % m);
-            idx.push((yi + m - 1 - yj) * (2 * m - 1) + (xi + m - 1 - xj));
-        }
-    }
-    idx
+    (0..l * l)
+        .map(|k| sar_math::windows::relative_position(m, k / l, k % l))
+        .collect()
 }
 
 /// B `[heads, L, L]` from the flat table `[(2M − 1)², heads]`: entry (h, i, j) reads
@@ -455,18 +449,10 @@ fn bias_rows(m: usize, heads: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The shifted-window mask `[nW, M², M²]` (0 or −100) of a padded `hp × wp` grid, as candle's:
-/// regions split at size − M and size − shift on both axes.
+/// The shifted-window mask `[nW, M², M²]` (0 or −100) of a padded `hp × wp` grid, as candle's
+/// ([`sar_math::windows::shift_region`]: regions split at size − M and size − shift).
 fn shift_mask(hp: usize, wp: usize, m: usize, shift: usize) -> Vec<f64> {
-    let region = |v: usize, size: usize| {
-        if v < size - m {
-            0
-        } else if v < size - shift {
-            1
-        } else {
-            2
-        }
-    };
+    let region = |v: usize, size: usize| sar_math::windows::shift_region(v, size, m, shift);
     let (nh, nw, l) = (hp / m, wp / m, m * m);
     let mut mask = Vec::with_capacity(nh * nw * l * l);
     for wy in 0..nh {
@@ -651,11 +637,12 @@ fn unfold_rows(n: usize, (h, w): (usize, usize)) -> Vec<usize> {
     idx
 }
 
-/// The `[s, n]` matrix of PyTorch's adaptive average pooling of n inputs to s outputs.
+/// The `[s, n]` matrix of PyTorch's adaptive average pooling of n inputs to s outputs
+/// ([`sar_math::windows::adaptive_pool_bin`]).
 fn adaptive_pool_matrix(n: usize, s: usize) -> Vec<f64> {
     let mut m = vec![0.0f64; s * n];
     for i in 0..s {
-        let (start, end) = ((i * n) / s, ((i + 1) * n).div_ceil(s));
+        let (start, end) = sar_math::windows::adaptive_pool_bin(n, s, i);
         let weight = 1.0 / (end - start) as f64;
         for j in start..end {
             m[i * n + j] = weight;

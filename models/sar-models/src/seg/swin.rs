@@ -110,33 +110,19 @@ fn apply(x: &Tensor, (w, b): &(Tensor, Option<Tensor>)) -> candle_core::Result<T
     }
 }
 
-/// The relative-position index of an M × M window, `[M², M²]` row-major.
+/// The relative-position index of an M × M window, `[M², M²]` row-major
+/// ([`sar_math::windows::relative_position`]).
 fn relative_position_index(m: usize) -> Vec<u32> {
     let l = m * m;
-    let mut idx = Vec::with_capacity(l * l);
-    for i in 0..l {
-        let (yi, xi) = (i / m, i % m);
-        for j in 0..l {
-            let (yj, xj) = (j / m, j % m);
-            let dy = yi + m - 1 - yj;
-            let dx = xi + m - 1 - xj;
-            idx.push((dy * (2 * m - 1) + dx) as u32);
-        }
-    }
-    idx
+    (0..l * l)
+        .map(|k| sar_math::windows::relative_position(m, k / l, k % l) as u32)
+        .collect()
 }
 
-/// The shifted-window mask `[nW, M², M²]` (0 or −100) of a padded `hp × wp` grid.
+/// The shifted-window mask `[nW, M², M²]` (0 or −100) of a padded `hp × wp` grid
+/// ([`sar_math::windows::shift_region`]).
 fn shift_mask(hp: usize, wp: usize, m: usize, shift: usize) -> Vec<f32> {
-    let region = |v: usize, size: usize| {
-        if v < size - m {
-            0
-        } else if v < size - shift {
-            1
-        } else {
-            2
-        }
-    };
+    let region = |v: usize, size: usize| sar_math::windows::shift_region(v, size, m, shift);
     let (nh, nw, l) = (hp / m, wp / m, m * m);
     let mut mask = Vec::with_capacity(nh * nw * l * l);
     for wy in 0..nh {

@@ -34,11 +34,12 @@ const CHANNELS: usize = 512;
 const AUX_CHANNELS: usize = 256;
 const POOL_SCALES: [usize; 4] = [1, 2, 3, 6];
 
-/// The `[s, n]` matrix of PyTorch's adaptive average pooling of n inputs to s outputs.
+/// The `[s, n]` matrix of PyTorch's adaptive average pooling of n inputs to s outputs
+/// ([`sar_math::windows::adaptive_pool_bin`]).
 fn adaptive_pool_matrix(n: usize, s: usize) -> Vec<f64> {
     let mut m = vec![0.0f64; s * n];
     for i in 0..s {
-        let (start, end) = ((i * n) / s, ((i + 1) * n).div_ceil(s));
+        let (start, end) = sar_math::windows::adaptive_pool_bin(n, s, i);
         let weight = 1.0 / (end - start) as f64;
         for j in start..end {
             m[i * n + j] = weight;

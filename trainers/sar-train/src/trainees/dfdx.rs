@@ -947,21 +947,9 @@ impl Segmenter for DfdxSegmenter<'_> {
         if train {
             candle_core::bail!("the dfdx segmenter adapter evaluates only (train on the trainee)");
         }
-        let (x, (n, c, h, w)) = Self::host(images)?;
-        let mut params = self.params.lock().map_err(candle_err)?;
-        let x = rows_of(params.device(), x, (n, c, h, w));
-        let mut cache = self.cache.lock().map_err(candle_err)?;
-        let mut f = Forward {
-            params: &mut params,
-            cache: &mut cache,
-            train: false,
-        };
-        let out = self
-            .net
-            .features(&mut f, x, (n, h, w))
-            .map_err(candle_err)?;
-        let (fh, fw) = out.hw;
-        let main = Self::map(out.main.as_vec(), (n, self.net.feature_dim(), fh, fw))?;
+        let (main, (n, fh, fw)) =
+            self.eval_features(images, |_, main, size| Ok((main.as_vec(), size)))?;
+        let main = Self::map(main, (n, self.net.feature_dim(), fh, fw))?;
         Ok(SegFeatures { main, aux: None })
     }
     fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
@@ -992,6 +980,27 @@ impl Segmenter for DfdxSegmenter<'_> {
         if !self.disalign {
             return self.classify(&self.features(images, false)?.main);
         }
+        let (logits, (n, fh, fw)) = self.eval_features(images, |f, main, size| {
+            let z = self.net.classify(f.params, main.clone(), false)?;
+            Ok((dfdx_stage::seg_disalign_logits(f, main, z)?.as_vec(), size))
+        })?;
+        Self::map(logits, (n, self.classes(), fh, fw))
+    }
+}
+
+impl DfdxSegmenter<'_> {
+    /// The evaluation-mode features F of candle images `[N, 3, H, W]` as rows, passed to
+    /// `then` with the forward pass (whose variables the DisAlign head reads too) and
+    /// F's (N, h, w).
+    fn eval_features<R>(
+        &self,
+        images: &Tensor,
+        then: impl FnOnce(
+            &mut Forward<Cpu>,
+            Rows<Cpu, NoneTape>,
+            (usize, usize, usize),
+        ) -> anyhow::Result<R>,
+    ) -> candle_core::Result<R> {
         let (x, (n, c, h, w)) = Self::host(images)?;
         let mut params = self.params.lock().map_err(candle_err)?;
         let x = rows_of(params.device(), x, (n, c, h, w));
@@ -1006,16 +1015,9 @@ impl Segmenter for DfdxSegmenter<'_> {
             .features(&mut f, x, (n, h, w))
             .map_err(candle_err)?;
         let (fh, fw) = out.hw;
-        let z = self
-            .net
-            .classify(f.params, out.main.clone(), false)
-            .map_err(candle_err)?;
-        let logits = dfdx_stage::seg_disalign_logits(&mut f, out.main, z).map_err(candle_err)?;
-        Self::map(logits.as_vec(), (n, self.classes(), fh, fw))
+        then(&mut f, out.main, (n, fh, fw)).map_err(candle_err)
     }
-}
 
-impl DfdxSegmenter<'_> {
     /// `conv_seg` (or the auxiliary one) on a candle map `[N, D, h, w]`.
     fn conv_seg(&self, features: &Tensor, aux: bool) -> candle_core::Result<Tensor> {
         let (v, (n, d, h, w)) = Self::host(features)?;
@@ -1067,6 +1069,16 @@ pub(crate) fn cls_step_runner(
     }))
 }
 
+/// A benchmark step's loss (its masks from a fixed generator) and backward: the gradients.
+fn bench_gradients<D: SarDevice<f32>>(
+    model: SegStepModel<'_, D>,
+    batch: SegBatch<'_, D>,
+) -> anyhow::Result<Gradients<f32, D>> {
+    let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
+    loss.try_backward()
+        .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))
+}
+
 /// `sar bench --workload seg-models` on dfdx: one training step of the network of `cfg`
 /// (`classes` classes) on images `x` (NCHW) with labels `y` of size `(n, h, w)`, as the candle
 /// runner's (`crate::bench::seg_models`): no dropout or stochastic depth, the auxiliary head
@@ -1104,10 +1116,7 @@ pub(crate) fn seg_model_runner(
             drop_path: 0.0,
             poison_loss: false,
         };
-        let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
-        let mut grads = loss
-            .try_backward()
-            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        let mut grads = bench_gradients(model, batch)?;
         opt.step(&mut params, &mut grads, &|_| (6e-5, 0.01))?;
         Ok(())
     }))
@@ -1147,10 +1156,7 @@ pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner>
             drop_path: 0.0,
             poison_loss: false,
         };
-        let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
-        let mut grads = loss
-            .try_backward()
-            .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))?;
+        let mut grads = bench_gradients(model, batch)?;
         opt.step(&mut params, &mut grads)?;
         Ok(())
     }))

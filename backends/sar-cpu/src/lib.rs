@@ -10,9 +10,13 @@
 //! parallel through [`sar_math::p2a::p2a_nchw_block`]. Block sums are added in block order, so
 //! the result has the same bits for any number of threads.
 //!
+//! [`gemm`]: single-thread matrix products over strided slice views (the gemm crate, f32 and
+//! f64), the arithmetic of the CPU convolutions (candle's and dfdx's).
+//!
 //! [`scratch`]: per-thread buffers kept between calls, for the CPU convolutions' im2col
 //! matrices (candle's and dfdx's).
 
+pub mod gemm;
 pub mod scratch;
 
 use rayon::prelude::*;

@@ -1058,13 +1058,16 @@ fn seg_networks_match_candle() {
     seg_matches_in::<f32>(B::HrNetV2W18, K::Fcn, hr18, (33, 29), 5e-3, false, None);
     seg_matches_in::<f32>(B::ResNet18V1c, K::Fcn, r18_fcn, (33, 29), 2e-4, true, None);
     // ASPP's image-pool BatchNorm normalises over the N = 2 pooled rows, where f32 rounding
-    // grows (measured 9.9e-4 on `backbone.layer3.0.conv2.weight` with this test's draws).
+    // grows. Measured on `backbone.layer3.0.conv2.weight` with this test's draws, against the
+    // f64 gradient on the same weights: dfdx 4.7e-4 and candle 7.3e-4 of the tensor's scale,
+    // in opposite directions, so 1.2e-3 between them (9.9e-4 before both moved to the gemm
+    // crate's AVX-512 kernels); hence 2e-3.
     seg_matches_in::<f32>(
         B::ResNet18V1c,
         K::Aspp,
         r18_aspp,
         (33, 29),
-        1e-3,
+        2e-3,
         true,
         None,
     );

@@ -3,7 +3,8 @@
 //! candle 0.11 computes the input gradient of a convolution with a direct
 //! `conv_transpose2d` loop (one dot product per output element, no blocking), which made a
 //! ResNet-32 training step about 20× slower than PyTorch's. This op does forward and both
-//! gradients as matrix products (the `gemm` crate, which candle itself uses), image by image:
+//! gradients as matrix products ([`sar_cpu::gemm`]: the `gemm` crate candle itself uses, with
+//! its AVX-512 kernels enabled), image by image:
 //!
 //! - forward: `col_n = im2col(x_n)` `[C·k·k, P]` (P = OH·OW), `y_n = W · col_n` `[O, P]`;
 //! - input gradient: `dx_n = col2im(Wᵀ · dy_n)`;
@@ -26,6 +27,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use sar_cpu::gemm::{matmul, Mat, MatMut};
 use sar_cpu::scratch::with_scratch;
 
 #[derive(Debug, Clone, Copy)]
@@ -245,82 +247,6 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     }
 }
 
-/// A row-major `[rows, cols]` matrix view, possibly transposed (through its strides).
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: isize,
-    cs: isize,
-}
-
-fn rm(data: &[f32], cols: usize) -> Mat<'_> {
-    Mat {
-        data,
-        rs: cols as isize,
-        cs: 1,
-    }
-}
-fn tr(data: &[f32], cols: usize) -> Mat<'_> {
-    Mat {
-        data,
-        rs: 1,
-        cs: cols as isize,
-    }
-}
-
-/// `dst[m, n] (+)= a[m, k] · b[k, n]`, dst row-major, one thread.
-fn sgemm(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], accumulate: bool) {
-    sgemm_strided(m, n, k, a, b, (dst, n as isize, 1), accumulate)
-}
-
-/// [`sgemm`] into `dst[i, j] = dst.0[i·dst.1 + j·dst.2]` (row or column major).
-fn sgemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    (dst, dst_rs, dst_cs): (&mut [f32], isize, isize),
-    accumulate: bool,
-) {
-    assert!(
-        m == 0 || n == 0 || {
-            let reach = (m - 1) as isize * dst_rs + (n - 1) as isize * dst_cs;
-            dst_rs >= 0 && dst_cs >= 0 && (reach as usize) < dst.len()
-        }
-    );
-    let reach = |x: &Mat, r: usize, c: usize| {
-        r.saturating_sub(1) as isize * x.rs + c.saturating_sub(1) as isize * x.cs
-    };
-    assert!(m == 0 || k == 0 || (reach(&a, m, k) as usize) < a.data.len());
-    assert!(k == 0 || n == 0 || (reach(&b, k, n) as usize) < b.data.len());
-    // SAFETY: the asserts above keep every index the product touches inside the slices; dst
-    // is exclusively borrowed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs,
-            dst_rs,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// The convolution op (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dCpu {
@@ -353,12 +279,24 @@ impl CustomOp2 for Conv2dCpu {
         y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
             let xi = &x[i * image..(i + 1) * image];
             if g.pointwise() {
-                sgemm(g.o, p, ckk, rm(wt, ckk), rm(xi, p), out, false);
+                matmul(
+                    (g.o, p, ckk),
+                    Mat::row_major(wt, ckk),
+                    Mat::row_major(xi, p),
+                    MatMut::row_major(out, p),
+                    false,
+                );
                 return;
             }
             with_scratch(ckk * p, |col| {
                 im2col(xi, &g, col);
-                sgemm(g.o, p, ckk, rm(wt, ckk), rm(col, p), out, false);
+                matmul(
+                    (g.o, p, ckk),
+                    Mat::row_major(wt, ckk),
+                    Mat::row_major(col, p),
+                    MatMut::row_major(out, p),
+                    false,
+                );
             });
         });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
@@ -402,11 +340,23 @@ impl CustomOp3 for GradInput {
         dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
             let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
             if g.pointwise() {
-                sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), out, false);
+                matmul(
+                    (ckk, p, g.o),
+                    Mat::transposed(wt, ckk),
+                    Mat::row_major(dyi, p),
+                    MatMut::row_major(out, p),
+                    false,
+                );
                 return;
             }
             with_scratch(ckk * p, |dcol| {
-                sgemm(ckk, p, g.o, tr(wt, ckk), rm(dyi, p), dcol, false);
+                matmul(
+                    (ckk, p, g.o),
+                    Mat::transposed(wt, ckk),
+                    Mat::row_major(dyi, p),
+                    MatMut::row_major(dcol, p),
+                    false,
+                );
                 col2im_add(dcol, &g, out);
             });
         });
@@ -458,8 +408,14 @@ impl CustomOp3 for GradWeight {
                             col
                         };
                         let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
-                        let dst = (&mut dw_t[..], 1, g.o as isize);
-                        sgemm_strided(g.o, ckk, p, rm(dyi, p), tr(c, p), dst, j > 0);
+                        let dst = MatMut::column_major(&mut dw_t, g.o);
+                        matmul(
+                            (g.o, ckk, p),
+                            Mat::row_major(dyi, p),
+                            Mat::transposed(c, p),
+                            dst,
+                            j > 0,
+                        );
                     }
                 });
                 dw_t

@@ -90,11 +90,7 @@ pub type P2aParts<E, D, T> = (Scalar<E, D, T>, f64, usize);
 
 /// A float type dfdx computes in (f32 or f64).
 pub trait Float:
-    Dtype
-    + num_traits::Float
-    + ndarray::LinalgScalar
-    + sar_cpu::scratch::ScratchElem
-    + sar_cpu::gemm::GemmScalar
+    Dtype + num_traits::Float + sar_cpu::scratch::ScratchElem + sar_cpu::gemm::GemmScalar
 {
 }
 impl Float for f32 {}

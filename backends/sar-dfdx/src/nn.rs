@@ -233,6 +233,8 @@ pub struct SarHead<D: SarDevice<f32>> {
     regularizer: RegularizerKind,
     classifier: String,
     segmentation: bool,
+    /// Added times I to the anchors' logits before each step (0: the specified step).
+    anchor_logit_offset: f32,
 }
 
 /// What a [`SarHead`] is built from (besides its anchors): SAR's hyper-parameters, C, D and
@@ -326,7 +328,17 @@ impl<D: SarDevice<f32>> SarHead<D> {
             regularizer,
             classifier: classifier.clone(),
             segmentation,
+            anchor_logit_offset: 0.0,
         })
+    }
+
+    /// Adds `offset`·I to the anchors' logits Z = `fc`(h_ψ(A)) before every later step (0, the
+    /// default, is the specified step). With a large offset each anchor is classified as its
+    /// own class with confidence above δ, so the gate passes and L_p2a runs on any weights:
+    /// for benchmarks that must time L_p2a on an untrained model (candle's wrap the classifier
+    /// the same way), never for training.
+    pub fn set_anchor_logit_offset(&mut self, offset: f32) {
+        self.anchor_logit_offset = offset;
     }
 
     /// SAR or the baseline this head applies.
@@ -425,12 +437,24 @@ impl<D: SarDevice<f32>> SarHead<D> {
             data: e.retaped::<NoneTape>().reshape_like(&(c * dim,)),
             shape: vec![c, dim],
         };
-        let z = linear(params, e, &self.classifier)?;
+        let mut z = linear(params, e, &self.classifier)?;
         if *z.shape() != (c, c) {
             return shape_err(format!(
                 "the classifier maps the [{c}, {dim}] anchors to {:?}, expected [{c}, {c}]",
                 z.shape()
             ));
+        }
+        if self.anchor_logit_offset != 0.0 {
+            let shift: Vec<f32> = (0..c * c)
+                .map(|i| {
+                    if i % (c + 1) == 0 {
+                        self.anchor_logit_offset
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            z = z + params.device().tensor_from_vec(shift, (c, c));
         }
         let (b, zt, ft) = TapedBackend::carrying(params.device(), z, features);
         let step = match mixup {

@@ -397,6 +397,19 @@ fn small_cnn_and_resnet32_match_candle_in_f64() {
 
 #[test]
 fn sar_head_matches_candle() {
+    sar_head_case(None);
+}
+
+/// The benchmarks' gate opener: on a classifier that does not separate the anchors, dfdx's
+/// [`SarHead::set_anchor_logit_offset`] (20) passes the gate and gives the same step and
+/// gradients as candle's head with its classifier wrapped to add 20·I (the candle
+/// benchmarks' `gate_opening`); without the offset the same dfdx step keeps the gate shut.
+#[test]
+fn anchor_logit_offset_opens_the_gate_like_candle() {
+    sar_head_case(Some(20.0));
+}
+
+fn sar_head_case(offset: Option<f32>) {
     use sar_candle::{CandleBackend, EmbeddingKind};
     let (n, c, h, w, classes) = (6, 1, 8, 8, 4);
     let varmap = VarMap::new();
@@ -421,11 +434,13 @@ fn sar_head_matches_candle() {
     )
     .unwrap();
     // A classifier that separates the embedded anchors (fc rows = 10·E), so the gate passes
-    // and L_p2a is compared too.
-    let e = head_c.embed().unwrap();
-    varmap.data().lock().unwrap()["fc.weight"]
-        .set(&(e * 10.0).unwrap())
-        .unwrap();
+    // and L_p2a is compared too; with an offset, the random classifier and the offset.
+    if offset.is_none() {
+        let e = head_c.embed().unwrap();
+        varmap.data().lock().unwrap()["fc.weight"]
+            .set(&(e * 10.0).unwrap())
+            .unwrap();
+    }
     let mut params = params_from(&varmap);
     let anchors: Vec<f32> = head_c.buffers().unwrap()[0]
         .1
@@ -433,22 +448,39 @@ fn sar_head_matches_candle() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut head_d = SarHead::new(
-        &Cpu::default(),
-        &SarHeadConfig::new(cfg, classes, 128),
-        anchors,
-    )
-    .unwrap();
+    let new_head_d = || {
+        SarHead::new(
+            &Cpu::default(),
+            &SarHeadConfig::new(cfg, classes, 128),
+            anchors.clone(),
+        )
+        .unwrap()
+    };
+    let mut head_d = new_head_d();
 
     let x = normals(5, n * c * h * w);
     let y: Vec<i64> = vec![0, 1, 2, 3, 1, 255];
     let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
     let feats_c = model.features(&xt, true).unwrap();
     let yt = Tensor::from_vec(y.clone(), n, &Device::Cpu).unwrap();
-    let classify = |e: &Tensor| model.classify(e);
+    let classify = |e: &Tensor| match offset {
+        None => model.classify(e),
+        Some(o) => {
+            model.classify(e)? + (Tensor::eye(classes, DType::F32, &Device::Cpu)? * o as f64)?
+        }
+    };
     let s_c = head_c.step(&classify, &feats_c, &yt).unwrap();
     let grads_c = s_c.loss.backward().unwrap();
 
+    if let Some(o) = offset {
+        let feats = dfdx_features(&mut params, Arch::SmallCnn, &x, (n, c, h, w));
+        let shut = new_head_d().step(&params, feats, &y, None).unwrap();
+        assert!(
+            !shut.gate_passed,
+            "the random classifier alone passes the gate"
+        );
+        head_d.set_anchor_logit_offset(o);
+    }
     let feats = dfdx_features(&mut params, Arch::SmallCnn, &x, (n, c, h, w));
     let s_d = head_d.step(&params, feats, &y, None).unwrap();
     assert_eq!(s_d.gate_passed, s_c.gate_passed);

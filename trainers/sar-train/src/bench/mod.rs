@@ -518,7 +518,7 @@ pub fn run_seg_step(
             candle("FCN-R18-d8 b2 512² step", || seg_step_runner(false)),
             candle("FCN-R18-d8 b2 512² step + SAR", || seg_step_runner(true)),
             dfdx("dfdx: FCN-R18-d8 b2 512² step", || dfdx_runner(false)),
-            dfdx("dfdx: step + SAR (L_aux only)", || dfdx_runner(true)),
+            dfdx("dfdx: FCN-R18-d8 b2 512² step + SAR", || dfdx_runner(true)),
         ],
     )?;
     let peer = start_peer(torch, "seg_step_peer.py")?;
@@ -805,7 +805,7 @@ mod peer_table_tests {
         let rows = [
             row("ResNet-32 b128 step", 0.6, 128.0),
             row("ResNet-32 b128 step + SAR", 0.9, 128.0),
-            row("dfdx: step + SAR (L_aux only)", 1.2, 128.0),
+            row("dfdx: step + SAR", 1.2, 128.0),
             row("PyTorch: ResNet-32 b128 step", 0.4, 128.0),
             row("PyTorch: ResNet-32 b128 step + SAR", 0.45, 128.0),
             row("SAR head alone, fwd+bwd", 0.001, 0.0),

@@ -1070,12 +1070,20 @@ pub(crate) fn cls_step_runner(
 }
 
 /// A benchmark step's loss (its masks from a fixed generator) and backward: the gradients.
+/// With a SAR head, its gate must have passed (the runner holds it open), so that L_p2a was
+/// timed.
 fn bench_gradients<D: SarDevice<f32>>(
     model: SegStepModel<'_, D>,
     batch: SegBatch<'_, D>,
 ) -> anyhow::Result<Gradients<f32, D>> {
-    let loss = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?.loss;
-    loss.try_backward()
+    let sar = model.head.is_some();
+    let step = seg_step_loss(model, batch, &mut sar_math::rng::SeededRng::new(1))?;
+    anyhow::ensure!(
+        !sar || (step.gate && step.valid > 0),
+        "the benchmark's SAR gate did not pass"
+    );
+    step.loss
+        .try_backward()
         .map_err(|e| anyhow::anyhow!("dfdx backward: {e:?}"))
 }
 
@@ -1125,9 +1133,9 @@ pub(crate) fn seg_model_runner(
 /// `sar bench --workload seg-step` on dfdx: the candle benchmark's FCN-R18-d8 step (batch 2 of
 /// 512² random images and labels over 19 classes, Dropout2d, logits resized to the labels,
 /// cross-entropy + 0.4 × the auxiliary head's, SGD) from the same initial weights. With `sar`
-/// the head's step runs as in training: SAR's gate stays closed on these random weights, so
-/// the step times L_aux and not L_p2a (which candle's benchmark forces open; L_p2a is a few
-/// milliseconds there).
+/// the anchors' logits are shifted by 20·I as in candle's benchmark
+/// ([`SarHead::set_anchor_logit_offset`]), so that the gate passes and L_p2a runs on every
+/// timed step, as in a trained model.
 pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner> {
     let cfg = crate::bench::seg_bench_config(sar)?;
     let setup = crate::seg::build_seg(&cfg, 19)?;
@@ -1135,6 +1143,9 @@ pub(crate) fn seg_step_runner(sar: bool) -> anyhow::Result<crate::bench::Runner>
     let net = dfdx_segnet(cfg.model.segmenter()?)?;
     let classifier = Some(net.classifier_name(false));
     let (mut params, mut head) = on_dfdx(&setup.varmap, setup.head.as_ref(), classifier, &dev)?;
+    if let Some(h) = head.as_mut() {
+        h.set_anchor_logit_offset(20.0);
+    }
     let (x, y) = crate::bench::seg_bench_batch();
     let (n, h, w) = crate::bench::SEG_BENCH_SIZE;
     let x = rows_of(&dev, x, (n, 3, h, w));

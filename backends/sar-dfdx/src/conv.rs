@@ -141,6 +141,18 @@ impl<D: Storage<usize>> Default for GatherCache<D> {
     }
 }
 
+impl<D: Storage<usize>> GatherCache<D> {
+    /// [`ConvGeometry::im2col_rows`] on the host, built once per geometry (the CPU kernels').
+    pub(crate) fn host_rows(&mut self, geom: ConvGeometry) -> Result<std::sync::Arc<Vec<usize>>> {
+        if let Some(i) = self.host.get(&geom) {
+            return Ok(i.clone());
+        }
+        let i = std::sync::Arc::new(geom.im2col_rows()?);
+        self.host.insert(geom, i.clone());
+        Ok(i)
+    }
+}
+
 impl<D: Storage<usize>> std::fmt::Debug for GatherCache<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -413,14 +425,7 @@ where
         geom: ConvGeometry,
     ) -> Result<crate::Matrix<E, Self, T>> {
         let sizes = rows_conv(*x.shape(), *kernel.shape(), geom)?;
-        let idx = match cache.host.get(&geom) {
-            Some(i) => i.clone(),
-            None => {
-                let i = std::sync::Arc::new(geom.im2col_rows()?);
-                cache.host.insert(geom, i.clone());
-                i
-            }
-        };
+        let idx = cache.host_rows(geom)?;
         let (x, tape_x) = x.split_tape();
         let (kernel, tape_k) = kernel.split_tape();
         let mut tape = tape_x.merge(tape_k);

@@ -35,6 +35,7 @@
 //! ```
 
 pub mod conv;
+pub mod depthwise;
 pub mod nn;
 pub mod norm;
 mod taped;
@@ -99,11 +100,21 @@ impl Float for f64 {}
 /// A dfdx device that runs every op SAR and the models need, for element type `E`: dfdx's
 /// `Cpu` and (feature `cuda`) `Cuda`.
 pub trait SarDevice<E: Float>:
-    Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E> + taps::TapKernel<E>
+    Device<E>
+    + Default
+    + conv::ConvKernel<E>
+    + depthwise::DepthwiseKernel<E>
+    + norm::BatchNormKernel<E>
+    + taps::TapKernel<E>
 {
 }
 impl<E: Float, D> SarDevice<E> for D where
-    D: Device<E> + Default + conv::ConvKernel<E> + norm::BatchNormKernel<E> + taps::TapKernel<E>
+    D: Device<E>
+        + Default
+        + conv::ConvKernel<E>
+        + depthwise::DepthwiseKernel<E>
+        + norm::BatchNormKernel<E>
+        + taps::TapKernel<E>
 {
 }
 

@@ -32,10 +32,9 @@
 //! **Mix-FFN** (`ffn.layers`): 1×1 conv with bias C → 4C (`.0`), depth-wise 3×3 conv with bias
 //! (`.1`, weight `[4C, 1, 3, 3]`, padding 1), exact GELU, 1×1 conv with bias 4C → C (`.4`).
 //! The depth-wise conv is `y[p, c] = b[c] + Σ_{u,v<3} w[c, u, v]·x[p + (u − 1, v − 1), c]`
-//! (zero outside the image): the 9 taps of every pixel gathered as in the dense conv
-//! ([`sar_dfdx::conv::im2col_gather`], `[M, 9, C]`), times the weight as `[9, C]` broadcast over
-//! the pixels, summed over the taps. Only gather (backward: scatter-add), multiplication and a
-//! sum, so it runs on every dfdx device.
+//! (zero outside the image): [`sar_dfdx::depthwise`], on the CPU one op with its own backward;
+//! on other devices the 9 taps of every pixel gathered as in the dense conv (`[M, 9, C]`), times
+//! the weight as `[9, C]` broadcast over the pixels, summed over the taps.
 //!
 //! **Stochastic depth**: block k of the K blocks of all stages (counted across stages) drops
 //! each of its two residual branches per image with probability p_k = rate·k/(K − 1) in
@@ -63,7 +62,7 @@
 use crate::seg::{conv_bn, resize_bilinear, DropPath};
 use crate::transformer::{conv_bias, drop_path, gelu, layer_norm};
 use crate::Forward;
-use sar_dfdx::conv::{im2col_gather, ConvGeometry};
+use sar_dfdx::conv::ConvGeometry;
 use sar_dfdx::dfdx::prelude::*;
 use sar_dfdx::nn::{linear, Params, Rows};
 use sar_dfdx::{ConvOut, Float, Result, SarDevice, SarDfdxError};
@@ -367,8 +366,8 @@ where
 
 /// The depth-wise k×k conv (k odd, stride 1, padding k/2) with bias `{prefix}.weight`
 /// `[C, 1, k, k]`, `{prefix}.bias` `[C]` over NHWC rows `[N·h·w, C]` of `(n, h, w)` pixels:
-/// the taps gathered `[M, k², C]` (zero rows in the padding), times the weight as `[k², C]`,
-/// summed over the taps, plus the bias (see the module docs).
+/// [`sar_dfdx::depthwise::DepthwiseKernel`] with the weight as `[k², C]`, plus the bias (see
+/// the module docs).
 pub fn depthwise_conv<E, D, T>(
     f: &mut Forward<D, E>,
     x: Rows<D, T, E>,
@@ -398,16 +397,14 @@ where
     }
     let taps = k * k;
     let geom = ConvGeometry::new(n, (h, w), k, 1, k / 2);
-    let patches = im2col_gather(f.cache, x, geom)?.reshape_like(&(rows, taps, c));
-    // [C, 1, k, k] → [k², C], laid out afresh, so the broadcast below reads it row by row.
+    // [C, 1, k, k] → [k², C], laid out afresh (row t holds tap t's weight of every channel).
     let wt = f
         .params
         .taped::<T>(&wname)?
         .reshape_like(&(c, taps))
         .permute::<_, Axes2<1, 0>>()
         .reshape_like(&(taps, c));
-    let y = (patches * wt.broadcast_like::<_, Axis<0>>(&(rows, taps, c)))
-        .sum::<(usize, usize), Axis<1>>();
+    let y = D::depthwise_rows(f.cache, x, wt, geom)?;
     let bias = f.params.taped::<T>(&bname)?;
     Ok(y + bias.broadcast_like::<_, Axis<0>>(&(rows, c)))
 }

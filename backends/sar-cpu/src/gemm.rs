@@ -184,7 +184,6 @@ mod tests {
 
     /// One product in element type `T` with the given layouts; returns the logical row-major
     /// result. Without `accumulate` the destination starts as NaN, which must not leak.
-    #[allow(clippy::too_many_arguments)]
     fn product<T: GemmScalar>(
         (m, n, k): (usize, usize, usize),
         (a, b, d): (&[f64], &[f64], &[f64]),

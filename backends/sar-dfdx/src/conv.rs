@@ -292,7 +292,7 @@ impl RowsConv {
         if y.is_empty() {
             return Ok(y);
         }
-        let w = self.kernel_matrix(kernel)?;
+        let w = Mat::row_major(self.kernel_matrix(kernel)?, cout);
         let block = self.block_rows();
         y.par_chunks_mut(per_out * cout)
             .zip(idx.par_chunks(per_out * self.taps))
@@ -305,8 +305,10 @@ impl RowsConv {
                         let rows = y_c.len() / cout;
                         let patches = &mut scratch[..rows * width];
                         self.fill_patches(patches, x, taps_c);
-                        let (p, w) = (Mat::row_major(&*patches, width), Mat::row_major(w, cout));
-                        let y_c = MatMut::row_major(y_c, cout);
+                        let (p, y_c) = (
+                            Mat::row_major(&*patches, width),
+                            MatMut::row_major(y_c, cout),
+                        );
                         matmul((rows, cout, width), p, w, y_c, false);
                     }
                 })
@@ -330,7 +332,7 @@ impl RowsConv {
         if g_y.is_empty() || width == 0 || cout == 0 {
             return Ok(g_w);
         }
-        let w = self.kernel_matrix(kernel)?;
+        let w_t = Mat::transposed(self.kernel_matrix(kernel)?, cout);
         let per_group = (idx.len() / (per_out * self.taps))
             .div_ceil(CPU_GROUPS)
             .max(1);
@@ -365,10 +367,7 @@ impl RowsConv {
                             MatMut::row_major(&mut g_w[..], cout),
                         );
                         matmul((width, cout, rows), p_t, g_y_b, g_w, true);
-                        let (w_t, g_p) = (
-                            Mat::transposed(w, cout),
-                            MatMut::row_major(&mut g_patches[..], width),
-                        );
+                        let g_p = MatMut::row_major(&mut g_patches[..], width);
                         matmul((rows, width, cout), g_y_b, w_t, g_p, false);
                         for (g_tap, &src) in g_patches.chunks(cin).zip(taps_b) {
                             if src < self.rows {

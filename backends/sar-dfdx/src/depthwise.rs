@@ -79,7 +79,7 @@ where
         let idx = cache.host_rows(geom)?;
         let (x, tape_x) = x.split_tape();
         let (weight, tape_w) = weight.split_tape();
-        let tape = tape_x.merge(tape_w);
+        let mut tape = tape_x.merge(tape_w);
         let (xs, ws) = (crate::cpu_values(&x), crate::cpu_values(&weight));
         let per_out = m / geom.n.max(1);
         let mut y = vec![E::zero(); m * c];
@@ -103,7 +103,6 @@ where
         // Ghosts (id and shape, no buffer): the backward reads the host copies above.
         let (out_id, x_id, w_id) = (out.ghost(), x.ghost(), weight.ghost());
         let n = geom.n;
-        let mut tape = tape;
         tape.add_backward_op(move |grads| {
             // The output's gradient is complete here and read only here: take it.
             let g_y: Vec<E> = std::mem::take(&mut **grads.get_or_alloc_mut(&out_id)?);

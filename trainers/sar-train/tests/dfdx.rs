@@ -843,6 +843,22 @@ fn dfdx_trains_segformer_and_upernet_like_candle() {
     }
 }
 
+/// Trains the mosaic run `cfg` and returns its report with the mIoU of predicting background
+/// everywhere on its test set (the chance level the mosaic tests compare with); prints both,
+/// the per-class IoU and SAR's gate, under `what`.
+fn train_beside_background(cfg: &TrainConfig, what: &str) -> (sar_train::run::RunReport, f64) {
+    let data = sar_train::seg::load_seg_data(cfg).unwrap();
+    let counts = data.test.class_pixel_counts().unwrap();
+    let all_background_miou = counts[0] as f64 / counts.iter().sum::<u64>() as f64 / 11.0;
+    let r = train(cfg, &TrainOptions::default()).unwrap();
+    let e = r.eval.segmentation().unwrap();
+    eprintln!(
+        "{what} on dfdx: mIoU {:.4} (all-background {:.4}), IoU {:?}, gate first passed at {:?}, pass rate {:.3}",
+        e.miou, all_background_miou, e.per_class_iou, r.gate_first_pass, r.gate_pass_rate
+    );
+    (r, all_background_miou)
+}
+
 /// The demo's segmentation setup (FCN + auxiliary head on a dilated ResNet-18 V1c, the
 /// long-tailed glyph mosaic) with SAR on dfdx, shortened to 500 iterations, held to what the
 /// candle trainer's test asks: 2.5× the mIoU of predicting background everywhere, the two most
@@ -858,15 +874,8 @@ fn dfdx_learns_the_mosaic_far_above_chance() {
     };
     let mut cfg = sar_train::demo::run_config(&demo, 0, true).unwrap();
     cfg.run.backend = BackendKind::Dfdx;
-    let data = sar_train::seg::load_seg_data(&cfg).unwrap();
-    let counts = data.test.class_pixel_counts().unwrap();
-    let all_background_miou = counts[0] as f64 / counts.iter().sum::<u64>() as f64 / 11.0;
-    let r = train(&cfg, &TrainOptions::default()).unwrap();
+    let (r, all_background_miou) = train_beside_background(&cfg, "mosaic demo setup, 500 steps");
     let e = r.eval.segmentation().unwrap();
-    eprintln!(
-        "mosaic demo setup on dfdx, 500 iterations: mIoU {:.4} (all-background {:.4}), IoU {:?}, gate first passed at {:?}, pass rate {:.3}",
-        e.miou, all_background_miou, e.per_class_iou, r.gate_first_pass, r.gate_pass_rate
-    );
     assert!(
         r.gate_first_pass.is_some_and(|s| s < 100) && r.gate_pass_rate > 0.8,
         "{r:?}"
@@ -901,15 +910,8 @@ fn dfdx_hrnet_learns_the_mosaic_above_chance() {
     .chain([format!("run.output={:?}", dir.path().display().to_string())])
     .collect();
     let cfg = sar_train::config::load(&root.join("configs/mosaic-fcn-r18.toml"), &over).unwrap();
-    let data = sar_train::seg::load_seg_data(&cfg).unwrap();
-    let counts = data.test.class_pixel_counts().unwrap();
-    let all_background_miou = counts[0] as f64 / counts.iter().sum::<u64>() as f64 / 11.0;
-    let r = train(&cfg, &TrainOptions::default()).unwrap();
+    let (r, all_background_miou) = train_beside_background(&cfg, "HRNetV2-W18, 300 steps");
     let e = r.eval.segmentation().unwrap();
-    eprintln!(
-        "HRNetV2-W18 on dfdx, 300 steps: mIoU {:.4} (all-background {:.4}), IoU {:?}, gate first passed at {:?}, pass rate {:.3}",
-        e.miou, all_background_miou, e.per_class_iou, r.gate_first_pass, r.gate_pass_rate
-    );
     assert!(
         r.gate_first_pass.is_some_and(|s| s < 50) && r.gate_pass_rate > 0.8,
         "{r:?}"

@@ -276,27 +276,15 @@ impl CustomOp2 for Conv2dCpu {
         let (ckk, p) = (g.ckk(), g.p());
         let mut y = vec![0.0f32; g.n * g.o * p];
         let image = g.c * g.h * g.w;
+        let w = Mat::row_major(wt, ckk);
         y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
-            let xi = &x[i * image..(i + 1) * image];
+            let (xi, out) = (&x[i * image..(i + 1) * image], MatMut::row_major(out, p));
             if g.pointwise() {
-                matmul(
-                    (g.o, p, ckk),
-                    Mat::row_major(wt, ckk),
-                    Mat::row_major(xi, p),
-                    MatMut::row_major(out, p),
-                    false,
-                );
-                return;
+                return matmul((g.o, p, ckk), w, Mat::row_major(xi, p), out, false);
             }
             with_scratch(ckk * p, |col| {
                 im2col(xi, &g, col);
-                matmul(
-                    (g.o, p, ckk),
-                    Mat::row_major(wt, ckk),
-                    Mat::row_major(col, p),
-                    MatMut::row_major(out, p),
-                    false,
-                );
+                matmul((g.o, p, ckk), w, Mat::row_major(col, p), out, false);
             });
         });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
@@ -337,26 +325,14 @@ impl CustomOp3 for GradInput {
         let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
         let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
         let mut dx = vec![0.0f32; g.n * image];
+        let w_t = Mat::transposed(wt, ckk);
         dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
-            let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+            let dyi = Mat::row_major(&dy[i * g.o * p..(i + 1) * g.o * p], p);
             if g.pointwise() {
-                matmul(
-                    (ckk, p, g.o),
-                    Mat::transposed(wt, ckk),
-                    Mat::row_major(dyi, p),
-                    MatMut::row_major(out, p),
-                    false,
-                );
-                return;
+                return matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(out, p), false);
             }
             with_scratch(ckk * p, |dcol| {
-                matmul(
-                    (ckk, p, g.o),
-                    Mat::transposed(wt, ckk),
-                    Mat::row_major(dyi, p),
-                    MatMut::row_major(dcol, p),
-                    false,
-                );
+                matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(dcol, p), false);
                 col2im_add(dcol, &g, out);
             });
         });

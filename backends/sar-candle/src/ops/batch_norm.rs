@@ -9,12 +9,16 @@
 //! - forward (training): μ_c, σ²_c (biased) over N·H·W in f64, x̂ = (x − μ)/√(σ² + ε),
 //!   y = γ·x̂ + β, then max(y, 0) if fused with ReLU;
 //! - backward: g = dy·𝟙(y > 0) (with ReLU), dβ_c = Σ g, dγ_c = Σ g·x̂,
-//!   dx = γ/√(σ²+ε) · (g − dβ_c/M − x̂·dγ_c/M) with M = N·H·W;
+//!   dx = γ/√(σ²+ε) · (g − dβ_c/M − x̂·dγ_c/M) with M = N·H·W. The ReLU's mask is recomputed
+//!   from x as x·s_c + t_c > 0 with the forward's own f32 scale and shift (the same operations,
+//!   so the same bits as y > 0), which spares the backward reading y;
 //! - evaluation: y = x·s_c + t_c with s = γ/√(running σ² + ε), t = β − running μ·s.
 //!
 //! The running statistics follow PyTorch (momentum 0.1, unbiased variance) and are updated by
 //! the caller (sar-models' `layers::Bn`) from the batch statistics this op reports. Sums are over
-//! channels in a fixed order, so results do not depend on the thread count.
+//! channels in a fixed order, so results do not depend on the thread count. The plane loops are
+//! compiled for baseline x86-64 and for AVX2 + FMA and pick at run time (`multiversion`); the
+//! baseline build's SSE2 loops had made the backward about twice as slow.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -73,38 +77,8 @@ impl CustomOp3 for BnTrain {
         if beta.len() != c {
             candle_core::bail!("batch-norm bias has {} values for {c} channels", beta.len());
         }
-        let m = n * hw;
-        let moments: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let mut s = 0.0f64;
-                for i in 0..n {
-                    s += lane_sum(plane(i), |v| v as f64);
-                }
-                let mean = s / m.max(1) as f64;
-                let mut q = 0.0f64;
-                for i in 0..n {
-                    q += lane_sum(plane(i), |v| (v as f64 - mean).powi(2));
-                }
-                (mean, q / m.max(1) as f64)
-            })
-            .collect();
-        let inv_std: Vec<f32> = moments
-            .iter()
-            .map(|&(_, v)| (1.0 / (v + self.eps).sqrt()) as f32)
-            .collect();
-        let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
-        let shift: Vec<f32> = (0..c)
-            .map(|ch| beta[ch] - moments[ch].0 as f32 * scale[ch])
-            .collect();
-        let y = affine(x, n, c, hw, &scale, &shift, self.relu);
-        *self.stats.lock().expect("stats lock") = BatchStats {
-            mean: moments.iter().map(|m| m.0).collect(),
-            var: moments.iter().map(|m| m.1).collect(),
-            inv_std,
-            count: m,
-        };
+        let (y, stats) = train_forward(x, gamma, beta, (n, c, hw), self.eps, self.relu, None);
+        *self.stats.lock().expect("stats lock") = stats;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -112,8 +86,8 @@ impl CustomOp3 for BnTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
-        y: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.lock().expect("stats lock").clone();
@@ -124,7 +98,7 @@ impl CustomOp3 for BnTrain {
             gamma: gamma.flatten_all()?.to_vec1::<f32>()?,
             param_grads: params.clone(),
         };
-        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, y, &op)?;
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &beta.contiguous()?, &op)?;
         let (dg, db) = std::mem::take(&mut *params.lock().expect("grad lock"));
         let c = dg.len();
         Ok((
@@ -135,52 +109,214 @@ impl CustomOp3 for BnTrain {
     }
 }
 
-/// Σ f(v) over `values` in f64, in eight interleaved partial sums added at the end: one
-/// running sum is a chain of dependent additions (4 cycles each), eight keep the adder busy.
+/// Training-mode BatchNorm of `x` `[N, C, HW]` with its batch statistics:
+/// `y = γ·x̂ + β`, plus `residual` if given, then max(·, 0) with `relu`.
+pub(crate) fn train_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> (Vec<f32>, BatchStats) {
+    let m = n * hw;
+    let moments: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            let mut s = 0.0f64;
+            for i in 0..n {
+                s += plane_sum(plane(i));
+            }
+            let mean = s / m.max(1) as f64;
+            let mut q = 0.0f64;
+            for i in 0..n {
+                q += plane_square_deviation(plane(i), mean);
+            }
+            (mean, q / m.max(1) as f64)
+        })
+        .collect();
+    let inv_std: Vec<f32> = moments
+        .iter()
+        .map(|&(_, v)| (1.0 / (v + eps).sqrt()) as f32)
+        .collect();
+    let stats = BatchStats {
+        mean: moments.iter().map(|m| m.0).collect(),
+        var: moments.iter().map(|m| m.1).collect(),
+        inv_std,
+        count: m,
+    };
+    let (scale, shift) = scale_shift(gamma, beta, &stats);
+    let y = affine(x, (n, c, hw), &scale, &shift, relu, residual);
+    (y, stats)
+}
+
+// The plane loops below are compiled twice, for baseline x86-64 and for AVX2 + FMA, and the
+// second runs where the CPU has it (`multiversion`): built for baseline x86-64 they are SSE2.
+// Each element's arithmetic is the same in both (Rust never fuses a·b + c) and the lanes of
+// the sums are explicit, so the results are bit-identical.
+
+/// Σ v over a plane in f64, in eight interleaved partial sums added at the end: one running
+/// sum is a chain of dependent additions (4 cycles each), eight keep the adder busy.
 /// (The f64 sum of f32 terms differs from the one-chain sum by ~1e-16 relative.)
-#[inline]
-fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn plane_sum(values: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let mut chunks = values.chunks_exact(8);
     for chunk in &mut chunks {
         for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += f(v);
+            *l += f64::from(v);
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
     lanes.iter().sum::<f64>() + tail
+}
+
+/// Σ (v − mean)² over a plane in f64, in eight lanes as [`plane_sum`].
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn plane_square_deviation(values: &[f32], mean: f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            let d = f64::from(v) - mean;
+            *l += d * d;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+        .sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Whether the ReLU after `y = x·s + t` passes x's gradient (`None`: no ReLU).
+#[inline(always)]
+fn passes(x: f32, relu: Option<(f32, f32)>) -> bool {
+    match relu {
+        None => true,
+        Some((s, t)) => x * s + t > 0.0,
+    }
+}
+
+/// `(Σ g, Σ g·(x − mean))` over one plane, g = dy where the ReLU `relu` passes (else 0), in
+/// eight f32 lanes per sum.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn plane_grad_sums(x: &[f32], dy: &[f32], mean: f32, relu: Option<(f32, f32)>) -> (f64, f64) {
+    let (mut a, mut b) = ([0.0f32; 8], [0.0f32; 8]);
+    let (xs, ds) = (x.chunks_exact(8), dy.chunks_exact(8));
+    let (mut ta, mut tb) = (0.0f64, 0.0f64);
+    for (&xv, &d) in xs.remainder().iter().zip(ds.remainder()) {
+        let g = if passes(xv, relu) { d } else { 0.0 };
+        ta += f64::from(g);
+        tb += f64::from(g * (xv - mean));
+    }
+    for (xc, dc) in xs.zip(ds) {
+        for ((a, b), (&xv, &d)) in a.iter_mut().zip(b.iter_mut()).zip(xc.iter().zip(dc)) {
+            let g = if passes(xv, relu) { d } else { 0.0 };
+            *a += g;
+            *b += g * (xv - mean);
+        }
+    }
+    let sum = |v: [f32; 8]| v.iter().map(|&l| f64::from(l)).sum::<f64>();
+    (sum(a) + ta, sum(b) + tb)
+}
+
+/// One channel's constants of the backward's second pass.
+#[derive(Debug, Clone, Copy)]
+struct PlaneGrad {
+    mean: f32,
+    inv: f32,
+    k0: f32,
+    mg: f32,
+    mgx: f32,
+}
+
+/// dx = k0·(g − mg − x̂·mgx) over one plane, x̂ = (x − mean)·inv, g = dy where the ReLU
+/// `relu` passes, else 0.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn plane_grad(dst: &mut [f32], x: &[f32], dy: &[f32], k: PlaneGrad, relu: Option<(f32, f32)>) {
+    for ((o, &xv), &d) in dst.iter_mut().zip(x).zip(dy) {
+        let g = if passes(xv, relu) { d } else { 0.0 };
+        let xhat = (xv - k.mean) * k.inv;
+        *o = k.k0 * (g - k.mg - xhat * k.mgx);
+    }
+}
+
+/// `dst = x·s + t (+ residual)`, then max(·, 0) with `relu`, over one plane.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn plane_affine(
+    dst: &mut [f32],
+    x: &[f32],
+    (s, t): (f32, f32),
+    residual: Option<&[f32]>,
+    relu: bool,
+) {
+    match (residual, relu) {
+        (Some(r), true) => {
+            for ((d, &v), &rv) in dst.iter_mut().zip(x).zip(r) {
+                *d = (v * s + t + rv).max(0.0);
+            }
+        }
+        (Some(r), false) => {
+            for ((d, &v), &rv) in dst.iter_mut().zip(x).zip(r) {
+                *d = v * s + t + rv;
+            }
+        }
+        (None, true) => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = (v * s + t).max(0.0);
+            }
+        }
+        (None, false) => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = v * s + t;
+            }
+        }
+    }
+}
+
+/// `dst = dy` where `y > 0`, else 0 (a ReLU's backward from its output).
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+pub(crate) fn relu_mask(dst: &mut [f32], dy: &[f32], y: &[f32]) {
+    for ((o, &d), &y) in dst.iter_mut().zip(dy).zip(y) {
+        *o = if y > 0.0 { d } else { 0.0 };
+    }
+}
+
+/// `dst = max(a + b, 0)`.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn add_relu_plane(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((o, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *o = (a + b).max(0.0);
+    }
 }
 
 fn affine(
     x: &[f32],
-    n: usize,
-    c: usize,
-    hw: usize,
+    (n, c, hw): (usize, usize, usize),
     scale: &[f32],
     shift: &[f32],
     relu: bool,
+    residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = vec![0.0f32; n * c * hw];
     y.par_chunks_mut(c * hw).enumerate().for_each(|(i, yi)| {
         let xi = &x[i * c * hw..(i + 1) * c * hw];
+        let ri = residual.map(|r| &r[i * c * hw..(i + 1) * c * hw]);
         for ch in 0..c {
-            let (s, t) = (scale[ch], shift[ch]);
-            let (src, dst) = (&xi[ch * hw..(ch + 1) * hw], &mut yi[ch * hw..(ch + 1) * hw]);
-            if relu {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = (v * s + t).max(0.0);
-                }
-            } else {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = v * s + t;
-                }
-            }
+            let planes = ch * hw..(ch + 1) * hw;
+            let r = ri.map(|r| &r[planes.clone()]);
+            let st = (scale[ch], shift[ch]);
+            plane_affine(&mut yi[planes.clone()], &xi[planes], st, r, relu);
         }
     });
     y
 }
 
-/// dL/dx of [`BnTrain`] from (x, dy, y); dγ and dβ go to `param_grads`.
+/// dL/dx of [`BnTrain`] from (x, dy, β); dγ and dβ go to `param_grads`.
 struct BnBackward {
     relu: bool,
     stats: BatchStats,
@@ -205,59 +341,105 @@ impl CustomOp3 for BnBackward {
         let (n, _, hw) = nchw(l1, c)?;
         let x = super::cpu_f32("batch-norm", s1, l1, "input")?;
         let dy = super::cpu_f32("batch-norm", s2, l2, "output gradient")?;
-        let y = super::cpu_f32("batch-norm", s3, l3, "output")?;
-        let st = &self.stats;
-        if st.mean.len() != c {
+        let beta = super::cpu_f32("batch-norm", s3, l3, "bias")?;
+        if self.stats.mean.len() != c || beta.len() != c {
             candle_core::bail!("batch-norm backward without forward statistics");
         }
-        let relu = self.relu;
-        let g = move |d: f32, yv: f32| if relu && yv <= 0.0 { 0.0 } else { d };
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mean, inv) = (st.mean[ch] as f32, st.inv_std[ch]);
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for i in 0..n {
-                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let (mut a, mut b) = (0.0f32, 0.0f32);
-                    for ((&xv, &d), &yv) in x[r.clone()].iter().zip(&dy[r.clone()]).zip(&y[r]) {
-                        let gk = g(d, yv);
-                        a += gk;
-                        b += gk * (xv - mean) * inv;
-                    }
-                    sg += a as f64;
-                    sgx += b as f64;
-                }
-                (sg, sgx)
-            })
-            .collect();
-        let m = st.count.max(1) as f64;
-        let mut dx = vec![0.0f32; x.len()];
-        dx.par_chunks_mut(c * hw).enumerate().for_each(|(i, out)| {
-            for ch in 0..c {
-                let (mean, inv) = (st.mean[ch] as f32, st.inv_std[ch]);
-                let k0 = self.gamma[ch] * inv;
-                let mg = (sums[ch].0 / m) as f32;
-                let mgx = (sums[ch].1 / m) as f32;
-                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let dst = &mut out[ch * hw..(ch + 1) * hw];
-                for (((o, &xv), &d), &yv) in dst
-                    .iter_mut()
-                    .zip(&x[r.clone()])
-                    .zip(&dy[r.clone()])
-                    .zip(&y[r])
-                {
-                    let xhat = (xv - mean) * inv;
-                    *o = k0 * (g(d, yv) - mg - xhat * mgx);
-                }
-            }
-        });
-        *self.param_grads.lock().expect("grad lock") = (
-            sums.iter().map(|s| s.1 as f32).collect(),
-            sums.iter().map(|s| s.0 as f32).collect(),
-        );
+        let relu = if self.relu {
+            Relu::Fused { beta }
+        } else {
+            Relu::None
+        };
+        let (dx, dgamma, dbeta) = backward(x, dy, relu, &self.stats, &self.gamma, (n, c, hw));
+        *self.param_grads.lock().expect("grad lock") = (dgamma, dbeta);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+}
+
+/// The training-mode BatchNorm backward for `x` `[N, C, HW]` with the forward's `stats`:
+/// g = dy where the ReLU `relu` (if any) passed its input, else 0;
+/// returns (dx, dγ, dβ) with dβ_c = Σ g, dγ_c = Σ g·x̂, dx = γ/√(σ²+ε)·(g − dβ_c/M − x̂·dγ_c/M).
+pub(crate) fn backward(
+    x: &[f32],
+    dy: &[f32],
+    relu: Relu<'_>,
+    st: &BatchStats,
+    gamma: &[f32],
+    (n, c, hw): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (scale, shift) = match relu {
+        Relu::Fused { beta } => scale_shift(gamma, beta, st),
+        Relu::None => (Vec::new(), Vec::new()),
+    };
+    let relu_at = |ch: usize| match relu {
+        Relu::Fused { .. } => Some((scale[ch], shift[ch])),
+        Relu::None => None,
+    };
+    let plane = |i: usize, ch: usize| (i * c + ch) * hw..(i * c + ch + 1) * hw;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = st.mean[ch] as f32;
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let r = plane(i, ch);
+                let (a, b) = plane_grad_sums(&x[r.clone()], &dy[r], mean, relu_at(ch));
+                sg += a;
+                sgx += b * st.inv_std[ch] as f64;
+            }
+            (sg, sgx)
+        })
+        .collect();
+    let m = st.count.max(1) as f64;
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(c * hw).enumerate().for_each(|(i, out)| {
+        for ch in 0..c {
+            let inv = st.inv_std[ch];
+            let k = PlaneGrad {
+                mean: st.mean[ch] as f32,
+                inv,
+                k0: gamma[ch] * inv,
+                mg: (sums[ch].0 / m) as f32,
+                mgx: (sums[ch].1 / m) as f32,
+            };
+            let r = plane(i, ch);
+            let dst = &mut out[ch * hw..(ch + 1) * hw];
+            plane_grad(dst, &x[r.clone()], &dy[r], k, relu_at(ch));
+        }
+    });
+    (
+        dx,
+        sums.iter().map(|s| s.1 as f32).collect(),
+        sums.iter().map(|s| s.0 as f32).collect(),
+    )
+}
+
+/// Which ReLU follows a BatchNorm, for its backward: the output gradient is kept where the
+/// ReLU's output is positive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Relu<'a> {
+    /// No ReLU.
+    None,
+    /// relu(γ·x̂ + β), as [`BnTrain`] with `relu`: the mask is recomputed from x with the
+    /// forward's scale and shift ([`scale_shift`], the same f32 operations, so the same bits),
+    /// which spares reading the output.
+    Fused {
+        /// β.
+        beta: &'a [f32],
+    },
+}
+
+/// The per-channel `(s, t)` of the training forward, `y = x·s + t`: s = γ/√(σ² + ε),
+/// t = β − μ·s.
+fn scale_shift(gamma: &[f32], beta: &[f32], st: &BatchStats) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma.iter().zip(&st.inv_std).map(|(g, i)| g * i).collect();
+    let shift = beta
+        .iter()
+        .zip(&st.mean)
+        .zip(&scale)
+        .map(|((b, &m), s)| b - m as f32 * s)
+        .collect();
+    (scale, shift)
 }
 
 /// Evaluation-mode per-channel affine (+ ReLU) on (x, scale, shift); no backward.
@@ -284,7 +466,7 @@ impl CustomOp3 for ChannelAffine {
         let (n, c, hw) = nchw(l1, scale.len())?;
         let x = super::cpu_f32("batch-norm", s1, l1, "input")?;
         Ok((
-            CpuStorage::F32(affine(x, n, c, hw, scale, shift, self.relu)),
+            CpuStorage::F32(affine(x, (n, c, hw), scale, shift, self.relu, None)),
             l1.shape().clone(),
         ))
     }
@@ -310,12 +492,11 @@ impl CustomOp2 for AddRelu {
         let a = super::cpu_f32("batch-norm", s1, l1, "lhs")?;
         let b = super::cpu_f32("add-relu", s2, l2, "rhs")?;
         let mut y = vec![0.0f32; a.len()];
-        y.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
-            let o = i << 14;
-            for (j, v) in out.iter_mut().enumerate() {
-                *v = (a[o + j] + b[o + j]).max(0.0);
-            }
-        });
+        y.par_chunks_mut(1 << 14)
+            .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+            .for_each(|(out, (a, b))| {
+                add_relu_plane(out, a, b);
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -346,13 +527,15 @@ impl CustomOp2 for ReluMask {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dy = super::cpu_f32("batch-norm", s1, l1, "gradient")?;
         let y = super::cpu_f32("add-relu", s2, l2, "output")?;
+        if dy.len() != y.len() {
+            candle_core::bail!("relu mask of {:?} by {:?}", l1.dims(), l2.dims());
+        }
         let mut g = vec![0.0f32; dy.len()];
-        g.par_chunks_mut(1 << 14).enumerate().for_each(|(i, out)| {
-            let o = i << 14;
-            for (j, v) in out.iter_mut().enumerate() {
-                *v = if y[o + j] > 0.0 { dy[o + j] } else { 0.0 };
-            }
-        });
+        g.par_chunks_mut(1 << 14)
+            .zip(dy.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(out, (d, y))| {
+                relu_mask(out, d, y);
+            });
         Ok((CpuStorage::F32(g), l1.shape().clone()))
     }
 }

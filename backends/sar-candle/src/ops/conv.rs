@@ -7,7 +7,12 @@
 //! its AVX-512 kernels enabled), image by image:
 //!
 //! - forward: `col_n = im2col(x_n)` `[C·k·k, P]` (P = OH·OW), `y_n = W · col_n` `[O, P]`;
-//! - input gradient: `dx_n = col2im(Wᵀ · dy_n)`;
+//! - input gradient: `dx_n = col2im(Wᵀ · dy_n)`; for a stride-1 conv whose output has the
+//!   input's size ("same", e.g. 3×3 with padding 1) and O ≤ C, the equal
+//!   `dx_n = W' · im2col(dy_n)` with the flipped kernel `W'[c, o] = W[o, c]` rotated by 180°
+//!   (`[C, O·k·k]`): a product whose inner dimension is O·k·k instead of O (16 in ResNet-32's
+//!   first stage), and a gather instead of col2im's scatter. Inputs that are not part of the
+//!   graph (a first layer's images) get no input gradient;
 //! - weight gradient: `dW = Σ_n dy_n · col_nᵀ`, summed within 16 fixed groups of images and
 //!   then over the groups in order, so the bits do not depend on the thread count.
 //!
@@ -19,7 +24,8 @@
 //! The weight gradient is accumulated column-major (`dWᵀ [C·k·k, O]`), so that the gemm crate
 //! packs `dy_n` `[O, P]` rather than `col_n` `[C·k·k, P]` for every image. Together these took
 //! ResNet-32's b128 step from 826–850 to 637–689 ms (README, Benchmarks). The im2col buffers
-//! are each thread's [`sar_cpu::scratch`] buffer, kept between calls.
+//! are each thread's [`sar_cpu::scratch`] buffer, kept between calls. The copy loops are
+//! compiled for baseline x86-64 and for AVX2 + FMA and pick at run time (`multiversion`).
 //!
 //! Layout NCHW, weights `[O, C, k, k]`, dilation (atrous convolution: tap `k` reads input
 //! offset `k·dilation`), no groups, no bias (the models put a BatchNorm after every conv).
@@ -31,7 +37,7 @@ use sar_cpu::gemm::{matmul, Mat, MatMut};
 use sar_cpu::scratch::with_scratch;
 
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
+pub(crate) struct Geometry {
     n: usize,
     c: usize,
     h: usize,
@@ -46,7 +52,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(x: &[usize], wt: &[usize], op: Conv2dCpu) -> candle_core::Result<Self> {
+    pub(crate) fn new(x: &[usize], wt: &[usize], op: Conv2dCpu) -> candle_core::Result<Self> {
         let (stride, pad, dil) = (op.stride, op.padding, op.dilation);
         let (&[n, c, h, w], &[o, c2, k, k2]) = (x, wt) else {
             candle_core::bail!(
@@ -80,6 +86,10 @@ impl Geometry {
             ow: (w + 2 * pad - extent) / stride + 1,
         })
     }
+    /// The output's `[N, O, OH, OW]`.
+    pub(crate) fn out_dims(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
     fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
@@ -110,6 +120,7 @@ impl Geometry {
 }
 
 /// Output columns `ox` whose input column `ox·stride + kx·dilation − pad` lies inside `[0, w)`.
+#[inline]
 fn valid_columns(g: &Geometry, kx: usize) -> (usize, usize) {
     let kx = kx * g.dil;
     let lo = g.pad.saturating_sub(kx).div_ceil(g.stride);
@@ -122,6 +133,7 @@ fn valid_columns(g: &Geometry, kx: usize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
 fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
     let (p, ow, s) = (g.p(), g.ow, g.stride);
     if g.same() {
@@ -164,6 +176,7 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
 /// [`im2col`] of a stride-1 convolution whose output has the input's size: each row of `col`
 /// is the whole plane shifted by `(ky·d − p)·W + kx·d − p`, so it is one copy (instead of one
 /// per output row), after which the few columns that wrapped round a row edge are zeroed.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
 fn im2col_same(x: &[f32], g: &Geometry, col: &mut [f32]) {
     let p = g.p();
     for (c, plane) in x.chunks_exact(p).enumerate().take(g.c) {
@@ -182,6 +195,7 @@ fn im2col_same(x: &[f32], g: &Geometry, col: &mut [f32]) {
 
 /// `x += col2im(col)`: the adjoint of [`im2col`]. `col` is scratch: a stride-1 "same"
 /// convolution zeroes its wrapped columns and adds each row as one shifted run.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
 fn col2im_add(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     let (p, ow, s) = (g.p(), g.ow, g.stride);
     if g.same() {
@@ -221,6 +235,7 @@ fn col2im_add(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
 
 /// Zeroes the columns of a "same" im2col row (`[H, W]`) that tap `kx` reads from outside the
 /// image. Column by column: a `fill` per image row would call memset for one or two floats.
+#[inline]
 fn zero_wrapped_columns(row: &mut [f32], g: &Geometry, kx: usize) {
     let (lo, hi) = valid_columns(g, kx);
     for x in (0..lo).chain(hi..g.w) {
@@ -231,6 +246,7 @@ fn zero_wrapped_columns(row: &mut [f32], g: &Geometry, kx: usize) {
 }
 
 /// The adjoint of [`im2col_same`] (see [`col2im_add`]).
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
 fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     let p = g.p();
     for (c, plane) in x.chunks_exact_mut(p).enumerate().take(g.c) {
@@ -245,6 +261,137 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
             }
         }
     }
+}
+
+/// `y = W ⊛ x` (see the module docs): `x` `[N, C, H, W]`, `wt` `[O, C, k, k]`.
+pub(crate) fn forward(x: &[f32], wt: &[f32], g: &Geometry) -> Vec<f32> {
+    let (ckk, p) = (g.ckk(), g.p());
+    let mut y = vec![0.0f32; g.n * g.o * p];
+    let image = g.c * g.h * g.w;
+    let w = Mat::row_major(wt, ckk);
+    y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
+        let xi = &x[i * image..(i + 1) * image];
+        if g.pointwise() {
+            let out = MatMut::row_major(out, p);
+            return matmul((g.o, p, ckk), w, Mat::row_major(xi, p), out, false);
+        }
+        with_scratch(ckk * p, |col| {
+            im2col(xi, g, col);
+            matmul(
+                (g.o, p, ckk),
+                w,
+                Mat::row_major(col, p),
+                MatMut::row_major(out, p),
+                false,
+            );
+        });
+    });
+    y
+}
+
+/// dL/dx for output gradient `dy`, added to `init` if given (else to zeros).
+pub(crate) fn grad_input(wt: &[f32], dy: &[f32], g: &Geometry, init: Option<&[f32]>) -> Vec<f32> {
+    let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
+    let mut dx = init.map_or_else(|| vec![0.0f32; g.n * image], <[f32]>::to_vec);
+    let acc = init.is_some();
+    if g.same() && !g.pointwise() && g.o <= g.c {
+        // dx = conv(dy, W') with the same geometry (see `flipped_transpose`): an im2col
+        // gather of dy and a product whose inner dimension is O·k·k, instead of a product
+        // with inner dimension O (16 in ResNet-32's first stage) and a col2im scatter.
+        let wf = flipped_transpose(wt, g);
+        let gt = Geometry {
+            c: g.o,
+            o: g.c,
+            ..*g
+        };
+        let okk = gt.ckk();
+        let wf = Mat::row_major(&wf, okk);
+        dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
+            let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+            with_scratch(okk * p, |col| {
+                im2col(dyi, &gt, col);
+                let out = MatMut::row_major(out, p);
+                matmul((g.c, p, okk), wf, Mat::row_major(col, p), out, acc);
+            });
+        });
+        return dx;
+    }
+    let w_t = Mat::transposed(wt, ckk);
+    dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
+        let dyi = Mat::row_major(&dy[i * g.o * p..(i + 1) * g.o * p], p);
+        if g.pointwise() {
+            return matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(out, p), acc);
+        }
+        with_scratch(ckk * p, |dcol| {
+            matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(dcol, p), false);
+            col2im_add(dcol, g, out);
+        });
+    });
+    dx
+}
+
+/// dL/dW for input `x` and output gradient `dy`.
+pub(crate) fn grad_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
+    let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
+    let per_group = g.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
+    let groups: Vec<usize> = (0..g.n.div_ceil(per_group)).collect();
+    let partial: Vec<Vec<f32>> = groups
+        .par_iter()
+        .map(|&grp| {
+            // Accumulated column-major ([C·k·k, O] row-major): the product then packs
+            // dy_n (O × P) instead of the C·k·k × P im2col matrix, 9× less for a 3×3 conv.
+            let mut dw_t = vec![0.0f32; g.o * ckk];
+            let images = grp * per_group..((grp + 1) * per_group).min(g.n);
+            let scratch = if g.pointwise() { 0 } else { ckk * p };
+            with_scratch(scratch, |col| {
+                for (j, i) in images.enumerate() {
+                    let xi = &x[i * image..(i + 1) * image];
+                    let c: &[f32] = if g.pointwise() {
+                        xi
+                    } else {
+                        im2col(xi, g, col);
+                        col
+                    };
+                    let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+                    let dst = MatMut::column_major(&mut dw_t, g.o);
+                    matmul(
+                        (g.o, ckk, p),
+                        Mat::row_major(dyi, p),
+                        Mat::transposed(c, p),
+                        dst,
+                        j > 0,
+                    );
+                }
+            });
+            dw_t
+        })
+        .collect();
+    let mut dw = vec![0.0f32; g.o * ckk];
+    for part in &partial {
+        for (r, row) in part.chunks_exact(g.o).enumerate() {
+            for (oc, v) in row.iter().enumerate() {
+                dw[oc * ckk + r] += v;
+            }
+        }
+    }
+    dw
+}
+
+/// `W'[c, o, ky, kx] = W[o, c, k−1−ky, k−1−kx]` (`[C, O·k·k]`): for a "same" convolution
+/// (stride 1, padding `d·(k−1)/2`) tap `(ky, kx)` reads offset `(ky·d − p, kx·d − p)` and the
+/// flipped tap the opposite one, so `dx = conv(dy, W')` with the same geometry.
+fn flipped_transpose(wt: &[f32], g: &Geometry) -> Vec<f32> {
+    let kk = g.k * g.k;
+    let mut wf = vec![0.0f32; wt.len()];
+    for (o, filters) in wt.chunks_exact(g.c * kk).enumerate() {
+        for (c, taps) in filters.chunks_exact(kk).enumerate() {
+            let dst = &mut wf[(c * g.o + o) * kk..][..kk];
+            for (d, v) in dst.iter_mut().zip(taps.iter().rev()) {
+                *d = *v;
+            }
+        }
+    }
+    wf
 }
 
 /// The convolution op (see the module docs).
@@ -273,20 +420,7 @@ impl CustomOp2 for Conv2dCpu {
         let g = Geometry::new(l1.dims(), l2.dims(), *self)?;
         let x = super::cpu_f32("conv2d", s1, l1, "input")?;
         let wt = super::cpu_f32("conv2d", s2, l2, "weight")?;
-        let (ckk, p) = (g.ckk(), g.p());
-        let mut y = vec![0.0f32; g.n * g.o * p];
-        let image = g.c * g.h * g.w;
-        let w = Mat::row_major(wt, ckk);
-        y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
-            let (xi, out) = (&x[i * image..(i + 1) * image], MatMut::row_major(out, p));
-            if g.pointwise() {
-                return matmul((g.o, p, ckk), w, Mat::row_major(xi, p), out, false);
-            }
-            with_scratch(ckk * p, |col| {
-                im2col(xi, &g, col);
-                matmul((g.o, p, ckk), w, Mat::row_major(col, p), out, false);
-            });
-        });
+        let y = forward(x, wt, &g);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -298,9 +432,14 @@ impl CustomOp2 for Conv2dCpu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = wt.apply_op3_no_bwd(&grad, x, &GradInput(*self))?;
+        // The images of a first layer need no gradient (candle then adds nothing either).
+        let dx = if x.track_op() {
+            Some(wt.apply_op3_no_bwd(&grad, x, &GradInput(*self))?)
+        } else {
+            None
+        };
         let dw = x.apply_op3_no_bwd(&grad, wt, &GradWeight(*self))?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -323,19 +462,7 @@ impl CustomOp3 for GradInput {
         let g = Geometry::new(l3.dims(), l1.dims(), self.0)?;
         let wt = super::cpu_f32("conv2d", s1, l1, "weight")?;
         let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
-        let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
-        let mut dx = vec![0.0f32; g.n * image];
-        let w_t = Mat::transposed(wt, ckk);
-        dx.par_chunks_mut(image).enumerate().for_each(|(i, out)| {
-            let dyi = Mat::row_major(&dy[i * g.o * p..(i + 1) * g.o * p], p);
-            if g.pointwise() {
-                return matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(out, p), false);
-            }
-            with_scratch(ckk * p, |dcol| {
-                matmul((ckk, p, g.o), w_t, dyi, MatMut::row_major(dcol, p), false);
-                col2im_add(dcol, &g, out);
-            });
-        });
+        let dx = grad_input(wt, dy, &g, None);
         Ok((CpuStorage::F32(dx), Shape::from(l3.dims())))
     }
 }
@@ -363,48 +490,7 @@ impl CustomOp3 for GradWeight {
         let g = Geometry::new(l1.dims(), l3.dims(), self.0)?;
         let x = super::cpu_f32("conv2d", s1, l1, "input")?;
         let dy = super::cpu_f32("conv2d", s2, l2, "output gradient")?;
-        let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
-        let per_group = g.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
-        let groups: Vec<usize> = (0..g.n.div_ceil(per_group)).collect();
-        let partial: Vec<Vec<f32>> = groups
-            .par_iter()
-            .map(|&grp| {
-                // Accumulated column-major ([C·k·k, O] row-major): the product then packs
-                // dy_n (O × P) instead of the C·k·k × P im2col matrix, 9× less for a 3×3 conv.
-                let mut dw_t = vec![0.0f32; g.o * ckk];
-                let images = grp * per_group..((grp + 1) * per_group).min(g.n);
-                let scratch = if g.pointwise() { 0 } else { ckk * p };
-                with_scratch(scratch, |col| {
-                    for (j, i) in images.enumerate() {
-                        let xi = &x[i * image..(i + 1) * image];
-                        let c: &[f32] = if g.pointwise() {
-                            xi
-                        } else {
-                            im2col(xi, &g, col);
-                            col
-                        };
-                        let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
-                        let dst = MatMut::column_major(&mut dw_t, g.o);
-                        matmul(
-                            (g.o, ckk, p),
-                            Mat::row_major(dyi, p),
-                            Mat::transposed(c, p),
-                            dst,
-                            j > 0,
-                        );
-                    }
-                });
-                dw_t
-            })
-            .collect();
-        let mut dw = vec![0.0f32; g.o * ckk];
-        for part in &partial {
-            for (r, row) in part.chunks_exact(g.o).enumerate() {
-                for (oc, v) in row.iter().enumerate() {
-                    dw[oc * ckk + r] += v;
-                }
-            }
-        }
+        let dw = grad_weight(x, dy, &g);
         Ok((CpuStorage::F32(dw), Shape::from(l3.dims())))
     }
 }
@@ -470,7 +556,7 @@ fn conv2d_composite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::randn;
+    use crate::ops::test_util::{flat, randn};
     use candle_core::{DType, Device, Var};
 
     /// Direct f64 loops: y, dx and dw for upstream gradient `up`.
@@ -543,6 +629,10 @@ mod tests {
             (3, 4, 11, 6, 5, 3, 1, 1),
             (2, 3, 7, 9, 2, 5, 1, 2),
             (2, 2, 1, 5, 3, 3, 1, 1),
+            // "Same" convs with O ≤ C: the input gradient as a conv of dy with the flipped
+            // kernel (C = O as in the ResNets, and O < C).
+            (3, 8, 6, 7, 8, 3, 1, 1),
+            (2, 6, 5, 5, 4, 3, 1, 1),
         ];
         // Dilated (atrous) geometries as the output-stride-8 backbones and ASPP use them.
         let dilated = [
@@ -552,6 +642,7 @@ mod tests {
             ((2, 2, 5, 6, 3, 3, 1, 3), 3),
             ((1, 2, 13, 13, 2, 3, 1, 12), 12),
             ((1, 2, 6, 6, 2, 3, 1, 1), 2),
+            ((2, 5, 9, 8, 3, 3, 1, 2), 2),
         ];
         // f32 on the CPU runs this op; f64 runs candle's conv2d (as other devices do), whose
         // backward needed a fix for strided convs with different remainders per axis
@@ -599,6 +690,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Images that are not graph variables get no gradient; the weight's is unchanged.
+    #[test]
+    fn a_constant_input_gets_no_gradient() {
+        let x = randn((2, 3, 6, 6));
+        let wt = Var::from_tensor(&randn((4, 3, 3, 3))).unwrap();
+        let grad_w = |x: &Tensor| {
+            let g = conv2d(x, wt.as_tensor(), 1, 1, 1)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (g.get(x).is_some(), flat(g.get(wt.as_tensor()).unwrap()))
+        };
+        let (has_dx, dw) = grad_w(&x);
+        assert!(!has_dx);
+        let (has_dx, dw_var) = grad_w(Var::from_tensor(&x).unwrap().as_tensor());
+        assert!(has_dx);
+        assert_eq!(dw, dw_var);
     }
 
     #[test]

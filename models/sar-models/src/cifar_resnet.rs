@@ -6,7 +6,7 @@
 //!
 //! Weights: Kaiming normal (fan_in) for convs and `fc.weight`, as in those codebases.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::layers::{global_avg_pool, residual_train, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, ModelError, Result};
 use candle_core::{Tensor, D};
@@ -23,6 +23,12 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if self.stride == 1 && self.pad == 0 {
+            let layers = [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)];
+            if let Some(out) = residual_train(x, &layers, train)? {
+                return Ok(out);
+            }
+        }
         let out = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let out = self.bn2.forward(&self.conv2.forward(&out)?, train)?;
         let shortcut = if self.stride == 1 && self.pad == 0 {

@@ -9,7 +9,7 @@ use crate::params::{Init, InitScheme, Scope};
 use crate::{Cost, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear};
-use sar_candle::ops::batch_norm;
+use sar_candle::ops::{batch_norm, residual};
 use std::sync::{Arc, Mutex};
 
 /// How a conv weight is initialised.
@@ -256,6 +256,13 @@ impl Bn {
         };
         let y = x.apply_op3(&self.weight, &self.bias, op)?;
         let st = stats.lock().expect("stats lock");
+        self.update_running(&st)?;
+        Ok(y)
+    }
+
+    /// The running averages after a training batch with statistics `st` (PyTorch's rule:
+    /// momentum 0.1, unbiased variance).
+    fn update_running(&self, st: &batch_norm::BatchStats) -> candle_core::Result<()> {
         let m = st.count as f64;
         let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
         let rm: Vec<f32> = self.running_mean.as_tensor().to_vec1()?;
@@ -270,13 +277,44 @@ impl Bn {
             .zip(&st.var)
             .map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32)
             .collect();
-        let dev = x.device();
+        let dev = self.running_mean.device();
         self.running_mean
             .set(&Tensor::from_vec(new_mean, self.channels, dev)?)?;
         self.running_var
-            .set(&Tensor::from_vec(new_var, self.channels, dev)?)?;
-        Ok(y)
+            .set(&Tensor::from_vec(new_var, self.channels, dev)?)
     }
+}
+
+/// In training on the CPU in f32, `relu(BN_L(conv_L(…relu(BN_1(conv_1(x)))…)) + x)` as one op
+/// ([`sar_candle::ops::residual`], which keeps the block's intermediate tensors out of candle's
+/// backward), updating each BatchNorm's running statistics; `None` elsewhere (evaluation,
+/// other devices and dtypes), where the caller runs the layers one by one.
+pub fn residual_train(
+    x: &Tensor,
+    layers: &[(&Conv, &Bn)],
+    train: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    if !train || !batch_norm::fused_ok(x) {
+        return Ok(None);
+    }
+    let ops: Vec<residual::ConvBn<'_>> = layers
+        .iter()
+        .map(|(conv, bn)| residual::ConvBn {
+            weight: conv.conv.weight(),
+            gamma: &bn.weight,
+            beta: &bn.bias,
+            conv: sar_candle::ops::conv::Conv2dCpu {
+                stride: conv.spec.stride,
+                padding: conv.spec.padding,
+                dilation: conv.spec.dilation,
+            },
+        })
+        .collect();
+    let (out, stats) = residual::residual_block_train(x, &ops, BN_EPS)?;
+    for ((_, bn), st) in layers.iter().zip(&stats) {
+        bn.update_running(st)?;
+    }
+    Ok(Some(out))
 }
 
 /// How a fully connected layer's weight is initialised (the bias always PyTorch's default).
@@ -340,7 +378,7 @@ pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::Bn;
+    use super::{residual_train, Bn, Conv, ConvInit, ConvSpec};
     use crate::params::Scope;
     use crate::test_util::randn;
     use candle_core::{DType, Device, ModuleT, Tensor, Var};
@@ -450,5 +488,75 @@ mod tests {
                 .unwrap();
             assert!(max_abs(&(y - y64).unwrap()) < 1e-5, "eval mode");
         }
+    }
+
+    /// A residual block through [`residual_train`] and layer by layer, in two models with the
+    /// same initial weights: the same outputs and weight gradients for two training steps, the
+    /// same running statistics after them, and no fused path in evaluation.
+    #[test]
+    fn fused_residual_block_matches_the_layers() {
+        let dev = Device::Cpu;
+        let build = || {
+            let varmap = VarMap::new();
+            let init = Scope::new(&varmap, dev.clone(), DType::F32, 7);
+            let layer = |i: usize| {
+                let spec = ConvSpec::new(4, 4, 3);
+                let conv = Conv::new(&init.pp(format!("conv{i}")), spec, ConvInit::KaimingFanIn);
+                (
+                    conv.unwrap(),
+                    Bn::new(&init.pp(format!("bn{i}")), 4).unwrap(),
+                )
+            };
+            (varmap.clone(), [layer(1), layer(2)])
+        };
+        let (fused_vars, fused) = build();
+        let (plain_vars, plain) = build();
+        for step in 0..2 {
+            let x = Var::from_tensor(&(randn((3, 4, 5, 6)) + step as f64).unwrap()).unwrap();
+            let pairs: Vec<_> = fused.iter().map(|(c, b)| (c, b)).collect();
+            let ours = residual_train(x.as_tensor(), &pairs, true)
+                .unwrap()
+                .expect("fused on the CPU in f32");
+            let a = plain[0]
+                .1
+                .forward_relu(&plain[0].0.forward(x.as_tensor()).unwrap(), true)
+                .unwrap();
+            let b = plain[1]
+                .1
+                .forward(&plain[1].0.forward(&a).unwrap(), true)
+                .unwrap();
+            let theirs = sar_candle::ops::batch_norm::add_relu(&b, x.as_tensor()).unwrap();
+            let err = max_abs(&(&ours - &theirs).unwrap());
+            assert!(err < 1e-6 * max_abs(&theirs), "step {step}: output {err}");
+            let up = randn((3, 4, 5, 6));
+            let grads = |t: &Tensor| (t * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g, h) = (grads(&ours), grads(&theirs));
+            let gx = (g.get(x.as_tensor()).unwrap() - h.get(x.as_tensor()).unwrap()).unwrap();
+            assert!(max_abs(&gx) < 1e-5 * max_abs(h.get(x.as_tensor()).unwrap()));
+            for ((fc, _), (pc, _)) in fused.iter().zip(&plain) {
+                let (a, b) = (fc.conv.weight(), pc.conv.weight());
+                let d = (g.get(a).unwrap() - h.get(b).unwrap()).unwrap();
+                assert!(
+                    max_abs(&d) < 1e-5 * max_abs(h.get(b).unwrap()),
+                    "step {step}"
+                );
+            }
+        }
+        let (fd, pd) = (
+            fused_vars.data().lock().unwrap(),
+            plain_vars.data().lock().unwrap(),
+        );
+        for name in [
+            "bn1.running_mean",
+            "bn1.running_var",
+            "bn2.running_mean",
+            "bn2.running_var",
+        ] {
+            let d = (fd[name].as_tensor() - pd[name].as_tensor()).unwrap();
+            assert_eq!(max_abs(&d), 0.0, "{name}");
+        }
+        let x = randn((3, 4, 5, 6));
+        let pairs: Vec<_> = fused.iter().map(|(c, b)| (c, b)).collect();
+        assert!(residual_train(&x, &pairs, false).unwrap().is_none());
     }
 }

@@ -9,7 +9,7 @@
 //! Projection shortcuts are `layerX.0.downsample.{0 (1×1 conv), 1 (BN)}`.
 //! Weights: Kaiming normal fan_out for convs, BN 1/0, `fc` PyTorch's default.
 
-use crate::layers::{global_avg_pool, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::layers::{global_avg_pool, residual_train, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result, Stem};
 use candle_core::Tensor;
@@ -32,6 +32,12 @@ pub(crate) struct Block {
 
 impl Block {
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if self.downsample.is_none() {
+            let layers: Vec<(&Conv, &Bn)> = self.convs.iter().map(|(c, b)| (c, b)).collect();
+            if let Some(out) = residual_train(x, &layers, train)? {
+                return Ok(out);
+            }
+        }
         let mut out = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {

@@ -28,6 +28,7 @@ pub mod depthwise;
 pub mod gelu;
 pub mod layer_norm;
 pub mod pool;
+pub mod residual;
 
 /// Whether the custom CPU ops apply: every tensor on the CPU and f32 (else callers take the
 /// composite path).

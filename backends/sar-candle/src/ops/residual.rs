@@ -1,0 +1,511 @@
+//! A residual block with an identity shortcut, in training mode, as one candle op (CPU, f32).
+//!
+//! For layers i = 0 … L−1, each a convolution `W_i` followed by a BatchNorm `(γ_i, β_i)` with
+//! batch statistics:
+//!
+//! - a₀ = x, y_i = W_i ⊛ a_i, a_{i+1} = relu(BN_i(y_i)) for i < L−1;
+//! - out = relu(BN_{L−1}(y_{L−1}) + x).
+//!
+//! The backward runs the same kernels as the separate ops ([`super::conv`],
+//! [`super::batch_norm`]) from the last layer to the first: g = d_out·𝟙(out > 0) is the
+//! shortcut's gradient and the last BatchNorm's, each earlier BatchNorm's gradient is masked by
+//! its ReLU output a_{i+1}, and dx = g + (the first convolution's input gradient).
+//!
+//! Why one op: candle's backward gives every graph node's gradient a fresh `zeros_like`, then
+//! `add`s each contribution into it. As separate ops a ResNet BasicBlock has five
+//! activation-sized nodes between its input and output (y₀, a₁, y₁, BN₁'s output, and the ReLU
+//! mask's result, which goes to two of them); here the block's intermediate tensors live in the
+//! op, and only x and the parameters get candle gradients.
+//!
+//! Shapes: x `[N, C, H, W]`; W_i `[O_i, C_i, k_i, k_i]` (C₀ = C, C_{i+1} = O_i), γ_i, β_i `[O_i]`;
+//! the last layer's output must have x's shape. The parameters enter as one flat tensor,
+//! `[W₀, γ₀, β₀, W₁, γ₁, β₁, …]` (each flattened), so that the op has two inputs; its
+//! gradient comes back through `cat`, at parameter size. Layout NCHW, contiguous.
+
+use super::batch_norm::{self, BatchStats, Relu};
+use super::conv::{self, Conv2dCpu, Geometry};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// One convolution + BatchNorm of a block.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvBn<'a> {
+    /// `[O, C, k, k]`.
+    pub weight: &'a Tensor,
+    /// γ `[O]`.
+    pub gamma: &'a Tensor,
+    /// β `[O]`.
+    pub beta: &'a Tensor,
+    /// The convolution's stride, padding and dilation.
+    pub conv: Conv2dCpu,
+}
+
+/// What the forward pass keeps for the backward: the parameters, y_i, a_i (i ≥ 1), each
+/// layer's statistics and geometry.
+#[derive(Default)]
+struct Saved {
+    params: Vec<f32>,
+    ys: Vec<Vec<f32>>,
+    acts: Vec<Vec<f32>>,
+    stats: Vec<BatchStats>,
+    geometry: Vec<Geometry>,
+}
+
+/// Where each layer's weight, γ and β lie in the flat parameter tensor, and its weight shape.
+#[derive(Debug, Clone)]
+struct Layers {
+    convs: Vec<Conv2dCpu>,
+    weight_dims: Vec<[usize; 4]>,
+}
+
+impl Layers {
+    /// `(weight, γ, β)` ranges of layer `i`.
+    fn ranges(&self, i: usize) -> [std::ops::Range<usize>; 3] {
+        let mut at = 0;
+        for d in &self.weight_dims[..i] {
+            at += d.iter().product::<usize>() + 2 * d[0];
+        }
+        let d = self.weight_dims[i];
+        let w = d.iter().product::<usize>();
+        [
+            at..at + w,
+            at + w..at + w + d[0],
+            at + w + d[0]..at + w + 2 * d[0],
+        ]
+    }
+    fn len(&self) -> usize {
+        self.ranges(self.convs.len() - 1)[2].end
+    }
+}
+
+/// The block's forward op on (x, flat parameters).
+struct ResidualTrain {
+    layers: Layers,
+    eps: f64,
+    saved: Arc<Mutex<Saved>>,
+}
+
+impl CustomOp2 for ResidualTrain {
+    fn name(&self) -> &'static str {
+        "sar-residual-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::cpu_f32("residual block", s1, l1, "input")?;
+        let params = super::cpu_f32("residual block", s2, l2, "parameters")?;
+        if params.len() != self.layers.len() {
+            candle_core::bail!(
+                "residual block: {} parameter values for layers needing {}",
+                params.len(),
+                self.layers.len()
+            );
+        }
+        let mut saved = Saved {
+            params: params.to_vec(),
+            ..Saved::default()
+        };
+        let mut dims = l1.dims().to_vec();
+        let last = self.layers.convs.len() - 1;
+        let mut out = Vec::new();
+        for (i, (&op, wd)) in self
+            .layers
+            .convs
+            .iter()
+            .zip(&self.layers.weight_dims)
+            .enumerate()
+        {
+            let g = Geometry::new(&dims, wd, op)?;
+            let [w, gamma, beta] = self.layers.ranges(i).map(|r| &params[r]);
+            let input = if i == 0 { x } else { &saved.acts[i - 1] };
+            let y = conv::forward(input, w, &g);
+            let [n, o, oh, ow] = g.out_dims();
+            let shape = (n, o, oh * ow);
+            dims = vec![n, o, oh, ow];
+            let residual = if i == last {
+                if dims != l1.dims() {
+                    candle_core::bail!(
+                        "residual block: the last layer's output {dims:?} is not the input's shape {:?}",
+                        l1.dims()
+                    );
+                }
+                Some(x)
+            } else {
+                None
+            };
+            let (a, st) =
+                batch_norm::train_forward(&y, gamma, beta, shape, self.eps, true, residual);
+            saved.ys.push(y);
+            saved.stats.push(st);
+            saved.geometry.push(g);
+            if i == last {
+                out = a;
+            } else {
+                saved.acts.push(a);
+            }
+        }
+        *self.saved.lock().expect("residual block state") = saved;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dparams = Arc::new(Mutex::new(Vec::new()));
+        let op = ResidualBackward {
+            layers: self.layers.clone(),
+            saved: self.saved.clone(),
+            want_dx: x.track_op(),
+            dparams: dparams.clone(),
+        };
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, out, &op)?;
+        let dp = std::mem::take(&mut *dparams.lock().expect("residual block gradient"));
+        let dp = Tensor::from_vec(dp, params.shape(), params.device())?;
+        Ok((op.want_dx.then_some(dx), Some(dp)))
+    }
+}
+
+/// dL/dx of [`ResidualTrain`] from (x, d_out, out); the parameters' gradient goes to `dparams`.
+struct ResidualBackward {
+    layers: Layers,
+    saved: Arc<Mutex<Saved>>,
+    want_dx: bool,
+    dparams: Arc<Mutex<Vec<f32>>>,
+}
+
+impl CustomOp3 for ResidualBackward {
+    fn name(&self) -> &'static str {
+        "sar-residual-block-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::cpu_f32("residual block", s1, l1, "input")?;
+        let dout = super::cpu_f32("residual block", s2, l2, "output gradient")?;
+        let out = super::cpu_f32("residual block", s3, l3, "output")?;
+        let saved = self.saved.lock().expect("residual block state");
+        let layers = self.layers.convs.len();
+        if saved.ys.len() != layers || dout.len() != x.len() || out.len() != x.len() {
+            candle_core::bail!("residual block backward without its forward pass");
+        }
+        // The shortcut's gradient, and the last BatchNorm's (its ReLU is the block's).
+        let mut shortcut = vec![0.0f32; x.len()];
+        shortcut
+            .par_chunks_mut(1 << 14)
+            .zip(dout.par_chunks(1 << 14).zip(out.par_chunks(1 << 14)))
+            .for_each(|(dst, (d, o))| batch_norm::relu_mask(dst, d, o));
+        let mut dparams = vec![0.0f32; self.layers.len()];
+        let mut upstream: Option<Vec<f32>> = None;
+        let mut dx = Vec::new();
+        for i in (0..layers).rev() {
+            let g = saved.geometry[i];
+            let [rw, rg, rb] = self.layers.ranges(i);
+            // The last BatchNorm's gradient is the shortcut's (masked by the block's ReLU);
+            // the others' ReLUs are their own.
+            let (dy_in, relu) = match &upstream {
+                None => (&shortcut[..], Relu::None),
+                Some(u) => (
+                    &u[..],
+                    Relu::Fused {
+                        beta: &saved.params[rb.clone()],
+                    },
+                ),
+            };
+            let [n, o, oh, ow] = g.out_dims();
+            let shape = (n, o, oh * ow);
+            let gamma = &saved.params[rg.clone()];
+            let (dy, dgamma, dbeta) =
+                batch_norm::backward(&saved.ys[i], dy_in, relu, &saved.stats[i], gamma, shape);
+            let input = if i == 0 { x } else { &saved.acts[i - 1] };
+            dparams[rw.clone()].copy_from_slice(&conv::grad_weight(input, &dy, &g));
+            dparams[rg].copy_from_slice(&dgamma);
+            dparams[rb].copy_from_slice(&dbeta);
+            let w = &saved.params[rw];
+            if i > 0 {
+                upstream = Some(conv::grad_input(w, &dy, &g, None));
+            } else if self.want_dx {
+                dx = conv::grad_input(w, &dy, &g, Some(&shortcut));
+            }
+        }
+        *self.dparams.lock().expect("residual block gradient") = dparams;
+        if !self.want_dx {
+            dx = shortcut;
+        }
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// The block's output (see the module docs) and each layer's batch statistics, from which the
+/// caller updates its running averages. `x` and every parameter must be f32 on the CPU
+/// ([`super::batch_norm::fused_ok`]); `eps` is the BatchNorms' ε.
+pub fn residual_block_train(
+    x: &Tensor,
+    layers: &[ConvBn<'_>],
+    eps: f64,
+) -> candle_core::Result<(Tensor, Vec<BatchStats>)> {
+    if layers.is_empty() {
+        candle_core::bail!("residual block without layers");
+    }
+    let mut flat = Vec::with_capacity(3 * layers.len());
+    let mut weight_dims = Vec::with_capacity(layers.len());
+    for (i, l) in layers.iter().enumerate() {
+        let (o, c, kh, kw) = l.weight.dims4()?;
+        if l.gamma.dims() != [o] || l.beta.dims() != [o] {
+            candle_core::bail!(
+                "residual block layer {i}: BatchNorm parameters {:?} and {:?} for {o} channels",
+                l.gamma.dims(),
+                l.beta.dims()
+            );
+        }
+        weight_dims.push([o, c, kh, kw]);
+        flat.extend([l.weight.flatten_all()?, l.gamma.clone(), l.beta.clone()]);
+    }
+    let all: Vec<&Tensor> = std::iter::once(x).chain(&flat).collect();
+    if !super::all_cpu_f32(&all) {
+        candle_core::bail!("residual block op: every tensor must be f32 on the CPU");
+    }
+    let params = Tensor::cat(&flat, 0)?;
+    let saved = Arc::new(Mutex::new(Saved::default()));
+    let op = ResidualTrain {
+        layers: Layers {
+            convs: layers.iter().map(|l| l.conv).collect(),
+            weight_dims,
+        },
+        eps,
+        saved: saved.clone(),
+    };
+    let out = x.contiguous()?.apply_op2(&params, op)?;
+    let stats = saved.lock().expect("residual block state").stats.clone();
+    Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::batch_norm::{add_relu, BnTrain};
+    use crate::ops::conv::conv2d;
+    use crate::ops::test_util::{flat, randn};
+    use candle_core::{DType, Var, D};
+
+    struct Layer {
+        w: Var,
+        gamma: Var,
+        beta: Var,
+        conv: Conv2dCpu,
+    }
+
+    fn layer(o: usize, c: usize, k: usize, padding: usize, dilation: usize) -> Layer {
+        let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+        Layer {
+            w: var((randn((o, c, k, k)) * 0.3).unwrap()),
+            gamma: var(randn(o).affine(0.2, 1.0).unwrap()),
+            beta: var((randn(o) * 0.2).unwrap()),
+            conv: Conv2dCpu {
+                stride: 1,
+                padding,
+                dilation,
+            },
+        }
+    }
+
+    fn conv_bns(layers: &[Layer]) -> Vec<ConvBn<'_>> {
+        layers
+            .iter()
+            .map(|l| ConvBn {
+                weight: l.w.as_tensor(),
+                gamma: l.gamma.as_tensor(),
+                beta: l.beta.as_tensor(),
+                conv: l.conv,
+            })
+            .collect()
+    }
+
+    /// The same block from the separate ops (f32), with each BatchNorm's statistics.
+    fn separate(x: &Tensor, layers: &[Layer]) -> (Tensor, Vec<BatchStats>) {
+        let mut a = x.clone();
+        let mut stats = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let c = l.conv;
+            let y = conv2d(&a, l.w.as_tensor(), c.stride, c.padding, c.dilation).unwrap();
+            let st = Arc::new(Mutex::new(BatchStats::default()));
+            let last = i + 1 == layers.len();
+            let op = BnTrain {
+                eps: 1e-5,
+                relu: !last,
+                stats: st.clone(),
+            };
+            a = y
+                .apply_op3(l.gamma.as_tensor(), l.beta.as_tensor(), op)
+                .unwrap();
+            stats.push(st.lock().unwrap().clone());
+        }
+        (add_relu(&a, x).unwrap(), stats)
+    }
+
+    /// The same block from candle's own ops in f64 (batch statistics, biased variance).
+    fn reference_f64(x: &Tensor, layers: &[Layer]) -> Tensor {
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let mut a = f64(x);
+        for (i, l) in layers.iter().enumerate() {
+            let c = l.conv;
+            let y = a
+                .conv2d(&f64(l.w.as_tensor()), c.padding, c.stride, c.dilation, 1)
+                .unwrap();
+            let per_channel = |t: &Tensor| {
+                t.transpose(0, 1)
+                    .unwrap()
+                    .flatten_from(1)
+                    .unwrap()
+                    .mean_keepdim(D::Minus1)
+                    .unwrap()
+                    .reshape((1, (), 1, 1))
+                    .unwrap()
+            };
+            let centred = y.broadcast_sub(&per_channel(&y)).unwrap();
+            let var = per_channel(&centred.sqr().unwrap());
+            let xhat = centred
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap();
+            let o = l.gamma.as_tensor().dim(0).unwrap();
+            let bn = xhat
+                .broadcast_mul(&f64(l.gamma.as_tensor()).reshape((1, o, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&f64(l.beta.as_tensor()).reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            a = if i + 1 == layers.len() {
+                (bn + f64(x)).unwrap().relu().unwrap()
+            } else {
+                bn.relu().unwrap()
+            };
+        }
+        a
+    }
+
+    fn close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        for (i, (u, v)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (u - v).abs() <= tol * scale,
+                "{what}[{i}]: {u} vs {v} (scale {scale})"
+            );
+        }
+    }
+
+    /// Output, statistics and every gradient against the separate ops (f32, the same kernels in
+    /// another order) and against candle's own ops in f64: a CIFAR BasicBlock on a non-square
+    /// map, a dilated one, and a bottleneck (1×1, 3×3, 1×1 with other widths inside).
+    #[test]
+    fn matches_the_separate_ops_and_candle_in_f64() {
+        let blocks: Vec<(usize, Vec<Layer>)> = vec![
+            (4, vec![layer(4, 4, 3, 1, 1), layer(4, 4, 3, 1, 1)]),
+            (3, vec![layer(3, 3, 3, 2, 2), layer(3, 3, 3, 1, 1)]),
+            (
+                6,
+                vec![
+                    layer(2, 6, 1, 0, 1),
+                    layer(2, 2, 3, 2, 2),
+                    layer(6, 2, 1, 0, 1),
+                ],
+            ),
+        ];
+        for (b, (c, layers)) in blocks.iter().enumerate() {
+            let x = Var::from_tensor(&randn((5, *c, 7, 6))).unwrap();
+            let up = randn((5, *c, 7, 6));
+            let (ours, stats) =
+                residual_block_train(x.as_tensor(), &conv_bns(layers), 1e-5).unwrap();
+            let (theirs, their_stats) = separate(x.as_tensor(), layers);
+            let reference = reference_f64(x.as_tensor(), layers);
+            close(
+                &format!("block {b} output"),
+                &flat(&ours),
+                &flat(&theirs),
+                1e-6,
+            );
+            close(
+                &format!("block {b} output vs f64"),
+                &flat(&ours),
+                &flat(&reference),
+                1e-5,
+            );
+            for (s, t) in stats.iter().zip(&their_stats) {
+                close("mean", &s.mean, &t.mean, 1e-12);
+                close("var", &s.var, &t.var, 1e-12);
+                assert_eq!(s.count, t.count);
+            }
+            let grads = |t: &Tensor| (t * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g, h) = (grads(&ours), grads(&theirs));
+            let up64 = up.to_dtype(DType::F64).unwrap();
+            let r = (reference * up64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut vars = vec![&x];
+            for l in layers {
+                vars.extend([&l.w, &l.gamma, &l.beta]);
+            }
+            for (j, v) in vars.iter().enumerate() {
+                let ours = flat(g.get(v.as_tensor()).unwrap());
+                close(
+                    &format!("block {b} gradient {j}"),
+                    &ours,
+                    &flat(h.get(v.as_tensor()).unwrap()),
+                    1e-5,
+                );
+                close(
+                    &format!("block {b} gradient {j} vs f64"),
+                    &ours,
+                    &flat(r.get(v.as_tensor()).unwrap()),
+                    1e-4,
+                );
+            }
+        }
+    }
+
+    /// Images that are not variables get no gradient (and none is computed).
+    #[test]
+    fn a_constant_input_gets_no_gradient() {
+        let layers = vec![layer(3, 3, 3, 1, 1), layer(3, 3, 3, 1, 1)];
+        let x = randn((2, 3, 5, 5));
+        let (out, _) = residual_block_train(&x, &conv_bns(&layers), 1e-5).unwrap();
+        let g = out.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(layers[0].w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn bad_blocks_are_errors() {
+        let x = randn((2, 3, 5, 5));
+        let widen = vec![layer(3, 3, 3, 1, 1), layer(4, 3, 3, 1, 1)];
+        let e = residual_block_train(&x, &conv_bns(&widen), 1e-5).unwrap_err();
+        assert!(e.to_string().contains("not the input's shape"), "{e}");
+        let mut strided = vec![layer(3, 3, 3, 1, 1)];
+        strided[0].conv.stride = 2;
+        assert!(residual_block_train(&x, &conv_bns(&strided), 1e-5).is_err());
+        let mismatched = vec![layer(3, 4, 3, 1, 1)];
+        assert!(residual_block_train(&x, &conv_bns(&mismatched), 1e-5).is_err());
+        assert!(residual_block_train(&x, &[], 1e-5).is_err());
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let ok = vec![layer(3, 3, 3, 1, 1)];
+        assert!(residual_block_train(&x64, &conv_bns(&ok), 1e-5).is_err());
+    }
+}

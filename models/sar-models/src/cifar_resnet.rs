@@ -10,6 +10,7 @@ use crate::layers::{global_avg_pool, residual_train, Bn, Conv, ConvInit, ConvSpe
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, ModelError, Result};
 use candle_core::{Tensor, D};
+use sar_candle::ops::residual::Shortcut;
 
 struct BasicBlock {
     conv1: Conv,
@@ -23,11 +24,17 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if self.stride == 1 && self.pad == 0 {
-            let layers = [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)];
-            if let Some(out) = residual_train(x, &layers, train)? {
-                return Ok(out);
+        let layers = [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)];
+        let shortcut = if self.stride == 1 && self.pad == 0 {
+            Shortcut::Identity
+        } else {
+            Shortcut::Subsample {
+                stride: self.stride,
+                pad: self.pad,
             }
+        };
+        if let Some(out) = residual_train(x, &layers, shortcut, train)? {
+            return Ok(out);
         }
         let out = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let out = self.bn2.forward(&self.conv2.forward(&out)?, train)?;

@@ -285,13 +285,14 @@ impl Bn {
     }
 }
 
-/// In training on the CPU in f32, `relu(BN_L(conv_L(…relu(BN_1(conv_1(x)))…)) + x)` as one op
-/// ([`sar_candle::ops::residual`], which keeps the block's intermediate tensors out of candle's
-/// backward), updating each BatchNorm's running statistics; `None` elsewhere (evaluation,
-/// other devices and dtypes), where the caller runs the layers one by one.
+/// In training on the CPU in f32, `relu(BN_L(conv_L(…relu(BN_1(conv_1(x)))…)) + S(x))` as one
+/// op ([`sar_candle::ops::residual`], which keeps the block's intermediate tensors out of
+/// candle's backward), updating each BatchNorm's running statistics; `None` elsewhere
+/// (evaluation, other devices and dtypes), where the caller runs the layers one by one.
 pub fn residual_train(
     x: &Tensor,
     layers: &[(&Conv, &Bn)],
+    shortcut: residual::Shortcut,
     train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
     if !train || !batch_norm::fused_ok(x) {
@@ -310,7 +311,7 @@ pub fn residual_train(
             },
         })
         .collect();
-    let (out, stats) = residual::residual_block_train(x, &ops, BN_EPS)?;
+    let (out, stats) = residual::residual_block_train(x, &ops, shortcut, BN_EPS)?;
     for ((_, bn), st) in layers.iter().zip(&stats) {
         bn.update_running(st)?;
     }
@@ -383,6 +384,7 @@ mod tests {
     use crate::test_util::randn;
     use candle_core::{DType, Device, ModuleT, Tensor, Var};
     use candle_nn::VarMap;
+    use sar_candle::ops::residual::Shortcut;
 
     fn max_abs(t: &Tensor) -> f64 {
         t.abs()
@@ -514,7 +516,7 @@ mod tests {
         for step in 0..2 {
             let x = Var::from_tensor(&(randn((3, 4, 5, 6)) + step as f64).unwrap()).unwrap();
             let pairs: Vec<_> = fused.iter().map(|(c, b)| (c, b)).collect();
-            let ours = residual_train(x.as_tensor(), &pairs, true)
+            let ours = residual_train(x.as_tensor(), &pairs, Shortcut::Identity, true)
                 .unwrap()
                 .expect("fused on the CPU in f32");
             let a = plain[0]
@@ -557,6 +559,8 @@ mod tests {
         }
         let x = randn((3, 4, 5, 6));
         let pairs: Vec<_> = fused.iter().map(|(c, b)| (c, b)).collect();
-        assert!(residual_train(&x, &pairs, false).unwrap().is_none());
+        assert!(residual_train(&x, &pairs, Shortcut::Identity, false)
+            .unwrap()
+            .is_none());
     }
 }

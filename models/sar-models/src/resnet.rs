@@ -13,6 +13,7 @@ use crate::layers::{global_avg_pool, residual_train, Bn, Conv, ConvInit, ConvSpe
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, Result, Stem};
 use candle_core::Tensor;
+use sar_candle::ops::residual::Shortcut;
 
 /// Which ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +35,7 @@ impl Block {
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if self.downsample.is_none() {
             let layers: Vec<(&Conv, &Bn)> = self.convs.iter().map(|(c, b)| (c, b)).collect();
-            if let Some(out) = residual_train(x, &layers, train)? {
+            if let Some(out) = residual_train(x, &layers, Shortcut::Identity, train)? {
                 return Ok(out);
             }
         }

@@ -1,25 +1,26 @@
-//! A residual block with an identity shortcut, in training mode, as one candle op (CPU, f32).
+//! A residual block in training mode as one candle op (CPU, f32).
 //!
 //! For layers i = 0 … L−1, each a convolution `W_i` followed by a BatchNorm `(γ_i, β_i)` with
-//! batch statistics:
+//! batch statistics, and a parameter-free shortcut S ([`Shortcut`]: x itself, or the CIFAR
+//! ResNets' option A, x subsampled with zero channels added):
 //!
 //! - a₀ = x, y_i = W_i ⊛ a_i, a_{i+1} = relu(BN_i(y_i)) for i < L−1;
-//! - out = relu(BN_{L−1}(y_{L−1}) + x).
+//! - out = relu(BN_{L−1}(y_{L−1}) + S(x)).
 //!
 //! The backward runs the same kernels as the separate ops ([`super::conv`],
 //! [`super::batch_norm`]) from the last layer to the first: g = d_out·𝟙(out > 0) is the
 //! shortcut's gradient and the last BatchNorm's, each earlier BatchNorm's gradient is masked by
-//! its ReLU output a_{i+1}, and dx = g + (the first convolution's input gradient).
+//! its own ReLU, and dx = Sᵀ(g) + (the first convolution's input gradient).
 //!
 //! Why one op: candle's backward gives every graph node's gradient a fresh `zeros_like`, then
 //! `add`s each contribution into it. As separate ops a ResNet BasicBlock has five
 //! activation-sized nodes between its input and output (y₀, a₁, y₁, BN₁'s output, and the ReLU
-//! mask's result, which goes to two of them); here the block's intermediate tensors live in the
-//! op, and only x and the parameters get candle gradients.
+//! mask's result, which goes to two of them), and option A four more; here the block's
+//! intermediate tensors live in the op, and only x and the parameters get candle gradients.
 //!
 //! Shapes: x `[N, C, H, W]`; W_i `[O_i, C_i, k_i, k_i]` (C₀ = C, C_{i+1} = O_i), γ_i, β_i `[O_i]`;
-//! the last layer's output must have x's shape. The parameters enter as one flat tensor,
-//! `[W₀, γ₀, β₀, W₁, γ₁, β₁, …]` (each flattened), so that the op has two inputs; its
+//! the last layer's output must have the shortcut's shape. The parameters enter as one flat
+//! tensor, `[W₀, γ₀, β₀, W₁, γ₁, β₁, …]` (each flattened), so that the op has two inputs; their
 //! gradient comes back through `cat`, at parameter size. Layout NCHW, contiguous.
 
 use super::batch_norm::{self, BatchStats, Relu};
@@ -39,6 +40,77 @@ pub struct ConvBn<'a> {
     pub beta: &'a Tensor,
     /// The convolution's stride, padding and dilation.
     pub conv: Conv2dCpu,
+}
+
+/// A block's shortcut from its input x `[N, C, H, W]` to the sum before the last ReLU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortcut {
+    /// x itself (the last layer's output must have x's shape).
+    Identity,
+    /// The CIFAR ResNets' option A: `x[:, :, ::stride, ::stride]` (the first of every `stride`
+    /// rows and columns, ⌈H/stride⌉ × ⌈W/stride⌉) with `pad` zero channels on each side; no
+    /// parameters.
+    Subsample {
+        /// Stride of the subsampling.
+        stride: usize,
+        /// Zero channels added before and after x's.
+        pad: usize,
+    },
+}
+
+impl Shortcut {
+    /// The shortcut's `[N, C', H', W']` for an input of `[N, C, H, W]`.
+    fn out_dims(self, x: &[usize]) -> Vec<usize> {
+        match self {
+            Shortcut::Identity => x.to_vec(),
+            Shortcut::Subsample { stride, pad } => {
+                let s = stride.max(1);
+                vec![x[0], x[1] + 2 * pad, x[2].div_ceil(s), x[3].div_ceil(s)]
+            }
+        }
+    }
+
+    /// The subsampled, channel-padded x (`Subsample` only).
+    fn subsample(x: &[f32], dims: &[usize], stride: usize, pad: usize) -> Vec<f32> {
+        let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
+        let co = c + 2 * pad;
+        let mut r = vec![0.0f32; n * co * oh * ow];
+        for (i, image) in r.chunks_exact_mut(co * oh * ow).enumerate() {
+            for ch in 0..c {
+                let src = &x[(i * c + ch) * h * w..][..h * w];
+                let dst = &mut image[(ch + pad) * oh * ow..][..oh * ow];
+                for (y, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    let from = &src[y * stride * w..][..w];
+                    for (v, &u) in row.iter_mut().zip(from.iter().step_by(stride)) {
+                        *v = u;
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// The adjoint of [`Shortcut::subsample`]: `g` `[N, C + 2·pad, ⌈H/s⌉, ⌈W/s⌉]` scattered into
+    /// a zero `[N, C, H, W]`.
+    fn subsample_adjoint(g: &[f32], dims: &[usize], stride: usize, pad: usize) -> Vec<f32> {
+        let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
+        let co = c + 2 * pad;
+        let mut dx = vec![0.0f32; n * c * h * w];
+        for (i, image) in dx.chunks_exact_mut(c * h * w).enumerate() {
+            for (ch, plane) in image.chunks_exact_mut(h * w).enumerate() {
+                let src = &g[(i * co + ch + pad) * oh * ow..][..oh * ow];
+                for (y, row) in src.chunks_exact(ow).enumerate() {
+                    let to = &mut plane[y * stride * w..][..w];
+                    for (v, &u) in to.iter_mut().step_by(stride).zip(row) {
+                        *v = u;
+                    }
+                }
+            }
+        }
+        dx
+    }
 }
 
 /// What the forward pass keeps for the backward: the parameters, y_i, a_i (i ≥ 1), each
@@ -82,6 +154,7 @@ impl Layers {
 /// The block's forward op on (x, flat parameters).
 struct ResidualTrain {
     layers: Layers,
+    shortcut: Shortcut,
     eps: f64,
     saved: Arc<Mutex<Saved>>,
 }
@@ -128,14 +201,23 @@ impl CustomOp2 for ResidualTrain {
             let [n, o, oh, ow] = g.out_dims();
             let shape = (n, o, oh * ow);
             dims = vec![n, o, oh, ow];
+            let subsampled;
             let residual = if i == last {
-                if dims != l1.dims() {
+                let want = self.shortcut.out_dims(l1.dims());
+                if dims != want {
                     candle_core::bail!(
-                        "residual block: the last layer's output {dims:?} is not the input's shape {:?}",
-                        l1.dims()
+                        "residual block: the last layer's output {dims:?} is not the shortcut's {want:?} (input {:?}, {:?})",
+                        l1.dims(),
+                        self.shortcut
                     );
                 }
-                Some(x)
+                Some(match self.shortcut {
+                    Shortcut::Identity => x,
+                    Shortcut::Subsample { stride, pad } => {
+                        subsampled = Shortcut::subsample(x, l1.dims(), stride, pad);
+                        &subsampled[..]
+                    }
+                })
             } else {
                 None
             };
@@ -151,7 +233,7 @@ impl CustomOp2 for ResidualTrain {
             }
         }
         *self.saved.lock().expect("residual block state") = saved;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(
@@ -164,6 +246,7 @@ impl CustomOp2 for ResidualTrain {
         let dparams = Arc::new(Mutex::new(Vec::new()));
         let op = ResidualBackward {
             layers: self.layers.clone(),
+            shortcut: self.shortcut,
             saved: self.saved.clone(),
             want_dx: x.track_op(),
             dparams: dparams.clone(),
@@ -178,6 +261,7 @@ impl CustomOp2 for ResidualTrain {
 /// dL/dx of [`ResidualTrain`] from (x, d_out, out); the parameters' gradient goes to `dparams`.
 struct ResidualBackward {
     layers: Layers,
+    shortcut: Shortcut,
     saved: Arc<Mutex<Saved>>,
     want_dx: bool,
     dparams: Arc<Mutex<Vec<f32>>>,
@@ -202,15 +286,26 @@ impl CustomOp3 for ResidualBackward {
         let out = super::cpu_f32("residual block", s3, l3, "output")?;
         let saved = self.saved.lock().expect("residual block state");
         let layers = self.layers.convs.len();
-        if saved.ys.len() != layers || dout.len() != x.len() || out.len() != x.len() {
+        if saved.ys.len() != layers || dout.len() != out.len() {
             candle_core::bail!("residual block backward without its forward pass");
         }
         // The shortcut's gradient, and the last BatchNorm's (its ReLU is the block's).
-        let mut shortcut = vec![0.0f32; x.len()];
+        let mut shortcut = vec![0.0f32; out.len()];
         shortcut
             .par_chunks_mut(1 << 14)
             .zip(dout.par_chunks(1 << 14).zip(out.par_chunks(1 << 14)))
             .for_each(|(dst, (d, o))| batch_norm::relu_mask(dst, d, o));
+        // x's share through the shortcut.
+        let through_shortcut = match self.shortcut {
+            Shortcut::Identity => None,
+            Shortcut::Subsample { stride, pad } => Some(Shortcut::subsample_adjoint(
+                &shortcut,
+                l1.dims(),
+                stride,
+                pad,
+            )),
+        };
+        let dx_shortcut = through_shortcut.as_deref().unwrap_or(&shortcut);
         let mut dparams = vec![0.0f32; self.layers.len()];
         let mut upstream: Option<Vec<f32>> = None;
         let mut dx = Vec::new();
@@ -241,12 +336,13 @@ impl CustomOp3 for ResidualBackward {
             if i > 0 {
                 upstream = Some(conv::grad_input(w, &dy, &g, None));
             } else if self.want_dx {
-                dx = conv::grad_input(w, &dy, &g, Some(&shortcut));
+                dx = conv::grad_input(w, &dy, &g, Some(dx_shortcut));
             }
         }
         *self.dparams.lock().expect("residual block gradient") = dparams;
         if !self.want_dx {
-            dx = shortcut;
+            // Not used (candle is given no gradient for x), but of x's shape.
+            dx = through_shortcut.unwrap_or(shortcut);
         }
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -258,8 +354,12 @@ impl CustomOp3 for ResidualBackward {
 pub fn residual_block_train(
     x: &Tensor,
     layers: &[ConvBn<'_>],
+    shortcut: Shortcut,
     eps: f64,
 ) -> candle_core::Result<(Tensor, Vec<BatchStats>)> {
+    if let Shortcut::Subsample { stride: 0, .. } = shortcut {
+        candle_core::bail!("residual block: a subsampling shortcut with stride 0");
+    }
     if layers.is_empty() {
         candle_core::bail!("residual block without layers");
     }
@@ -288,6 +388,7 @@ pub fn residual_block_train(
             convs: layers.iter().map(|l| l.conv).collect(),
             weight_dims,
         },
+        shortcut,
         eps,
         saved: saved.clone(),
     };
@@ -338,7 +439,7 @@ mod tests {
     }
 
     /// The same block from the separate ops (f32), with each BatchNorm's statistics.
-    fn separate(x: &Tensor, layers: &[Layer]) -> (Tensor, Vec<BatchStats>) {
+    fn separate(x: &Tensor, layers: &[Layer], shortcut: Shortcut) -> (Tensor, Vec<BatchStats>) {
         let mut a = x.clone();
         let mut stats = Vec::new();
         for (i, l) in layers.iter().enumerate() {
@@ -356,18 +457,42 @@ mod tests {
                 .unwrap();
             stats.push(st.lock().unwrap().clone());
         }
-        (add_relu(&a, x).unwrap(), stats)
+        (add_relu(&a, &option_a(x, shortcut)).unwrap(), stats)
+    }
+
+    /// The shortcut from candle's ops: strided rows and columns by reshaping (after padding
+    /// to a multiple of the stride), then zero channels.
+    fn option_a(x: &Tensor, shortcut: Shortcut) -> Tensor {
+        let Shortcut::Subsample { stride: s, pad } = shortcut else {
+            return x.clone();
+        };
+        let (n, c, h, w) = x.dims4().unwrap();
+        let x = x
+            .pad_with_zeros(2, 0, (s - h % s) % s)
+            .unwrap()
+            .pad_with_zeros(3, 0, (s - w % s) % s)
+            .unwrap();
+        let (hh, ww) = (h.div_ceil(s), w.div_ceil(s));
+        x.reshape((n, c, hh, s, ww, s))
+            .unwrap()
+            .narrow(3, 0, 1)
+            .unwrap()
+            .narrow(5, 0, 1)
+            .unwrap()
+            .reshape((n, c, hh, ww))
+            .unwrap()
+            .pad_with_zeros(1, pad, pad)
+            .unwrap()
     }
 
     /// The same block from candle's own ops in f64 (batch statistics, biased variance).
-    fn reference_f64(x: &Tensor, layers: &[Layer]) -> Tensor {
+    fn reference_f64(x: &Tensor, layers: &[Layer], shortcut: Shortcut) -> Tensor {
         let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let mut a = f64(x);
         for (i, l) in layers.iter().enumerate() {
             let c = l.conv;
-            let y = a
-                .conv2d(&f64(l.w.as_tensor()), c.padding, c.stride, c.dilation, 1)
-                .unwrap();
+            // f64 takes candle's own conv2d (made safe for strided backward by `conv2d`).
+            let y = conv2d(&a, &f64(l.w.as_tensor()), c.stride, c.padding, c.dilation).unwrap();
             let per_channel = |t: &Tensor| {
                 t.transpose(0, 1)
                     .unwrap()
@@ -390,7 +515,7 @@ mod tests {
                 .broadcast_add(&f64(l.beta.as_tensor()).reshape((1, o, 1, 1)).unwrap())
                 .unwrap();
             a = if i + 1 == layers.len() {
-                (bn + f64(x)).unwrap().relu().unwrap()
+                (bn + option_a(&f64(x), shortcut)).unwrap().relu().unwrap()
             } else {
                 bn.relu().unwrap()
             };
@@ -411,12 +536,23 @@ mod tests {
 
     /// Output, statistics and every gradient against the separate ops (f32, the same kernels in
     /// another order) and against candle's own ops in f64: a CIFAR BasicBlock on a non-square
-    /// map, a dilated one, and a bottleneck (1×1, 3×3, 1×1 with other widths inside).
+    /// map, a dilated one, a bottleneck (1×1, 3×3, 1×1 with other widths inside), and a CIFAR
+    /// block that halves odd and even sizes and widens 4 → 8 channels (option A).
     #[test]
     fn matches_the_separate_ops_and_candle_in_f64() {
-        let blocks: Vec<(usize, Vec<Layer>)> = vec![
-            (4, vec![layer(4, 4, 3, 1, 1), layer(4, 4, 3, 1, 1)]),
-            (3, vec![layer(3, 3, 3, 2, 2), layer(3, 3, 3, 1, 1)]),
+        let mut strided = layer(8, 4, 3, 1, 1);
+        strided.conv.stride = 2;
+        let blocks: Vec<(usize, Vec<Layer>, Shortcut)> = vec![
+            (
+                4,
+                vec![layer(4, 4, 3, 1, 1), layer(4, 4, 3, 1, 1)],
+                Shortcut::Identity,
+            ),
+            (
+                3,
+                vec![layer(3, 3, 3, 2, 2), layer(3, 3, 3, 1, 1)],
+                Shortcut::Identity,
+            ),
             (
                 6,
                 vec![
@@ -424,15 +560,21 @@ mod tests {
                     layer(2, 2, 3, 2, 2),
                     layer(6, 2, 1, 0, 1),
                 ],
+                Shortcut::Identity,
+            ),
+            (
+                4,
+                vec![strided, layer(8, 8, 3, 1, 1)],
+                Shortcut::Subsample { stride: 2, pad: 2 },
             ),
         ];
-        for (b, (c, layers)) in blocks.iter().enumerate() {
+        for (b, (c, layers, shortcut)) in blocks.iter().enumerate() {
             let x = Var::from_tensor(&randn((5, *c, 7, 6))).unwrap();
-            let up = randn((5, *c, 7, 6));
             let (ours, stats) =
-                residual_block_train(x.as_tensor(), &conv_bns(layers), 1e-5).unwrap();
-            let (theirs, their_stats) = separate(x.as_tensor(), layers);
-            let reference = reference_f64(x.as_tensor(), layers);
+                residual_block_train(x.as_tensor(), &conv_bns(layers), *shortcut, 1e-5).unwrap();
+            let up = randn(ours.dims());
+            let (theirs, their_stats) = separate(x.as_tensor(), layers, *shortcut);
+            let reference = reference_f64(x.as_tensor(), layers, *shortcut);
             close(
                 &format!("block {b} output"),
                 &flat(&ours),
@@ -486,7 +628,8 @@ mod tests {
     fn a_constant_input_gets_no_gradient() {
         let layers = vec![layer(3, 3, 3, 1, 1), layer(3, 3, 3, 1, 1)];
         let x = randn((2, 3, 5, 5));
-        let (out, _) = residual_block_train(&x, &conv_bns(&layers), 1e-5).unwrap();
+        let (out, _) =
+            residual_block_train(&x, &conv_bns(&layers), Shortcut::Identity, 1e-5).unwrap();
         let g = out.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(layers[0].w.as_tensor()).is_some());
@@ -496,16 +639,23 @@ mod tests {
     fn bad_blocks_are_errors() {
         let x = randn((2, 3, 5, 5));
         let widen = vec![layer(3, 3, 3, 1, 1), layer(4, 3, 3, 1, 1)];
-        let e = residual_block_train(&x, &conv_bns(&widen), 1e-5).unwrap_err();
-        assert!(e.to_string().contains("not the input's shape"), "{e}");
+        let e = residual_block_train(&x, &conv_bns(&widen), Shortcut::Identity, 1e-5).unwrap_err();
+        assert!(e.to_string().contains("not the shortcut's"), "{e}");
+        let half = Shortcut::Subsample { stride: 2, pad: 0 };
+        let same = vec![layer(3, 3, 3, 1, 1)];
+        assert!(residual_block_train(&x, &conv_bns(&same), half, 1e-5).is_err());
+        let zero = Shortcut::Subsample { stride: 0, pad: 0 };
+        assert!(residual_block_train(&x, &conv_bns(&same), zero, 1e-5).is_err());
         let mut strided = vec![layer(3, 3, 3, 1, 1)];
         strided[0].conv.stride = 2;
-        assert!(residual_block_train(&x, &conv_bns(&strided), 1e-5).is_err());
+        assert!(residual_block_train(&x, &conv_bns(&strided), Shortcut::Identity, 1e-5).is_err());
         let mismatched = vec![layer(3, 4, 3, 1, 1)];
-        assert!(residual_block_train(&x, &conv_bns(&mismatched), 1e-5).is_err());
-        assert!(residual_block_train(&x, &[], 1e-5).is_err());
+        assert!(
+            residual_block_train(&x, &conv_bns(&mismatched), Shortcut::Identity, 1e-5).is_err()
+        );
+        assert!(residual_block_train(&x, &[], Shortcut::Identity, 1e-5).is_err());
         let x64 = x.to_dtype(DType::F64).unwrap();
         let ok = vec![layer(3, 3, 3, 1, 1)];
-        assert!(residual_block_train(&x64, &conv_bns(&ok), 1e-5).is_err());
+        assert!(residual_block_train(&x64, &conv_bns(&ok), Shortcut::Identity, 1e-5).is_err());
     }
 }

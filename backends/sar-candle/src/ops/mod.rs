@@ -16,6 +16,7 @@
 //! | [`cross_entropy`] | `L = Σ_p w_p·(−log softmax(z_p)[y_p]) / M`; dz = w·(softmax − onehot)/M | z `[N, K, H, W]`, y (u32), w `[N, 1, H, W]` → scalar |
 //! | [`depthwise`] | y_c = b_c + w_c ⋆ x_c, k×k, stride 1, padding k/2 | x `[N, C, H, W]`, w `[C, 1, k, k]`, b `[C]` → y like x |
 //! | [`pool`] | y = max over the k×k window (padding −∞), gradient to the window's first maximum | x `[N, C, H, W]` → y `[N, C, OH, OW]` |
+//! | [`residual`] | out = relu(BN_L(W_L ⊛ … relu(BN_1(W_1 ⊛ x)) …) + S(x)), training only, S the identity or option A | x `[N, C, H, W]`, W_i, γ_i, β_i → out like S(x) |
 //!
 //! Layout: contiguous row-major NCHW; the ops make their inputs contiguous. Sums over images
 //! and channels run in fixed orders, so results do not depend on the thread count (rayon).

@@ -6,7 +6,9 @@
 //!
 //! Weights: Kaiming normal (fan_in) for convs and `fc.weight`, as in those codebases.
 
-use crate::layers::{global_avg_pool, residual_train, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit};
+use crate::layers::{
+    global_avg_pool, residual_chain_train, Bn, Conv, ConvInit, ConvSpec, Fc, FcInit,
+};
 use crate::params::Scope;
 use crate::{Cost, ImageClassifier, ModelError, Result};
 use candle_core::{Tensor, D};
@@ -23,19 +25,23 @@ struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let layers = [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)];
-        let shortcut = if self.stride == 1 && self.pad == 0 {
+    fn layers(&self) -> [(&Conv, &Bn); 2] {
+        [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)]
+    }
+
+    fn shortcut(&self) -> Shortcut {
+        if self.stride == 1 && self.pad == 0 {
             Shortcut::Identity
         } else {
             Shortcut::Subsample {
                 stride: self.stride,
                 pad: self.pad,
             }
-        };
-        if let Some(out) = residual_train(x, &layers, shortcut, train)? {
-            return Ok(out);
         }
+    }
+
+    /// Evaluation, or training off the CPU or in another dtype: layer by layer.
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let out = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let out = self.bn2.forward(&self.conv2.forward(&out)?, train)?;
         let shortcut = if self.stride == 1 && self.pad == 0 {
@@ -123,6 +129,16 @@ impl CifarResNet {
 impl ImageClassifier for CifarResNet {
     fn features(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = self.bn1.forward_relu(&self.conv1.forward(images)?, train)?;
+        // In training on the CPU, all blocks as one op.
+        let layers: Vec<_> = self.blocks.iter().map(BasicBlock::layers).collect();
+        let chain: Vec<(&[(&Conv, &Bn)], Shortcut)> = layers
+            .iter()
+            .zip(&self.blocks)
+            .map(|(l, b)| (&l[..], b.shortcut()))
+            .collect();
+        if let Some(out) = residual_chain_train(&x, &chain, train)? {
+            return global_avg_pool(&out);
+        }
         for b in &self.blocks {
             x = b.forward(&x, train)?;
         }

@@ -295,25 +295,43 @@ pub fn residual_train(
     shortcut: residual::Shortcut,
     train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
+    residual_chain_train(x, &[(layers, shortcut)], train)
+}
+
+/// [`residual_train`] for blocks run one after another, as one op: candle then also gives no
+/// `zeros_like` + `add` to the gradients between the blocks.
+pub fn residual_chain_train(
+    x: &Tensor,
+    blocks: &[(&[(&Conv, &Bn)], residual::Shortcut)],
+    train: bool,
+) -> candle_core::Result<Option<Tensor>> {
     if !train || !batch_norm::fused_ok(x) {
         return Ok(None);
     }
-    let ops: Vec<residual::ConvBn<'_>> = layers
+    let ops: Vec<residual::ResidualBlock<'_>> = blocks
         .iter()
-        .map(|(conv, bn)| residual::ConvBn {
-            weight: conv.conv.weight(),
-            gamma: &bn.weight,
-            beta: &bn.bias,
-            conv: sar_candle::ops::conv::Conv2dCpu {
-                stride: conv.spec.stride,
-                padding: conv.spec.padding,
-                dilation: conv.spec.dilation,
-            },
+        .map(|(layers, shortcut)| residual::ResidualBlock {
+            layers: layers
+                .iter()
+                .map(|(conv, bn)| residual::ConvBn {
+                    weight: conv.conv.weight(),
+                    gamma: &bn.weight,
+                    beta: &bn.bias,
+                    conv: sar_candle::ops::conv::Conv2dCpu {
+                        stride: conv.spec.stride,
+                        padding: conv.spec.padding,
+                        dilation: conv.spec.dilation,
+                    },
+                })
+                .collect(),
+            shortcut: *shortcut,
         })
         .collect();
-    let (out, stats) = residual::residual_block_train(x, &ops, shortcut, BN_EPS)?;
-    for ((_, bn), st) in layers.iter().zip(&stats) {
-        bn.update_running(st)?;
+    let (out, stats) = residual::residual_blocks_train(x, &ops, BN_EPS)?;
+    for ((layers, _), block_stats) in blocks.iter().zip(&stats) {
+        for ((_, bn), st) in layers.iter().zip(block_stats) {
+            bn.update_running(st)?;
+        }
     }
     Ok(Some(out))
 }

@@ -113,25 +113,35 @@ impl Shortcut {
     }
 }
 
-/// What the forward pass keeps for the backward: the parameters, y_i, a_i (i ≥ 1), each
-/// layer's statistics and geometry.
+/// What the forward pass keeps of one block for the backward: y_i, a_i (i ≥ 1), each layer's
+/// statistics and geometry.
 #[derive(Default)]
-struct Saved {
-    params: Vec<f32>,
+struct SavedBlock {
     ys: Vec<Vec<f32>>,
     acts: Vec<Vec<f32>>,
     stats: Vec<BatchStats>,
     geometry: Vec<Geometry>,
 }
 
-/// Where each layer's weight, γ and β lie in the flat parameter tensor, and its weight shape.
-#[derive(Debug, Clone)]
-struct Layers {
-    convs: Vec<Conv2dCpu>,
-    weight_dims: Vec<[usize; 4]>,
+/// What the forward pass keeps for the backward: the parameters, each block's state, and the
+/// inputs of the blocks after the first (the outputs of the ones before).
+#[derive(Default)]
+struct Saved {
+    params: Vec<f32>,
+    blocks: Vec<SavedBlock>,
+    inputs: Vec<(Vec<f32>, Vec<usize>)>,
 }
 
-impl Layers {
+/// One block's layers (where each layer's weight, γ and β lie in the block's part of the flat
+/// parameters, and its weight shape) and its shortcut.
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<Conv2dCpu>,
+    weight_dims: Vec<[usize; 4]>,
+    shortcut: Shortcut,
+}
+
+impl Block {
     /// `(weight, γ, β)` ranges of layer `i`.
     fn ranges(&self, i: usize) -> [std::ops::Range<usize>; 3] {
         let mut at = 0;
@@ -146,22 +156,146 @@ impl Layers {
             at + w + d[0]..at + w + 2 * d[0],
         ]
     }
+
+    /// The block's number of parameters.
     fn len(&self) -> usize {
         self.ranges(self.convs.len() - 1)[2].end
     }
+
+    /// The block's output and output shape for input `x` of shape `dims`, with what its backward
+    /// needs.
+    fn forward(
+        &self,
+        x: &[f32],
+        x_dims: &[usize],
+        params: &[f32],
+        eps: f64,
+    ) -> candle_core::Result<(Vec<f32>, Vec<usize>, SavedBlock)> {
+        let mut saved = SavedBlock::default();
+        let mut dims = x_dims.to_vec();
+        let last = self.convs.len() - 1;
+        let mut out = Vec::new();
+        for (i, (&op, wd)) in self.convs.iter().zip(&self.weight_dims).enumerate() {
+            let g = Geometry::new(&dims, wd, op)?;
+            let [w, gamma, beta] = self.ranges(i).map(|r| &params[r]);
+            let input = if i == 0 { x } else { &saved.acts[i - 1] };
+            let y = conv::forward(input, w, &g);
+            let [n, o, oh, ow] = g.out_dims();
+            let shape = (n, o, oh * ow);
+            dims = vec![n, o, oh, ow];
+            let subsampled;
+            let residual = if i == last {
+                let want = self.shortcut.out_dims(x_dims);
+                if dims != want {
+                    candle_core::bail!(
+                        "residual block: the last layer's output {dims:?} is not the shortcut's {want:?} (input {x_dims:?}, {:?})",
+                        self.shortcut
+                    );
+                }
+                Some(match self.shortcut {
+                    Shortcut::Identity => x,
+                    Shortcut::Subsample { stride, pad } => {
+                        subsampled = Shortcut::subsample(x, x_dims, stride, pad);
+                        &subsampled[..]
+                    }
+                })
+            } else {
+                None
+            };
+            let (a, st) = batch_norm::train_forward(&y, gamma, beta, shape, eps, true, residual);
+            saved.ys.push(y);
+            saved.stats.push(st);
+            saved.geometry.push(g);
+            if i == last {
+                out = a;
+            } else {
+                saved.acts.push(a);
+            }
+        }
+        Ok((out, dims, saved))
+    }
+
+    /// dL/dx (of x's shape; only the shortcut's share without `want_dx`) and the gradient of
+    /// the block's parameters, written into `dparams`.
+    fn backward(
+        &self,
+        (x, x_dims): (&[f32], &[usize]),
+        (dout, out): (&[f32], &[f32]),
+        saved: &SavedBlock,
+        params: &[f32],
+        dparams: &mut [f32],
+        want_dx: bool,
+    ) -> Vec<f32> {
+        // The shortcut's gradient, and the last BatchNorm's (its ReLU is the block's).
+        let mut shortcut = vec![0.0f32; out.len()];
+        shortcut
+            .par_chunks_mut(1 << 14)
+            .zip(dout.par_chunks(1 << 14).zip(out.par_chunks(1 << 14)))
+            .for_each(|(dst, (d, o))| batch_norm::relu_mask(dst, d, o));
+        // x's share through the shortcut.
+        let through_shortcut = match self.shortcut {
+            Shortcut::Identity => None,
+            Shortcut::Subsample { stride, pad } => {
+                Some(Shortcut::subsample_adjoint(&shortcut, x_dims, stride, pad))
+            }
+        };
+        let dx_shortcut = through_shortcut.as_deref().unwrap_or(&shortcut);
+        let mut upstream: Option<Vec<f32>> = None;
+        let mut dx = None;
+        for i in (0..self.convs.len()).rev() {
+            let g = saved.geometry[i];
+            let [rw, rg, rb] = self.ranges(i);
+            // The last BatchNorm's gradient is the shortcut's (masked by the block's ReLU);
+            // the others' ReLUs are their own.
+            let (dy_in, relu) = match &upstream {
+                None => (&shortcut[..], Relu::None),
+                Some(u) => (
+                    &u[..],
+                    Relu::Fused {
+                        beta: &params[rb.clone()],
+                    },
+                ),
+            };
+            let [n, o, oh, ow] = g.out_dims();
+            let shape = (n, o, oh * ow);
+            let gamma = &params[rg.clone()];
+            let (dy, dgamma, dbeta) =
+                batch_norm::backward(&saved.ys[i], dy_in, relu, &saved.stats[i], gamma, shape);
+            let input = if i == 0 { x } else { &saved.acts[i - 1] };
+            dparams[rw.clone()].copy_from_slice(&conv::grad_weight(input, &dy, &g));
+            dparams[rg].copy_from_slice(&dgamma);
+            dparams[rb].copy_from_slice(&dbeta);
+            let w = &params[rw];
+            if i > 0 {
+                upstream = Some(conv::grad_input(w, &dy, &g, None));
+            } else if want_dx {
+                dx = Some(conv::grad_input(w, &dy, &g, Some(dx_shortcut)));
+            }
+        }
+        // Without `want_dx` the caller does not use it, but it has x's shape.
+        dx.unwrap_or_else(|| through_shortcut.unwrap_or(shortcut))
+    }
 }
 
-/// The block's forward op on (x, flat parameters).
+/// The forward op of a chain of blocks on (x, flat parameters).
 struct ResidualTrain {
-    layers: Layers,
-    shortcut: Shortcut,
+    blocks: Vec<Block>,
     eps: f64,
     saved: Arc<Mutex<Saved>>,
 }
 
+/// Where each block's parameters start in the flat parameters (and, last, their total).
+fn block_offsets(blocks: &[Block]) -> Vec<usize> {
+    let mut at = vec![0];
+    for b in blocks {
+        at.push(at[at.len() - 1] + b.len());
+    }
+    at
+}
+
 impl CustomOp2 for ResidualTrain {
     fn name(&self) -> &'static str {
-        "sar-residual-block"
+        "sar-residual-blocks"
     }
 
     fn cpu_fwd(
@@ -173,64 +307,33 @@ impl CustomOp2 for ResidualTrain {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = super::cpu_f32("residual block", s1, l1, "input")?;
         let params = super::cpu_f32("residual block", s2, l2, "parameters")?;
-        if params.len() != self.layers.len() {
+        let at = block_offsets(&self.blocks);
+        if params.len() != at[self.blocks.len()] {
             candle_core::bail!(
                 "residual block: {} parameter values for layers needing {}",
                 params.len(),
-                self.layers.len()
+                at[self.blocks.len()]
             );
         }
         let mut saved = Saved {
             params: params.to_vec(),
             ..Saved::default()
         };
-        let mut dims = l1.dims().to_vec();
-        let last = self.layers.convs.len() - 1;
-        let mut out = Vec::new();
-        for (i, (&op, wd)) in self
-            .layers
-            .convs
-            .iter()
-            .zip(&self.layers.weight_dims)
-            .enumerate()
-        {
-            let g = Geometry::new(&dims, wd, op)?;
-            let [w, gamma, beta] = self.layers.ranges(i).map(|r| &params[r]);
-            let input = if i == 0 { x } else { &saved.acts[i - 1] };
-            let y = conv::forward(input, w, &g);
-            let [n, o, oh, ow] = g.out_dims();
-            let shape = (n, o, oh * ow);
-            dims = vec![n, o, oh, ow];
-            let subsampled;
-            let residual = if i == last {
-                let want = self.shortcut.out_dims(l1.dims());
-                if dims != want {
-                    candle_core::bail!(
-                        "residual block: the last layer's output {dims:?} is not the shortcut's {want:?} (input {:?}, {:?})",
-                        l1.dims(),
-                        self.shortcut
-                    );
-                }
-                Some(match self.shortcut {
-                    Shortcut::Identity => x,
-                    Shortcut::Subsample { stride, pad } => {
-                        subsampled = Shortcut::subsample(x, l1.dims(), stride, pad);
-                        &subsampled[..]
-                    }
-                })
-            } else {
-                None
+        let (mut out, mut dims) = (Vec::new(), l1.dims().to_vec());
+        for (b, block) in self.blocks.iter().enumerate() {
+            let input = match b {
+                0 => x,
+                _ => &saved.inputs[b - 1].0,
             };
-            let (a, st) =
-                batch_norm::train_forward(&y, gamma, beta, shape, self.eps, true, residual);
-            saved.ys.push(y);
-            saved.stats.push(st);
-            saved.geometry.push(g);
-            if i == last {
-                out = a;
+            let (y, y_dims, state) =
+                block.forward(input, &dims, &params[at[b]..at[b + 1]], self.eps)?;
+            saved.blocks.push(state);
+            if b + 1 < self.blocks.len() {
+                saved.inputs.push((y, y_dims.clone()));
             } else {
-                saved.acts.push(a);
+                out = y;
             }
+            dims = y_dims;
         }
         *self.saved.lock().expect("residual block state") = saved;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -245,8 +348,7 @@ impl CustomOp2 for ResidualTrain {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dparams = Arc::new(Mutex::new(Vec::new()));
         let op = ResidualBackward {
-            layers: self.layers.clone(),
-            shortcut: self.shortcut,
+            blocks: self.blocks.clone(),
             saved: self.saved.clone(),
             want_dx: x.track_op(),
             dparams: dparams.clone(),
@@ -260,8 +362,7 @@ impl CustomOp2 for ResidualTrain {
 
 /// dL/dx of [`ResidualTrain`] from (x, d_out, out); the parameters' gradient goes to `dparams`.
 struct ResidualBackward {
-    layers: Layers,
-    shortcut: Shortcut,
+    blocks: Vec<Block>,
     saved: Arc<Mutex<Saved>>,
     want_dx: bool,
     dparams: Arc<Mutex<Vec<f32>>>,
@@ -269,7 +370,7 @@ struct ResidualBackward {
 
 impl CustomOp3 for ResidualBackward {
     fn name(&self) -> &'static str {
-        "sar-residual-block-backward"
+        "sar-residual-blocks-backward"
     }
 
     fn cpu_fwd(
@@ -285,97 +386,89 @@ impl CustomOp3 for ResidualBackward {
         let dout = super::cpu_f32("residual block", s2, l2, "output gradient")?;
         let out = super::cpu_f32("residual block", s3, l3, "output")?;
         let saved = self.saved.lock().expect("residual block state");
-        let layers = self.layers.convs.len();
-        if saved.ys.len() != layers || dout.len() != out.len() {
+        let count = self.blocks.len();
+        if saved.blocks.len() != count || saved.inputs.len() + 1 != count || dout.len() != out.len()
+        {
             candle_core::bail!("residual block backward without its forward pass");
         }
-        // The shortcut's gradient, and the last BatchNorm's (its ReLU is the block's).
-        let mut shortcut = vec![0.0f32; out.len()];
-        shortcut
-            .par_chunks_mut(1 << 14)
-            .zip(dout.par_chunks(1 << 14).zip(out.par_chunks(1 << 14)))
-            .for_each(|(dst, (d, o))| batch_norm::relu_mask(dst, d, o));
-        // x's share through the shortcut.
-        let through_shortcut = match self.shortcut {
-            Shortcut::Identity => None,
-            Shortcut::Subsample { stride, pad } => Some(Shortcut::subsample_adjoint(
-                &shortcut,
-                l1.dims(),
-                stride,
-                pad,
-            )),
-        };
-        let dx_shortcut = through_shortcut.as_deref().unwrap_or(&shortcut);
-        let mut dparams = vec![0.0f32; self.layers.len()];
-        let mut upstream: Option<Vec<f32>> = None;
-        let mut dx = Vec::new();
-        for i in (0..layers).rev() {
-            let g = saved.geometry[i];
-            let [rw, rg, rb] = self.layers.ranges(i);
-            // The last BatchNorm's gradient is the shortcut's (masked by the block's ReLU);
-            // the others' ReLUs are their own.
-            let (dy_in, relu) = match &upstream {
-                None => (&shortcut[..], Relu::None),
-                Some(u) => (
-                    &u[..],
-                    Relu::Fused {
-                        beta: &saved.params[rb.clone()],
-                    },
-                ),
+        let at = block_offsets(&self.blocks);
+        let mut dparams = vec![0.0f32; at[count]];
+        // From the last block to the first, each block's input gradient the output gradient of
+        // the one before.
+        let mut upstream: Vec<f32> = Vec::new();
+        for b in (0..count).rev() {
+            let (input, dims) = match b {
+                0 => (x, l1.dims()),
+                _ => (&saved.inputs[b - 1].0[..], &saved.inputs[b - 1].1[..]),
             };
-            let [n, o, oh, ow] = g.out_dims();
-            let shape = (n, o, oh * ow);
-            let gamma = &saved.params[rg.clone()];
-            let (dy, dgamma, dbeta) =
-                batch_norm::backward(&saved.ys[i], dy_in, relu, &saved.stats[i], gamma, shape);
-            let input = if i == 0 { x } else { &saved.acts[i - 1] };
-            dparams[rw.clone()].copy_from_slice(&conv::grad_weight(input, &dy, &g));
-            dparams[rg].copy_from_slice(&dgamma);
-            dparams[rb].copy_from_slice(&dbeta);
-            let w = &saved.params[rw];
-            if i > 0 {
-                upstream = Some(conv::grad_input(w, &dy, &g, None));
-            } else if self.want_dx {
-                dx = conv::grad_input(w, &dy, &g, Some(dx_shortcut));
-            }
+            let (d_out, output) = match b + 1 == count {
+                true => (dout, out),
+                false => (&upstream[..], &saved.inputs[b].0[..]),
+            };
+            let params = &saved.params[at[b]..at[b + 1]];
+            upstream = self.blocks[b].backward(
+                (input, dims),
+                (d_out, output),
+                &saved.blocks[b],
+                params,
+                &mut dparams[at[b]..at[b + 1]],
+                b > 0 || self.want_dx,
+            );
         }
         *self.dparams.lock().expect("residual block gradient") = dparams;
-        if !self.want_dx {
-            // Not used (candle is given no gradient for x), but of x's shape.
-            dx = through_shortcut.unwrap_or(shortcut);
-        }
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(upstream), l1.shape().clone()))
     }
 }
 
-/// The block's output (see the module docs) and each layer's batch statistics, from which the
-/// caller updates its running averages. `x` and every parameter must be f32 on the CPU
-/// ([`super::batch_norm::fused_ok`]); `eps` is the BatchNorms' ε.
-pub fn residual_block_train(
+/// One block of [`residual_blocks_train`]: its convolution + BatchNorm layers and its shortcut.
+#[derive(Debug, Clone)]
+pub struct ResidualBlock<'a> {
+    /// The layers, in order.
+    pub layers: Vec<ConvBn<'a>>,
+    /// The shortcut.
+    pub shortcut: Shortcut,
+}
+
+/// The output of the blocks run one after another (each as in the module docs) and each
+/// block's layers' batch statistics, from which the caller updates its running averages. `x`
+/// and every parameter must be f32 on the CPU ([`super::batch_norm::fused_ok`]); `eps` is the
+/// BatchNorms' ε. Chaining blocks in one op also spares candle's `zeros_like` + `add` for the
+/// gradient of every block input but the first.
+pub fn residual_blocks_train(
     x: &Tensor,
-    layers: &[ConvBn<'_>],
-    shortcut: Shortcut,
+    blocks: &[ResidualBlock<'_>],
     eps: f64,
-) -> candle_core::Result<(Tensor, Vec<BatchStats>)> {
-    if let Shortcut::Subsample { stride: 0, .. } = shortcut {
-        candle_core::bail!("residual block: a subsampling shortcut with stride 0");
+) -> candle_core::Result<(Tensor, Vec<Vec<BatchStats>>)> {
+    if blocks.is_empty() {
+        candle_core::bail!("residual blocks: none given");
     }
-    if layers.is_empty() {
-        candle_core::bail!("residual block without layers");
-    }
-    let mut flat = Vec::with_capacity(3 * layers.len());
-    let mut weight_dims = Vec::with_capacity(layers.len());
-    for (i, l) in layers.iter().enumerate() {
-        let (o, c, kh, kw) = l.weight.dims4()?;
-        if l.gamma.dims() != [o] || l.beta.dims() != [o] {
-            candle_core::bail!(
-                "residual block layer {i}: BatchNorm parameters {:?} and {:?} for {o} channels",
-                l.gamma.dims(),
-                l.beta.dims()
-            );
+    let mut flat = Vec::new();
+    let mut specs = Vec::with_capacity(blocks.len());
+    for (b, block) in blocks.iter().enumerate() {
+        if let Shortcut::Subsample { stride: 0, .. } = block.shortcut {
+            candle_core::bail!("residual block {b}: a subsampling shortcut with stride 0");
         }
-        weight_dims.push([o, c, kh, kw]);
-        flat.extend([l.weight.flatten_all()?, l.gamma.clone(), l.beta.clone()]);
+        if block.layers.is_empty() {
+            candle_core::bail!("residual block {b} without layers");
+        }
+        let mut weight_dims = Vec::with_capacity(block.layers.len());
+        for (i, l) in block.layers.iter().enumerate() {
+            let (o, c, kh, kw) = l.weight.dims4()?;
+            if l.gamma.dims() != [o] || l.beta.dims() != [o] {
+                candle_core::bail!(
+                    "residual block {b} layer {i}: BatchNorm parameters {:?} and {:?} for {o} channels",
+                    l.gamma.dims(),
+                    l.beta.dims()
+                );
+            }
+            weight_dims.push([o, c, kh, kw]);
+            flat.extend([l.weight.flatten_all()?, l.gamma.clone(), l.beta.clone()]);
+        }
+        specs.push(Block {
+            convs: block.layers.iter().map(|l| l.conv).collect(),
+            weight_dims,
+            shortcut: block.shortcut,
+        });
     }
     let all: Vec<&Tensor> = std::iter::once(x).chain(&flat).collect();
     if !super::all_cpu_f32(&all) {
@@ -384,17 +477,34 @@ pub fn residual_block_train(
     let params = Tensor::cat(&flat, 0)?;
     let saved = Arc::new(Mutex::new(Saved::default()));
     let op = ResidualTrain {
-        layers: Layers {
-            convs: layers.iter().map(|l| l.conv).collect(),
-            weight_dims,
-        },
-        shortcut,
+        blocks: specs,
         eps,
         saved: saved.clone(),
     };
     let out = x.contiguous()?.apply_op2(&params, op)?;
-    let stats = saved.lock().expect("residual block state").stats.clone();
+    let stats = saved
+        .lock()
+        .expect("residual block state")
+        .blocks
+        .iter()
+        .map(|b| b.stats.clone())
+        .collect();
     Ok((out, stats))
+}
+
+/// One block: [`residual_blocks_train`] with a single block.
+pub fn residual_block_train(
+    x: &Tensor,
+    layers: &[ConvBn<'_>],
+    shortcut: Shortcut,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Vec<BatchStats>)> {
+    let block = ResidualBlock {
+        layers: layers.to_vec(),
+        shortcut,
+    };
+    let (out, mut stats) = residual_blocks_train(x, &[block], eps)?;
+    Ok((out, stats.pop().unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -620,6 +730,64 @@ mod tests {
                     1e-4,
                 );
             }
+        }
+    }
+
+    /// Three blocks in one op (identity, option A widening 3 → 5 channels at stride 2,
+    /// identity) against the same blocks as separate ops one after another: outputs, every
+    /// gradient and every layer's statistics.
+    #[test]
+    fn a_chain_of_blocks_matches_the_blocks_one_by_one() {
+        let mut strided = layer(5, 3, 3, 1, 1);
+        strided.conv.stride = 2;
+        let blocks: Vec<(Vec<Layer>, Shortcut)> = vec![
+            (
+                vec![layer(3, 3, 3, 1, 1), layer(3, 3, 3, 1, 1)],
+                Shortcut::Identity,
+            ),
+            (
+                vec![strided, layer(5, 5, 3, 1, 1)],
+                Shortcut::Subsample { stride: 2, pad: 1 },
+            ),
+            (
+                vec![layer(5, 5, 3, 1, 1), layer(5, 5, 3, 1, 1)],
+                Shortcut::Identity,
+            ),
+        ];
+        let x = Var::from_tensor(&randn((4, 3, 9, 8))).unwrap();
+        let chain: Vec<ResidualBlock<'_>> = blocks
+            .iter()
+            .map(|(layers, shortcut)| ResidualBlock {
+                layers: conv_bns(layers),
+                shortcut: *shortcut,
+            })
+            .collect();
+        let (ours, stats) = residual_blocks_train(x.as_tensor(), &chain, 1e-5).unwrap();
+        let mut theirs = x.as_tensor().clone();
+        let mut their_stats = Vec::new();
+        for (layers, shortcut) in &blocks {
+            let (y, st) = separate(&theirs, layers, *shortcut);
+            theirs = y;
+            their_stats.push(st);
+        }
+        close("chain output", &flat(&ours), &flat(&theirs), 1e-6);
+        for (s, t) in stats.iter().flatten().zip(their_stats.iter().flatten()) {
+            close("chain mean", &s.mean, &t.mean, 1e-12);
+            close("chain var", &s.var, &t.var, 1e-12);
+        }
+        assert_eq!(stats.iter().flatten().count(), 6);
+        let up = randn(ours.dims());
+        let grads = |t: &Tensor| (t * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g, h) = (grads(&ours), grads(&theirs));
+        let mut vars = vec![&x];
+        for (layers, _) in &blocks {
+            for l in layers {
+                vars.extend([&l.w, &l.gamma, &l.beta]);
+            }
+        }
+        for (j, v) in vars.iter().enumerate() {
+            let (a, b) = (g.get(v.as_tensor()).unwrap(), h.get(v.as_tensor()).unwrap());
+            close(&format!("chain gradient {j}"), &flat(a), &flat(b), 1e-5);
         }
     }
 

@@ -17,6 +17,8 @@
 //! activation-sized nodes between its input and output (y₀, a₁, y₁, BN₁'s output, and the ReLU
 //! mask's result, which goes to two of them), and option A four more; here the block's
 //! intermediate tensors live in the op, and only x and the parameters get candle gradients.
+//! Blocks run one after another can be one op too ([`residual_blocks_train`]): the gradients
+//! between them then stay inside it as well.
 //!
 //! Shapes: x `[N, C, H, W]`; W_i `[O_i, C_i, k_i, k_i]` (C₀ = C, C_{i+1} = O_i), γ_i, β_i `[O_i]`;
 //! the last layer's output must have the shortcut's shape. The parameters enter as one flat

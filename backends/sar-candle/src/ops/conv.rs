@@ -366,11 +366,24 @@ pub(crate) fn grad_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
             dw_t
         })
         .collect();
-    let mut dw = vec![0.0f32; g.o * ckk];
+    // The groups summed in order in their own (column-major) layout, the same additions as
+    // before, then one transpose in tiles: adding each group straight into the row-major result
+    // strode through it once per group (1.4 % of an FCN-R18-d8 step; its 512-channel 3×3
+    // weights are 9 MB).
+    let mut dw_t = vec![0.0f32; g.o * ckk];
     for part in &partial {
-        for (r, row) in part.chunks_exact(g.o).enumerate() {
-            for (oc, v) in row.iter().enumerate() {
-                dw[oc * ckk + r] += v;
+        for (d, v) in dw_t.iter_mut().zip(part) {
+            *d += v;
+        }
+    }
+    let mut dw = vec![0.0f32; g.o * ckk];
+    const TILE: usize = 32;
+    for r0 in (0..ckk).step_by(TILE) {
+        for o0 in (0..g.o).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(ckk) {
+                for oc in o0..(o0 + TILE).min(g.o) {
+                    dw[oc * ckk + r] = dw_t[r * g.o + oc];
+                }
             }
         }
     }

@@ -187,7 +187,7 @@ fn plane_square_deviation(values: &[f32], mean: f64) -> f64 {
     let tail: f64 = chunks
         .remainder()
         .iter()
-        .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+        .map(|&v| (f64::from(v) - mean).powi(2))
         .sum();
     lanes.iter().sum::<f64>() + tail
 }
@@ -278,9 +278,18 @@ fn plane_affine(
     }
 }
 
-/// `dst = dy` where `y > 0`, else 0 (a ReLU's backward from its output).
+/// `dy` where `y > 0`, else 0 (a ReLU's backward from its output), in parallel chunks.
+pub(crate) fn relu_backward(dy: &[f32], y: &[f32]) -> Vec<f32> {
+    let mut g = vec![0.0f32; dy.len()];
+    g.par_chunks_mut(1 << 14)
+        .zip(dy.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+        .for_each(|(out, (d, y))| relu_mask(out, d, y));
+    g
+}
+
+/// `dst = dy` where `y > 0`, else 0.
 #[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
-pub(crate) fn relu_mask(dst: &mut [f32], dy: &[f32], y: &[f32]) {
+fn relu_mask(dst: &mut [f32], dy: &[f32], y: &[f32]) {
     for ((o, &d), &y) in dst.iter_mut().zip(dy).zip(y) {
         *o = if y > 0.0 { d } else { 0.0 };
     }
@@ -367,14 +376,11 @@ pub(crate) fn backward(
     gamma: &[f32],
     (n, c, hw): (usize, usize, usize),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (scale, shift) = match relu {
-        Relu::Fused { beta } => scale_shift(gamma, beta, st),
-        Relu::None => (Vec::new(), Vec::new()),
-    };
-    let relu_at = |ch: usize| match relu {
-        Relu::Fused { .. } => Some((scale[ch], shift[ch])),
+    let scale_shift = match relu {
+        Relu::Fused { beta } => Some(scale_shift(gamma, beta, st)),
         Relu::None => None,
     };
+    let relu_at = |ch: usize| scale_shift.as_ref().map(|(s, t)| (s[ch], t[ch]));
     let plane = |i: usize, ch: usize| (i * c + ch) * hw..(i * c + ch + 1) * hw;
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -494,9 +500,7 @@ impl CustomOp2 for AddRelu {
         let mut y = vec![0.0f32; a.len()];
         y.par_chunks_mut(1 << 14)
             .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-            .for_each(|(out, (a, b))| {
-                add_relu_plane(out, a, b);
-            });
+            .for_each(|(out, (a, b))| add_relu_plane(out, a, b));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -530,12 +534,7 @@ impl CustomOp2 for ReluMask {
         if dy.len() != y.len() {
             candle_core::bail!("relu mask of {:?} by {:?}", l1.dims(), l2.dims());
         }
-        let mut g = vec![0.0f32; dy.len()];
-        g.par_chunks_mut(1 << 14)
-            .zip(dy.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
-            .for_each(|(out, (d, y))| {
-                relu_mask(out, d, y);
-            });
+        let g = relu_backward(dy, y);
         Ok((CpuStorage::F32(g), l1.shape().clone()))
     }
 }

@@ -366,10 +366,9 @@ pub(crate) fn grad_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
             dw_t
         })
         .collect();
-    // The groups summed in order in their own (column-major) layout, the same additions as
-    // before, then one transpose in tiles: adding each group straight into the row-major result
-    // strode through it once per group (1.4 % of an FCN-R18-d8 step; its 512-channel 3×3
-    // weights are 9 MB).
+    // The groups summed in order in their own (column-major) layout, then one transpose in
+    // tiles: adding each group straight into the row-major result would stride through it once
+    // per group (1.4 % of an FCN-R18-d8 step, whose 512-channel 3×3 weights are 9 MB).
     let mut dw_t = vec![0.0f32; g.o * ckk];
     for part in &partial {
         for (d, v) in dw_t.iter_mut().zip(part) {
@@ -667,14 +666,6 @@ mod tests {
             let wt = Var::from_tensor(&randn((o, c, k, k)).to_dtype(dtype).unwrap()).unwrap();
             let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad, dil).unwrap();
             let up = randn(ours.dims()).to_dtype(dtype).unwrap();
-            let flat = |t: &Tensor| -> Vec<f64> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(candle_core::DType::F64)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
             let (y, dx, dw) = naive(
                 &flat(x.as_tensor()),
                 &flat(wt.as_tensor()),

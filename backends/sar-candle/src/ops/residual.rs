@@ -28,7 +28,6 @@
 use super::batch_norm::{self, BatchStats, Relu};
 use super::conv::{self, Conv2dCpu, Geometry};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// One convolution + BatchNorm of a block.
@@ -229,11 +228,7 @@ impl Block {
         want_dx: bool,
     ) -> Vec<f32> {
         // The shortcut's gradient, and the last BatchNorm's (its ReLU is the block's).
-        let mut shortcut = vec![0.0f32; out.len()];
-        shortcut
-            .par_chunks_mut(1 << 14)
-            .zip(dout.par_chunks(1 << 14).zip(out.par_chunks(1 << 14)))
-            .for_each(|(dst, (d, o))| batch_norm::relu_mask(dst, d, o));
+        let shortcut = batch_norm::relu_backward(dout, out);
         // x's share through the shortcut.
         let through_shortcut = match self.shortcut {
             Shortcut::Identity => None,

@@ -17,6 +17,7 @@
 //! matrices (candle's and dfdx's).
 
 pub mod gemm;
+pub mod same_conv;
 pub mod scratch;
 
 use rayon::prelude::*;

@@ -16,6 +16,16 @@
 //! - weight gradient: `dW = Σ_n dy_n · col_nᵀ`, summed within 16 fixed groups of images and
 //!   then over the groups in order, so the bits do not depend on the thread count.
 //!
+//! A stride-1 "same" convolution (3×3 with padding 1, the dilated 3×3s; not 1×1) on a CPU with
+//! AVX-512F takes none of these products: [`sar_cpu::same_conv`] computes the forward and the
+//! input gradient (the flipped kernel) directly from the images, and the weight gradient from
+//! a zero-bordered copy of each image and `dy` transposed, for `O` a multiple of 16. Against
+//! im2col + gemm in one process (`SAR_DIRECT_CONV=0`, `conv_profile fcn`): FCN-R18-d8's
+//! 512-channel dilated layer forward + backward 599 → 564 ms, its 64-channel layer at 128²
+//! 62 → 39 ms, the whole FCN-R18-d8 step ~4.3 → ~4.0 s, ResNet-32's b128 step 421 → 362 ms
+//! (`docs/results/direct-conv-2026-12-08.txt`). With fewer images than threads each image's
+//! output channels are split over threads too. The paths below are the fallback.
+//!
 //! Images are processed in parallel (rayon); each product runs on one thread. A 1×1 conv with
 //! stride 1 and no padding skips im2col (`col_n = x_n`). For a stride-1 conv whose output has
 //! the input's size (3×3 with padding 1, the dilated 3×3s), each row `(c, ky, kx)` of `col_n`
@@ -34,6 +44,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use sar_cpu::gemm::{matmul, Mat, MatMut};
+use sar_cpu::same_conv::{Orientation, PackedFilters, SameConv, CHANNEL_TILE};
 use sar_cpu::scratch::with_scratch;
 
 #[derive(Debug, Clone, Copy)]
@@ -263,10 +274,57 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     }
 }
 
+/// The direct kernel for this convolution, where it applies: a "same" convolution (not 1×1)
+/// on a CPU with AVX-512F.
+fn direct(g: &Geometry) -> Option<SameConv> {
+    if !g.same() || g.pointwise() {
+        return None;
+    }
+    SameConv::new(g.c, g.o, (g.h, g.w), g.k, g.dil)
+}
+
+/// `out` `[N, conv.out_channels, H, W]` (+)= `conv(input)` image by image with the direct
+/// kernel. With fewer images than threads each image's output channels are split too (in
+/// multiples of 6, which leaves every output's sum, and so its bits, unchanged).
+fn direct_images(
+    conv: &SameConv,
+    filters: &PackedFilters,
+    input: &[f32],
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let (image_in, image_out) = (conv.input_len(), conv.output_len());
+    let (c_out, p) = (conv.out_channels(), conv.positions());
+    let n = out.len() / image_out;
+    let split = rayon::current_num_threads()
+        .div_ceil(n.max(1))
+        .clamp(1, c_out.div_ceil(CHANNEL_TILE));
+    let per_unit = c_out.div_ceil(CHANNEL_TILE).div_ceil(split) * CHANNEL_TILE;
+    out.par_chunks_mut(image_out)
+        .enumerate()
+        .for_each(|(i, y)| {
+            let x = &input[i * image_in..(i + 1) * image_in];
+            if split == 1 {
+                return conv.forward(x, filters, y, accumulate);
+            }
+            y.par_chunks_mut(per_unit * p)
+                .enumerate()
+                .for_each(|(u, part)| {
+                    let o0 = u * per_unit;
+                    conv.forward_channels(x, filters, o0..o0 + part.len() / p, part, accumulate);
+                });
+        });
+}
+
 /// `y = W ⊛ x` (see the module docs): `x` `[N, C, H, W]`, `wt` `[O, C, k, k]`.
 pub(crate) fn forward(x: &[f32], wt: &[f32], g: &Geometry) -> Vec<f32> {
     let (ckk, p) = (g.ckk(), g.p());
     let mut y = vec![0.0f32; g.n * g.o * p];
+    if let Some(conv) = direct(g) {
+        let filters = PackedFilters::new(&conv, wt, Orientation::Forward);
+        direct_images(&conv, &filters, x, &mut y, false);
+        return y;
+    }
     let image = g.c * g.h * g.w;
     let w = Mat::row_major(wt, ckk);
     y.par_chunks_mut(g.o * p).enumerate().for_each(|(i, out)| {
@@ -294,6 +352,13 @@ pub(crate) fn grad_input(wt: &[f32], dy: &[f32], g: &Geometry, init: Option<&[f3
     let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
     let mut dx = init.map_or_else(|| vec![0.0f32; g.n * image], <[f32]>::to_vec);
     let acc = init.is_some();
+    if let Some(conv) = direct(g) {
+        // dx = conv(dy, W'), W' the filters transposed and rotated by 180° (module docs).
+        let back = conv.transposed();
+        let filters = PackedFilters::new(&back, wt, Orientation::Flipped);
+        direct_images(&back, &filters, dy, &mut dx, acc);
+        return dx;
+    }
     if g.same() && !g.pointwise() && g.o <= g.c {
         // dx = conv(dy, W') with the same geometry (see `flipped_transpose`): an im2col
         // gather of dy and a product whose inner dimension is O·k·k, instead of a product
@@ -335,6 +400,7 @@ pub(crate) fn grad_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let (ckk, p, image) = (g.ckk(), g.p(), g.c * g.h * g.w);
     let per_group = g.n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
     let groups: Vec<usize> = (0..g.n.div_ceil(per_group)).collect();
+    let direct = direct(g).filter(SameConv::has_weight_grad);
     let partial: Vec<Vec<f32>> = groups
         .par_iter()
         .map(|&grp| {
@@ -342,6 +408,14 @@ pub(crate) fn grad_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
             // dy_n (O × P) instead of the C·k·k × P im2col matrix, 9× less for a 3×3 conv.
             let mut dw_t = vec![0.0f32; g.o * ckk];
             let images = grp * per_group..((grp + 1) * per_group).min(g.n);
+            if let Some(conv) = direct.as_ref() {
+                for (j, i) in images.enumerate() {
+                    let xi = &x[i * image..(i + 1) * image];
+                    let dyi = &dy[i * g.o * p..(i + 1) * g.o * p];
+                    conv.weight_grad_transposed(xi, dyi, &mut dw_t, j > 0);
+                }
+                return dw_t;
+            }
             let scratch = if g.pointwise() { 0 } else { ckk * p };
             with_scratch(scratch, |col| {
                 for (j, i) in images.enumerate() {
@@ -645,6 +719,11 @@ mod tests {
             // kernel (C = O as in the ResNets, and O < C).
             (3, 8, 6, 7, 8, 3, 1, 1),
             (2, 6, 5, 5, 4, 3, 1, 1),
+            // "Same" convs with 16·m output channels: the direct kernel's filter gradient too
+            // (with more images than the 16 weight-gradient groups, and O > C).
+            (3, 4, 9, 10, 16, 3, 1, 1),
+            (20, 2, 4, 4, 32, 3, 1, 1),
+            (2, 3, 5, 7, 48, 5, 1, 2),
         ];
         // Dilated (atrous) geometries as the output-stride-8 backbones and ASPP use them.
         let dilated = [
@@ -655,43 +734,61 @@ mod tests {
             ((1, 2, 13, 13, 2, 3, 1, 12), 12),
             ((1, 2, 6, 6, 2, 3, 1, 1), 2),
             ((2, 5, 9, 8, 3, 3, 1, 2), 2),
+            ((2, 3, 9, 9, 16, 3, 1, 4), 4),
         ];
-        // f32 on the CPU runs this op; f64 runs candle's conv2d (as other devices do), whose
-        // backward needed a fix for strided convs with different remainders per axis
-        // (e.g. 6×7 and 4×5 with stride 2).
+        // f32 on the CPU runs this op, "same" convs through the direct kernel where the CPU
+        // has AVX-512F and, with it turned off, through im2col + gemm like the others; f64
+        // runs candle's conv2d (as other devices do), whose backward needed a fix for strided
+        // convs with different remainders per axis (e.g. 6×7 and 4×5 with stride 2).
         let cases = plain.iter().map(|&g| (g, 1)).chain(dilated);
-        for ((geo, dil), dtype) in cases.flat_map(|c| [(c, DType::F32), (c, DType::F64)]) {
-            let (n, c, h, w, o, k, stride, pad) = geo;
-            let x = Var::from_tensor(&randn((n, c, h, w)).to_dtype(dtype).unwrap()).unwrap();
-            let wt = Var::from_tensor(&randn((o, c, k, k)).to_dtype(dtype).unwrap()).unwrap();
-            let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad, dil).unwrap();
-            let up = randn(ours.dims()).to_dtype(dtype).unwrap();
-            let (y, dx, dw) = naive(
-                &flat(x.as_tensor()),
-                &flat(wt.as_tensor()),
-                &flat(&up),
-                geo,
-                dil,
-            );
-            let g = (&ours * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (what, a, b) in [
-                ("forward", flat(&ours), y),
-                ("input gradient", flat(g.get(x.as_tensor()).unwrap()), dx),
-                ("weight gradient", flat(g.get(wt.as_tensor()).unwrap()), dw),
-            ] {
-                assert_eq!(a.len(), b.len(), "{what} {geo:?}");
-                let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-                for (u, v) in a.iter().zip(&b) {
-                    assert!(
-                        (u - v).abs() < 1e-5 * scale,
-                        "{what} {geo:?} dilation {dil} {dtype:?}: {u} vs {v}"
-                    );
-                }
+        let runs = [(DType::F32, true), (DType::F32, false), (DType::F64, true)];
+        for ((geo, dil), (dtype, direct)) in cases.flat_map(|c| runs.map(|r| (c, r))) {
+            let check = || check_against_loops(geo, dil, dtype, direct);
+            if direct {
+                check();
+            } else {
+                sar_cpu::same_conv::without(check);
+            }
+        }
+    }
+
+    /// One geometry of [`matches_direct_loops_forward_and_gradients`].
+    fn check_against_loops(
+        geo: (usize, usize, usize, usize, usize, usize, usize, usize),
+        dil: usize,
+        dtype: DType,
+        direct: bool,
+    ) {
+        let (n, c, h, w, o, k, stride, pad) = geo;
+        let x = Var::from_tensor(&randn((n, c, h, w)).to_dtype(dtype).unwrap()).unwrap();
+        let wt = Var::from_tensor(&randn((o, c, k, k)).to_dtype(dtype).unwrap()).unwrap();
+        let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, pad, dil).unwrap();
+        let up = randn(ours.dims()).to_dtype(dtype).unwrap();
+        let (y, dx, dw) = naive(
+            &flat(x.as_tensor()),
+            &flat(wt.as_tensor()),
+            &flat(&up),
+            geo,
+            dil,
+        );
+        let g = (&ours * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (what, a, b) in [
+            ("forward", flat(&ours), y),
+            ("input gradient", flat(g.get(x.as_tensor()).unwrap()), dx),
+            ("weight gradient", flat(g.get(wt.as_tensor()).unwrap()), dw),
+        ] {
+            assert_eq!(a.len(), b.len(), "{what} {geo:?}");
+            let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (u, v) in a.iter().zip(&b) {
+                assert!(
+                    (u - v).abs() < 1e-5 * scale,
+                    "{what} {geo:?} dilation {dil} {dtype:?} direct {direct}: {u} vs {v}"
+                );
             }
         }
     }

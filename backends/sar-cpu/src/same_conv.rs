@@ -261,7 +261,8 @@ impl SameConv {
             "same_conv: filters packed for another geometry"
         );
         assert!(
-            (outputs.start.is_multiple_of(NR) && outputs.start <= outputs.end) || outputs.is_empty(),
+            (outputs.start.is_multiple_of(NR) && outputs.start <= outputs.end)
+                || outputs.is_empty(),
             "same_conv: output range {outputs:?} must start at a multiple of {NR}"
         );
         assert!(

@@ -114,6 +114,27 @@ impl Geometry {
     fn same(&self) -> bool {
         self.stride == 1 && self.oh == self.h && self.ow == self.w
     }
+    /// A strided conv whose output is the input's size divided by the stride, rounded up (e.g.
+    /// 3×3, stride 2, padding 1): in the input's `stride²` phase planes
+    /// `x[s·i + py, s·j + px]` (`OH × OW` each, zero past the input) every tap reads one plane
+    /// shifted, so its im2col row is one copy as for [`same`](Self::same).
+    fn phased(&self) -> bool {
+        self.stride > 1
+            && self.oh == self.h.div_ceil(self.stride)
+            && self.ow == self.w.div_ceil(self.stride)
+    }
+    /// For a [`phased`](Self::phased) conv, tap `(ky, kx)` reads phase plane `py·s + px` at
+    /// output position `(oy + ay, ox + ax)`: returns `(py·s + px, ay, ax)`.
+    fn phase_tap(&self, ky: usize, kx: usize) -> (usize, isize, isize) {
+        let s = self.stride as isize;
+        let offset = |k: usize| (k * self.dil) as isize - self.pad as isize;
+        let (ty, tx) = (offset(ky), offset(kx));
+        (
+            (ty.rem_euclid(s) * s + tx.rem_euclid(s)) as usize,
+            ty.div_euclid(s),
+            tx.div_euclid(s),
+        )
+    }
     /// For a [`same`](Self::same) conv, tap `(ky, kx)`'s row of im2col is
     /// `row[q] = plane[q + shift]` for `q` in `first..end` (zero elsewhere, and in the wrapped
     /// columns): returns `(first, end, first + shift)` (an empty run starts at 0: a tap
@@ -149,6 +170,9 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
     let (p, ow, s) = (g.p(), g.ow, g.stride);
     if g.same() {
         return im2col_same(x, g, col);
+    }
+    if g.phased() {
+        return im2col_phased(x, g, col);
     }
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -212,6 +236,9 @@ fn col2im_add(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
     if g.same() {
         return col2im_add_same(col, g, x);
     }
+    if g.phased() {
+        return col2im_add_phased(col, g, x);
+    }
     for c in 0..g.c {
         let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..g.k {
@@ -267,6 +294,126 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
                 zero_wrapped_columns(row, g, kx);
                 let (first, end, from) = g.shifted_run(ky, kx);
                 for (d, v) in plane[from..].iter_mut().zip(&row[first..end]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+/// Per phase tap: the run `row[q] = plane[q + shift]` for `q` in `first..end` of an
+/// `OH × OW` plane shifted by `(ay, ax)` (as [`Geometry::shifted_run`]), and the output columns
+/// `lo..hi` whose column `ox + ax` lies inside the plane.
+fn phase_run(g: &Geometry, ay: isize, ax: isize) -> ((usize, usize, usize), (usize, usize)) {
+    let (p, ow) = (g.p() as isize, g.ow as isize);
+    let shift = ay * ow + ax;
+    let first = (-shift).clamp(0, p);
+    let end = (p - shift).clamp(first, p);
+    let from = if first < end { first + shift } else { 0 };
+    let lo = (-ax).clamp(0, ow);
+    let hi = (ow - ax).clamp(lo, ow);
+    (
+        (first as usize, end as usize, from as usize),
+        (lo as usize, hi as usize),
+    )
+}
+
+/// Zeroes the columns of an `OH × OW` row outside `lo..hi`.
+#[inline]
+fn zero_columns_outside(row: &mut [f32], ow: usize, (lo, hi): (usize, usize)) {
+    for x in (0..lo).chain(hi..ow) {
+        for v in row[x..].iter_mut().step_by(ow) {
+            *v = 0.0;
+        }
+    }
+}
+
+/// One image's phase planes `[C, s², OH, OW]`: `planes[c, py·s + px, i, j] = x[c, s·i + py,
+/// s·j + px]`, zero past the input. Row by input row; stride 2 splits each row into its even
+/// and odd elements in one pass (pairs), which vectorises.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn to_phases(x: &[f32], g: &Geometry) -> Vec<f32> {
+    let (s, p, ow) = (g.stride, g.p(), g.ow);
+    let mut planes = vec![0.0f32; g.c * s * s * p];
+    for (c, per_channel) in planes.chunks_exact_mut(s * s * p).enumerate() {
+        let image = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (iy, src) in image.chunks_exact(g.w).enumerate() {
+            let (py, i) = (iy % s, iy / s);
+            let rows = &mut per_channel[py * s * p..(py + 1) * s * p];
+            if s == 2 {
+                let (even, odd) = rows.split_at_mut(p);
+                let (even, odd) = (&mut even[i * ow..][..ow], &mut odd[i * ow..][..ow]);
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                    (*e, *o) = (pair[0], pair[1]);
+                }
+                if g.w % 2 == 1 {
+                    even[ow - 1] = src[g.w - 1];
+                }
+                continue;
+            }
+            for px in 0..s {
+                let out = &mut rows[px * p + i * ow..][..ow];
+                for (v, &xv) in out.iter_mut().zip(src.iter().skip(px).step_by(s)) {
+                    *v = xv;
+                }
+            }
+        }
+    }
+    planes
+}
+
+/// [`im2col`] of a [`phased`](Geometry::phased) convolution: the image split into its phase
+/// planes once, then each row of `col` one shifted copy of a plane with the wrapped columns
+/// zeroed (a strided gather per output row before).
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn im2col_phased(x: &[f32], g: &Geometry, col: &mut [f32]) {
+    let (s, p) = (g.stride, g.p());
+    let planes = to_phases(x, g);
+    for (c, per_channel) in planes.chunks_exact(s * s * p).enumerate() {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let (phase, ay, ax) = g.phase_tap(ky, kx);
+                let plane = &per_channel[phase * p..(phase + 1) * p];
+                let row = &mut col[((c * g.k + ky) * g.k + kx) * p..][..p];
+                let ((first, end, from), columns) = phase_run(g, ay, ax);
+                row[..first].fill(0.0);
+                row[end..].fill(0.0);
+                row[first..end].copy_from_slice(&plane[from..from + (end - first)]);
+                zero_columns_outside(row, g.ow, columns);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_phased`]: each row added into its phase plane, then the planes
+/// added into `x`.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
+fn col2im_add_phased(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
+    let (s, p) = (g.stride, g.p());
+    let mut planes = vec![0.0f32; g.c * s * s * p];
+    for (c, per_channel) in planes.chunks_exact_mut(s * s * p).enumerate() {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let (phase, ay, ax) = g.phase_tap(ky, kx);
+                let plane = &mut per_channel[phase * p..(phase + 1) * p];
+                let row = &mut col[((c * g.k + ky) * g.k + kx) * p..][..p];
+                let ((first, end, from), columns) = phase_run(g, ay, ax);
+                zero_columns_outside(row, g.ow, columns);
+                for (d, v) in plane[from..].iter_mut().zip(&row[first..end]) {
+                    *d += v;
+                }
+            }
+        }
+        let image = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (phase, plane) in per_channel.chunks_exact(p).enumerate() {
+            let (py, px) = (phase / s, phase % s);
+            for (i, src) in plane.chunks_exact(g.ow).enumerate() {
+                let iy = s * i + py;
+                if iy >= g.h {
+                    break;
+                }
+                let dst = &mut image[iy * g.w..(iy + 1) * g.w];
+                for (d, &v) in dst.iter_mut().skip(px).step_by(s).zip(src) {
                     *d += v;
                 }
             }

@@ -3,7 +3,8 @@
 //! 512² (the dilated ResNet-18-v1c backbone, the decode head with 128 channels, the auxiliary
 //! head with 64): forward, and forward + backward of `sum(y)`, with GFLOP/s.
 //!
-//! `cargo run --release -p sar-candle --example conv_profile [reps] [fcn]`; with
+//! `cargo run --release -p sar-candle --example conv_profile [reps] [fcn]` (PyTorch peer:
+//! `tests/torch/conv_layers_peer.py [threads] [reps] [fcn]`); with
 //! `SAR_DIRECT_CONV=0` the "same" convolutions take the im2col + gemm path instead of
 //! `sar_cpu::same_conv` (read by that module; for side-by-side runs).
 

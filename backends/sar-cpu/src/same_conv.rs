@@ -502,15 +502,103 @@ impl PackedFilters {
 /// 256 B each, stay in L2 while every filter position passes over them).
 const GRAD_POSITIONS: usize = 2048;
 
-/// `dst` `[cols, rows]` = the transpose of `src` `[rows, cols]`, in 16 × 16 tiles.
+/// `dst` `[cols, rows]` = the transpose of `src` `[rows, cols]`, `rows` a multiple of 16: each
+/// 16 × 16 block through registers (AVX-512 shuffles), the last `cols % 16` columns one by one.
+///
+/// # Panics
+/// If the lengths are not `rows·cols` or `rows` is not a multiple of 16.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const T: usize = 16;
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
+    assert!(
+        src.len() == rows * cols && dst.len() == rows * cols && rows.is_multiple_of(16),
+        "same_conv: transpose of {rows}×{cols}"
+    );
+    assert!(cpu_has_avx512f(), "same_conv: needs AVX-512F");
+    let full = cols / 16 * 16;
+    for r0 in (0..rows).step_by(16) {
+        for c0 in (0..full).step_by(16) {
+            // SAFETY: AVX-512F was checked; rows r0..r0 + 16 and columns c0..c0 + 16 lie
+            // inside both matrices (r0 + 16 ≤ rows, c0 + 16 ≤ full ≤ cols).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                transpose_block(src, cols, dst, rows, r0, c0)
+            };
+        }
+        for r in r0..r0 + 16 {
+            for c in full..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
+}
+
+/// The 16 × 16 block at `(r0, c0)` of `src` (row length `cols`) into `dst` (row length `rows`)
+/// at `(c0, r0)`: interleave 32-bit pairs, 64-bit pairs, then 128-bit quarters twice.
+///
+/// # Safety
+/// AVX-512F; the block must lie inside both slices.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_block(
+    src: &[f32],
+    cols: usize,
+    dst: &mut [f32],
+    rows: usize,
+    r0: usize,
+    c0: usize,
+) {
+    use core::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        // SAFETY: row r0 + i, 16 columns from c0: inside src.
+        *v = unsafe { _mm512_loadu_ps(src.as_ptr().add((r0 + i) * cols + c0)) };
+    }
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let pd = _mm512_castps_pd;
+    for g in 0..4 {
+        let b = 4 * g;
+        r[b] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[b]), pd(t[b + 2])));
+        r[b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[b]), pd(t[b + 2])));
+        r[b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[b + 1]), pd(t[b + 3])));
+        r[b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[b + 1]), pd(t[b + 3])));
+    }
+    for h in 0..2 {
+        let b = 8 * h;
+        for j in 0..4 {
+            t[b + j] = _mm512_shuffle_f32x4::<0x88>(r[b + j], r[b + 4 + j]);
+            t[b + 4 + j] = _mm512_shuffle_f32x4::<0xdd>(r[b + j], r[b + 4 + j]);
+        }
+    }
+    for j in 0..8 {
+        r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        r[8 + j] = _mm512_shuffle_f32x4::<0xdd>(t[j], t[8 + j]);
+    }
+    for (i, v) in r.iter().enumerate() {
+        // SAFETY: row c0 + i of dst, 16 columns from r0: inside dst.
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((c0 + i) * rows + r0), *v) };
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn transpose_matches_the_definition() {
+    if !available() {
+        return;
+    }
+    for (rows, cols) in [(16, 16), (16, 1), (32, 37), (48, 64), (16, 200)] {
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut dst = vec![f32::NAN; rows * cols];
+        transpose(&src, rows, cols, &mut dst);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(
+                    dst[c * rows + r],
+                    src[r * cols + c],
+                    "{rows}×{cols} at ({r}, {c})"
+                );
             }
         }
     }

@@ -435,6 +435,10 @@ fn direct(g: &Geometry) -> Option<SameConv> {
     SameConv::new(g.c, g.o, (g.h, g.w), g.k, g.dil)
 }
 
+/// Work units per thread the direct kernel's images are split into at least (output-channel
+/// ranges of an image), so that rayon can even out threads slowed by other work.
+const UNITS_PER_THREAD: usize = 4;
+
 /// `out` `[N, conv.out_channels, H, W]` (+)= `conv(input)` image by image with the direct
 /// kernel. With fewer images than threads each image's output channels are split too (in
 /// multiples of 6, which leaves every output's sum, and so its bits, unchanged).
@@ -448,7 +452,7 @@ fn direct_images(
     let (image_in, image_out) = (conv.input_len(), conv.output_len());
     let (c_out, p) = (conv.out_channels(), conv.positions());
     let n = out.len() / image_out;
-    let split = rayon::current_num_threads()
+    let split = (UNITS_PER_THREAD * rayon::current_num_threads())
         .div_ceil(n.max(1))
         .clamp(1, c_out.div_ceil(CHANNEL_TILE));
     let per_unit = c_out.div_ceil(CHANNEL_TILE).div_ceil(split) * CHANNEL_TILE;

@@ -145,15 +145,21 @@ impl Geometry {
     /// columns): returns `(first, end, first + shift)` (an empty run starts at 0: a tap
     /// that reads only padding, e.g. a dilation beyond the map).
     fn shifted_run(&self, ky: usize, kx: usize) -> (usize, usize, usize) {
-        let p = self.p() as isize;
         let shift = ((ky * self.dil) as isize - self.pad as isize) * self.w as isize
             + (kx * self.dil) as isize
             - self.pad as isize;
-        let first = (-shift).clamp(0, p);
-        let end = (p - shift).clamp(first, p);
-        let from = if first < end { first + shift } else { 0 };
-        (first as usize, end as usize, from as usize)
+        run_of(self.p(), shift)
     }
+}
+
+/// The run of a plane of `p` elements shifted by `shift`: `row[q] = plane[q + shift]` for `q`
+/// in `first..end`; returns `(first, end, first + shift)` (an empty run starts at 0).
+fn run_of(p: usize, shift: isize) -> (usize, usize, usize) {
+    let p = p as isize;
+    let first = (-shift).clamp(0, p);
+    let end = (p - shift).clamp(first, p);
+    let from = if first < end { first + shift } else { 0 };
+    (first as usize, end as usize, from as usize)
 }
 
 /// Output columns `ox` whose input column `ox·stride + kx·dilation − pad` lies inside `[0, w)`.
@@ -277,15 +283,10 @@ fn col2im_add(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
 }
 
 /// Zeroes the columns of a "same" im2col row (`[H, W]`) that tap `kx` reads from outside the
-/// image. Column by column: a `fill` per image row would call memset for one or two floats.
+/// image.
 #[inline]
 fn zero_wrapped_columns(row: &mut [f32], g: &Geometry, kx: usize) {
-    let (lo, hi) = valid_columns(g, kx);
-    for x in (0..lo).chain(hi..g.w) {
-        for v in row[x..].iter_mut().step_by(g.w) {
-            *v = 0.0;
-        }
-    }
+    zero_columns_outside(row, g.w, valid_columns(g, kx));
 }
 
 /// The adjoint of [`im2col_same`] (see [`col2im_add`]).
@@ -310,24 +311,18 @@ fn col2im_add_same(col: &mut [f32], g: &Geometry, x: &mut [f32]) {
 /// `OH × OW` plane shifted by `(ay, ax)` (as [`Geometry::shifted_run`]), and the output columns
 /// `lo..hi` whose column `ox + ax` lies inside the plane.
 fn phase_run(g: &Geometry, ay: isize, ax: isize) -> ((usize, usize, usize), (usize, usize)) {
-    let (p, ow) = (g.p() as isize, g.ow as isize);
-    let shift = ay * ow + ax;
-    let first = (-shift).clamp(0, p);
-    let end = (p - shift).clamp(first, p);
-    let from = if first < end { first + shift } else { 0 };
+    let ow = g.ow as isize;
     let lo = (-ax).clamp(0, ow);
     let hi = (ow - ax).clamp(lo, ow);
-    (
-        (first as usize, end as usize, from as usize),
-        (lo as usize, hi as usize),
-    )
+    (run_of(g.p(), ay * ow + ax), (lo as usize, hi as usize))
 }
 
-/// Zeroes the columns of an `OH × OW` row outside `lo..hi`.
+/// Zeroes the columns of a row of `[rows, w]` (one plane, flattened) outside `lo..hi`, column
+/// by column: a `fill` per image row would call memset for one or two floats.
 #[inline]
-fn zero_columns_outside(row: &mut [f32], ow: usize, (lo, hi): (usize, usize)) {
-    for x in (0..lo).chain(hi..ow) {
-        for v in row[x..].iter_mut().step_by(ow) {
+fn zero_columns_outside(row: &mut [f32], w: usize, (lo, hi): (usize, usize)) {
+    for x in (0..lo).chain(hi..w) {
+        for v in row[x..].iter_mut().step_by(w) {
             *v = 0.0;
         }
     }

@@ -767,63 +767,61 @@ mod tests {
         (0..len).map(|_| rng.next_normal() as f32).collect()
     }
 
-    /// `y[o, q]` and `Σ |terms|` in f64 by the definition (the direct loops).
-    fn reference(x: &[f32], w: &[f32], g: &Case) -> (Vec<f64>, Vec<f64>) {
-        let (p, kk) = (g.h * g.w, g.k * g.k);
+    /// Calls `f(o, c, t, out, inp)` for every term of the convolution by the definition: output
+    /// channel `o`, input channel `c`, tap `t`, the output's position `out` in its plane and the
+    /// input's position `inp` in its plane (taps that read padding skipped).
+    fn for_each_term(g: &Case, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
         let pad = (g.d * (g.k - 1) / 2) as isize;
-        let mut y = vec![0.0f64; g.o * p];
-        let mut scale = vec![0.0f64; g.o * p];
         for o in 0..g.o {
-            for oy in 0..g.h {
-                for ox in 0..g.w {
-                    let q = o * p + oy * g.w + ox;
-                    for c in 0..g.c {
-                        for t in 0..kk {
+            for c in 0..g.c {
+                for t in 0..g.k * g.k {
+                    for oy in 0..g.h {
+                        for ox in 0..g.w {
                             let iy = (oy + (t / g.k) * g.d) as isize - pad;
                             let ix = (ox + (t % g.k) * g.d) as isize - pad;
                             if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
                                 continue;
                             }
-                            let term = f64::from(w[(o * g.c + c) * kk + t])
-                                * f64::from(x[c * p + iy as usize * g.w + ix as usize]);
-                            y[q] += term;
-                            scale[q] += term.abs();
+                            f(o, c, t, oy * g.w + ox, iy as usize * g.w + ix as usize);
                         }
                     }
                 }
             }
         }
-        (y, scale)
+    }
+
+    /// `sums[at(term)] += term` and `scale[at(term)] += |term|` in f64 over every term.
+    fn sum_terms(
+        g: &Case,
+        len: usize,
+        mut term: impl FnMut(usize, usize, usize, usize, usize) -> (usize, f64),
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut sums, mut scale) = (vec![0.0f64; len], vec![0.0f64; len]);
+        for_each_term(g, |o, c, t, out, inp| {
+            let (at, v) = term(o, c, t, out, inp);
+            sums[at] += v;
+            scale[at] += v.abs();
+        });
+        (sums, scale)
+    }
+
+    /// `y[o, q]` and `Σ |terms|` in f64 by the definition (the direct loops).
+    fn reference(x: &[f32], w: &[f32], g: &Case) -> (Vec<f64>, Vec<f64>) {
+        let (p, kk) = (g.h * g.w, g.k * g.k);
+        sum_terms(g, g.o * p, |o, c, t, out, inp| {
+            let v = f64::from(w[(o * g.c + c) * kk + t]) * f64::from(x[c * p + inp]);
+            (o * p + out, v)
+        })
     }
 
     /// The input gradient of `sum(y ⊙ dy)` in f64: `dx[c, i] = Σ w[o, c, t] · dy[o, q]` over
     /// the `(o, t, q)` whose tap `t` at output `q` reads input `i`.
     fn reference_grad_input(dy: &[f32], w: &[f32], g: &Case) -> (Vec<f64>, Vec<f64>) {
         let (p, kk) = (g.h * g.w, g.k * g.k);
-        let pad = (g.d * (g.k - 1) / 2) as isize;
-        let mut dx = vec![0.0f64; g.c * p];
-        let mut scale = vec![0.0f64; g.c * p];
-        for o in 0..g.o {
-            for oy in 0..g.h {
-                for ox in 0..g.w {
-                    for c in 0..g.c {
-                        for t in 0..kk {
-                            let iy = (oy + (t / g.k) * g.d) as isize - pad;
-                            let ix = (ox + (t % g.k) * g.d) as isize - pad;
-                            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                continue;
-                            }
-                            let i = c * p + iy as usize * g.w + ix as usize;
-                            let term = f64::from(w[(o * g.c + c) * kk + t])
-                                * f64::from(dy[o * p + oy * g.w + ox]);
-                            dx[i] += term;
-                            scale[i] += term.abs();
-                        }
-                    }
-                }
-            }
-        }
-        (dx, scale)
+        sum_terms(g, g.c * p, |o, c, t, out, inp| {
+            let v = f64::from(w[(o * g.c + c) * kk + t]) * f64::from(dy[o * p + out]);
+            (c * p + inp, v)
+        })
     }
 
     fn assert_close(what: &str, got: &[f32], want: &[f64], scale: &[f64]) {
@@ -1006,33 +1004,14 @@ mod tests {
     /// `dw[o, c, t] = Σ_n Σ_q dy_n[o, q] · x_n[c, q + s_t]` and `Σ |terms|` in f64.
     fn reference_grad_weight(x: &[f32], dy: &[f32], g: &Case, n: usize) -> (Vec<f64>, Vec<f64>) {
         let (p, kk) = (g.h * g.w, g.k * g.k);
-        let pad = (g.d * (g.k - 1) / 2) as isize;
-        let mut dw = vec![0.0f64; g.o * g.c * kk];
-        let mut scale = vec![0.0f64; g.o * g.c * kk];
-        for i in 0..n {
-            let (x, dy) = (&x[i * g.c * p..], &dy[i * g.o * p..]);
-            for o in 0..g.o {
-                for c in 0..g.c {
-                    for t in 0..kk {
-                        let at = (o * g.c + c) * kk + t;
-                        for oy in 0..g.h {
-                            for ox in 0..g.w {
-                                let iy = (oy + (t / g.k) * g.d) as isize - pad;
-                                let ix = (ox + (t % g.k) * g.d) as isize - pad;
-                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                    continue;
-                                }
-                                let term = f64::from(dy[o * p + oy * g.w + ox])
-                                    * f64::from(x[c * p + iy as usize * g.w + ix as usize]);
-                                dw[at] += term;
-                                scale[at] += term.abs();
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        (dw, scale)
+        sum_terms(g, g.o * g.c * kk, |o, c, t, out, inp| {
+            let v = (0..n)
+                .map(|i| {
+                    f64::from(dy[(i * g.o + o) * p + out]) * f64::from(x[(i * g.c + c) * p + inp])
+                })
+                .sum::<f64>();
+            ((o * g.c + c) * kk + t, v)
+        })
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! [`gemm`]: single-thread matrix products over strided slice views (the gemm crate, f32 and
 //! f64), the arithmetic of the CPU convolutions (candle's and dfdx's).
 //!
+//! [`same_conv`]: a direct AVX-512 kernel for stride-1 "same" convolutions (forward, input and
+//! filter gradients, f32), which candle's CPU convolution uses in place of im2col + gemm.
+//!
 //! [`scratch`]: per-thread buffers kept between calls, for the CPU convolutions' im2col
 //! matrices (candle's and dfdx's).
 
